@@ -1,0 +1,416 @@
+"""
+Qwen2.5-VL from scratch: config, the Qwen2 decoder with M-RoPE and a KV cache, the VL model
+that puts image features at <|image_pad|>, get_rope_index, checkpoint load/save, the
+tokenizer and chat prompt, and batched generation.
+
+Module names follow the official safetensors keys (`model.layers.0.self_attn.q_proj.weight`,
+`visual.blocks.0.attn.qkv.weight`, `lm_head.weight`), so loading is a prefix fix-up plus a
+strict load_state_dict(assign=True) on a model built on the meta device.
+Departures from the reference: positions during decoding come from a per-row counter
+(`next_pos`) instead of rope_deltas + attention-mask cumsum (same numbers, no recomputation);
+the KV cache is preallocated; padded query rows always see themselves so SDPA never makes NaN.
+"""
+import json
+import os
+from dataclasses import dataclass, field, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open, SafetensorError
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
+
+from vision import InputError, RMSNorm, VisionConfig, VisionTransformer, rotate_half
+
+SPECIAL = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
+
+
+@dataclass
+class Config:
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 2
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    mrope_section: list = field(default_factory=lambda: [16, 24, 24])
+    max_position_embeddings: int = 128000
+    tie_word_embeddings: bool = True
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    bos_token_id: int = 151643
+    eos_token_id: object = 151645
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    extra: dict = field(default_factory=dict)  # fields we keep but do not use (e.g. LVR token ids)
+
+    @classmethod
+    def from_dict(cls, d):
+        """Official flat layout (LM fields on top, rope_scaling) or nested (text_config, rope_parameters)."""
+        d = dict(d)
+        text = {**d, **d.pop("text_config", {})}
+        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        v = d.get("vision_config", {})
+        if "hidden_size" not in v:
+            raise InputError("config.json: vision_config.hidden_size is missing")
+        vision = VisionConfig(**{k: v[k] for k in VisionConfig.__dataclass_fields__ if k in v})
+        vision.in_channels = v.get("in_channels", v.get("in_chans", 3))
+        vision.rope_theta = (v.get("rope_parameters") or {}).get("rope_theta", vision.rope_theta)
+        for act in (text.get("hidden_act", "silu"), v.get("hidden_act", "silu")):
+            if act != "silu":
+                raise InputError(f"config.json: hidden_act {act!r} is not supported (Qwen2.5-VL uses silu)")
+        names = [k for k in cls.__dataclass_fields__ if k not in ("vision", "extra", "rope_theta", "mrope_section")]
+        cfg = cls(**{k: text[k] for k in names if k in text}, vision=vision)
+        cfg.rope_theta = rope.get("rope_theta", text.get("rope_theta", cfg.rope_theta))
+        cfg.mrope_section = list(rope.get("mrope_section", cfg.mrope_section))
+        cfg.tie_word_embeddings = d.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+        cfg.extra = {k: d[k] for k in d if k.startswith("lvr_") or k.startswith("latent_")}
+        return cfg
+
+    def to_dict(self):
+        """The official flat layout, which every transformers version reads."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("vision", "extra", "rope_theta", "mrope_section")}
+        vision = {k: v for k, v in asdict(self.vision).items() if k not in ("rope_theta", "in_channels")}
+        return {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", **d,
+                "hidden_act": "silu", "rope_theta": self.rope_theta,
+                "rope_scaling": {"type": "mrope", "mrope_section": self.mrope_section},
+                "vision_config": {**vision, "in_chans": self.vision.in_channels, "hidden_act": "silu"}, **self.extra}
+
+
+# -----------------------------------------------------------------------------
+# the language model
+
+class KVCache:
+    """Preallocated keys/values for every layer, plus per-row key validity and next M-RoPE position."""
+
+    def __init__(self, cfg, batch, max_len, device, dtype):
+        hd = cfg.hidden_size // cfg.num_attention_heads
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, hd)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # False at padding
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # M-RoPE position of the next token
+        self.len = 0  # slots written so far
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.n_head, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.hd = cfg.hidden_size // cfg.num_attention_heads
+        self.layer_idx = layer_idx
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.hd, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=True)
+        self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if cache is not None:  # write this chunk, attend over everything so far
+            s = cache.len
+            cache.k[self.layer_idx, :, :, s:s + T] = k
+            cache.v[self.layer_idx, :, :, s:s + T] = v
+            k, v = cache.k[self.layer_idx, :, :, :s + T], cache.v[self.layer_idx, :, :, :s + T]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def mrope(cfg, position_ids, dtype):
+    """(3, B, T) positions -> cos, sin (B, 1, T, head_dim): frequency slots split over t/h/w rows."""
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float, device=position_ids.device) / hd))
+    rows = torch.repeat_interleave(torch.arange(3, device=position_ids.device), torch.tensor(cfg.mrope_section, device=position_ids.device))
+    freqs = position_ids[rows].permute(1, 2, 0).float() * inv_freq  # (B, T, hd/2), slot j uses row rows[j]
+    emb = torch.cat([freqs, freqs], -1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def get_rope_index(input_ids, grid_thw, attention_mask, image_token_id, merge=2):
+    """M-RoPE positions (3, B, T) and rope_deltas (B, 1) = max position + 1 - unpadded length.
+
+    Text advances all three rows by 1; an image of merged grid (H', W') starting at position s
+    puts token (r, c) at (s, s+r, s+c), and the text after it continues at s + max(H', W').
+    Padding (attention_mask == 0) gets position 0 (it is masked out anyway).
+    """
+    B, T = input_ids.shape
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    pos = torch.zeros(3, B, T, dtype=torch.long, device=input_ids.device)
+    deltas = torch.zeros(B, 1, dtype=torch.long, device=input_ids.device)
+    grids = iter([] if grid_thw is None else grid_thw.tolist())
+    for b in range(B):
+        ids = input_ids[b][mask[b]].tolist()
+        out, s, i = [], 0, 0
+        while i < len(ids):
+            if ids[i] == image_token_id:
+                t, h, w = next(grids, (0, 0, 0))
+                h, w = h // merge, w // merge
+                if t * h * w == 0:
+                    raise InputError(f"row {b}: more images in the prompt than grid_thw rows")
+                tt, rr, cc = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+                out.append(torch.stack([tt, rr, cc]).view(3, -1) + s)
+                i, s = i + t * h * w, s + max(h, w)
+            else:
+                j = i
+                while j < len(ids) and ids[j] != image_token_id:
+                    j += 1
+                out.append(torch.arange(s, s + j - i).expand(3, -1))
+                i, s = j, s + j - i
+        row = torch.cat(out, 1) if out else torch.zeros(3, 0, dtype=torch.long)
+        pos[:, b, mask[b]] = row[:, :len(ids)].to(pos.device)
+        deltas[b] = (row.max() + 1 if row.numel() else 0) - len(ids)
+    return pos, deltas
+
+
+class Qwen2_5_VL(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = VisionTransformer(cfg.vision)
+        self.model = Qwen2Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def embed(self, input_ids, pixel_values=None, grid_thw=None):
+        """Token embeddings with the vision tower's merged tokens at <|image_pad|>, in order."""
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        is_img = input_ids == self.cfg.image_token_id
+        n_tok = int(is_img.sum())
+        if pixel_values is None:
+            if n_tok:
+                raise InputError(f"the prompt has {n_tok} <|image_pad|> tokens but no image was given")
+            return x
+        n_feat = int(grid_thw.prod(-1).sum()) // self.cfg.vision.spatial_merge_size ** 2
+        if n_tok != n_feat:
+            raise InputError(f"image tokens and image features do not match: {n_tok} <|image_pad|> tokens, "
+                             f"{n_feat} features from grid_thw {grid_thw.tolist()}")
+        feats = self.visual(pixel_values, grid_thw).to(x.dtype)
+        return x.masked_scatter(is_img[..., None], feats)
+
+    def forward(self, input_ids=None, pixel_values=None, grid_thw=None, attention_mask=None,
+                inputs_embeds=None, position_ids=None, cache=None):
+        """-> logits (B, T, V), final-norm hidden states (B, T, C).
+
+        attention_mask (B, T): 1 for real tokens, 0 for padding. With a cache it covers only the
+        new tokens. position_ids (3, B, T) default to get_rope_index on the first call and to the
+        cache's per-row counter afterwards.
+        """
+        x = self.embed(input_ids, pixel_values, grid_thw) if inputs_embeds is None else inputs_embeds
+        B, T, _ = x.shape
+        start = 0 if cache is None else cache.len
+        if position_ids is None and start == 0:
+            ids = input_ids if input_ids is not None else torch.zeros(B, T, dtype=torch.long, device=x.device)
+            position_ids, _ = get_rope_index(ids, grid_thw, attention_mask, self.cfg.image_token_id,
+                                             self.cfg.vision.spatial_merge_size)
+        elif position_ids is None:
+            position_ids = (cache.next_pos[:, None] + torch.arange(T, device=x.device)).expand(3, B, T)
+        position_ids = position_ids.to(x.device)
+        # causal mask over [cache, new]; padded keys hidden, but every query sees itself (no all -inf rows)
+        mask = None
+        if attention_mask is not None or cache is not None:
+            new_valid = torch.ones(B, T, dtype=torch.bool, device=x.device) if attention_mask is None else attention_mask.bool()
+            valid = new_valid if cache is None else torch.cat([cache.valid[:, :start], new_valid], 1)  # (B, S)
+            q_pos = torch.arange(start, start + T, device=x.device)
+            k_pos = torch.arange(start + T, device=x.device)
+            mask = (k_pos[None] <= q_pos[:, None])[None] & valid[:, None]  # (B, T, S)
+            mask = (mask | (k_pos[None] == q_pos[:, None])[None])[:, None]  # (B, 1, T, S)
+        cos, sin = mrope(self.cfg, position_ids, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.valid[:, start:start + T] = new_valid
+            cache.len, cache.next_pos = start + T, position_ids.amax(dim=(0, 2)) + 1  # padding sits at 0
+        h = self.model.norm(x)
+        return self.lm_head(h), h
+
+    @torch.no_grad()
+    def generate(self, input_ids, pixel_values=None, grid_thw=None, attention_mask=None, max_new_tokens=16,
+                 temperature=0.0, top_k=0, top_p=1.0, stop_ids=None, generator=None):
+        """Batched KV-cached sampling; prompts left-padded. -> (B, T + n) tokens, prompt included.
+
+        temperature 0 is greedy. A row that emits a stop id is done; later slots repeat that id.
+        """
+        B, T = input_ids.shape
+        stop = torch.tensor(stop_ids if stop_ids is not None else self.default_stop_ids(), device=input_ids.device)
+        cache = KVCache(self.cfg, B, T + max_new_tokens, input_ids.device, self.lm_head.weight.dtype)
+        logits, _ = self(input_ids, pixel_values, grid_thw, attention_mask=attention_mask, cache=cache)
+        out, done = [], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        fill = torch.full((B,), int(stop[0]), device=input_ids.device)
+        for i in range(max_new_tokens):
+            tok = sample(logits[:, -1], temperature, top_k, top_p, generator)
+            tok = torch.where(done, fill, tok)
+            out.append(tok)
+            done |= torch.isin(tok, stop)
+            if i == max_new_tokens - 1 or bool(done.all()):
+                break
+            logits, _ = self(tok[:, None], cache=cache)
+        return torch.cat([input_ids, torch.stack(out, 1)], 1)
+
+    def default_stop_ids(self):
+        eos = self.cfg.eos_token_id
+        return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+    # -------------------------------------------------------------------------
+    # checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
+        """Load a Hugging Face Qwen2.5-VL directory: strict, memory-mapped, no doubled memory."""
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise InputError(f"no config.json in {path}")
+        try:
+            with open(cfg_path) as f:
+                cfg = Config.from_dict(json.load(f))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise InputError(f"{cfg_path}: not a valid Qwen2.5-VL config ({e})") from None
+        with torch.device("meta"):
+            model = cls(cfg)
+        state = {}
+        for file in safetensors_files(path):
+            try:
+                with safe_open(file, framework="pt", device=str(device)) as f:
+                    for key in f.keys():
+                        name = key.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
+                        state[name] = f.get_tensor(key).to(dtype)
+            except (SafetensorError, OSError) as e:
+                raise InputError(f"{file}: cannot read safetensors (truncated or corrupted?): {e}") from None
+        if cfg.tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        expected = model.state_dict()
+        for k in expected:
+            if k not in state:
+                raise InputError(f"{path}: checkpoint is missing key {k}")
+            if state[k].shape != expected[k].shape:
+                raise InputError(f"{path}: key {k} has shape {tuple(state[k].shape)}, "
+                                 f"the config expects {tuple(expected[k].shape)}")
+        for k in state:
+            if k not in expected:
+                raise InputError(f"{path}: checkpoint has unexpected key {k}")
+        model.load_state_dict(state, strict=True, assign=True)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight  # assign=True made two Parameters
+        return model.eval()
+
+    def save_pretrained(self, path):
+        """config.json + model.safetensors in the official key layout (tied head not written)."""
+        os.makedirs(path, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if self.cfg.tie_word_embeddings:
+            state.pop("lm_head.weight")
+        save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        d = {**self.cfg.to_dict(), "torch_dtype": str(self.lm_head.weight.dtype).replace("torch.", "")}
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(d, f, indent=2)
+
+
+def safetensors_files(path):
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return [os.path.join(path, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(single):
+        raise InputError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    return [single]
+
+
+def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
+    """(B, V) logits -> (B,) tokens. Order as in transformers: temperature, top-k, top-p."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1)  # ascending; drop the low tail holding 1 - top_p of the mass
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[:, -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+# -----------------------------------------------------------------------------
+# tokenizer and prompt
+
+class QwenTokenizer:
+    """tokenizers.Tokenizer plus the Qwen special-token ids, looked up by string."""
+
+    def __init__(self, path):
+        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        try:
+            self.tok = Tokenizer.from_file(file)
+        except Exception as e:  # tokenizers raises a bare Exception
+            raise InputError(f"cannot read tokenizer {file}: {e}") from None
+        missing = [s for s in SPECIAL if self.tok.token_to_id(s) is None]
+        if missing:
+            raise InputError(f"tokenizer {file} lacks the Qwen special tokens {' '.join(missing)}")
+        self.im_start, self.im_end, self.endoftext, self.vision_start, self.vision_end, self.image_pad = (
+            self.tok.token_to_id(s) for s in SPECIAL)
+
+    def __len__(self):
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def prompt(self, question, n_image_tokens=(), system="You are a helpful assistant."):
+        """Token ids of one user turn (images first, then the question) and the assistant header."""
+        ids = [self.im_start] + self.encode(f"system\n{system}") + [self.im_end] + self.encode("\n")
+        ids += [self.im_start] + self.encode("user\n")
+        for n in n_image_tokens:
+            ids += [self.vision_start] + [self.image_pad] * n + [self.vision_end]
+        ids += self.encode(question) + [self.im_end] + self.encode("\n")
+        return ids + [self.im_start] + self.encode("assistant\n")
+
+
+def left_pad(rows, pad_id):
+    """list of token lists -> input_ids (B, T), attention_mask (B, T), padded on the left."""
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask

@@ -1,0 +1,69 @@
+"""Shared test helpers: tiny random Qwen2.5-VL checkpoints written by the reference transformers."""
+import json
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+import data
+
+
+def photo(w, h, seed=0):
+    """A smooth, photo-like RGB image (gradients plus blobs), so resampling matters."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    img = np.stack([np.sin(6 * x + rng.uniform(0, 6)) + np.cos(5 * y * rng.uniform(1, 3)) for _ in range(3)], -1)
+    for _ in range(6):
+        cx, cy, r = rng.uniform(0, w / max(h, w)), rng.uniform(0, h / max(h, w)), rng.uniform(0.05, 0.2)
+        img += rng.uniform(-1, 1, 3) * (((x - cx) ** 2 + (y - cy) ** 2) < r * r)[..., None]
+    img = (img - img.min()) / (img.max() - img.min()) * 255
+    return Image.fromarray(img.astype(np.uint8))
+
+
+def tiny_reference(path, tie=True, seed=0, vocab_size=None):
+    """Write tokenizer.json + a random reference Qwen2.5-VL checkpoint to `path`; return the model."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    os.makedirs(path, exist_ok=True)
+    tok = data.build_tokenizer(os.path.join(path, "tokenizer.json"))
+    sid = tok.token_to_id
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=vocab_size or tok.get_vocab_size() + 8, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6},
+                         bos_token_id=sid("<|endoftext|>"), eos_token_id=sid("<|im_end|>")),
+        vision_config=dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+                           fullatt_block_indexes=[1]),
+        image_token_id=sid("<|image_pad|>"), video_token_id=sid("<|video_pad|>"),
+        vision_start_token_id=sid("<|vision_start|>"), vision_end_token_id=sid("<|vision_end|>"),
+        tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    ref = Qwen2_5_VLForConditionalGeneration(cfg)
+    with torch.no_grad():  # the default init is tiny; larger weights make every mismatch visible
+        for name, p in ref.named_parameters():
+            p.normal_(0, 0.3 if p.ndim > 1 else 0.1).add_(1.0 if "norm" in name or "ln_q" in name else 0.0)
+    ref.save_pretrained(path)
+    return ref.eval()
+
+
+def flatten_config(path):
+    """Rewrite config.json in the official flat layout (LM fields on top, rope_scaling)."""
+    with open(os.path.join(path, "config.json")) as f:
+        d = json.load(f)
+    text = d.pop("text_config")
+    rope = text.pop("rope_parameters")
+    d.update(text)
+    d["rope_theta"] = rope["rope_theta"]
+    d["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(d, f)
+
+
+def reference_inputs(tok, ims, question="What colour is the small circle?", max_pixels=40000):
+    """Our prompt + pixel values, and the kwargs the reference model needs (mm_token_type_ids)."""
+    import vision
+    pvs, grids = zip(*[vision.preprocess(im, max_pixels=max_pixels) for im in ims])
+    pv, grid = torch.cat(pvs), torch.cat(grids)
+    ids = torch.tensor([tok.prompt(question, [int(g.prod()) // 4 for g in grid])])
+    kw = dict(pixel_values=pv, image_grid_thw=grid, mm_token_type_ids=(ids == tok.image_pad).int())
+    return ids, pv, grid, kw
