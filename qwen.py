@@ -414,3 +414,55 @@ def left_pad(rows, pad_id):
     ids = torch.tensor([[pad_id] * (T - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
     return ids, mask
+
+
+def load(path, dtype=torch.float32, device="cpu"):
+    """Model + tokenizer from one directory, checking that their special-token ids agree."""
+    model, tok = Qwen2_5_VL.from_pretrained(path, dtype, device), QwenTokenizer(path)
+    for name, tok_id in (("image_token_id", tok.image_pad), ("vision_start_token_id", tok.vision_start),
+                         ("vision_end_token_id", tok.vision_end)):
+        if getattr(model.cfg, name) != tok_id:
+            raise InputError(f"{path}: config.json {name} = {getattr(model.cfg, name)} but the tokenizer says {tok_id}")
+    if len(tok) > model.cfg.vocab_size:
+        raise InputError(f"{path}: the tokenizer has {len(tok)} tokens, the embedding only {model.cfg.vocab_size} rows")
+    return model, tok
+
+
+# -----------------------------------------------------------------------------
+# command line: nanoGPT-style, every simple global of a script is a --name value flag
+
+def configure(g, argv):
+    """Override the script globals `g` from `--name value` pairs, typed like the defaults; return them."""
+    keys = {k: v for k, v in g.items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+    if len(argv) % 2 or any(not a.startswith("--") for a in argv[::2]):
+        raise InputError(f"arguments must be --name value pairs, got: {' '.join(argv)}")
+    for flag, value in zip(argv[::2], argv[1::2]):
+        name = flag[2:]
+        if name not in keys:
+            raise InputError(f"unknown flag {flag} (known: {', '.join('--' + k for k in keys)})")
+        kind = type(keys[name])
+        try:
+            if kind is bool:
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                parsed = value.lower() in ("true", "1", "yes")
+            else:
+                parsed = kind(value)
+        except ValueError:
+            raise InputError(f"{flag} expects {kind.__name__}, got {value!r}") from None
+        keys[name] = g[name] = parsed
+    print("config: " + " ".join(f"{k}={v}" for k, v in keys.items()))
+    return keys
+
+
+def run(main):
+    """Run a script's main(): user errors print one line and exit 1, Ctrl-C exits 130."""
+    import sys
+    try:
+        main(sys.argv[1:])
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
