@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, asdict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors import safe_open, SafetensorError
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
@@ -205,18 +206,22 @@ class Qwen2_5_VL(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
+        self.grad_checkpointing = False  # recompute decoder layers in backward to save memory
         self.visual = VisionTransformer(cfg.vision)
         self.model = Qwen2Model(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        if cfg.extra.get("lvr_head"):  # optional latent head (LVR): hidden state -> latent space
+            C = cfg.hidden_size
+            self.lvr_head = nn.Sequential(nn.LayerNorm(C), nn.Linear(C, C), nn.GELU(), nn.Linear(C, C))
 
-    def embed(self, input_ids, pixel_values=None, grid_thw=None):
-        """Token embeddings with the vision tower's merged tokens at <|image_pad|>, in order."""
+    def embed(self, input_ids, pixel_values=None, grid_thw=None, feats=None):
+        """Token embeddings with the merged image tokens (`feats`, or the tower's) at <|image_pad|>, in order."""
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         is_img = input_ids == self.cfg.image_token_id
         n_tok = int(is_img.sum())
-        if pixel_values is None:
+        if pixel_values is None and feats is None:
             if n_tok:
                 raise InputError(f"the prompt has {n_tok} <|image_pad|> tokens but no image was given")
             return x
@@ -224,8 +229,8 @@ class Qwen2_5_VL(nn.Module):
         if n_tok != n_feat:
             raise InputError(f"image tokens and image features do not match: {n_tok} <|image_pad|> tokens, "
                              f"{n_feat} features from grid_thw {grid_thw.tolist()}")
-        feats = self.visual(pixel_values, grid_thw).to(x.dtype)
-        return x.masked_scatter(is_img[..., None], feats)
+        feats = self.visual(pixel_values, grid_thw) if feats is None else feats
+        return x.masked_scatter(is_img[..., None], feats.to(x.dtype))
 
     def forward(self, input_ids=None, pixel_values=None, grid_thw=None, attention_mask=None,
                 inputs_embeds=None, position_ids=None, cache=None):
@@ -256,7 +261,10 @@ class Qwen2_5_VL(nn.Module):
             mask = (mask | (k_pos[None] == q_pos[:, None])[None])[:, None]  # (B, 1, T, S)
         cos, sin = mrope(self.cfg, position_ids, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.valid[:, start:start + T] = new_valid
             cache.len, cache.next_pos = start + T, position_ids.amax(dim=(0, 2)) + 1  # padding sits at 0

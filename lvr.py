@@ -1,0 +1,270 @@
+"""
+The method: latent visual reasoning on Qwen2.5-VL (LVR, arXiv 2509.24251; Mirage, arXiv 2506.17218).
+
+The assistant turn is  <|lvr_start|> <|lvr|> x N <|lvr_end|> \\n answer <|im_end|>.
+At the N latent slots the model does not read a token embedding: in training it reads the
+target vector (teacher forcing), at inference its own previous last hidden state. The hidden
+state just before latent i is trained to predict target i: the merged visual tokens of the
+image region that answers the question (LVR), or a helper image squeezed to k vectors (Mirage).
+
+Where we depart from the official code, and why:
+- <|lvr_latent_end|> is inserted only when the `latent` exit mode is trained (the official code
+  always inserts it);
+- pixel bboxes are normalised by the original image size (the official non-packed path divides
+  by the resized size);
+- `max_latents` pools the ROI grid, so training length can match inference budgets;
+- the latent head, when used, is applied at every latent step including the first.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import qwen
+from vision import InputError
+
+LVR_TOKENS = {"start": "<|lvr_start|>", "latent": "<|lvr|>", "latent_end": "<|lvr_latent_end|>", "end": "<|lvr_end|>"}
+# Mirage has no latent-end token; we name one so that the `latent` exit mode works for it too
+MIRAGE_TOKENS = {"start": "<|latent_start|>", "latent": "<|latent_pad|>", "latent_end": "<|latent_stop|>",
+                 "end": "<|latent_end|>"}
+
+
+@dataclass
+class LatentIds:
+    start: int
+    latent: int
+    latent_end: int
+    end: int
+
+
+def latent_ids(tok, names=LVR_TOKENS):
+    """Ids of the latent tokens, or None when the tokenizer lacks them (a plain Qwen2.5-VL)."""
+    ids = {k: tok.tok.token_to_id(v) for k, v in names.items()}
+    return None if None in ids.values() else LatentIds(**ids)
+
+
+def add_latent_tokens(model, tok, names=LVR_TOKENS):
+    """Add the latent tokens to the tokenizer (and embedding rows if needed); record them in the config."""
+    tok.tok.add_special_tokens([n for n in names.values() if tok.tok.token_to_id(n) is None])
+    grow = len(tok) - model.cfg.vocab_size
+    if grow > 0:  # new rows start at the mean embedding, so they are not outliers
+        def grown(w):
+            return torch.nn.Parameter(torch.cat([w.data, w.data.mean(0, keepdim=True).expand(grow, -1)]))
+        model.model.embed_tokens.weight = grown(model.model.embed_tokens.weight)
+        model.lm_head.weight = (model.model.embed_tokens.weight if model.cfg.tie_word_embeddings
+                                else grown(model.lm_head.weight))
+        model.model.embed_tokens.num_embeddings = model.lm_head.out_features = model.cfg.vocab_size = len(tok)
+    ids = latent_ids(tok, names)
+    model.cfg.extra.update(lvr_tokens=dict(names), lvr_token_ids=vars(ids).copy())
+    return ids
+
+
+# -----------------------------------------------------------------------------
+# ROI -> merged-token indices, and the target vectors
+
+def normalise_bbox(bbox, width, height, where=""):
+    """[x0, y0, x1, y1] in [0, 1], accepting pixel boxes (any value > 1) in the original image size."""
+    if len(bbox) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox):
+        raise InputError(f"{where}bbox must be 4 finite numbers, got {bbox}")
+    if max(bbox) > 1:
+        bbox = [bbox[0] / width, bbox[1] / height, bbox[2] / width, bbox[3] / height]
+    x0, y0, x1, y1 = bbox
+    if min(bbox) < 0 or max(bbox) > 1:
+        raise InputError(f"{where}bbox {bbox} lies outside the image")
+    if not (x0 < x1 and y0 < y1):
+        raise InputError(f"{where}bbox {bbox} is empty or inverted")
+    return bbox
+
+
+def roi_cells(bbox, grid_thw, merge=2):
+    """Normalised bbox -> (y0t, y1t, x0t, x1t): the merged-grid cells it touches (DESIGN 3.3)."""
+    gh, gw = int(grid_thw[1]), int(grid_thw[2])
+    x0, y0, x1, y1 = bbox
+    x0g, x1g = min(max(math.floor(x0 * gw), 0), gw - 1), min(max(math.ceil(x1 * gw), 0), gw)
+    y0g, y1g = min(max(math.floor(y0 * gh), 0), gh - 1), min(max(math.ceil(y1 * gh), 0), gh)
+    return y0g // merge, (y1g + 1) // merge, x0g // merge, (x1g + 1) // merge
+
+
+def roi_indices(bbox, grid_thw, merge=2):
+    """Row-major merged-token indices inside the bbox: token (r, c) is r * (gw/2) + c."""
+    y0, y1, x0, x1 = roi_cells(bbox, grid_thw, merge)
+    w = int(grid_thw[2]) // merge
+    return [r * w + c for r in range(y0, y1) for c in range(x0, x1)]
+
+
+def roi_groups(bbox, grid_thw, max_latents=0, merge=2):
+    """One list of token indices per latent: the ROI tokens, or an adaptive average pool to <= K cells."""
+    y0, y1, x0, x1 = roi_cells(bbox, grid_thw, merge)
+    h, w, gw = y1 - y0, x1 - x0, int(grid_thw[2]) // merge
+    oh, ow = h, w
+    if max_latents and h * w > max_latents:  # keep the aspect ratio, oh * ow <= K
+        oh = min(h, max(1, round(math.sqrt(max_latents * h / w))))
+        ow = min(w, max(1, max_latents // oh))
+        oh = min(oh, max(1, max_latents // ow))
+    # adaptive_avg_pool2d's cells: [floor(i*h/oh), ceil((i+1)*h/oh))
+    rows = [range(y0 + (i * h) // oh, y0 + -(-(i + 1) * h // oh)) for i in range(oh)]
+    cols = [range(x0 + (j * w) // ow, x0 + -(-(j + 1) * w // ow)) for j in range(ow)]
+    return [[r * gw + c for r in rr for c in cc] for rr in rows for cc in cols]
+
+
+def chunk_groups(n_tokens, k=4):
+    """Mirage: the helper image's n tokens in k contiguous chunks (remainder dropped), one latent each."""
+    if n_tokens < k:
+        raise InputError(f"helper image has {n_tokens} tokens, fewer than the {k} latents asked for")
+    size = n_tokens // k
+    return [list(range(i * size, (i + 1) * size)) for i in range(k)]
+
+
+def averaging_matrix(groups, n_feat):
+    """(L, n_feat) matrix whose row i averages the features in groups[i]: targets = W @ feats."""
+    W = torch.zeros(len(groups), n_feat)
+    for i, g in enumerate(groups):
+        W[i, g] = 1.0 / len(g)
+    return W
+
+
+# -----------------------------------------------------------------------------
+# teacher-forced SFT forward and loss
+
+def head(model, h):
+    """The latent head when the model has one, else identity."""
+    return model.lvr_head(h) if hasattr(model, "lvr_head") else h
+
+
+def latent_distance(pred, target, kind="mse"):
+    """Mean latent loss in fp32: mse (over all elements), cosine (1 - cos) or l1."""
+    pred, target = pred.float(), target.float()
+    if kind == "mse":
+        return F.mse_loss(pred, target)
+    if kind == "cosine":
+        return (1 - F.cosine_similarity(pred, target, dim=-1)).mean()
+    if kind == "l1":
+        return F.l1_loss(pred, target)
+    raise InputError(f"latent loss must be mse, cosine or l1, got {kind!r}")
+
+
+def encode_images(model, batch, freeze_vision=True):
+    """Merged image tokens for the prompt images and the target vectors (no gradient into targets)."""
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze_vision):
+        feats = model.visual(batch["pixel_values"], batch["grid_thw"])
+    src = feats
+    if batch.get("helper_pixel_values") is not None:  # Mirage: targets come from the helper image
+        with torch.no_grad():
+            src = model.visual(batch["helper_pixel_values"], batch["helper_grid_thw"])
+    targets = (batch["target_w"].to(src.device) @ src.detach().float())  # (L, C)
+    return feats, targets
+
+
+def sft_loss(model, batch, ce_weight=1.0, latent_weight=0.1, latent_loss="mse", freeze_vision=True):
+    """-> (loss, ce, latent) for one padded batch (see data.collate for the fields)."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    feats, targets = encode_images(model, batch, freeze_vision)
+    x = model.embed(ids, grid_thw=batch["grid_thw"], feats=feats)  # (B, T, C)
+    b, t = batch["latent_pos"]  # (L,), (L,): where the latent slots are
+    x = x.index_put((b, t), targets.to(x.dtype))  # teacher forcing: the slots read their targets
+    pos, _ = qwen.get_rope_index(ids, batch["grid_thw"], mask, model.cfg.image_token_id)
+    logits, h = model(inputs_embeds=x, attention_mask=mask, position_ids=pos)
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    lat = latent_distance(head(model, h[b, t - 1]), targets, latent_loss) if len(b) else ce.new_zeros(())
+    eb, et = batch["latent_end_pos"]  # `latent` exit mode: the state before <|lvr_latent_end|> learns its embedding
+    if len(eb):
+        end = model.model.embed_tokens(ids[eb, et])
+        lat = lat + latent_distance(head(model, h[eb, et - 1]), end, latent_loss)
+    return ce_weight * ce + latent_weight * lat, ce.detach(), lat.detach()
+
+
+def mirage_stage2_loss(model, batch, freeze_vision=True):
+    """Mirage stage 2: latent slots read the model's own hidden states, with gradients, CE only.
+
+    k + 1 full passes: pass j fills latent slot j from pass j-1's hidden state at slot j-1.
+    """
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    feats, _ = encode_images(model, batch, freeze_vision)
+    x = model.embed(ids, grid_thw=batch["grid_thw"], feats=feats)
+    pos, _ = qwen.get_rope_index(ids, batch["grid_thw"], mask, model.cfg.image_token_id)
+    b, t = batch["latent_pos"]
+    slot = batch["latent_slot"]  # (L,) index of each latent within its span
+    n_pass = int(slot.max()) + 1 if len(slot) else 0
+    for j in range(n_pass):
+        _, h = model(inputs_embeds=x, attention_mask=mask, position_ids=pos)
+        sel = slot == j
+        x = x.index_put((b[sel], t[sel]), head(model, h[b[sel], t[sel] - 1]).to(x.dtype))
+    logits, _ = model(inputs_embeds=x, attention_mask=mask, position_ids=pos)
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    return ce, ce.detach(), ce.new_zeros(())
+
+
+# -----------------------------------------------------------------------------
+# latent rollout: batched, KV-cached, a mode flag per row
+
+@torch.no_grad()
+def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_mask=None, max_new_tokens=64,
+            decoding="steps", lvr_steps=8, force_end=True, max_latent_steps=64, end_threshold=0.1,
+            end_metric="mse", temperature=0.0, top_k=0, top_p=1.0, stop_ids=(), generator=None):
+    """Generate with latent steps. `ids`: LatentIds. Prompts left-padded.
+
+    A row enters latent mode after it emits <|lvr_start|>. In latent mode its input is its previous
+    last hidden state (through the latent head) and the recorded token is <|lvr|>. Exit:
+      steps:  after `lvr_steps` latents, <|lvr_end|> is forced (force_end=False: the model's own token);
+      latent: when dist(hidden, embedding of <|lvr_latent_end|>) < end_threshold, feed
+              <|lvr_latent_end|>, then force <|lvr_end|>;
+      token:  when the model itself emits <|lvr_end|>;
+    and always at `max_latent_steps`. Stop tokens do not end a row while it is in latent mode.
+    Returns tokens (B, T+n), latents (B, n, C) (zeros at text steps), is_latent (B, n) bool.
+    """
+    if decoding not in ("steps", "latent", "token"):
+        raise InputError(f"decoding must be steps, latent or token, got {decoding!r}")
+    B, T = input_ids.shape
+    dev = input_ids.device
+    stop = torch.tensor(list(stop_ids) or model.default_stop_ids(), device=dev)
+    emb = model.model.embed_tokens
+    cache = qwen.KVCache(model.cfg, B, T + max_new_tokens, dev, emb.weight.dtype)
+    logits, h = model(input_ids, pixel_values, grid_thw, attention_mask=attention_mask, cache=cache)
+    logits, h = logits[:, -1], h[:, -1]
+    budget = lvr_steps if decoding == "steps" else max_latent_steps
+    in_lat = torch.zeros(B, dtype=torch.bool, device=dev)  # the mode flag
+    n_lat = torch.zeros(B, dtype=torch.long, device=dev)  # latent steps taken in the current span
+    force = torch.full((B,), -1, dtype=torch.long, device=dev)  # token to force at the next step
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    toks, lats, is_lats = [], [], []
+    for i in range(max_new_tokens):
+        tok = qwen.sample(logits, temperature, top_k, top_p, generator)
+        tok = torch.where(force >= 0, force, tok)
+        force.fill_(-1)
+        vec = head(model, h)  # (B, C) the latent input, used by rows that stay in latent mode
+        if decoding == "steps":
+            exit_ = in_lat & (n_lat >= budget)
+            tok = torch.where(exit_ & force_end, ids.end, tok)
+        elif decoding == "latent":
+            end_vec = emb.weight[ids.latent_end]
+            dist = ((vec.float() - end_vec.float()) ** 2).mean(-1) if end_metric == "mse" else \
+                1 - F.cosine_similarity(vec.float(), end_vec.float()[None], dim=-1)
+            exit_ = in_lat & (dist < end_threshold)
+            tok = torch.where(exit_, ids.latent_end, tok)
+            force = torch.where(exit_, ids.end, force)
+        else:  # token: the model's own <|lvr_end|>
+            exit_ = in_lat & (tok == ids.end)
+        over = in_lat & ~exit_ & (n_lat >= budget)  # budget reached in latent/token mode: force the end
+        tok = torch.where(over, ids.end, tok)
+        exit_ = exit_ | over
+        latent_step = in_lat & ~exit_ & ~done
+        tok = torch.where(latent_step, ids.latent, tok)
+        tok = torch.where(done, stop[0], tok)
+        x = torch.where(latent_step[:, None], vec.to(emb.weight.dtype), emb(tok))
+        toks.append(tok)
+        lats.append(torch.where(latent_step[:, None], vec, 0.0))
+        is_lats.append(latent_step)
+        n_lat = torch.where(latent_step, n_lat + 1, torch.where(exit_, 0, n_lat))
+        in_lat = (in_lat & ~exit_) | (~in_lat & (tok == ids.start) & ~done)
+        done |= ~latent_step & ~in_lat & torch.isin(tok, stop)
+        if i == max_new_tokens - 1 or bool(done.all()):
+            break
+        logits, h = model(inputs_embeds=x[:, None], cache=cache)
+        logits, h = logits[:, -1], h[:, -1]
+    return torch.cat([input_ids, torch.stack(toks, 1)], 1), torch.stack(lats, 1), torch.stack(is_lats, 1)
+
+
+def nearest_cells(latents, feats):
+    """For each latent vector, the index of the most cosine-similar merged image token."""
+    return F.cosine_similarity(latents.float()[:, None], feats.float()[None], dim=-1).argmax(-1)

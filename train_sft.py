@@ -1,0 +1,262 @@
+"""
+Supervised training of latent visual reasoning: LVR, Mirage stage 1 and 2, or plain SFT.
+
+    python train_sft.py                                   # tiny model from scratch, synthetic task, CPU
+    python train_sft.py --init_from Qwen2.5-VL-3B-Instruct --data lvr.json --image_root imgs/
+    torchrun --nproc_per_node 8 train_sft.py --init_from ... # DDP (add --fsdp true for 7B)
+
+Every setting below is a `--name value` flag. The global batch of one optimizer step is
+batch_size * grad_accum * world_size examples, taken in a fixed order from the data, so N
+processes give the same run as one process with N times the accumulation.
+Checkpoints are Hugging Face Qwen2.5-VL directories plus train_state.pt, written atomically.
+"""
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+import lvr
+import qwen
+from vision import InputError
+
+# -----------------------------------------------------------------------------
+init_from = "scratch"  # "scratch" (tiny model + tiny tokenizer) or a Qwen2.5-VL checkpoint directory
+data_path = "synthetic"  # "synthetic" or an LVR JSON/JSONL or Mirage JSONL file
+image_root = ""  # directory the dataset's image paths are relative to
+method = "lvr"  # lvr | mirage | none (plain SFT, the ablation)
+stage = 1  # Mirage: 1 = reconstruct the helper image, 2 = text-only with its own latents fed back
+ce_weight = 1.0  # weight of the text cross-entropy
+latent_weight = 0.1  # weight of the latent loss
+latent_loss = "mse"  # mse | cosine | l1
+max_latents = 0  # pool each ROI to at most this many latents (0 = all ROI tokens)
+mirage_k = 4  # Mirage: latents per helper image
+latent_head = False  # learn a head hidden -> latent (else identity)
+latent_end = False  # train the `latent` exit mode (<|lvr_latent_end|> after the latents)
+batch_size = 16  # examples per micro-batch per process
+grad_accum = 1  # micro-batches per optimizer step
+lr = 1e-3  # peak learning rate
+min_lr = 1e-4  # learning rate at the end of the cosine
+warmup_iters = 50  # linear warmup steps
+max_iters = 600  # optimizer steps
+weight_decay = 0.0  # AdamW weight decay
+grad_clip = 1.0  # clip the gradient norm (0 = off)
+eval_interval = 200  # evaluate and checkpoint every this many steps
+eval_examples = 64  # held-out examples per evaluation
+image_size = 224  # synthetic images are this many pixels square
+min_pixels = 3136  # image area bounds after resizing
+max_pixels = 50176  # 224*224: real data wants more (up to 12845056)
+dtype = "float32"  # float32 | bfloat16 (autocast; master weights stay fp32)
+device = "cuda" if torch.cuda.is_available() else "cpu"
+grad_checkpointing = False  # recompute decoder layers in backward to save memory
+freeze_vision = True  # keep the vision tower and merger fixed (targets never get gradient)
+fsdp = False  # shard with FSDP2 (fully_shard) instead of DDP, for models that do not fit one GPU
+out_dir = "out"  # checkpoint directory
+resume = False  # continue from out_dir/train_state.pt
+seed = 1337  # seeds the model init and the synthetic data
+# -----------------------------------------------------------------------------
+
+
+class Step(torch.nn.Module):
+    """The loss as a module, so DDP sees one forward per micro-batch."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        if method == "mirage" and stage == 2:
+            return lvr.mirage_stage2_loss(self.model, batch, freeze_vision)
+        return lvr.sft_loss(self.model, batch, ce_weight, latent_weight, latent_loss, freeze_vision)
+
+
+def init_weights(model):
+    for name, p in model.named_parameters():
+        if "norm" in name or "ln_q" in name or "lvr_head.0" in name:
+            torch.nn.init.ones_(p) if name.endswith("weight") else torch.nn.init.zeros_(p)
+        elif name.endswith("bias"):
+            torch.nn.init.zeros_(p)
+        else:
+            torch.nn.init.normal_(p, std=0.02)
+
+
+def build(tmp):
+    """Model + tokenizer + latent ids. Scratch writes a tiny checkpoint first, so loading is the real path."""
+    if resume:
+        path = out_dir
+    elif init_from == "scratch":
+        path = tmp
+        tok = data.build_tokenizer(os.path.join(tmp, "tokenizer.json"), special=data.QWEN_SPECIAL + data.LATENT_SPECIAL)
+        cfg = qwen.Config.from_dict(data.tiny_config(tok, image_size))
+        cfg.extra["lvr_head"] = latent_head
+        torch.manual_seed(seed)
+        model = qwen.Qwen2_5_VL(cfg)
+        init_weights(model)
+        model.save_pretrained(tmp)
+    else:
+        path = init_from
+    model, tok = qwen.load(path)
+    if latent_head and not hasattr(model, "lvr_head"):
+        model.cfg.extra["lvr_head"] = True
+        C = model.cfg.hidden_size
+        model.lvr_head = torch.nn.Sequential(torch.nn.LayerNorm(C), torch.nn.Linear(C, C), torch.nn.GELU(),
+                                             torch.nn.Linear(C, C))
+    ids = lvr.add_latent_tokens(model, tok, lvr.MIRAGE_TOKENS if method == "mirage" else lvr.LVR_TOKENS)
+    return model, tok, ids
+
+
+def examples(start, n, records, split="train"):
+    """Examples [start, start + n) of the training stream (or of the held-out stream)."""
+    if records is None:
+        base = 0 if split == "train" else 10 ** 9  # held-out seeds never meet training seeds
+        return [data.synthetic_example(seed * 7919 + base + i, image_size) for i in range(start, start + n)]
+    out = []
+    for i in range(start, start + n):
+        epoch, j = divmod(i, len(records))
+        order = list(range(len(records)))
+        random.Random(seed + epoch).shuffle(order)
+        out.append(data.record_example(records[order[j]], image_root, f"{data_path} record {order[j]}"))
+    return out
+
+
+def save(model, tok, opt, step, losses):
+    """Write out_dir atomically: a temp dir beside it, fsync, then rename over the old one."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    tmp = tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=parent)
+    model.save_pretrained(tmp)
+    tok.tok.save(os.path.join(tmp, "tokenizer.json"))
+    state = {"step": step, "optimizer": opt.state_dict(), "losses": losses, "config": CONFIG,
+             "rng": torch.get_rng_state()}
+    torch.save(state, os.path.join(tmp, "train_state.pt"))
+    for f in os.listdir(tmp):
+        with open(os.path.join(tmp, f), "rb") as fh:
+            os.fsync(fh.fileno())
+    old = None
+    if os.path.exists(out_dir):
+        old = tempfile.mkdtemp(prefix=".old-ckpt-", dir=parent)
+        os.rename(out_dir, os.path.join(old, "ckpt"))
+    os.rename(tmp, out_dir)
+    if old:
+        shutil.rmtree(old)
+
+
+def main(argv):
+    global CONFIG
+    CONFIG = qwen.configure(globals(), argv)
+    if method not in ("lvr", "mirage", "none") or stage not in (1, 2) or dtype not in ("float32", "bfloat16"):
+        raise InputError("--method must be lvr|mirage|none, --stage 1|2, --dtype float32|bfloat16")
+    ddp = "RANK" in os.environ
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    dev = device
+    if ddp:
+        dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
+        if dev.startswith("cuda"):
+            dev = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(dev)
+    records = None if data_path == "synthetic" else data.load_records(data_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tok, ids = build(tmp)
+    model.to(dev).train()
+    model.grad_checkpointing = grad_checkpointing
+    if freeze_vision:
+        model.visual.requires_grad_(False)
+    step_fn = Step(model)
+    if ddp and fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for layer in list(model.model.layers) + list(model.visual.blocks):
+            fully_shard(layer)
+        fully_shard(model)
+    elif ddp:
+        step_fn = torch.nn.parallel.DistributedDataParallel(step_fn)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    step, losses = 0, []
+    if resume:
+        state = torch.load(os.path.join(out_dir, "train_state.pt"), weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        step, losses = state["step"], state["losses"]
+        torch.set_rng_state(state["rng"])
+    encode = lambda exs: data.collate([data.encode(e, tok, ids, method, max_latents, mirage_k, latent_end,  # noqa: E731
+                                                   min_pixels, max_pixels) for e in exs], tok.endoftext)
+    autocast = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
+    bar = tqdm(total=max_iters, initial=step, disable=rank != 0, dynamic_ncols=True)
+    try:
+        while step < max_iters:
+            t0 = time.time()
+            lr_now = lr * (step + 1) / warmup_iters if step < warmup_iters else \
+                min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * (step - warmup_iters) / max(1, max_iters - warmup_iters)))
+            for g in opt.param_groups:
+                g["lr"] = lr_now
+            G = batch_size * grad_accum * world
+            ce_sum, lat_sum = torch.zeros(()), torch.zeros(())
+            for micro in range(grad_accum):
+                batch = data.to_device(encode(examples(step * G + (micro * world + rank) * batch_size, batch_size,
+                                                       records)), dev)
+                sync = not ddp or fsdp or micro == grad_accum - 1
+                with (step_fn.no_sync() if not sync else torch.enable_grad()), autocast:
+                    loss, ce, lat = step_fn(batch)
+                    (loss / grad_accum).backward()
+                ce_sum += ce.float().cpu() / grad_accum
+                lat_sum += lat.float().cpu() / grad_accum
+            if ddp:  # report the global mean
+                stats = torch.stack([ce_sum, lat_sum]).to(dev)
+                dist.all_reduce(stats)
+                ce_sum, lat_sum = (stats / world).cpu()
+            if not (math.isfinite(ce_sum) and math.isfinite(lat_sum)):
+                raise InputError(f"loss is not finite at step {step} (ce {ce_sum}, latent {lat_sum}); "
+                                 f"stopped, {out_dir} keeps the last good checkpoint")
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            losses.append((float(ce_sum), float(lat_sum)))
+            bar.update(1)
+            bar.set_postfix(ce=f"{ce_sum:.4f}", latent=f"{lat_sum:.4f}", lr=f"{lr_now:.1e}",
+                            ms=f"{1000 * (time.time() - t0):.0f}")
+            if step % eval_interval == 0 or step == max_iters:
+                if rank == 0:
+                    evaluate(model, tok, ids, records, dev, step)
+                    save(model, tok, opt, step, losses)
+                if ddp:
+                    dist.barrier()
+    except KeyboardInterrupt:
+        if rank == 0 and step > 0:
+            save(model, tok, opt, step, losses)
+            print(f"\ninterrupted: saved step {step} to {out_dir}")
+        raise
+    finally:
+        bar.close()
+        if ddp:
+            dist.destroy_process_group()
+
+
+@torch.no_grad()
+def evaluate(model, tok, ids, records, dev, step):
+    """Held-out accuracy with the latent rollout (synthetic task) and held-out losses."""
+    model.eval()
+    exs = examples(0, eval_examples, records, "eval") if records is None else examples(0, min(eval_examples, len(records)), records)
+    correct = 0
+    for i in range(0, len(exs), batch_size):
+        chunk = exs[i:i + batch_size]
+        enc = [data.encode(e, tok, ids, method, max_latents, mirage_k, latent_end, min_pixels, max_pixels) for e in chunk]
+        prompts = [e["input_ids"][:e["n_prompt"]] for e in enc]
+        input_ids, mask = qwen.left_pad(prompts, tok.endoftext)
+        out, _, _ = lvr.rollout(model, ids, input_ids.to(dev), torch.cat([e["pixel_values"] for e in enc]).to(dev),
+                                torch.cat([e["grid_thw"] for e in enc]), mask.to(dev), max_new_tokens=48,
+                                decoding="latent" if latent_end else "steps",
+                                lvr_steps=max(1, len(enc[0]["slots"])), stop_ids=[tok.im_end, tok.endoftext])
+        for e, row in zip(chunk, out[:, input_ids.shape[1]:].tolist()):
+            correct += data.answer_of(tok.decode(row)) == data.normalise(e["answer"])
+    print(f"\nstep {step}: held-out accuracy {correct / len(exs):.3f} on {len(exs)} examples")
+    model.train()
+
+
+if __name__ == "__main__":
+    qwen.run(main)
