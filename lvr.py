@@ -223,7 +223,7 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
     logits, h = model(input_ids, pixel_values, grid_thw, attention_mask=attention_mask, cache=cache)
     logits, h = logits[:, -1], h[:, -1]
     budget = lvr_steps if decoding == "steps" else max_latent_steps
-    in_lat = torch.zeros(B, dtype=torch.bool, device=dev)  # the mode flag
+    in_lat = input_ids[:, -1] == ids.start  # the mode flag (a prompt may end in <|lvr_start|>)
     n_lat = torch.zeros(B, dtype=torch.long, device=dev)  # latent steps taken in the current span
     force = torch.full((B,), -1, dtype=torch.long, device=dev)  # token to force at the next step
     done = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -235,7 +235,8 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
         vec = head(model, h)  # (B, C) the latent input, used by rows that stay in latent mode
         if decoding == "steps":
             exit_ = in_lat & (n_lat >= budget)
-            tok = torch.where(exit_ & force_end, ids.end, tok)
+            if force_end:
+                tok = torch.where(exit_, ids.end, tok)
         elif decoding == "latent":
             end_vec = emb.weight[ids.latent_end]
             dist = ((vec.float() - end_vec.float()) ** 2).mean(-1) if end_metric == "mse" else \

@@ -5,9 +5,13 @@ Answer a question about one or more images with a Qwen2.5-VL checkpoint.
 
 A plain Qwen2.5-VL checkpoint (official or one we saved) runs as in the reference: the chat
 prompt of one user turn, batched KV-cached generation, stop on <|im_end|> / <|endoftext|>.
+A checkpoint with latent tokens decodes with the latent rollout and shows, for each latent
+step, the merged image cell (28x28 px) its vector is most cosine-similar to; --viz draws them.
 """
 import torch
+from PIL import ImageDraw
 
+import lvr
 import qwen
 import vision
 
@@ -24,6 +28,9 @@ min_pixels = 3136  # smallest image area after resizing
 max_pixels = 12845056  # largest image area after resizing (fewer pixels = fewer image tokens)
 device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu, cuda, cuda:1, mps
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # float32, bfloat16, float16
+decoding = "steps"  # latent exit: steps (fixed count) | latent (learned end embedding) | token (model's own)
+lvr_steps = 8  # latent steps in `steps` mode, and the budget in the other modes
+viz = ""  # write the image with each latent step's nearest cell drawn on it to this file (png)
 # -----------------------------------------------------------------------------
 
 
@@ -41,11 +48,38 @@ def main(argv):
         raise vision.InputError(f"prompt of {len(ids)} tokens + {max_new_tokens} new exceeds the context of "
                                 f"{model.cfg.max_position_embeddings}; lower --max_pixels or --max_new_tokens")
     generator = torch.Generator(device).manual_seed(seed)
-    out = model.generate(torch.tensor([ids], device=device), pixel_values, grid_thw, max_new_tokens=max_new_tokens,
-                         temperature=temperature, top_k=top_k, top_p=top_p,
-                         stop_ids=[tok.im_end, tok.endoftext], generator=generator)
+    input_ids = torch.tensor([ids], device=device)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                    stop_ids=[tok.im_end, tok.endoftext])
+    names = model.cfg.extra.get("lvr_tokens", lvr.LVR_TOKENS)
+    latent = lvr.latent_ids(tok, names)
+    if latent is None:  # plain Qwen2.5-VL
+        out = model.generate(input_ids, pixel_values, grid_thw, max_new_tokens=max_new_tokens, **sampling)
+        print(tok.decode(out[0, len(ids):].tolist()))
+        return
+    out, latents, is_latent = lvr.rollout(model, latent, input_ids, pixel_values, grid_thw,
+                                          max_new_tokens=max_new_tokens, decoding=decoding, lvr_steps=lvr_steps,
+                                          max_latent_steps=lvr_steps, **sampling)
     print(tok.decode(out[0, len(ids):].tolist()))
-
+    if not images or not is_latent.any():
+        return
+    with torch.no_grad():  # the first image's merged tokens, row-major
+        feats = model.visual(pixel_values, grid_thw)[:n_tokens[0]]
+    gw = int(grid_thw[0, 2]) // 2
+    cells = lvr.nearest_cells(latents[0, is_latent[0]], feats).tolist()
+    for i, c in enumerate(cells):
+        print(f"latent {i}: nearest image cell row {c // gw}, col {c % gw}")
+    if viz:
+        im = vision.load_image(image.split(",")[0])
+        h, w = int(grid_thw[0, 1]) * 14, int(grid_thw[0, 2]) * 14
+        im = im.resize((w, h))  # the model's view of the image: one cell is 28x28 px
+        d = ImageDraw.Draw(im)
+        for i, c in enumerate(cells):
+            x, y = (c % gw) * 28, (c // gw) * 28
+            d.rectangle((x, y, x + 27, y + 27), outline=(255, 0, 0), width=2)
+            d.text((x + 3, y + 2), str(i), fill=(255, 0, 0))
+        im.save(viz)
+        print(f"wrote {viz}")
 
 if __name__ == "__main__":
     qwen.run(main)

@@ -1,0 +1,269 @@
+"""The method: ROI maths, the SFT loss, Mirage stage 2, and the latent rollout vs a slow oracle."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import lvr
+import qwen
+import vision
+from vision import InputError
+
+
+def tiny_model(tmp_path, latent_head=False, seed=0):
+    os.makedirs(tmp_path, exist_ok=True)
+    tok = data.build_tokenizer(str(tmp_path / "tokenizer.json"), special=data.QWEN_SPECIAL + data.LATENT_SPECIAL)
+    cfg = qwen.Config.from_dict(data.tiny_config(tok))
+    cfg.num_hidden_layers = 2
+    cfg.extra["lvr_head"] = latent_head
+    torch.manual_seed(seed)
+    model = qwen.Qwen2_5_VL(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.2 if p.ndim > 1 else 0.05).add_(1.0 if "norm" in name or "ln_q" in name else 0.0)
+    model.save_pretrained(str(tmp_path))
+    model, tok = qwen.load(str(tmp_path))
+    return model, tok, lvr.add_latent_tokens(model, tok)
+
+
+# -----------------------------------------------------------------------------
+# ROI maths, worked by hand (DESIGN 3.3)
+
+@pytest.mark.parametrize("bbox,grid,want", [
+    ([0, 0, 1, 1], (1, 8, 8), list(range(16))),  # whole image: every merged token
+    ([0.3, 0.3, 0.45, 0.45], (1, 8, 8), [5]),  # x0g=2, x1g=4 -> merged col 1; same rows: (1, 1)
+    ([0.9, 0.0, 1.0, 0.1], (1, 8, 8), [3]),  # top-right corner cell
+    ([0.5, 0.5, 0.75, 1.0], (1, 4, 12), [9, 10]),  # non-square 2x6 merged grid: row 1, cols 3-4
+    ([0.0, 0.25, 0.1, 0.3], (1, 10, 6), [3]),  # y0g=2, y1g=ceil(3.0)=3 -> rows [1, 2): one row
+    ([0.49, 0.0, 0.51, 0.05], (1, 4, 8), [1, 2]),  # straddles a merged boundary: x0g=3, x1g=5 -> cols 1-2
+])
+def test_roi_indices_hand_worked(bbox, grid, want):
+    assert lvr.roi_indices(bbox, torch.tensor(grid)) == want
+
+
+def test_bbox_validation_and_pixel_boxes():
+    assert lvr.normalise_bbox([10, 20, 30, 40], 100, 200) == [0.1, 0.1, 0.3, 0.2]  # original image size
+    with pytest.raises(InputError, match="outside the image"):
+        lvr.normalise_bbox([-0.1, 0.5, 0.6, 0.9], 100, 100)
+    with pytest.raises(InputError, match="outside the image"):
+        lvr.normalise_bbox([10, 20, 300, 40], 100, 200)
+    with pytest.raises(InputError, match="empty or inverted"):
+        lvr.normalise_bbox([0.5, 0.5, 0.5, 0.9], 100, 100)
+    with pytest.raises(InputError, match="empty or inverted"):
+        lvr.normalise_bbox([0.6, 0.5, 0.4, 0.9], 100, 100)
+    with pytest.raises(InputError, match="4 finite numbers"):
+        lvr.normalise_bbox([0.1, 0.2, 0.3], 100, 100)
+
+
+@pytest.mark.parametrize("bbox,K", [([0.1, 0.05, 0.9, 0.7], 4), ([0, 0, 1, 1], 6), ([0.2, 0.1, 0.35, 0.95], 3)])
+def test_roi_pooling_is_adaptive_avg_pool(bbox, K):
+    grid = torch.tensor((1, 16, 20))
+    feats = torch.randn(8 * 10, 5)
+    groups = lvr.roi_groups(bbox, grid, K)
+    assert 1 <= len(groups) <= K
+    got = lvr.averaging_matrix(groups, 80) @ feats
+    y0, y1, x0, x1 = lvr.roi_cells(bbox, grid)
+    roi = feats.view(8, 10, 5)[y0:y1, x0:x1].permute(2, 0, 1)  # (C, h, w)
+    full = lvr.roi_groups(bbox, grid, 0)
+    assert len(full) == (y1 - y0) * (x1 - x0)
+    oh = len({tuple(sorted({i // 10 for i in g})) for g in groups})
+    want = F.adaptive_avg_pool2d(roi[None], (oh, len(groups) // oh))[0].flatten(1).T
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_chunk_groups():
+    assert lvr.chunk_groups(10, 3) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]  # remainder dropped
+    with pytest.raises(InputError, match="fewer than"):
+        lvr.chunk_groups(3, 4)
+
+
+# -----------------------------------------------------------------------------
+# sequences and the loss
+
+def test_encode_sequence_and_labels(tmp_path):
+    model, tok, ids = tiny_model(tmp_path)
+    ex = data.synthetic_example(5)
+    e = data.encode(ex, tok, ids, "lvr", max_pixels=50176)
+    seq, labels = e["input_ids"], e["labels"]
+    n = len(e["slots"])
+    a = e["n_prompt"]
+    assert n == len(lvr.roi_indices(ex["bboxes"][0], e["grid_thw"][0])) > 0
+    assert seq[a] == ids.start and seq[a + 1:a + 1 + n] == [ids.latent] * n and seq[a + 1 + n] == ids.end
+    assert tok.decode(seq[a + 2 + n:]) == "\n" + ex["answer"] and seq[-1] == tok.im_end
+    assert labels[:a] == [-100] * a  # the prompt is not supervised
+    assert labels[a] == ids.start and labels[a + 1:a + 1 + n] == [-100] * n and labels[a + 1 + n] == ids.end
+    assert [t for t, _ in e["slots"]] == list(range(a + 1, a + 1 + n))
+    none = data.encode(ex, tok, ids, "none", max_pixels=50176)
+    assert none["slots"] == [] and tok.decode(none["input_ids"][none["n_prompt"]:]) == ex["answer"]
+    with_end = data.encode(ex, tok, ids, "lvr", latent_end=True, max_pixels=50176)
+    t = with_end["latent_end_at"][0]
+    assert with_end["input_ids"][t:t + 2] == [ids.latent_end, ids.end] and with_end["labels"][t] == -100
+
+
+def test_sft_loss_against_hand_computation(tmp_path):
+    """Hidden state before latent i predicts target i; latent positions carry no CE."""
+    model, tok, ids = tiny_model(tmp_path)
+    exs = [data.synthetic_example(s) for s in (1, 2)]
+    enc = [data.encode(e, tok, ids, "lvr", max_latents=2, max_pixels=50176) for e in exs]
+    batch = data.collate(enc, tok.endoftext)
+    loss, ce, lat = lvr.sft_loss(model, batch, ce_weight=0.7, latent_weight=0.3)
+    # independent recomputation, one example at a time
+    ce_terms, lat_terms = [], []
+    for e in enc:
+        with torch.no_grad():
+            feats = model.visual(e["pixel_values"], e["grid_thw"])
+        x = model.embed(torch.tensor([e["input_ids"]]), grid_thw=e["grid_thw"], feats=feats)[0]
+        targets = [feats[g].mean(0) for g in e["groups"]]
+        for (t, _), target in zip(e["slots"], targets):
+            x[t] = target
+        logits, h = model(inputs_embeds=x[None], position_ids=qwen.get_rope_index(
+            torch.tensor([e["input_ids"]]), e["grid_thw"], None, model.cfg.image_token_id)[0])
+        for t in range(1, len(e["input_ids"])):
+            if e["labels"][t] != -100:
+                ce_terms.append(F.cross_entropy(logits[0, t - 1], torch.tensor(e["labels"][t])))
+        for (t, _), target in zip(e["slots"], targets):
+            lat_terms.append(((h[0, t - 1] - target) ** 2).mean())
+        assert all(e["labels"][t] == -100 for t, _ in e["slots"])
+    want_ce, want_lat = torch.stack(ce_terms).mean(), torch.stack(lat_terms).mean()
+    assert torch.allclose(ce, want_ce, rtol=1e-4) and torch.allclose(lat, want_lat, rtol=1e-4)
+    assert torch.allclose(loss, 0.7 * want_ce + 0.3 * want_lat, rtol=1e-4)
+
+
+def test_latent_losses():
+    p, t = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    assert lvr.latent_distance(p, t, "mse").item() == pytest.approx((0 + 1 + 0 + 1) / 4)
+    assert lvr.latent_distance(p, t, "l1").item() == pytest.approx(0.5)
+    assert lvr.latent_distance(p, t, "cosine").item() == pytest.approx(((1 - 2 ** -0.5) + 0) / 2)
+
+
+def test_mirage_stage2_gradients_reach_latent_chain(tmp_path):
+    model, tok, ids = tiny_model(tmp_path, latent_head=True)
+    enc = [data.encode(data.synthetic_example(s), tok, ids, "mirage", k=3, max_pixels=50176) for s in (3, 4)]
+    batch = data.collate(enc, tok.endoftext)
+    assert batch["latent_slot"].tolist() == [0, 1, 2, 0, 1, 2]
+    loss, _, _ = lvr.mirage_stage2_loss(model, batch)
+    loss.backward()
+    # the head is used only to feed hidden states back into latent slots: it gets gradient only via the chain
+    assert model.lvr_head[1].weight.grad is not None and model.lvr_head[1].weight.grad.abs().sum() > 0
+    s1, _, lat = lvr.sft_loss(model, batch, 0.1, 1.0, "cosine")
+    assert lat > 0 and torch.isfinite(s1)
+
+
+# -----------------------------------------------------------------------------
+# the latent rollout
+
+def slow_rollout(model, ids, prompt, pv, grid, max_new, decoding, lvr_steps, budget):
+    """One row, no cache: recompute the whole sequence at every step. The oracle for lvr.rollout."""
+    seq = list(prompt)
+    x = model.embed(torch.tensor([seq]), pv, grid)[0]
+    in_lat, n_lat, force, latents = seq[-1] == ids.start, 0, None, []
+    for _ in range(max_new):
+        pos, _ = qwen.get_rope_index(torch.tensor([seq]), grid, None, model.cfg.image_token_id)
+        logits, h = model(inputs_embeds=x[None], position_ids=pos)
+        tok = int(logits[0, -1].argmax()) if force is None else force
+        force, vec = None, h[0, -1]
+        latent_step = False
+        if in_lat:
+            if decoding == "steps" and n_lat >= lvr_steps:
+                tok = ids.end
+            elif decoding == "token" and tok == ids.end:
+                pass
+            elif n_lat >= budget:
+                tok = ids.end
+            else:
+                latent_step = True
+        if latent_step:
+            tok, n_lat = ids.latent, n_lat + 1
+            x = torch.cat([x, vec[None]])
+            latents.append(vec)
+        else:
+            if in_lat:
+                in_lat, n_lat = False, 0
+            elif tok == ids.start:
+                in_lat = True
+            x = torch.cat([x, model.model.embed_tokens.weight[tok][None]])
+        seq.append(tok)
+        if not in_lat and tok in (ids.end + 1000,):  # no stop tokens in this test
+            break
+    return seq, latents
+
+
+@pytest.mark.parametrize("decoding", ["steps", "token"])
+def test_cached_rollout_equals_slow_oracle(tmp_path, decoding):
+    model, tok, _ = tiny_model(tmp_path)
+    prompts, pvs, grids = [], [], []
+    for i, (w, h) in enumerate([(224, 160), (112, 200), (150, 150)]):
+        pv, grid = vision.preprocess(data.synthetic_example(i)["images"][0].resize((w, h)), max_pixels=30000)
+        prompts.append(tok.prompt("What colour is the circle?" + " really" * i, [int(grid.prod()) // 4]))
+        pvs.append(pv)
+        grids.append(grid)
+    # pick latent token ids so that rows enter (and, in token mode, leave) latent mode at different steps
+    with torch.no_grad():
+        plain = [model.generate(torch.tensor([p]), pv, g, max_new_tokens=12, stop_ids=[-1])[0, len(p):].tolist()
+                 for p, pv, g in zip(prompts, pvs, grids)]
+    start = plain[1][3]
+    end = next(t for t in plain[0] if t != start)
+    ids = lvr.LatentIds(start=start, latent=tok.tok.token_to_id("<|lvr|>"),
+                        latent_end=tok.tok.token_to_id("<|lvr_latent_end|>"), end=end)
+    prompts[2] = prompts[2] + [start]  # this row starts in latent mode
+    input_ids, mask = qwen.left_pad(prompts, tok.endoftext)
+    out, lats, is_lat = lvr.rollout(model, ids, input_ids, torch.cat(pvs), torch.cat(grids), mask,
+                                    max_new_tokens=14, decoding=decoding, lvr_steps=3, max_latent_steps=4,
+                                    stop_ids=[-1])
+    first_latent = []
+    with torch.no_grad():
+        for b, (p, pv, g) in enumerate(zip(prompts, pvs, grids)):
+            seq, latents = slow_rollout(model, ids, p, pv, g, 14, decoding, 3, 4)
+            got = out[b, input_ids.shape[1]:].tolist()
+            assert got == seq[len(p):], (b, got, seq[len(p):])
+            assert len(latents) == int(is_lat[b].sum())
+            if latents:
+                assert torch.allclose(lats[b, is_lat[b]], torch.stack(latents), atol=1e-4)
+                first_latent.append(int(is_lat[b].float().argmax()))
+    assert len(set(first_latent)) > 1  # rows really entered latent mode at different steps
+
+
+def test_teacher_forced_positions_equal_rollout(tmp_path):
+    """Feeding the rollout's tokens and recorded latents back in one forward reproduces its hidden states."""
+    model, tok, ids = tiny_model(tmp_path)
+    pv, grid = vision.preprocess(data.synthetic_example(0)["images"][0], max_pixels=30000)
+    prompt = tok.prompt("What colour is the square?", [int(grid.prod()) // 4]) + [ids.start]
+    out, lats, is_lat = lvr.rollout(model, ids, torch.tensor([prompt]), pv, grid, max_new_tokens=10,
+                                    decoding="steps", lvr_steps=4, stop_ids=[-1])
+    T = len(prompt)
+    assert is_lat[0, :4].all() and out[0, T + 4] == ids.end
+    with torch.no_grad():
+        x = model.embed(out, pv, grid)
+        x[0, T:][is_lat[0]] = lats[0, is_lat[0]]
+        pos, _ = qwen.get_rope_index(out, grid, None, model.cfg.image_token_id)
+        logits, h = model(inputs_embeds=x, position_ids=pos)
+    # the latent fed at step i is the hidden state one position earlier
+    assert torch.allclose(h[0, T - 1:T + 3], lats[0, :4], atol=1e-4)
+    # after the forced <|lvr_end|>, greedy text tokens are the argmax of the teacher-forced logits
+    assert out[0, T + 6:].tolist() == logits[0, T + 5:-1].argmax(-1).tolist()
+
+
+def test_save_load_with_latent_tokens(tmp_path):
+    model, tok, ids = tiny_model(tmp_path / "a", latent_head=True)
+    model.save_pretrained(str(tmp_path / "b"))
+    tok.tok.save(str(tmp_path / "b" / "tokenizer.json"))
+    model2, tok2 = qwen.load(str(tmp_path / "b"))
+    assert lvr.latent_ids(tok2) == ids and model2.cfg.extra["lvr_token_ids"]["start"] == ids.start
+    x = torch.tensor([[ids.start] + tok.encode("red circle") + [ids.end]])
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], model2(x)[0])
+        assert torch.equal(model.lvr_head(model(x)[1]), model2.lvr_head(model2(x)[1]))
+
+
+def test_add_latent_tokens_grows_embedding(tmp_path):
+    model, tok, _ = tiny_model(tmp_path)
+    n = model.cfg.vocab_size
+    before = model.model.embed_tokens.weight[:n].clone()
+    ids = lvr.add_latent_tokens(model, tok, {"start": "<|a|>", "latent": "<|b|>", "latent_end": "<|c|>", "end": "<|d|>"})
+    assert model.cfg.vocab_size == len(tok) == n + 4 and ids.end == n + 3
+    assert model.model.embed_tokens.weight.shape[0] == n + 4 and torch.equal(model.model.embed_tokens.weight[:n], before)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    logits, _ = model(torch.tensor([[ids.start, ids.end]]))
+    assert logits.shape[-1] == n + 4
