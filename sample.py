@@ -61,7 +61,8 @@ def main(argv):
                                           max_new_tokens=max_new_tokens, decoding=decoding, lvr_steps=lvr_steps,
                                           max_latent_steps=lvr_steps, **sampling)
     print(tok.decode(out[0, len(ids):].tolist()))
-    if not images or not is_latent.any():
+    print(f"latent steps: {int(is_latent[0].sum())}")
+    if not images:
         return
     with torch.no_grad():  # the first image's merged tokens, row-major
         feats = model.visual(pixel_values, grid_thw)[:n_tokens[0]]

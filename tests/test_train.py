@@ -1,0 +1,132 @@
+"""train_sft.py end to end: resume, DDP vs one process, NaN stop, dataset errors, then sample.py."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import lvr
+import qwen
+from vision import InputError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--batch_size", "4", "--eval_examples", "4", "--image_size", "112", "--max_pixels", "12544",
+         "--warmup_iters", "2"]
+
+
+def run(*args, env=None):
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return r
+
+
+def state(out):
+    return torch.load(os.path.join(out, "train_state.pt"), weights_only=True)
+
+
+def test_resume_continues_the_same_loss_curve(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    r = run("train_sft.py", *SMALL, "--max_iters", "6", "--eval_interval", "3", "--out_dir", a)
+    assert r.returncode == 0, r.stderr
+    r = run("train_sft.py", *SMALL, "--max_iters", "3", "--eval_interval", "3", "--out_dir", b)
+    assert r.returncode == 0, r.stderr
+    r = run("train_sft.py", *SMALL, "--max_iters", "6", "--eval_interval", "3", "--out_dir", b, "--resume", "true")
+    assert r.returncode == 0, r.stderr
+    la, lb = state(a)["losses"], state(b)["losses"]
+    assert len(la) == len(lb) == 6
+    assert torch.allclose(torch.tensor(la), torch.tensor(lb), rtol=1e-5, atol=1e-6)
+    assert la[0][1] > 0  # the latent loss is really trained and logged
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    common = [*SMALL, "--batch_size", "2", "--max_iters", "3", "--eval_interval", "3"]
+    r = run("train_sft.py", *common, "--grad_accum", "2", "--out_dir", one)
+    assert r.returncode == 0, r.stderr
+    r = run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "train_sft.py",
+            *common, "--out_dir", two)
+    assert r.returncode == 0, r.stderr
+    assert torch.allclose(torch.tensor(state(one)["losses"]), torch.tensor(state(two)["losses"]), rtol=1e-4)
+    m1, m2 = qwen.Qwen2_5_VL.from_pretrained(one), qwen.Qwen2_5_VL.from_pretrained(two)
+    for (k, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.allclose(p1, p2, atol=1e-5), k
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    import train_sft
+    out = str(tmp_path / "out")
+    real = lvr.sft_loss
+    calls = []
+
+    def poisoned(*a, **k):
+        loss, ce, lat = real(*a, **k)
+        calls.append(1)
+        return (loss * float("nan"), ce * float("nan"), lat) if len(calls) > 2 else (loss, ce, lat)
+    monkeypatch.setattr(lvr, "sft_loss", poisoned)
+    with pytest.raises(InputError, match="loss is not finite at step 2"):
+        train_sft.main([*SMALL, "--max_iters", "5", "--eval_interval", "2", "--out_dir", out])
+    assert state(out)["step"] == 2  # the good checkpoint of step 2 is intact
+    model, tok = qwen.load(out)
+    assert lvr.latent_ids(tok) is not None
+
+
+def write_dataset(tmp_path, records):
+    img = data.synthetic_example(0)["images"][0]
+    img.save(tmp_path / "a.png")
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    return str(path)
+
+
+def record(bboxes, lvr_count=1, image="a.png"):
+    return {"image": image, "bboxes": bboxes,
+            "conversations": [{"from": "human", "value": "<image>\nWhat colour is the circle?"},
+                              {"from": "gpt", "value": "<lvr>\n" * lvr_count + "<answer>red</answer>"}]}
+
+
+@pytest.mark.parametrize("rec,msg", [
+    (record([[0.1, 0.1, 0.3, 0.3]], lvr_count=2), "record 1: 2 <lvr> placeholders but 1 bboxes"),
+    (record([[0.1, 0.1, 1.3, -0.3]]), "record 1: bbox .* lies outside the image"),
+    (record([[0.3, 0.1, 0.3, 0.3]]), "record 1: bbox .* is empty or inverted"),
+    (record([[0.1, 0.1, 0.3, 0.3]], image="missing.png"), "record 1: image not found"),
+])
+def test_dataset_errors_name_the_record(tmp_path, rec, msg):
+    path = write_dataset(tmp_path, [record([[0.1, 0.1, 0.3, 0.3]]), rec])
+    records = data.load_records(path)
+    data.record_example(records[0], str(tmp_path), f"{path} record 0")
+    with pytest.raises(InputError, match=msg):
+        data.record_example(records[1], str(tmp_path), f"{path} record 1")
+
+
+def test_train_on_a_file_then_sample_with_latents(tmp_path):
+    """An LVR JSONL file trains; sample.py decodes with latents and draws them."""
+    path = write_dataset(tmp_path, [record([[0.1, 0.1, 0.3, 0.3]]), record([[10, 20, 60, 90]])])
+    out = str(tmp_path / "out")
+    r = run("train_sft.py", *SMALL, "--max_iters", "2", "--eval_interval", "2", "--data_path", path,
+            "--image_root", str(tmp_path), "--out_dir", out, "--max_latents", "2", "--latent_head", "true")
+    assert r.returncode == 0, r.stderr
+    viz = str(tmp_path / "viz.png")
+    r = run("sample.py", "--init_from", out, "--image", str(tmp_path / "a.png"), "--q", "What colour is the circle?",
+            "--max_new_tokens", "12", "--lvr_steps", "2", "--viz", viz, "--max_pixels", "12544")
+    assert r.returncode == 0, r.stderr
+    assert os.path.isfile(viz)
+    model, tok = qwen.load(out)
+    assert hasattr(model, "lvr_head") and model.cfg.extra["lvr_tokens"] == lvr.LVR_TOKENS
+    r = run("train_sft.py", *SMALL, "--data_path", str(tmp_path / "nope.json"), "--out_dir", out)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "cannot read dataset" in r.stderr
+
+
+@pytest.mark.parametrize("method,extra", [("mirage", ["--latent_loss", "cosine", "--ce_weight", "0.1",
+                                                      "--latent_weight", "1.0"]), ("none", [])])
+def test_other_methods_run(tmp_path, method, extra):
+    out = str(tmp_path / "out")
+    r = run("train_sft.py", *SMALL, "--max_iters", "2", "--eval_interval", "2", "--method", method, *extra,
+            "--out_dir", out)
+    assert r.returncode == 0, r.stderr
+    if method == "mirage":
+        r = run("train_sft.py", *SMALL, "--max_iters", "2", "--eval_interval", "2", "--method", "mirage",
+                "--stage", "2", "--init_from", out, "--out_dir", str(tmp_path / "s2"))
+        assert r.returncode == 0, r.stderr
