@@ -153,12 +153,14 @@ class VisionAttention(nn.Module):
         return self.proj(y)
 
 
-class VisionMLP(nn.Module):
-    def __init__(self, cfg):
+class MLP(nn.Module):
+    """SwiGLU; the vision tower's has biases, the language model's does not."""
+
+    def __init__(self, dim, hidden, bias):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=True)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=True)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=True)
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -170,7 +172,7 @@ class VisionBlock(nn.Module):
         self.norm1 = RMSNorm(cfg.hidden_size)
         self.attn = VisionAttention(cfg)
         self.norm2 = RMSNorm(cfg.hidden_size)
-        self.mlp = VisionMLP(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=True)
 
     def forward(self, x, cos, sin, seqs):
         x = x + self.attn(self.norm1(x), cos, sin, seqs)
