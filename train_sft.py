@@ -3,7 +3,7 @@ Supervised training of latent visual reasoning: LVR, Mirage stage 1 and 2, or pl
 
     python train_sft.py                                   # tiny model from scratch, synthetic task, CPU
     python train_sft.py --init_from Qwen2.5-VL-3B-Instruct --data lvr.json --image_root imgs/
-    torchrun --nproc_per_node 8 train_sft.py --init_from ... # DDP (add --fsdp true for 7B)
+    torchrun --nproc_per_node 8 train_sft.py --init_from ... # DDP
 
 Every setting below is a `--name value` flag. The global batch of one optimizer step is
 batch_size * grad_accum * world_size examples, taken in a fixed order from the data, so N
@@ -56,7 +56,6 @@ dtype = "float32"  # float32 | bfloat16 (autocast; master weights stay fp32)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 grad_checkpointing = False  # recompute decoder layers in backward to save memory
 freeze_vision = True  # keep the vision tower and merger fixed (targets never get gradient)
-fsdp = False  # shard with FSDP2 (fully_shard) instead of DDP, for models that do not fit one GPU
 out_dir = "out"  # checkpoint directory
 resume = False  # continue from out_dir/train_state.pt
 seed = 1337  # seeds the model init and the synthetic data
@@ -167,12 +166,7 @@ def main(argv):
     if freeze_vision:
         model.visual.requires_grad_(False)
     step_fn = Step(model)
-    if ddp and fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for layer in list(model.model.layers) + list(model.visual.blocks):
-            fully_shard(layer)
-        fully_shard(model)
-    elif ddp:
+    if ddp:
         step_fn = torch.nn.parallel.DistributedDataParallel(step_fn)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
@@ -198,7 +192,7 @@ def main(argv):
             for micro in range(grad_accum):
                 batch = data.to_device(encode(examples(step * G + (micro * world + rank) * batch_size, batch_size,
                                                        records)), dev)
-                sync = not ddp or fsdp or micro == grad_accum - 1
+                sync = not ddp or micro == grad_accum - 1
                 with (step_fn.no_sync() if not sync else torch.enable_grad()), autocast:
                     loss, ce, lat = step_fn(batch)
                     (loss / grad_accum).backward()
