@@ -120,12 +120,16 @@ def test_train_on_a_file_then_sample_with_latents(tmp_path):
 
 
 @pytest.mark.parametrize("method,extra", [("mirage", ["--latent_loss", "cosine", "--ce_weight", "0.1",
-                                                      "--latent_weight", "1.0"]), ("none", [])])
+                                                      "--latent_weight", "1.0"]), ("none", []),
+                                         ("lvr", ["--latent_end", "true", "--max_latents", "2"])])
 def test_other_methods_run(tmp_path, method, extra):
     out = str(tmp_path / "out")
     r = run("train_sft.py", *SMALL, "--max_iters", "2", "--eval_interval", "2", "--method", method, *extra,
             "--out_dir", out)
     assert r.returncode == 0, r.stderr
+    assert "held-out accuracy" in r.stdout
+    if "--latent_end" in extra:  # trained the latent exit: a latent loss term for the end embedding exists
+        assert state(out)["losses"][0][1] > 0
     if method == "mirage":
         r = run("train_sft.py", *SMALL, "--max_iters", "2", "--eval_interval", "2", "--method", "mirage",
                 "--stage", "2", "--init_from", out, "--out_dir", str(tmp_path / "s2"))
