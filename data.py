@@ -20,7 +20,6 @@ from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import lvr
-import qwen
 import vision
 from vision import InputError
 

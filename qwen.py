@@ -155,6 +155,11 @@ def mrope(cfg, position_ids, dtype):
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def latent_head(C):
+    """Optional LVR latent head (key prefix `lvr_head.`): hidden state -> latent space."""
+    return nn.Sequential(nn.LayerNorm(C), nn.Linear(C, C), nn.GELU(), nn.Linear(C, C))
+
+
 def get_rope_index(input_ids, grid_thw, attention_mask, image_token_id, merge=2):
     """M-RoPE positions (3, B, T) and rope_deltas (B, 1) = max position + 1 - unpadded length.
 
@@ -201,9 +206,8 @@ class Qwen2_5_VL(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        if cfg.extra.get("lvr_head"):  # optional latent head (LVR): hidden state -> latent space
-            C = cfg.hidden_size
-            self.lvr_head = nn.Sequential(nn.LayerNorm(C), nn.Linear(C, C), nn.GELU(), nn.Linear(C, C))
+        if cfg.extra.get("lvr_head"):
+            self.lvr_head = latent_head(cfg.hidden_size)
 
     def embed(self, input_ids, pixel_values=None, grid_thw=None, feats=None):
         """Token embeddings with the merged image tokens (`feats`, or the tower's) at <|image_pad|>, in order."""

@@ -103,9 +103,7 @@ def build(tmp):
     model, tok = qwen.load(path)
     if latent_head and not hasattr(model, "lvr_head"):
         model.cfg.extra["lvr_head"] = True
-        C = model.cfg.hidden_size
-        model.lvr_head = torch.nn.Sequential(torch.nn.LayerNorm(C), torch.nn.Linear(C, C), torch.nn.GELU(),
-                                             torch.nn.Linear(C, C))
+        model.lvr_head = qwen.latent_head(model.cfg.hidden_size)
     ids = lvr.add_latent_tokens(model, tok, lvr.MIRAGE_TOKENS if method == "mirage" else lvr.LVR_TOKENS)
     return model, tok, ids
 
