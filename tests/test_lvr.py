@@ -154,7 +154,7 @@ def test_mirage_stage2_gradients_reach_latent_chain(tmp_path):
 # -----------------------------------------------------------------------------
 # the latent rollout
 
-def slow_rollout(model, ids, prompt, pv, grid, max_new, decoding, lvr_steps, budget):
+def slow_rollout(model, ids, prompt, pv, grid, max_new, decoding, lvr_steps, budget, threshold=0.0):
     """One row, no cache: recompute the whole sequence at every step. The oracle for lvr.rollout."""
     seq = list(prompt)
     x = model.embed(torch.tensor([seq]), pv, grid)[0]
@@ -170,6 +170,8 @@ def slow_rollout(model, ids, prompt, pv, grid, max_new, decoding, lvr_steps, bud
                 tok = ids.end
             elif decoding == "token" and tok == ids.end:
                 pass
+            elif decoding == "latent" and F.mse_loss(vec, model.model.embed_tokens.weight[ids.latent_end]) < threshold:
+                tok, force = ids.latent_end, ids.end
             elif n_lat >= budget:
                 tok = ids.end
             else:
@@ -190,7 +192,7 @@ def slow_rollout(model, ids, prompt, pv, grid, max_new, decoding, lvr_steps, bud
     return seq, latents
 
 
-@pytest.mark.parametrize("decoding", ["steps", "token"])
+@pytest.mark.parametrize("decoding", ["steps", "token", "latent"])
 def test_cached_rollout_equals_slow_oracle(tmp_path, decoding):
     model, tok, _ = tiny_model(tmp_path)
     prompts, pvs, grids = [], [], []
@@ -209,20 +211,30 @@ def test_cached_rollout_equals_slow_oracle(tmp_path, decoding):
                         latent_end=tok.tok.token_to_id("<|lvr_latent_end|>"), end=end)
     prompts[2] = prompts[2] + [start]  # this row starts in latent mode
     input_ids, mask = qwen.left_pad(prompts, tok.endoftext)
-    out, lats, is_lat = lvr.rollout(model, ids, input_ids, torch.cat(pvs), torch.cat(grids), mask,
-                                    max_new_tokens=14, decoding=decoding, lvr_steps=3, max_latent_steps=4,
-                                    stop_ids=[-1])
+    run = lambda threshold: lvr.rollout(model, ids, input_ids, torch.cat(pvs), torch.cat(grids), mask,  # noqa: E731
+                                        max_new_tokens=14, decoding=decoding, lvr_steps=3, max_latent_steps=4,
+                                        end_threshold=threshold, stop_ids=[-1])
+    threshold = 0.0
+    if decoding == "latent":  # a threshold between the distances seen, so some rows exit early and some don't
+        _, lats, is_lat = run(-1.0)
+        end_vec = model.model.embed_tokens.weight[ids.latent_end]
+        threshold = float(((lats[is_lat] - end_vec) ** 2).mean(-1).median())
+    out, lats, is_lat = run(threshold)
+    if decoding == "latent":
+        exited = (out == ids.latent_end).any(1)
+        assert exited.any() and not exited.all(), exited
     first_latent = []
     with torch.no_grad():
         for b, (p, pv, g) in enumerate(zip(prompts, pvs, grids)):
-            seq, latents = slow_rollout(model, ids, p, pv, g, 14, decoding, 3, 4)
+            seq, latents = slow_rollout(model, ids, p, pv, g, 14, decoding, 3, 4, threshold)
             got = out[b, input_ids.shape[1]:].tolist()
             assert got == seq[len(p):], (b, got, seq[len(p):])
             assert len(latents) == int(is_lat[b].sum())
             if latents:
                 assert torch.allclose(lats[b, is_lat[b]], torch.stack(latents), atol=1e-4)
                 first_latent.append(int(is_lat[b].float().argmax()))
-    assert len(set(first_latent)) > 1  # rows really entered latent mode at different steps
+    if decoding != "latent":  # (latent: one row leaves through <|lvr_latent_end|>, another through the budget)
+        assert len(set(first_latent)) > 1  # rows really entered latent mode at different steps
 
 
 def test_teacher_forced_positions_equal_rollout(tmp_path):
