@@ -333,10 +333,12 @@ class Qwen2_5_VL(nn.Module):
             model.lm_head.weight = model.model.embed_tokens.weight  # assign=True made two Parameters
         return model.eval()
 
-    def save_pretrained(self, path):
-        """config.json + model.safetensors in the official key layout (tied head not written)."""
+    def save_pretrained(self, path, state=None):
+        """config.json + model.safetensors in the official key layout (tied head not written).
+
+        `state`: a full state dict to write instead of self.state_dict() (FSDP gathers one)."""
         os.makedirs(path, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        state = {k: v.detach().contiguous() for k, v in (state or self.state_dict()).items()}
         if self.cfg.tie_word_embeddings:
             state.pop("lm_head.weight")
         save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})

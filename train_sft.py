@@ -4,6 +4,7 @@ Supervised training of latent visual reasoning: LVR, Mirage stage 1 and 2, or pl
     python train_sft.py                                   # tiny model from scratch, synthetic task, CPU
     python train_sft.py --init_from Qwen2.5-VL-3B-Instruct --data lvr.json --image_root imgs/
     torchrun --nproc_per_node 8 train_sft.py --init_from ... # DDP
+    torchrun --nproc_per_node 8 train_sft.py --fsdp true ... # FSDP2: shard weights, grads, optimizer state
 
 Every setting below is a `--name value` flag. The global batch of one optimizer step is
 batch_size * grad_accum * world_size examples, taken in a fixed order from the data, so N
@@ -19,6 +20,8 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 from tqdm import tqdm
 
 import data
@@ -55,6 +58,7 @@ max_pixels = 50176  # 224*224: real data wants more (up to 12845056)
 dtype = "float32"  # float32 | bfloat16 (autocast; master weights stay fp32)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 grad_checkpointing = False  # recompute decoder layers in backward to save memory
+fsdp = False  # under torchrun: shard with FSDP2 (fully_shard) instead of DDP, for models one GPU can't hold
 freeze_vision = True  # keep the vision tower and merger fixed (targets never get gradient)
 out_dir = "out"  # checkpoint directory
 resume = False  # continue from out_dir/train_state.pt
@@ -122,13 +126,21 @@ def examples(start, n, records, split="train"):
     return out
 
 
-def save(model, tok, opt, step, losses):
-    """Write out_dir atomically: a temp dir beside it, fsync, then rename over the old one."""
+def save(model, tok, opt, step, losses, rank=0):
+    """Write out_dir atomically: a temp dir beside it, fsync, then rename over the old one.
+
+    Every rank calls this (under FSDP gathering the full state is collective); rank 0 writes.
+    The optimizer state is keyed by parameter name, so FSDP, DDP and single runs resume each other."""
+    opts = StateDictOptions(full_state_dict=fsdp, cpu_offload=fsdp)  # optimizer state keyed by parameter name
+    weights = get_model_state_dict(model, options=opts) if fsdp else None
+    opt_state = get_optimizer_state_dict(model, opt, options=opts)
+    if rank != 0:
+        return
     parent = os.path.dirname(os.path.abspath(out_dir))
     tmp = tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=parent)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, weights)
     tok.tok.save(os.path.join(tmp, "tokenizer.json"))
-    state = {"step": step, "optimizer": opt.state_dict(), "losses": losses, "config": CONFIG,
+    state = {"step": step, "optimizer": opt_state, "losses": losses, "config": CONFIG,
              "rng": torch.get_rng_state()}
     torch.save(state, os.path.join(tmp, "train_state.pt"))
     for f in os.listdir(tmp):
@@ -149,6 +161,8 @@ def main(argv):
     if method not in ("lvr", "mirage", "none") or stage not in (1, 2) or dtype not in ("float32", "bfloat16"):
         raise InputError("--method must be lvr|mirage|none, --stage 1|2, --dtype float32|bfloat16")
     ddp = "RANK" in os.environ
+    if fsdp and not ddp:
+        raise InputError("--fsdp true shards across processes: launch with torchrun --nproc_per_node N")
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     dev = device
     if ddp:
@@ -164,14 +178,20 @@ def main(argv):
     if freeze_vision:
         model.visual.requires_grad_(False)
     step_fn = Step(model)
-    if ddp:
+    if ddp and fsdp:  # one unit per decoder layer, one for the vision tower, the rest (embeddings, head) at the root
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model.visual)
+        fully_shard(step_fn)  # the root: its forward runs first, so it sets up the others
+    elif ddp:
         step_fn = torch.nn.parallel.DistributedDataParallel(step_fn)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     step, losses = 0, []
     if resume:
         state = torch.load(os.path.join(out_dir, "train_state.pt"), weights_only=True)
-        opt.load_state_dict(state["optimizer"])
+        set_optimizer_state_dict(model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=fsdp))
         step, losses = state["step"], state["losses"]
         torch.set_rng_state(state["rng"])
     encode = lambda exs: data.collate([data.encode(e, tok, ids, method, max_latents, mirage_k, latent_end,  # noqa: E731
@@ -190,7 +210,7 @@ def main(argv):
             for micro in range(grad_accum):
                 batch = data.to_device(encode(examples(step * G + (micro * world + rank) * batch_size, batch_size,
                                                        records)), dev)
-                sync = not ddp or micro == grad_accum - 1
+                sync = not ddp or fsdp or micro == grad_accum - 1  # (FSDP reduce-scatters every micro-batch)
                 with (step_fn.no_sync() if not sync else torch.enable_grad()), autocast:
                     loss, ce, lat = step_fn(batch)
                     (loss / grad_accum).backward()
@@ -213,13 +233,17 @@ def main(argv):
             bar.set_postfix(ce=f"{ce_sum:.4f}", latent=f"{lat_sum:.4f}", lr=f"{lr_now:.1e}",
                             ms=f"{1000 * (time.time() - t0):.0f}")
             if step % eval_interval == 0 or step == max_iters:
-                if rank == 0:
+                if fsdp:  # every rank runs the evaluation forwards (they gather weights), rank 0 prints
+                    step_fn.unshard()
+                    evaluate(model, tok, ids, records, dev, step, rank)
+                    step_fn.reshard()
+                elif rank == 0:
                     evaluate(model, tok, ids, records, dev, step)
-                    save(model, tok, opt, step, losses)
+                save(model, tok, opt, step, losses, rank)
                 if ddp:
                     dist.barrier()
     except KeyboardInterrupt:
-        if rank == 0 and step > 0:
+        if rank == 0 and step > 0 and not fsdp:  # (FSDP can't gather the state once the ranks disagree)
             save(model, tok, opt, step, losses)
             print(f"\ninterrupted: saved step {step} to {out_dir}")
         raise
@@ -230,7 +254,7 @@ def main(argv):
 
 
 @torch.no_grad()
-def evaluate(model, tok, ids, records, dev, step):
+def evaluate(model, tok, ids, records, dev, step, rank=0):
     """Held-out accuracy with the latent rollout (synthetic task) and held-out losses."""
     model.eval()
     exs = examples(0, eval_examples, records, "eval") if records is None else examples(0, min(eval_examples, len(records)), records)
@@ -247,7 +271,8 @@ def evaluate(model, tok, ids, records, dev, step):
                                 stop_ids=[tok.im_end, tok.endoftext])
         for e, row in zip(chunk, out[:, input_ids.shape[1]:].tolist()):
             correct += data.answer_of(tok.decode(row)) == data.normalise(e["answer"])
-    print(f"\nstep {step}: held-out accuracy {correct / len(exs):.3f} on {len(exs)} examples")
+    if rank == 0:
+        print(f"\nstep {step}: held-out accuracy {correct / len(exs):.3f} on {len(exs)} examples")
     model.train()
 
 

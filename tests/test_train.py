@@ -41,18 +41,30 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
     assert la[0][1] > 0  # the latent loss is really trained and logged
 
 
-def test_ddp_two_processes_match_one(tmp_path):
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+def test_ddp_and_fsdp_two_processes_match_one(tmp_path):
+    one, two, three = str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "three")
     common = [*SMALL, "--batch_size", "2", "--max_iters", "3", "--eval_interval", "3"]
     r = run("train_sft.py", *common, "--grad_accum", "2", "--out_dir", one)
     assert r.returncode == 0, r.stderr
-    r = run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "train_sft.py",
-            *common, "--out_dir", two)
-    assert r.returncode == 0, r.stderr
-    assert torch.allclose(torch.tensor(state(one)["losses"]), torch.tensor(state(two)["losses"]), rtol=1e-4)
-    m1, m2 = qwen.Qwen2_5_VL.from_pretrained(one), qwen.Qwen2_5_VL.from_pretrained(two)
-    for (k, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
-        assert torch.allclose(p1, p2, atol=1e-5), k
+    for out, port, extra in [(two, "29533", []), (three, "29534", ["--fsdp", "true"])]:
+        r = run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, "train_sft.py",
+                *common, *extra, "--out_dir", out)
+        assert r.returncode == 0, r.stderr
+        assert torch.allclose(torch.tensor(state(one)["losses"]), torch.tensor(state(out)["losses"]), rtol=1e-4)
+        m1, m2 = qwen.Qwen2_5_VL.from_pretrained(one), qwen.Qwen2_5_VL.from_pretrained(out)
+        for (k, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
+            assert torch.allclose(p1, p2, atol=1e-5), (out, k)
+    # optimizer state is keyed by name: an FSDP checkpoint resumes in one process like a one-process checkpoint
+    for out in (one, three):
+        r = run("train_sft.py", *common, "--grad_accum", "2", "--max_iters", "4", "--out_dir", out, "--resume", "true")
+        assert r.returncode == 0, r.stderr
+    assert torch.allclose(torch.tensor(state(one)["losses"]), torch.tensor(state(three)["losses"]), rtol=1e-4)
+    assert len(state(three)["losses"]) == 4
+
+
+def test_fsdp_needs_torchrun():
+    r = run("train_sft.py", *SMALL, "--fsdp", "true")
+    assert r.returncode == 1 and "torchrun" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
@@ -134,3 +146,25 @@ def test_other_methods_run(tmp_path, method, extra):
         r = run("train_sft.py", *SMALL, "--max_iters", "2", "--eval_interval", "2", "--method", "mirage",
                 "--stage", "2", "--init_from", out, "--out_dir", str(tmp_path / "s2"))
         assert r.returncode == 0, r.stderr
+
+
+def test_ctrl_c_saves_and_exits(tmp_path):
+    import signal
+    import time
+    out = str(tmp_path / "out")
+    p = subprocess.Popen([sys.executable, "train_sft.py", *SMALL, "--max_iters", "1000", "--eval_interval", "2",
+                          "--out_dir", out], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while not os.path.exists(os.path.join(out, "train_state.pt")) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # let it get between checkpoints
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    s = state(out)
+    assert f"interrupted: saved step {s['step']}" in stdout
+    assert s["step"] == len(s["losses"]) >= 2 and s["step"] < 1000
+    model, _ = qwen.load(out)  # the saved checkpoint loads
+    assert model.cfg.extra["lvr_token_ids"]
