@@ -14,6 +14,7 @@ checkpoint code looks them up by string exactly as it does for the real tokenize
 import json
 import os
 import random
+import re
 
 import torch
 from PIL import Image, ImageDraw
@@ -257,3 +258,31 @@ def answer_of(completion):
     if "<answer>" in completion:
         completion = completion.split("<answer>")[-1].split("</answer>")[0]
     return normalise(completion)
+
+
+def letter_of(text):
+    """The multiple-choice letter a normalised answer starts with ("b", "(b) cat", "b. cat"), or None."""
+    m = re.match(r"^\(?([a-z])\)?(?:[.):]|\s|$)", text)
+    return m.group(1) if m else None
+
+
+def is_correct(completion, answer):
+    """Exact match after normalising; when the gold answer is a letter, the letters are compared."""
+    pred, gold = answer_of(completion), answer_of(answer)
+    if len(gold.strip("()")) == 1 and gold.strip("()").isalpha():
+        return letter_of(pred) == gold.strip("()")
+    return pred == gold
+
+
+def grpo_example(rec, image_root, where):
+    """A GRPO record {image, question, answer} (or an LVR JSON record) -> an example without targets."""
+    if "conversations" in rec:
+        return record_example(rec, image_root, where)
+    for k in ("image", "question", "answer"):
+        if not isinstance(rec.get(k), str) or not rec[k].strip():
+            raise InputError(f"{where}: needs a non-empty string field {k!r}")
+    try:
+        img = vision.load_image(os.path.join(image_root, rec["image"]))
+    except InputError as e:
+        raise InputError(f"{where}: {e}") from None
+    return {"images": [img], "question": rec["question"], "answer": rec["answer"]}

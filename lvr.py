@@ -201,8 +201,9 @@ def mirage_stage2_loss(model, batch, freeze_vision=True):
 @torch.no_grad()
 def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_mask=None, max_new_tokens=64,
             decoding="steps", lvr_steps=8, force_end=True, max_latent_steps=64, end_threshold=0.1,
-            end_metric="mse", temperature=0.0, top_k=0, top_p=1.0, stop_ids=(), generator=None):
-    """Generate with latent steps. `ids`: LatentIds. Prompts left-padded.
+            end_metric="mse", temperature=0.0, top_k=0, top_p=1.0, stop_ids=(), generator=None, feats=None):
+    """Generate with latent steps. `ids`: LatentIds. Prompts left-padded. `feats`: merged image
+    tokens already computed (GRPO encodes each image once for its G rows), instead of pixel_values.
 
     A row enters latent mode after it emits <|lvr_start|>. In latent mode its input is its previous
     last hidden state (through the latent head) and the recorded token is <|lvr|>. Exit:
@@ -211,7 +212,9 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
               <|lvr_latent_end|>, then force <|lvr_end|>;
       token:  when the model itself emits <|lvr_end|>;
     and always at `max_latent_steps`. Stop tokens do not end a row while it is in latent mode.
-    Returns tokens (B, T+n), latents (B, n, C) (zeros at text steps), is_latent (B, n) bool.
+    Returns tokens (B, T+n), latents (B, n, C) (zeros at text steps), is_latent (B, n) bool, and
+    logprobs (B, n): log-softmax(logits / temperature) of each token (0 at latent steps), which
+    GRPO uses as the old policy's.
     """
     if decoding not in ("steps", "latent", "token"):
         raise InputError(f"decoding must be steps, latent or token, got {decoding!r}")
@@ -220,14 +223,15 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
     stop = torch.tensor(list(stop_ids) or model.default_stop_ids(), device=dev)
     emb = model.model.embed_tokens
     cache = qwen.KVCache(model.cfg, B, T + max_new_tokens, dev, emb.weight.dtype)
-    logits, h = model(input_ids, pixel_values, grid_thw, attention_mask=attention_mask, cache=cache)
+    x = model.embed(input_ids, pixel_values, grid_thw, feats)
+    logits, h = model(input_ids, grid_thw=grid_thw, inputs_embeds=x, attention_mask=attention_mask, cache=cache)
     logits, h = logits[:, -1], h[:, -1]
     budget = lvr_steps if decoding == "steps" else max_latent_steps
     in_lat = input_ids[:, -1] == ids.start  # the mode flag (a prompt may end in <|lvr_start|>)
     n_lat = torch.zeros(B, dtype=torch.long, device=dev)  # latent steps taken in the current span
     force = torch.full((B,), -1, dtype=torch.long, device=dev)  # token to force at the next step
     done = torch.zeros(B, dtype=torch.bool, device=dev)
-    toks, lats, is_lats = [], [], []
+    toks, lats, is_lats, logps = [], [], [], []
     for i in range(max_new_tokens):
         tok = qwen.sample(logits, temperature, top_k, top_p, generator)
         tok = torch.where(force >= 0, force, tok)
@@ -256,6 +260,8 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
         toks.append(tok)
         lats.append(torch.where(latent_step[:, None], vec, 0.0))
         is_lats.append(latent_step)
+        lp = (logits.float() / (temperature or 1.0)).log_softmax(-1).gather(1, tok[:, None])[:, 0]
+        logps.append(torch.where(latent_step, 0.0, lp))
         n_lat = torch.where(latent_step, n_lat + 1, torch.where(exit_, 0, n_lat))
         in_lat = (in_lat & ~exit_) | (~in_lat & (tok == ids.start) & ~done)
         done |= ~latent_step & ~in_lat & torch.isin(tok, stop)
@@ -263,9 +269,86 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
             break
         logits, h = model(inputs_embeds=x[:, None], cache=cache)
         logits, h = logits[:, -1], h[:, -1]
-    return torch.cat([input_ids, torch.stack(toks, 1)], 1), torch.stack(lats, 1), torch.stack(is_lats, 1)
+    return (torch.cat([input_ids, torch.stack(toks, 1)], 1), torch.stack(lats, 1), torch.stack(is_lats, 1),
+            torch.stack(logps, 1))
 
 
 def nearest_cells(latents, feats):
     """For each latent vector, the index of the most cosine-similar merged image token."""
     return F.cosine_similarity(latents.float()[:, None], feats.float()[None], dim=-1).argmax(-1)
+
+
+# -----------------------------------------------------------------------------
+# GRPO_latent (DESIGN 3.7): group-relative advantages, a loss on text tokens only
+
+def group_advantages(rewards, group_size, scale=True):
+    """(N,) rewards, consecutive groups of G rows -> (r - group mean) / (group std + 1e-4).
+
+    std is the unbiased one (torch's default, as in TRL); scale=False keeps r - mean (Dr. GRPO)."""
+    r = rewards.float().view(-1, group_size)
+    adv = r - r.mean(1, keepdim=True)
+    if scale:
+        adv = adv / (r.std(1, keepdim=True) + 1e-4)
+    return adv.flatten()
+
+
+def text_mask(completion, ids, stop_ids):
+    """(N, L) completion tokens -> bool mask of the tokens the policy loss sees.
+
+    Excluded: the latent span from <|lvr_start|> up to but not including <|lvr_end|> (an unclosed
+    span runs to the end), and everything after the first stop token (which itself counts)."""
+    starts = (completion == ids.start).cumsum(1)
+    ends = (completion == ids.end).cumsum(1)
+    in_span = starts > ends
+    is_stop = torch.isin(completion, torch.as_tensor(list(stop_ids), device=completion.device))
+    after_stop = (is_stop.cumsum(1) - is_stop.long()) > 0  # a stop token earlier in the row
+    return ~in_span & ~after_stop
+
+
+def loss_weights(mask, norm="token", max_len=None):
+    """(N, L) per-token weights that make sum(weights * per_token_loss) the normalised loss.
+
+    token:    mean over all text tokens in the batch (the default);
+    sequence: mean per completion, then mean over completions (the GRPO paper);
+    fixed:    sum / (N * max_len) (Dr. GRPO: no length bias).
+    Written as weights so that the loss of a batch split into micro-batches sums exactly."""
+    m = mask.float()
+    if norm == "token":
+        return m / m.sum().clamp(min=1)
+    if norm == "sequence":
+        return m / (m.sum(1, keepdim=True).clamp(min=1) * m.shape[0])
+    if norm == "fixed":
+        return m / (m.shape[0] * (max_len or m.shape[1]))
+    raise InputError(f"loss_norm must be token, sequence or fixed, got {norm!r}")
+
+
+def grpo_loss(logp, old_logp, adv, weights, ref_logp=None, clip_eps=0.2, beta=0.04):
+    """Per-token PPO-clip objective plus beta * k3 KL to the reference -> (loss, kl per token).
+
+    logp, old_logp, ref_logp, weights: (N, L); adv: (N,). k3 = exp(ref - logp) - (ref - logp) - 1."""
+    ratio = torch.exp(logp - old_logp)
+    a = adv[:, None]
+    per_token = -torch.min(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1
+        per_token = per_token + beta * kl
+    return (per_token * weights).sum(), kl
+
+
+def completion_logprobs(model, seqs, attention_mask, n_prompt, grid_thw, feats, latents, is_latent, temperature=1.0):
+    """One batched forward over prompt + completion -> (N, L) log-probs of the completion tokens.
+
+    The recorded latent vectors (detached) sit at the latent positions, exactly as the rollout fed
+    them; logits are divided by the sampling temperature, as in the rollout."""
+    prompt, comp = seqs[:, :n_prompt], seqs[:, n_prompt:]
+    x = model.embed(prompt, grid_thw=grid_thw, feats=feats)  # (N, T, C) images only in the prompt,
+    c = torch.where(is_latent[..., None], latents.detach().to(x.dtype), model.model.embed_tokens(comp))  # (N, L, C)
+    x = torch.cat([x, c], 1)
+    pos, _ = qwen.get_rope_index(prompt, grid_thw, attention_mask[:, :n_prompt], model.cfg.image_token_id)
+    after = pos.amax(dim=(0, 2)) + 1  # completion positions count on like text, as in the rollout's cache
+    pos = torch.cat([pos, (after[:, None] + torch.arange(comp.shape[1], device=seqs.device)).expand(3, -1, -1)], 2)
+    logits, _ = model(inputs_embeds=x, attention_mask=attention_mask, position_ids=pos)
+    logits = logits[:, n_prompt - 1:-1].float() / (temperature or 1.0)  # position t predicts token t + 1
+    return logits.log_softmax(-1).gather(-1, seqs[:, n_prompt:, None])[..., 0]

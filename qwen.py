@@ -12,6 +12,8 @@ the KV cache is preallocated; padded query rows always see themselves so SDPA ne
 """
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field, asdict
 
 import torch
@@ -345,6 +347,26 @@ class Qwen2_5_VL(nn.Module):
         d = {**self.cfg.to_dict(), "torch_dtype": str(self.lm_head.weight.dtype).replace("torch.", "")}
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(d, f, indent=2)
+
+
+def save_checkpoint(model, tok, out_dir, train_state, weights=None):
+    """Write model + tokenizer + train_state.pt to out_dir atomically: a temp dir beside it,
+    fsync, then rename over the old one, so a kill at any moment leaves a loadable checkpoint."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    tmp = tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=parent)
+    model.save_pretrained(tmp, weights)
+    tok.tok.save(os.path.join(tmp, "tokenizer.json"))
+    torch.save(train_state, os.path.join(tmp, "train_state.pt"))
+    for f in os.listdir(tmp):
+        with open(os.path.join(tmp, f), "rb") as fh:
+            os.fsync(fh.fileno())
+    old = None
+    if os.path.exists(out_dir):
+        old = tempfile.mkdtemp(prefix=".old-ckpt-", dir=parent)
+        os.rename(out_dir, os.path.join(old, "ckpt"))
+    os.rename(tmp, out_dir)
+    if old:
+        shutil.rmtree(old)
 
 
 def safetensors_files(path):

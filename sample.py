@@ -57,7 +57,7 @@ def main(argv):
         out = model.generate(input_ids, pixel_values, grid_thw, max_new_tokens=max_new_tokens, **sampling)
         print(tok.decode(out[0, len(ids):].tolist()))
         return
-    out, latents, is_latent = lvr.rollout(model, latent, input_ids, pixel_values, grid_thw,
+    out, latents, is_latent, _ = lvr.rollout(model, latent, input_ids, pixel_values, grid_thw,
                                           max_new_tokens=max_new_tokens, decoding=decoding, lvr_steps=lvr_steps,
                                           max_latent_steps=lvr_steps, **sampling)
     print(tok.decode(out[0, len(ids):].tolist()))

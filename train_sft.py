@@ -14,7 +14,6 @@ Checkpoints are Hugging Face Qwen2.5-VL directories plus train_state.pt, written
 import math
 import os
 import random
-import shutil
 import tempfile
 import time
 
@@ -127,33 +126,15 @@ def examples(start, n, records, split="train"):
 
 
 def save(model, tok, opt, step, losses, rank=0):
-    """Write out_dir atomically: a temp dir beside it, fsync, then rename over the old one.
-
-    Every rank calls this (under FSDP gathering the full state is collective); rank 0 writes.
+    """Write out_dir atomically (qwen.save_checkpoint). Every rank calls this (under FSDP gathering the full state is collective); rank 0 writes.
     The optimizer state is keyed by parameter name, so FSDP, DDP and single runs resume each other."""
     opts = StateDictOptions(full_state_dict=fsdp, cpu_offload=fsdp)  # optimizer state keyed by parameter name
     weights = get_model_state_dict(model, options=opts) if fsdp else None
     opt_state = get_optimizer_state_dict(model, opt, options=opts)
     if rank != 0:
         return
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    tmp = tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=parent)
-    model.save_pretrained(tmp, weights)
-    tok.tok.save(os.path.join(tmp, "tokenizer.json"))
-    state = {"step": step, "optimizer": opt_state, "losses": losses, "config": CONFIG,
-             "rng": torch.get_rng_state()}
-    torch.save(state, os.path.join(tmp, "train_state.pt"))
-    for f in os.listdir(tmp):
-        with open(os.path.join(tmp, f), "rb") as fh:
-            os.fsync(fh.fileno())
-    old = None
-    if os.path.exists(out_dir):
-        old = tempfile.mkdtemp(prefix=".old-ckpt-", dir=parent)
-        os.rename(out_dir, os.path.join(old, "ckpt"))
-    os.rename(tmp, out_dir)
-    if old:
-        shutil.rmtree(old)
-
+    qwen.save_checkpoint(model, tok, out_dir, {"step": step, "optimizer": opt_state, "losses": losses,
+                                               "config": CONFIG, "rng": torch.get_rng_state()}, weights)
 
 def main(argv):
     global CONFIG
@@ -264,7 +245,7 @@ def evaluate(model, tok, ids, records, dev, step, rank=0):
         enc = [data.encode(e, tok, ids, method, max_latents, mirage_k, latent_end, min_pixels, max_pixels) for e in chunk]
         prompts = [e["input_ids"][:e["n_prompt"]] for e in enc]
         input_ids, mask = qwen.left_pad(prompts, tok.endoftext)
-        out, _, _ = lvr.rollout(model, ids, input_ids.to(dev), torch.cat([e["pixel_values"] for e in enc]).to(dev),
+        out, _, _, _ = lvr.rollout(model, ids, input_ids.to(dev), torch.cat([e["pixel_values"] for e in enc]).to(dev),
                                 torch.cat([e["grid_thw"] for e in enc]), mask.to(dev), max_new_tokens=48,
                                 decoding="latent" if latent_end else "token",  # spans differ in length per row
                                 max_latent_steps=max(len(e["slots"]) for e in enc) + 4,

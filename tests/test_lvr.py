@@ -216,10 +216,10 @@ def test_cached_rollout_equals_slow_oracle(tmp_path, decoding):
                                         end_threshold=threshold, stop_ids=[-1])
     threshold = 0.0
     if decoding == "latent":  # a threshold between the distances seen, so some rows exit early and some don't
-        _, lats, is_lat = run(-1.0)
+        _, lats, is_lat, _ = run(-1.0)
         end_vec = model.model.embed_tokens.weight[ids.latent_end]
         threshold = float(((lats[is_lat] - end_vec) ** 2).mean(-1).median())
-    out, lats, is_lat = run(threshold)
+    out, lats, is_lat, _ = run(threshold)
     if decoding == "latent":
         exited = (out == ids.latent_end).any(1)
         assert exited.any() and not exited.all(), exited
@@ -242,7 +242,7 @@ def test_teacher_forced_positions_equal_rollout(tmp_path):
     model, tok, ids = tiny_model(tmp_path)
     pv, grid = vision.preprocess(data.synthetic_example(0)["images"][0], max_pixels=30000)
     prompt = tok.prompt("What colour is the square?", [int(grid.prod()) // 4]) + [ids.start]
-    out, lats, is_lat = lvr.rollout(model, ids, torch.tensor([prompt]), pv, grid, max_new_tokens=10,
+    out, lats, is_lat, _ = lvr.rollout(model, ids, torch.tensor([prompt]), pv, grid, max_new_tokens=10,
                                     decoding="steps", lvr_steps=4, stop_ids=[-1])
     T = len(prompt)
     assert is_lat[0, :4].all() and out[0, T + 4] == ids.end

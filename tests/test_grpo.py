@@ -1,0 +1,152 @@
+"""GRPO_latent: advantages, the text mask, the loss under each normalisation, k3, the training
+forward against the rollout's log-probs, rewards, and train_grpo.py end to end."""
+import math
+import os
+
+import pytest
+import torch
+
+import data
+import lvr
+import qwen
+import vision
+from test_lvr import tiny_model
+from test_train import SMALL, run
+
+IDS = lvr.LatentIds(start=100, latent=101, latent_end=102, end=103)
+IM_END, PAD = 7, 8
+
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.5, 0.5, 0.5, 0.5])
+    std = math.sqrt(4 * 0.25 / 3)  # unbiased std of [1, 0, 1, 0]
+    a = lvr.group_advantages(r, 4)
+    assert torch.allclose(a[:4], torch.tensor([0.5, -0.5, 0.5, -0.5]) / (std + 1e-4))
+    assert torch.equal(a[4:], torch.zeros(4))  # no spread: no signal, and no division blow-up
+    assert torch.allclose(lvr.group_advantages(r, 4, scale=False)[:4], torch.tensor([0.5, -0.5, 0.5, -0.5]))
+
+
+def test_text_mask_by_hand():
+    s, lat, e = IDS.start, IDS.latent, IDS.end
+    comp = torch.tensor([
+        [s, lat, lat, e, 20, 21, IM_END, PAD, PAD],  # a closed span, then the answer, then padding
+        [s, lat, lat, lat, lat, lat, lat, lat, lat],  # no <|lvr_end|>: the whole thing is latent
+        [20, 21, 22, IM_END, IM_END, IM_END, IM_END, IM_END, IM_END],  # no span; only the first stop counts
+        [20, s, lat, e, 21, PAD, 22, 23, 24],  # a span mid-way; the pad (a stop token) ends it
+    ])
+    want = torch.tensor([
+        [0, 0, 0, 1, 1, 1, 1, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0, 0],
+        [1, 0, 0, 1, 1, 1, 0, 0, 0],
+    ], dtype=torch.bool)
+    assert torch.equal(lvr.text_mask(comp, IDS, [IM_END, PAD]), want)
+
+
+@pytest.mark.parametrize("norm,want", [("token", -1 / 3), ("sequence", 0.0), ("fixed", -1 / 8)])
+def test_grpo_loss_and_gradient_sign(norm, want):
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    adv = torch.tensor([1.0, -1.0])
+    old = torch.log(torch.tensor([[0.5, 0.2, 0.3], [0.4, 0.4, 0.2]]))
+    logp = old.clone().requires_grad_()
+    loss, kl = lvr.grpo_loss(logp, old, adv, lvr.loss_weights(mask, norm, max_len=4))
+    # ratio 1: each text token contributes -A; rows [1, 1] and [-1]
+    assert math.isclose(float(loss.detach()), want, abs_tol=1e-6)
+    loss.backward()
+    g = logp.grad
+    assert g[0, 0] < 0 and g[0, 1] < 0 and g[1, 0] > 0  # raise good tokens, lower bad ones
+    assert torch.equal(g[~mask], torch.zeros(3))  # masked tokens get nothing
+    assert torch.equal(kl, torch.zeros_like(kl))
+
+
+def test_grpo_clip_and_k3():
+    old = torch.zeros(1, 2)
+    logp = torch.tensor([[math.log(1.5), math.log(0.5)]], requires_grad=True)
+    w = lvr.loss_weights(torch.ones(1, 2, dtype=torch.bool), "token")
+    loss, _ = lvr.grpo_loss(logp, old, torch.tensor([1.0]), w, clip_eps=0.2)
+    # token 0: min(1.5, 1.2) * 1 = 1.2, clipped, no gradient; token 1: min(0.5, 0.8) = 0.5, gradient flows
+    assert math.isclose(float(loss.detach()), -(1.2 + 0.5) / 2, rel_tol=1e-6)
+    loss.backward()
+    assert logp.grad[0, 0] == 0 and logp.grad[0, 1] < 0
+    # k3 is zero when policy equals reference, and e^d - d - 1 otherwise (d = ref - logp)
+    _, kl = lvr.grpo_loss(logp.detach(), old, torch.tensor([0.0]), w, ref_logp=logp.detach(), beta=0.04)
+    assert torch.equal(kl, torch.zeros_like(kl))
+    ref = logp.detach() + 0.5
+    loss, kl = lvr.grpo_loss(logp.detach(), logp.detach(), torch.tensor([0.0]), w, ref_logp=ref, beta=0.04)
+    assert torch.allclose(kl, torch.full((1, 2), math.exp(0.5) - 1.5))
+    assert math.isclose(float(loss), 0.04 * (math.exp(0.5) - 1.5), rel_tol=1e-6)
+
+
+def test_training_forward_equals_rollout_logprobs(tmp_path):
+    """One batched forward with the recorded latents gives the rollout's log-probs (temperature 0.7)."""
+    model, tok, ids = tiny_model(tmp_path)
+    pvs, grids, prompts = [], [], []
+    for i in range(2):
+        pv, grid = vision.preprocess(data.synthetic_example(i)["images"][0], max_pixels=20000)
+        pvs.append(pv)
+        grids.append(grid)
+        prompts.append(tok.prompt("What colour is the square?" + " yes" * i, [int(grid.prod()) // 4]) + [ids.start])
+    G = 3
+    grid = torch.cat(grids).repeat_interleave(G, 0)
+    with torch.no_grad():
+        feats = [f for f in model.visual(torch.cat(pvs), torch.cat(grids)).split([int(g.prod()) // 4 for g in grids])
+                 for _ in range(G)]
+    input_ids, mask = qwen.left_pad(prompts, tok.endoftext)
+    input_ids, mask = input_ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
+    gen = torch.Generator().manual_seed(0)
+    seqs, lats, is_lat, logp = lvr.rollout(model, ids, input_ids, None, grid, mask, max_new_tokens=10,
+                                           decoding="steps", lvr_steps=3, temperature=0.7, generator=gen,
+                                           feats=torch.cat(feats), stop_ids=[tok.im_end])
+    assert is_lat.any() and not is_lat.all()
+    T = input_ids.shape[1]
+    attn = torch.cat([mask, torch.ones_like(seqs[:, T:])], 1)
+    with torch.no_grad():
+        got = lvr.completion_logprobs(model, seqs, attn, T, grid, torch.cat(feats), lats, is_lat, 0.7)
+    m = lvr.text_mask(seqs[:, T - 1:], ids, [tok.im_end])[:, 1:]  # from T - 1: the prompt opens the span
+    assert m.sum() > 6
+    assert torch.allclose(got[m], logp[m], atol=1e-4), (got[m] - logp[m]).abs().max()
+    # and the temperature matters: at 1.0 they differ
+    with torch.no_grad():
+        other = lvr.completion_logprobs(model, seqs, attn, T, grid, torch.cat(feats), lats, is_lat, 1.0)
+    assert not torch.allclose(other[m], logp[m], atol=1e-3)
+
+
+def test_rewards():
+    import train_grpo
+    s, lat, e = IDS.start, IDS.latent, IDS.end
+    assert train_grpo.accuracy_reward("<answer>Red.</answer>", [], "red", IDS, [IM_END]) == 1.0
+    assert train_grpo.accuracy_reward("(C) a dog", [], "B", IDS, [IM_END]) == 0.0  # a wrong letter
+    assert train_grpo.accuracy_reward("b) a cat", [], "(B)", IDS, [IM_END]) == 1.0
+    assert train_grpo.format_reward("red", [s, lat, e, 20, IM_END], "red", IDS, [IM_END]) == 1.0
+    assert train_grpo.format_reward("red", [20, IM_END], "red", IDS, [IM_END]) == 0.0  # no latent span
+    assert train_grpo.format_reward("", [s, lat, e, IM_END], "red", IDS, [IM_END]) == 0.0  # no answer
+    assert train_grpo.format_reward("red", [s, lat, e, 20, 21], "red", IDS, [IM_END]) == 0.0  # never ended
+
+
+def test_train_grpo_end_to_end_and_resume(tmp_path):
+    sft, a, b = str(tmp_path / "sft"), str(tmp_path / "a"), str(tmp_path / "b")
+    # enough SFT that sampled completions sometimes have the format, so groups carry a signal
+    r = run("train_sft.py", *SMALL, "--max_iters", "60", "--eval_interval", "60", "--lr", "3e-3", "--out_dir", sft)
+    assert r.returncode == 0, r.stderr
+    common = ["--init_from", sft, "--batch_size", "2", "--group_size", "4", "--image_size", "112",
+              "--max_pixels", "12544", "--max_new_tokens", "12", "--eval_interval", "2", "--lr", "1e-3",
+              "--decoding", "steps", "--lvr_steps", "2", "--temperature", "1.5"]
+    r = run("train_grpo.py", *common, "--max_iters", "4", "--out_dir", a, "--micro_batch", "3", "--ppo_epochs", "2")
+    assert r.returncode == 0, r.stderr
+    assert "reward" in r.stdout and "flat_groups" in r.stdout and "rollout_tok_s" in r.stdout
+    r = run("train_grpo.py", *common, "--max_iters", "2", "--out_dir", b, "--micro_batch", "3", "--ppo_epochs", "2")
+    assert r.returncode == 0, r.stderr
+    r = run("train_grpo.py", *common, "--max_iters", "4", "--out_dir", b, "--micro_batch", "3", "--ppo_epochs", "2",
+            "--resume", "true")
+    assert r.returncode == 0, r.stderr
+    la = torch.load(os.path.join(a, "train_state.pt"), weights_only=True)["log"]
+    lb = torch.load(os.path.join(b, "train_state.pt"), weights_only=True)["log"]
+    assert len(la) == len(lb) == 4
+    for x, y in zip(la, lb):
+        assert math.isclose(x["loss"], y["loss"], rel_tol=1e-4, abs_tol=1e-7) and x["reward"] == y["reward"]
+    m1, m2 = qwen.Qwen2_5_VL.from_pretrained(a), qwen.Qwen2_5_VL.from_pretrained(b)
+    for (k, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.allclose(p1, p2, atol=1e-5), k
+    assert min(x["flat_groups"] for x in la) < 1 and max(x["kl"] for x in la) > 0
+    m0 = qwen.Qwen2_5_VL.from_pretrained(sft)
+    assert not torch.equal(m0.model.layers[0].mlp.up_proj.weight, m1.model.layers[0].mlp.up_proj.weight)
