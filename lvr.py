@@ -273,6 +273,15 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
             torch.stack(logps, 1))
 
 
+def is_lvr_format(tokens, ids, stop_ids, text):
+    """A completion (token list up to its stop) is <|lvr_start|> ... <|lvr_end|>, then a non-empty
+    answer (`text`: the decoded completion), then a stop token."""
+    if not tokens or tokens[0] != ids.start or ids.end not in tokens or tokens[-1] not in stop_ids:
+        return False
+    after = tokens[tokens.index(ids.end) + 1:-1]
+    return len(after) > 0 and ids.start not in after and bool(text.strip())
+
+
 def nearest_cells(latents, feats):
     """For each latent vector, the index of the most cosine-similar merged image token."""
     return F.cosine_similarity(latents.float()[:, None], feats.float()[None], dim=-1).argmax(-1)

@@ -70,13 +70,8 @@ def accuracy_reward(text, tokens, answer, ids, stop_ids):
 
 
 def format_reward(text, tokens, answer, ids, stop_ids):
-    """1 when the completion is <|lvr_start|> ... <|lvr_end|>, then a non-empty answer, then a stop token."""
-    if not tokens or tokens[0] != ids.start or ids.end not in tokens:
-        return 0.0
-    end = next((i for i, t in enumerate(tokens) if t in stop_ids), None)
-    after = tokens[tokens.index(ids.end) + 1:end]
-    return float(end is not None and end > tokens.index(ids.end) and bool(text.strip()) and len(after) > 0
-                 and ids.start not in after)
+    """1 when the completion is an LVR span, then a non-empty answer, then a stop token (lvr.is_lvr_format)."""
+    return float(lvr.is_lvr_format(tokens, ids, stop_ids, text))
 
 
 REWARDS = {"accuracy": accuracy_reward, "format": format_reward}
