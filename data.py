@@ -86,36 +86,32 @@ def draw_shape(d, shape, box, fill):
         d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
 
 
-def synthetic_example(seed, size=224, n_objects=6, obj=20):
+def synthetic_example(seed, size=168, n_objects=5, obj=20, cell=28):
     """A seeded image of small shapes and a question answerable only by looking at one of them.
 
-    "What colour is the <shape>?" (that shape occurs once) or "What shape is the <colour> object?"
-    (that colour occurs once); the answer is one word, the bbox that object's box. The helper
+    The shapes sit centred in distinct cells of a 28-pixel grid, the size of one merged image
+    token, so the object the question names is exactly one token. "What colour is the <shape>?":
+    that shape occurs once; the answer is its colour (one word), the bbox its box. The helper
     image (Mirage) is the object's neighbourhood, enlarged.
     """
     rng = random.Random(seed)
+    n = size // cell
     img = Image.new("RGB", (size, size), (235, 235, 235))
     d = ImageDraw.Draw(img)
-    ask_colour = rng.random() < 0.5
-    shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
-    objects, boxes = [(shape, colour)], []
-    while len(objects) < n_objects:  # distractors never share the attribute the question names
-        s, c = rng.choice(SHAPES), rng.choice(list(COLOURS))
-        if (ask_colour and s != shape) or (not ask_colour and c != colour):
-            objects.append((s, c))
-    for s, c in objects:
-        for _ in range(100):  # rejection-sample a free spot
-            x, y = rng.randrange(0, size - obj), rng.randrange(0, size - obj)
-            if all(abs(x - bx) > obj + 4 or abs(y - by) > obj + 4 for bx, by, _, _ in boxes):
-                break
+    shape = rng.choice(SHAPES)
+    objects = [(shape, rng.choice(list(COLOURS)))]
+    objects += [(rng.choice([s for s in SHAPES if s != shape]), rng.choice(list(COLOURS))) for _ in range(n_objects - 1)]
+    boxes = []
+    for (s, c), k in zip(objects, rng.sample(range(n * n), n_objects)):
+        x, y = (k % n) * cell + (cell - obj) // 2, (k // n) * cell + (cell - obj) // 2
         boxes.append((x, y, x + obj, y + obj))
         draw_shape(d, s, boxes[-1], COLOURS[c])
     x0, y0, x1, y1 = boxes[0]
     pad = obj // 2
     helper = img.crop((max(0, x0 - pad), max(0, y0 - pad), min(size, x1 + pad), min(size, y1 + pad)))
-    question = f"What colour is the {shape}?" if ask_colour else f"What shape is the {colour} object?"
-    return {"images": [img], "question": question, "assistant": "<lvr>\n" + (colour if ask_colour else shape),
-            "answer": colour if ask_colour else shape, "bboxes": [[x0 / size, y0 / size, x1 / size, y1 / size]],
+    colour = objects[0][1]
+    return {"images": [img], "question": f"What colour is the {shape}?", "assistant": "<lvr>\n" + colour,
+            "answer": colour, "bboxes": [[x0 / size, y0 / size, x1 / size, y1 / size]],
             "helper": helper.resize((112, 112), Image.BICUBIC)}
 
 

@@ -28,7 +28,7 @@ min_pixels = 3136  # smallest image area after resizing
 max_pixels = 12845056  # largest image area after resizing (fewer pixels = fewer image tokens)
 device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu, cuda, cuda:1, mps
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # float32, bfloat16, float16
-decoding = "steps"  # latent exit: steps (fixed count) | latent (learned end embedding) | token (model's own)
+decoding = "token"  # latent exit: token (the model's own <|lvr_end|>) | steps (a fixed count, the official default) | latent (learned end embedding)
 lvr_steps = 8  # latent steps in `steps` mode, and the budget in the other modes
 viz = ""  # write the image with each latent step's nearest cell drawn on it to this file (png)
 # -----------------------------------------------------------------------------

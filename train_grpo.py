@@ -52,9 +52,9 @@ max_iters = 60  # optimizer steps (each on a fresh rollout batch)
 weight_decay = 0.0  # AdamW weight decay
 grad_clip = 1.0  # clip the gradient norm (0 = off)
 eval_interval = 20  # checkpoint every this many steps
-image_size = 224  # synthetic images are this many pixels square
+image_size = 168  # synthetic images: this many pixels square, a 6x6 grid of merged tokens
 min_pixels = 3136  # image area bounds after resizing
-max_pixels = 50176  # 224*224, as in train_sft
+max_pixels = 28224  # 168*168: the synthetic images unscaled; real data wants more (up to 12845056)
 dtype = "float32"  # float32 | bfloat16 (autocast)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 freeze_vision = True  # the vision tower stays fixed

@@ -36,7 +36,7 @@ method = "lvr"  # lvr | mirage | none (plain SFT, the ablation)
 stage = 1  # Mirage: 1 = reconstruct the helper image, 2 = text-only with its own latents fed back
 ce_weight = 1.0  # weight of the text cross-entropy
 latent_weight = 0.1  # weight of the latent loss
-latent_loss = "mse"  # mse | cosine | l1
+latent_loss = "cosine"  # mse | cosine | l1 (the official LVR uses mse; see the README for the default)
 max_latents = 0  # pool each ROI to at most this many latents (0 = all ROI tokens)
 mirage_k = 4  # Mirage: latents per helper image
 latent_head = False  # learn a head hidden -> latent (else identity)
@@ -46,14 +46,14 @@ grad_accum = 1  # micro-batches per optimizer step
 lr = 1e-3  # peak learning rate
 min_lr = 1e-4  # learning rate at the end of the cosine
 warmup_iters = 50  # linear warmup steps
-max_iters = 600  # optimizer steps
+max_iters = 2000  # optimizer steps
 weight_decay = 0.0  # AdamW weight decay
 grad_clip = 1.0  # clip the gradient norm (0 = off)
-eval_interval = 200  # evaluate and checkpoint every this many steps
-eval_examples = 64  # held-out examples per evaluation
-image_size = 224  # synthetic images are this many pixels square
+eval_interval = 500  # evaluate and checkpoint every this many steps
+eval_examples = 128  # held-out examples per evaluation
+image_size = 168  # synthetic images: this many pixels square, a 6x6 grid of merged tokens
 min_pixels = 3136  # image area bounds after resizing
-max_pixels = 50176  # 224*224: real data wants more (up to 12845056)
+max_pixels = 28224  # 168*168: the synthetic images unscaled; real data wants more (up to 12845056)
 dtype = "float32"  # float32 | bfloat16 (autocast; master weights stay fp32)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 grad_checkpointing = False  # recompute decoder layers in backward to save memory

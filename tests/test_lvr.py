@@ -159,8 +159,10 @@ def slow_rollout(model, ids, prompt, pv, grid, max_new, decoding, lvr_steps, bud
     seq = list(prompt)
     x = model.embed(torch.tensor([seq]), pv, grid)[0]
     in_lat, n_lat, force, latents = seq[-1] == ids.start, 0, None, []
-    for _ in range(max_new):
-        pos, _ = qwen.get_rope_index(torch.tensor([seq]), grid, None, model.cfg.image_token_id)
+    pos_p, _ = qwen.get_rope_index(torch.tensor([seq]), grid, None, model.cfg.image_token_id)
+    for _ in range(max_new):  # generated tokens are text, even an <|image_pad|> (positions count on)
+        n_gen = len(seq) - len(prompt)
+        pos = torch.cat([pos_p, (pos_p.max() + 1 + torch.arange(n_gen)).expand(3, 1, -1)], 2)
         logits, h = model(inputs_embeds=x[None], position_ids=pos)
         tok = int(logits[0, -1].argmax()) if force is None else force
         force, vec = None, h[0, -1]
