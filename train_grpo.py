@@ -202,7 +202,7 @@ def train_step(model, ref, tok, ids, exs, stop, opt, params, gen, autocast):
                                          None if ref_logp is None else ref_logp[c], clip_eps, beta)
             loss.backward()
             loss_sum += float(loss.detach()) / ppo_epochs
-            kl_sum += float((kl * tmask[c]).sum()) / ppo_epochs
+            kl_sum += float((kl.detach() * tmask[c]).sum()) / ppo_epochs
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
