@@ -137,15 +137,23 @@ def load_records(path):
     return records
 
 
+def open_image(root, path, where):
+    """A dataset's image, `path` relative to `root`; with a root given, the path may not leave it."""
+    if not isinstance(path, str) or not path:
+        raise InputError(f"{where}: image path must be a non-empty string, got {path!r}")
+    full = os.path.realpath(os.path.join(root, path))
+    if root and os.path.commonpath([full, os.path.realpath(root)]) != os.path.realpath(root):
+        raise InputError(f"{where}: image path {path!r} leaves --image_root {root}")
+    try:
+        return vision.load_image(full)
+    except InputError as e:
+        raise InputError(f"{where}: {e}") from None
+
+
 def record_example(rec, image_root, where):
     """One LVR or Mirage record -> an example. `where` names the record in errors."""
     def image(p):
-        if not isinstance(p, str) or not p:
-            raise InputError(f"{where}: image path must be a non-empty string, got {p!r}")
-        try:
-            return vision.load_image(os.path.join(image_root, p))
-        except InputError as e:
-            raise InputError(f"{where}: {e}") from None
+        return open_image(image_root, p, where)
     if "image_output" in rec:  # Mirage: the helper image is the latent target
         for k in ("text_input", "text_output", "image_input"):
             if not isinstance(rec.get(k), str):
@@ -160,6 +168,8 @@ def record_example(rec, image_root, where):
     paths = rec.get("image")
     images = [image(p) for p in (paths if isinstance(paths, list) else [paths])]
     question, assistant = conv[0]["value"].replace("<image>", "").strip(), conv[1]["value"]
+    if not question:
+        raise InputError(f"{where}: the question is empty")
     bboxes = rec.get("bboxes", [])
     if not isinstance(bboxes, list) or assistant.count("<lvr>") != len(bboxes):
         raise InputError(f"{where}: {assistant.count('<lvr>')} <lvr> placeholders but "
@@ -277,8 +287,5 @@ def grpo_example(rec, image_root, where):
     for k in ("image", "question", "answer"):
         if not isinstance(rec.get(k), str) or not rec[k].strip():
             raise InputError(f"{where}: needs a non-empty string field {k!r}")
-    try:
-        img = vision.load_image(os.path.join(image_root, rec["image"]))
-    except InputError as e:
-        raise InputError(f"{where}: {e}") from None
-    return {"images": [img], "question": rec["question"], "answer": rec["answer"]}
+    return {"images": [open_image(image_root, rec["image"], where)], "question": rec["question"],
+            "answer": rec["answer"]}

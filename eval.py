@@ -15,7 +15,6 @@ Held-out synthetic seeds start at 3e9: disjoint from train_sft (train, eval) and
 """
 import csv
 import json
-import os
 
 import torch
 
@@ -71,11 +70,7 @@ def load_multiple_choice(path, root):
             out.append((r["image"], f"{r['question']}\n{letters}", r["answer"], f"{path} record {i}"))
     exs = []
     for img, q, a, where in out[:n_examples]:
-        try:
-            image = vision.load_image(os.path.join(root, img))
-        except InputError as e:
-            raise InputError(f"{where}: {e}") from None
-        exs.append({"images": [image], "question": q + "\nAnswer with the option's letter.", "answer": a, "bbox": None})
+        exs.append({"images": [data.open_image(root, img, where)], "question": q + "\nAnswer with the option's letter.", "answer": a, "bbox": None})
     return exs
 
 

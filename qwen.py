@@ -238,6 +238,8 @@ class Qwen2_5_VL(nn.Module):
         x = self.embed(input_ids, pixel_values, grid_thw) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
         start = 0 if cache is None else cache.len
+        if start + T > self.cfg.max_position_embeddings:
+            raise InputError(f"{start + T} tokens exceed the model's context of {self.cfg.max_position_embeddings}")
         if position_ids is None and start == 0:
             ids = input_ids if input_ids is not None else torch.zeros(B, T, dtype=torch.long, device=x.device)
             position_ids, _ = get_rope_index(ids, grid_thw, attention_mask, self.cfg.image_token_id,

@@ -38,6 +38,8 @@ def main(argv):
     qwen.configure(globals(), argv)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise vision.InputError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    if not q.strip():
+        raise vision.InputError("--q is empty: ask a question")
     model, tok = qwen.load(init_from, getattr(torch, dtype), device)
     images = [vision.preprocess(path, min_pixels, max_pixels) for path in image.split(",") if path]
     pixel_values = torch.cat([p for p, _ in images]).to(device) if images else None

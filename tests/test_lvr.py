@@ -281,3 +281,12 @@ def test_add_latent_tokens_grows_embedding(tmp_path):
     assert model.lm_head.weight is model.model.embed_tokens.weight
     logits, _ = model(torch.tensor([[ids.start, ids.end]]))
     assert logits.shape[-1] == n + 4
+
+
+def test_sequence_longer_than_the_context_is_a_clear_error(tmp_path):
+    model, tok, ids = tiny_model(tmp_path)
+    model.cfg.max_position_embeddings = 10
+    with pytest.raises(InputError, match="11 tokens exceed the model's context of 10"):
+        model(torch.zeros(1, 11, dtype=torch.long))
+    with pytest.raises(InputError, match="exceed the model's context"):  # also when the cache grows past it
+        lvr.rollout(model, ids, torch.zeros(1, 8, dtype=torch.long), max_new_tokens=5, stop_ids=[-1])

@@ -403,7 +403,9 @@ def test_sample_script(ckpt, tmp_path):
     for args, msg in [(["--image", str(tmp_path / "nope.jpg")], "image not found"),
                       (["--max_new_tokens", "many"], "--max_new_tokens expects int"),
                       (["--frobnicate", "1"], "unknown flag --frobnicate"),
-                      (["--init_from", str(tmp_path)], "no config.json")]:
+                      (["--init_from", str(tmp_path)], "no config.json"),
+                      (["--q", "  "], "--q is empty"),
+                      (["--max_new_tokens", "200000"], "exceeds the context")]:
         r = run_script("sample.py", "--init_from", path, *args)
         assert r.returncode == 1 and "Traceback" not in r.stderr
         assert r.stderr.strip().count("\n") == 0 and msg in r.stderr

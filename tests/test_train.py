@@ -104,6 +104,11 @@ def record(bboxes, lvr_count=1, image="a.png"):
     (record([[0.1, 0.1, 1.3, -0.3]]), "record 1: bbox .* lies outside the image"),
     (record([[0.3, 0.1, 0.3, 0.3]]), "record 1: bbox .* is empty or inverted"),
     (record([[0.1, 0.1, 0.3, 0.3]], image="missing.png"), "record 1: image not found"),
+    (record([[0.1, 0.1, 0.3, 0.3]], image="../a.png"), "record 1: image path '../a.png' leaves --image_root"),
+    (record([[0.1, 0.1, 0.3, 0.3]], image="/etc/passwd"), "record 1: image path '/etc/passwd' leaves --image_root"),
+    ({**record([[0.1, 0.1, 0.3, 0.3]]), "conversations": [{"from": "human", "value": "<image>\n "},
+                                                           {"from": "gpt", "value": "<lvr>\nred"}]},
+     "record 1: the question is empty"),
 ])
 def test_dataset_errors_name_the_record(tmp_path, rec, msg):
     path = write_dataset(tmp_path, [record([[0.1, 0.1, 0.3, 0.3]]), rec])
