@@ -121,9 +121,9 @@ def synthetic_example(seed, size=168, n_objects=5, obj=20, cell=28):
 def load_records(path):
     """A JSON list or a JSONL file -> list of dicts."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             text = f.read()
-    except OSError as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read dataset {path}: {e}") from None
     try:
         if text.lstrip().startswith("["):

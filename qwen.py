@@ -354,21 +354,31 @@ class Qwen2_5_VL(nn.Module):
 def save_checkpoint(model, tok, out_dir, train_state, weights=None):
     """Write model + tokenizer + train_state.pt to out_dir atomically: a temp dir beside it,
     fsync, then rename over the old one, so a kill at any moment leaves a loadable checkpoint."""
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    tmp = tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=parent)
+    restore_checkpoint(out_dir)
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent)
     model.save_pretrained(tmp, weights)
     tok.tok.save(os.path.join(tmp, "tokenizer.json"))
     torch.save(train_state, os.path.join(tmp, "train_state.pt"))
     for f in os.listdir(tmp):
         with open(os.path.join(tmp, f), "rb") as fh:
             os.fsync(fh.fileno())
-    old = None
+    old = tempfile.mkdtemp(prefix=f".old-{name}-", dir=parent)
     if os.path.exists(out_dir):
-        old = tempfile.mkdtemp(prefix=".old-ckpt-", dir=parent)
         os.rename(out_dir, os.path.join(old, "ckpt"))
-    os.rename(tmp, out_dir)
-    if old:
-        shutil.rmtree(old)
+    os.rename(tmp, out_dir)  # a kill between the two renames is undone by restore_checkpoint
+    shutil.rmtree(old)
+
+
+def restore_checkpoint(out_dir):
+    """Undo a save killed part-way: drop its temp dirs; if out_dir is gone, move the previous one back."""
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    for d in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        prev = os.path.join(parent, d, "ckpt")
+        if d.startswith(f".old-{name}-") and os.path.isdir(prev) and not os.path.exists(out_dir):
+            os.rename(prev, out_dir)
+        if d.startswith((f".tmp-{name}-", f".old-{name}-")):
+            shutil.rmtree(os.path.join(parent, d), ignore_errors=True)
 
 
 def safetensors_files(path):
@@ -445,6 +455,8 @@ def left_pad(rows, pad_id):
 
 def load(path, dtype=torch.float32, device="cpu"):
     """Model + tokenizer from one directory, checking that their special-token ids agree."""
+    if not os.path.exists(path):
+        restore_checkpoint(path)  # a save killed between its renames: the previous checkpoint is back
     model, tok = Qwen2_5_VL.from_pretrained(path, dtype, device), QwenTokenizer(path)
     for name, tok_id in (("image_token_id", tok.image_pad), ("vision_start_token_id", tok.vision_start),
                          ("vision_end_token_id", tok.vision_end)):
@@ -469,12 +481,9 @@ def configure(g, argv):
             raise InputError(f"unknown flag {flag} (known: {', '.join('--' + k for k in keys)})")
         kind = type(keys[name])
         try:
-            if kind is bool:
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError
-                parsed = value.lower() in ("true", "1", "yes")
-            else:
-                parsed = kind(value)
+            if kind is bool and value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            parsed = value.lower() in ("true", "1", "yes") if kind is bool else kind(value)
         except ValueError:
             raise InputError(f"{flag} expects {kind.__name__}, got {value!r}") from None
         keys[name] = g[name] = parsed

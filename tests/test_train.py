@@ -173,3 +173,47 @@ def test_ctrl_c_saves_and_exits(tmp_path):
     assert s["step"] == len(s["losses"]) >= 2 and s["step"] < 1000
     model, _ = qwen.load(out)  # the saved checkpoint loads
     assert model.cfg.extra["lvr_token_ids"]
+
+
+SAVE_LOOP = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import qwen
+model, tok = qwen.load({src!r})
+for step in range(1, 10 ** 6):
+    qwen.save_checkpoint(model, tok, {out!r}, {{"step": step}})
+    print(step, flush=True)
+"""
+
+
+def test_a_save_killed_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
+    import random
+    import signal
+    import time
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    r = run("train_sft.py", *SMALL, "--max_iters", "1", "--eval_interval", "1", "--out_dir", src)
+    assert r.returncode == 0, r.stderr
+    rng = random.Random(0)
+    last = 0
+    for trial in range(12):
+        p = subprocess.Popen([sys.executable, "-c", SAVE_LOOP.format(root=ROOT, src=src, out=out)],
+                             stdout=subprocess.PIPE, text=True)
+        if trial == 0:  # the first save must finish, so there is a checkpoint to protect
+            p.stdout.readline()
+        time.sleep(rng.uniform(0.0, 0.4))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        model, tok = qwen.load(out)  # restores the previous checkpoint if the kill fell between the renames
+        step = state(out)["step"]
+        assert step >= 1 and model.cfg.extra["lvr_token_ids"]
+        last = step
+    assert last >= 1
+    # the worst moment, made by hand: out moved aside, the new one not yet renamed in
+    os.makedirs(tmp_path / ".old-out-x")
+    os.rename(out, tmp_path / ".old-out-x" / "ckpt")
+    os.makedirs(tmp_path / ".tmp-out-y")
+    model, tok = qwen.load(out)
+    assert state(out)["step"] == last
+    leftovers = [d for d in os.listdir(tmp_path) if d.startswith(".")]
+    qwen.save_checkpoint(model, tok, out, {"step": 0})  # a later save also cleans up what the kills left
+    assert [d for d in os.listdir(tmp_path) if d.startswith(".")] == [], leftovers
