@@ -11,10 +11,12 @@ The tiny tokenizer is a byte-level BPE, like Qwen's, trained in a fraction of a 
 small corpus, so it can encode any text; it holds every Qwen special token, and the
 checkpoint code looks them up by string exactly as it does for the real tokenizer.
 """
+import functools
 import json
 import os
 import random
 import re
+import sys
 
 import torch
 from PIL import Image, ImageDraw
@@ -148,6 +150,32 @@ def open_image(root, path, where):
         return vision.load_image(full)
     except InputError as e:
         raise InputError(f"{where}: {e}") from None
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n, seed):
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def stream_example(records, i, seed, convert, where, on_bad="fail", skipped=None):
+    """Example i of an endless stream over `records`, reshuffled each epoch (seed + epoch).
+
+    on_bad "fail": a record that fails `convert(rec, where)` raises its error; "skip": it is
+    reported once (and kept in the `skipped` dict) and the next record in the order stands in."""
+    epoch, j = divmod(i, len(records))
+    order = epoch_order(len(records), seed + epoch)
+    for r in order[j:] + order[:j]:
+        try:
+            return convert(records[r], f"{where} record {r}")
+        except InputError as e:
+            if on_bad != "skip":
+                raise
+            if r not in skipped:
+                skipped[r] = str(e)
+                print(f"skipping {e}", file=sys.stderr)
+    raise InputError(f"{where}: every record is bad")
 
 
 def record_example(rec, image_root, where):

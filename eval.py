@@ -14,7 +14,6 @@ answer must come from the text and image alone. Multiple-choice sets are scored 
 Held-out synthetic seeds start at 3e9: disjoint from train_sft (train, eval) and train_grpo.
 """
 import csv
-import json
 
 import torch
 

@@ -14,7 +14,6 @@ Single process (no DDP here): the rollout dominates, and it is one batched call.
 """
 import math
 import os
-import random
 import time
 
 import torch
@@ -29,7 +28,8 @@ from vision import InputError
 # -----------------------------------------------------------------------------
 init_from = "out"  # the SFT checkpoint to start from (also the frozen KL reference)
 data_path = "synthetic"  # "synthetic" or a JSON/JSONL of {image, question, answer}
-image_root = ""  # directory the dataset's image paths are relative to
+image_root = ""  # directory the dataset's image paths are relative to (they may not leave it)
+on_bad_record = "fail"  # fail | skip: a record with a bad image or text stops the run, or is skipped
 batch_size = 8  # prompts per step (B)
 group_size = 8  # completions per prompt (G)
 temperature = 0.9  # sampling temperature; the loss divides logits by it too
@@ -62,6 +62,7 @@ out_dir = "out_grpo"  # checkpoint directory
 resume = False  # continue from out_dir/train_state.pt
 seed = 1337  # seeds the prompts and the sampling
 # -----------------------------------------------------------------------------
+SKIPPED = {}  # bad records skipped so far: index -> why
 
 
 def accuracy_reward(text, tokens, answer, ids, stop_ids):
@@ -82,19 +83,16 @@ def prompts(step, records):
     if records is None:
         return [data.synthetic_example(seed * 7919 + 2 * 10 ** 9 + step * batch_size + i, image_size)
                 for i in range(batch_size)]
-    out = []
-    for i in range(step * batch_size, (step + 1) * batch_size):
-        epoch, j = divmod(i, len(records))
-        order = list(range(len(records)))
-        random.Random(seed + epoch).shuffle(order)
-        out.append(data.grpo_example(records[order[j]], image_root, f"{data_path} record {order[j]}"))
-    return out
+    convert = lambda rec, where: data.grpo_example(rec, image_root, where)  # noqa: E731
+    return [data.stream_example(records, i, seed, convert, data_path, on_bad_record, SKIPPED)
+            for i in range(step * batch_size, (step + 1) * batch_size)]
 
 
 def main(argv):
     config = qwen.configure(globals(), argv)
-    if loss_norm not in ("token", "sequence", "fixed") or dtype not in ("float32", "bfloat16"):
-        raise InputError("--loss_norm must be token|sequence|fixed and --dtype float32|bfloat16")
+    if loss_norm not in ("token", "sequence", "fixed") or dtype not in ("float32", "bfloat16") \
+            or on_bad_record not in ("fail", "skip"):
+        raise InputError("--loss_norm must be token|sequence|fixed, --dtype float32|bfloat16, --on_bad_record fail|skip")
     if decoding not in ("token", "steps", "latent"):
         raise InputError(f"--decoding must be token, steps or latent, got {decoding!r}")
     if group_size < 2:
@@ -147,6 +145,8 @@ def main(argv):
         raise
     finally:
         bar.close()
+        if SKIPPED:
+            print(f"skipped {len(SKIPPED)} bad records of {data_path}: {sorted(SKIPPED)}")
 
 
 def train_step(model, ref, tok, ids, exs, stop, opt, params, gen, autocast):

@@ -13,7 +13,6 @@ Checkpoints are Hugging Face Qwen2.5-VL directories plus train_state.pt, written
 """
 import math
 import os
-import random
 import tempfile
 import time
 
@@ -31,7 +30,8 @@ from vision import InputError
 # -----------------------------------------------------------------------------
 init_from = "scratch"  # "scratch" (tiny model + tiny tokenizer) or a Qwen2.5-VL checkpoint directory
 data_path = "synthetic"  # "synthetic" or an LVR JSON/JSONL or Mirage JSONL file
-image_root = ""  # directory the dataset's image paths are relative to
+image_root = ""  # directory the dataset's image paths are relative to (they may not leave it)
+on_bad_record = "fail"  # fail | skip: a record with a bad image, bbox or text stops the run, or is skipped
 method = "lvr"  # lvr | mirage | none (plain SFT, the ablation)
 stage = 1  # Mirage: 1 = reconstruct the helper image, 2 = text-only with its own latents fed back
 ce_weight = 1.0  # weight of the text cross-entropy
@@ -63,6 +63,7 @@ out_dir = "out"  # checkpoint directory
 resume = False  # continue from out_dir/train_state.pt
 seed = 1337  # seeds the model init and the synthetic data
 # -----------------------------------------------------------------------------
+SKIPPED = {}  # bad records skipped so far: index -> why
 
 
 class Step(torch.nn.Module):
@@ -116,13 +117,9 @@ def examples(start, n, records, split="train"):
     if records is None:
         base = 0 if split == "train" else 10 ** 9  # held-out seeds never meet training seeds
         return [data.synthetic_example(seed * 7919 + base + i, image_size) for i in range(start, start + n)]
-    out = []
-    for i in range(start, start + n):
-        epoch, j = divmod(i, len(records))
-        order = list(range(len(records)))
-        random.Random(seed + epoch).shuffle(order)
-        out.append(data.record_example(records[order[j]], image_root, f"{data_path} record {order[j]}"))
-    return out
+    convert = lambda rec, where: data.record_example(rec, image_root, where)  # noqa: E731
+    return [data.stream_example(records, i, seed, convert, data_path, on_bad_record, SKIPPED)
+            for i in range(start, start + n)]
 
 
 def save(model, tok, opt, step, losses, rank=0):
@@ -139,8 +136,10 @@ def save(model, tok, opt, step, losses, rank=0):
 def main(argv):
     global CONFIG
     CONFIG = qwen.configure(globals(), argv)
-    if method not in ("lvr", "mirage", "none") or stage not in (1, 2) or dtype not in ("float32", "bfloat16"):
-        raise InputError("--method must be lvr|mirage|none, --stage 1|2, --dtype float32|bfloat16")
+    if method not in ("lvr", "mirage", "none") or stage not in (1, 2) or dtype not in ("float32", "bfloat16") \
+            or on_bad_record not in ("fail", "skip"):
+        raise InputError("--method must be lvr|mirage|none, --stage 1|2, --dtype float32|bfloat16, "
+                         "--on_bad_record fail|skip")
     ddp = "RANK" in os.environ
     if fsdp and not ddp:
         raise InputError("--fsdp true shards across processes: launch with torchrun --nproc_per_node N")
@@ -230,6 +229,8 @@ def main(argv):
         raise
     finally:
         bar.close()
+        if SKIPPED and rank == 0:
+            print(f"skipped {len(SKIPPED)} bad records of {data_path}: {sorted(SKIPPED)}")
         if ddp:
             dist.destroy_process_group()
 

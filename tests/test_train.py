@@ -217,3 +217,25 @@ def test_a_save_killed_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
     leftovers = [d for d in os.listdir(tmp_path) if d.startswith(".")]
     qwen.save_checkpoint(model, tok, out, {"step": 0})  # a later save also cleans up what the kills left
     assert [d for d in os.listdir(tmp_path) if d.startswith(".")] == [], leftovers
+
+
+def test_on_bad_record_skip_reports_and_goes_on(tmp_path):
+    good = record([[0.1, 0.1, 0.3, 0.3]])
+    path = write_dataset(tmp_path, [good, record([[0.3, 0.1, 0.3, 0.3]]), good, record([[0.1, 0.1, 0.3, 0.3]],
+                                                                                       image="missing.png")])
+    out = str(tmp_path / "out")
+    common = [*SMALL, "--max_iters", "2", "--eval_interval", "2", "--data_path", path, "--image_root", str(tmp_path),
+              "--out_dir", out]
+    r = run("train_sft.py", *common)
+    assert r.returncode == 1 and "record 1: bbox" in r.stderr and "Traceback" not in r.stderr
+    r = run("train_sft.py", *common, "--on_bad_record", "skip")
+    assert r.returncode == 0, r.stderr
+    assert "skipping" in r.stderr and "record 1: bbox" in r.stderr and "record 3: image not found" in r.stderr
+    assert "skipped 2 bad records" in r.stdout and "[1, 3]" in r.stdout
+    # the stream is deterministic: bad records are replaced by the next good one in the epoch's order
+    skipped = {}
+    convert = lambda rec, where: data.record_example(rec, str(tmp_path), where)  # noqa: E731
+    records = data.load_records(path)
+    a = [data.stream_example(records, i, 5, convert, "d", "skip", skipped)["bboxes"] for i in range(8)]
+    b = [data.stream_example(records, i, 5, convert, "d", "skip", {})["bboxes"] for i in range(8)]
+    assert a == b and sorted(skipped) == [1, 3]
