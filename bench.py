@@ -1,0 +1,219 @@
+"""
+Speed and memory: ours vs the reference transformers Qwen2.5-VL, same random weights, one process.
+
+    python bench.py                                  # tiny + 0.5B-shaped, CPU fp32 (a few minutes on 2 cores)
+    python bench.py --sizes 3b --device cuda --dtype bfloat16    # the real 3B shape on a GPU
+
+Nothing is downloaded: each size is a random checkpoint written by our save_pretrained, which
+the reference loads too. Every time is the median of `repeats` runs after a warm-up; a ratio
+is our speed over the reference's (> 1: we are faster). Decode tokens/s is measured as
+(time for n tokens - time for 1 token) / (n - 1), so prefill is excluded. The bandwidth floor
+is the measured copy bandwidth over the LM weight bytes one decode step reads. Peak load
+memory is measured in a fresh subprocess, as the growth of its resident set over the file size.
+"""
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+import data
+import lvr
+import qwen
+import vision
+
+# -----------------------------------------------------------------------------
+sizes = "tiny,0.5b"  # comma-separated: tiny | 0.5b | 3b
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "float32"  # float32 | bfloat16
+repeats = 3  # timed runs per measurement (the median is reported)
+decode_tokens = 16  # tokens per decode measurement
+group_size = 8  # G rows per prompt in the GRPO rollout measurement
+reference = True  # also time transformers' implementation (when it is installed)
+# -----------------------------------------------------------------------------
+
+LM = {"0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                   intermediate_size=4864, vocab_size=151936, rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]}),
+      "3b": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+                 intermediate_size=11008, vocab_size=151936, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})}
+VISION = {"0.5b": dict(depth=8, fullatt_block_indexes=[3, 7]), "3b": dict(depth=32, fullatt_block_indexes=[7, 15, 23, 31])}
+
+
+def sync():
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, n=None):
+    """Median seconds of fn() over `repeats` runs, after one warm-up run."""
+    fn()
+    out = []
+    for _ in range(n or repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def make_checkpoint(size, path):
+    """A random checkpoint of the given shape (tiny tokenizer; the special-token ids come from it)."""
+    tok = data.build_tokenizer(os.path.join(path, "tokenizer.json"), special=data.QWEN_SPECIAL + data.LATENT_SPECIAL)
+    d = data.tiny_config(tok, 448)
+    if size != "tiny":
+        d.update(LM[size], rope_theta=1e6, max_position_embeddings=32768)
+        d["vision_config"].update(VISION[size], hidden_size=1280, intermediate_size=3420, num_heads=16,
+                                  out_hidden_size=d["hidden_size"], window_size=112)
+    cfg = qwen.Config.from_dict(d)
+    torch.manual_seed(0)
+    model = qwen.Qwen2_5_VL(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.02) if p.ndim > 1 else p.fill_(1.0 if "norm" in name or "ln_q" in name else 0.0)
+    model.save_pretrained(path)
+    del model
+
+
+def photo(size=448, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+def peak_load_rss(path, ours):
+    """Resident-memory growth (bytes) of a fresh process loading the checkpoint."""
+    load = ("import qwen; m = qwen.Qwen2_5_VL.from_pretrained(p)" if ours else
+            "from transformers import Qwen2_5_VLForConditionalGeneration as M; m = M.from_pretrained(p, dtype='float32')")
+    code = (f"import resource, sys, torch; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+            f"p = {path!r}; import transformers; base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            f"{load}; print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return int(r.stdout.split()[-1]) if r.returncode == 0 else float("nan")
+
+
+def copy_bandwidth():
+    """Bytes/s of a large tensor copy (read + write)."""
+    a = torch.empty(64 * 2 ** 20, device=device)  # 256 MB
+    b = torch.empty_like(a)
+    return 2 * a.numel() * 4 / timed(lambda: b.copy_(a), 5)
+
+
+@torch.no_grad()
+def bench_size(size, rows):
+    tmp = tempfile.mkdtemp(prefix="bench-")
+    make_checkpoint(size, tmp)
+    file_bytes = os.path.getsize(os.path.join(tmp, "model.safetensors"))
+    dt = getattr(torch, dtype)
+    model, tok = qwen.load(tmp, dt, device)
+    model.eval()
+    ids = lvr.latent_ids(tok)
+    ref = None
+    if reference:
+        try:
+            from transformers import Qwen2_5_VLForConditionalGeneration
+            ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp, dtype=dt).to(device).eval()
+        except ImportError:
+            pass
+    pv, grid = vision.preprocess(photo(), max_pixels=448 * 448)
+    pv = pv.to(device, dt)
+    prompt = torch.tensor([tok.prompt("What colour is the square?", [int(grid.prod()) // 4])], device=device)
+    kw = lambda p, g, i: dict(pixel_values=p, image_grid_thw=g, mm_token_type_ids=(i == tok.image_pad).int())  # noqa: E731
+
+    def add(name, ours, theirs=None, unit="s", higher_better=False):
+        ratio = "" if theirs is None else f"{(ours / theirs if higher_better else theirs / ours):.2f}x"
+        rows.append((size, name, ours, theirs, unit, ratio))
+
+    # image encode and prefill
+    t = timed(lambda: model.visual(pv, grid))
+    add("image encode 448x448", t, ref and timed(lambda: ref.model.visual(pv, grid_thw=grid)))
+    t = timed(lambda: model(prompt, pv, grid))
+    add(f"prefill ({prompt.shape[1]} tokens)", t, ref and timed(lambda: ref(input_ids=prompt, **kw(pv, grid, prompt))))
+    # decode at batch 1 and 8 (prefill excluded)
+    for B in (1, 8):
+        p, g, x = prompt.repeat(B, 1), grid.repeat(B, 1), pv.repeat(B, 1)
+        def ours_gen(n):
+            return model.generate(p, x, g, max_new_tokens=n, stop_ids=[-1])
+
+        def ref_gen(n):
+            return ref.generate(input_ids=p, attention_mask=torch.ones_like(p), **kw(x, g, p), max_new_tokens=n,
+                                min_new_tokens=n, do_sample=False, pad_token_id=tok.endoftext)
+        n = decode_tokens
+        ours = B * (n - 1) / (timed(lambda: ours_gen(n)) - timed(lambda: ours_gen(1)))
+        theirs = ref and B * (n - 1) / (timed(lambda: ref_gen(n)) - timed(lambda: ref_gen(1)))
+        add(f"decode batch {B}", ours, theirs, "tok/s", True)
+        if B == 1 and size != "tiny":
+            lm_bytes = sum(q.numel() * q.element_size() for n_, q in model.named_parameters() if not n_.startswith("visual"))
+            floor = copy_bandwidth() / lm_bytes
+            rows.append((size, "decode batch 1 / bandwidth floor", ours / floor, floor, "frac, floor tok/s", ""))
+    # latent steps vs text steps: the same rollout, all-latent (prompt ends in <|lvr_start|>) or all-text
+    lat_prompt = torch.cat([prompt, torch.tensor([[ids.start]], device=device)], 1)
+    def roll(p, n, ids_):
+        return lvr.rollout(model, ids_, p, pv, grid, max_new_tokens=n, decoding="steps", lvr_steps=n, stop_ids=[-1])
+    text_ids = lvr.LatentIds(start=-5, latent=ids.latent, latent_end=ids.latent_end, end=ids.end)  # never enters
+    n = decode_tokens
+    lat = (n - 1) / (timed(lambda: roll(lat_prompt, n, ids)) - timed(lambda: roll(lat_prompt, 1, ids)))
+    txt = (n - 1) / (timed(lambda: roll(prompt, n, text_ids)) - timed(lambda: roll(prompt, 1, text_ids)))
+    rows.append((size, "latent steps/s vs text tokens/s", lat, txt, "step/s", f"{lat / txt:.2f}x"))
+    # GRPO rollout: B x G rows in one batched rollout vs one row at a time
+    B, G = 2, group_size
+    feats = model.visual(pv, grid)
+    rows_p, rows_g, rows_f = prompt.repeat(B * G, 1), grid.repeat(B * G, 1), feats.repeat(B * G, 1)
+    gen = torch.Generator(device).manual_seed(0)
+    def grpo(p, g, f):
+        return lvr.rollout(model, ids, p, None, g, max_new_tokens=n, temperature=0.9, generator=gen,
+                           stop_ids=[-1], feats=f)
+    batched = B * G * n / timed(lambda: grpo(rows_p, rows_g, rows_f), 1)
+    single = B * G * n / timed(lambda: [grpo(prompt, grid, feats) for _ in range(B * G)], 1)
+    rows.append((size, f"GRPO rollout {B}x{G} rows: batched vs one at a time", batched, single, "tok/s",
+                 f"{batched / single:.2f}x"))
+    # one SFT step: forward + backward with the LVR loss vs the reference's forward + backward (CE)
+    if size != "3b" or device != "cpu":
+        with torch.enable_grad():
+            model.train()
+            exs = [data.synthetic_example(i, 448) for i in range(2)]
+            batch = data.to_device(data.collate([data.encode(e, tok, ids, "lvr", 0, 4, False, 3136, 448 * 448)
+                                                 for e in exs], tok.endoftext), device)
+            batch["pixel_values"] = batch["pixel_values"].to(dt)
+            def ours_step():
+                loss, _, _ = lvr.sft_loss(model, batch, 1.0, 0.1, "mse", freeze_vision=True)
+                loss.backward()
+                model.zero_grad(set_to_none=True)
+            theirs = None
+            if ref is not None:
+                ref.train()
+                ref.model.visual.requires_grad_(False)
+                i = batch["input_ids"]
+                def ref_step():
+                    ref(input_ids=i, attention_mask=batch["attention_mask"], labels=batch["labels"],
+                        **kw(batch["pixel_values"], batch["grid_thw"], i)).loss.backward()
+                    ref.zero_grad(set_to_none=True)
+                theirs = timed(ref_step)
+            add("SFT step (fwd+bwd, batch 2)", timed(ours_step), theirs)
+    # loading: resident memory growth over the file size
+    if size != "tiny":  # (the tiny file is smaller than the resident-set granularity that matters)
+        rows.append((size, "peak RSS growth loading / file size", peak_load_rss(tmp, True) / file_bytes,
+                     peak_load_rss(tmp, False) / file_bytes if ref is not None else None, "x file", ""))
+    shutil.rmtree(tmp)
+
+
+def main(argv):
+    qwen.configure(globals(), argv)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, {dtype}")
+    rows = []
+    for size in sizes.split(","):
+        bench_size(size, rows)
+        print(f"\n{'size':6}{'measurement':52}{'ours':>12}{'reference':>12}  {'unit':18}{'ratio':>7}")
+        for r in rows:
+            theirs = "" if r[3] is None else f"{r[3]:.4g}"
+            print(f"{r[0]:6}{r[1]:52}{r[2]:>12.4g}{theirs:>12}  {r[4]:18}{r[5]:>7}")
+        rows.clear()
+
+
+if __name__ == "__main__":
+    qwen.run(main)
