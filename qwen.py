@@ -280,10 +280,8 @@ class Qwen2_5_VL(nn.Module):
         cache = KVCache(self.cfg, B, T + max_new_tokens, input_ids.device, self.lm_head.weight.dtype)
         logits, _ = self(input_ids, pixel_values, grid_thw, attention_mask=attention_mask, cache=cache)
         out, done = [], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        fill = torch.full((B,), int(stop[0]), device=input_ids.device)
         for i in range(max_new_tokens):
-            tok = sample(logits[:, -1], temperature, top_k, top_p, generator)
-            tok = torch.where(done, fill, tok)
+            tok = torch.where(done, stop[0], sample(logits[:, -1], temperature, top_k, top_p, generator))
             out.append(tok)
             done |= torch.isin(tok, stop)
             if i == max_new_tokens - 1 or bool(done.all()):
@@ -317,7 +315,10 @@ class Qwen2_5_VL(nn.Module):
                 with safe_open(file, framework="pt", device=str(device)) as f:
                     for key in f.keys():
                         name = key.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
-                        state[name] = f.get_tensor(key).to(dtype)
+                        state[name] = f.get_tensor(key)
+                        if not state[name].is_floating_point():
+                            raise InputError(f"{file}: {key} has dtype {state[name].dtype}, weights must be floats")
+                        state[name] = state[name].to(dtype)
             except (SafetensorError, OSError) as e:
                 raise InputError(f"{file}: cannot read safetensors (truncated or corrupted?): {e}") from None
         if cfg.tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:

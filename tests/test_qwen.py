@@ -352,6 +352,8 @@ def test_bad_checkpoints(ckpt, tmp_path):
         (lambda s: s.update({"model.layers.9.bogus": torch.zeros(1)}), "unexpected key model.layers.9.bogus"),
         (lambda s: s.update({"visual.merger.mlp.2.bias": torch.zeros(3)}), "visual.merger.mlp.2.bias has shape"),
         (lambda s: s.pop("lm_head.weight"), "missing key lm_head.weight"),  # untied: the head is required
+        (lambda s: s.update({"model.norm.weight": torch.ones(s["model.norm.weight"].shape, dtype=torch.int32)}),
+         "model.norm.weight has dtype torch.int32, weights must be floats"),
     ]
     for i, (edit, msg) in enumerate(cases):
         with pytest.raises(InputError, match=msg):
@@ -364,6 +366,17 @@ def test_bad_checkpoints(ckpt, tmp_path):
         qwen.Qwen2_5_VL.from_pretrained(str(cut))
     with pytest.raises(InputError, match="no config.json"):
         qwen.Qwen2_5_VL.from_pretrained(str(tmp_path))
+
+
+def test_config_tokenizer_mismatch(ckpt, tmp_path):
+    path, _ = ckpt(True)
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["image_token_id"] = cfg.get("image_token_id", 5) + 1
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match="config.json image_token_id = .* but the tokenizer says"):
+        qwen.load(str(bad))
 
 
 def test_tokenizer_without_qwen_tokens(tmp_path):
