@@ -36,7 +36,9 @@ def load_image(path):
     """Open an image file as RGB, turning every failure into one clear InputError."""
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # reads the header only, so the size check comes before decoding
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError
             im.load()
             return to_rgb(im)
     except FileNotFoundError:

@@ -422,3 +422,12 @@ def test_sample_script(ckpt, tmp_path):
         r = run_script("sample.py", "--init_from", path, *args)
         assert r.returncode == 1 and "Traceback" not in r.stderr
         assert r.stderr.strip().count("\n") == 0 and msg in r.stderr
+
+
+def test_decompression_bomb_is_a_clear_error(tmp_path, monkeypatch):
+    Image.new("RGB", (300, 200)).save(tmp_path / "big.png")
+    monkeypatch.setattr(vision, "MAX_IMAGE_PIXELS", 300 * 200 - 1)
+    with pytest.raises(InputError, match=r"image too large \(over 59999 pixels\)"):
+        vision.load_image(str(tmp_path / "big.png"))
+    monkeypatch.setattr(vision, "MAX_IMAGE_PIXELS", 300 * 200)
+    assert vision.load_image(str(tmp_path / "big.png")).size == (300, 200)
