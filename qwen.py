@@ -10,6 +10,7 @@ Departures from the reference: positions during decoding come from a per-row cou
 (`next_pos`) instead of rope_deltas + attention-mask cumsum (same numbers, no recomputation);
 the KV cache is preallocated; padded query rows always see themselves so SDPA never makes NaN.
 """
+import functools
 import json
 import os
 import shutil
@@ -98,6 +99,7 @@ class KVCache:
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # False at padding
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # M-RoPE position of the next token
         self.len = 0  # slots written so far
+        self.padded = False  # whether any key is padding (then every step needs a mask)
 
 
 class Attention(nn.Module):
@@ -122,7 +124,7 @@ class Attention(nn.Module):
             cache.k[self.layer_idx, :, :, s:s + T] = k
             cache.v[self.layer_idx, :, :, s:s + T] = v
             k, v = cache.k[self.layer_idx, :, :, :s + T], cache.v[self.layer_idx, :, :, :s + T]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -147,11 +149,17 @@ class Qwen2Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+@functools.lru_cache(maxsize=16)
+def rope_tables(hd, theta, section, device):
+    """Inverse frequencies (hd/2,) and which position row (t, h, w) each frequency slot reads."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float, device=device) / hd))
+    return inv_freq, torch.repeat_interleave(torch.arange(3, device=device), torch.tensor(section, device=device))
+
+
 def mrope(cfg, position_ids, dtype):
     """(3, B, T) positions -> cos, sin (B, 1, T, head_dim): frequency slots split over t/h/w rows."""
-    hd = cfg.hidden_size // cfg.num_attention_heads
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float, device=position_ids.device) / hd))
-    rows = torch.repeat_interleave(torch.arange(3, device=position_ids.device), torch.tensor(cfg.mrope_section, device=position_ids.device))
+    inv_freq, rows = rope_tables(cfg.hidden_size // cfg.num_attention_heads, cfg.rope_theta,
+                                 tuple(cfg.mrope_section), position_ids.device)
     freqs = position_ids[rows].permute(1, 2, 0).float() * inv_freq  # (B, T, hd/2), slot j uses row rows[j]
     emb = torch.cat([freqs, freqs], -1)[:, None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -187,9 +195,7 @@ def get_rope_index(input_ids, grid_thw, attention_mask, image_token_id, merge=2)
                 out.append(torch.stack([tt, rr, cc]).view(3, -1) + s)
                 i, s = i + t * h * w, s + max(h, w)
             else:
-                j = i
-                while j < len(ids) and ids[j] != image_token_id:
-                    j += 1
+                j = next((k for k in range(i, len(ids)) if ids[k] == image_token_id), len(ids))
                 out.append(torch.arange(s, s + j - i).expand(3, -1))
                 i, s = j, s + j - i
         row = torch.cat(out, 1) if out else torch.zeros(3, 0, dtype=torch.long)
@@ -247,15 +253,19 @@ class Qwen2_5_VL(nn.Module):
         elif position_ids is None:
             position_ids = (cache.next_pos[:, None] + torch.arange(T, device=x.device)).expand(3, B, T)
         position_ids = position_ids.to(x.device)
-        # causal mask over [cache, new]; padded keys hidden, but every query sees itself (no all -inf rows)
+        # mask None: causal, or for one new token every cached key; else padded keys hidden, but every
+        # query sees itself (no all -inf rows). The cache remembers whether its prompt had padding.
+        valid = None if attention_mask is None else attention_mask.bool()
+        if cache is not None:
+            cache.valid[:, start:start + T] = True if valid is None else valid
+            cache.padded = cache.padded or (valid is not None and not bool(valid.all()))  # one sync, at prefill
+            valid = cache.valid[:, :start + T] if cache.padded or (start > 0 and T > 1) else None
         mask = None
-        if attention_mask is not None or cache is not None:
-            new_valid = torch.ones(B, T, dtype=torch.bool, device=x.device) if attention_mask is None else attention_mask.bool()
-            valid = new_valid if cache is None else torch.cat([cache.valid[:, :start], new_valid], 1)  # (B, S)
+        if valid is not None:
             q_pos = torch.arange(start, start + T, device=x.device)
             k_pos = torch.arange(start + T, device=x.device)
-            mask = (k_pos[None] <= q_pos[:, None])[None] & valid[:, None]  # (B, T, S)
-            mask = (mask | (k_pos[None] == q_pos[:, None])[None])[:, None]  # (B, 1, T, S)
+            mask = ((k_pos[None] <= q_pos[:, None])[None] & valid[:, None]) | (k_pos[None] == q_pos[:, None])[None]
+            mask = mask[:, None]  # (B, 1, T, S)
         cos, sin = mrope(self.cfg, position_ids, x.dtype)
         for layer in self.model.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -263,7 +273,6 @@ class Qwen2_5_VL(nn.Module):
             else:
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:
-            cache.valid[:, start:start + T] = new_valid
             cache.len, cache.next_pos = start + T, position_ids.amax(dim=(0, 2)) + 1  # padding sits at 0
         h = self.model.norm(x)
         return self.lm_head(h), h
