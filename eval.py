@@ -108,7 +108,7 @@ def main(argv):
     qwen.configure(globals(), argv)
     model, tok = qwen.load(init_from, getattr(torch, dtype), device)
     model.eval()
-    ids = lvr.latent_ids(tok, lvr.LVR_TOKENS) or lvr.latent_ids(tok, lvr.MIRAGE_TOKENS)
+    ids = lvr.latent_ids(tok, model.cfg.extra.get("lvr_tokens", lvr.LVR_TOKENS))  # the tokens it was trained with
     if ids is None:
         raise InputError(f"{init_from} has no latent tokens: evaluate it with sample.py, or train it with train_sft.py")
     if data_path == "synthetic":

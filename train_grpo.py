@@ -99,7 +99,7 @@ def main(argv):
         raise InputError("--group_size must be at least 2: advantages are relative to the group")
     records = None if data_path == "synthetic" else data.load_records(data_path)
     model, tok = qwen.load(out_dir if resume else init_from, device=device)
-    ids = lvr.latent_ids(tok, lvr.LVR_TOKENS) or lvr.latent_ids(tok, lvr.MIRAGE_TOKENS)
+    ids = lvr.latent_ids(tok, model.cfg.extra.get("lvr_tokens", lvr.LVR_TOKENS))  # the tokens it was trained with
     if ids is None:
         raise InputError(f"{init_from} has no latent tokens: train it with train_sft.py first")
     ref = None
