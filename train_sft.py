@@ -248,8 +248,9 @@ def evaluate(model, tok, ids, records, dev, step, rank=0):
         input_ids, mask = qwen.left_pad(prompts, tok.endoftext)
         out, _, _, _ = lvr.rollout(model, ids, input_ids.to(dev), torch.cat([e["pixel_values"] for e in enc]).to(dev),
                                 torch.cat([e["grid_thw"] for e in enc]), mask.to(dev), max_new_tokens=48,
-                                decoding="latent" if latent_end else "token",  # spans differ in length per row
-                                max_latent_steps=max(len(e["slots"]) for e in enc) + 4,
+                                # Mirage spans are always k long; LVR spans differ per row, so the model ends them
+                                decoding="latent" if latent_end else "steps" if method == "mirage" else "token",
+                                lvr_steps=mirage_k, max_latent_steps=max(len(e["slots"]) for e in enc) + 4,
                                 stop_ids=[tok.im_end, tok.endoftext])
         for e, row in zip(chunk, out[:, input_ids.shape[1]:].tolist()):
             correct += data.answer_of(tok.decode(row)) == data.normalise(e["answer"])
