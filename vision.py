@@ -12,6 +12,7 @@ Departure from the reference: window attention is one batched SDPA call over win
 to the same length (the reference loops over windows in Python on non-flash backends).
 """
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,8 +36,9 @@ class InputError(ValueError):
 def load_image(path):
     """Open an image file as RGB, turning every failure into one clear InputError."""
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we check the size ourselves:
     try:
-        with Image.open(path) as im:  # reads the header only, so the size check comes before decoding
+        with Image.open(path) as im:  # open reads the header only, so the check comes before decoding
             if im.width * im.height > MAX_IMAGE_PIXELS:
                 raise Image.DecompressionBombError
             im.load()
