@@ -15,7 +15,6 @@ import functools
 import json
 import os
 import random
-import re
 import sys
 
 import torch
@@ -280,32 +279,6 @@ def collate(encoded, pad_id):
 
 def to_device(batch, device):
     return {k: (tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.to(device)) for k, v in batch.items()}
-
-
-def normalise(text):
-    """Lower case, no punctuation at the ends, single spaces: for exact-match scoring."""
-    return " ".join(text.lower().strip().strip(".!?,;:'\"").split())
-
-
-def answer_of(completion):
-    """The text inside <answer>...</answer> if present, else the whole completion; normalised."""
-    if "<answer>" in completion:
-        completion = completion.split("<answer>")[-1].split("</answer>")[0]
-    return normalise(completion)
-
-
-def letter_of(text):
-    """The multiple-choice letter a normalised answer starts with ("b", "(b) cat", "b. cat"), or None."""
-    m = re.match(r"^\(?([a-z])\)?(?:[.):]|\s|$)", text)
-    return m.group(1) if m else None
-
-
-def is_correct(completion, answer):
-    """Exact match after normalising; when the gold answer is a letter, the letters are compared."""
-    pred, gold = answer_of(completion), answer_of(answer)
-    if len(gold.strip("()")) == 1 and gold.strip("()").isalpha():
-        return letter_of(pred) == gold.strip("()")
-    return pred == gold
 
 
 def grpo_example(rec, image_root, where):

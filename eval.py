@@ -93,7 +93,7 @@ def evaluate(model, tok, ids, exs, latents_on=True):
             row = out[b, prompt.shape[1]:].tolist()
             end = next((j + 1 for j, t in enumerate(row) if t in stop), len(row))
             text = tok.decode(row[:end])
-            correct += data.is_correct(text, e["answer"])
+            correct += lvr.is_correct(text, e["answer"])
             fmt += lvr.is_lvr_format(row[:end], ids, stop, text)
             steps += int(is_lat[b].sum())
             if e["bbox"] is not None:

@@ -16,6 +16,7 @@ Where we depart from the official code, and why:
 - the latent head, when used, is applied at every latent step including the first.
 """
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -280,6 +281,32 @@ def is_lvr_format(tokens, ids, stop_ids, text):
         return False
     after = tokens[tokens.index(ids.end) + 1:-1]
     return len(after) > 0 and ids.start not in after and bool(text.strip())
+
+
+def normalise(text):
+    """Lower case, no punctuation at the ends, single spaces: for exact-match scoring."""
+    return " ".join(text.lower().strip().strip(".!?,;:'\"").split())
+
+
+def answer_of(completion):
+    """The text inside <answer>...</answer> if present, else the whole completion; normalised."""
+    if "<answer>" in completion:
+        completion = completion.split("<answer>")[-1].split("</answer>")[0]
+    return normalise(completion)
+
+
+def letter_of(text):
+    """The multiple-choice letter a normalised answer starts with ("b", "(b) cat", "b. cat"), or None."""
+    m = re.match(r"^\(?([a-z])\)?(?:[.):]|\s|$)", text)
+    return m.group(1) if m else None
+
+
+def is_correct(completion, answer):
+    """Exact match after normalising; when the gold answer is a letter, the letters are compared."""
+    pred, gold = answer_of(completion), answer_of(answer)
+    if len(gold.strip("()")) == 1 and gold.strip("()").isalpha():
+        return letter_of(pred) == gold.strip("()")
+    return pred == gold
 
 
 def nearest_cells(latents, feats):

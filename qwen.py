@@ -261,11 +261,9 @@ class Qwen2_5_VL(nn.Module):
             cache.padded = cache.padded or (valid is not None and not bool(valid.all()))  # one sync, at prefill
             valid = cache.valid[:, :start + T] if cache.padded or (start > 0 and T > 1) else None
         mask = None
-        if valid is not None:
-            q_pos = torch.arange(start, start + T, device=x.device)
-            k_pos = torch.arange(start + T, device=x.device)
-            mask = ((k_pos[None] <= q_pos[:, None])[None] & valid[:, None]) | (k_pos[None] == q_pos[:, None])[None]
-            mask = mask[:, None]  # (B, 1, T, S)
+        if valid is not None:  # d: key position - query position, (T, S)
+            d = torch.arange(start + T, device=x.device)[None] - torch.arange(start, start + T, device=x.device)[:, None]
+            mask = (((d <= 0)[None] & valid[:, None]) | (d == 0)[None])[:, None]  # (B, 1, T, S)
         cos, sin = mrope(self.cfg, position_ids, x.dtype)
         for layer in self.model.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():

@@ -66,8 +66,8 @@ SKIPPED = {}  # bad records skipped so far: index -> why
 
 
 def accuracy_reward(text, tokens, answer, ids, stop_ids):
-    """1 when the answer matches (see data.is_correct), else 0."""
-    return float(data.is_correct(text, answer))
+    """1 when the answer matches (see lvr.is_correct), else 0."""
+    return float(lvr.is_correct(text, answer))
 
 
 def format_reward(text, tokens, answer, ids, stop_ids):

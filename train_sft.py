@@ -253,7 +253,7 @@ def evaluate(model, tok, ids, records, dev, step, rank=0):
                                 lvr_steps=mirage_k, max_latent_steps=max(len(e["slots"]) for e in enc) + 4,
                                 stop_ids=[tok.im_end, tok.endoftext])
         for e, row in zip(chunk, out[:, input_ids.shape[1]:].tolist()):
-            correct += data.answer_of(tok.decode(row)) == data.normalise(e["answer"])
+            correct += lvr.is_correct(tok.decode(row), e["answer"])
     if rank == 0:
         print(f"\nstep {step}: held-out accuracy {correct / len(exs):.3f} on {len(exs)} examples")
     model.train()

@@ -21,10 +21,10 @@ def test_latent_hits_by_hand():
 
 
 def test_scoring_and_format():
-    assert data.is_correct("(B)", "(b)") and data.is_correct("B. a cat", "B")
-    assert not data.is_correct("(C)", "(b)")  # a wrong letter
-    assert not data.is_correct("blue", "(b)")  # a word is not the letter b
-    assert data.is_correct("<answer> Red </answer>", "red") and not data.is_correct("red", "green")
+    assert lvr.is_correct("(B)", "(b)") and lvr.is_correct("B. a cat", "B")
+    assert not lvr.is_correct("(C)", "(b)")  # a wrong letter
+    assert not lvr.is_correct("blue", "(b)")  # a word is not the letter b
+    assert lvr.is_correct("<answer> Red </answer>", "red") and not lvr.is_correct("red", "green")
     s, lat, e = IDS.start, IDS.latent, IDS.end
     assert lvr.is_lvr_format([s, lat, lat, e, 20, IM_END], IDS, [IM_END], "\nred")
     assert not lvr.is_lvr_format([s, lat, e, IM_END], IDS, [IM_END], "")  # no answer
