@@ -378,6 +378,15 @@ def save_checkpoint(model, tok, out_dir, train_state, weights=None):
     shutil.rmtree(old)
 
 
+def load_train_state(out_dir):
+    """train_state.pt with weights_only=True: tensors and plain containers, never arbitrary pickle."""
+    path = os.path.join(out_dir, "train_state.pt")
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # missing, truncated, or a pickle that wants to run code
+        raise InputError(f"cannot resume from {path}: {str(e).splitlines()[0][:200]}") from None
+
+
 def restore_checkpoint(out_dir):
     """Undo a save killed part-way: drop its temp dirs; if out_dir is gone, move the previous one back."""
     parent, name = os.path.split(os.path.abspath(out_dir))

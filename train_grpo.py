@@ -13,7 +13,6 @@ Data: synthetic (default) or a JSON/JSONL of {image, question, answer} (LVR JSON
 Single process (no DDP here): the rollout dominates, and it is one batched call.
 """
 import math
-import os
 import time
 
 import torch
@@ -114,7 +113,7 @@ def main(argv):
     gen = torch.Generator(device).manual_seed(seed)
     step, log = 0, []
     if resume:
-        state = torch.load(os.path.join(out_dir, "train_state.pt"), weights_only=True)
+        state = qwen.load_train_state(out_dir)
         opt.load_state_dict(state["optimizer"])
         step, log = state["step"], state["log"]
         gen.set_state(state["gen"])

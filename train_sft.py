@@ -170,7 +170,7 @@ def main(argv):
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     step, losses = 0, []
     if resume:
-        state = torch.load(os.path.join(out_dir, "train_state.pt"), weights_only=True)
+        state = qwen.load_train_state(out_dir)
         set_optimizer_state_dict(model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=fsdp))
         step, losses = state["step"], state["losses"]
         torch.set_rng_state(state["rng"])

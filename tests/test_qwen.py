@@ -364,6 +364,9 @@ def test_bad_checkpoints(ckpt, tmp_path):
     (cut / "model.safetensors").write_bytes(data[:len(data) // 2])
     with pytest.raises(InputError, match="truncated or corrupted"):
         qwen.Qwen2_5_VL.from_pretrained(str(cut))
+    (cut / "model.safetensors").write_bytes(data[:8] + b"{not json" + data[17:])  # a corrupted header
+    with pytest.raises(InputError, match="truncated or corrupted"):
+        qwen.Qwen2_5_VL.from_pretrained(str(cut))
     with pytest.raises(InputError, match="no config.json"):
         qwen.Qwen2_5_VL.from_pretrained(str(tmp_path))
 

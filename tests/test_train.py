@@ -239,3 +239,33 @@ def test_on_bad_record_skip_reports_and_goes_on(tmp_path):
     a = [data.stream_example(records, i, 5, convert, "d", "skip", skipped)["bboxes"] for i in range(8)]
     b = [data.stream_example(records, i, 5, convert, "d", "skip", {})["bboxes"] for i in range(8)]
     assert a == b and sorted(skipped) == [1, 3]
+
+
+def test_resume_after_a_kill_and_untrusted_train_state(tmp_path):
+    import pickle
+    import signal
+    import time
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    common = [*SMALL, "--max_iters", "6", "--eval_interval", "2"]
+    r = run("train_sft.py", *common, "--out_dir", a)
+    assert r.returncode == 0, r.stderr
+    p = subprocess.Popen([sys.executable, "train_sft.py", *common, "--max_iters", "1000", "--out_dir", b], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while not os.path.exists(os.path.join(b, "train_state.pt")) and time.time() < deadline:
+        time.sleep(0.1)
+    p.send_signal(signal.SIGKILL)  # no chance to save: the last checkpoint (step 2, 4, ...) is what is left
+    p.wait()
+    assert state(b)["step"] < 6
+    r = run("train_sft.py", *common, "--out_dir", b, "--resume", "true")
+    assert r.returncode == 0, r.stderr
+    assert torch.allclose(torch.tensor(state(a)["losses"]), torch.tensor(state(b)["losses"]), rtol=1e-5, atol=1e-6)
+
+    class Evil:  # a pickle that would run code when loaded
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+    with open(os.path.join(b, "train_state.pt"), "wb") as f:
+        pickle.dump({"step": Evil()}, f)
+    r = run("train_sft.py", *common, "--out_dir", b, "--resume", "true")
+    assert r.returncode == 1 and "cannot resume from" in r.stderr and "Traceback" not in r.stderr
+    assert not os.path.exists(tmp_path / "pwned")
