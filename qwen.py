@@ -25,7 +25,7 @@ from safetensors import safe_open, SafetensorError
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from vision import MLP, InputError, RMSNorm, VisionConfig, VisionTransformer, rotate_half
+from vision import MLP, InputError, RMSNorm, VisionConfig, VisionTransformer
 
 SPECIAL = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
 
@@ -93,10 +93,10 @@ class KVCache:
 
     def __init__(self, cfg, batch, max_len, device, dtype):
         hd = cfg.hidden_size // cfg.num_attention_heads
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, hd)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # False at padding
+        shape = (batch, cfg.num_key_value_heads, max_len, hd)  # per layer: a list, so no indexing op per step
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)  # False at padding
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # M-RoPE position of the next token
         self.len = 0  # slots written so far
         self.padded = False  # whether any key is padding (then every step needs a mask)
@@ -118,12 +118,13 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        # rotate_half(q) * sin == q.roll(D/2) * sin_signed (sin with its first half negated): fewer ops
+        q = q * cos + q.roll(self.hd // 2, -1) * sin
+        k = k * cos + k.roll(self.hd // 2, -1) * sin
         if cache is not None:  # write this chunk, attend over everything so far
-            s = cache.len
-            cache.k[self.layer_idx, :, :, s:s + T] = k
-            cache.v[self.layer_idx, :, :, s:s + T] = v
-            k, v = cache.k[self.layer_idx, :, :, :s + T], cache.v[self.layer_idx, :, :, :s + T]
+            s, ck, cv = cache.len, cache.k[self.layer_idx], cache.v[self.layer_idx]
+            ck[:, :, s:s + T], cv[:, :, s:s + T] = k, v
+            k, v = ck[:, :, :s + T], cv[:, :, :s + T]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -157,12 +158,13 @@ def rope_tables(hd, theta, section, device):
 
 
 def mrope(cfg, position_ids, dtype):
-    """(3, B, T) positions -> cos, sin (B, 1, T, head_dim): frequency slots split over t/h/w rows."""
+    """(3, B, T) positions -> cos, sin_signed (B, 1, T, head_dim): frequency slots split over t/h/w
+    rows; the first half of sin is negated, for Attention's roll form of rotate_half."""
     inv_freq, rows = rope_tables(cfg.hidden_size // cfg.num_attention_heads, cfg.rope_theta,
                                  tuple(cfg.mrope_section), position_ids.device)
     freqs = position_ids[rows].permute(1, 2, 0).float() * inv_freq  # (B, T, hd/2), slot j uses row rows[j]
     emb = torch.cat([freqs, freqs], -1)[:, None]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return emb.cos().to(dtype), torch.cat([-freqs, freqs], -1)[:, None].sin().to(dtype)
 
 
 def latent_head(C):
@@ -257,8 +259,9 @@ class Qwen2_5_VL(nn.Module):
         # query sees itself (no all -inf rows). The cache remembers whether its prompt had padding.
         valid = None if attention_mask is None else attention_mask.bool()
         if cache is not None:
-            cache.valid[:, start:start + T] = True if valid is None else valid
-            cache.padded = cache.padded or (valid is not None and not bool(valid.all()))  # one sync, at prefill
+            if valid is not None:
+                cache.valid[:, start:start + T] = valid
+                cache.padded = cache.padded or not bool(valid.all())  # a host sync, but only with a mask
             valid = cache.valid[:, :start + T] if cache.padded or (start > 0 and T > 1) else None
         mask = None
         if valid is not None:  # d: key position - query position, (T, S)
@@ -275,7 +278,6 @@ class Qwen2_5_VL(nn.Module):
         h = self.model.norm(x)
         return self.lm_head(h), h
 
-    @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, grid_thw=None, attention_mask=None, max_new_tokens=16,
                  temperature=0.0, top_k=0, top_p=1.0, stop_ids=None, generator=None):
         """Batched KV-cached sampling; prompts left-padded. -> (B, T + n) tokens, prompt included.
@@ -284,17 +286,20 @@ class Qwen2_5_VL(nn.Module):
         """
         B, T = input_ids.shape
         stop = torch.tensor(stop_ids if stop_ids is not None else self.default_stop_ids(), device=input_ids.device)
-        cache = KVCache(self.cfg, B, T + max_new_tokens, input_ids.device, self.lm_head.weight.dtype)
-        logits, _ = self(input_ids, pixel_values, grid_thw, attention_mask=attention_mask, cache=cache)
-        out, done = [], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        for i in range(max_new_tokens):
-            tok = torch.where(done, stop[0], sample(logits[:, -1], temperature, top_k, top_p, generator))
-            out.append(tok)
-            done |= torch.isin(tok, stop)
-            if i == max_new_tokens - 1 or bool(done.all()):
-                break
-            logits, _ = self(tok[:, None], cache=cache)
-        return torch.cat([input_ids, torch.stack(out, 1)], 1)
+        with torch.inference_mode():  # lighter than no_grad; the result is built outside, as a normal tensor
+            cache = KVCache(self.cfg, B, T + max_new_tokens, input_ids.device, self.lm_head.weight.dtype)
+            logits, _ = self(input_ids, pixel_values, grid_thw, attention_mask=attention_mask, cache=cache)
+            out, alive, done = [], [], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+            for i in range(max_new_tokens):
+                alive.append(~done.all())
+                tok = torch.where(done, stop[0], sample(logits[:, -1], temperature, top_k, top_p, generator))
+                out.append(tok)
+                done |= torch.isin(tok, stop)
+                if i == max_new_tokens - 1 or (i % 16 == 15 and bool(done.all())):  # a host sync every 16 steps
+                    break
+                logits, _ = self(inputs_embeds=self.model.embed_tokens(tok[:, None]), cache=cache)
+        n = int(torch.stack(alive).sum())  # the steps before every row was done
+        return torch.cat([input_ids, torch.stack(out[:n], 1)], 1)
 
     def default_stop_ids(self):
         eos = self.cfg.eos_token_id

@@ -273,7 +273,8 @@ def test_sampling_filters_match_reference():
 
 
 def test_bf16_runs(ckpt):
-    """bf16 is as close to fp32 as the reference's bf16 is, and close to the reference's bf16."""
+    """bf16: the LM matches the reference's bf16 bit for bit on the same embeddings, the tower to bf16
+    rounding (our batched window SDPA sums in another order), and end to end we are as close to fp32."""
     path, ref = ckpt(True)
     m32 = qwen.Qwen2_5_VL.from_pretrained(path)
     m16 = qwen.Qwen2_5_VL.from_pretrained(path, dtype=torch.bfloat16)
@@ -282,11 +283,17 @@ def test_bf16_runs(ckpt):
     tok = qwen.QwenTokenizer(path)
     ids, pv, grid, kw = helpers.reference_inputs(tok, [helpers.photo(200, 150, 9)])
     with torch.no_grad():
+        feats = m16.visual(pv.bfloat16(), grid)
+        ref_feats = ref16.model.visual(pv.bfloat16(), grid_thw=grid)
+        assert rel_err(getattr(ref_feats, "pooler_output", ref_feats), feats) < 2e-2
+        x = m16.embed(ids, feats=feats, grid_thw=grid)
+        pos, _ = qwen.get_rope_index(ids, grid, None, m16.cfg.image_token_id)
+        assert torch.equal(m16(inputs_embeds=x, position_ids=pos)[0], ref16(inputs_embeds=x, position_ids=pos).logits)
         a, _ = m32(ids, pv, grid)
         b, _ = m16(ids, pv, grid)
         c = ref16(input_ids=ids, **kw).logits
     assert b.dtype == torch.bfloat16
-    assert rel_err(c, b) < 3e-2 and (b.argmax(-1) == c.argmax(-1)).float().mean() > 0.95
+    assert (b.argmax(-1) == c.argmax(-1)).float().mean() > 0.95
     assert rel_err(a, b) < 1.5 * rel_err(a, c) + 1e-2
     out = m16.generate(ids, pv, grid, max_new_tokens=4, stop_ids=[-1])
     assert out.shape == (1, ids.shape[1] + 4)
