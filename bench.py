@@ -33,7 +33,8 @@ sizes = "tiny,0.5b"  # comma-separated: tiny | 0.5b | 3b
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "float32"  # float32 | bfloat16
 repeats = 3  # timed runs per measurement (the median is reported)
-decode_tokens = 16  # tokens per decode measurement
+decode_tokens = 32  # tokens per decode measurement
+small_image = 224  # side of the photo in the decode, latent, GRPO and SFT prompts (64 image tokens)
 group_size = 8  # G rows per prompt in the GRPO rollout measurement
 reference = True  # also time transformers' implementation (when it is installed)
 # -----------------------------------------------------------------------------
@@ -50,17 +51,20 @@ def sync():
         torch.cuda.synchronize()
 
 
-def timed(fn, n=None):
-    """Median seconds of fn() over `repeats` runs, after one warm-up run."""
-    fn()
-    out = []
-    for _ in range(n or repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
+def timed(*fns, n=None, warmup=True):
+    """Median seconds of each fn over `repeats` rounds, after a warm-up round. The fns take turns
+    within a round, so a slow patch of a shared machine hits ours and the reference's alike."""
+    times = [[] for _ in fns]
+    for r in range(int(warmup) + (n or repeats)):
+        for fn, ts in zip(fns, times):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if r >= int(warmup):
+                ts.append(time.perf_counter() - t0)
+    medians = [statistics.median(ts) for ts in times]
+    return medians if len(fns) > 1 else medians[0]
 
 
 def make_checkpoint(size, path):
@@ -87,21 +91,23 @@ def photo(size=448, seed=0):
 
 
 def peak_load_rss(path, ours):
-    """Resident-memory growth (bytes) of a fresh process loading the checkpoint."""
+    """Peak resident-memory growth (bytes) of a fresh process loading the checkpoint and reading every
+    weight once (a memory-mapped load costs nothing until the weights are touched)."""
     load = ("import qwen; m = qwen.Qwen2_5_VL.from_pretrained(p)" if ours else
             "from transformers import Qwen2_5_VLForConditionalGeneration as M; m = M.from_pretrained(p, dtype='float32')")
     code = (f"import resource, sys, torch; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
             f"p = {path!r}; import transformers; base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-            f"{load}; print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)")
+            f"{load}; sum(float(q.sum()) for q in m.parameters()); "
+            f"print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     return int(r.stdout.split()[-1]) if r.returncode == 0 else float("nan")
 
 
 def copy_bandwidth():
     """Bytes/s of a large tensor copy (read + write)."""
-    a = torch.empty(64 * 2 ** 20, device=device)  # 256 MB
-    b = torch.empty_like(a)
-    return 2 * a.numel() * 4 / timed(lambda: b.copy_(a), 5)
+    a = torch.randn(64 * 2 ** 20, device=device)  # 256 MB, written: never-touched pages all read one zero page
+    b = torch.randn_like(a)
+    return 2 * a.numel() * 4 / timed(lambda: b.copy_(a), n=5)
 
 
 @torch.no_grad()
@@ -129,72 +135,76 @@ def bench_size(size, rows):
         ratio = "" if theirs is None else f"{(ours / theirs if higher_better else theirs / ours):.2f}x"
         rows.append((size, name, ours, theirs, unit, ratio))
 
-    # image encode and prefill
-    t = timed(lambda: model.visual(pv, grid))
-    add("image encode 448x448", t, ref and timed(lambda: ref.model.visual(pv, grid_thw=grid)))
-    t = timed(lambda: model(prompt, pv, grid))
-    add(f"prefill ({prompt.shape[1]} tokens)", t, ref and timed(lambda: ref(input_ids=prompt, **kw(pv, grid, prompt))))
-    # decode at batch 1 and 8 (prefill excluded)
+    def both(f, g):  # (ours, reference) seconds, interleaved; reference None when not installed
+        return timed(f, g) if ref is not None else (timed(f), None)
+
+    # image encode and prefill at 448x448
+    add("image encode 448x448", *both(lambda: model.visual(pv, grid), lambda: ref.model.visual(pv, grid_thw=grid)))
+    add(f"prefill ({prompt.shape[1]} tokens)", *both(lambda: model(prompt, pv, grid),
+                                                     lambda: ref(input_ids=prompt, **kw(pv, grid, prompt))))
+    # the rest on a small photo, so prefill does not drown the per-step times
+    pv, grid = vision.preprocess(photo(small_image), max_pixels=small_image ** 2)
+    pv = pv.to(device, dt)
+    prompt = torch.tensor([tok.prompt("What colour is the square?", [int(grid.prod()) // 4])], device=device)
+    n = decode_tokens
+    # decode at batch 1 and 8: (time for n tokens - time for 1) / (n - 1), so prefill is excluded
     for B in (1, 8):
         p, g, x = prompt.repeat(B, 1), grid.repeat(B, 1), pv.repeat(B, 1)
         def ours_gen(n):
-            return model.generate(p, x, g, max_new_tokens=n, stop_ids=[-1])
+            return lambda: model.generate(p, x, g, max_new_tokens=n, stop_ids=[-1])
 
         def ref_gen(n):
-            return ref.generate(input_ids=p, attention_mask=torch.ones_like(p), **kw(x, g, p), max_new_tokens=n,
-                                min_new_tokens=n, do_sample=False, pad_token_id=tok.endoftext)
-        n = decode_tokens
-        ours = B * (n - 1) / (timed(lambda: ours_gen(n)) - timed(lambda: ours_gen(1)))
-        theirs = ref and B * (n - 1) / (timed(lambda: ref_gen(n)) - timed(lambda: ref_gen(1)))
-        add(f"decode batch {B}", ours, theirs, "tok/s", True)
+            return lambda: ref.generate(input_ids=p, attention_mask=torch.ones_like(p), **kw(x, g, p), max_new_tokens=n,
+                                        min_new_tokens=n, do_sample=False, pad_token_id=tok.endoftext)
+        t = timed(ours_gen(n), ours_gen(1), *((ref_gen(n), ref_gen(1)) if ref is not None else ()))
+        ours = B * (n - 1) / (t[0] - t[1])
+        add(f"decode batch {B}", ours, ref and B * (n - 1) / (t[2] - t[3]), "tok/s", True)
         if B == 1 and size != "tiny":
             lm_bytes = sum(q.numel() * q.element_size() for n_, q in model.named_parameters() if not n_.startswith("visual"))
             floor = copy_bandwidth() / lm_bytes
             rows.append((size, "decode batch 1 / bandwidth floor", ours / floor, floor, "frac, floor tok/s", ""))
     # latent steps vs text steps: the same rollout, all-latent (prompt ends in <|lvr_start|>) or all-text
     lat_prompt = torch.cat([prompt, torch.tensor([[ids.start]], device=device)], 1)
-    def roll(p, n, ids_):
-        return lvr.rollout(model, ids_, p, pv, grid, max_new_tokens=n, decoding="steps", lvr_steps=n, stop_ids=[-1])
     text_ids = lvr.LatentIds(start=-5, latent=ids.latent, latent_end=ids.latent_end, end=ids.end)  # never enters
-    n = decode_tokens
-    lat = (n - 1) / (timed(lambda: roll(lat_prompt, n, ids)) - timed(lambda: roll(lat_prompt, 1, ids)))
-    txt = (n - 1) / (timed(lambda: roll(prompt, n, text_ids)) - timed(lambda: roll(prompt, 1, text_ids)))
+    def roll(p, n, ids_):
+        return lambda: lvr.rollout(model, ids_, p, pv, grid, max_new_tokens=n, decoding="steps", lvr_steps=n,
+                                   stop_ids=[-1])
+    t = timed(roll(lat_prompt, n, ids), roll(lat_prompt, 1, ids), roll(prompt, n, text_ids), roll(prompt, 1, text_ids))
+    lat, txt = (n - 1) / (t[0] - t[1]), (n - 1) / (t[2] - t[3])
     rows.append((size, "latent steps/s vs text tokens/s", lat, txt, "step/s", f"{lat / txt:.2f}x"))
-    # GRPO rollout: B x G rows in one batched rollout vs one row at a time
-    B, G = 2, group_size
+    # GRPO rollout, B prompts x G samples: one batched rollout (one prefill per prompt) vs one row at a time
+    B, G, n = 2, group_size, 16
     feats = model.visual(pv, grid)
-    rows_p, rows_g, rows_f = prompt.repeat(B * G, 1), grid.repeat(B * G, 1), feats.repeat(B * G, 1)
     gen = torch.Generator(device).manual_seed(0)
-    def grpo(p, g, f):
-        return lvr.rollout(model, ids, p, None, g, max_new_tokens=n, temperature=0.9, generator=gen,
-                           stop_ids=[-1], feats=f)
-    batched = B * G * n / timed(lambda: grpo(rows_p, rows_g, rows_f), 1)
-    single = B * G * n / timed(lambda: [grpo(prompt, grid, feats) for _ in range(B * G)], 1)
-    rows.append((size, f"GRPO rollout {B}x{G} rows: batched vs one at a time", batched, single, "tok/s",
+    def grpo(rows_, g):
+        return lvr.rollout(model, ids, prompt.repeat(rows_, 1), None, grid.repeat(rows_, 1), max_new_tokens=n,
+                           temperature=0.9, generator=gen, stop_ids=[-1], feats=feats.repeat(rows_, 1), group_size=g)
+    t = timed(lambda: grpo(B, G), lambda: [grpo(1, 1) for _ in range(B * G)], n=1, warmup=False)  # warm from above
+    batched, single = B * G * n / t[0], B * G * n / t[1]
+    rows.append((size, f"GRPO rollout {B}x{G} rows, {n} tokens: batched vs one at a time", batched, single, "tok/s",
                  f"{batched / single:.2f}x"))
     # one SFT step: forward + backward with the LVR loss vs the reference's forward + backward (CE)
     if size != "3b" or device != "cpu":
         with torch.enable_grad():
             model.train()
-            exs = [data.synthetic_example(i, 448) for i in range(2)]
-            batch = data.to_device(data.collate([data.encode(e, tok, ids, "lvr", 0, 4, False, 3136, 448 * 448)
+            exs = [data.synthetic_example(i, small_image) for i in range(2)]
+            batch = data.to_device(data.collate([data.encode(e, tok, ids, "lvr", 0, 4, False, 3136, small_image ** 2)
                                                  for e in exs], tok.endoftext), device)
             batch["pixel_values"] = batch["pixel_values"].to(dt)
             def ours_step():
                 loss, _, _ = lvr.sft_loss(model, batch, 1.0, 0.1, "mse", freeze_vision=True)
                 loss.backward()
                 model.zero_grad(set_to_none=True)
-            theirs = None
+
+            def ref_step():
+                i = batch["input_ids"]
+                ref(input_ids=i, attention_mask=batch["attention_mask"], labels=batch["labels"],
+                    **kw(batch["pixel_values"], batch["grid_thw"], i)).loss.backward()
+                ref.zero_grad(set_to_none=True)
             if ref is not None:
                 ref.train()
                 ref.model.visual.requires_grad_(False)
-                i = batch["input_ids"]
-                def ref_step():
-                    ref(input_ids=i, attention_mask=batch["attention_mask"], labels=batch["labels"],
-                        **kw(batch["pixel_values"], batch["grid_thw"], i)).loss.backward()
-                    ref.zero_grad(set_to_none=True)
-                theirs = timed(ref_step)
-            add("SFT step (fwd+bwd, batch 2)", timed(ours_step), theirs)
+            add(f"SFT step (fwd+bwd, batch 2 x {batch['input_ids'].shape[1]} tokens)", *both(ours_step, ref_step))
     # loading: resident memory growth over the file size
     if size != "tiny":  # (the tiny file is smaller than the resident-set granularity that matters)
         rows.append((size, "peak RSS growth loading / file size", peak_load_rss(tmp, True) / file_bytes,

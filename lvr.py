@@ -157,6 +157,13 @@ def encode_images(model, batch, freeze_vision=True):
     return feats, targets
 
 
+def supervised_ce(model, h, labels):
+    """Mean next-token CE over labelled positions; lm_head runs only there (a few % of a long
+    image prompt), which saves most of its FLOPs and the (B, T, V) logits' memory."""
+    sel = labels[:, 1:] != -100  # position t predicts label t + 1
+    return F.cross_entropy(model.lm_head(h[:, :-1][sel]).float(), labels[:, 1:][sel])
+
+
 def sft_loss(model, batch, ce_weight=1.0, latent_weight=0.1, latent_loss="mse", freeze_vision=True):
     """-> (loss, ce, latent) for one padded batch (see data.collate for the fields)."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
@@ -165,8 +172,8 @@ def sft_loss(model, batch, ce_weight=1.0, latent_weight=0.1, latent_loss="mse", 
     b, t = batch["latent_pos"]  # (L,), (L,): where the latent slots are
     x = x.index_put((b, t), targets.to(x.dtype))  # teacher forcing: the slots read their targets
     pos, _ = qwen.get_rope_index(ids, batch["grid_thw"], mask, model.cfg.image_token_id)
-    logits, h = model(inputs_embeds=x, attention_mask=mask, position_ids=pos)
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    _, h = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, logits=False)
+    ce = supervised_ce(model, h, labels)
     lat = latent_distance(head(model, h[b, t - 1]), targets, latent_loss) if len(b) else ce.new_zeros(())
     eb, et = batch["latent_end_pos"]  # `latent` exit mode: the state before <|lvr_latent_end|> learns its embedding
     if len(eb):
@@ -191,8 +198,8 @@ def mirage_stage2_loss(model, batch, freeze_vision=True):
         _, h = model(inputs_embeds=x, attention_mask=mask, position_ids=pos)
         sel = slot == j
         x = x.index_put((b[sel], t[sel]), head(model, h[b[sel], t[sel] - 1]).to(x.dtype))
-    logits, _ = model(inputs_embeds=x, attention_mask=mask, position_ids=pos)
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    _, h = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, logits=False)
+    ce = supervised_ce(model, h, labels)
     return ce, ce.detach(), ce.new_zeros(())
 
 
@@ -202,9 +209,12 @@ def mirage_stage2_loss(model, batch, freeze_vision=True):
 @torch.no_grad()
 def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_mask=None, max_new_tokens=64,
             decoding="steps", lvr_steps=8, force_end=True, max_latent_steps=64, end_threshold=0.1,
-            end_metric="mse", temperature=0.0, top_k=0, top_p=1.0, stop_ids=(), generator=None, feats=None):
+            end_metric="mse", temperature=0.0, top_k=0, top_p=1.0, stop_ids=(), generator=None, feats=None,
+            group_size=1):
     """Generate with latent steps. `ids`: LatentIds. Prompts left-padded. `feats`: merged image
-    tokens already computed (GRPO encodes each image once for its G rows), instead of pixel_values.
+    tokens already computed (GRPO encodes each image once), instead of pixel_values. `group_size` G:
+    the B prompts are prefilled once and their cache rows copied, giving B*G rows (row r samples
+    prompt r // G): GRPO's G rollouts of a prompt share one prefill, which dominates short rollouts.
 
     A row enters latent mode after it emits <|lvr_start|>. In latent mode its input is its previous
     last hidden state (through the latent head) and the recorded token is <|lvr|>. Exit:
@@ -225,8 +235,16 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
     emb = model.model.embed_tokens
     cache = qwen.KVCache(model.cfg, B, T + max_new_tokens, dev, emb.weight.dtype)
     x = model.embed(input_ids, pixel_values, grid_thw, feats)
-    logits, h = model(input_ids, grid_thw=grid_thw, inputs_embeds=x, attention_mask=attention_mask, cache=cache)
-    logits, h = logits[:, -1], h[:, -1]
+    _, h = model(input_ids, grid_thw=grid_thw, inputs_embeds=x, attention_mask=attention_mask, cache=cache,
+                 logits=False)
+    h = h[:, -1]
+    logits = model.lm_head(h)  # only the last position's: lm_head over the whole prompt is wasted
+    if group_size > 1:  # copy each prompt's prefilled state to its G rows
+        G = group_size
+        cache.k, cache.v = [k.repeat_interleave(G, 0) for k in cache.k], [v.repeat_interleave(G, 0) for v in cache.v]
+        cache.valid, cache.next_pos = cache.valid.repeat_interleave(G, 0), cache.next_pos.repeat_interleave(G, 0)
+        input_ids, h, logits = (t.repeat_interleave(G, 0) for t in (input_ids, h, logits))
+        B = B * G
     budget = lvr_steps if decoding == "steps" else max_latent_steps
     in_lat = input_ids[:, -1] == ids.start  # the mode flag (a prompt may end in <|lvr_start|>)
     n_lat = torch.zeros(B, dtype=torch.long, device=dev)  # latent steps taken in the current span
@@ -385,6 +403,6 @@ def completion_logprobs(model, seqs, attention_mask, n_prompt, grid_thw, feats, 
     pos, _ = qwen.get_rope_index(prompt, grid_thw, attention_mask[:, :n_prompt], model.cfg.image_token_id)
     after = pos.amax(dim=(0, 2)) + 1  # completion positions count on like text, as in the rollout's cache
     pos = torch.cat([pos, (after[:, None] + torch.arange(comp.shape[1], device=seqs.device)).expand(3, -1, -1)], 2)
-    logits, _ = model(inputs_embeds=x, attention_mask=attention_mask, position_ids=pos)
-    logits = logits[:, n_prompt - 1:-1].float() / (temperature or 1.0)  # position t predicts token t + 1
+    _, h = model(inputs_embeds=x, attention_mask=attention_mask, position_ids=pos, logits=False)
+    logits = model.lm_head(h[:, n_prompt - 1:-1]).float() / (temperature or 1.0)  # t predicts t + 1; no prompt logits
     return logits.log_softmax(-1).gather(-1, seqs[:, n_prompt:, None])[..., 0]

@@ -98,6 +98,8 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)  # False at padding
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # M-RoPE position of the next token
+        # decoded tokens have text positions (equal rows), never past their slot: one rope table, (max_len, hd)
+        self.cos, self.sin = (t[0, 0] for t in mrope(cfg, torch.arange(max_len, device=device).expand(3, 1, -1), dtype))
         self.len = 0  # slots written so far
         self.padded = False  # whether any key is padding (then every step needs a mask)
 
@@ -236,8 +238,11 @@ class Qwen2_5_VL(nn.Module):
         return x.masked_scatter(is_img[..., None], feats.to(x.dtype))
 
     def forward(self, input_ids=None, pixel_values=None, grid_thw=None, attention_mask=None,
-                inputs_embeds=None, position_ids=None, cache=None):
-        """-> logits (B, T, V), final-norm hidden states (B, T, C).
+                inputs_embeds=None, position_ids=None, cache=None, logits=True):
+        """-> logits (B, T, V) (None with logits=False), final-norm hidden states (B, T, C).
+
+        logits=False skips lm_head, the costliest matmul (V ~ 152k): callers that need only some
+        positions (the last one at prefill, the supervised ones in training) apply it there.
 
         attention_mask (B, T): 1 for real tokens, 0 for padding. With a cache it covers only the
         new tokens. position_ids (3, B, T) default to get_rope_index on the first call and to the
@@ -252,9 +257,13 @@ class Qwen2_5_VL(nn.Module):
             ids = input_ids if input_ids is not None else torch.zeros(B, T, dtype=torch.long, device=x.device)
             position_ids, _ = get_rope_index(ids, grid_thw, attention_mask, self.cfg.image_token_id,
                                              self.cfg.vision.spatial_merge_size)
-        elif position_ids is None:
-            position_ids = (cache.next_pos[:, None] + torch.arange(T, device=x.device)).expand(3, B, T)
-        position_ids = position_ids.to(x.device)
+        if position_ids is None:  # decoding: text positions from the cache's counter, rope from its table
+            pos = cache.next_pos[:, None] + torch.arange(T, device=x.device)  # (B, T)
+            cos, sin, next_pos = cache.cos[pos][:, None], cache.sin[pos][:, None], pos[:, -1] + 1
+        else:
+            position_ids = position_ids.to(x.device)
+            cos, sin = mrope(self.cfg, position_ids, x.dtype)
+            next_pos = position_ids.amax(dim=(0, 2)) + 1  # padding sits at 0
         # mask None: causal, or for one new token every cached key; else padded keys hidden, but every
         # query sees itself (no all -inf rows). The cache remembers whether its prompt had padding.
         valid = None if attention_mask is None else attention_mask.bool()
@@ -267,16 +276,15 @@ class Qwen2_5_VL(nn.Module):
         if valid is not None:  # d: key position - query position, (T, S)
             d = torch.arange(start + T, device=x.device)[None] - torch.arange(start, start + T, device=x.device)[:, None]
             mask = (((d <= 0)[None] & valid[:, None]) | (d == 0)[None])[:, None]  # (B, 1, T, S)
-        cos, sin = mrope(self.cfg, position_ids, x.dtype)
         for layer in self.model.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:
-            cache.len, cache.next_pos = start + T, position_ids.amax(dim=(0, 2)) + 1  # padding sits at 0
+            cache.len, cache.next_pos = start + T, next_pos
         h = self.model.norm(x)
-        return self.lm_head(h), h
+        return self.lm_head(h) if logits else None, h
 
     def generate(self, input_ids, pixel_values=None, grid_thw=None, attention_mask=None, max_new_tokens=16,
                  temperature=0.0, top_k=0, top_p=1.0, stop_ids=None, generator=None):
@@ -288,18 +296,20 @@ class Qwen2_5_VL(nn.Module):
         stop = torch.tensor(stop_ids if stop_ids is not None else self.default_stop_ids(), device=input_ids.device)
         with torch.inference_mode():  # lighter than no_grad; the result is built outside, as a normal tensor
             cache = KVCache(self.cfg, B, T + max_new_tokens, input_ids.device, self.lm_head.weight.dtype)
-            logits, _ = self(input_ids, pixel_values, grid_thw, attention_mask=attention_mask, cache=cache)
-            out, alive, done = [], [], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+            _, h = self(input_ids, pixel_values, grid_thw, attention_mask=attention_mask, cache=cache, logits=False)
+            logits = self.lm_head(h[:, -1:])  # (B, 1, V)
+            out, done, pad = [], torch.zeros(B, dtype=torch.bool, device=input_ids.device), stop[0]
             for i in range(max_new_tokens):
-                alive.append(~done.all())
-                tok = torch.where(done, stop[0], sample(logits[:, -1], temperature, top_k, top_p, generator))
+                tok = torch.where(done, pad, sample(logits[:, -1], temperature, top_k, top_p, generator))
                 out.append(tok)
                 done |= torch.isin(tok, stop)
                 if i == max_new_tokens - 1 or (i % 16 == 15 and bool(done.all())):  # a host sync every 16 steps
                     break
                 logits, _ = self(inputs_embeds=self.model.embed_tokens(tok[:, None]), cache=cache)
-        n = int(torch.stack(alive).sum())  # the steps before every row was done
-        return torch.cat([input_ids, torch.stack(out[:n], 1)], 1)
+        out = torch.stack(out, 1)  # (B, n); keep the steps up to the one where the last row stopped
+        all_done = torch.isin(out, stop).cummax(1).values.all(0)  # (n,)
+        n = int(all_done.int().argmax()) + 1 if bool(all_done.any()) else out.shape[1]
+        return torch.cat([input_ids, out[:, :n]], 1)
 
     def default_stop_ids(self):
         eos = self.cfg.eos_token_id

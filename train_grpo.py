@@ -158,19 +158,18 @@ def train_step(model, ref, tok, ids, exs, stop, opt, params, gen, autocast):
     with torch.no_grad(), autocast:
         feats = model.visual(torch.cat(pvs).to(dev), grid)  # each image encoded once for its G rows
     row_feats = [f for f in feats.split([int(g.prod()) // 4 for g in grids]) for _ in range(G)]  # B*G rows
-    feats_g = torch.cat(row_feats)
     grid_g = grid.repeat_interleave(G, 0)
-    prompt_g, mask_g = prompt_ids.repeat_interleave(G, 0).to(dev), mask.repeat_interleave(G, 0).to(dev)
+    mask_g = mask.repeat_interleave(G, 0).to(dev)
     t0 = time.time()
     model.eval()
-    with autocast:
+    with autocast:  # B prompts prefilled once, G rows each
         seqs, latents, is_lat, old_logp = lvr.rollout(
-            model, ids, prompt_g, None, grid_g, mask_g, max_new_tokens, decoding, lvr_steps,
+            model, ids, prompt_ids.to(dev), None, grid, mask.to(dev), max_new_tokens, decoding, lvr_steps,
             max_latent_steps=max_latent_steps, end_threshold=end_threshold, temperature=temperature,
-            stop_ids=stop, generator=gen, feats=feats_g)
+            stop_ids=stop, generator=gen, feats=feats, group_size=G)
     model.train()
     rollout_s = time.time() - t0
-    T = prompt_g.shape[1]
+    T = prompt_ids.shape[1]
     comp = seqs[:, T:]
     tmask = lvr.text_mask(seqs[:, T - 1:], ids, stop)[:, 1:]  # from T - 1, in case a prompt opens the span
     scores, lengths = {k: [] for k in REWARDS}, []

@@ -98,6 +98,13 @@ def test_training_forward_equals_rollout_logprobs(tmp_path):
                                            decoding="steps", lvr_steps=3, temperature=0.7, generator=gen,
                                            feats=torch.cat(feats), stop_ids=[tok.im_end])
     assert is_lat.any() and not is_lat.all()
+    # one prefill per prompt, its cache copied to G rows: the same rows as prefilling every copy
+    one_ids, one_mask = qwen.left_pad(prompts, tok.endoftext)
+    shared = lvr.rollout(model, ids, one_ids, None, torch.cat(grids), one_mask, max_new_tokens=10, decoding="steps",
+                         lvr_steps=3, temperature=0.7, generator=torch.Generator().manual_seed(0),
+                         feats=torch.cat(feats[::G]), stop_ids=[tok.im_end], group_size=G)
+    assert torch.equal(shared[0], seqs) and torch.equal(shared[2], is_lat)
+    assert torch.allclose(shared[1], lats, atol=1e-5) and torch.allclose(shared[3], logp, atol=1e-5)
     T = input_ids.shape[1]
     attn = torch.cat([mask, torch.ones_like(seqs[:, T:])], 1)
     with torch.no_grad():
