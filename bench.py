@@ -37,6 +37,7 @@ decode_tokens = 32  # tokens per decode measurement
 small_image = 224  # side of the photo in the decode, latent, GRPO and SFT prompts (64 image tokens)
 group_size = 8  # G rows per prompt in the GRPO rollout measurement
 reference = True  # also time transformers' implementation (when it is installed)
+peak_tflops = 0.0  # the device's dense peak for `dtype` (e.g. 989 for H100 bf16): also report SFT MFU
 # -----------------------------------------------------------------------------
 
 LM = {"0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
@@ -92,13 +93,14 @@ def photo(size=448, seed=0):
 
 def peak_load_rss(path, ours):
     """Peak resident-memory growth (bytes) of a fresh process loading the checkpoint and reading every
-    weight once (a memory-mapped load costs nothing until the weights are touched)."""
+    weight once (a memory-mapped load costs nothing until the weights are touched). Read from
+    /proc (VmHWM is per process image; ru_maxrss would carry over the forking parent's peak)."""
     load = ("import qwen; m = qwen.Qwen2_5_VL.from_pretrained(p)" if ours else
             "from transformers import Qwen2_5_VLForConditionalGeneration as M; m = M.from_pretrained(p, dtype='float32')")
-    code = (f"import resource, sys, torch; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
-            f"p = {path!r}; import transformers; base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-            f"{load}; sum(float(q.sum()) for q in m.parameters()); "
-            f"print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)")
+    code = (f"import re, sys, torch; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+            f"kb = lambda k: int(re.search(k + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1)); "
+            f"p = {path!r}; import transformers; base = kb('VmRSS'); "
+            f"{load}; sum(float(q.detach().sum()) for q in m.parameters()); print((kb('VmHWM') - base) * 1024)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     return int(r.stdout.split()[-1]) if r.returncode == 0 else float("nan")
 
@@ -148,17 +150,17 @@ def bench_size(size, rows):
     prompt = torch.tensor([tok.prompt("What colour is the square?", [int(grid.prod()) // 4])], device=device)
     n = decode_tokens
     # decode at batch 1 and 8: (time for n tokens - time for 1) / (n - 1), so prefill is excluded
-    for B in (1, 8):
+    for B, m in ((1, n), (8, n // 2)):  # (batch 8: fewer tokens, it is 8x the work)
         p, g, x = prompt.repeat(B, 1), grid.repeat(B, 1), pv.repeat(B, 1)
-        def ours_gen(n):
-            return lambda: model.generate(p, x, g, max_new_tokens=n, stop_ids=[-1])
+        def ours_gen(k):
+            return lambda: model.generate(p, x, g, max_new_tokens=k, stop_ids=[-1])
 
-        def ref_gen(n):
-            return lambda: ref.generate(input_ids=p, attention_mask=torch.ones_like(p), **kw(x, g, p), max_new_tokens=n,
-                                        min_new_tokens=n, do_sample=False, pad_token_id=tok.endoftext)
-        t = timed(ours_gen(n), ours_gen(1), *((ref_gen(n), ref_gen(1)) if ref is not None else ()))
-        ours = B * (n - 1) / (t[0] - t[1])
-        add(f"decode batch {B}", ours, ref and B * (n - 1) / (t[2] - t[3]), "tok/s", True)
+        def ref_gen(k):
+            return lambda: ref.generate(input_ids=p, attention_mask=torch.ones_like(p), **kw(x, g, p), max_new_tokens=k,
+                                        min_new_tokens=k, do_sample=False, pad_token_id=tok.endoftext)
+        t = timed(ours_gen(m), ours_gen(1), *((ref_gen(m), ref_gen(1)) if ref is not None else ()))
+        ours = B * (m - 1) / (t[0] - t[1])
+        add(f"decode batch {B}", ours, ref and B * (m - 1) / (t[2] - t[3]), "tok/s", True)
         if B == 1 and size != "tiny":
             lm_bytes = sum(q.numel() * q.element_size() for n_, q in model.named_parameters() if not n_.startswith("visual"))
             floor = copy_bandwidth() / lm_bytes
@@ -169,18 +171,21 @@ def bench_size(size, rows):
     def roll(p, n, ids_):
         return lambda: lvr.rollout(model, ids_, p, pv, grid, max_new_tokens=n, decoding="steps", lvr_steps=n,
                                    stop_ids=[-1])
-    t = timed(roll(lat_prompt, n, ids), roll(lat_prompt, 1, ids), roll(prompt, n, text_ids), roll(prompt, 1, text_ids))
+    t = timed(roll(lat_prompt, n, ids), roll(lat_prompt, 1, ids), roll(prompt, n, text_ids), roll(prompt, 1, text_ids),
+              n=max(repeats, 5))  # a ratio of two small differences: more rounds
     lat, txt = (n - 1) / (t[0] - t[1]), (n - 1) / (t[2] - t[3])
     rows.append((size, "latent steps/s vs text tokens/s", lat, txt, "step/s", f"{lat / txt:.2f}x"))
-    # GRPO rollout, B prompts x G samples: one batched rollout (one prefill per prompt) vs one row at a time
-    B, G, n = 2, group_size, 16
+    # GRPO rollout at train_grpo's default B x G: one batched rollout (one prefill per prompt) vs one row
+    # at a time, whose throughput is the same for every row, so a few rows measure it
+    B, G, n, few = 8, group_size, 16, 2
     feats = model.visual(pv, grid)
     gen = torch.Generator(device).manual_seed(0)
     def grpo(rows_, g):
         return lvr.rollout(model, ids, prompt.repeat(rows_, 1), None, grid.repeat(rows_, 1), max_new_tokens=n,
                            temperature=0.9, generator=gen, stop_ids=[-1], feats=feats.repeat(rows_, 1), group_size=g)
-    t = timed(lambda: grpo(B, G), lambda: [grpo(1, 1) for _ in range(B * G)], n=1, warmup=False)  # warm from above
-    batched, single = B * G * n / t[0], B * G * n / t[1]
+    big = size != "tiny"  # one round, no warm-up (warm from above): these are the slowest measurements
+    t = timed(lambda: grpo(B, G), lambda: [grpo(1, 1) for _ in range(few)], n=1 if big else None, warmup=not big)
+    batched, single = B * G * n / t[0], few * n / t[1]
     rows.append((size, f"GRPO rollout {B}x{G} rows, {n} tokens: batched vs one at a time", batched, single, "tok/s",
                  f"{batched / single:.2f}x"))
     # one SFT step: forward + backward with the LVR loss vs the reference's forward + backward (CE)
@@ -204,7 +209,18 @@ def bench_size(size, rows):
             if ref is not None:
                 ref.train()
                 ref.model.visual.requires_grad_(False)
-            add(f"SFT step (fwd+bwd, batch 2 x {batch['input_ids'].shape[1]} tokens)", *both(ours_step, ref_step))
+            t = both(ours_step, ref_step)
+            add(f"SFT step (fwd+bwd, batch 2 x {batch['input_ids'].shape[1]} tokens)", *t)
+            # model FLOPs: 6 per LM weight per token (embedding table excluded) + the frozen tower's forward
+            n_lm = sum(q.numel() for k, q in model.named_parameters() if not k.startswith("visual"))
+            n_lm -= 0 if model.cfg.tie_word_embeddings else model.model.embed_tokens.weight.numel()
+            n_vis = sum(q.numel() for q in model.visual.parameters())
+            flops = 6 * n_lm * batch["input_ids"].numel() + 2 * n_vis * batch["pixel_values"].shape[0]
+            tflops = [None if x is None else flops / x / 1e12 for x in t]
+            rows.append((size, "SFT step model TFLOP/s", *tflops, "TFLOP/s", ""))
+            if peak_tflops > 0:
+                rows.append((size, "SFT step MFU", tflops[0] / peak_tflops,
+                             tflops[1] and tflops[1] / peak_tflops, f"of {peak_tflops} TFLOP/s", ""))
     # loading: resident memory growth over the file size
     if size != "tiny":  # (the tiny file is smaller than the resident-set granularity that matters)
         rows.append((size, "peak RSS growth loading / file size", peak_load_rss(tmp, True) / file_bytes,
