@@ -1,15 +1,18 @@
 """
 Speed and memory: ours vs the reference transformers Qwen2.5-VL, same random weights, one process.
 
-    python bench.py                                  # tiny + 0.5B-shaped, CPU fp32 (a few minutes on 2 cores)
-    python bench.py --sizes 3b --device cuda --dtype bfloat16    # the real 3B shape on a GPU
+    python bench.py                                  # tiny + 0.5B-shaped, CPU fp32 (~6 min on 2 cores)
+    python bench.py --sizes 3b --device cuda --dtype bfloat16 --peak_tflops 989   # the 3B shape on a GPU
 
 Nothing is downloaded: each size is a random checkpoint written by our save_pretrained, which
-the reference loads too. Every time is the median of `repeats` runs after a warm-up; a ratio
-is our speed over the reference's (> 1: we are faster). Decode tokens/s is measured as
-(time for n tokens - time for 1 token) / (n - 1), so prefill is excluded. The bandwidth floor
-is the measured copy bandwidth over the LM weight bytes one decode step reads. Peak load
-memory is measured in a fresh subprocess, as the growth of its resident set over the file size.
+the reference loads too. Each time is the median of `repeats` rounds after a warm-up round, ours
+and the reference's taking turns within a round; a ratio is our speed over the reference's
+(> 1: we are faster). Decode tokens/s is (time for n tokens - time for 1) / (n - 1) through
+generate, so prefill is excluded; the bandwidth floor is the measured copy bandwidth over the
+LM weight bytes one decode step reads. The GRPO rollout runs train_grpo's B x G rows in one call
+(one prefill per prompt) against one row at a time. Peak load memory is measured in a fresh
+process loading the checkpoint and reading every weight, over the file size. SFT model FLOPs:
+6 per LM weight per token (embedding table excluded, attention ignored) + the tower's forward.
 """
 import os
 import shutil
@@ -32,9 +35,9 @@ import vision
 sizes = "tiny,0.5b"  # comma-separated: tiny | 0.5b | 3b
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "float32"  # float32 | bfloat16
-repeats = 3  # timed runs per measurement (the median is reported)
+repeats = 3  # timed rounds per measurement (the median is reported)
 decode_tokens = 32  # tokens per decode measurement
-small_image = 224  # side of the photo in the decode, latent, GRPO and SFT prompts (64 image tokens)
+small_image = 224  # side of the photo in the latent, GRPO and SFT prompts (64 image tokens)
 group_size = 8  # G rows per prompt in the GRPO rollout measurement
 reference = True  # also time transformers' implementation (when it is installed)
 peak_tflops = 0.0  # the device's dense peak for `dtype` (e.g. 989 for H100 bf16): also report SFT MFU

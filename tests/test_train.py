@@ -1,5 +1,6 @@
 """train_sft.py end to end: resume, DDP vs one process, NaN stop, dataset errors, then sample.py."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -269,3 +270,17 @@ def test_resume_after_a_kill_and_untrusted_train_state(tmp_path):
     r = run("train_sft.py", *common, "--out_dir", b, "--resume", "true")
     assert r.returncode == 1 and "cannot resume from" in r.stderr and "Traceback" not in r.stderr
     assert not os.path.exists(tmp_path / "pwned")
+
+
+def test_bench_tiny_runs():
+    """bench.py on the tiny size: every row printed, every number finite and positive (no timing asserts)."""
+    r = run("bench.py", "--sizes", "tiny", "--repeats", "1", "--decode_tokens", "8")
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines() if line.startswith("tiny ")]
+    names = " ".join(" ".join(row) for row in rows)
+    for want in ("image encode", "prefill", "decode batch 1", "decode batch 8", "latent steps/s", "GRPO rollout",
+                 "SFT step"):
+        assert want in names, want
+    for row in rows:
+        nums = [float(x) for x in row if x.replace(".", "", 1).replace("e-", "", 1).replace("e+", "", 1).isdigit()]
+        assert nums and all(math.isfinite(x) and x > 0 for x in nums), row
