@@ -250,7 +250,7 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
     n_lat = torch.zeros(B, dtype=torch.long, device=dev)  # latent steps taken in the current span
     force = torch.full((B,), -1, dtype=torch.long, device=dev)  # token to force at the next step
     done = torch.zeros(B, dtype=torch.bool, device=dev)
-    toks, lats, is_lats, logps = [], [], [], []
+    toks, lats, is_lats, logps, dones = [], [], [], [], []
     for i in range(max_new_tokens):
         tok = qwen.sample(logits, temperature, top_k, top_p, generator)
         tok = torch.where(force >= 0, force, tok)
@@ -283,13 +283,16 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
         logps.append(torch.where(latent_step, 0.0, lp))
         n_lat = torch.where(latent_step, n_lat + 1, torch.where(exit_, 0, n_lat))
         in_lat = (in_lat & ~exit_) | (~in_lat & (tok == ids.start) & ~done)
-        done |= ~latent_step & ~in_lat & torch.isin(tok, stop)
-        if i == max_new_tokens - 1 or bool(done.all()):
+        done = done | (~latent_step & ~in_lat & torch.isin(tok, stop))
+        dones.append(done)
+        if i == max_new_tokens - 1 or (i % 16 == 15 and bool(done.all())):  # a host sync every 16 steps only
             break
         logits, h = model(inputs_embeds=x[:, None], cache=cache)
         logits, h = logits[:, -1], h[:, -1]
-    return (torch.cat([input_ids, torch.stack(toks, 1)], 1), torch.stack(lats, 1), torch.stack(is_lats, 1),
-            torch.stack(logps, 1))
+    all_done = torch.stack(dones).all(1)  # (n,): keep the steps up to the one where the last row stopped
+    n = int(all_done.int().argmax()) + 1 if bool(all_done.any()) else len(dones)
+    toks, lats, is_lats, logps = (torch.stack(t, 1)[:, :n] for t in (toks, lats, is_lats, logps))
+    return torch.cat([input_ids, toks], 1), lats, is_lats, logps
 
 
 def is_lvr_format(tokens, ids, stop_ids, text):

@@ -260,6 +260,23 @@ def test_teacher_forced_positions_equal_rollout(tmp_path):
     assert out[0, T + 6:].tolist() == logits[0, T + 5:-1].argmax(-1).tolist()
 
 
+def test_rollout_stops_when_every_row_has(tmp_path):
+    """Rows stop at their own stop token (later slots hold the first stop id); the output ends at the step where the
+    last row stopped, though the loop only checks that every 16 steps."""
+    model, tok, ids = tiny_model(tmp_path)
+    prompts = [tok.prompt("What colour is the square?"), tok.prompt("What colour is the small circle?")]
+    input_ids, mask = qwen.left_pad(prompts, tok.endoftext)
+    run = lambda stop: lvr.rollout(model, ids, input_ids, attention_mask=mask, max_new_tokens=40,  # noqa: E731
+                                   stop_ids=stop)[0][:, input_ids.shape[1]:]
+    free = run([-1])
+    stop = [int(free[0, 2]), int(free[1, 5])]  # pretend these are stop tokens: row 0 stops by step 2, row 1 by 5
+    first = [next(i for i, t in enumerate(row) if t in stop) for row in free.tolist()]
+    out = run(stop)
+    assert out.shape[1] == 1 + max(first) < 40  # trimmed to the last row's stop
+    for b, f in enumerate(first):
+        assert out[b, :f + 1].tolist() == free[b, :f + 1].tolist() and (out[b, f + 1:] == stop[0]).all()
+
+
 def test_save_load_with_latent_tokens(tmp_path):
     model, tok, ids = tiny_model(tmp_path / "a", latent_head=True)
     model.save_pretrained(str(tmp_path / "b"))
