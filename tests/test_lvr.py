@@ -261,8 +261,8 @@ def test_teacher_forced_positions_equal_rollout(tmp_path):
 
 
 def test_rollout_stops_when_every_row_has(tmp_path):
-    """Rows stop at their own stop token (later slots hold the first stop id); the output ends at the step where the
-    last row stopped, though the loop only checks that every 16 steps."""
+    """Rows stop at their own stop token (later slots hold the first stop id); the output ends at the
+    step where the last row stopped, though the loop only checks that every 16 steps."""
     model, tok, ids = tiny_model(tmp_path)
     prompts = [tok.prompt("What colour is the square?"), tok.prompt("What colour is the small circle?")]
     input_ids, mask = qwen.left_pad(prompts, tok.endoftext)
