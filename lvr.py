@@ -221,7 +221,8 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
       steps:  after `lvr_steps` latents, <|lvr_end|> is forced (force_end=False: the model's own token);
       latent: when dist(hidden, embedding of <|lvr_latent_end|>) < end_threshold, feed
               <|lvr_latent_end|>, then force <|lvr_end|>;
-      token:  when the model itself emits <|lvr_end|>;
+      token:  when the model itself emits <|lvr_end|>, after at least one latent (every trained span
+              has one, and the state that read <|lvr_start|> has no CE label: its token means nothing);
     and always at `max_latent_steps`. Stop tokens do not end a row while it is in latent mode.
     Returns tokens (B, T+n), latents (B, n, C) (zeros at text steps), is_latent (B, n) bool, and
     logprobs (B, n): log-softmax(logits / temperature) of each token (0 at latent steps), which
@@ -267,8 +268,8 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
             exit_ = in_lat & (dist < end_threshold)
             tok = torch.where(exit_, ids.latent_end, tok)
             force = torch.where(exit_, ids.end, force)
-        else:  # token: the model's own <|lvr_end|>
-            exit_ = in_lat & (tok == ids.end)
+        else:  # token: the model's own <|lvr_end|>, once a latent step has been taken
+            exit_ = in_lat & (tok == ids.end) & (n_lat > 0)
         over = in_lat & ~exit_ & (n_lat >= budget)  # budget reached in latent/token mode: force the end
         tok = torch.where(over, ids.end, tok)
         exit_ = exit_ | over

@@ -1,4 +1,5 @@
 """The method: ROI maths, the SFT loss, Mirage stage 2, and the latent rollout vs a slow oracle."""
+import dataclasses
 import os
 
 import pytest
@@ -170,7 +171,7 @@ def slow_rollout(model, ids, prompt, pv, grid, max_new, decoding, lvr_steps, bud
         if in_lat:
             if decoding == "steps" and n_lat >= lvr_steps:
                 tok = ids.end
-            elif decoding == "token" and tok == ids.end:
+            elif decoding == "token" and tok == ids.end and n_lat > 0:
                 pass
             elif decoding == "latent" and F.mse_loss(vec, model.model.embed_tokens.weight[ids.latent_end]) < threshold:
                 tok, force = ids.latent_end, ids.end
@@ -258,6 +259,18 @@ def test_teacher_forced_positions_equal_rollout(tmp_path):
     assert torch.allclose(h[0, T - 1:T + 3], lats[0, :4], atol=1e-4)
     # after the forced <|lvr_end|>, greedy text tokens are the argmax of the teacher-forced logits
     assert out[0, T + 6:].tolist() == logits[0, T + 5:-1].argmax(-1).tolist()
+
+
+def test_token_exit_takes_a_latent_first(tmp_path):
+    """The state that read <|lvr_start|> has no CE label, so its token is no exit: even when it is
+    <|lvr_end|>, the row takes one latent step first."""
+    model, tok, ids = tiny_model(tmp_path)
+    prompt = torch.tensor([tok.prompt("What colour is the square?") + [ids.start]])
+    first = int(model(prompt)[0][0, -1].argmax())  # the model's own token after <|lvr_start|>
+    ids = dataclasses.replace(ids, end=first)
+    _, _, is_lat, _ = lvr.rollout(model, ids, prompt, max_new_tokens=4, decoding="token", max_latent_steps=3,
+                                  stop_ids=[-1])
+    assert is_lat[0, 0]
 
 
 def test_rollout_stops_when_every_row_has(tmp_path):
