@@ -240,12 +240,10 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
                  logits=False)
     h = h[:, -1]
     logits = model.lm_head(h)  # only the last position's: lm_head over the whole prompt is wasted
-    if group_size > 1:  # copy each prompt's prefilled state to its G rows
-        G = group_size
-        cache.k, cache.v = [k.repeat_interleave(G, 0) for k in cache.k], [v.repeat_interleave(G, 0) for v in cache.v]
-        cache.valid, cache.next_pos = cache.valid.repeat_interleave(G, 0), cache.next_pos.repeat_interleave(G, 0)
-        input_ids, h, logits = (t.repeat_interleave(G, 0) for t in (input_ids, h, logits))
-        B = B * G
+    if group_size > 1:  # each prompt's prefilled state, copied to its G rows
+        cache.repeat_rows(group_size)
+        input_ids, h, logits = (t.repeat_interleave(group_size, 0) for t in (input_ids, h, logits))
+        B = B * group_size
     budget = lvr_steps if decoding == "steps" else max_latent_steps
     in_lat = input_ids[:, -1] == ids.start  # the mode flag (a prompt may end in <|lvr_start|>)
     n_lat = torch.zeros(B, dtype=torch.long, device=dev)  # latent steps taken in the current span

@@ -25,7 +25,7 @@ from safetensors import safe_open, SafetensorError
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from vision import MLP, InputError, RMSNorm, VisionConfig, VisionTransformer
+from vision import MLP, InputError, RMSNorm, VisionConfig, VisionTransformer, cos_sin, rope
 
 SPECIAL = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
 
@@ -103,6 +103,11 @@ class KVCache:
         self.len = 0  # slots written so far
         self.padded = False  # whether any key is padding (then every step needs a mask)
 
+    def repeat_rows(self, G):
+        """Each row copied to G consecutive rows: G samples of one prompt share its prefill."""
+        self.k, self.v = ([t.repeat_interleave(G, 0) for t in kv] for kv in (self.k, self.v))
+        self.valid, self.next_pos = self.valid.repeat_interleave(G, 0), self.next_pos.repeat_interleave(G, 0)
+
 
 class Attention(nn.Module):
     def __init__(self, cfg, layer_idx):
@@ -120,9 +125,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        # rotate_half(q) * sin == q.roll(D/2) * sin_signed (sin with its first half negated): fewer ops
-        q = q * cos + q.roll(self.hd // 2, -1) * sin
-        k = k * cos + k.roll(self.hd // 2, -1) * sin
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         if cache is not None:  # write this chunk, attend over everything so far
             s, ck, cv = cache.len, cache.k[self.layer_idx], cache.v[self.layer_idx]
             ck[:, :, s:s + T], cv[:, :, s:s + T] = k, v
@@ -160,13 +163,12 @@ def rope_tables(hd, theta, section, device):
 
 
 def mrope(cfg, position_ids, dtype):
-    """(3, B, T) positions -> cos, sin_signed (B, 1, T, head_dim): frequency slots split over t/h/w
-    rows; the first half of sin is negated, for Attention's roll form of rotate_half."""
+    """(3, B, T) positions -> cos, sin (B, 1, T, head_dim) for vision.rope: frequency slots split
+    over t/h/w rows."""
     inv_freq, rows = rope_tables(cfg.hidden_size // cfg.num_attention_heads, cfg.rope_theta,
                                  tuple(cfg.mrope_section), position_ids.device)
     freqs = position_ids[rows].permute(1, 2, 0).float() * inv_freq  # (B, T, hd/2), slot j uses row rows[j]
-    emb = torch.cat([freqs, freqs], -1)[:, None]
-    return emb.cos().to(dtype), torch.cat([-freqs, freqs], -1)[:, None].sin().to(dtype)
+    return tuple(t.to(dtype) for t in cos_sin(torch.cat([freqs, freqs], -1)[:, None]))
 
 
 def latent_head(C):
@@ -346,15 +348,12 @@ class Qwen2_5_VL(nn.Module):
         if cfg.tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         expected = model.state_dict()
-        for k in expected:
-            if k not in state:
-                raise InputError(f"{path}: checkpoint is missing key {k}")
-            if state[k].shape != expected[k].shape:
-                raise InputError(f"{path}: key {k} has shape {tuple(state[k].shape)}, "
-                                 f"the config expects {tuple(expected[k].shape)}")
-        for k in state:
-            if k not in expected:
-                raise InputError(f"{path}: checkpoint has unexpected key {k}")
+        bad = ([f"checkpoint is missing key {k}" for k in expected if k not in state]
+               + [f"checkpoint has unexpected key {k}" for k in state if k not in expected]
+               + [f"key {k} has shape {tuple(state[k].shape)}, the config expects {tuple(v.shape)}"
+                  for k, v in expected.items() if k in state and state[k].shape != v.shape])
+        if bad:
+            raise InputError(f"{path}: {bad[0]}")
         model.load_state_dict(state, strict=True, assign=True)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight  # assign=True made two Parameters

@@ -124,6 +124,18 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)  # normalise in fp32, scale in the input dtype
 
 
+def rope(x, cos, sin):
+    """Rotary embedding in roll form: x * cos + rotate_half(x) * sin == x * cos + x.roll(D/2) * sin,
+    with sin's first half negated once in cos_sin (one roll per call instead of two slices, a neg, a cat)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+
+
+def cos_sin(angles):
+    """(..., D) angles, cat(freqs, freqs) -> cos, sin with its first half negated, for rope()."""
+    half = angles.shape[-1] // 2
+    return angles.cos(), torch.cat([-angles[..., :half], angles[..., half:]], -1).sin()
+
+
 def pack(cu_seqlens):
     """Sequence boundaries -> (idx (S, L), mask (S, L) or None): token index per padded slot."""
     lens = cu_seqlens[1:] - cu_seqlens[:-1]
@@ -143,8 +155,7 @@ class VisionAttention(nn.Module):
     def forward(self, x, cos, sin, seqs):
         N, C = x.shape
         qkv = self.qkv(x).view(N, 3, self.n_head, -1)  # (N, 3, H, D)
-        qk = qkv[:, :2].float()  # RoPE on q and k together, in float32; roll + signed sin == rotate_half
-        qk = (qk * cos + qk.roll(qk.shape[-1] // 2, -1) * sin).to(x.dtype)
+        qk = rope(qkv[:, :2].float(), cos, sin).to(x.dtype)  # q and k together, in float32
         q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]  # each (N, H, D)
         idx, mask = seqs  # all windows (or images) at once, padded to the longest
         if mask is None:  # all the same length: the packing is a reshape, no gather
@@ -255,9 +266,7 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(pixel_values)  # (N, C)
         order = (window_index[:, None] * unit + torch.arange(unit)).flatten().to(dev)  # patch permutation
         x = x[order]
-        angles = self.rotary(grid_thw).to(dev)[order]  # (N, D)
-        half = angles.shape[-1] // 2
-        cos, sin = angles.cos()[:, None, None], torch.cat([-angles[:, :half], angles[:, half:]], -1).sin()[:, None, None]
+        cos, sin = (t[:, None, None] for t in cos_sin(self.rotary(grid_thw).to(dev)[order]))  # (N, 1, 1, D)
         for i, blk in enumerate(self.blocks):
             x = blk(x, cos, sin, full_seqs if i in self.cfg.fullatt_block_indexes else window_seqs)
         return self.merger(x)[torch.argsort(window_index).to(dev)]
