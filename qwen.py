@@ -389,7 +389,9 @@ def save_checkpoint(model, tok, out_dir, train_state, weights=None):
     if os.path.exists(out_dir):
         os.rename(out_dir, os.path.join(old, "ckpt"))
     os.rename(tmp, out_dir)  # a kill between the two renames is undone by restore_checkpoint
-    shutil.rmtree(old)
+    trash = os.path.join(parent, ".tmp-" + os.path.basename(old)[len(".old-"):])
+    os.rename(old, trash)  # delete under a .tmp- name: a half-deleted checkpoint must never be restored
+    shutil.rmtree(trash)
 
 
 def load_train_state(out_dir):

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -209,7 +210,10 @@ def test_a_save_killed_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
         assert step >= 1 and model.cfg.extra["lvr_token_ids"]
         last = step
     assert last >= 1
-    # the worst moment, made by hand: out moved aside, the new one not yet renamed in
+    # the worst moment, made by hand: out moved aside, the new one not yet renamed in; beside it, an
+    # older checkpoint whose deletion was killed half-way (sorted first, so a careless restore picks it)
+    os.makedirs(tmp_path / ".tmp-out-a" / "ckpt")
+    shutil.copy(os.path.join(out, "config.json"), tmp_path / ".tmp-out-a" / "ckpt")
     os.makedirs(tmp_path / ".old-out-x")
     os.rename(out, tmp_path / ".old-out-x" / "ckpt")
     os.makedirs(tmp_path / ".tmp-out-y")
@@ -218,6 +222,22 @@ def test_a_save_killed_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
     leftovers = [d for d in os.listdir(tmp_path) if d.startswith(".")]
     qwen.save_checkpoint(model, tok, out, {"step": 0})  # a later save also cleans up what the kills left
     assert [d for d in os.listdir(tmp_path) if d.startswith(".")] == [], leftovers
+
+
+def test_a_save_killed_while_deleting_the_old_checkpoint_leaves_nothing_to_restore(tmp_path, monkeypatch):
+    from test_lvr import tiny_model
+    model, tok, _ = tiny_model(tmp_path / "src")
+    out = str(tmp_path / "out")
+    qwen.save_checkpoint(model, tok, out, {"step": 1})
+
+    def killed(path, *a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(qwen.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        qwen.save_checkpoint(model, tok, out, {"step": 2})
+    assert state(out)["step"] == 2
+    # what is left half-deleted must not carry a name restore_checkpoint would move back
+    assert [d for d in os.listdir(tmp_path) if d.startswith(".old-")] == []
 
 
 def test_on_bad_record_skip_reports_and_goes_on(tmp_path):
