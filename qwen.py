@@ -389,9 +389,7 @@ def save_checkpoint(model, tok, out_dir, train_state, weights=None):
     if os.path.exists(out_dir):
         os.rename(out_dir, os.path.join(old, "ckpt"))
     os.rename(tmp, out_dir)  # a kill between the two renames is undone by restore_checkpoint
-    trash = os.path.join(parent, ".tmp-" + os.path.basename(old)[len(".old-"):])
-    os.rename(old, trash)  # delete under a .tmp- name: a half-deleted checkpoint must never be restored
-    shutil.rmtree(trash)
+    discard(old, name)
 
 
 def load_train_state(out_dir):
@@ -404,14 +402,24 @@ def load_train_state(out_dir):
 
 
 def restore_checkpoint(out_dir):
-    """Undo a save killed part-way: drop its temp dirs; if out_dir is gone, move the previous one back."""
+    """Undo a save killed part-way: if out_dir is gone, move the previous one back; drop the rest."""
     parent, name = os.path.split(os.path.abspath(out_dir))
     for d in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
-        prev = os.path.join(parent, d, "ckpt")
-        if d.startswith(f".old-{name}-") and os.path.isdir(prev) and not os.path.exists(out_dir):
-            os.rename(prev, out_dir)
-        if d.startswith((f".tmp-{name}-", f".old-{name}-")):
-            shutil.rmtree(os.path.join(parent, d), ignore_errors=True)
+        path, prev = os.path.join(parent, d), os.path.join(parent, d, "ckpt")
+        if d.startswith(f".old-{name}-"):
+            if os.path.isdir(prev) and not os.path.exists(out_dir):
+                os.rename(prev, out_dir)
+            discard(path, name)
+        elif d.startswith(f".tmp-{name}-"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def discard(path, name):
+    """Delete a dir after moving it into a fresh .tmp- dir: the rename is atomic, so a kill mid-delete
+    never leaves a half-deleted (or stale) checkpoint under an .old- name that restore would move back."""
+    trash = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=os.path.dirname(path))
+    os.rename(path, os.path.join(trash, "x"))
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def safetensors_files(path):

@@ -210,8 +210,10 @@ def test_a_save_killed_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
         assert step >= 1 and model.cfg.extra["lvr_token_ids"]
         last = step
     assert last >= 1
-    # the worst moment, made by hand: out moved aside, the new one not yet renamed in; beside it, an
-    # older checkpoint whose deletion was killed half-way (sorted first, so a careless restore picks it)
+    # the worst moment, made by hand: a save (which first clears what the kills left) moved out aside and
+    # did not rename the new one in; beside it, an older checkpoint whose deletion was killed half-way
+    # (sorted first, so a careless restore would pick it)
+    qwen.restore_checkpoint(out)
     os.makedirs(tmp_path / ".tmp-out-a" / "ckpt")
     shutil.copy(os.path.join(out, "config.json"), tmp_path / ".tmp-out-a" / "ckpt")
     os.makedirs(tmp_path / ".old-out-x")
