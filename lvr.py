@@ -345,7 +345,9 @@ def group_advantages(rewards, group_size, scale=True):
     adv = r - r.mean(1, keepdim=True)
     if scale:
         adv = adv / (r.std(1, keepdim=True) + 1e-4)
-    return adv.flatten()
+    # an all-equal group carries no signal, but its float mean can miss the value by an ulp (eight 1.2s),
+    # which the division above turns into a 1e-3 advantage on every row: make it exactly 0
+    return adv.masked_fill((r == r[:, :1]).all(1, keepdim=True), 0.0).flatten()
 
 
 def text_mask(completion, ids, stop_ids):

@@ -23,6 +23,8 @@ def test_group_advantages_by_hand():
     a = lvr.group_advantages(r, 4)
     assert torch.allclose(a[:4], torch.tensor([0.5, -0.5, 0.5, -0.5]) / (std + 1e-4))
     assert torch.equal(a[4:], torch.zeros(4))  # no spread: no signal, and no division blow-up
+    flat = 1.0 * torch.ones(8) + 0.2 * torch.ones(8)  # train_grpo's accuracy + format: a mean off by an ulp
+    assert torch.equal(lvr.group_advantages(flat, 8), torch.zeros(8))
     assert torch.allclose(lvr.group_advantages(r, 4, scale=False)[:4], torch.tensor([0.5, -0.5, 0.5, -0.5]))
 
 
