@@ -195,7 +195,7 @@ def mirage_stage2_loss(model, batch, freeze_vision=True):
     slot = batch["latent_slot"]  # (L,) index of each latent within its span
     n_pass = int(slot.max()) + 1 if len(slot) else 0
     for j in range(n_pass):
-        _, h = model(inputs_embeds=x, attention_mask=mask, position_ids=pos)
+        _, h = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, logits=False)
         sel = slot == j
         x = x.index_put((b[sel], t[sel]), head(model, h[b[sel], t[sel] - 1]).to(x.dtype))
     _, h = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, logits=False)
