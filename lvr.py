@@ -288,8 +288,7 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
             break
         logits, h = model(inputs_embeds=x[:, None], cache=cache)
         logits, h = logits[:, -1], h[:, -1]
-    all_done = torch.stack(dones).all(1)  # (n,): keep the steps up to the one where the last row stopped
-    n = int(all_done.int().argmax()) + 1 if bool(all_done.any()) else len(dones)
+    n = min(int((~torch.stack(dones).all(1)).sum()) + 1, len(dones))  # up to the step the last row stopped
     toks, lats, is_lats, logps = (torch.stack(t, 1)[:, :n] for t in (toks, lats, is_lats, logps))
     return torch.cat([input_ids, toks], 1), lats, is_lats, logps
 

@@ -300,18 +300,17 @@ class Qwen2_5_VL(nn.Module):
             cache = KVCache(self.cfg, B, T + max_new_tokens, input_ids.device, self.lm_head.weight.dtype)
             _, h = self(input_ids, pixel_values, grid_thw, attention_mask=attention_mask, cache=cache, logits=False)
             logits = self.lm_head(h[:, -1:])  # (B, 1, V)
-            out, done, pad = [], torch.zeros(B, dtype=torch.bool, device=input_ids.device), stop[0]
+            out, dones, done = [], [], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
             for i in range(max_new_tokens):
-                tok = torch.where(done, pad, sample(logits[:, -1], temperature, top_k, top_p, generator))
+                tok = torch.where(done, stop[0], sample(logits[:, -1], temperature, top_k, top_p, generator))
                 out.append(tok)
-                done |= torch.isin(tok, stop)
+                done = done | torch.isin(tok, stop)
+                dones.append(done)
                 if i == max_new_tokens - 1 or (i % 16 == 15 and bool(done.all())):  # a host sync every 16 steps
                     break
                 logits, _ = self(inputs_embeds=self.model.embed_tokens(tok[:, None]), cache=cache)
-        out = torch.stack(out, 1)  # (B, n); keep the steps up to the one where the last row stopped
-        all_done = torch.isin(out, stop).cummax(1).values.all(0)  # (n,)
-        n = int(all_done.int().argmax()) + 1 if bool(all_done.any()) else out.shape[1]
-        return torch.cat([input_ids, out[:, :n]], 1)
+        n = min(int((~torch.stack(dones).all(1)).sum()) + 1, len(out))  # up to the step the last row stopped
+        return torch.cat([input_ids, torch.stack(out[:n], 1)], 1)
 
     def default_stop_ids(self):
         eos = self.cfg.eos_token_id
