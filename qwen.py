@@ -404,13 +404,11 @@ def restore_checkpoint(out_dir):
     """Undo a save killed part-way: if out_dir is gone, move the previous one back; drop the rest."""
     parent, name = os.path.split(os.path.abspath(out_dir))
     for d in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
-        path, prev = os.path.join(parent, d), os.path.join(parent, d, "ckpt")
-        if d.startswith(f".old-{name}-"):
-            if os.path.isdir(prev) and not os.path.exists(out_dir):
-                os.rename(prev, out_dir)
-            discard(path, name)
-        elif d.startswith(f".tmp-{name}-"):
-            shutil.rmtree(path, ignore_errors=True)
+        prev = os.path.join(parent, d, "ckpt")
+        if d.startswith(f".old-{name}-") and os.path.isdir(prev) and not os.path.exists(out_dir):
+            os.rename(prev, out_dir)
+        if d.startswith((f".tmp-{name}-", f".old-{name}-")):
+            discard(os.path.join(parent, d), name)
 
 
 def discard(path, name):
