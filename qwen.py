@@ -14,6 +14,8 @@ import functools
 import json
 import os
 import shutil
+import signal
+import sys
 import tempfile
 from dataclasses import dataclass, field, asdict
 
@@ -529,9 +531,25 @@ def configure(g, argv):
     return keys
 
 
+def stop_flag():
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) -> a list a training loop reads between steps,
+    so what it saves on the way out is one whole step (a KeyboardInterrupt can land inside opt.step()).
+    A second signal stops at once, without saving: the last checkpoint on disk stays as it was."""
+    flag = []
+
+    def handler(sig, frame):
+        if flag:
+            raise KeyboardInterrupt
+        flag.append(sig)
+        print(f"\n{signal.Signals(sig).name}: saving and stopping at the end of a step (again: stop now, no save)",
+              file=sys.stderr)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+    return flag
+
+
 def run(main):
     """Run a script's main(): user errors print one line and exit 1, Ctrl-C exits 130."""
-    import sys
     try:
         main(sys.argv[1:])
     except InputError as e:

@@ -120,6 +120,7 @@ def main(argv):
     stop = [tok.im_end, tok.endoftext]
     autocast = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
     bar = tqdm(total=max_iters, initial=step, dynamic_ncols=True)
+    stopping = qwen.stop_flag()  # Ctrl-C / SIGTERM: finish the step, save it, exit
     try:
         while step < max_iters:
             for g in opt.param_groups:
@@ -132,16 +133,13 @@ def main(argv):
             log.append(stats)
             bar.update(1)
             bar.set_postfix(reward=f"{stats['reward']:.3f}", acc=f"{stats['accuracy']:.2f}", kl=f"{stats['kl']:.4f}")
-            if step % eval_interval == 0 or step == max_iters:
+            if stopping or step % eval_interval == 0 or step == max_iters:
                 tqdm.write(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in stats.items()))
                 qwen.save_checkpoint(model, tok, out_dir, {"step": step, "optimizer": opt.state_dict(), "log": log,
                                                            "config": config, "gen": gen.get_state()})
-    except KeyboardInterrupt:
-        if step > 0:
-            qwen.save_checkpoint(model, tok, out_dir, {"step": step, "optimizer": opt.state_dict(), "log": log,
-                                                       "config": config, "gen": gen.get_state()})
-            print(f"\ninterrupted: saved step {step} to {out_dir}")
-        raise
+            if stopping:
+                print(f"\nstopped: saved step {step} to {out_dir}")
+                raise SystemExit(128 + stopping[0])  # 130 for Ctrl-C, 143 for SIGTERM
     finally:
         bar.close()
         if SKIPPED:

@@ -13,6 +13,7 @@ Checkpoints are Hugging Face Qwen2.5-VL directories plus train_state.pt, written
 """
 import math
 import os
+import signal
 import tempfile
 import time
 
@@ -178,6 +179,7 @@ def main(argv):
                                                    min_pixels, max_pixels) for e in exs], tok.endoftext)
     autocast = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
     bar = tqdm(total=max_iters, initial=step, disable=rank != 0, dynamic_ncols=True)
+    stop = qwen.stop_flag()  # Ctrl-C / SIGTERM: finish the step, save it, exit
     try:
         while step < max_iters:
             t0 = time.time()
@@ -196,10 +198,12 @@ def main(argv):
                     (loss / grad_accum).backward()
                 ce_sum += ce.float().cpu() / grad_accum
                 lat_sum += lat.float().cpu() / grad_accum
-            if ddp:  # report the global mean
-                stats = torch.stack([ce_sum, lat_sum]).to(dev)
+            stats = torch.stack([ce_sum, lat_sum, torch.tensor(float(len(stop)))])
+            if ddp:  # the global mean losses, and whether any rank was asked to stop (so all stop together)
+                stats = stats.to(dev)
                 dist.all_reduce(stats)
-                ce_sum, lat_sum = (stats / world).cpu()
+                stats = stats.cpu() / world
+            ce_sum, lat_sum, stopping = stats[0], stats[1], bool(stats[2] > 0)
             if not (math.isfinite(ce_sum) and math.isfinite(lat_sum)):
                 raise InputError(f"loss is not finite at step {step} (ce {ce_sum}, latent {lat_sum}); "
                                  f"stopped, {out_dir} keeps the last good checkpoint")
@@ -212,8 +216,10 @@ def main(argv):
             bar.update(1)
             bar.set_postfix(ce=f"{ce_sum:.4f}", latent=f"{lat_sum:.4f}", lr=f"{lr_now:.1e}",
                             ms=f"{1000 * (time.time() - t0):.0f}")
-            if step % eval_interval == 0 or step == max_iters:
-                if fsdp:  # every rank runs the evaluation forwards (they gather weights), rank 0 prints
+            if stopping or step % eval_interval == 0 or step == max_iters:
+                if stopping:  # no evaluation on the way out
+                    pass
+                elif fsdp:  # every rank runs the evaluation forwards (they gather weights), rank 0 prints
                     step_fn.unshard()
                     evaluate(model, tok, ids, records, dev, step, rank)
                     step_fn.reshard()
@@ -222,11 +228,10 @@ def main(argv):
                 save(model, tok, opt, step, losses, rank)
                 if ddp:
                     dist.barrier()
-    except KeyboardInterrupt:
-        if rank == 0 and step > 0 and not fsdp:  # (FSDP can't gather the state once the ranks disagree)
-            save(model, tok, opt, step, losses)
-            print(f"\ninterrupted: saved step {step} to {out_dir}")
-        raise
+            if stopping:
+                if rank == 0:
+                    print(f"\nstopped: saved step {step} to {out_dir}")
+                raise SystemExit(128 + (stop[0] if stop else signal.SIGINT))  # 130 for Ctrl-C, 143 for SIGTERM
     finally:
         bar.close()
         if SKIPPED and rank == 0:

@@ -11,7 +11,7 @@ import lvr
 import qwen
 import vision
 from test_lvr import tiny_model
-from test_train import SMALL, run
+from test_train import SIGNALLED, SMALL, run
 
 IDS = lvr.LatentIds(start=100, latent=101, latent_end=102, end=103)
 IM_END, PAD = 7, 8
@@ -143,8 +143,10 @@ def test_train_grpo_end_to_end_and_resume(tmp_path):
     r = run("train_grpo.py", *common, "--max_iters", "4", "--out_dir", a, "--micro_batch", "3", "--ppo_epochs", "2")
     assert r.returncode == 0, r.stderr
     assert "reward" in r.stdout and "flat_groups" in r.stdout and "rollout_tok_s" in r.stdout
-    r = run("train_grpo.py", *common, "--max_iters", "2", "--out_dir", b, "--micro_batch", "3", "--ppo_epochs", "2")
-    assert r.returncode == 0, r.stderr
+    # Ctrl-C in step 2's second update (zero_grad call 4): the step finishes, is saved, and the run exits
+    r = run("-c", SIGNALLED.format(script="train_grpo.py", at=4, sigs=["SIGINT"], args=[
+        *common, "--max_iters", "4", "--out_dir", b, "--micro_batch", "3", "--ppo_epochs", "2"]))
+    assert r.returncode == 130 and f"stopped: saved step 2 to {b}" in r.stdout, r.stderr
     r = run("train_grpo.py", *common, "--max_iters", "4", "--out_dir", b, "--micro_batch", "3", "--ppo_epochs", "2",
             "--resume", "true")
     assert r.returncode == 0, r.stderr
