@@ -2,7 +2,7 @@
 Speed and memory: ours vs the reference transformers Qwen2.5-VL, same random weights, one process.
 
     python bench.py                                  # tiny + 0.5B-shaped, CPU fp32 (~6 min on 2 cores)
-    python bench.py --sizes 3b --device cuda --dtype bfloat16 --peak_tflops 989   # the 3B shape on a GPU
+    python bench.py --sizes 3b --device cuda --dtype bfloat16 --peak_tflops 989 --sft_batch 16  # 3B, a GPU
 
 Nothing is downloaded: each size is a random checkpoint written by our save_pretrained, which
 the reference loads too. Each time is the median of `repeats` rounds after a warm-up round, ours
@@ -39,6 +39,7 @@ repeats = 3  # timed rounds per measurement (the median is reported)
 decode_tokens = 32  # tokens per decode measurement
 small_image = 224  # side of the photo in the latent, GRPO and SFT prompts (64 image tokens)
 group_size = 8  # G rows per prompt in the GRPO rollout measurement
+sft_batch = 2  # examples in the SFT step (on a GPU use more, e.g. 16, or MFU only measures launch overhead)
 reference = True  # also time transformers' implementation (when it is installed)
 peak_tflops = 0.0  # the device's dense peak for `dtype` (e.g. 989 for H100 bf16): also report SFT MFU
 # -----------------------------------------------------------------------------
@@ -86,7 +87,6 @@ def make_checkpoint(size, path):
         for name, p in model.named_parameters():
             p.normal_(0, 0.02) if p.ndim > 1 else p.fill_(1.0 if "norm" in name or "ln_q" in name else 0.0)
     model.save_pretrained(path)
-    del model
 
 
 def photo(size=448, seed=0):
@@ -197,9 +197,9 @@ def bench_size(size, rows):
     if size != "3b" or device != "cpu":
         with torch.enable_grad():
             model.train()
-            exs = [data.synthetic_example(i, small_image) for i in range(2)]
-            batch = data.to_device(data.collate([data.encode(e, tok, ids, "lvr", 0, 4, False, 3136, small_image ** 2)
-                                                 for e in exs], tok.endoftext), device)
+            batch = data.to_device(data.collate([data.encode(data.synthetic_example(i, small_image), tok, ids, "lvr",
+                                                             0, 4, False, 3136, small_image ** 2)
+                                                 for i in range(sft_batch)], tok.endoftext), device)
             batch["pixel_values"] = batch["pixel_values"].to(dt)
             def ours_step():
                 loss, _, _ = lvr.sft_loss(model, batch, 1.0, 0.1, "mse", freeze_vision=True)
@@ -215,7 +215,7 @@ def bench_size(size, rows):
                 ref.train()
                 ref.model.visual.requires_grad_(False)
             t = both(ours_step, ref_step)
-            add(f"SFT step (fwd+bwd, batch 2 x {batch['input_ids'].shape[1]} tokens)", *t)
+            add(f"SFT step (fwd+bwd, batch {sft_batch} x {batch['input_ids'].shape[1]} tokens)", *t)
             # model FLOPs: 6 per LM weight per token (embedding table excluded) + the frozen tower's forward
             n_lm = sum(q.numel() for k, q in model.named_parameters() if not k.startswith("visual"))
             n_lm -= 0 if model.cfg.tie_word_embeddings else model.model.embed_tokens.weight.numel()
