@@ -96,6 +96,7 @@ def main(argv):
         raise InputError(f"--decoding must be token, steps or latent, got {decoding!r}")
     if group_size < 2:
         raise InputError("--group_size must be at least 2: advantages are relative to the group")
+    qwen.check_out_dir(out_dir, fresh=not resume)
     records = None if data_path == "synthetic" else data.load_records(data_path)
     model, tok = qwen.load(out_dir if resume else init_from, device=device)
     ids = lvr.latent_ids(tok, model.cfg.extra.get("lvr_tokens", lvr.LVR_TOKENS))  # the tokens it was trained with

@@ -144,6 +144,7 @@ def main(argv):
     ddp = "RANK" in os.environ
     if fsdp and not ddp:
         raise InputError("--fsdp true shards across processes: launch with torchrun --nproc_per_node N")
+    qwen.check_out_dir(out_dir, fresh=not resume)
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     dev = device
     if ddp:

@@ -256,6 +256,27 @@ def test_a_save_killed_while_deleting_the_old_checkpoint_leaves_nothing_to_resto
     assert [d for d in os.listdir(tmp_path) if d.startswith(".old-")] == []
 
 
+def test_out_dir_is_never_a_directory_a_save_would_wipe(tmp_path):
+    """A save replaces out_dir whole: a fresh run may not replace a checkpoint, and nothing else is replaced."""
+    from test_lvr import tiny_model
+    model, tok, _ = tiny_model(tmp_path / "src")
+    ckpt, mine = str(tmp_path / "ckpt"), tmp_path / "mine"
+    qwen.save_checkpoint(model, tok, ckpt, {"step": 7})
+    os.makedirs(mine / "sub")
+    (mine / "notes.txt").write_text("mine")
+    for script, extra in (("train_sft.py", [*SMALL]), ("train_grpo.py", ["--init_from", ckpt])):
+        r = run(script, *extra, "--out_dir", ckpt)  # a fresh run (no --resume) into a finished run's checkpoint
+        assert r.returncode == 1 and "already holds a checkpoint" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        r = run(script, *extra, "--out_dir", str(mine))
+        assert r.returncode == 1 and "notes.txt, sub, which saving" in r.stderr, r.stderr
+    assert state(ckpt)["step"] == 7 and (mine / "notes.txt").read_text() == "mine"
+    with pytest.raises(InputError, match="notes.txt"):  # the save itself checks too (a file added mid-run)
+        qwen.save_checkpoint(model, tok, str(mine), {"step": 1})
+    assert (mine / "notes.txt").exists() and (mine / "sub").is_dir()
+    with pytest.raises(InputError, match="is a file"):
+        qwen.check_out_dir(str(mine / "notes.txt"), fresh=True)
+
+
 def test_on_bad_record_skip_reports_and_goes_on(tmp_path):
     good = record([[0.1, 0.1, 0.3, 0.3]])
     path = write_dataset(tmp_path, [good, record([[0.3, 0.1, 0.3, 0.3]]), good, record([[0.1, 0.1, 0.3, 0.3]],
