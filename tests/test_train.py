@@ -134,7 +134,7 @@ def test_train_on_a_file_then_sample_with_latents(tmp_path):
     assert os.path.isfile(viz)
     model, tok = qwen.load(out)
     assert hasattr(model, "lvr_head") and model.cfg.extra["lvr_tokens"] == lvr.LVR_TOKENS
-    r = run("train_sft.py", *SMALL, "--data_path", str(tmp_path / "nope.json"), "--out_dir", out)
+    r = run("train_sft.py", *SMALL, "--data_path", str(tmp_path / "nope.json"), "--out_dir", str(tmp_path / "o2"))
     assert r.returncode == 1 and "Traceback" not in r.stderr and "cannot read dataset" in r.stderr
 
 
