@@ -29,20 +29,6 @@ def state(out):
     return torch.load(os.path.join(out, "train_state.pt"), weights_only=True)
 
 
-def test_resume_continues_the_same_loss_curve(tmp_path):
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    r = run("train_sft.py", *SMALL, "--max_iters", "6", "--eval_interval", "3", "--out_dir", a)
-    assert r.returncode == 0, r.stderr
-    r = run("train_sft.py", *SMALL, "--max_iters", "3", "--eval_interval", "3", "--out_dir", b)
-    assert r.returncode == 0, r.stderr
-    r = run("train_sft.py", *SMALL, "--max_iters", "6", "--eval_interval", "3", "--out_dir", b, "--resume", "true")
-    assert r.returncode == 0, r.stderr
-    la, lb = state(a)["losses"], state(b)["losses"]
-    assert len(la) == len(lb) == 6
-    assert torch.allclose(torch.tensor(la), torch.tensor(lb), rtol=1e-5, atol=1e-6)
-    assert la[0][1] > 0  # the latent loss is really trained and logged
-
-
 def test_ddp_and_fsdp_two_processes_match_one(tmp_path):
     one, two, three = str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "three")
     common = [*SMALL, "--batch_size", "2", "--max_iters", "3", "--eval_interval", "3"]
@@ -170,24 +156,28 @@ runpy.run_path({script!r}, run_name="__main__")
 """
 
 
-def test_ctrl_c_or_sigterm_saves_the_whole_step_and_exits(tmp_path):
+def test_ctrl_c_or_sigterm_saves_the_whole_step_and_resume_continues_the_same_loss_curve(tmp_path):
     a, b, c, d = (str(tmp_path / x) for x in "abcd")
-    common = [*SMALL, "--max_iters", "6", "--eval_interval", "3"]
+    common = [*SMALL, "--max_iters", "6", "--eval_interval", "4"]
     r = run("train_sft.py", *common, "--out_dir", a)
     assert r.returncode == 0, r.stderr
-    signalled = lambda out, sigs: run("-c", SIGNALLED.format(script="train_sft.py", at=4, sigs=sigs, args=[*common, "--out_dir", out]))  # noqa: E731
-    r = signalled(b, ["SIGINT"])  # read at the next step's loss reduction: that step finishes, is saved, exit
+
+    def signalled(out, at, *sigs):  # the signals arrive in the at-th zero_grad (step at - 1)
+        return run("-c", SIGNALLED.format(script="train_sft.py", at=at, sigs=sigs, args=[*common, "--out_dir", out]))
+    r = signalled(b, 2, "SIGINT")  # read at the next step's loss reduction: that step finishes, is saved, exit
     assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr
-    assert f"stopped: saved step 5 to {b}" in r.stdout
-    assert state(b)["step"] == len(state(b)["losses"]) == 5
+    assert f"stopped: saved step 3 to {b}" in r.stdout
+    assert state(b)["step"] == len(state(b)["losses"]) == 3
     r = run("train_sft.py", *common, "--out_dir", b, "--resume", "true")  # the same curve as the unbroken run
     assert r.returncode == 0, r.stderr
-    assert torch.allclose(torch.tensor(state(a)["losses"]), torch.tensor(state(b)["losses"]), rtol=1e-5, atol=1e-6)
-    r = signalled(c, ["SIGTERM"])  # a scheduler's preemption: the same, exit 143
-    assert r.returncode == 143 and state(c)["step"] == 5, r.stderr
-    r = signalled(d, ["SIGINT", "SIGINT"])  # twice: stop at once, no save; the step-3 checkpoint stays
+    la, lb = state(a)["losses"], state(b)["losses"]
+    assert len(la) == len(lb) == 6 and torch.allclose(torch.tensor(la), torch.tensor(lb), rtol=1e-5, atol=1e-6)
+    assert la[0][1] > 0  # the latent loss is really trained and logged
+    r = signalled(c, 2, "SIGTERM")  # a scheduler's preemption: the same, exit 143
+    assert r.returncode == 143 and state(c)["step"] == 3, r.stderr
+    r = signalled(d, 5, "SIGINT", "SIGINT")  # twice: stop at once, no save; the step-4 checkpoint stays
     assert r.returncode == 130 and "Traceback" not in r.stderr and "stopped" not in r.stdout, r.stderr
-    assert state(d)["step"] == 3
+    assert state(d)["step"] == 4
     qwen.load(d)
 
 
