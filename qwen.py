@@ -398,12 +398,16 @@ def save_checkpoint(model, tok, out_dir, train_state, weights=None):
     check_out_dir(out_dir, fresh=False)
     parent, name = os.path.split(os.path.abspath(out_dir))
     tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent)
-    model.save_pretrained(tmp, weights)
-    tok.tok.save(os.path.join(tmp, "tokenizer.json"))
-    torch.save(train_state, os.path.join(tmp, "train_state.pt"))
-    for f in os.listdir(tmp):
-        with open(os.path.join(tmp, f), "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        model.save_pretrained(tmp, weights)
+        tok.tok.save(os.path.join(tmp, "tokenizer.json"))
+        torch.save(train_state, os.path.join(tmp, "train_state.pt"))
+        for f in os.listdir(tmp):
+            with open(os.path.join(tmp, f), "rb") as fh:
+                os.fsync(fh.fileno())
+    except OSError as e:  # a full disk, say: drop the partial copy (it holds the space), keep the old one
+        discard(tmp, name)
+        raise InputError(f"cannot write a checkpoint beside {out_dir} ({e}); {out_dir} is unchanged") from None
     old = tempfile.mkdtemp(prefix=f".old-{name}-", dir=parent)
     if os.path.exists(out_dir):
         os.rename(out_dir, os.path.join(old, "ckpt"))

@@ -230,7 +230,7 @@ def test_a_save_killed_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
     assert [d for d in os.listdir(tmp_path) if d.startswith(".")] == [], leftovers
 
 
-def test_a_save_killed_while_deleting_the_old_checkpoint_leaves_nothing_to_restore(tmp_path, monkeypatch):
+def test_a_save_killed_while_deleting_the_old_checkpoint_or_failing_on_a_full_disk_leaves_it_clean(tmp_path, monkeypatch):
     from test_lvr import tiny_model
     model, tok, _ = tiny_model(tmp_path / "src")
     out = str(tmp_path / "out")
@@ -244,6 +244,14 @@ def test_a_save_killed_while_deleting_the_old_checkpoint_leaves_nothing_to_resto
     assert state(out)["step"] == 2
     # what is left half-deleted must not carry a name restore_checkpoint would move back
     assert [d for d in os.listdir(tmp_path) if d.startswith(".old-")] == []
+    monkeypatch.undo()
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(qwen, "save_file", full)  # a full disk: a one-line error, the partial copy dropped
+    with pytest.raises(InputError, match="No space left on device.*is unchanged"):
+        qwen.save_checkpoint(model, tok, out, {"step": 3})
+    assert state(out)["step"] == 2 and [d for d in os.listdir(tmp_path) if d.startswith(".")] == []
 
 
 def test_out_dir_is_never_a_directory_a_save_would_wipe(tmp_path):
