@@ -176,6 +176,10 @@ def main(argv):
         set_optimizer_state_dict(model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=fsdp))
         step, losses = state["step"], state["losses"]
         torch.set_rng_state(state["rng"])
+        changed = [f"{k} {state['config'][k]} -> {v}" for k, v in CONFIG.items()
+                   if k != "resume" and state["config"].get(k, v) != v]
+        if changed and rank == 0:  # allowed (more steps, a lower lr), but the run is then not the one it was
+            print("resuming with changed settings: " + ", ".join(changed))
     encode = lambda exs: data.collate([data.encode(e, tok, ids, method, max_latents, mirage_k, latent_end,  # noqa: E731
                                                    min_pixels, max_pixels) for e in exs], tok.endoftext)
     autocast = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")

@@ -150,6 +150,7 @@ def test_train_grpo_end_to_end_and_resume(tmp_path):
     r = run("train_grpo.py", *common, "--max_iters", "4", "--out_dir", b, "--micro_batch", "3", "--ppo_epochs", "2",
             "--resume", "true")
     assert r.returncode == 0, r.stderr
+    assert "resuming with changed settings" not in r.stdout  # the same flags as the interrupted run
     la = torch.load(os.path.join(a, "train_state.pt"), weights_only=True)["log"]
     lb = torch.load(os.path.join(b, "train_state.pt"), weights_only=True)["log"]
     assert len(la) == len(lb) == 4

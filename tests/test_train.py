@@ -315,6 +315,7 @@ def test_resume_after_a_kill_and_untrusted_train_state(tmp_path):
     assert state(b)["step"] < 12
     r = run("train_sft.py", *common, "--out_dir", b, "--resume", "true")
     assert r.returncode == 0, r.stderr
+    assert "resuming with changed settings: max_iters 1000 -> 12\n" in r.stdout
     assert torch.allclose(torch.tensor(state(a)["losses"]), torch.tensor(state(b)["losses"]), rtol=1e-5, atol=1e-6)
 
     class Evil:  # a pickle that would run code when loaded
