@@ -222,13 +222,11 @@ def main(argv):
             bar.set_postfix(ce=f"{ce_sum:.4f}", latent=f"{lat_sum:.4f}", lr=f"{lr_now:.1e}",
                             ms=f"{1000 * (time.time() - t0):.0f}")
             if stopping or step % eval_interval == 0 or step == max_iters:
-                if stopping:  # no evaluation on the way out
-                    pass
-                elif fsdp:  # every rank runs the evaluation forwards (they gather weights), rank 0 prints
+                if fsdp and not stopping:  # every rank runs the evaluation forwards (they gather weights)
                     step_fn.unshard()
                     evaluate(model, tok, ids, records, dev, step, rank)
                     step_fn.reshard()
-                elif rank == 0:
+                elif rank == 0 and not stopping:  # (no evaluation on the way out)
                     evaluate(model, tok, ids, records, dev, step)
                 save(model, tok, opt, step, losses, rank)
                 if ddp:
