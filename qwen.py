@@ -365,6 +365,10 @@ class Qwen2_5_VL(nn.Module):
 
         `state`: a full state dict to write instead of self.state_dict() (FSDP gathers one)."""
         os.makedirs(path, exist_ok=True)
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(index):  # shards there would shadow the file we write: drop them, as transformers does
+            for f in safetensors_files(path) + [index]:
+                os.remove(f)
         state = {k: v.detach().contiguous() for k, v in (state or self.state_dict()).items()}
         if self.cfg.tie_word_embeddings:
             state.pop("lm_head.weight")

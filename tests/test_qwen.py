@@ -151,6 +151,12 @@ def test_flat_config_sharded_renamed_keys(ckpt, tmp_path):
         assert "text_config" not in json.load(f)
     a, b = ours_and_ref_logits(str(tmp_path), ref, [helpers.photo(200, 330, 4)])
     assert rel_err(a, b) < 1e-4
+    model = qwen.Qwen2_5_VL.from_pretrained(str(tmp_path))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)  # (untied) a change the reload must see
+    model.save_pretrained(str(tmp_path))  # over the shards, which would otherwise shadow the new file
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("model-") or f.endswith(".index.json")]
+    assert torch.equal(qwen.Qwen2_5_VL.from_pretrained(str(tmp_path)).lm_head.weight, model.lm_head.weight)
 
 
 def test_get_rope_index_matches_reference(ckpt):
