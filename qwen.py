@@ -366,9 +366,12 @@ class Qwen2_5_VL(nn.Module):
         `state`: a full state dict to write instead of self.state_dict() (FSDP gathers one)."""
         os.makedirs(path, exist_ok=True)
         index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.isfile(index):  # shards there would shadow the file we write: drop them, as transformers does
-            for f in safetensors_files(path) + [index]:
-                os.remove(f)
+        if os.path.isfile(index):  # an older sharded copy: drop it, as transformers does (we write one file)
+            with open(index) as f:
+                shards = {os.path.join(path, s) for s in json.load(f)["weight_map"].values()}
+            for f in [*shards, index]:
+                if os.path.isfile(f):
+                    os.remove(f)
         state = {k: v.detach().contiguous() for k, v in (state or self.state_dict()).items()}
         if self.cfg.tie_word_embeddings:
             state.pop("lm_head.weight")
@@ -448,14 +451,17 @@ def discard(path, name):
 
 
 def safetensors_files(path):
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
+    """The weight files, in transformers' order: model.safetensors, else the shards of the index."""
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return [single]
+    if not os.path.isfile(index):
+        raise InputError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    try:
         with open(index) as f:
             return [os.path.join(path, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
-    single = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(single):
-        raise InputError(f"no model.safetensors or model.safetensors.index.json in {path}")
-    return [single]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # truncated, or not an index
+        raise InputError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
 
 
 def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):

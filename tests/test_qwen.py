@@ -157,6 +157,11 @@ def test_flat_config_sharded_renamed_keys(ckpt, tmp_path):
     model.save_pretrained(str(tmp_path))  # over the shards, which would otherwise shadow the new file
     assert not [f for f in os.listdir(tmp_path) if f.startswith("model-") or f.endswith(".index.json")]
     assert torch.equal(qwen.Qwen2_5_VL.from_pretrained(str(tmp_path)).lm_head.weight, model.lm_head.weight)
+    for name, ks in shards.items():  # old shards beside it again: model.safetensors wins, as in transformers
+        save_file({k: renamed[k] for k in ks}, str(tmp_path / name))
+    with open(tmp_path / "model.safetensors.index.json", "w") as f:
+        json.dump({"weight_map": {k: n for n, ks in shards.items() for k in ks}}, f)
+    assert torch.equal(qwen.Qwen2_5_VL.from_pretrained(str(tmp_path)).lm_head.weight, model.lm_head.weight)
 
 
 def test_get_rope_index_matches_reference(ckpt):
@@ -382,6 +387,10 @@ def test_bad_checkpoints(ckpt, tmp_path):
         qwen.Qwen2_5_VL.from_pretrained(str(cut))
     with pytest.raises(InputError, match="no config.json"):
         qwen.Qwen2_5_VL.from_pretrained(str(tmp_path))
+    os.remove(cut / "model.safetensors")
+    (cut / "model.safetensors.index.json").write_text('{"weight_map": {"model.norm.weight": "model-0000')  # cut
+    with pytest.raises(InputError, match="index.json: not a valid safetensors index"):
+        qwen.Qwen2_5_VL.from_pretrained(str(cut))
 
 
 def test_config_tokenizer_mismatch(ckpt, tmp_path):
