@@ -144,7 +144,7 @@ def test_train_grpo_end_to_end_and_resume(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "reward" in r.stdout and "flat_groups" in r.stdout and "rollout_tok_s" in r.stdout
     # Ctrl-C in step 2's second update (zero_grad call 4): the step finishes, is saved, and the run exits
-    r = run("-c", SIGNALLED.format(script="train_grpo.py", at=4, sigs=["SIGINT"], args=[
+    r = run("-c", SIGNALLED.format(script="train_grpo.py", at=4, rank=0, sigs=["SIGINT"], args=[
         *common, "--max_iters", "4", "--out_dir", b, "--micro_batch", "3", "--ppo_epochs", "2"]))
     assert r.returncode == 130 and f"stopped: saved step 2 to {b}" in r.stdout, r.stderr
     r = run("train_grpo.py", *common, "--max_iters", "4", "--out_dir", b, "--micro_batch", "3", "--ppo_epochs", "2",

@@ -48,6 +48,16 @@ def test_ddp_and_fsdp_two_processes_match_one(tmp_path):
         assert r.returncode == 0, r.stderr
     assert torch.allclose(torch.tensor(state(one)["losses"]), torch.tensor(state(three)["losses"]), rtol=1e-4)
     assert len(state(three)["losses"]) == 4
+    # Ctrl-C reaching one rank only: the flag is summed with the losses, so both ranks stop after the same
+    # step and save it together (a collective under FSDP); that step resumes in one process onto `one`'s curve
+    four, script = str(tmp_path / "four"), tmp_path / "signalled.py"
+    script.write_text(SIGNALLED.format(script="train_sft.py", at=1, rank=1, sigs=["SIGINT"], args=[
+        *common, "--fsdp", "true", "--out_dir", four]))
+    r = run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535", str(script))
+    assert f"stopped: saved step 2 to {four}" in r.stdout and state(four)["step"] == 2, r.stderr
+    r = run("train_sft.py", *common, "--grad_accum", "2", "--out_dir", four, "--resume", "true")
+    assert r.returncode == 0, r.stderr
+    assert torch.allclose(torch.tensor(state(one)["losses"][:3]), torch.tensor(state(four)["losses"]), rtol=1e-4)
 
 
 def test_fsdp_needs_torchrun():
@@ -143,10 +153,11 @@ def test_other_methods_run(tmp_path, method, extra):
 
 SIGNALLED = """
 import os, runpy, signal, sys, torch
+sys.path.insert(0, os.getcwd())  # the repository (run as a file under torchrun, the script's dir comes first)
 zero_grad, calls = torch.optim.Optimizer.zero_grad, []
 def signalled(self, *a, **k):  # the worst moment for a KeyboardInterrupt: updated, but the step not yet counted
     calls.append(1)
-    if len(calls) == {at}:
+    if len(calls) == {at} and os.environ.get("RANK", "0") == "{rank}":  # (under torchrun: one rank only)
         for sig in {sigs!r}:
             os.kill(os.getpid(), getattr(signal, sig))
     return zero_grad(self, *a, **k)
@@ -163,7 +174,7 @@ def test_ctrl_c_or_sigterm_saves_the_whole_step_and_resume_continues_the_same_lo
     assert r.returncode == 0, r.stderr
 
     def signalled(out, at, *sigs):  # the signals arrive in the at-th zero_grad (step at - 1)
-        return run("-c", SIGNALLED.format(script="train_sft.py", at=at, sigs=sigs, args=[*common, "--out_dir", out]))
+        return run("-c", SIGNALLED.format(script="train_sft.py", at=at, rank=0, sigs=sigs, args=[*common, "--out_dir", out]))
     r = signalled(b, 2, "SIGINT")  # read at the next step's loss reduction: that step finishes, is saved, exit
     assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr
     assert f"stopped: saved step 3 to {b}" in r.stdout
