@@ -104,8 +104,9 @@ def main(argv):
         raise InputError(f"{init_from} has no latent tokens: train it with train_sft.py first")
     ref = None
     if beta > 0:  # the frozen reference: always the SFT checkpoint, also when resuming
-        ref, _ = qwen.load(init_from, device=device)
+        ref, _ = qwen.load(init_from, getattr(torch, dtype), device)  # (bf16: its matmuls ran in bf16 anyway)
         ref.eval().requires_grad_(False)
+        del ref.visual  # never run: both models read the image features the policy's tower computed once
     model.train()
     if freeze_vision:
         model.visual.requires_grad_(False)
