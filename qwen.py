@@ -368,7 +368,8 @@ class Qwen2_5_VL(nn.Module):
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index):  # an older sharded copy: drop it, as transformers does (we write one file)
             with open(index) as f:
-                shards = {os.path.join(path, s) for s in json.load(f)["weight_map"].values()}
+                shards = {os.path.join(path, s) for s in json.load(f)["weight_map"].values()
+                          if s == os.path.basename(s) and s.endswith(".safetensors")}  # never a file elsewhere
             for f in [*shards, index]:
                 if os.path.isfile(f):
                     os.remove(f)
