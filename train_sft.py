@@ -31,6 +31,7 @@ from vision import InputError
 # -----------------------------------------------------------------------------
 init_from = "scratch"  # "scratch" (tiny model + tiny tokenizer) or a Qwen2.5-VL checkpoint directory
 data_path = "synthetic"  # "synthetic" or an LVR JSON/JSONL or Mirage JSONL file
+eval_data_path = ""  # held-out records (data_path's format) to evaluate on; "" with a file: its first records
 image_root = ""  # directory the dataset's image paths are relative to (they may not leave it)
 on_bad_record = "fail"  # fail | skip: a record with a bad image, bbox or text stops the run, or is skipped
 method = "lvr"  # lvr | mirage | none (plain SFT, the ablation)
@@ -153,6 +154,12 @@ def main(argv):
             dev = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(dev)
     records = None if data_path == "synthetic" else data.load_records(data_path)
+    held_out = None
+    if eval_data_path:  # converted now: a bad record stops the run here, not at the first evaluation
+        recs = data.load_records(eval_data_path)
+        convert = lambda rec, where: data.record_example(rec, image_root, where)  # noqa: E731
+        held_out = [data.stream_example(recs, i, seed, convert, eval_data_path, on_bad_record, {})
+                    for i in range(min(eval_examples, len(recs)))]
     with tempfile.TemporaryDirectory() as tmp:
         model, tok, ids = build(tmp)
     model.to(dev).train()
@@ -224,10 +231,10 @@ def main(argv):
             if stopping or step % eval_interval == 0 or step == max_iters:
                 if fsdp and not stopping:  # every rank runs the evaluation forwards (they gather weights)
                     step_fn.unshard()
-                    evaluate(model, tok, ids, records, dev, step, rank)
+                    evaluate(model, tok, ids, records, held_out, dev, step, rank)
                     step_fn.reshard()
                 elif rank == 0 and not stopping:  # (no evaluation on the way out)
-                    evaluate(model, tok, ids, records, dev, step)
+                    evaluate(model, tok, ids, records, held_out, dev, step)
                 save(model, tok, opt, step, losses, rank)
                 if ddp:
                     dist.barrier()
@@ -244,10 +251,19 @@ def main(argv):
 
 
 @torch.no_grad()
-def evaluate(model, tok, ids, records, dev, step, rank=0):
-    """Held-out accuracy with the latent rollout (synthetic task) and held-out losses."""
+def evaluate(model, tok, ids, records, held_out, dev, step, rank=0):
+    """Accuracy with the latent rollout on held-out examples: --eval_data_path's, or the synthetic task's
+    (seeds training never draws). A data file without --eval_data_path is scored on its first training
+    examples, and the print says so: that measures fit, not generalisation."""
+    if held_out is not None:
+        exs, what = held_out, "held-out"
+    elif records is None:
+        exs, what = examples(0, eval_examples, None, "eval"), "held-out"
+    else:
+        exs, what = examples(0, min(eval_examples, len(records)), records), "training-set"
+    if not exs:  # --eval_examples 0: checkpoints only
+        return
     model.eval()
-    exs = examples(0, eval_examples, records, "eval") if records is None else examples(0, min(eval_examples, len(records)), records)
     correct = 0
     for i in range(0, len(exs), batch_size):
         chunk = exs[i:i + batch_size]
@@ -263,7 +279,7 @@ def evaluate(model, tok, ids, records, dev, step, rank=0):
         for e, row in zip(chunk, out[:, input_ids.shape[1]:].tolist()):
             correct += lvr.is_correct(tok.decode(row), e["answer"])
     if rank == 0:
-        print(f"\nstep {step}: held-out accuracy {correct / len(exs):.3f} on {len(exs)} examples")
+        print(f"\nstep {step}: {what} accuracy {correct / len(exs):.3f} on {len(exs)} examples")
     model.train()
 
 

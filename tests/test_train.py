@@ -120,9 +120,13 @@ def test_train_on_a_file_then_sample_with_latents(tmp_path):
     """An LVR JSONL file trains; sample.py decodes with latents and draws them."""
     path = write_dataset(tmp_path, [record([[0.1, 0.1, 0.3, 0.3]]), record([[10, 20, 60, 90]])])
     out = str(tmp_path / "out")
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text(json.dumps(record([[0.5, 0.5, 0.9, 0.7]])))
     r = run("train_sft.py", *SMALL, "--max_iters", "2", "--eval_interval", "2", "--data_path", path,
-            "--image_root", str(tmp_path), "--out_dir", out, "--max_latents", "2", "--latent_head", "true")
+            "--image_root", str(tmp_path), "--out_dir", out, "--max_latents", "2", "--latent_head", "true",
+            "--eval_data_path", str(held_out))
     assert r.returncode == 0, r.stderr
+    assert "step 2: held-out accuracy" in r.stdout and "on 1 examples" in r.stdout
     viz = str(tmp_path / "viz.png")
     r = run("sample.py", "--init_from", out, "--image", str(tmp_path / "a.png"), "--q", "What colour is the circle?",
             "--max_new_tokens", "12", "--lvr_steps", "2", "--viz", viz, "--max_pixels", "12544")
@@ -147,8 +151,9 @@ def test_other_methods_run(tmp_path, method, extra):
         assert state(out)["losses"][0][1] > 0
     if method == "mirage":
         r = run("train_sft.py", *SMALL, "--max_iters", "2", "--eval_interval", "2", "--method", "mirage",
-                "--stage", "2", "--init_from", out, "--out_dir", str(tmp_path / "s2"))
-        assert r.returncode == 0, r.stderr
+                "--stage", "2", "--init_from", out, "--out_dir", str(tmp_path / "s2"), "--eval_examples", "0")
+        assert r.returncode == 0 and "accuracy" not in r.stdout, r.stderr  # no evaluation: checkpoints only
+        assert state(str(tmp_path / "s2"))["step"] == 2
 
 
 SIGNALLED = """
@@ -297,6 +302,7 @@ def test_on_bad_record_skip_reports_and_goes_on(tmp_path):
     assert r.returncode == 1 and "record 1: bbox" in r.stderr and "Traceback" not in r.stderr
     r = run("train_sft.py", *common, "--on_bad_record", "skip")
     assert r.returncode == 0, r.stderr
+    assert "step 2: training-set accuracy" in r.stdout  # no --eval_data_path: the print says what it measured
     assert "skipping" in r.stderr and "record 1: bbox" in r.stderr and "record 3: image not found" in r.stderr
     assert "skipped 2 bad records" in r.stdout and "[1, 3]" in r.stdout
     # the stream is deterministic: bad records are replaced by the next good one in the epoch's order
