@@ -195,7 +195,7 @@ def train_step(model, ref, tok, ids, exs, stop, opt, params, gen, autocast):
     if ref is not None:
         with torch.no_grad(), autocast:
             ref_logp = torch.cat([lvr.completion_logprobs(ref, *args(c), temperature) for c in chunks])
-    kl_sum, loss_sum = 0.0, 0.0
+    kl_sum, loss_sum = 0.0, 0.0  # become device tensors, read once at the end: no host sync per micro-batch
     for _ in range(ppo_epochs):
         for c in chunks:
             with autocast:
@@ -203,17 +203,17 @@ def train_step(model, ref, tok, ids, exs, stop, opt, params, gen, autocast):
                 loss, kl = lvr.grpo_loss(logp, old_logp[c], adv[c], weights[c],
                                          None if ref_logp is None else ref_logp[c], clip_eps, beta)
             loss.backward()
-            loss_sum += float(loss.detach()) / ppo_epochs
-            kl_sum += float((kl.detach() * tmask[c]).sum()) / ppo_epochs
+            loss_sum += loss.detach() / ppo_epochs
+            kl_sum += (kl.detach() * tmask[c]).sum() / ppo_epochs
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
     groups = reward.view(-1, G)
-    return {"loss": loss_sum, "reward": float(reward.mean()), "accuracy": float(scores["accuracy"].mean()),
+    return {"loss": float(loss_sum), "reward": float(reward.mean()), "accuracy": float(scores["accuracy"].mean()),
             "format": float(scores["format"].mean()),
             "flat_groups": float((groups.max(1).values == groups.min(1).values).float().mean()),
-            "kl": kl_sum / max(1, int(tmask.sum())), "length": sum(lengths) / len(lengths),
+            "kl": float(kl_sum) / max(1, int(tmask.sum())), "length": sum(lengths) / len(lengths),
             "latent_steps": float(is_lat.sum(1).float().mean()), "rollout_tok_s": sum(lengths) / rollout_s}
 
 

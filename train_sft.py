@@ -200,7 +200,9 @@ def main(argv):
             for g in opt.param_groups:
                 g["lr"] = lr_now
             G = batch_size * grad_accum * world
-            ce_sum, lat_sum = torch.zeros(()), torch.zeros(())
+            # the losses stay on the device until the one read per step, so the next micro-batch's images
+            # are prepared while the device still computes this one
+            ce_sum, lat_sum = torch.zeros((), device=dev), torch.zeros((), device=dev)
             for micro in range(grad_accum):
                 batch = data.to_device(encode(examples(step * G + (micro * world + rank) * batch_size, batch_size,
                                                        records)), dev)
@@ -208,14 +210,13 @@ def main(argv):
                 with (step_fn.no_sync() if not sync else torch.enable_grad()), autocast:
                     loss, ce, lat = step_fn(batch)
                     (loss / grad_accum).backward()
-                ce_sum += ce.float().cpu() / grad_accum
-                lat_sum += lat.float().cpu() / grad_accum
-            stats = torch.stack([ce_sum, lat_sum, torch.tensor(float(len(stop)))])
+                ce_sum += ce.float() / grad_accum
+                lat_sum += lat.float() / grad_accum
+            stats = torch.stack([ce_sum, lat_sum, torch.tensor(float(len(stop)), device=dev)])
             if ddp:  # the global mean losses, and whether any rank was asked to stop (so all stop together)
-                stats = stats.to(dev)
                 dist.all_reduce(stats)
-                stats = stats.cpu() / world
-            ce_sum, lat_sum, stopping = stats[0], stats[1], bool(stats[2] > 0)
+                stats = stats / world
+            ce_sum, lat_sum, stopping = stats.tolist()
             if not (math.isfinite(ce_sum) and math.isfinite(lat_sum)):
                 raise InputError(f"loss is not finite at step {step} (ce {ce_sum}, latent {lat_sum}); "
                                  f"stopped, {out_dir} keeps the last good checkpoint")
@@ -224,7 +225,7 @@ def main(argv):
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            losses.append((float(ce_sum), float(lat_sum)))
+            losses.append((ce_sum, lat_sum))
             bar.update(1)
             bar.set_postfix(ce=f"{ce_sum:.4f}", latent=f"{lat_sum:.4f}", lr=f"{lr_now:.1e}",
                             ms=f"{1000 * (time.time() - t0):.0f}")
