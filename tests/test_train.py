@@ -42,14 +42,9 @@ def test_ddp_and_fsdp_two_processes_match_one(tmp_path):
         m1, m2 = qwen.Qwen2_5_VL.from_pretrained(one), qwen.Qwen2_5_VL.from_pretrained(out)
         for (k, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
             assert torch.allclose(p1, p2, atol=1e-5), (out, k)
-    # optimizer state is keyed by name: an FSDP checkpoint resumes in one process like a one-process checkpoint
-    for out in (one, three):
-        r = run("train_sft.py", *common, "--grad_accum", "2", "--max_iters", "4", "--out_dir", out, "--resume", "true")
-        assert r.returncode == 0, r.stderr
-    assert torch.allclose(torch.tensor(state(one)["losses"]), torch.tensor(state(three)["losses"]), rtol=1e-4)
-    assert len(state(three)["losses"]) == 4
     # Ctrl-C reaching one rank only: the flag is summed with the losses, so both ranks stop after the same
-    # step and save it together (a collective under FSDP); that step resumes in one process onto `one`'s curve
+    # step and save it together (a collective under FSDP); the optimizer state is keyed by parameter name,
+    # so that FSDP checkpoint resumes in one process onto `one`'s curve
     four, script = str(tmp_path / "four"), tmp_path / "signalled.py"
     script.write_text(SIGNALLED.format(script="train_sft.py", at=1, rank=1, sigs=["SIGINT"], args=[
         *common, "--fsdp", "true", "--out_dir", four]))
@@ -57,7 +52,7 @@ def test_ddp_and_fsdp_two_processes_match_one(tmp_path):
     assert f"stopped: saved step 2 to {four}" in r.stdout and state(four)["step"] == 2, r.stderr
     r = run("train_sft.py", *common, "--grad_accum", "2", "--out_dir", four, "--resume", "true")
     assert r.returncode == 0, r.stderr
-    assert torch.allclose(torch.tensor(state(one)["losses"][:3]), torch.tensor(state(four)["losses"]), rtol=1e-4)
+    assert torch.allclose(torch.tensor(state(one)["losses"]), torch.tensor(state(four)["losses"]), rtol=1e-4)
 
 
 def test_fsdp_needs_torchrun():
@@ -278,11 +273,14 @@ def test_out_dir_is_never_a_directory_a_save_would_wipe(tmp_path):
     qwen.save_checkpoint(model, tok, ckpt, {"step": 7})
     os.makedirs(mine / "sub")
     (mine / "notes.txt").write_text("mine")
-    for script, extra in (("train_sft.py", [*SMALL]), ("train_grpo.py", ["--init_from", ckpt])):
-        r = run(script, *extra, "--out_dir", ckpt)  # a fresh run (no --resume) into a finished run's checkpoint
-        assert r.returncode == 1 and "already holds a checkpoint" in r.stderr and "Traceback" not in r.stderr, r.stderr
-        r = run(script, *extra, "--out_dir", str(mine))
-        assert r.returncode == 1 and "notes.txt, sub, which saving" in r.stderr, r.stderr
+    procs = [(subprocess.Popen([sys.executable, script, *extra, "--out_dir", out], cwd=ROOT, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE), msg)  # all at once: start-up bound
+             for script, extra in (("train_sft.py", SMALL), ("train_grpo.py", ["--init_from", ckpt]))
+             for out, msg in ((ckpt, "already holds a checkpoint"),  # a fresh run into a finished run's checkpoint
+                              (str(mine), "notes.txt, sub, which saving"))]
+    for p, msg in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 1 and msg in err and "Traceback" not in err, err
     assert state(ckpt)["step"] == 7 and (mine / "notes.txt").read_text() == "mine"
     with pytest.raises(InputError, match="notes.txt"):  # the save itself checks too (a file added mid-run)
         qwen.save_checkpoint(model, tok, str(mine), {"step": 1})
