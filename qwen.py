@@ -387,16 +387,16 @@ CHECKPOINT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "train
 
 def check_out_dir(out_dir, fresh):
     """A save replaces out_dir whole, so it may hold nothing but a checkpoint of ours, and a fresh run
-    (no --resume) may not replace one. Checked before a run starts (fail fast) and at every save."""
+    (no --resume) must find it empty or absent. Checked before a run starts (fail fast) and at every save."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise InputError(f"--out_dir {out_dir} is a file, not a directory")
     have = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else set()
     if have - CHECKPOINT_FILES:
         raise InputError(f"--out_dir {out_dir} holds {', '.join(sorted(have - CHECKPOINT_FILES)[:3])}, which saving a "
                          f"checkpoint there would delete: choose another --out_dir")
-    if fresh and "train_state.pt" in have:
-        raise InputError(f"--out_dir {out_dir} already holds a checkpoint: --resume true continues it; to start over, "
-                         f"delete it or choose another --out_dir")
+    if fresh and have:  # a finished run's checkpoint, or a model (say the --init_from one) saved there
+        raise InputError(f"--out_dir {out_dir} already holds a checkpoint: --resume true continues a run saved there; "
+                         f"to start over, delete it or choose another --out_dir")
 
 
 def save_checkpoint(model, tok, out_dir, train_state, weights=None):

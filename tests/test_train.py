@@ -282,6 +282,10 @@ def test_out_dir_is_never_a_directory_a_save_would_wipe(tmp_path):
         _, err = p.communicate(timeout=300)
         assert p.returncode == 1 and msg in err and "Traceback" not in err, err
     assert state(ckpt)["step"] == 7 and (mine / "notes.txt").read_text() == "mine"
+    os.remove(os.path.join(ckpt, "train_state.pt"))  # a model saved without a run (the --init_from one, say)
+    with pytest.raises(InputError, match="already holds a checkpoint"):
+        qwen.check_out_dir(ckpt, fresh=True)
+    qwen.check_out_dir(str(tmp_path / "new"), fresh=True)  # absent: fine
     with pytest.raises(InputError, match="notes.txt"):  # the save itself checks too (a file added mid-run)
         qwen.save_checkpoint(model, tok, str(mine), {"step": 1})
     assert (mine / "notes.txt").exists() and (mine / "sub").is_dir()
