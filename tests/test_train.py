@@ -25,6 +25,15 @@ def run(*args, env=None):
     return r
 
 
+def run_all(*argvs):
+    """Several independent runs at once (each is one thread): their CompletedProcess results, in order."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, *a], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for a in argvs]
+    outs = [p.communicate(timeout=600) for p in procs]
+    return [subprocess.CompletedProcess(p.args, p.returncode, *o) for p, o in zip(procs, outs)]
+
+
 def state(out):
     return torch.load(os.path.join(out, "train_state.pt"), weights_only=True)
 
@@ -170,26 +179,26 @@ runpy.run_path({script!r}, run_name="__main__")
 def test_ctrl_c_or_sigterm_saves_the_whole_step_and_resume_continues_the_same_loss_curve(tmp_path):
     a, b, c, d = (str(tmp_path / x) for x in "abcd")
     common = [*SMALL, "--max_iters", "6", "--eval_interval", "4"]
-    r = run("train_sft.py", *common, "--out_dir", a)
-    assert r.returncode == 0, r.stderr
 
     def signalled(out, at, *sigs):  # the signals arrive in the at-th zero_grad (step at - 1)
-        return run("-c", SIGNALLED.format(script="train_sft.py", at=at, rank=0, sigs=sigs, args=[*common, "--out_dir", out]))
-    r = signalled(b, 2, "SIGINT")  # read at the next step's loss reduction: that step finishes, is saved, exit
-    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr
-    assert f"stopped: saved step 3 to {b}" in r.stdout
+        return ["-c", SIGNALLED.format(script="train_sft.py", at=at, rank=0, sigs=sigs, args=[*common, "--out_dir", out])]
+    ra, rb, rc, rd = run_all(["train_sft.py", *common, "--out_dir", a],
+                             signalled(b, 2, "SIGINT"),  # read at the next step's loss reduction: saved, exit
+                             signalled(c, 2, "SIGTERM"),  # a scheduler's preemption: the same, exit 143
+                             signalled(d, 5, "SIGINT", "SIGINT"))  # twice: stop at once, no save
+    assert ra.returncode == 0, ra.stderr
+    assert rb.returncode == 130 and "Traceback" not in rb.stderr, rb.stderr
+    assert f"stopped: saved step 3 to {b}" in rb.stdout
     assert state(b)["step"] == len(state(b)["losses"]) == 3
+    assert rc.returncode == 143 and state(c)["step"] == 3, rc.stderr
+    assert rd.returncode == 130 and "Traceback" not in rd.stderr and "stopped" not in rd.stdout, rd.stderr
+    assert state(d)["step"] == 4  # the step-4 checkpoint stays
+    qwen.load(d)
     r = run("train_sft.py", *common, "--out_dir", b, "--resume", "true")  # the same curve as the unbroken run
     assert r.returncode == 0, r.stderr
     la, lb = state(a)["losses"], state(b)["losses"]
     assert len(la) == len(lb) == 6 and torch.allclose(torch.tensor(la), torch.tensor(lb), rtol=1e-5, atol=1e-6)
     assert la[0][1] > 0  # the latent loss is really trained and logged
-    r = signalled(c, 2, "SIGTERM")  # a scheduler's preemption: the same, exit 143
-    assert r.returncode == 143 and state(c)["step"] == 3, r.stderr
-    r = signalled(d, 5, "SIGINT", "SIGINT")  # twice: stop at once, no save; the step-4 checkpoint stays
-    assert r.returncode == 130 and "Traceback" not in r.stderr and "stopped" not in r.stdout, r.stderr
-    assert state(d)["step"] == 4
-    qwen.load(d)
 
 
 SAVE_LOOP = """
@@ -273,14 +282,12 @@ def test_out_dir_is_never_a_directory_a_save_would_wipe(tmp_path):
     qwen.save_checkpoint(model, tok, ckpt, {"step": 7})
     os.makedirs(mine / "sub")
     (mine / "notes.txt").write_text("mine")
-    procs = [(subprocess.Popen([sys.executable, script, *extra, "--out_dir", out], cwd=ROOT, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE), msg)  # all at once: start-up bound
-             for script, extra in (("train_sft.py", SMALL), ("train_grpo.py", ["--init_from", ckpt]))
+    scripts = {"train_sft.py": SMALL, "train_grpo.py": ["--init_from", ckpt]}
+    cases = [([script, *extra, "--out_dir", out], msg) for script, extra in scripts.items()
              for out, msg in ((ckpt, "already holds a checkpoint"),  # a fresh run into a finished run's checkpoint
                               (str(mine), "notes.txt, sub, which saving"))]
-    for p, msg in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 1 and msg in err and "Traceback" not in err, err
+    for r, (_, msg) in zip(run_all(*[argv for argv, _ in cases]), cases):
+        assert r.returncode == 1 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert state(ckpt)["step"] == 7 and (mine / "notes.txt").read_text() == "mine"
     os.remove(os.path.join(ckpt, "train_state.pt"))  # a model saved without a run (the --init_from one, say)
     with pytest.raises(InputError, match="already holds a checkpoint"):
