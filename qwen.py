@@ -390,7 +390,7 @@ def check_out_dir(out_dir, fresh):
     (no --resume) must find it empty or absent. Checked before a run starts (fail fast) and at every save."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise InputError(f"--out_dir {out_dir} is a file, not a directory")
-    have = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else set()
+    have = set(os.listdir(checkpoint_dir(out_dir))) if os.path.isdir(checkpoint_dir(out_dir)) else set()
     if have - CHECKPOINT_FILES:
         raise InputError(f"--out_dir {out_dir} holds {', '.join(sorted(have - CHECKPOINT_FILES)[:3])}, which saving a "
                          f"checkpoint there would delete: choose another --out_dir")
@@ -425,20 +425,31 @@ def save_checkpoint(model, tok, out_dir, train_state, weights=None):
 
 def load_train_state(out_dir):
     """train_state.pt with weights_only=True: tensors and plain containers, never arbitrary pickle."""
-    path = os.path.join(out_dir, "train_state.pt")
+    path = os.path.join(checkpoint_dir(out_dir), "train_state.pt")
     try:
         return torch.load(path, weights_only=True)
     except Exception as e:  # missing, truncated, or a pickle that wants to run code
         raise InputError(f"cannot resume from {path}: {str(e).splitlines()[0][:200]}") from None
 
 
+def checkpoint_dir(path):
+    """path; or, while a save killed between its two renames has left it missing, the previous checkpoint
+    that save moved aside. Readers use it in place: only the next save (the one writer) moves it back,
+    so a reader never races a training run, nor DDP ranks each other."""
+    parent, name = os.path.split(os.path.abspath(path))
+    if os.path.exists(path) or not os.path.isdir(parent):
+        return path
+    aside = [os.path.join(parent, d, "ckpt") for d in sorted(os.listdir(parent)) if d.startswith(f".old-{name}-")]
+    return next((p for p in aside if os.path.isdir(p)), path)
+
+
 def restore_checkpoint(out_dir):
-    """Undo a save killed part-way: if out_dir is gone, move the previous one back; drop the rest."""
+    """Undo a save killed part-way (the writer, before it saves): move the previous checkpoint back if
+    out_dir is gone, then drop every leftover."""
     parent, name = os.path.split(os.path.abspath(out_dir))
+    if checkpoint_dir(out_dir) != out_dir:
+        os.rename(checkpoint_dir(out_dir), out_dir)
     for d in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
-        prev = os.path.join(parent, d, "ckpt")
-        if d.startswith(f".old-{name}-") and os.path.isdir(prev) and not os.path.exists(out_dir):
-            os.rename(prev, out_dir)
         if d.startswith((f".tmp-{name}-", f".old-{name}-")):
             discard(os.path.join(parent, d), name)
 
@@ -528,8 +539,7 @@ def left_pad(rows, pad_id):
 
 def load(path, dtype=torch.float32, device="cpu"):
     """Model + tokenizer from one directory, checking that their special-token ids agree."""
-    if not os.path.exists(path):
-        restore_checkpoint(path)  # a save killed between its renames: the previous checkpoint is back
+    path = checkpoint_dir(path)  # (a save killed between its renames: the previous checkpoint, where it lies)
     model, tok = Qwen2_5_VL.from_pretrained(path, dtype, device), QwenTokenizer(path)
     for name, tok_id in (("image_token_id", tok.image_pad), ("vision_start_token_id", tok.vision_start),
                          ("vision_end_token_id", tok.vision_end)):

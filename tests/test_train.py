@@ -229,8 +229,8 @@ def test_a_save_killed_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
         time.sleep(rng.uniform(0.0, 0.4))
         p.send_signal(signal.SIGKILL)
         p.wait()
-        model, tok = qwen.load(out)  # restores the previous checkpoint if the kill fell between the renames
-        step = state(out)["step"]
+        model, tok = qwen.load(out)  # the previous checkpoint, where it lies, if the kill fell between the renames
+        step = qwen.load_train_state(out)["step"]
         assert step >= 1 and model.cfg.extra["lvr_token_ids"]
         last = step
     assert last >= 1
@@ -244,9 +244,12 @@ def test_a_save_killed_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
     os.rename(out, tmp_path / ".old-out-x" / "ckpt")
     os.makedirs(tmp_path / ".tmp-out-y")
     model, tok = qwen.load(out)
-    assert state(out)["step"] == last
+    assert qwen.load_train_state(out)["step"] == last
+    assert not os.path.exists(out)  # a reader moves nothing: it could race the writer (or other DDP ranks)
+    with pytest.raises(InputError, match="already holds a checkpoint"):  # a fresh run sees it too
+        qwen.check_out_dir(out, fresh=True)
     leftovers = [d for d in os.listdir(tmp_path) if d.startswith(".")]
-    qwen.save_checkpoint(model, tok, out, {"step": 0})  # a later save also cleans up what the kills left
+    qwen.save_checkpoint(model, tok, out, {"step": 0})  # the next save moves it back and cleans up the rest
     assert [d for d in os.listdir(tmp_path) if d.startswith(".")] == [], leftovers
 
 
