@@ -367,10 +367,7 @@ class Qwen2_5_VL(nn.Module):
         os.makedirs(path, exist_ok=True)
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index):  # an older sharded copy: drop it, as transformers does (we write one file)
-            with open(index) as f:
-                shards = {os.path.join(path, s) for s in json.load(f)["weight_map"].values()
-                          if s == os.path.basename(s) and s.endswith(".safetensors")}  # never a file elsewhere
-            for f in [*shards, index]:
+            for f in [*index_shards(index), index]:
                 if os.path.isfile(f):
                     os.remove(f)
         state = {k: v.detach().contiguous() for k, v in (state or self.state_dict()).items()}
@@ -390,7 +387,8 @@ def check_out_dir(out_dir, fresh):
     (no --resume) must find it empty or absent. Checked before a run starts (fail fast) and at every save."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise InputError(f"--out_dir {out_dir} is a file, not a directory")
-    have = set(os.listdir(checkpoint_dir(out_dir))) if os.path.isdir(checkpoint_dir(out_dir)) else set()
+    ckpt = checkpoint_dir(out_dir)
+    have = set(os.listdir(ckpt)) if os.path.isdir(ckpt) else set()
     if have - CHECKPOINT_FILES:
         raise InputError(f"--out_dir {out_dir} holds {', '.join(sorted(have - CHECKPOINT_FILES)[:3])}, which saving a "
                          f"checkpoint there would delete: choose another --out_dir")
@@ -402,9 +400,15 @@ def check_out_dir(out_dir, fresh):
 def save_checkpoint(model, tok, out_dir, train_state, weights=None):
     """Write model + tokenizer + train_state.pt to out_dir atomically: a temp dir beside it,
     fsync, then rename over the old one, so a kill at any moment leaves a loadable checkpoint."""
-    restore_checkpoint(out_dir)
-    check_out_dir(out_dir, fresh=False)
     parent, name = os.path.split(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    prev = checkpoint_dir(out_dir)  # undo saves killed part-way: the previous checkpoint back in place,
+    if prev != out_dir:
+        os.rename(prev, out_dir)
+    for d in sorted(os.listdir(parent)):  # and every leftover dropped
+        if d.startswith((f".tmp-{name}-", f".old-{name}-")):
+            discard(os.path.join(parent, d), name)
+    check_out_dir(out_dir, fresh=False)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent)
     try:
         model.save_pretrained(tmp, weights)
@@ -419,17 +423,23 @@ def save_checkpoint(model, tok, out_dir, train_state, weights=None):
     old = tempfile.mkdtemp(prefix=f".old-{name}-", dir=parent)
     if os.path.exists(out_dir):
         os.rename(out_dir, os.path.join(old, "ckpt"))
-    os.rename(tmp, out_dir)  # a kill between the two renames is undone by restore_checkpoint
+    os.rename(tmp, out_dir)  # a kill between the two renames is undone by the next save (above)
     discard(old, name)
 
 
-def load_train_state(out_dir):
-    """train_state.pt with weights_only=True: tensors and plain containers, never arbitrary pickle."""
+def load_train_state(out_dir, config=None):
+    """train_state.pt with weights_only=True: tensors and plain containers, never arbitrary pickle.
+    Prints the settings of `config` (this run's) that differ from the saved run's."""
     path = os.path.join(checkpoint_dir(out_dir), "train_state.pt")
     try:
-        return torch.load(path, weights_only=True)
+        state = torch.load(path, weights_only=True)
     except Exception as e:  # missing, truncated, or a pickle that wants to run code
         raise InputError(f"cannot resume from {path}: {str(e).splitlines()[0][:200]}") from None
+    saved = state.get("config", {})
+    changed = [f"{k} {saved[k]} -> {v}" for k, v in (config or {}).items() if k != "resume" and saved.get(k, v) != v]
+    if changed:  # allowed (more steps, a lower lr), but the run is then not the one it was
+        print("resuming with changed settings: " + ", ".join(changed))
+    return state
 
 
 def checkpoint_dir(path):
@@ -443,20 +453,9 @@ def checkpoint_dir(path):
     return next((p for p in aside if os.path.isdir(p)), path)
 
 
-def restore_checkpoint(out_dir):
-    """Undo a save killed part-way (the writer, before it saves): move the previous checkpoint back if
-    out_dir is gone, then drop every leftover."""
-    parent, name = os.path.split(os.path.abspath(out_dir))
-    if checkpoint_dir(out_dir) != out_dir:
-        os.rename(checkpoint_dir(out_dir), out_dir)
-    for d in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
-        if d.startswith((f".tmp-{name}-", f".old-{name}-")):
-            discard(os.path.join(parent, d), name)
-
-
 def discard(path, name):
-    """Delete a dir after moving it into a fresh .tmp- dir: the rename is atomic, so a kill mid-delete
-    never leaves a half-deleted (or stale) checkpoint under an .old- name that restore would move back."""
+    """Delete a dir after moving it into a fresh .tmp- dir: the rename is atomic, so a kill mid-delete never
+    leaves a half-deleted (or stale) checkpoint under an .old- name, which the next save would move back."""
     trash = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=os.path.dirname(path))
     os.rename(path, os.path.join(trash, "x"))
     shutil.rmtree(trash, ignore_errors=True)
@@ -469,9 +468,16 @@ def safetensors_files(path):
         return [single]
     if not os.path.isfile(index):
         raise InputError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    return index_shards(index)
+
+
+def index_shards(index):
+    """The shards a model.safetensors.index.json names: plain .safetensors names beside it, never elsewhere."""
     try:
         with open(index) as f:
-            return [os.path.join(path, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(os.path.dirname(index), s) for s in names
+                if s == os.path.basename(s) and s.endswith(".safetensors")]
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # truncated, or not an index
         raise InputError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
 

@@ -115,14 +115,10 @@ def main(argv):
     gen = torch.Generator(device).manual_seed(seed)
     step, log = 0, []
     if resume:
-        state = qwen.load_train_state(out_dir)
+        state = qwen.load_train_state(out_dir, config)
         opt.load_state_dict(state["optimizer"])
         step, log = state["step"], state["log"]
         gen.set_state(state["gen"])
-        changed = [f"{k} {state['config'][k]} -> {v}" for k, v in config.items()
-                   if k != "resume" and state["config"].get(k, v) != v]
-        if changed:  # allowed (more steps, a lower lr), but the run is then not the one it was
-            print("resuming with changed settings: " + ", ".join(changed))
     stop = [tok.im_end, tok.endoftext]
     autocast = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
     bar = tqdm(total=max_iters, initial=step, dynamic_ncols=True)

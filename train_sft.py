@@ -115,12 +115,14 @@ def build(tmp):
 
 
 def examples(start, n, records, split="train"):
-    """Examples [start, start + n) of the training stream (or of the held-out stream)."""
+    """Examples [start, start + n) of the training stream, or of the held-out one (split "eval": synthetic
+    seeds training never draws, or the records of --eval_data_path)."""
     if records is None:
         base = 0 if split == "train" else 10 ** 9  # held-out seeds never meet training seeds
         return [data.synthetic_example(seed * 7919 + base + i, image_size) for i in range(start, start + n)]
     convert = lambda rec, where: data.record_example(rec, image_root, where)  # noqa: E731
-    return [data.stream_example(records, i, seed, convert, data_path, on_bad_record, SKIPPED)
+    path, skipped = (data_path, SKIPPED) if split == "train" else (eval_data_path, {})
+    return [data.stream_example(records, i, seed, convert, path, on_bad_record, skipped)
             for i in range(start, start + n)]
 
 
@@ -157,9 +159,7 @@ def main(argv):
     held_out = None
     if eval_data_path:  # converted now: a bad record stops the run here, not at the first evaluation
         recs = data.load_records(eval_data_path)
-        convert = lambda rec, where: data.record_example(rec, image_root, where)  # noqa: E731
-        held_out = [data.stream_example(recs, i, seed, convert, eval_data_path, on_bad_record, {})
-                    for i in range(min(eval_examples, len(recs)))]
+        held_out = examples(0, min(eval_examples, len(recs)), recs, "eval")
     with tempfile.TemporaryDirectory() as tmp:
         model, tok, ids = build(tmp)
     model.to(dev).train()
@@ -179,14 +179,10 @@ def main(argv):
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     step, losses = 0, []
     if resume:
-        state = qwen.load_train_state(out_dir)
+        state = qwen.load_train_state(out_dir, CONFIG)
         set_optimizer_state_dict(model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=fsdp))
         step, losses = state["step"], state["losses"]
         torch.set_rng_state(state["rng"])
-        changed = [f"{k} {state['config'][k]} -> {v}" for k, v in CONFIG.items()
-                   if k != "resume" and state["config"].get(k, v) != v]
-        if changed and rank == 0:  # allowed (more steps, a lower lr), but the run is then not the one it was
-            print("resuming with changed settings: " + ", ".join(changed))
     encode = lambda exs: data.collate([data.encode(e, tok, ids, method, max_latents, mirage_k, latent_end,  # noqa: E731
                                                    min_pixels, max_pixels) for e in exs], tok.endoftext)
     autocast = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")

@@ -237,7 +237,7 @@ def test_a_save_killed_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
     # the worst moment, made by hand: a save (which first clears what the kills left) moved out aside and
     # did not rename the new one in; beside it, an older checkpoint whose deletion was killed half-way
     # (sorted first, so a careless restore would pick it)
-    qwen.restore_checkpoint(out)
+    qwen.save_checkpoint(model, tok, out, {"step": last})  # (a save first puts back and clears what the kills left)
     os.makedirs(tmp_path / ".tmp-out-a" / "ckpt")
     shutil.copy(os.path.join(out, "config.json"), tmp_path / ".tmp-out-a" / "ckpt")
     os.makedirs(tmp_path / ".old-out-x")
@@ -265,7 +265,7 @@ def test_a_save_killed_while_deleting_the_old_checkpoint_or_failing_on_a_full_di
     with pytest.raises(KeyboardInterrupt):
         qwen.save_checkpoint(model, tok, out, {"step": 2})
     assert state(out)["step"] == 2
-    # what is left half-deleted must not carry a name restore_checkpoint would move back
+    # what is left half-deleted must not carry a name the next save would move back
     assert [d for d in os.listdir(tmp_path) if d.startswith(".old-")] == []
     monkeypatch.undo()
 
