@@ -202,7 +202,7 @@ def bench_size(size, rows):
                                                  for i in range(sft_batch)], tok.endoftext), device)
             batch["pixel_values"] = batch["pixel_values"].to(dt)
             def ours_step():
-                loss, _, _ = lvr.sft_loss(model, batch, 1.0, 0.1, "mse", freeze_vision=True)
+                loss = lvr.sft_loss(model, batch, 1.0, 0.1, "mse", freeze_vision=True)[0]
                 loss.backward()
                 model.zero_grad(set_to_none=True)
 

@@ -201,12 +201,17 @@ def record_example(rec, image_root, where):
     if not isinstance(bboxes, list) or assistant.count("<lvr>") != len(bboxes):
         raise InputError(f"{where}: {assistant.count('<lvr>')} <lvr> placeholders but "
                          f"{len(bboxes) if isinstance(bboxes, list) else bboxes!r} bboxes")
-    w, h = images[0].size
-    bboxes = [lvr.normalise_bbox(b, w, h, f"{where}: ") if isinstance(b, list) else
-              lvr.normalise_bbox([], w, h, f"{where}: ") for b in bboxes]
+    # with several images each bbox names its image: "bbox_images": [index, ...], one per bbox
+    on = rec.get("bbox_images", [0] * len(bboxes) if len(images) == 1 else None)
+    if bboxes and (not isinstance(on, list) or len(on) != len(bboxes)
+                   or not all(isinstance(k, int) and 0 <= k < len(images) for k in on)):
+        raise InputError(f"{where}: {len(images)} images and {len(bboxes)} bboxes: 'bbox_images' must give each "
+                         f"bbox the index of its image (0 to {len(images) - 1}), got {on!r}")
+    bboxes = [lvr.normalise_bbox(b if isinstance(b, list) else [], *images[k].size, f"{where}: ")
+              for b, k in zip(bboxes, on or [])]
     answer = assistant.split("<answer>")[-1].split("</answer>")[0].replace("<lvr>", "").strip()
     return {"images": images, "question": question, "assistant": assistant, "answer": answer, "bboxes": bboxes,
-            "helper": None}
+            "bbox_images": on or [], "helper": None}
 
 
 # -----------------------------------------------------------------------------
@@ -219,14 +224,20 @@ def encode(ex, tok, ids, method="lvr", max_latents=0, k=4, latent_end=False, min
     method none drops the latent spans (plain SFT); mirage takes the k targets from the helper image.
     """
     pvs, grids = zip(*[vision.preprocess(im, min_pixels, max_pixels) for im in ex["images"]])
-    prompt = tok.prompt(ex["question"], [int(g.prod()) // 4 for g in grids])
+    n_tok = [int(g.prod()) // 4 for g in grids]
+    prompt = tok.prompt(ex["question"], n_tok)
+    if latent_end and ids.latent_end is None:
+        raise InputError("latent_end needs a latent-end token, and these latent tokens have none")
     helper = vision.preprocess(ex["helper"], min_pixels, max_pixels) if method == "mirage" else None
     pieces = ex["assistant"].split("<lvr>")
     seq, groups, slots, end_at = list(prompt), [], [], []
     for i, text in enumerate(pieces):
         if i > 0 and method != "none":
-            span = (lvr.chunk_groups(int(helper[1].prod()) // 4, k) if method == "mirage"
-                    else lvr.roi_groups(ex["bboxes"][i - 1], grids[0][0], max_latents))
+            if method == "mirage":
+                span = lvr.chunk_groups(int(helper[1].prod()) // 4, k)
+            else:  # indices into the example's features: its images' merged tokens, one image after another
+                im = ex.get("bbox_images", [0] * i)[i - 1]
+                span = [[sum(n_tok[:im]) + j for j in g] for g in lvr.roi_groups(ex["bboxes"][i - 1], grids[im][0], max_latents)]
             seq.append(ids.start)
             slots += [(len(seq) + j, j) for j in range(len(span))]
             groups += span
@@ -282,11 +293,13 @@ def to_device(batch, device):
 
 
 def grpo_example(rec, image_root, where):
-    """A GRPO record {image, question, answer} (or an LVR JSON record) -> an example without targets."""
+    """A GRPO record {image (a path or a list), question, answer} (or an LVR JSON record) -> an example without targets."""
     if "conversations" in rec:
         return record_example(rec, image_root, where)
-    for k in ("image", "question", "answer"):
+    for k in ("question", "answer"):
         if not isinstance(rec.get(k), str) or not rec[k].strip():
             raise InputError(f"{where}: needs a non-empty string field {k!r}")
-    return {"images": [open_image(image_root, rec["image"], where)], "question": rec["question"],
+    paths = rec.get("image")
+    paths = paths if isinstance(paths, list) and paths else [paths]
+    return {"images": [open_image(image_root, p, where) for p in paths], "question": rec["question"],
             "answer": rec["answer"]}

@@ -4,16 +4,22 @@ on and with them disabled, side by side.
 
     python eval.py                                   # out/ on held-out synthetic examples
     python eval.py --init_from out_grpo --n_examples 512
+    python eval.py --data_path val.jsonl --image_root imgs/                          # LVR JSON with bboxes
     python eval.py --data_path MMVP/Questions.csv --image_root "MMVP/MMVP Images"   # MMVP layout
-    python eval.py --data_path vstar.jsonl --image_root vstar/                         # V* layout
+    python eval.py --data_path vstar/test_questions.jsonl --image_root vstar/        # V* layout
 
 Latent hit rate: the fraction of latent steps whose nearest merged image token (cosine) lies
-inside the question's bbox (synthetic data only): do the latents look where they should?
-"Latents disabled" forces <|lvr_end|> right after <|lvr_start|> (zero latent steps), so the
-answer must come from the text and image alone. Multiple-choice sets are scored as letters.
+inside one of the example's bboxes (synthetic data and LVR JSON): do the latents look where
+they should? "Latents disabled" forces <|lvr_end|> right after <|lvr_start|> (zero latent
+steps), so the answer must come from the text and image alone. Multiple-choice sets are scored
+as letters, as the papers score them: MMVP per question and per pair (a pair counts when both
+of its questions are right: the LVR paper's 71.67 is per question, its Table 2's 55.8 per pair),
+V* per category (direct_attributes, relative_position, as its files name them).
 Held-out synthetic seeds start at 3e9: disjoint from train_sft (train, eval) and train_grpo.
 """
+import collections
 import csv
+import os
 
 import torch
 
@@ -25,7 +31,7 @@ from vision import InputError
 
 # -----------------------------------------------------------------------------
 init_from = "out"  # checkpoint directory
-data_path = "synthetic"  # synthetic | an MMVP-style CSV | a V*-style JSONL
+data_path = "synthetic"  # synthetic | an LVR JSON/JSONL with bboxes | an MMVP-style CSV | a V*-style JSONL
 image_root = ""  # directory the dataset's images are in (MMVP: the folder of <Index>.jpg)
 n_examples = 256  # held-out synthetic examples (or at most this many from a file)
 image_size = 168  # synthetic images: this many pixels square, a 6x6 grid of merged tokens
@@ -33,6 +39,9 @@ batch_size = 32  # rows per batched rollout
 decoding = "token"  # latent exit: token | steps | latent
 lvr_steps = 8  # latent steps in `steps` mode
 max_latent_steps = 16  # latent budget in `token` / `latent` modes
+force_end = True  # force <|lvr_end|> after a span (false: the model's own next token, as the official code)
+end_metric = ""  # `latent` exit distance: mse | cosine | l1 ("" = the one the checkpoint was trained with)
+end_threshold = 0.0  # `latent` exit threshold (0 = the checkpoint's, else 0.1)
 max_new_tokens = 32  # completion budget
 min_pixels = 3136  # image area bounds after resizing
 max_pixels = 28224  # 168*168: the synthetic images unscaled; real data wants more (up to 12845056)
@@ -50,78 +59,121 @@ def latent_hits(latents, feats, roi):
 
 
 def load_multiple_choice(path, root):
-    """MMVP (CSV: Index, Question, Options, Correct Answer; images <Index>.jpg) or V* (JSONL: image,
-    question, options, answer letter) -> examples with the options in the question."""
+    """MMVP (CSV: Index, Question, Options, Correct Answer; images <Index>.jpg; questions 2k-1 and 2k are a
+    pair) or V* (JSONL: image, question or text, answer or label, options optional, category optional:
+    else the image's folder) -> examples with the options in the question."""
     out = []
     if path.endswith(".csv"):
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
         for i, r in enumerate(rows):
-            if not {"Index", "Question", "Options", "Correct Answer"} <= set(r):
-                raise InputError(f"{path} row {i}: needs the columns Index, Question, Options, Correct Answer")
-            out.append((f"{r['Index']}.jpg", f"{r['Question']}\n{r['Options']}", r["Correct Answer"], f"{path} row {i}"))
+            if not {"Index", "Question", "Options", "Correct Answer"} <= set(r) or not r["Index"].isdigit():
+                raise InputError(f"{path} row {i}: needs the columns Index (a number), Question, Options, Correct Answer")
+            out.append((f"{r['Index']}.jpg", f"{r['Question']}\n{r['Options']}", r["Correct Answer"], f"{path} row {i}",
+                        {"pair": (int(r["Index"]) - 1) // 2}))
     else:
         for i, r in enumerate(data.load_records(path)):
-            opts = r.get("options")
-            if not isinstance(opts, list) or not all(k in r for k in ("image", "question", "answer")):
-                raise InputError(f"{path} record {i}: needs image, question, options (a list), answer")
-            letters = "\n".join(f"({chr(65 + j)}) {o}" for j, o in enumerate(opts))
-            out.append((r["image"], f"{r['question']}\n{letters}", r["answer"], f"{path} record {i}"))
-    exs = []
-    for img, q, a, where in out[:n_examples]:
-        exs.append({"images": [data.open_image(root, img, where)], "question": q + "\nAnswer with the option's letter.", "answer": a, "bbox": None})
-    return exs
+            q, a, opts = r.get("question", r.get("text")), r.get("answer", r.get("label")), r.get("options", [])
+            if not isinstance(r.get("image"), str) or not isinstance(q, str) or not isinstance(a, str) \
+                    or not isinstance(opts, list):
+                raise InputError(f"{path} record {i}: needs image, question (or text), answer (or label), "
+                                 f"and options, when given, as a list")
+            letters = "".join(f"\n({chr(65 + j)}) {o}" for j, o in enumerate(opts))
+            category = r.get("category") or (os.path.dirname(r["image"]) or None)
+            out.append((r["image"], q + letters, a, f"{path} record {i}", {"category": category}))
+    return [{"images": [data.open_image(root, img, where)], "question": q + "\nAnswer with the option's letter.",
+             "answer": a, "bboxes": [], **extra} for img, q, a, where, extra in out[:n_examples]]
+
+
+def load_examples():
+    """The evaluation set: held-out synthetic examples, an LVR JSON file (with bboxes), or MMVP / V*."""
+    if data_path == "synthetic":
+        return [data.synthetic_example(seed * 7919 + 3 * 10 ** 9 + i, image_size) for i in range(n_examples)]
+    if data_path.endswith((".json", ".jsonl")):
+        records = data.load_records(data_path)
+        if "conversations" in records[0] or "image_output" in records[0]:
+            return [data.record_example(r, image_root, f"{data_path} record {i}") for i, r in enumerate(records[:n_examples])]
+    return load_multiple_choice(data_path, image_root)
+
+
+def span_lengths(is_latent):
+    """(n,) bool of one row -> the lengths of its runs of latent steps (one per span)."""
+    runs, n = [], 0
+    for x in is_latent.tolist() + [False]:
+        if x:
+            n += 1
+        elif n:
+            runs, n = runs + [n], 0
+    return runs
 
 
 @torch.no_grad()
 def evaluate(model, tok, ids, exs, latents_on=True):
-    """-> dict of accuracy, format, latent_steps, hit_rate (None without bboxes) over the examples."""
+    """-> dict of accuracy, format, latent_steps, hit_rate (None without bboxes), the span lengths
+    (a Counter) and per-example correctness, over the examples."""
     stop = [tok.im_end, tok.endoftext]
-    correct = fmt = steps = hit = n_lat = 0
+    metric, threshold = lvr.end_rule(model, end_metric, end_threshold)
+    right, fmt, steps, hit, n_lat, spans = [], 0, 0, 0, 0, collections.Counter()
     for i in range(0, len(exs), batch_size):
         chunk = exs[i:i + batch_size]
-        pvs, grids = zip(*[vision.preprocess(e["images"][0], min_pixels, max_pixels) for e in chunk])
-        prompt, mask = qwen.left_pad([tok.prompt(e["question"], [int(g.prod()) // 4]) for e, g in zip(chunk, grids)],
-                                     tok.endoftext)
-        grid = torch.cat(grids)
-        feats = model.visual(torch.cat(pvs).to(device), grid)
-        out, lats, is_lat, _ = lvr.rollout(
-            model, ids, prompt.to(device), None, grid, mask.to(device), max_new_tokens,
-            decoding if latents_on else "steps", lvr_steps if latents_on else 0,
-            max_latent_steps=max_latent_steps, stop_ids=stop, feats=feats)
-        for b, (e, f) in enumerate(zip(chunk, feats.split([int(g.prod()) // 4 for g in grids]))):
-            row = out[b, prompt.shape[1]:].tolist()
+        pre = [[vision.preprocess(im, min_pixels, max_pixels) for im in e["images"]] for e in chunk]
+        n_tok = [[int(g.prod()) // 4 for _, g in p] for p in pre]
+        prompt, mask = qwen.left_pad([tok.prompt(e["question"], n) for e, n in zip(chunk, n_tok)], tok.endoftext)
+        grid = torch.cat([g for p in pre for _, g in p])
+        feats = model.visual(torch.cat([pv for p in pre for pv, _ in p]).to(device), grid)
+        r = lvr.rollout(model, ids, prompt.to(device), None, grid, mask.to(device), max_new_tokens,
+                        decoding if latents_on else "steps", lvr_steps if latents_on else 0, force_end or not latents_on,
+                        max_latent_steps, threshold, metric, stop_ids=stop, feats=feats)
+        for b, (e, f) in enumerate(zip(chunk, feats.split([sum(n) for n in n_tok]))):
+            row = r.tokens[b, prompt.shape[1]:].tolist()
             end = next((j + 1 for j, t in enumerate(row) if t in stop), len(row))
             text = tok.decode(row[:end])
-            correct += lvr.is_correct(text, e["answer"])
+            right.append(lvr.is_correct(text, e["answer"]))
             fmt += lvr.is_lvr_format(row[:end], ids, stop, text)
-            steps += int(is_lat[b].sum())
-            if e["bbox"] is not None:
-                hit += latent_hits(lats[b, is_lat[b]], f, lvr.roi_indices(e["bbox"], grids[b][0]))
-                n_lat += int(is_lat[b].sum())
+            steps += int(r.is_latent[b].sum())
+            spans.update(span_lengths(r.is_latent[b]))
+            if e["bboxes"]:  # the ROI tokens of every bbox, on its own image's tokens within the row's features
+                on = e.get("bbox_images", [0] * len(e["bboxes"]))
+                roi = [sum(n_tok[b][:k]) + j for bb, k in zip(e["bboxes"], on)
+                       for j in lvr.roi_indices(bb, pre[b][k][1][0])]
+                hit += latent_hits(r.latents[b, r.is_latent[b]], f, roi)
+                n_lat += int(r.is_latent[b].sum())
     n = len(exs)
-    return {"accuracy": correct / n, "format": fmt / n, "latent_steps": steps / n,
-            "hit_rate": hit / n_lat if n_lat else None}
+    return {"accuracy": sum(right) / n, "format": fmt / n, "latent_steps": steps / n,
+            "hit_rate": hit / n_lat if n_lat else None, "spans": spans, "right": right}
+
+
+def by_group(exs, right, key):
+    """Accuracy per value of an example field (V*'s category), or per MMVP pair (both questions right)."""
+    groups = collections.defaultdict(list)
+    for e, ok in zip(exs, right):
+        if e.get(key) is not None:
+            groups[e[key]].append(ok)
+    return groups
 
 
 def main(argv):
     qwen.configure(globals(), argv)
     model, tok = qwen.load(init_from, getattr(torch, dtype), device)
     model.eval()
-    ids = lvr.latent_ids(tok, model.cfg.extra.get("lvr_tokens", lvr.LVR_TOKENS))  # the tokens it was trained with
+    ids = lvr.find_latent_ids(model, tok)  # the tokens it was trained with
     if ids is None:
         raise InputError(f"{init_from} has no latent tokens: evaluate it with sample.py, or train it with train_sft.py")
-    if data_path == "synthetic":
-        exs = [data.synthetic_example(seed * 7919 + 3 * 10 ** 9 + i, image_size) for i in range(n_examples)]
-        exs = [{**e, "bbox": e["bboxes"][0]} for e in exs]
-    else:
-        exs = load_multiple_choice(data_path, image_root)
+    exs = load_examples()
     rows = [("with latents", evaluate(model, tok, ids, exs, True)), ("latents disabled", evaluate(model, tok, ids, exs, False))]
     print(f"{init_from} on {len(exs)} {'held-out synthetic' if data_path == 'synthetic' else data_path} examples")
     print(f"{'':18}{'accuracy':>10}{'format':>9}{'latent steps':>14}{'hit rate':>10}")
     for name, r in rows:
         hr = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
         print(f"{name:18}{r['accuracy']:>10.3f}{r['format']:>9.3f}{r['latent_steps']:>14.2f}{hr:>10}")
+    on = rows[0][1]
+    print("latent steps per span (with latents): " + ", ".join(f"{k}: {v}" for k, v in sorted(on["spans"].items())))
+    for name, ok in sorted(by_group(exs, on["right"], "category").items()):
+        print(f"category {name}: accuracy {sum(ok) / len(ok):.3f} on {len(ok)}")
+    pairs = by_group(exs, on["right"], "pair")
+    if pairs:
+        print(f"per pair (both questions right): {sum(all(ok) for ok in pairs.values()) / len(pairs):.3f} "
+              f"on {len(pairs)} pairs; per question {on['accuracy']:.3f}")
 
 
 if __name__ == "__main__":

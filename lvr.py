@@ -7,17 +7,33 @@ target vector (teacher forcing), at inference its own previous last hidden state
 state just before latent i is trained to predict target i: the merged visual tokens of the
 image region that answers the question (LVR), or a helper image squeezed to k vectors (Mirage).
 
+The exit from a span is trained, not hoped for: the official LVR's mode-switch loss, a BCE on
+the <|lvr_end|> logit at every in-span state (the one that read <|lvr_start|> and each latent),
+target 1 only at the last latent (`switch_weight`, 0.1 as in the official code; on by default
+for LVR and Mirage). Without it only the state after the last latent has a label, and spans
+longer than one latent end at random under the `token` exit.
+
 Where we depart from the official code, and why:
 - <|lvr_latent_end|> is inserted only when the `latent` exit mode is trained (the official code
-  always inserts it);
+  always inserts it, so its released checkpoints emit it: the `token` exit treats it as the end
+  of the span too);
+- the `latent` exit compares the hidden state with the embedding of <|lvr_latent_end|>, by the
+  distance it was trained with, on a scale where the zero vector is at 1 (the official code
+  learns a separate vector and always tests mse < 0.1, whatever its loss was);
 - pixel bboxes are normalised by the original image size (the official non-packed path divides
   by the resized size);
 - `max_latents` pools the ROI grid, so training length can match inference budgets;
-- the latent head, when used, is applied at every latent step including the first.
+- the latent head, when used, is applied at every latent step including the first;
+- GRPO: every decision the policy sampled carries its log-prob, and nothing else does. The
+  official mask drops the whole span from <|lvr_start|>; we keep <|lvr_start|> (a sampled token:
+  the choice to look) and, under the `token` exit, each in-span "continue" (the sample was not an
+  exit token, probability 1 - p(exit)), so the reward reaches the span's length too. Latent
+  vectors, forced tokens and the first step of a span (never an exit) carry nothing.
 """
 import math
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,24 +41,30 @@ import torch.nn.functional as F
 import qwen
 from vision import InputError
 
+# in the order each official code adds them to its tokenizer, so our ids match theirs
 LVR_TOKENS = {"start": "<|lvr_start|>", "latent": "<|lvr|>", "latent_end": "<|lvr_latent_end|>", "end": "<|lvr_end|>"}
-# Mirage has no latent-end token; we name one so that the `latent` exit mode works for it too
-MIRAGE_TOKENS = {"start": "<|latent_start|>", "latent": "<|latent_pad|>", "latent_end": "<|latent_stop|>",
-                 "end": "<|latent_end|>"}
+MIRAGE_TOKENS = {"latent": "<|latent_pad|>", "start": "<|latent_start|>", "end": "<|latent_end|>"}  # no latent-end
 
 
 @dataclass
 class LatentIds:
     start: int
     latent: int
-    latent_end: int
     end: int
+    latent_end: int = None  # None: no `latent` exit (Mirage's three tokens)
 
 
 def latent_ids(tok, names=LVR_TOKENS):
-    """Ids of the latent tokens, or None when the tokenizer lacks them (a plain Qwen2.5-VL)."""
+    """Ids of the latent tokens, or None when the tokenizer lacks start, latent or end (a plain Qwen2.5-VL)."""
     ids = {k: tok.tok.token_to_id(v) for k, v in names.items()}
-    return None if None in ids.values() else LatentIds(**ids)
+    return None if None in (ids.get("start"), ids.get("latent"), ids.get("end")) else LatentIds(**ids)
+
+
+def find_latent_ids(model, tok):
+    """The latent tokens of a checkpoint: those its config names (ours), else the official LVR
+    tokens, else Mirage's; None for a plain Qwen2.5-VL."""
+    named = [model.cfg.extra["lvr_tokens"]] if "lvr_tokens" in model.cfg.extra else []
+    return next((ids for names in named + [LVR_TOKENS, MIRAGE_TOKENS] if (ids := latent_ids(tok, names))), None)
 
 
 def add_latent_tokens(model, tok, names=LVR_TOKENS):
@@ -133,16 +155,42 @@ def head(model, h):
     return model.lvr_head(h) if hasattr(model, "lvr_head") else h
 
 
-def latent_distance(pred, target, kind="mse"):
-    """Mean latent loss in fp32: mse (over all elements), cosine (1 - cos) or l1."""
+def latent_distance(pred, target, kind="mse", per_row=False):
+    """Latent loss in fp32, mean over rows (or per row): mse, cosine (1 - cos) or l1, each a mean over elements."""
     pred, target = pred.float(), target.float()
     if kind == "mse":
-        return F.mse_loss(pred, target)
-    if kind == "cosine":
-        return (1 - F.cosine_similarity(pred, target, dim=-1)).mean()
-    if kind == "l1":
-        return F.l1_loss(pred, target)
-    raise InputError(f"latent loss must be mse, cosine or l1, got {kind!r}")
+        d = ((pred - target) ** 2).mean(-1)
+    elif kind == "cosine":
+        d = 1 - F.cosine_similarity(pred, target.expand_as(pred), dim=-1)
+    elif kind == "l1":
+        d = (pred - target).abs().mean(-1)
+    else:
+        raise InputError(f"latent loss must be mse, cosine or l1, got {kind!r}")
+    return d if per_row else d.mean()
+
+
+def end_distance(vec, end_vec, kind):
+    """`latent` exit: (B,) distance of each latent to the end embedding, by the metric it was trained with,
+    scaled so that the zero vector is at 1 (a threshold then means the same for every metric and scale)."""
+    return latent_distance(vec, end_vec[None], kind, True) / latent_distance(0 * end_vec[None], end_vec[None], kind, True)
+
+
+def end_rule(model, metric="", threshold=0.0):
+    """The `latent` exit's metric and threshold: the flags', else the checkpoint's, else mse and 0.1."""
+    return (metric or model.cfg.extra.get("latent_end_metric", "mse"),
+            threshold or model.cfg.extra.get("latent_end_threshold", 0.1))
+
+
+def switch_loss(model, h, b, t, slot, end_id):
+    """The mode-switch loss (official LVR): BCE on the <|lvr_end|> logit at every in-span state, the one
+    that read <|lvr_start|> (position t - 1 of a span's first latent) and each latent's; target 1 only
+    at a span's last latent. b, t, slot: (L,) the batch's latent slots, spans in order."""
+    last = torch.cat([slot[1:] == 0, slot.new_ones(1, dtype=torch.bool)])  # the next slot opens a new span
+    first = slot == 0
+    pb, pt = torch.cat([b[first], b]), torch.cat([t[first] - 1, t])  # (S + L,) the decision states
+    target = torch.cat([torch.zeros(int(first.sum())), last.float().cpu()]).to(h.device)
+    logit = model.lm_head(h[pb, pt]).float()[:, end_id]
+    return F.binary_cross_entropy_with_logits(logit, target)
 
 
 def encode_images(model, batch, freeze_vision=True):
@@ -164,8 +212,8 @@ def supervised_ce(model, h, labels):
     return F.cross_entropy(model.lm_head(h[:, :-1][sel]).float(), labels[:, 1:][sel])
 
 
-def sft_loss(model, batch, ce_weight=1.0, latent_weight=0.1, latent_loss="mse", freeze_vision=True):
-    """-> (loss, ce, latent) for one padded batch (see data.collate for the fields)."""
+def sft_loss(model, batch, ce_weight=1.0, latent_weight=0.1, latent_loss="mse", freeze_vision=True, switch_weight=0.0):
+    """-> (loss, ce, latent, switch) for one padded batch (see data.collate for the fields)."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     feats, targets = encode_images(model, batch, freeze_vision)
     x = model.embed(ids, grid_thw=batch["grid_thw"], feats=feats)  # (B, T, C)
@@ -179,11 +227,15 @@ def sft_loss(model, batch, ce_weight=1.0, latent_weight=0.1, latent_loss="mse", 
     if len(eb):
         end = model.model.embed_tokens(ids[eb, et])
         lat = lat + latent_distance(head(model, h[eb, et - 1]), end, latent_loss)
-    return ce_weight * ce + latent_weight * lat, ce.detach(), lat.detach()
+    switch = ce.new_zeros(())
+    if switch_weight and len(b):
+        switch = switch_loss(model, h, b, t, batch["latent_slot"], model.cfg.extra["lvr_token_ids"]["end"])
+    return ce_weight * ce + latent_weight * lat + switch_weight * switch, ce.detach(), lat.detach(), switch.detach()
 
 
-def mirage_stage2_loss(model, batch, freeze_vision=True):
-    """Mirage stage 2: latent slots read the model's own hidden states, with gradients, CE only.
+def mirage_stage2_loss(model, batch, freeze_vision=True, switch_weight=0.0):
+    """Mirage stage 2: latent slots read the model's own hidden states, with gradients; CE (plus the
+    mode-switch loss) only -> (loss, ce, 0, switch).
 
     k + 1 full passes: pass j fills latent slot j from pass j-1's hidden state at slot j-1.
     """
@@ -200,97 +252,128 @@ def mirage_stage2_loss(model, batch, freeze_vision=True):
         x = x.index_put((b[sel], t[sel]), head(model, h[b[sel], t[sel] - 1]).to(x.dtype))
     _, h = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, logits=False)
     ce = supervised_ce(model, h, labels)
-    return ce, ce.detach(), ce.new_zeros(())
+    switch = ce.new_zeros(())
+    if switch_weight and len(b):
+        switch = switch_loss(model, h, b, t, slot, model.cfg.extra["lvr_token_ids"]["end"])
+    return ce + switch_weight * switch, ce.detach(), ce.new_zeros(()), switch.detach()
 
 
 # -----------------------------------------------------------------------------
 # latent rollout: batched, KV-cached, a mode flag per row
+
+class Rollout(NamedTuple):
+    tokens: torch.Tensor  # (B, T + n) prompt and completion; <|lvr|> at latent steps
+    latents: torch.Tensor  # (B, n, C) the vector fed at each latent step (zeros at text steps)
+    is_latent: torch.Tensor  # (B, n) bool: a latent step
+    logprobs: torch.Tensor  # (B, n) log-prob of each sampled decision under softmax(logits / temperature), else 0
+    sampled: torch.Tensor  # (B, n) bool: the policy drew this decision (GRPO's loss mask); False where forced
+
+
+def exit_tokens(ids, decoding):
+    """The tokens that end a span when the model emits them: <|lvr_end|>, and <|lvr_latent_end|>, which
+    official LVR checkpoints emit after their last latent (`token` exit only)."""
+    return [ids.end] + ([ids.latent_end] if decoding == "token" and ids.latent_end is not None else [])
+
+
+def continue_logprob(logits, exits):
+    """(N, V) logits -> (N,) log-prob of not emitting any exit token: log(1 - p(exit)), computed stably."""
+    keep = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    keep[exits] = False
+    return logits[..., keep].logsumexp(-1) - logits.logsumexp(-1)
+
 
 @torch.no_grad()
 def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_mask=None, max_new_tokens=64,
             decoding="steps", lvr_steps=8, force_end=True, max_latent_steps=64, end_threshold=0.1,
             end_metric="mse", temperature=0.0, top_k=0, top_p=1.0, stop_ids=(), generator=None, feats=None,
             group_size=1):
-    """Generate with latent steps. `ids`: LatentIds. Prompts left-padded. `feats`: merged image
-    tokens already computed (GRPO encodes each image once), instead of pixel_values. `group_size` G:
-    the B prompts are prefilled once and their cache rows copied, giving B*G rows (row r samples
-    prompt r // G): GRPO's G rollouts of a prompt share one prefill, which dominates short rollouts.
+    """Generate with latent steps -> Rollout. `ids`: LatentIds. Prompts left-padded. `feats`: merged image
+    tokens already computed (GRPO encodes each image once), instead of pixel_values. `group_size` G: the
+    B prompts are prefilled once and their cache rows copied, giving B*G rows (row r samples prompt r // G).
 
     A row enters latent mode after it emits <|lvr_start|>. In latent mode its input is its previous
-    last hidden state (through the latent head) and the recorded token is <|lvr|>. Exit:
-      steps:  after `lvr_steps` latents, <|lvr_end|> is forced (force_end=False: the model's own token);
-      latent: when dist(hidden, embedding of <|lvr_latent_end|>) < end_threshold, feed
-              <|lvr_latent_end|>, then force <|lvr_end|>;
-      token:  when the model itself emits <|lvr_end|>, after at least one latent (every trained span
-              has one, and the state that read <|lvr_start|> has no CE label: its token means nothing);
-    and always at `max_latent_steps`. Stop tokens do not end a row while it is in latent mode.
-    Returns tokens (B, T+n), latents (B, n, C) (zeros at text steps), is_latent (B, n) bool, and
-    logprobs (B, n): log-softmax(logits / temperature) of each token (0 at latent steps), which
-    GRPO uses as the old policy's.
+    last hidden state (through the latent head) and the recorded token is <|lvr|>. A span ends:
+      steps:  after `lvr_steps` latents;
+      latent: when end_distance(hidden, embedding of <|lvr_latent_end|>, end_metric) < end_threshold,
+              or at the budget; <|lvr_latent_end|> is fed first, as in training;
+      token:  when the model emits <|lvr_end|> or <|lvr_latent_end|>, after at least one latent (every
+              trained span has one), or at the budget;
+    `max_latent_steps` is the budget of latent and token. After a span <|lvr_end|> is forced; with
+    force_end=False (the official code) the model's own next token follows instead (except at a token
+    budget, where nothing else ends the span). Stop tokens do not end a row while it is in latent mode.
     """
     if decoding not in ("steps", "latent", "token"):
         raise InputError(f"decoding must be steps, latent or token, got {decoding!r}")
+    if decoding == "latent" and ids.latent_end is None:
+        raise InputError("the `latent` exit needs a latent-end token, and these latent tokens have none "
+                         "(Mirage's three): decode with token or steps")
     B, T = input_ids.shape
     dev = input_ids.device
     stop = torch.tensor(list(stop_ids) or model.default_stop_ids(), device=dev)
+    exits = exit_tokens(ids, decoding)
     emb = model.model.embed_tokens
+    # 1) prefill the prompts once; the last position's logits and hidden state start the loop
     cache = qwen.KVCache(model.cfg, B, T + max_new_tokens, dev, emb.weight.dtype)
     x = model.embed(input_ids, pixel_values, grid_thw, feats)
     _, h = model(input_ids, grid_thw=grid_thw, inputs_embeds=x, attention_mask=attention_mask, cache=cache,
                  logits=False)
     h = h[:, -1]
     logits = model.lm_head(h)  # only the last position's: lm_head over the whole prompt is wasted
-    if group_size > 1:  # each prompt's prefilled state, copied to its G rows
+    # 2) copy each prompt's prefilled state to its G rows
+    if group_size > 1:
         cache.repeat_rows(group_size)
         input_ids, h, logits = (t.repeat_interleave(group_size, 0) for t in (input_ids, h, logits))
         B = B * group_size
     budget = lvr_steps if decoding == "steps" else max_latent_steps
     in_lat = input_ids[:, -1] == ids.start  # the mode flag (a prompt may end in <|lvr_start|>)
     n_lat = torch.zeros(B, dtype=torch.long, device=dev)  # latent steps taken in the current span
-    force = torch.full((B,), -1, dtype=torch.long, device=dev)  # token to force at the next step
+    force = torch.full((B,), -1, dtype=torch.long, device=dev)  # a token to force at the next step
     done = torch.zeros(B, dtype=torch.bool, device=dev)
-    toks, lats, is_lats, logps, dones = [], [], [], [], []
+    steps = []
     for i in range(max_new_tokens):
+        # 3) every row samples; a token forced by the previous step replaces the sample
         tok = qwen.sample(logits, temperature, top_k, top_p, generator)
+        sampled = ~done & (force < 0)
         tok = torch.where(force >= 0, force, tok)
-        force.fill_(-1)
-        vec = head(model, h)  # (B, C) the latent input, used by rows that stay in latent mode
+        vec = head(model, h)  # (B, C) the latent input of rows that stay in their span
+        # 4) which rows in a span leave it now, and with which token
         if decoding == "steps":
             exit_ = in_lat & (n_lat >= budget)
-            if force_end:
-                tok = torch.where(exit_, ids.end, tok)
-        elif decoding == "latent":
-            end_vec = emb.weight[ids.latent_end]
-            dist = ((vec.float() - end_vec.float()) ** 2).mean(-1) if end_metric == "mse" else \
-                1 - F.cosine_similarity(vec.float(), end_vec.float()[None], dim=-1)
-            exit_ = in_lat & (dist < end_threshold)
+            forced = exit_ if force_end else torch.zeros_like(exit_)
+            tok, force = torch.where(forced, ids.end, tok), torch.full_like(force, -1)
+        elif decoding == "latent":  # <|lvr_latent_end|>, then <|lvr_end|>: the trained sequence
+            dist = end_distance(vec, emb.weight[ids.latent_end], end_metric)
+            exit_ = forced = in_lat & ((dist < end_threshold) | (n_lat >= budget))
             tok = torch.where(exit_, ids.latent_end, tok)
-            force = torch.where(exit_, ids.end, force)
-        else:  # token: the model's own <|lvr_end|>, once a latent step has been taken
-            exit_ = in_lat & (tok == ids.end) & (n_lat > 0)
-        over = in_lat & ~exit_ & (n_lat >= budget)  # budget reached in latent/token mode: force the end
-        tok = torch.where(over, ids.end, tok)
-        exit_ = exit_ | over
+            force = torch.where(exit_ & force_end, ids.end, -1)
+        else:  # token: the model's own exit token, once a latent step has been taken, or the budget
+            exit_ = in_lat & torch.isin(tok, torch.tensor(exits, device=dev)) & (n_lat > 0)
+            forced = in_lat & ~exit_ & (n_lat >= budget)
+            tok = torch.where(forced, ids.end, tok)
+            force = torch.where(exit_ & (tok != ids.end) & force_end, ids.end, -1)  # after <|lvr_latent_end|>
+            exit_ = exit_ | forced
+        # 5) rows still in their span take a latent step: their own hidden state is the next input
         latent_step = in_lat & ~exit_ & ~done
         tok = torch.where(latent_step, ids.latent, tok)
         tok = torch.where(done, stop[0], tok)
         x = torch.where(latent_step[:, None], vec.to(emb.weight.dtype), emb(tok))
-        toks.append(tok)
-        lats.append(torch.where(latent_step[:, None], vec, 0.0))
-        is_lats.append(latent_step)
-        lp = (logits.float() / (temperature or 1.0)).log_softmax(-1).gather(1, tok[:, None])[:, 0]
-        logps.append(torch.where(latent_step, 0.0, lp))
+        # 6) record: a latent step is a sampled "continue" only under the token exit, past the first step
+        sampled = torch.where(latent_step, (decoding == "token") & (n_lat > 0), sampled & ~forced)
+        lp = (logits.float() / (temperature or 1.0)).log_softmax(-1)
+        lp = torch.where(latent_step, continue_logprob(lp, exits), lp.gather(1, tok[:, None])[:, 0])
+        record = (tok, torch.where(latent_step[:, None], vec, 0.0), latent_step, torch.where(sampled, lp, 0.0), sampled)
+        # 7) update the modes: leave, enter, finish
         n_lat = torch.where(latent_step, n_lat + 1, torch.where(exit_, 0, n_lat))
         in_lat = (in_lat & ~exit_) | (~in_lat & (tok == ids.start) & ~done)
         done = done | (~latent_step & ~in_lat & torch.isin(tok, stop))
-        dones.append(done)
+        steps.append(record + (done,))
         if i == max_new_tokens - 1 or (i % 16 == 15 and bool(done.all())):  # a host sync every 16 steps only
             break
         logits, h = model(inputs_embeds=x[:, None], cache=cache)
         logits, h = logits[:, -1], h[:, -1]
-    n = min(int((~torch.stack(dones).all(1)).sum()) + 1, len(dones))  # up to the step the last row stopped
-    toks, lats, is_lats, logps = (torch.stack(t, 1)[:, :n] for t in (toks, lats, is_lats, logps))
-    return torch.cat([input_ids, toks], 1), lats, is_lats, logps
+    toks, lats, is_lats, logps, sampled, dones = (torch.stack(t, 1) for t in zip(*steps))
+    n = min(int((~dones.all(0)).sum()) + 1, dones.shape[1])  # up to the step the last row stopped
+    return Rollout(torch.cat([input_ids, toks[:, :n]], 1), lats[:, :n], is_lats[:, :n], logps[:, :n], sampled[:, :n])
 
 
 def is_lvr_format(tokens, ids, stop_ids, text):
@@ -349,19 +432,6 @@ def group_advantages(rewards, group_size, scale=True):
     return adv.masked_fill((r == r[:, :1]).all(1, keepdim=True), 0.0).flatten()
 
 
-def text_mask(completion, ids, stop_ids):
-    """(N, L) completion tokens -> bool mask of the tokens the policy loss sees.
-
-    Excluded: the latent span from <|lvr_start|> up to but not including <|lvr_end|> (an unclosed
-    span runs to the end), and everything after the first stop token (which itself counts)."""
-    starts = (completion == ids.start).cumsum(1)
-    ends = (completion == ids.end).cumsum(1)
-    in_span = starts > ends
-    is_stop = torch.isin(completion, torch.as_tensor(list(stop_ids), device=completion.device))
-    after_stop = (is_stop.cumsum(1) - is_stop.long()) > 0  # a stop token earlier in the row
-    return ~in_span & ~after_stop
-
-
 def loss_weights(mask, norm="token", max_len=None):
     """(N, L) per-token weights that make sum(weights * per_token_loss) the normalised loss.
 
@@ -394,11 +464,13 @@ def grpo_loss(logp, old_logp, adv, weights, ref_logp=None, clip_eps=0.2, beta=0.
     return (per_token * weights).sum(), kl
 
 
-def completion_logprobs(model, seqs, attention_mask, n_prompt, grid_thw, feats, latents, is_latent, temperature=1.0):
-    """One batched forward over prompt + completion -> (N, L) log-probs of the completion tokens.
+def completion_logprobs(model, seqs, attention_mask, n_prompt, grid_thw, feats, latents, is_latent, temperature=1.0,
+                        exits=()):
+    """One batched forward over prompt + completion -> (N, L) log-probs of the completion's decisions.
 
     The recorded latent vectors (detached) sit at the latent positions, exactly as the rollout fed
-    them; logits are divided by the sampling temperature, as in the rollout."""
+    them; logits are divided by the sampling temperature, as in the rollout. At a latent step the
+    decision is "continue": log(1 - p(exits)) (only a `token`-exit rollout samples it)."""
     prompt, comp = seqs[:, :n_prompt], seqs[:, n_prompt:]
     x = model.embed(prompt, grid_thw=grid_thw, feats=feats)  # (N, T, C) images only in the prompt,
     c = torch.where(is_latent[..., None], latents.detach().to(x.dtype), model.model.embed_tokens(comp))  # (N, L, C)
@@ -408,4 +480,6 @@ def completion_logprobs(model, seqs, attention_mask, n_prompt, grid_thw, feats, 
     pos = torch.cat([pos, (after[:, None] + torch.arange(comp.shape[1], device=seqs.device)).expand(3, -1, -1)], 2)
     _, h = model(inputs_embeds=x, attention_mask=attention_mask, position_ids=pos, logits=False)
     logits = model.lm_head(h[:, n_prompt - 1:-1]).float() / (temperature or 1.0)  # t predicts t + 1; no prompt logits
-    return logits.log_softmax(-1).gather(-1, seqs[:, n_prompt:, None])[..., 0]
+    lp = logits.log_softmax(-1)
+    tok_lp = lp.gather(-1, comp[..., None])[..., 0]
+    return torch.where(is_latent, continue_logprob(lp, list(exits)), tok_lp) if len(exits) else tok_lp

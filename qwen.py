@@ -173,9 +173,25 @@ def mrope(cfg, position_ids, dtype):
     return tuple(t.to(dtype) for t in cos_sin(torch.cat([freqs, freqs], -1)[:, None]))
 
 
-def latent_head(C):
-    """Optional LVR latent head (key prefix `lvr_head.`): hidden state -> latent space."""
-    return nn.Sequential(nn.LayerNorm(C), nn.Linear(C, C), nn.GELU(), nn.Linear(C, C))
+class LatentHead(nn.Module):
+    """The official LVR latent head, `simple` (keys lvr_head.ln_q, lvr_head.mlp.0/2): hidden state -> latent."""
+
+    def __init__(self, C):
+        super().__init__()
+        self.ln_q = nn.LayerNorm(C, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.Linear(C, C))
+
+    def forward(self, x):
+        return self.mlp(self.ln_q(x))
+
+
+def latent_head(cfg):
+    """The optional latent head named by the config (official fields lvr_head, lvr_head_type)."""
+    kind = cfg.extra.get("lvr_head_type", "simple")
+    if kind not in ("simple", "glu"):
+        raise InputError(f"config lvr_head_type must be simple or glu, got {kind!r}")
+    # glu: the official LVRHeadGLU is a SwiGLU with biases, MLP-wide like the LM's
+    return LatentHead(cfg.hidden_size) if kind == "simple" else MLP(cfg.hidden_size, cfg.intermediate_size, bias=True)
 
 
 def get_rope_index(input_ids, grid_thw, attention_mask, image_token_id, merge=2):
@@ -223,7 +239,7 @@ class Qwen2_5_VL(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         if cfg.extra.get("lvr_head"):
-            self.lvr_head = latent_head(cfg.hidden_size)
+            self.lvr_head = latent_head(cfg)
 
     def embed(self, input_ids, pixel_values=None, grid_thw=None, feats=None):
         """Token embeddings with the merged image tokens (`feats`, or the tower's) at <|image_pad|>, in order."""

@@ -30,6 +30,9 @@ device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu, cuda, cuda:1, mp
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # float32, bfloat16, float16
 decoding = "token"  # latent exit: token (the model's own <|lvr_end|>) | steps (a fixed count, the official default) | latent (learned end embedding)
 lvr_steps = 8  # latent steps in `steps` mode, and the budget in the other modes
+force_end = True  # force <|lvr_end|> after a span (false: the model's own next token, as the official code)
+end_metric = ""  # `latent` exit distance: mse | cosine | l1 ("" = the one the checkpoint was trained with)
+end_threshold = 0.0  # `latent` exit threshold (0 = the checkpoint's, else 0.1)
 viz = ""  # write the image with each latent step's nearest cell drawn on it to this file (png)
 # -----------------------------------------------------------------------------
 
@@ -53,15 +56,16 @@ def main(argv):
     input_ids = torch.tensor([ids], device=device)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
                     stop_ids=[tok.im_end, tok.endoftext])
-    names = model.cfg.extra.get("lvr_tokens", lvr.LVR_TOKENS)
-    latent = lvr.latent_ids(tok, names)
+    latent = lvr.find_latent_ids(model, tok)
     if latent is None:  # plain Qwen2.5-VL
         out = model.generate(input_ids, pixel_values, grid_thw, max_new_tokens=max_new_tokens, **sampling)
         print(tok.decode(out[0, len(ids):].tolist()))
         return
-    out, latents, is_latent, _ = lvr.rollout(model, latent, input_ids, pixel_values, grid_thw,
-                                          max_new_tokens=max_new_tokens, decoding=decoding, lvr_steps=lvr_steps,
-                                          max_latent_steps=lvr_steps, **sampling)
+    metric, threshold = lvr.end_rule(model, end_metric, end_threshold)
+    out, latents, is_latent, _, _ = lvr.rollout(
+        model, latent, input_ids, pixel_values, grid_thw, max_new_tokens=max_new_tokens, decoding=decoding,
+        lvr_steps=lvr_steps, force_end=force_end, max_latent_steps=lvr_steps,
+        end_metric=metric, end_threshold=threshold, **sampling)
     print(tok.decode(out[0, len(ids):].tolist()))
     print(f"latent steps: {int(is_latent[0].sum())}")
     if not images:

@@ -6,9 +6,13 @@ GRPO_latent: reinforcement learning on the text of an LVR (or Mirage) SFT checkp
 
 Per step: B prompts, G sampled completions each, all B*G rows in one batched KV-cached latent
 rollout (lvr.rollout) that records every latent vector and every token's log-prob. Rewards ->
-group-relative advantages -> the clipped objective with a k3 KL to the frozen SFT model, on text
-tokens only: the latent span carries no ratio, KL or normaliser (DESIGN 3.7). The training forward
-is one batched forward with the recorded latents put back at the latent positions.
+group-relative advantages -> the clipped objective with a k3 KL to the frozen SFT model, on the
+decisions the policy sampled (the rollout records which): latent vectors and forced tokens carry no
+ratio, KL or normaliser (lvr.py's docstring says what counts as a decision). The training forward is
+one batched forward with the recorded latents put back at the latent positions; its own detached
+log-probs are the old policy's (TRL's convention: the ratio is exactly 1 at the first update), and
+the frozen reference holds its matmul weights in the run's dtype and everything else (norms,
+embeddings) as the policy does, so under autocast its forward equals the policy's at step 0.
 Data: synthetic (default) or a JSON/JSONL of {image, question, answer} (LVR JSON works too).
 Single process (no DDP here): the rollout dominates, and it is one batched call.
 """
@@ -36,7 +40,9 @@ max_new_tokens = 32  # completion budget (latent steps included)
 decoding = "token"  # latent exit: token (the model's own <|lvr_end|>) | steps | latent
 lvr_steps = 8  # latent steps in `steps` mode
 max_latent_steps = 16  # latent budget in `token` / `latent` modes
-end_threshold = 0.1  # `latent` mode: exit when mse(hidden, end embedding) is below this
+force_end = True  # force <|lvr_end|> after a span (false: the model's own next token, as the official code)
+end_metric = ""  # `latent` exit distance: mse | cosine | l1 ("" = the one the checkpoint was trained with)
+end_threshold = 0.0  # `latent` exit threshold (0 = the checkpoint's, else 0.1)
 ppo_epochs = 1  # updates per rollout batch; > 1 makes the clip bite
 micro_batch = 0  # rows per training forward/backward (0 = all B*G at once)
 clip_eps = 0.2  # PPO clip range
@@ -56,7 +62,7 @@ min_pixels = 3136  # image area bounds after resizing
 max_pixels = 28224  # 168*168: the synthetic images unscaled; real data wants more (up to 12845056)
 dtype = "float32"  # float32 | bfloat16 (autocast)
 device = "cuda" if torch.cuda.is_available() else "cpu"
-freeze_vision = True  # the vision tower stays fixed
+freeze_vision = True  # the vision tower stays fixed (false: it trains; the reference keeps its own frozen tower)
 out_dir = "out_grpo"  # checkpoint directory
 resume = False  # continue from out_dir/train_state.pt
 seed = 1337  # seeds the prompts and the sampling
@@ -99,14 +105,18 @@ def main(argv):
     qwen.check_out_dir(out_dir, fresh=not resume)
     records = None if data_path == "synthetic" else data.load_records(data_path)
     model, tok = qwen.load(out_dir if resume else init_from, device=device)
-    ids = lvr.latent_ids(tok, model.cfg.extra.get("lvr_tokens", lvr.LVR_TOKENS))  # the tokens it was trained with
+    ids = lvr.find_latent_ids(model, tok)  # the tokens it was trained with
     if ids is None:
         raise InputError(f"{init_from} has no latent tokens: train it with train_sft.py first")
     ref = None
     if beta > 0:  # the frozen reference: always the SFT checkpoint, also when resuming
-        ref, _ = qwen.load(init_from, getattr(torch, dtype), device)  # (bf16: its matmuls ran in bf16 anyway)
+        ref, _ = qwen.load(init_from, device=device)
         ref.eval().requires_grad_(False)
-        del ref.visual  # never run: both models read the image features the policy's tower computed once
+        for m in ref.modules():  # matmul weights in the run dtype: autocast casts the policy's to it anyway
+            if isinstance(m, torch.nn.Linear) and m.weight is not ref.model.embed_tokens.weight:
+                m.to(getattr(torch, dtype))
+        if freeze_vision:
+            del ref.visual  # never run: both models read the image features the policy's frozen tower computed
     model.train()
     if freeze_vision:
         model.visual.requires_grad_(False)
@@ -151,56 +161,75 @@ def main(argv):
 def train_step(model, ref, tok, ids, exs, stop, opt, params, gen, autocast):
     """Roll out B*G completions, score them, and update the policy -> a dict of statistics."""
     G, dev = group_size, device
-    pvs, grids = zip(*[vision.preprocess(e["images"][0], min_pixels, max_pixels) for e in exs])
-    prompt_ids, mask = qwen.left_pad([tok.prompt(e["question"], [int(g.prod()) // 4]) for e, g in zip(exs, grids)],
-                                     tok.endoftext)
-    grid = torch.cat(grids)
+    # 1) prompts with all of each example's images, each image encoded once for its G rows
+    pre = [[vision.preprocess(im, min_pixels, max_pixels) for im in e["images"]] for e in exs]
+    n_tok = [sum(int(g.prod()) // 4 for _, g in p) for p in pre]
+    prompt_ids, mask = qwen.left_pad([tok.prompt(e["question"], [int(g.prod()) // 4 for _, g in p])
+                                      for e, p in zip(exs, pre)], tok.endoftext)
+    pvs = [torch.cat([pv for pv, _ in p]) for p in pre]
+    grids = [torch.cat([g for _, g in p]) for p in pre]
     with torch.no_grad(), autocast:
-        feats = model.visual(torch.cat(pvs).to(dev), grid)  # each image encoded once for its G rows
-    row_feats = [f for f in feats.split([int(g.prod()) // 4 for g in grids]) for _ in range(G)]  # B*G rows
-    grid_g = grid.repeat_interleave(G, 0)
-    mask_g = mask.repeat_interleave(G, 0).to(dev)
+        feats = model.visual(torch.cat(pvs).to(dev), torch.cat(grids))
+    # 2) the rollout: B prompts prefilled once, G sampled rows each
+    metric, threshold = lvr.end_rule(model, end_metric, end_threshold)
     t0 = time.time()
     model.eval()
-    with autocast:  # B prompts prefilled once, G rows each
-        seqs, latents, is_lat, old_logp = lvr.rollout(
-            model, ids, prompt_ids.to(dev), None, grid, mask.to(dev), max_new_tokens, decoding, lvr_steps,
-            max_latent_steps=max_latent_steps, end_threshold=end_threshold, temperature=temperature,
-            stop_ids=stop, generator=gen, feats=feats, group_size=G)
+    with autocast:
+        r = lvr.rollout(model, ids, prompt_ids.to(dev), None, torch.cat(grids), mask.to(dev), max_new_tokens,
+                        decoding, lvr_steps, force_end, max_latent_steps, threshold, metric, temperature,
+                        stop_ids=stop, generator=gen, feats=feats, group_size=G)
     model.train()
     rollout_s = time.time() - t0
     T = prompt_ids.shape[1]
-    comp = seqs[:, T:]
-    tmask = lvr.text_mask(seqs[:, T - 1:], ids, stop)[:, 1:]  # from T - 1, in case a prompt opens the span
+    seqs, comp, act = r.tokens, r.tokens[:, T:], r.sampled  # act: (B*G, L) the decisions the policy sampled
+    # 3) rewards and group-relative advantages
     scores, lengths = {k: [] for k in REWARDS}, []
-    for r, row in enumerate(comp.tolist()):
-        end = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
+    for i, row in enumerate(comp.tolist()):
+        end = next((j + 1 for j, t in enumerate(row) if t in stop), len(row))
         lengths.append(end)
         text = tok.decode(row[:end])
         for k, fn in REWARDS.items():
-            scores[k].append(fn(text, row[:end], exs[r // G]["answer"], ids, stop))
+            scores[k].append(fn(text, row[:end], exs[i // G]["answer"], ids, stop))
     scores = {k: torch.tensor(v) for k, v in scores.items()}
     reward = accuracy_weight * scores["accuracy"] + format_weight * scores["format"]
     adv = lvr.group_advantages(reward, G, scale_rewards).to(dev)
-    weights = lvr.loss_weights(tmask, loss_norm, max_new_tokens)
-    attn = torch.cat([mask_g, torch.ones_like(comp)], 1)
-    args = lambda rows: (seqs[rows], attn[rows], T, grid_g[rows.cpu()],  # noqa: E731
-                         torch.cat([row_feats[i] for i in rows.tolist()]), latents[rows], is_lat[rows])
+    weights = lvr.loss_weights(act, loss_norm, max_new_tokens)
+    # 4) the training forward: one batched forward per micro-batch, recorded latents at the latent positions
+    attn = torch.cat([mask.repeat_interleave(G, 0).to(dev), torch.ones_like(comp)], 1)
+    exits = lvr.exit_tokens(ids, decoding) if decoding == "token" else []  # a sampled "continue" at latent steps
     chunks = torch.arange(len(seqs), device=dev).split(micro_batch or len(seqs))
-    ref_logp = None
-    if ref is not None:
-        with torch.no_grad(), autocast:
-            ref_logp = torch.cat([lvr.completion_logprobs(ref, *args(c), temperature) for c in chunks])
+
+    def logprobs(m, rows, frozen):
+        """(rows, L) log-probs of the completion's decisions under model m. `frozen`: the rollout's image
+        features; None when the tower trains: m's own tower then encodes this micro-batch's prompts."""
+        p = (rows // G).tolist()
+        if frozen is None:
+            u = sorted(set(p))
+            f = m.visual(torch.cat([pvs[i] for i in u]).to(dev), torch.cat([grids[i] for i in u]))
+            f = dict(zip(u, f.split([n_tok[i] for i in u])))
+        else:
+            f = frozen.split(n_tok)
+        return lvr.completion_logprobs(m, seqs[rows], attn[rows], T, torch.cat([grids[i] for i in p]),
+                                       torch.cat([f[i] for i in p]), r.latents[rows], r.is_latent[rows],
+                                       temperature, exits)
+    frozen = feats if freeze_vision else None
+    ref_logp, old_logp = None, None
+    with torch.no_grad(), autocast:
+        if ref is not None:
+            ref_logp = torch.cat([logprobs(ref, c, frozen) for c in chunks])
+        if ppo_epochs > 1:  # the old policy of every epoch: this policy before its first update
+            old_logp = torch.cat([logprobs(model, c, frozen) for c in chunks])
     kl_sum, loss_sum = 0.0, 0.0  # become device tensors, read once at the end: no host sync per micro-batch
     for _ in range(ppo_epochs):
         for c in chunks:
             with autocast:
-                logp = lvr.completion_logprobs(model, *args(c), temperature)
-                loss, kl = lvr.grpo_loss(logp, old_logp[c], adv[c], weights[c],
-                                         None if ref_logp is None else ref_logp[c], clip_eps, beta)
+                logp = logprobs(model, c, frozen)
+                old = logp.detach() if old_logp is None else old_logp[c]  # one update: ratio exactly 1 (TRL)
+                loss, kl = lvr.grpo_loss(logp, old, adv[c], weights[c], None if ref_logp is None else ref_logp[c],
+                                         clip_eps, beta)
             loss.backward()
             loss_sum += loss.detach() / ppo_epochs
-            kl_sum += (kl.detach() * tmask[c]).sum() / ppo_epochs
+            kl_sum += (kl.detach() * act[c]).sum() / ppo_epochs
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
@@ -209,8 +238,8 @@ def train_step(model, ref, tok, ids, exs, stop, opt, params, gen, autocast):
     return {"loss": float(loss_sum), "reward": float(reward.mean()), "accuracy": float(scores["accuracy"].mean()),
             "format": float(scores["format"].mean()),
             "flat_groups": float((groups.max(1).values == groups.min(1).values).float().mean()),
-            "kl": float(kl_sum) / max(1, int(tmask.sum())), "length": sum(lengths) / len(lengths),
-            "latent_steps": float(is_lat.sum(1).float().mean()), "rollout_tok_s": sum(lengths) / rollout_s}
+            "kl": float(kl_sum) / max(1, int(act.sum())), "length": sum(lengths) / len(lengths),
+            "latent_steps": float(r.is_latent.sum(1).float().mean()), "rollout_tok_s": sum(lengths) / rollout_s}
 
 
 if __name__ == "__main__":

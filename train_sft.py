@@ -36,13 +36,15 @@ image_root = ""  # directory the dataset's image paths are relative to (they may
 on_bad_record = "fail"  # fail | skip: a record with a bad image, bbox or text stops the run, or is skipped
 method = "lvr"  # lvr | mirage | none (plain SFT, the ablation)
 stage = 1  # Mirage: 1 = reconstruct the helper image, 2 = text-only with its own latents fed back
-ce_weight = 1.0  # weight of the text cross-entropy
-latent_weight = 0.1  # weight of the latent loss
-latent_loss = "cosine"  # mse | cosine | l1 (the official LVR uses mse; see the README for the default)
+ce_weight = -1.0  # weight of the text cross-entropy (-1: the paper's, see resolve_defaults)
+latent_weight = -1.0  # weight of the latent loss (-1: the paper's)
+latent_loss = "auto"  # mse | cosine | l1 | auto (official LVR mse, Mirage cosine; cosine on the tiny scratch model)
+switch_weight = 0.1  # mode-switch loss: BCE on <|lvr_end|> at the in-span states, so spans end where trained
 max_latents = 0  # pool each ROI to at most this many latents (0 = all ROI tokens)
 mirage_k = 4  # Mirage: latents per helper image
 latent_head = False  # learn a head hidden -> latent (else identity)
 latent_end = False  # train the `latent` exit mode (<|lvr_latent_end|> after the latents)
+end_threshold = 0.1  # `latent` exit: recorded in the checkpoint (a distance where the zero vector is at 1)
 batch_size = 16  # examples per micro-batch per process
 grad_accum = 1  # micro-batches per optimizer step
 lr = 1e-3  # peak learning rate
@@ -77,13 +79,27 @@ class Step(torch.nn.Module):
 
     def forward(self, batch):
         if method == "mirage" and stage == 2:
-            return lvr.mirage_stage2_loss(self.model, batch, freeze_vision)
-        return lvr.sft_loss(self.model, batch, ce_weight, latent_weight, latent_loss, freeze_vision)
+            return lvr.mirage_stage2_loss(self.model, batch, freeze_vision, switch_weight)
+        return lvr.sft_loss(self.model, batch, ce_weight, latent_weight, latent_loss, freeze_vision, switch_weight)
+
+
+def resolve_defaults(config):
+    """The papers' loss settings where a flag was left at auto: from a real checkpoint, LVR is mse with
+    CE 1 / latent 0.1 (official LVR), Mirage cosine with CE 0.1 / latent 1 (official Mirage); the tiny
+    scratch model keeps what trains it in minutes (cosine, CE 1 / latent 0.1: see the README)."""
+    real = init_from != "scratch"
+    paper = {"latent_loss": "cosine" if method == "mirage" or not real else "mse",
+             "ce_weight": 0.1 if method == "mirage" and real else 1.0,
+             "latent_weight": 1.0 if method == "mirage" and real else 0.1}
+    for k, v in paper.items():
+        if config[k] in ("auto", -1.0):
+            config[k] = globals()[k] = v
+    print("resolved: " + " ".join(f"{k}={config[k]}" for k in paper))
 
 
 def init_weights(model):
     for name, p in model.named_parameters():
-        if "norm" in name or "ln_q" in name or "lvr_head.0" in name:
+        if "norm" in name or "ln_q" in name:
             torch.nn.init.ones_(p) if name.endswith("weight") else torch.nn.init.zeros_(p)
         elif name.endswith("bias"):
             torch.nn.init.zeros_(p)
@@ -109,8 +125,10 @@ def build(tmp):
     model, tok = qwen.load(path)
     if latent_head and not hasattr(model, "lvr_head"):
         model.cfg.extra["lvr_head"] = True
-        model.lvr_head = qwen.latent_head(model.cfg.hidden_size)
+        model.lvr_head = qwen.latent_head(model.cfg)
     ids = lvr.add_latent_tokens(model, tok, lvr.MIRAGE_TOKENS if method == "mirage" else lvr.LVR_TOKENS)
+    if latent_end:  # the `latent` exit's distance: the one its embedding is trained with, and the threshold
+        model.cfg.extra.update(latent_end_metric=latent_loss, latent_end_threshold=end_threshold)
     return model, tok, ids
 
 
@@ -141,9 +159,12 @@ def main(argv):
     global CONFIG
     CONFIG = qwen.configure(globals(), argv)
     if method not in ("lvr", "mirage", "none") or stage not in (1, 2) or dtype not in ("float32", "bfloat16") \
-            or on_bad_record not in ("fail", "skip"):
+            or on_bad_record not in ("fail", "skip") or latent_loss not in ("mse", "cosine", "l1", "auto"):
         raise InputError("--method must be lvr|mirage|none, --stage 1|2, --dtype float32|bfloat16, "
-                         "--on_bad_record fail|skip")
+                         "--on_bad_record fail|skip, --latent_loss mse|cosine|l1|auto")
+    if latent_end and method == "mirage":
+        raise InputError("--latent_end true needs a latent-end token, and Mirage's tokens have none")
+    resolve_defaults(CONFIG)
     ddp = "RANK" in os.environ
     if fsdp and not ddp:
         raise InputError("--fsdp true shards across processes: launch with torchrun --nproc_per_node N")
@@ -198,21 +219,22 @@ def main(argv):
             G = batch_size * grad_accum * world
             # the losses stay on the device until the one read per step, so the next micro-batch's images
             # are prepared while the device still computes this one
-            ce_sum, lat_sum = torch.zeros((), device=dev), torch.zeros((), device=dev)
+            ce_sum, lat_sum, sw_sum = (torch.zeros((), device=dev) for _ in range(3))
             for micro in range(grad_accum):
                 batch = data.to_device(encode(examples(step * G + (micro * world + rank) * batch_size, batch_size,
                                                        records)), dev)
                 sync = not ddp or fsdp or micro == grad_accum - 1  # (FSDP reduce-scatters every micro-batch)
                 with (step_fn.no_sync() if not sync else torch.enable_grad()), autocast:
-                    loss, ce, lat = step_fn(batch)
+                    loss, ce, lat, sw = step_fn(batch)
                     (loss / grad_accum).backward()
                 ce_sum += ce.float() / grad_accum
                 lat_sum += lat.float() / grad_accum
-            stats = torch.stack([ce_sum, lat_sum, torch.tensor(float(len(stop)), device=dev)])
+                sw_sum += sw.float() / grad_accum
+            stats = torch.stack([ce_sum, lat_sum, sw_sum, torch.tensor(float(len(stop)), device=dev)])
             if ddp:  # the global mean losses, and whether any rank was asked to stop (so all stop together)
                 dist.all_reduce(stats)
                 stats = stats / world
-            ce_sum, lat_sum, stopping = stats.tolist()
+            ce_sum, lat_sum, sw_sum, stopping = stats.tolist()
             if not (math.isfinite(ce_sum) and math.isfinite(lat_sum)):
                 raise InputError(f"loss is not finite at step {step} (ce {ce_sum}, latent {lat_sum}); "
                                  f"stopped, {out_dir} keeps the last good checkpoint")
@@ -221,9 +243,9 @@ def main(argv):
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            losses.append((ce_sum, lat_sum))
+            losses.append((ce_sum, lat_sum, sw_sum))
             bar.update(1)
-            bar.set_postfix(ce=f"{ce_sum:.4f}", latent=f"{lat_sum:.4f}", lr=f"{lr_now:.1e}",
+            bar.set_postfix(ce=f"{ce_sum:.4f}", latent=f"{lat_sum:.4f}", switch=f"{sw_sum:.4f}", lr=f"{lr_now:.1e}",
                             ms=f"{1000 * (time.time() - t0):.0f}")
             if stopping or step % eval_interval == 0 or step == max_iters:
                 if fsdp and not stopping:  # every rank runs the evaluation forwards (they gather weights)
@@ -267,13 +289,13 @@ def evaluate(model, tok, ids, records, held_out, dev, step, rank=0):
         enc = [data.encode(e, tok, ids, method, max_latents, mirage_k, latent_end, min_pixels, max_pixels) for e in chunk]
         prompts = [e["input_ids"][:e["n_prompt"]] for e in enc]
         input_ids, mask = qwen.left_pad(prompts, tok.endoftext)
-        out, _, _, _ = lvr.rollout(model, ids, input_ids.to(dev), torch.cat([e["pixel_values"] for e in enc]).to(dev),
-                                torch.cat([e["grid_thw"] for e in enc]), mask.to(dev), max_new_tokens=48,
-                                # Mirage spans are always k long; LVR spans differ per row, so the model ends them
-                                decoding="latent" if latent_end else "steps" if method == "mirage" else "token",
-                                lvr_steps=mirage_k, max_latent_steps=max(len(e["slots"]) for e in enc) + 4,
-                                stop_ids=[tok.im_end, tok.endoftext])
-        for e, row in zip(chunk, out[:, input_ids.shape[1]:].tolist()):
+        out = lvr.rollout(model, ids, input_ids.to(dev), torch.cat([e["pixel_values"] for e in enc]).to(dev),
+                          torch.cat([e["grid_thw"] for e in enc]), mask.to(dev), max_new_tokens=48,
+                          # Mirage spans are always k long; LVR spans differ per row, so the model ends them
+                          decoding="latent" if latent_end else "steps" if method == "mirage" else "token",
+                          lvr_steps=mirage_k, max_latent_steps=max(len(e["slots"]) for e in enc) + 4,
+                          end_metric=latent_loss, end_threshold=end_threshold, stop_ids=[tok.im_end, tok.endoftext])
+        for e, row in zip(chunk, out.tokens[:, input_ids.shape[1]:].tolist()):
             correct += lvr.is_correct(tok.decode(row), e["answer"])
     if rank == 0:
         print(f"\nstep {step}: {what} accuracy {correct / len(exs):.3f} on {len(exs)} examples")

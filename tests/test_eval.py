@@ -46,7 +46,21 @@ def test_multiple_choice_loaders(tmp_path):
     jsonl.write_text(json.dumps({"image": "2.jpg", "question": "What colour is the cup?",
                                  "options": ["red", "blue"], "answer": "B"}) + "\n")
     (ex,) = evaluation.load_multiple_choice(str(jsonl), str(imgs))
-    assert "(A) red\n(B) blue" in ex["question"] and ex["answer"] == "B" and ex["bbox"] is None
+    assert "(A) red\n(B) blue" in ex["question"] and ex["answer"] == "B" and ex["bboxes"] == []
+    # MMVP: questions 2k-1 and 2k are a pair; per pair counts a pair only when both are right
+    assert exs[0]["pair"] == exs[1]["pair"] == 0
+    pairs = evaluation.by_group(exs + [{**exs[0], "pair": 1}, {**exs[1], "pair": 1}], [True, True, True, False], "pair")
+    assert {k: all(v) for k, v in pairs.items()} == {0: True, 1: False}
+    # V* as its files lay it out: text (options inside), label, category; else the category is the image's folder
+    (imgs / "relative_position").mkdir()
+    photo(64, 48, 3).save(imgs / "relative_position" / "3.jpg")
+    jsonl.write_text(json.dumps({"image": "2.jpg", "text": "Colour?\n(A) red\n(B) blue", "label": "A",
+                                 "category": "direct_attributes", "question_id": 0}) + "\n"
+                     + json.dumps({"image": "relative_position/3.jpg", "text": "Left?", "label": "B"}) + "\n")
+    a, b = evaluation.load_multiple_choice(str(jsonl), str(imgs))
+    assert (a["category"], a["answer"], b["category"]) == ("direct_attributes", "A", "relative_position")
+    assert dict(evaluation.by_group([a, b], [True, False], "category")) == {"direct_attributes": [True],
+                                                                             "relative_position": [False]}
     jsonl.write_text(json.dumps({"image": "missing.jpg", "question": "q", "options": ["a"], "answer": "A"}) + "\n")
     try:
         evaluation.load_multiple_choice(str(jsonl), str(imgs))
@@ -66,3 +80,27 @@ def test_eval_script_end_to_end(tmp_path):
     on = next(x for x in lines if x.startswith("with latents")).split()
     off = next(x for x in lines if x.startswith("latents disabled")).split()
     assert 0 <= float(on[2]) <= 1 and off[-1] == "-" and float(off[-2]) == 0.0
+
+
+def test_eval_on_an_lvr_json_file(tmp_path):
+    """eval.py on an LVR JSON file: accuracy, latent steps per example and per span, hit rate on its bboxes."""
+    out, imgs = str(tmp_path / "out"), tmp_path / "imgs"
+    imgs.mkdir()
+    recs = []
+    for i in range(3):
+        ex = data.synthetic_example(i, 112)
+        ex["images"][0].save(imgs / f"{i}.png")
+        recs.append({"image": f"{i}.png", "bboxes": ex["bboxes"], "conversations": [
+            {"from": "human", "value": "<image>\n" + ex["question"]}, {"from": "gpt", "value": "<lvr>\n" + ex["answer"]}]})
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    # a few steps: every training answer opens with <|lvr_start|>, so the greedy model does too
+    r = run("train_sft.py", *SMALL, "--max_iters", "30", "--eval_interval", "30", "--lr", "3e-3", "--out_dir", out)
+    assert r.returncode == 0, r.stderr
+    r = run("eval.py", "--init_from", out, "--data_path", str(tmp_path / "val.jsonl"), "--image_root", str(imgs),
+            "--max_pixels", "12544", "--max_new_tokens", "8", "--max_latent_steps", "3")
+    assert r.returncode == 0, r.stderr
+    on = next(x for x in r.stdout.splitlines() if x.startswith("with latents")).split()
+    assert 0 <= float(on[2]) <= 1 and float(on[4]) > 0 and 0 <= float(on[5]) <= 1, r.stdout  # steps, hit rate
+    spans = next(x for x in r.stdout.splitlines() if x.startswith("latent steps per span"))
+    counts = {int(k): int(v) for k, v in (p.split(": ") for p in spans.split("): ")[1].split(", "))}
+    assert sum(k * v for k, v in counts.items()) == round(3 * float(on[4])) and max(counts) <= 3, r.stdout

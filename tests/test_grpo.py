@@ -28,21 +28,30 @@ def test_group_advantages_by_hand():
     assert torch.allclose(lvr.group_advantages(r, 4, scale=False)[:4], torch.tensor([0.5, -0.5, 0.5, -0.5]))
 
 
-def test_text_mask_by_hand():
-    s, lat, e = IDS.start, IDS.latent, IDS.end
-    comp = torch.tensor([
-        [s, lat, lat, e, 20, 21, IM_END, PAD, PAD],  # a closed span, then the answer, then padding
-        [s, lat, lat, lat, lat, lat, lat, lat, lat],  # no <|lvr_end|>: the whole thing is latent
-        [20, 21, 22, IM_END, IM_END, IM_END, IM_END, IM_END, IM_END],  # no span; only the first stop counts
-        [20, s, lat, e, 21, PAD, 22, 23, 24],  # a span mid-way; the pad (a stop token) ends it
-    ])
-    want = torch.tensor([
-        [0, 0, 0, 1, 1, 1, 1, 0, 0],
-        [0, 0, 0, 0, 0, 0, 0, 0, 0],
-        [1, 1, 1, 1, 0, 0, 0, 0, 0],
-        [1, 0, 0, 1, 1, 1, 0, 0, 0],
-    ], dtype=torch.bool)
-    assert torch.equal(lvr.text_mask(comp, IDS, [IM_END, PAD]), want)
+def test_loss_mask_is_the_rollouts_record_of_sampled_decisions(tmp_path):
+    """A stray <|lvr_end|> sampled in text mode opens nothing; a later span's <|lvr_start|> is a sampled
+    decision (it counts, with its log-prob), its latents and the forced <|lvr_end|> carry nothing.
+    Counting tokens would get this wrong: [end, x, start, lvr, lvr, end, ...] balances the counts."""
+    model, tok, ids = tiny_model(tmp_path)
+    prompt = torch.tensor([tok.prompt("What colour is the square?")])
+    with torch.no_grad():
+        g = model.generate(prompt, max_new_tokens=8, stop_ids=[-1])[0, prompt.shape[1]:].tolist()
+    k = next(i for i in range(2, 8) if g[i] not in g[:i])
+    ids = lvr.LatentIds(start=g[k], latent=ids.latent, end=g[0], latent_end=ids.latent_end)  # g[0]: a stray end
+    r = lvr.rollout(model, ids, prompt, max_new_tokens=k + 6, decoding="steps", lvr_steps=2, stop_ids=[-1])
+    comp = r.tokens[0, prompt.shape[1]:].tolist()
+    assert comp[:k + 1] == g[:k + 1] and comp[0] == ids.end and comp[k] == ids.start
+    assert comp[k + 1:k + 4] == [ids.latent, ids.latent, ids.end]  # two latents, then the forced end
+    want = [True] * (k + 1) + [False, False, False] + [True] * 2
+    assert r.sampled[0].tolist() == want and r.is_latent[0].tolist() == [False] * (k + 1) + [True, True] + [False] * 3
+    assert (r.logprobs[0][~r.sampled[0]] == 0).all() and (r.logprobs[0][r.sampled[0]] < 0).all()
+    # the weights follow the mask: nothing forced or latent is normalised over
+    w = lvr.loss_weights(r.sampled, "token")
+    assert torch.equal(w[0] > 0, r.sampled[0]) and math.isclose(float(w.sum()), 1.0, rel_tol=1e-6)
+    # stop tokens: the first one is sampled and counts, the padding after it does not
+    stop = comp[k + 4]
+    r = lvr.rollout(model, ids, prompt, max_new_tokens=k + 6, decoding="steps", lvr_steps=2, stop_ids=[stop])
+    assert r.sampled[0].tolist()[k + 4] and not r.sampled[0, k + 5:].any()
 
 
 @pytest.mark.parametrize("norm,want", [("token", -1 / 3), ("sequence", 0.0), ("fixed", -1 / 8)])
@@ -79,8 +88,10 @@ def test_grpo_clip_and_k3():
     assert math.isclose(float(loss), 0.04 * (math.exp(0.5) - 1.5), rel_tol=1e-6)
 
 
-def test_training_forward_equals_rollout_logprobs(tmp_path):
-    """One batched forward with the recorded latents gives the rollout's log-probs (temperature 0.7)."""
+@pytest.mark.parametrize("decoding", ["steps", "token"])
+def test_training_forward_equals_rollout_logprobs(tmp_path, decoding):
+    """One batched forward with the recorded latents gives the rollout's log-probs (temperature 0.7), for
+    sampled tokens and, under the token exit, for the sampled "continue" decisions at latent steps."""
     model, tok, ids = tiny_model(tmp_path)
     pvs, grids, prompts = [], [], []
     for i in range(2):
@@ -96,28 +107,68 @@ def test_training_forward_equals_rollout_logprobs(tmp_path):
     input_ids, mask = qwen.left_pad(prompts, tok.endoftext)
     input_ids, mask = input_ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
     gen = torch.Generator().manual_seed(0)
-    seqs, lats, is_lat, logp = lvr.rollout(model, ids, input_ids, None, grid, mask, max_new_tokens=10,
-                                           decoding="steps", lvr_steps=3, temperature=0.7, generator=gen,
-                                           feats=torch.cat(feats), stop_ids=[tok.im_end])
+    kw = dict(max_new_tokens=10, decoding=decoding, lvr_steps=3, max_latent_steps=3, temperature=0.7,
+              stop_ids=[tok.im_end])
+    seqs, lats, is_lat, logp, act = lvr.rollout(model, ids, input_ids, None, grid, mask, generator=gen,
+                                                feats=torch.cat(feats), **kw)
     assert is_lat.any() and not is_lat.all()
     # one prefill per prompt, its cache copied to G rows: the same rows as prefilling every copy
     one_ids, one_mask = qwen.left_pad(prompts, tok.endoftext)
-    shared = lvr.rollout(model, ids, one_ids, None, torch.cat(grids), one_mask, max_new_tokens=10, decoding="steps",
-                         lvr_steps=3, temperature=0.7, generator=torch.Generator().manual_seed(0),
-                         feats=torch.cat(feats[::G]), stop_ids=[tok.im_end], group_size=G)
-    assert torch.equal(shared[0], seqs) and torch.equal(shared[2], is_lat)
-    assert torch.allclose(shared[1], lats, atol=1e-5) and torch.allclose(shared[3], logp, atol=1e-5)
+    shared = lvr.rollout(model, ids, one_ids, None, torch.cat(grids), one_mask, generator=torch.Generator().manual_seed(0),
+                         feats=torch.cat(feats[::G]), group_size=G, **kw)
+    assert torch.equal(shared.tokens, seqs) and torch.equal(shared.is_latent, is_lat) and torch.equal(shared.sampled, act)
+    assert torch.allclose(shared.latents, lats, atol=1e-5) and torch.allclose(shared.logprobs, logp, atol=1e-5)
     T = input_ids.shape[1]
     attn = torch.cat([mask, torch.ones_like(seqs[:, T:])], 1)
+    exits = lvr.exit_tokens(ids, decoding) if decoding == "token" else []
     with torch.no_grad():
-        got = lvr.completion_logprobs(model, seqs, attn, T, grid, torch.cat(feats), lats, is_lat, 0.7)
-    m = lvr.text_mask(seqs[:, T - 1:], ids, [tok.im_end])[:, 1:]  # from T - 1: the prompt opens the span
-    assert m.sum() > 6
-    assert torch.allclose(got[m], logp[m], atol=1e-4), (got[m] - logp[m]).abs().max()
+        got = lvr.completion_logprobs(model, seqs, attn, T, grid, torch.cat(feats), lats, is_lat, 0.7, exits)
+    assert act.sum() > 6
+    assert torch.allclose(got[act], logp[act], atol=1e-4), (got[act] - logp[act]).abs().max()
+    # latent steps: none sampled under `steps`; under `token` every one but a span's first is a "continue"
+    n_continue = int((act & is_lat).sum())
+    assert n_continue == (0 if decoding == "steps" else int(is_lat.sum()) - len(seqs))
     # and the temperature matters: at 1.0 they differ
     with torch.no_grad():
-        other = lvr.completion_logprobs(model, seqs, attn, T, grid, torch.cat(feats), lats, is_lat, 1.0)
-    assert not torch.allclose(other[m], logp[m], atol=1e-3)
+        other = lvr.completion_logprobs(model, seqs, attn, T, grid, torch.cat(feats), lats, is_lat, 1.0, exits)
+    assert not torch.allclose(other[act], logp[act], atol=1e-3)
+
+
+def test_grpo_first_update_ratio_one_kl_zero_and_the_tower_trains(tmp_path, monkeypatch):
+    """At step 0 the old log-probs are the training forward's own (ratio exactly 1) and the reference's
+    forward equals the policy's (KL exactly 0), in fp32 and under bf16 autocast; with --freeze_vision
+    false the vision tower gets gradient and changes."""
+    import train_grpo
+    sft = tmp_path / "sft"
+    model, _, _ = tiny_model(sft)
+    seen = []
+    real_loss = lvr.grpo_loss
+
+    def spy(logp, old, adv, w, ref, *a):
+        seen.append((logp.detach(), old, ref, adv))
+        return real_loss(logp, old, adv, w, ref, *a)
+    monkeypatch.setattr(lvr, "grpo_loss", spy)
+    # a reward with spread on a random model: the parity of the first completion token
+    monkeypatch.setitem(train_grpo.REWARDS, "accuracy", lambda text, tokens, *a: float(tokens[0] % 2 if tokens else 0))
+    saved = dict(vars(train_grpo))
+    try:
+        for i, (dtype, freeze) in enumerate([("bfloat16", "true"), ("float32", "false")]):
+            seen.clear()
+            train_grpo.main(["--init_from", str(sft), "--out_dir", str(tmp_path / f"g{i}"), "--batch_size", "2",
+                             "--group_size", "4", "--image_size", "112", "--max_pixels", "12544", "--max_new_tokens",
+                             "6", "--max_iters", "1", "--temperature", "1.5", "--lr", "1e-2", "--dtype", dtype,
+                             "--freeze_vision", freeze, "--micro_batch", "3"])
+            assert len(seen) == 3  # three micro-batches
+            for logp, old, ref, adv in seen:
+                assert torch.equal(logp, old) and torch.equal(ref, logp), dtype  # ratio exactly 1, KL exactly 0
+            assert any(a.abs().sum() > 0 for *_, a in seen)  # the reward had spread: a real update
+        trained = qwen.Qwen2_5_VL.from_pretrained(str(tmp_path / "g1"))
+        frozen = qwen.Qwen2_5_VL.from_pretrained(str(tmp_path / "g0"))
+        for m, changes in ((trained, True), (frozen, False)):
+            moved = not torch.equal(m.visual.blocks[0].mlp.up_proj.weight, model.visual.blocks[0].mlp.up_proj.weight)
+            assert moved == changes
+    finally:
+        vars(train_grpo).update(saved)
 
 
 def test_rewards():

@@ -76,9 +76,9 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, cap
     calls = []
 
     def poisoned(*a, **k):
-        loss, ce, lat = real(*a, **k)
+        loss, ce, lat, sw = real(*a, **k)
         calls.append(1)
-        return (loss * float("nan"), ce * float("nan"), lat) if len(calls) > 2 else (loss, ce, lat)
+        return (loss * float("nan"), ce * float("nan"), lat, sw) if len(calls) > 2 else (loss, ce, lat, sw)
     monkeypatch.setattr(lvr, "sft_loss", poisoned)
     with pytest.raises(InputError, match="loss is not finite at step 2"):
         train_sft.main([*SMALL, "--max_iters", "5", "--eval_interval", "2", "--out_dir", out])
@@ -151,8 +151,31 @@ def test_other_methods_run(tmp_path, method, extra):
             "--out_dir", out)
     assert r.returncode == 0, r.stderr
     assert "held-out accuracy" in r.stdout
-    if "--latent_end" in extra:  # trained the latent exit: a latent loss term for the end embedding exists
-        assert state(out)["losses"][0][1] > 0
+    if method != "none":  # the mode-switch loss is on by default for LVR and Mirage
+        assert state(out)["losses"][0][2] > 0
+    if "--latent_end" in extra:  # trained the latent exit: a latent loss term for the end embedding exists,
+        assert state(out)["losses"][0][1] > 0  # and its distance and threshold are in the checkpoint's config
+        extra_cfg = qwen.Qwen2_5_VL.from_pretrained(out).cfg.extra
+        assert (extra_cfg["latent_end_metric"], extra_cfg["latent_end_threshold"]) == ("cosine", 0.1)
+
+
+def test_loss_defaults_follow_the_papers(monkeypatch, capsys):
+    """From a real checkpoint LVR is mse with CE 1 / latent 0.1, Mirage cosine with CE 0.1 / latent 1; the
+    tiny scratch model keeps cosine, CE 1 / latent 0.1; a flag given explicitly wins; the resolved values print."""
+    import train_sft
+    for init, method, given, want in [("ckpt", "lvr", {}, ("mse", 1.0, 0.1)), ("ckpt", "mirage", {}, ("cosine", 0.1, 1.0)),
+                                      ("scratch", "lvr", {}, ("cosine", 1.0, 0.1)),
+                                      ("scratch", "mirage", {}, ("cosine", 1.0, 0.1)),
+                                      ("ckpt", "lvr", {"latent_loss": "l1", "ce_weight": 0.5}, ("l1", 0.5, 0.1))]:
+        config = {"latent_loss": "auto", "ce_weight": -1.0, "latent_weight": -1.0, **given}
+        for k, v in {**config, "init_from": init, "method": method}.items():
+            monkeypatch.setattr(train_sft, k, v)
+        train_sft.resolve_defaults(config)
+        assert (config["latent_loss"], config["ce_weight"], config["latent_weight"]) == want
+        assert (train_sft.latent_loss, train_sft.ce_weight, train_sft.latent_weight) == want
+        assert f"resolved: latent_loss={want[0]} ce_weight={want[1]} latent_weight={want[2]}" in capsys.readouterr().out
+    r = run("train_sft.py", "--method", "mirage", "--latent_end", "true")
+    assert r.returncode == 1 and "Mirage's tokens have none" in r.stderr and "Traceback" not in r.stderr
     if method == "mirage":
         r = run("train_sft.py", *SMALL, "--max_iters", "2", "--eval_interval", "2", "--method", "mirage",
                 "--stage", "2", "--init_from", out, "--out_dir", str(tmp_path / "s2"), "--eval_examples", "0")
