@@ -167,7 +167,9 @@ def main(argv):
         hr = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
         print(f"{name:18}{r['accuracy']:>10.3f}{r['format']:>9.3f}{r['latent_steps']:>14.2f}{hr:>10}")
     on = rows[0][1]
-    print("latent steps per span (with latents): " + ", ".join(f"{k}: {v}" for k, v in sorted(on["spans"].items())))
+    budget = lvr_steps if decoding == "steps" else max_latent_steps
+    print("latent steps per span (with latents): " + ", ".join(f"{k}: {v}" for k, v in sorted(on["spans"].items()))
+          + f"; {on['spans'][budget]} of {sum(on['spans'].values())} spans ran to the budget of {budget}")
     for name, ok in sorted(by_group(exs, on["right"], "category").items()):
         print(f"category {name}: accuracy {sum(ok) / len(ok):.3f} on {len(ok)}")
     pairs = by_group(exs, on["right"], "pair")

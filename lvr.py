@@ -155,6 +155,17 @@ def head(model, h):
     return model.lvr_head(h) if hasattr(model, "lvr_head") else h
 
 
+def latent_input(model, h):
+    """What a latent step feeds back: head(h), and, when the latents were trained with a cosine loss
+    (the config records the targets' mean norm, `latent_norm`), rescaled to that norm. Cosine trains
+    only the direction, so the hidden state keeps the LM's scale (RMS ~1 vs ~0.05 for the merged image
+    tokens of a random tower): fed back as it is, every state after the first latent reads an input it
+    never saw in training, and a span longer than one latent runs past its end."""
+    v = head(model, h)
+    n = model.cfg.extra.get("latent_norm")
+    return v * (n / v.float().norm(dim=-1, keepdim=True).clamp(min=1e-6)).to(v.dtype) if n else v
+
+
 def latent_distance(pred, target, kind="mse", per_row=False):
     """Latent loss in fp32, mean over rows (or per row): mse, cosine (1 - cos) or l1, each a mean over elements."""
     pred, target = pred.float(), target.float()
@@ -249,7 +260,7 @@ def mirage_stage2_loss(model, batch, freeze_vision=True, switch_weight=0.0):
     for j in range(n_pass):
         _, h = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, logits=False)
         sel = slot == j
-        x = x.index_put((b[sel], t[sel]), head(model, h[b[sel], t[sel] - 1]).to(x.dtype))
+        x = x.index_put((b[sel], t[sel]), latent_input(model, h[b[sel], t[sel] - 1]).to(x.dtype))
     _, h = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, logits=False)
     ce = supervised_ce(model, h, labels)
     switch = ce.new_zeros(())
@@ -335,7 +346,7 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
         tok = qwen.sample(logits, temperature, top_k, top_p, generator)
         sampled = ~done & (force < 0)
         tok = torch.where(force >= 0, force, tok)
-        vec = head(model, h)  # (B, C) the latent input of rows that stay in their span
+        vec = latent_input(model, h)  # (B, C) the latent input of rows that stay in their span
         # 4) which rows in a span leave it now, and with which token
         if decoding == "steps":
             exit_ = in_lat & (n_lat >= budget)

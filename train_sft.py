@@ -185,6 +185,13 @@ def main(argv):
         model, tok, ids = build(tmp)
     model.to(dev).train()
     model.grad_checkpointing = grad_checkpointing
+    encode = lambda exs: data.collate([data.encode(e, tok, ids, method, max_latents, mirage_k, latent_end,  # noqa: E731
+                                                   min_pixels, max_pixels) for e in exs], tok.endoftext)
+    if latent_loss == "cosine" and method != "none" and stage == 1 and "latent_norm" not in model.cfg.extra:
+        with torch.no_grad():  # the norm a cosine-trained latent is fed back at (lvr.latent_input): the targets'
+            _, targets = lvr.encode_images(model, data.to_device(encode(examples(0, batch_size, records)), dev))
+        if len(targets):
+            model.cfg.extra["latent_norm"] = float(targets.norm(dim=-1).mean())
     if freeze_vision:
         model.visual.requires_grad_(False)
     step_fn = Step(model)
@@ -204,8 +211,6 @@ def main(argv):
         set_optimizer_state_dict(model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=fsdp))
         step, losses = state["step"], state["losses"]
         torch.set_rng_state(state["rng"])
-    encode = lambda exs: data.collate([data.encode(e, tok, ids, method, max_latents, mirage_k, latent_end,  # noqa: E731
-                                                   min_pixels, max_pixels) for e in exs], tok.endoftext)
     autocast = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
     bar = tqdm(total=max_iters, initial=step, disable=rank != 0, dynamic_ncols=True)
     stop = qwen.stop_flag()  # Ctrl-C / SIGTERM: finish the step, save it, exit

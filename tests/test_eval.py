@@ -102,5 +102,6 @@ def test_eval_on_an_lvr_json_file(tmp_path):
     on = next(x for x in r.stdout.splitlines() if x.startswith("with latents")).split()
     assert 0 <= float(on[2]) <= 1 and float(on[4]) > 0 and 0 <= float(on[5]) <= 1, r.stdout  # steps, hit rate
     spans = next(x for x in r.stdout.splitlines() if x.startswith("latent steps per span"))
-    counts = {int(k): int(v) for k, v in (p.split(": ") for p in spans.split("): ")[1].split(", "))}
+    counts = {int(k): int(v) for k, v in (p.split(": ") for p in spans.split("): ")[1].split(";")[0].split(", "))}
+    assert spans.endswith(f"{counts.get(3, 0)} of {sum(counts.values())} spans ran to the budget of 3")
     assert sum(k * v for k, v in counts.items()) == round(3 * float(on[4])) and max(counts) <= 3, r.stdout

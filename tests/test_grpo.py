@@ -1,5 +1,6 @@
 """GRPO_latent: advantages, the text mask, the loss under each normalisation, k3, the training
 forward against the rollout's log-probs, rewards, and train_grpo.py end to end."""
+import json
 import math
 import os
 
@@ -150,17 +151,25 @@ def test_grpo_first_update_ratio_one_kl_zero_and_the_tower_trains(tmp_path, monk
     monkeypatch.setattr(lvr, "grpo_loss", spy)
     # a reward with spread on a random model: the parity of the first completion token
     monkeypatch.setitem(train_grpo.REWARDS, "accuracy", lambda text, tokens, *a: float(tokens[0] % 2 if tokens else 0))
+    # the second run reads a file whose prompts carry two images each
+    for i in range(2):
+        data.synthetic_example(i, 112)["images"][0].save(tmp_path / f"{i}.png")
+    (tmp_path / "g.jsonl").write_text(json.dumps({"image": ["0.png", "1.png"], "question": "Which?", "answer": "red"}))
+    two_images = ["--data_path", str(tmp_path / "g.jsonl"), "--image_root", str(tmp_path)]
     saved = dict(vars(train_grpo))
     try:
-        for i, (dtype, freeze) in enumerate([("bfloat16", "true"), ("float32", "false")]):
+        for i, (dtype, freeze, extra) in enumerate([("bfloat16", "true", []), ("float32", "false", two_images),
+                                                    ("float32", "true", ["--ppo_epochs", "2"])]):
             seen.clear()
-            train_grpo.main(["--init_from", str(sft), "--out_dir", str(tmp_path / f"g{i}"), "--batch_size", "2",
+            train_grpo.main([*extra, "--init_from", str(sft), "--out_dir", str(tmp_path / f"g{i}"), "--batch_size", "2",
                              "--group_size", "4", "--image_size", "112", "--max_pixels", "12544", "--max_new_tokens",
                              "6", "--max_iters", "1", "--temperature", "1.5", "--lr", "1e-2", "--dtype", dtype,
                              "--freeze_vision", freeze, "--micro_batch", "3"])
-            assert len(seen) == 3  # three micro-batches
-            for logp, old, ref, adv in seen:
+            assert len(seen) == 3 * (1 + ("--ppo_epochs" in extra))  # three micro-batches per epoch
+            for logp, old, ref, adv in seen[:3]:
                 assert torch.equal(logp, old) and torch.equal(ref, logp), dtype  # ratio exactly 1, KL exactly 0
+            for logp, old, ref, adv in seen[3:]:  # a second epoch: the same old log-probs, a moved policy
+                assert not torch.equal(logp, old) and any(torch.equal(old, o) for _, o, _, _ in seen[:3])
             assert any(a.abs().sum() > 0 for *_, a in seen)  # the reward had spread: a real update
         trained = qwen.Qwen2_5_VL.from_pretrained(str(tmp_path / "g1"))
         frozen = qwen.Qwen2_5_VL.from_pretrained(str(tmp_path / "g0"))

@@ -179,6 +179,8 @@ def slow_rollout(model, ids, prompt, pv, grid, max_new, decoding, lvr_steps, bud
         logits, h = model(inputs_embeds=x[None], position_ids=pos)
         tok = int(logits[0, -1].argmax()) if force is None else force
         force, vec = None, h[0, -1]
+        if model.cfg.extra.get("latent_norm"):  # a cosine-trained model: fed back at the targets' norm
+            vec = vec / vec.norm() * model.cfg.extra["latent_norm"]
         latent_step = False
         if in_lat:
             if decoding == "steps" and n_lat >= lvr_steps:  # the count: <|lvr_end|>, or the model's own token
@@ -210,6 +212,8 @@ def slow_rollout(model, ids, prompt, pv, grid, max_new, decoding, lvr_steps, bud
                                                ("token", False), ("latent", True), ("latent", False)])
 def test_cached_rollout_equals_slow_oracle(tmp_path, decoding, force_end):
     model, tok, _ = tiny_model(tmp_path)
+    if not force_end:  # (these cases also feed the latents back at a recorded norm, as a cosine-trained model does)
+        model.cfg.extra["latent_norm"] = 2.5
     prompts, pvs, grids = [], [], []
     for i, (w, h) in enumerate([(224, 160), (112, 200), (150, 150)]):
         pv, grid = vision.preprocess(data.synthetic_example(i)["images"][0].resize((w, h)), max_pixels=30000)
@@ -259,6 +263,17 @@ def test_cached_rollout_equals_slow_oracle(tmp_path, decoding, force_end):
         assert len(set(first_latent)) > 1  # rows really entered latent mode at different steps
     if decoding == "token":
         assert (out == ids.latent_end).any()
+
+
+def test_latent_input_rescales_only_cosine_trained_latents(tmp_path):
+    model, _, _ = tiny_model(tmp_path, latent_head=True)
+    h = torch.randn(3, model.cfg.hidden_size)
+    with torch.no_grad():
+        assert torch.equal(lvr.latent_input(model, h), model.lvr_head(h))  # no latent_norm recorded: as it is
+        model.cfg.extra["latent_norm"] = 0.7
+        v = lvr.latent_input(model, h)
+    assert torch.allclose(v.norm(dim=-1), torch.full((3,), 0.7)) and torch.allclose(
+        F.cosine_similarity(v, model.lvr_head(h).detach(), dim=-1), torch.ones(3))
 
 
 def test_teacher_forced_positions_equal_rollout(tmp_path):

@@ -108,7 +108,9 @@ def record(bboxes, lvr_count=1, image="a.png"):
     (record([[0.1, 0.1, 0.3, 0.3]], image="missing.png"), "record 1: image not found"),
     (record([[0.1, 0.1, 0.3, 0.3]], image="../a.png"), "record 1: image path '../a.png' leaves --image_root"),
     (record([[0.1, 0.1, 0.3, 0.3]], image="/etc/passwd"), "record 1: image path '/etc/passwd' leaves --image_root"),
-    ({**record([[0.1, 0.1, 0.3, 0.3]]), "conversations": [{"from": "human", "value": "<image>\n "},
+    (record([[0.1, 0.1, 0.3, 0.3]], image=["a.png", "a.png"]), "record 1: 2 images and 1 bboxes: 'bbox_images' must"),
+    ({**record([[0.1, 0.1, 0.3, 0.3]], image=["a.png", "a.png"]), "bbox_images": [2]}, "index of its image .* got \\[2\\]"),
+    ({**record([[0.1, 0.1, 0.3, 0.3]], image=["a.png", "a.png"]), "conversations": [{"from": "human", "value": "<image>\n "},
                                                            {"from": "gpt", "value": "<lvr>\nred"}]},
      "record 1: the question is empty"),
 ])
@@ -118,6 +120,23 @@ def test_dataset_errors_name_the_record(tmp_path, rec, msg):
     data.record_example(records[0], str(tmp_path), f"{path} record 0")
     with pytest.raises(InputError, match=msg):
         data.record_example(records[1], str(tmp_path), f"{path} record 1")
+
+
+def test_bboxes_name_their_image(tmp_path):
+    """With several images each bbox names its image (bbox_images): its ROI tokens are that image's, offset
+    by the tokens of the images before it, so the targets are image 1's features, not image 0's."""
+    import test_lvr
+    model, tok, ids = test_lvr.tiny_model(tmp_path / "m")
+    write_dataset(tmp_path, [])
+    data.synthetic_example(1, 112)["images"][0].save(tmp_path / "b.png")
+    rec = {**record([[0.1, 0.1, 0.3, 0.3]], image=["a.png", "b.png"]), "bbox_images": [1]}
+    ex = data.record_example(rec, str(tmp_path), "r")
+    e = data.encode(ex, tok, ids, "lvr", max_pixels=12544)
+    n0 = int(e["grid_thw"][0].prod()) // 4
+    want = lvr.roi_indices(ex["bboxes"][0], e["grid_thw"][1])
+    assert e["groups"] == [[n0 + j] for j in want] and len(e["grid_thw"]) == 2
+    assert data.grpo_example({"image": ["a.png", "b.png"], "question": "q", "answer": "a"}, str(tmp_path), "r")[
+        "images"][1].size == (112, 112)  # a GRPO prompt carries every image
 
 
 def test_train_on_a_file_then_sample_with_latents(tmp_path):
@@ -151,11 +170,14 @@ def test_other_methods_run(tmp_path, method, extra):
             "--out_dir", out)
     assert r.returncode == 0, r.stderr
     assert "held-out accuracy" in r.stdout
+    extra_cfg = qwen.Qwen2_5_VL.from_pretrained(out).cfg.extra
     if method != "none":  # the mode-switch loss is on by default for LVR and Mirage
         assert state(out)["losses"][0][2] > 0
+        assert 0 < extra_cfg["latent_norm"] < 5  # cosine-trained: the targets' mean norm is recorded
+    else:
+        assert "latent_norm" not in extra_cfg
     if "--latent_end" in extra:  # trained the latent exit: a latent loss term for the end embedding exists,
         assert state(out)["losses"][0][1] > 0  # and its distance and threshold are in the checkpoint's config
-        extra_cfg = qwen.Qwen2_5_VL.from_pretrained(out).cfg.extra
         assert (extra_cfg["latent_end_metric"], extra_cfg["latent_end_threshold"]) == ("cosine", 0.1)
 
 
