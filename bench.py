@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import cli
 import data
 import lvr
 import qwen
@@ -34,14 +35,14 @@ import vision
 # -----------------------------------------------------------------------------
 sizes = "tiny,0.5b"  # comma-separated: tiny | 0.5b | 3b
 device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "float32"  # float32 | bfloat16
-repeats = 3  # timed rounds per measurement (the median is reported)
-decode_tokens = 32  # tokens per decode measurement
-small_image = 224  # side of the photo in the latent, GRPO and SFT prompts (64 image tokens)
-group_size = 8  # G rows per prompt in the GRPO rollout measurement
-sft_batch = 2  # examples in the SFT step (on a GPU use more, e.g. 16, or MFU only measures launch overhead)
+dtype = "float32"  # {float32, bfloat16}
+repeats = 3  # [1, inf) timed rounds per measurement (the median is reported)
+decode_tokens = 32  # [2, inf) tokens per decode measurement
+small_image = 224  # [28, inf) side of the photo in the latent, GRPO and SFT prompts (64 image tokens)
+group_size = 8  # [1, inf) G rows per prompt in the GRPO rollout measurement
+sft_batch = 2  # [1, inf) examples in the SFT step (on a GPU use more, e.g. 16, or MFU only measures launch overhead)
 reference = True  # also time transformers' implementation (when it is installed)
-peak_tflops = 0.0  # the device's dense peak for `dtype` (e.g. 989 for H100 bf16): also report SFT MFU
+peak_tflops = 0.0  # [0, inf) the device's dense peak for `dtype` (e.g. 989 for H100 bf16): also report SFT MFU
 # -----------------------------------------------------------------------------
 
 LM = {"0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
@@ -234,7 +235,9 @@ def bench_size(size, rows):
 
 
 def main(argv):
-    qwen.configure(globals(), argv)
+    cli.configure(globals(), argv)
+    cli.require(sizes and set(sizes.split(",")) <= {"tiny", "0.5b", "3b"},
+                f"--sizes must be a comma-separated list of tiny, 0.5b, 3b; got {sizes!r}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, {dtype}")
     rows = []
     for size in sizes.split(","):
@@ -247,4 +250,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    qwen.run(main)
+    cli.run(main)

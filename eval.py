@@ -23,31 +23,33 @@ import os
 
 import torch
 
+import checkpoint
+import cli
 import data
 import lvr
 import qwen
 import vision
-from vision import InputError
+from cli import InputError
 
 # -----------------------------------------------------------------------------
 init_from = "out"  # checkpoint directory
 data_path = "synthetic"  # synthetic | an LVR JSON/JSONL with bboxes | an MMVP-style CSV | a V*-style JSONL
 image_root = ""  # directory the dataset's images are in (MMVP: the folder of <Index>.jpg)
-n_examples = 256  # held-out synthetic examples (or at most this many from a file)
-image_size = 168  # synthetic images: this many pixels square, a 6x6 grid of merged tokens
-batch_size = 32  # rows per batched rollout
-decoding = "token"  # latent exit: token | steps | latent
-lvr_steps = 8  # latent steps in `steps` mode
-max_latent_steps = 16  # latent budget in `token` / `latent` modes
+n_examples = 256  # [1, inf) held-out synthetic examples (or at most this many from a file)
+image_size = 168  # [28, inf) synthetic images: this many pixels square (a multiple of 28), a 6x6 grid of merged tokens
+batch_size = 32  # [1, inf) rows per batched rollout
+decoding = "token"  # {token, steps, latent} latent exit
+lvr_steps = 8  # [0, inf) latent steps in `steps` mode
+max_latent_steps = 16  # [0, inf) latent budget in `token` / `latent` modes
 force_end = True  # force <|lvr_end|> after a span (false: the model's own next token, as the official code)
-end_metric = ""  # `latent` exit distance: mse | cosine | l1 ("" = the one the checkpoint was trained with)
-end_threshold = 0.0  # `latent` exit threshold (0 = the checkpoint's, else 0.1)
-max_new_tokens = 32  # completion budget
-min_pixels = 3136  # image area bounds after resizing
-max_pixels = 28224  # 168*168: the synthetic images unscaled; real data wants more (up to 12845056)
+end_metric = "checkpoint"  # {checkpoint, mse, cosine, l1} `latent` exit distance (checkpoint: the one it was trained with)
+end_threshold = 0.0  # [0, inf) `latent` exit threshold (0 = the checkpoint's, else 0.1)
+max_new_tokens = 32  # [1, inf) completion budget
+min_pixels = 3136  # [1, inf) image area bounds after resizing
+max_pixels = 28224  # [1, inf) 168*168: the synthetic images unscaled; real data wants more (up to 12845056)
 device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "float32"  # float32 | bfloat16
-seed = 1337  # the synthetic held-out set
+dtype = "float32"  # {float32, bfloat16}
+seed = 1337  # [0, inf) the synthetic held-out set
 # -----------------------------------------------------------------------------
 
 
@@ -153,8 +155,10 @@ def by_group(exs, right, key):
 
 
 def main(argv):
-    qwen.configure(globals(), argv)
-    model, tok = qwen.load(init_from, getattr(torch, dtype), device)
+    cli.configure(globals(), argv)
+    cli.require(min_pixels <= max_pixels, f"--min_pixels {min_pixels} is above --max_pixels {max_pixels}")
+    cli.require(image_size % 28 == 0, f"--image_size {image_size} is not a multiple of 28 (one merged image token)")
+    model, tok = checkpoint.load(init_from, getattr(torch, dtype), device)
     model.eval()
     ids = lvr.find_latent_ids(model, tok)  # the tokens it was trained with
     if ids is None:
@@ -179,4 +183,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    qwen.run(main)
+    cli.run(main)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import qwen
-from vision import InputError
+from cli import InputError
 
 # in the order each official code adds them to its tokenizer, so our ids match theirs
 LVR_TOKENS = {"start": "<|lvr_start|>", "latent": "<|lvr|>", "latent_end": "<|lvr_latent_end|>", "end": "<|lvr_end|>"}
@@ -186,9 +186,9 @@ def end_distance(vec, end_vec, kind):
     return latent_distance(vec, end_vec[None], kind, True) / latent_distance(0 * end_vec[None], end_vec[None], kind, True)
 
 
-def end_rule(model, metric="", threshold=0.0):
+def end_rule(model, metric="checkpoint", threshold=0.0):
     """The `latent` exit's metric and threshold: the flags', else the checkpoint's, else mse and 0.1."""
-    return (metric or model.cfg.extra.get("latent_end_metric", "mse"),
+    return (metric if metric != "checkpoint" else model.cfg.extra.get("latent_end_metric", "mse"),
             threshold or model.cfg.extra.get("latent_end_threshold", 0.1))
 
 

@@ -13,10 +13,6 @@ the KV cache is preallocated; padded query rows always see themselves so SDPA ne
 import functools
 import json
 import os
-import shutil
-import signal
-import sys
-import tempfile
 from dataclasses import dataclass, field, asdict
 
 import torch
@@ -27,7 +23,8 @@ from safetensors import safe_open, SafetensorError
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from vision import MLP, InputError, RMSNorm, VisionConfig, VisionTransformer, cos_sin, rope
+from cli import InputError
+from vision import MLP, RMSNorm, VisionConfig, VisionTransformer, cos_sin, rope
 
 SPECIAL = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
 
@@ -395,88 +392,6 @@ class Qwen2_5_VL(nn.Module):
             json.dump(d, f, indent=2)
 
 
-CHECKPOINT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "train_state.pt"}
-
-
-def check_out_dir(out_dir, fresh):
-    """A save replaces out_dir whole, so it may hold nothing but a checkpoint of ours, and a fresh run
-    (no --resume) must find it empty or absent. Checked before a run starts (fail fast) and at every save."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise InputError(f"--out_dir {out_dir} is a file, not a directory")
-    ckpt = checkpoint_dir(out_dir)
-    have = set(os.listdir(ckpt)) if os.path.isdir(ckpt) else set()
-    if have - CHECKPOINT_FILES:
-        raise InputError(f"--out_dir {out_dir} holds {', '.join(sorted(have - CHECKPOINT_FILES)[:3])}, which saving a "
-                         f"checkpoint there would delete: choose another --out_dir")
-    if fresh and have:  # a finished run's checkpoint, or a model (say the --init_from one) saved there
-        raise InputError(f"--out_dir {out_dir} already holds a checkpoint: --resume true continues a run saved there; "
-                         f"to start over, delete it or choose another --out_dir")
-
-
-def save_checkpoint(model, tok, out_dir, train_state, weights=None):
-    """Write model + tokenizer + train_state.pt to out_dir atomically: a temp dir beside it,
-    fsync, then rename over the old one, so a kill at any moment leaves a loadable checkpoint."""
-    parent, name = os.path.split(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    prev = checkpoint_dir(out_dir)  # undo saves killed part-way: the previous checkpoint back in place,
-    if prev != out_dir:
-        os.rename(prev, out_dir)
-    for d in sorted(os.listdir(parent)):  # and every leftover dropped
-        if d.startswith((f".tmp-{name}-", f".old-{name}-")):
-            discard(os.path.join(parent, d), name)
-    check_out_dir(out_dir, fresh=False)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent)
-    try:
-        model.save_pretrained(tmp, weights)
-        tok.tok.save(os.path.join(tmp, "tokenizer.json"))
-        torch.save(train_state, os.path.join(tmp, "train_state.pt"))
-        for f in os.listdir(tmp):
-            with open(os.path.join(tmp, f), "rb") as fh:
-                os.fsync(fh.fileno())
-    except OSError as e:  # a full disk, say: drop the partial copy (it holds the space), keep the old one
-        discard(tmp, name)
-        raise InputError(f"cannot write a checkpoint beside {out_dir} ({e}); {out_dir} is unchanged") from None
-    old = tempfile.mkdtemp(prefix=f".old-{name}-", dir=parent)
-    if os.path.exists(out_dir):
-        os.rename(out_dir, os.path.join(old, "ckpt"))
-    os.rename(tmp, out_dir)  # a kill between the two renames is undone by the next save (above)
-    discard(old, name)
-
-
-def load_train_state(out_dir, config=None):
-    """train_state.pt with weights_only=True: tensors and plain containers, never arbitrary pickle.
-    Prints the settings of `config` (this run's) that differ from the saved run's."""
-    path = os.path.join(checkpoint_dir(out_dir), "train_state.pt")
-    try:
-        state = torch.load(path, weights_only=True)
-    except Exception as e:  # missing, truncated, or a pickle that wants to run code
-        raise InputError(f"cannot resume from {path}: {str(e).splitlines()[0][:200]}") from None
-    saved = state.get("config", {})
-    changed = [f"{k} {saved[k]} -> {v}" for k, v in (config or {}).items() if k != "resume" and saved.get(k, v) != v]
-    if changed:  # allowed (more steps, a lower lr), but the run is then not the one it was
-        print("resuming with changed settings: " + ", ".join(changed))
-    return state
-
-
-def checkpoint_dir(path):
-    """path; or, while a save killed between its two renames has left it missing, the previous checkpoint
-    that save moved aside. Readers use it in place: only the next save (the one writer) moves it back,
-    so a reader never races a training run, nor DDP ranks each other."""
-    parent, name = os.path.split(os.path.abspath(path))
-    if os.path.exists(path) or not os.path.isdir(parent):
-        return path
-    aside = [os.path.join(parent, d, "ckpt") for d in sorted(os.listdir(parent)) if d.startswith(f".old-{name}-")]
-    return next((p for p in aside if os.path.isdir(p)), path)
-
-
-def discard(path, name):
-    """Delete a dir after moving it into a fresh .tmp- dir: the rename is atomic, so a kill mid-delete never
-    leaves a half-deleted (or stale) checkpoint under an .old- name, which the next save would move back."""
-    trash = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=os.path.dirname(path))
-    os.rename(path, os.path.join(trash, "x"))
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 def safetensors_files(path):
     """The weight files, in transformers' order: model.safetensors, else the shards of the index."""
     single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
@@ -561,7 +476,6 @@ def left_pad(rows, pad_id):
 
 def load(path, dtype=torch.float32, device="cpu"):
     """Model + tokenizer from one directory, checking that their special-token ids agree."""
-    path = checkpoint_dir(path)  # (a save killed between its renames: the previous checkpoint, where it lies)
     model, tok = Qwen2_5_VL.from_pretrained(path, dtype, device), QwenTokenizer(path)
     for name, tok_id in (("image_token_id", tok.image_pad), ("vision_start_token_id", tok.vision_start),
                          ("vision_end_token_id", tok.vision_end)):
@@ -570,56 +484,3 @@ def load(path, dtype=torch.float32, device="cpu"):
     if len(tok) > model.cfg.vocab_size:
         raise InputError(f"{path}: the tokenizer has {len(tok)} tokens, the embedding only {model.cfg.vocab_size} rows")
     return model, tok
-
-
-# -----------------------------------------------------------------------------
-# command line: nanoGPT-style, every simple global of a script is a --name value flag
-
-def configure(g, argv):
-    """Override the script globals `g` from `--name value` pairs, typed like the defaults; return them."""
-    keys = {k: v for k, v in g.items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
-    if len(argv) % 2 or any(not a.startswith("--") for a in argv[::2]):
-        raise InputError(f"arguments must be --name value pairs, got: {' '.join(argv)}")
-    for flag, value in zip(argv[::2], argv[1::2]):
-        name = flag[2:]
-        if name not in keys:
-            raise InputError(f"unknown flag {flag} (known: {', '.join('--' + k for k in keys)})")
-        kind = type(keys[name])
-        try:
-            if kind is bool and value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError
-            parsed = value.lower() in ("true", "1", "yes") if kind is bool else kind(value)
-        except ValueError:
-            raise InputError(f"{flag} expects {kind.__name__}, got {value!r}") from None
-        keys[name] = g[name] = parsed
-    print("config: " + " ".join(f"{k}={v}" for k, v in keys.items()))
-    return keys
-
-
-def stop_flag():
-    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) -> a list a training loop reads between steps,
-    so what it saves on the way out is one whole step (a KeyboardInterrupt can land inside opt.step()).
-    A second signal stops at once, without saving: the last checkpoint on disk stays as it was."""
-    flag = []
-
-    def handler(sig, frame):
-        if flag:
-            raise KeyboardInterrupt
-        flag.append(sig)
-        print(f"\n{signal.Signals(sig).name}: saving and stopping at the end of a step (again: stop now, no save)",
-              file=sys.stderr)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, handler)
-    return flag
-
-
-def run(main):
-    """Run a script's main(): user errors print one line and exit 1, Ctrl-C exits 130."""
-    try:
-        main(sys.argv[1:])
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)

@@ -11,46 +11,47 @@ step, the merged image cell (28x28 px) its vector is most cosine-similar to; --v
 import torch
 from PIL import ImageDraw
 
+import checkpoint
+import cli
 import lvr
-import qwen
 import vision
+from cli import InputError
 
 # -----------------------------------------------------------------------------
 init_from = "out"  # checkpoint directory (Hugging Face Qwen2.5-VL layout)
 image = ""  # image file(s), comma-separated, placed before the question in this order
 q = "What is in the image?"  # the question
-max_new_tokens = 64  # generate at most this many tokens
-temperature = 0.0  # 0 means greedy
-top_k = 0  # keep the k most likely tokens (0 = off)
-top_p = 1.0  # nucleus sampling mass (1.0 = off)
-seed = 1337  # sampling seed
-min_pixels = 3136  # smallest image area after resizing
-max_pixels = 12845056  # largest image area after resizing (fewer pixels = fewer image tokens)
+max_new_tokens = 64  # [1, inf) generate at most this many tokens
+temperature = 0.0  # [0, inf) 0 means greedy
+top_k = 0  # [0, inf) keep the k most likely tokens (0 = off)
+top_p = 1.0  # (0, 1] nucleus sampling mass (1.0 = off)
+seed = 1337  # [0, inf) sampling seed
+min_pixels = 3136  # [1, inf) smallest image area after resizing
+max_pixels = 12845056  # [1, inf) largest image area after resizing (fewer pixels = fewer image tokens)
 device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu, cuda, cuda:1, mps
-dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # float32, bfloat16, float16
-decoding = "token"  # latent exit: token (the model's own <|lvr_end|>) | steps (a fixed count, the official default) | latent (learned end embedding)
-lvr_steps = 8  # latent steps in `steps` mode, and the budget in the other modes
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # {float32, bfloat16, float16}
+decoding = "token"  # {token, steps, latent} latent exit: the model's own <|lvr_end|> | a fixed count (official) | distance to the learned end
+lvr_steps = 8  # [0, inf) latent steps in `steps` mode, and the budget in the other modes
 force_end = True  # force <|lvr_end|> after a span (false: the model's own next token, as the official code)
-end_metric = ""  # `latent` exit distance: mse | cosine | l1 ("" = the one the checkpoint was trained with)
-end_threshold = 0.0  # `latent` exit threshold (0 = the checkpoint's, else 0.1)
+end_metric = "checkpoint"  # {checkpoint, mse, cosine, l1} `latent` exit distance (checkpoint: the one it was trained with)
+end_threshold = 0.0  # [0, inf) `latent` exit threshold (0 = the checkpoint's, else 0.1)
 viz = ""  # write the image with each latent step's nearest cell drawn on it to this file (png)
 # -----------------------------------------------------------------------------
 
 
 def main(argv):
-    qwen.configure(globals(), argv)
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise vision.InputError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    cli.configure(globals(), argv)
+    cli.require(min_pixels <= max_pixels, f"--min_pixels {min_pixels} is above --max_pixels {max_pixels}")
     if not q.strip():
-        raise vision.InputError("--q is empty: ask a question")
-    model, tok = qwen.load(init_from, getattr(torch, dtype), device)
+        raise InputError("--q is empty: ask a question")
+    model, tok = checkpoint.load(init_from, getattr(torch, dtype), device)
     images = [vision.preprocess(path, min_pixels, max_pixels) for path in image.split(",") if path]
     pixel_values = torch.cat([p for p, _ in images]).to(device) if images else None
     grid_thw = torch.cat([g for _, g in images]) if images else None
     n_tokens = [int(g.prod()) // model.cfg.vision.spatial_merge_size ** 2 for _, g in images]
     ids = tok.prompt(q, n_tokens)
     if len(ids) + max_new_tokens > model.cfg.max_position_embeddings:
-        raise vision.InputError(f"prompt of {len(ids)} tokens + {max_new_tokens} new exceeds the context of "
+        raise InputError(f"prompt of {len(ids)} tokens + {max_new_tokens} new exceeds the context of "
                                 f"{model.cfg.max_position_embeddings}; lower --max_pixels or --max_new_tokens")
     generator = torch.Generator(device).manual_seed(seed)
     input_ids = torch.tensor([ids], device=device)
@@ -89,4 +90,4 @@ def main(argv):
         print(f"wrote {viz}")
 
 if __name__ == "__main__":
-    qwen.run(main)
+    cli.run(main)

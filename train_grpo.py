@@ -22,50 +22,52 @@ import time
 import torch
 from tqdm import tqdm
 
+import checkpoint
+import cli
 import data
 import lvr
 import qwen
 import vision
-from vision import InputError
+from cli import InputError
 
 # -----------------------------------------------------------------------------
 init_from = "out"  # the SFT checkpoint to start from (also the frozen KL reference)
 data_path = "synthetic"  # "synthetic" or a JSON/JSONL of {image, question, answer}
 image_root = ""  # directory the dataset's image paths are relative to (they may not leave it)
-on_bad_record = "fail"  # fail | skip: a record with a bad image or text stops the run, or is skipped
-batch_size = 8  # prompts per step (B)
-group_size = 8  # completions per prompt (G)
-temperature = 0.9  # sampling temperature; the loss divides logits by it too
-max_new_tokens = 32  # completion budget (latent steps included)
-decoding = "token"  # latent exit: token (the model's own <|lvr_end|>) | steps | latent
-lvr_steps = 8  # latent steps in `steps` mode
-max_latent_steps = 16  # latent budget in `token` / `latent` modes
+on_bad_record = "fail"  # {fail, skip} a record with a bad image or text stops the run, or is skipped
+batch_size = 8  # [1, inf) prompts per step (B)
+group_size = 8  # [2, inf) completions per prompt (G): advantages are relative to the group
+temperature = 0.9  # (0, inf) sampling temperature; the loss divides logits by it too
+max_new_tokens = 32  # [1, inf) completion budget (latent steps included)
+decoding = "token"  # {token, steps, latent} latent exit: the model's own <|lvr_end|> | a count | the learned end
+lvr_steps = 8  # [1, inf) latent steps in `steps` mode
+max_latent_steps = 16  # [1, inf) latent budget in `token` / `latent` modes
 force_end = True  # force <|lvr_end|> after a span (false: the model's own next token, as the official code)
-end_metric = ""  # `latent` exit distance: mse | cosine | l1 ("" = the one the checkpoint was trained with)
-end_threshold = 0.0  # `latent` exit threshold (0 = the checkpoint's, else 0.1)
-ppo_epochs = 1  # updates per rollout batch; > 1 makes the clip bite
-micro_batch = 0  # rows per training forward/backward (0 = all B*G at once)
-clip_eps = 0.2  # PPO clip range
-beta = 0.04  # weight of the k3 KL to the reference (0 = no reference model is loaded)
+end_metric = "checkpoint"  # {checkpoint, mse, cosine, l1} `latent` exit distance (checkpoint: the one it was trained with)
+end_threshold = 0.0  # [0, inf) `latent` exit threshold (0 = the checkpoint's, else 0.1)
+ppo_epochs = 1  # [1, inf) updates per rollout batch; > 1 makes the clip bite
+micro_batch = 0  # [0, inf) rows per training forward/backward (0 = all B*G at once)
+clip_eps = 0.2  # (0, 1) PPO clip range
+beta = 0.04  # [0, inf) weight of the k3 KL to the reference (0 = no reference model is loaded)
 scale_rewards = True  # divide advantages by the group std (False = Dr. GRPO)
-loss_norm = "token"  # token | sequence | fixed (Dr. GRPO: divide by rows * max_new_tokens)
-accuracy_weight = 1.0  # reward: the answer matches
-format_weight = 0.2  # reward: an LVR span followed by an answer, then the end of turn
-lr = 2e-5  # learning rate (constant after warmup)
-warmup_iters = 5  # linear warmup steps
-max_iters = 60  # optimizer steps (each on a fresh rollout batch)
-weight_decay = 0.0  # AdamW weight decay
-grad_clip = 1.0  # clip the gradient norm (0 = off)
-eval_interval = 20  # checkpoint every this many steps
-image_size = 168  # synthetic images: this many pixels square, a 6x6 grid of merged tokens
-min_pixels = 3136  # image area bounds after resizing
-max_pixels = 28224  # 168*168: the synthetic images unscaled; real data wants more (up to 12845056)
-dtype = "float32"  # float32 | bfloat16 (autocast)
+loss_norm = "token"  # {token, sequence, fixed} fixed: Dr. GRPO, divide by rows * max_new_tokens
+accuracy_weight = 1.0  # [0, inf) reward: the answer matches
+format_weight = 0.2  # [0, inf) reward: an LVR span followed by an answer, then the end of turn
+lr = 2e-5  # (0, inf) learning rate (constant after warmup)
+warmup_iters = 5  # [1, inf) linear warmup steps
+max_iters = 60  # [1, inf) optimizer steps (each on a fresh rollout batch)
+weight_decay = 0.0  # [0, inf) AdamW weight decay
+grad_clip = 1.0  # [0, inf) clip the gradient norm (0 = off)
+eval_interval = 20  # [1, inf) checkpoint every this many steps
+image_size = 168  # [28, inf) synthetic images: this many pixels square (a multiple of 28), a 6x6 grid of merged tokens
+min_pixels = 3136  # [1, inf) image area bounds after resizing
+max_pixels = 28224  # [1, inf) 168*168: the synthetic images unscaled; real data wants more (up to 12845056)
+dtype = "float32"  # {float32, bfloat16} bfloat16: autocast
 device = "cuda" if torch.cuda.is_available() else "cpu"
 freeze_vision = True  # the vision tower stays fixed (false: it trains; the reference keeps its own frozen tower)
 out_dir = "out_grpo"  # checkpoint directory
 resume = False  # continue from out_dir/train_state.pt
-seed = 1337  # seeds the prompts and the sampling
+seed = 1337  # [0, inf) seeds the prompts and the sampling
 # -----------------------------------------------------------------------------
 SKIPPED = {}  # bad records skipped so far: index -> why
 
@@ -94,23 +96,19 @@ def prompts(step, records):
 
 
 def main(argv):
-    config = qwen.configure(globals(), argv)
-    if loss_norm not in ("token", "sequence", "fixed") or dtype not in ("float32", "bfloat16") \
-            or on_bad_record not in ("fail", "skip"):
-        raise InputError("--loss_norm must be token|sequence|fixed, --dtype float32|bfloat16, --on_bad_record fail|skip")
-    if decoding not in ("token", "steps", "latent"):
-        raise InputError(f"--decoding must be token, steps or latent, got {decoding!r}")
-    if group_size < 2:
-        raise InputError("--group_size must be at least 2: advantages are relative to the group")
-    qwen.check_out_dir(out_dir, fresh=not resume)
+    config = cli.configure(globals(), argv)
+    cli.require(min_pixels <= max_pixels, f"--min_pixels {min_pixels} is above --max_pixels {max_pixels}")
+    cli.require(image_size % 28 == 0, f"--image_size {image_size} is not a multiple of 28 (one merged image token)")
+    cli.require(accuracy_weight + format_weight > 0, "--accuracy_weight and --format_weight are both 0: no reward")
+    checkpoint.check_out_dir(out_dir, fresh=not resume)
     records = None if data_path == "synthetic" else data.load_records(data_path)
-    model, tok = qwen.load(out_dir if resume else init_from, device=device)
+    model, tok = checkpoint.load(out_dir if resume else init_from, device=device)
     ids = lvr.find_latent_ids(model, tok)  # the tokens it was trained with
     if ids is None:
         raise InputError(f"{init_from} has no latent tokens: train it with train_sft.py first")
     ref = None
     if beta > 0:  # the frozen reference: always the SFT checkpoint, also when resuming
-        ref, _ = qwen.load(init_from, device=device)
+        ref, _ = checkpoint.load(init_from, device=device)
         ref.eval().requires_grad_(False)
         for m in ref.modules():  # matmul weights in the run dtype: autocast casts the policy's to it anyway
             if isinstance(m, torch.nn.Linear) and m.weight is not ref.model.embed_tokens.weight:
@@ -125,14 +123,14 @@ def main(argv):
     gen = torch.Generator(device).manual_seed(seed)
     step, log = 0, []
     if resume:
-        state = qwen.load_train_state(out_dir, config)
+        state = checkpoint.load_train_state(out_dir, config)
         opt.load_state_dict(state["optimizer"])
         step, log = state["step"], state["log"]
         gen.set_state(state["gen"])
     stop = [tok.im_end, tok.endoftext]
     autocast = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
     bar = tqdm(total=max_iters, initial=step, dynamic_ncols=True)
-    stopping = qwen.stop_flag()  # Ctrl-C / SIGTERM: finish the step, save it, exit
+    stopping = cli.stop_flag()  # Ctrl-C / SIGTERM: finish the step, save it, exit
     try:
         while step < max_iters:
             for g in opt.param_groups:
@@ -147,7 +145,7 @@ def main(argv):
             bar.set_postfix(reward=f"{stats['reward']:.3f}", acc=f"{stats['accuracy']:.2f}", kl=f"{stats['kl']:.4f}")
             if stopping or step % eval_interval == 0 or step == max_iters:
                 tqdm.write(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in stats.items()))
-                qwen.save_checkpoint(model, tok, out_dir, {"step": step, "optimizer": opt.state_dict(), "log": log,
+                checkpoint.save(model, tok, out_dir, {"step": step, "optimizer": opt.state_dict(), "log": log,
                                                            "config": config, "gen": gen.get_state()})
             if stopping:
                 print(f"\nstopped: saved step {step} to {out_dir}")
@@ -243,4 +241,4 @@ def train_step(model, ref, tok, ids, exs, stop, opt, params, gen, autocast):
 
 
 if __name__ == "__main__":
-    qwen.run(main)
+    cli.run(main)

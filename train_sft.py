@@ -23,49 +23,51 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from tqdm import tqdm
 
+import checkpoint
+import cli
 import data
 import lvr
 import qwen
-from vision import InputError
+from cli import InputError
 
 # -----------------------------------------------------------------------------
 init_from = "scratch"  # "scratch" (tiny model + tiny tokenizer) or a Qwen2.5-VL checkpoint directory
 data_path = "synthetic"  # "synthetic" or an LVR JSON/JSONL or Mirage JSONL file
 eval_data_path = ""  # held-out records (data_path's format) to evaluate on; "" with a file: its first records
 image_root = ""  # directory the dataset's image paths are relative to (they may not leave it)
-on_bad_record = "fail"  # fail | skip: a record with a bad image, bbox or text stops the run, or is skipped
-method = "lvr"  # lvr | mirage | none (plain SFT, the ablation)
-stage = 1  # Mirage: 1 = reconstruct the helper image, 2 = text-only with its own latents fed back
-ce_weight = -1.0  # weight of the text cross-entropy (-1: the paper's, see resolve_defaults)
-latent_weight = -1.0  # weight of the latent loss (-1: the paper's)
-latent_loss = "auto"  # mse | cosine | l1 | auto (official LVR mse, Mirage cosine; cosine on the tiny scratch model)
-switch_weight = 0.1  # mode-switch loss: BCE on <|lvr_end|> at the in-span states, so spans end where trained
-max_latents = 0  # pool each ROI to at most this many latents (0 = all ROI tokens)
-mirage_k = 4  # Mirage: latents per helper image
+on_bad_record = "fail"  # {fail, skip} a record with a bad image, bbox or text stops the run, or is skipped
+method = "lvr"  # {lvr, mirage, none} none: plain SFT, the ablation
+stage = 1  # [1, 2] Mirage: 1 = reconstruct the helper image, 2 = text-only with its own latents fed back
+ce_weight = -1.0  # [0, inf) or -1 weight of the text cross-entropy (-1: the paper's, see resolve_defaults)
+latent_weight = -1.0  # [0, inf) or -1 weight of the latent loss (-1: the paper's)
+latent_loss = "auto"  # {auto, mse, cosine, l1} auto: official LVR mse, Mirage cosine; cosine on the tiny scratch model
+switch_weight = 0.1  # [0, inf) mode-switch loss: BCE on <|lvr_end|> at the in-span states, so spans end where trained
+max_latents = 0  # [0, inf) pool each ROI to at most this many latents (0 = all ROI tokens)
+mirage_k = 4  # [1, inf) Mirage: latents per helper image
 latent_head = False  # learn a head hidden -> latent (else identity)
 latent_end = False  # train the `latent` exit mode (<|lvr_latent_end|> after the latents)
-end_threshold = 0.1  # `latent` exit: recorded in the checkpoint (a distance where the zero vector is at 1)
-batch_size = 16  # examples per micro-batch per process
-grad_accum = 1  # micro-batches per optimizer step
-lr = 1e-3  # peak learning rate
-min_lr = 1e-4  # learning rate at the end of the cosine
-warmup_iters = 50  # linear warmup steps
-max_iters = 2000  # optimizer steps
-weight_decay = 0.0  # AdamW weight decay
-grad_clip = 1.0  # clip the gradient norm (0 = off)
-eval_interval = 500  # evaluate and checkpoint every this many steps
-eval_examples = 128  # held-out examples per evaluation
-image_size = 168  # synthetic images: this many pixels square, a 6x6 grid of merged tokens
-min_pixels = 3136  # image area bounds after resizing
-max_pixels = 28224  # 168*168: the synthetic images unscaled; real data wants more (up to 12845056)
-dtype = "float32"  # float32 | bfloat16 (autocast; master weights stay fp32)
+end_threshold = 0.1  # (0, inf) `latent` exit: recorded in the checkpoint (a distance where the zero vector is at 1)
+batch_size = 16  # [1, inf) examples per micro-batch per process
+grad_accum = 1  # [1, inf) micro-batches per optimizer step
+lr = 1e-3  # (0, inf) peak learning rate
+min_lr = 1e-4  # [0, inf) learning rate at the end of the cosine
+warmup_iters = 50  # [0, inf) linear warmup steps
+max_iters = 2000  # [1, inf) optimizer steps
+weight_decay = 0.0  # [0, inf) AdamW weight decay
+grad_clip = 1.0  # [0, inf) clip the gradient norm (0 = off)
+eval_interval = 500  # [1, inf) evaluate and checkpoint every this many steps
+eval_examples = 128  # [0, inf) held-out examples per evaluation (0: checkpoints only)
+image_size = 168  # [28, inf) synthetic images: this many pixels square (a multiple of 28), a 6x6 grid of merged tokens
+min_pixels = 3136  # [1, inf) image area bounds after resizing
+max_pixels = 28224  # [1, inf) 168*168: the synthetic images unscaled; real data wants more (up to 12845056)
+dtype = "float32"  # {float32, bfloat16} bfloat16: autocast, master weights stay fp32
 device = "cuda" if torch.cuda.is_available() else "cpu"
 grad_checkpointing = False  # recompute decoder layers in backward to save memory
 fsdp = False  # under torchrun: shard with FSDP2 (fully_shard) instead of DDP, for models one GPU can't hold
 freeze_vision = True  # keep the vision tower and merger fixed (targets never get gradient)
 out_dir = "out"  # checkpoint directory
 resume = False  # continue from out_dir/train_state.pt
-seed = 1337  # seeds the model init and the synthetic data
+seed = 1337  # [0, inf) seeds the model init and the synthetic data
 # -----------------------------------------------------------------------------
 SKIPPED = {}  # bad records skipped so far: index -> why
 
@@ -122,7 +124,7 @@ def build(tmp):
         model.save_pretrained(tmp)
     else:
         path = init_from
-    model, tok = qwen.load(path)
+    model, tok = checkpoint.load(path)
     if latent_head and not hasattr(model, "lvr_head"):
         model.cfg.extra["lvr_head"] = True
         model.lvr_head = qwen.latent_head(model.cfg)
@@ -152,23 +154,23 @@ def save(model, tok, opt, step, losses, rank=0):
     opt_state = get_optimizer_state_dict(model, opt, options=opts)
     if rank != 0:
         return
-    qwen.save_checkpoint(model, tok, out_dir, {"step": step, "optimizer": opt_state, "losses": losses,
+    checkpoint.save(model, tok, out_dir, {"step": step, "optimizer": opt_state, "losses": losses,
                                                "config": CONFIG, "rng": torch.get_rng_state()}, weights)
 
 def main(argv):
     global CONFIG
-    CONFIG = qwen.configure(globals(), argv)
-    if method not in ("lvr", "mirage", "none") or stage not in (1, 2) or dtype not in ("float32", "bfloat16") \
-            or on_bad_record not in ("fail", "skip") or latent_loss not in ("mse", "cosine", "l1", "auto"):
-        raise InputError("--method must be lvr|mirage|none, --stage 1|2, --dtype float32|bfloat16, "
-                         "--on_bad_record fail|skip, --latent_loss mse|cosine|l1|auto")
-    if latent_end and method == "mirage":
-        raise InputError("--latent_end true needs a latent-end token, and Mirage's tokens have none")
-    resolve_defaults(CONFIG)
+    CONFIG = cli.configure(globals(), argv)
     ddp = "RANK" in os.environ
-    if fsdp and not ddp:
-        raise InputError("--fsdp true shards across processes: launch with torchrun --nproc_per_node N")
-    qwen.check_out_dir(out_dir, fresh=not resume)
+    cli.require(not (latent_end and method == "mirage"),
+                "--latent_end true needs a latent-end token, and Mirage's tokens have none")
+    cli.require(not fsdp or ddp, "--fsdp true shards across processes: launch with torchrun --nproc_per_node N")
+    cli.require(min_pixels <= max_pixels, f"--min_pixels {min_pixels} is above --max_pixels {max_pixels}")
+    cli.require(min_lr <= lr, f"--min_lr {min_lr} is above --lr {lr}")
+    cli.require(image_size % 28 == 0, f"--image_size {image_size} is not a multiple of 28 (one merged image token)")
+    cli.require(not (method == "mirage" and stage == 2 and init_from == "scratch"),
+                "--stage 2 continues a Mirage stage-1 checkpoint: give it with --init_from")
+    resolve_defaults(CONFIG)
+    checkpoint.check_out_dir(out_dir, fresh=not resume)
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     dev = device
     if ddp:
@@ -207,13 +209,13 @@ def main(argv):
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     step, losses = 0, []
     if resume:
-        state = qwen.load_train_state(out_dir, CONFIG)
+        state = checkpoint.load_train_state(out_dir, CONFIG)
         set_optimizer_state_dict(model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=fsdp))
         step, losses = state["step"], state["losses"]
         torch.set_rng_state(state["rng"])
     autocast = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
     bar = tqdm(total=max_iters, initial=step, disable=rank != 0, dynamic_ncols=True)
-    stop = qwen.stop_flag()  # Ctrl-C / SIGTERM: finish the step, save it, exit
+    stop = cli.stop_flag()  # Ctrl-C / SIGTERM: finish the step, save it, exit
     try:
         while step < max_iters:
             t0 = time.time()
@@ -308,4 +310,4 @@ def evaluate(model, tok, ids, records, held_out, dev, step, rank=0):
 
 
 if __name__ == "__main__":
-    qwen.run(main)
+    cli.run(main)

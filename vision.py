@@ -22,13 +22,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from cli import InputError
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_IMAGE_PIXELS = 16384 * 16384  # refuse decompression bombs above this many pixels
-
-
-class InputError(ValueError):
-    """Something the user gave us is wrong. Scripts print the message on one line and exit 1."""
 
 
 # -----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import torch
 import data
 import eval as evaluation
 import lvr
+from cli import InputError
 from test_grpo import IDS, IM_END
 from test_train import SMALL, run
 from helpers import photo
@@ -65,7 +66,7 @@ def test_multiple_choice_loaders(tmp_path):
     try:
         evaluation.load_multiple_choice(str(jsonl), str(imgs))
         raise AssertionError("a missing image must raise")
-    except data.InputError as err:
+    except InputError as err:
         assert "record 0" in str(err) and "missing.jpg" in str(err)
 
 

@@ -8,7 +8,7 @@ import torch
 import data
 import vision
 from helpers import photo
-from vision import InputError
+from cli import InputError
 
 VALUES = [None, 0, -1, 1.5, 1e30, float("nan"), "", "a.png", "../a.png", "x" * 300, [], {}, [0.1, 0.1, 0.5, 0.5],
           [0, 0, 1], [[0.1, 0.1, 0.5, 0.5]], [["a", 1, 2, 3]], [[5, 5, 60, 60]], [[2, 2, 1, 1]], True,

@@ -10,7 +10,7 @@ import data
 import lvr
 import qwen
 import vision
-from vision import InputError
+from cli import InputError
 
 
 def tiny_model(tmp_path, latent_head=False, seed=0):

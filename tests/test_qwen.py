@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import helpers
 import qwen
 import vision
-from vision import InputError
+from cli import InputError
 
 transformers = pytest.importorskip("transformers")
 from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: E402

@@ -9,10 +9,11 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 import data
 import lvr
 import qwen
-from vision import InputError
+from cli import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--batch_size", "4", "--eval_examples", "4", "--image_size", "112", "--max_pixels", "12544",
@@ -179,6 +180,11 @@ def test_other_methods_run(tmp_path, method, extra):
     if "--latent_end" in extra:  # trained the latent exit: a latent loss term for the end embedding exists,
         assert state(out)["losses"][0][1] > 0  # and its distance and threshold are in the checkpoint's config
         assert (extra_cfg["latent_end_metric"], extra_cfg["latent_end_threshold"]) == ("cosine", 0.1)
+    if method == "mirage":
+        r = run("train_sft.py", *SMALL, "--max_iters", "2", "--eval_interval", "2", "--method", "mirage",
+                "--stage", "2", "--init_from", out, "--out_dir", str(tmp_path / "s2"), "--eval_examples", "0")
+        assert r.returncode == 0 and "accuracy" not in r.stdout, r.stderr  # no evaluation: checkpoints only
+        assert state(str(tmp_path / "s2"))["step"] == 2
 
 
 def test_loss_defaults_follow_the_papers(monkeypatch, capsys):
@@ -198,11 +204,6 @@ def test_loss_defaults_follow_the_papers(monkeypatch, capsys):
         assert f"resolved: latent_loss={want[0]} ce_weight={want[1]} latent_weight={want[2]}" in capsys.readouterr().out
     r = run("train_sft.py", "--method", "mirage", "--latent_end", "true")
     assert r.returncode == 1 and "Mirage's tokens have none" in r.stderr and "Traceback" not in r.stderr
-    if method == "mirage":
-        r = run("train_sft.py", *SMALL, "--max_iters", "2", "--eval_interval", "2", "--method", "mirage",
-                "--stage", "2", "--init_from", out, "--out_dir", str(tmp_path / "s2"), "--eval_examples", "0")
-        assert r.returncode == 0 and "accuracy" not in r.stdout, r.stderr  # no evaluation: checkpoints only
-        assert state(str(tmp_path / "s2"))["step"] == 2
 
 
 SIGNALLED = """
@@ -249,10 +250,10 @@ def test_ctrl_c_or_sigterm_saves_the_whole_step_and_resume_continues_the_same_lo
 SAVE_LOOP = """
 import sys, torch
 sys.path.insert(0, {root!r})
-import qwen
-model, tok = qwen.load({src!r})
+import checkpoint
+model, tok = checkpoint.load({src!r})
 for step in range(1, 10 ** 6):
-    qwen.save_checkpoint(model, tok, {out!r}, {{"step": step}})
+    checkpoint.save(model, tok, {out!r}, {{"step": step}})
     print(step, flush=True)
 """
 
@@ -274,27 +275,27 @@ def test_a_save_killed_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
         time.sleep(rng.uniform(0.0, 0.4))
         p.send_signal(signal.SIGKILL)
         p.wait()
-        model, tok = qwen.load(out)  # the previous checkpoint, where it lies, if the kill fell between the renames
-        step = qwen.load_train_state(out)["step"]
+        model, tok = checkpoint.load(out)  # the previous checkpoint, where it lies, if the kill fell between the renames
+        step = checkpoint.load_train_state(out)["step"]
         assert step >= 1 and model.cfg.extra["lvr_token_ids"]
         last = step
     assert last >= 1
     # the worst moment, made by hand: a save (which first clears what the kills left) moved out aside and
     # did not rename the new one in; beside it, an older checkpoint whose deletion was killed half-way
     # (sorted first, so a careless restore would pick it)
-    qwen.save_checkpoint(model, tok, out, {"step": last})  # (a save first puts back and clears what the kills left)
+    checkpoint.save(model, tok, out, {"step": last})  # (a save first puts back and clears what the kills left)
     os.makedirs(tmp_path / ".tmp-out-a" / "ckpt")
     shutil.copy(os.path.join(out, "config.json"), tmp_path / ".tmp-out-a" / "ckpt")
     os.makedirs(tmp_path / ".old-out-x")
     os.rename(out, tmp_path / ".old-out-x" / "ckpt")
     os.makedirs(tmp_path / ".tmp-out-y")
-    model, tok = qwen.load(out)
-    assert qwen.load_train_state(out)["step"] == last
+    model, tok = checkpoint.load(out)
+    assert checkpoint.load_train_state(out)["step"] == last
     assert not os.path.exists(out)  # a reader moves nothing: it could race the writer (or other DDP ranks)
     with pytest.raises(InputError, match="already holds a checkpoint"):  # a fresh run sees it too
-        qwen.check_out_dir(out, fresh=True)
+        checkpoint.check_out_dir(out, fresh=True)
     leftovers = [d for d in os.listdir(tmp_path) if d.startswith(".")]
-    qwen.save_checkpoint(model, tok, out, {"step": 0})  # the next save moves it back and cleans up the rest
+    checkpoint.save(model, tok, out, {"step": 0})  # the next save moves it back and cleans up the rest
     assert [d for d in os.listdir(tmp_path) if d.startswith(".")] == [], leftovers
 
 
@@ -302,13 +303,13 @@ def test_a_save_killed_while_deleting_the_old_checkpoint_or_failing_on_a_full_di
     from test_lvr import tiny_model
     model, tok, _ = tiny_model(tmp_path / "src")
     out = str(tmp_path / "out")
-    qwen.save_checkpoint(model, tok, out, {"step": 1})
+    checkpoint.save(model, tok, out, {"step": 1})
 
     def killed(path, *a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(qwen.shutil, "rmtree", killed)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed)
     with pytest.raises(KeyboardInterrupt):
-        qwen.save_checkpoint(model, tok, out, {"step": 2})
+        checkpoint.save(model, tok, out, {"step": 2})
     assert state(out)["step"] == 2
     # what is left half-deleted must not carry a name the next save would move back
     assert [d for d in os.listdir(tmp_path) if d.startswith(".old-")] == []
@@ -318,7 +319,7 @@ def test_a_save_killed_while_deleting_the_old_checkpoint_or_failing_on_a_full_di
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(qwen, "save_file", full)  # a full disk: a one-line error, the partial copy dropped
     with pytest.raises(InputError, match="No space left on device.*is unchanged"):
-        qwen.save_checkpoint(model, tok, out, {"step": 3})
+        checkpoint.save(model, tok, out, {"step": 3})
     assert state(out)["step"] == 2 and [d for d in os.listdir(tmp_path) if d.startswith(".")] == []
 
 
@@ -327,7 +328,7 @@ def test_out_dir_is_never_a_directory_a_save_would_wipe(tmp_path):
     from test_lvr import tiny_model
     model, tok, _ = tiny_model(tmp_path / "src")
     ckpt, mine = str(tmp_path / "ckpt"), tmp_path / "mine"
-    qwen.save_checkpoint(model, tok, ckpt, {"step": 7})
+    checkpoint.save(model, tok, ckpt, {"step": 7})
     os.makedirs(mine / "sub")
     (mine / "notes.txt").write_text("mine")
     scripts = {"train_sft.py": SMALL, "train_grpo.py": ["--init_from", ckpt]}
@@ -339,13 +340,13 @@ def test_out_dir_is_never_a_directory_a_save_would_wipe(tmp_path):
     assert state(ckpt)["step"] == 7 and (mine / "notes.txt").read_text() == "mine"
     os.remove(os.path.join(ckpt, "train_state.pt"))  # a model saved without a run (the --init_from one, say)
     with pytest.raises(InputError, match="already holds a checkpoint"):
-        qwen.check_out_dir(ckpt, fresh=True)
-    qwen.check_out_dir(str(tmp_path / "new"), fresh=True)  # absent: fine
+        checkpoint.check_out_dir(ckpt, fresh=True)
+    checkpoint.check_out_dir(str(tmp_path / "new"), fresh=True)  # absent: fine
     with pytest.raises(InputError, match="notes.txt"):  # the save itself checks too (a file added mid-run)
-        qwen.save_checkpoint(model, tok, str(mine), {"step": 1})
+        checkpoint.save(model, tok, str(mine), {"step": 1})
     assert (mine / "notes.txt").exists() and (mine / "sub").is_dir()
     with pytest.raises(InputError, match="is a file"):
-        qwen.check_out_dir(str(mine / "notes.txt"), fresh=True)
+        checkpoint.check_out_dir(str(mine / "notes.txt"), fresh=True)
 
 
 def test_on_bad_record_skip_reports_and_goes_on(tmp_path):

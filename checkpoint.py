@@ -1,0 +1,107 @@
+"""
+The checkpoint directory, crash-safe. A checkpoint is a Hugging Face Qwen2.5-VL directory (config.json,
+model.safetensors, tokenizer.json) plus train_state.pt (optimizer, step, RNG, config, log).
+
+The save protocol, the one writer: write everything to a fresh `.tmp-<name>-*` dir beside out_dir and
+fsync it; move the old checkpoint into a fresh `.old-<name>-*` dir; rename the new one to out_dir;
+delete the old. A kill at any moment leaves a loadable checkpoint: before the first rename the old
+one is untouched; between the two renames the old one lies in `.old-<name>-*/ckpt`, where readers
+(resolve()) find it and the next save moves it back; whatever a kill leaves half-deleted sits
+under a `.tmp-` name, which nothing reads. A save replaces out_dir whole, so out_dir may hold
+nothing but these four files (check_out_dir), checked before a run starts and at every save.
+"""
+import os
+import shutil
+import tempfile
+
+import torch
+
+import qwen
+from cli import InputError
+
+CHECKPOINT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "train_state.pt"}
+
+
+def check_out_dir(out_dir, fresh):
+    """A save replaces out_dir whole, so it may hold nothing but a checkpoint of ours, and a fresh run
+    (no --resume) must find it empty or absent. Checked before a run starts (fail fast) and at every save."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise InputError(f"--out_dir {out_dir} is a file, not a directory")
+    ckpt = resolve(out_dir)
+    have = set(os.listdir(ckpt)) if os.path.isdir(ckpt) else set()
+    if have - CHECKPOINT_FILES:
+        raise InputError(f"--out_dir {out_dir} holds {', '.join(sorted(have - CHECKPOINT_FILES)[:3])}, which saving a "
+                         f"checkpoint there would delete: choose another --out_dir")
+    if fresh and have:  # a finished run's checkpoint, or a model (say the --init_from one) saved there
+        raise InputError(f"--out_dir {out_dir} already holds a checkpoint: --resume true continues a run saved there; "
+                         f"to start over, delete it or choose another --out_dir")
+
+
+def save(model, tok, out_dir, train_state, weights=None):
+    """Write model + tokenizer + train_state.pt to out_dir atomically: a temp dir beside it,
+    fsync, then rename over the old one, so a kill at any moment leaves a loadable checkpoint."""
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    prev = resolve(out_dir)  # undo saves killed part-way: the previous checkpoint back in place,
+    if prev != out_dir:
+        os.rename(prev, out_dir)
+    for d in sorted(os.listdir(parent)):  # and every leftover dropped
+        if d.startswith((f".tmp-{name}-", f".old-{name}-")):
+            discard(os.path.join(parent, d), name)
+    check_out_dir(out_dir, fresh=False)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent)
+    try:
+        model.save_pretrained(tmp, weights)
+        tok.tok.save(os.path.join(tmp, "tokenizer.json"))
+        torch.save(train_state, os.path.join(tmp, "train_state.pt"))
+        for f in os.listdir(tmp):
+            with open(os.path.join(tmp, f), "rb") as fh:
+                os.fsync(fh.fileno())
+    except OSError as e:  # a full disk, say: drop the partial copy (it holds the space), keep the old one
+        discard(tmp, name)
+        raise InputError(f"cannot write a checkpoint beside {out_dir} ({e}); {out_dir} is unchanged") from None
+    old = tempfile.mkdtemp(prefix=f".old-{name}-", dir=parent)
+    if os.path.exists(out_dir):
+        os.rename(out_dir, os.path.join(old, "ckpt"))
+    os.rename(tmp, out_dir)  # a kill between the two renames is undone by the next save (above)
+    discard(old, name)
+
+
+def load_train_state(out_dir, config=None):
+    """train_state.pt with weights_only=True: tensors and plain containers, never arbitrary pickle.
+    Prints the settings of `config` (this run's) that differ from the saved run's."""
+    path = os.path.join(resolve(out_dir), "train_state.pt")
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:  # missing, truncated, or a pickle that wants to run code
+        raise InputError(f"cannot resume from {path}: {str(e).splitlines()[0][:200]}") from None
+    saved = state.get("config", {})
+    changed = [f"{k} {saved[k]} -> {v}" for k, v in (config or {}).items() if k != "resume" and saved.get(k, v) != v]
+    if changed:  # allowed (more steps, a lower lr), but the run is then not the one it was
+        print("resuming with changed settings: " + ", ".join(changed))
+    return state
+
+
+def resolve(path):
+    """path; or, while a save killed between its two renames has left it missing, the previous checkpoint
+    that save moved aside. Readers use it in place: only the next save (the one writer) moves it back,
+    so a reader never races a training run, nor DDP ranks each other."""
+    parent, name = os.path.split(os.path.abspath(path))
+    if os.path.exists(path) or not os.path.isdir(parent):
+        return path
+    aside = [os.path.join(parent, d, "ckpt") for d in sorted(os.listdir(parent)) if d.startswith(f".old-{name}-")]
+    return next((p for p in aside if os.path.isdir(p)), path)
+
+
+def discard(path, name):
+    """Delete a dir after moving it into a fresh .tmp- dir: the rename is atomic, so a kill mid-delete never
+    leaves a half-deleted (or stale) checkpoint under an .old- name, which the next save would move back."""
+    trash = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=os.path.dirname(path))
+    os.rename(path, os.path.join(trash, "x"))
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def load(path, dtype=torch.float32, device="cpu"):
+    """qwen.load on a checkpoint we may be writing: a save killed between its renames leaves the
+    previous checkpoint aside, and that is what a reader loads."""
+    return qwen.load(resolve(path), dtype, device)

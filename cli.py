@@ -1,0 +1,119 @@
+"""
+The command line and its errors. nanoGPT-style: every simple global of a script's settings block
+is a `--name value` flag, typed like its default, and what a flag accepts is declared at the
+start of its comment, on the same line as the default:
+
+    lr = 1e-3  # (0, inf) peak learning rate            a range: [ ] closed, ( ) open, inf unbounded
+    method = "lvr"  # {lvr, mirage, none} what to train  a set of choices
+    out_dir = "out"  # checkpoint directory              no declaration: any string (a bool: true/false)
+
+configure() reads the declarations from the script's own source and checks every value, the
+defaults included, before any work starts; require() states a rule between two settings. A wrong
+value is one line `error: --name ...` and exit 1 (run()). A number without a declared range is a
+bug in the script: configure() refuses it, so a new flag cannot skip its check.
+Also here: InputError, the one exception a user ever sees, and the training loops' stop flag.
+"""
+import math
+import re
+import signal
+import sys
+
+
+class InputError(ValueError):
+    """Something the user gave us is wrong. Scripts print the message on one line and exit 1."""
+
+
+def declarations(path):
+    """{name: (kind, spec)} from a script's settings lines: kind "range" (lo, hi, lo_open, hi_open, text,
+    auto value or None) or "choices" (tuple of strings, text)."""
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            m = re.match(r"^(\w+) = .*?  # (.*)$", line)
+            if not m:
+                continue
+            name, comment = m.groups()
+            r = re.match(r"^([\[(])\s*([-\w.+]+)\s*,\s*([-\w.+]+)\s*([\])])( or (-?[\d.]+))?", comment)
+            c = re.match(r"^\{([^}]*)\}", comment)
+            if r:  # a range, and maybe one value outside it that means "auto" (`[0, inf) or -1`)
+                lo, hi, extra = float(r.group(2)), float(r.group(3)), r.group(6)
+                out[name] = ("range", (lo, hi, r.group(1) == "(", r.group(4) == ")", r.group(0),
+                                       None if extra is None else float(extra)))
+            elif c:
+                out[name] = ("choices", (tuple(s.strip() for s in c.group(1).split(",")), c.group(0)))
+    return out
+
+
+def check(name, value, decl):
+    """Raise InputError when `value` is outside what `decl` (from declarations) accepts."""
+    kind, spec = decl
+    if kind == "choices" and str(value) not in spec[0]:
+        raise InputError(f"--{name} must be one of {', '.join(spec[0])}; got {value!r}")
+    if kind == "range" and value != spec[5]:
+        lo, hi, lo_open, hi_open, text, _ = spec
+        if math.isnan(value) or value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi):
+            raise InputError(f"--{name} must be in {text}; got {value}")
+
+
+def configure(g, argv):
+    """Override the script globals `g` from `--name value` pairs, typed like the defaults, check every
+    setting against its declaration, print them; return them as a dict."""
+    keys = {k: v for k, v in g.items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))
+            and k.islower()}
+    if len(argv) % 2 or any(not a.startswith("--") for a in argv[::2]):
+        raise InputError(f"arguments must be --name value pairs, got: {' '.join(argv)}")
+    for flag, value in zip(argv[::2], argv[1::2]):
+        name = flag[2:]
+        if name not in keys:
+            raise InputError(f"unknown flag {flag} (known: {', '.join('--' + k for k in keys)})")
+        kind = type(keys[name])
+        try:
+            if kind is bool and value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            parsed = value.lower() in ("true", "1", "yes") if kind is bool else kind(value)
+        except ValueError:
+            raise InputError(f"{flag} expects {kind.__name__}, got {value!r}") from None
+        keys[name] = g[name] = parsed
+    decl = declarations(g["__file__"])
+    for name, value in keys.items():
+        if type(value) in (int, float) and name not in decl:
+            raise TypeError(f"{g['__file__']}: setting {name} declares no range")  # a bug in the script
+        if name in decl:
+            check(name, value, decl[name])
+    print("config: " + " ".join(f"{k}={v}" for k, v in keys.items()))
+    return keys
+
+
+def require(ok, message):
+    """A rule between settings, checked with the others before any work starts."""
+    if not ok:
+        raise InputError(message)
+
+
+def stop_flag():
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) -> a list a training loop reads between steps,
+    so what it saves on the way out is one whole step (a KeyboardInterrupt can land inside opt.step()).
+    A second signal stops at once, without saving: the last checkpoint on disk stays as it was."""
+    flag = []
+
+    def handler(sig, frame):
+        if flag:
+            raise KeyboardInterrupt
+        flag.append(sig)
+        print(f"\n{signal.Signals(sig).name}: saving and stopping at the end of a step (again: stop now, no save)",
+              file=sys.stderr)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+    return flag
+
+
+def run(main):
+    """Run a script's main(): user errors print one line and exit 1, Ctrl-C exits 130."""
+    try:
+        main(sys.argv[1:])
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

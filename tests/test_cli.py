@@ -1,0 +1,77 @@
+"""The command line: every number and choice flag of every script declares what it accepts, and a value
+outside it is a one-line error before any work starts."""
+import importlib
+import math
+
+import pytest
+
+import cli
+from cli import InputError
+from test_train import run_all
+
+SCRIPTS = ["train_sft", "train_grpo", "eval", "sample", "bench"]
+
+
+def bad_value(kind, spec):
+    """A value just outside a declaration."""
+    if kind == "choices":
+        return "bogus"
+    lo, hi, lo_open, hi_open, _, auto = spec
+    if math.isfinite(lo):
+        v = lo if lo_open else lo - 1
+        return v - 1 if v == auto else v  # (the "auto" value, -1, is accepted: step past it)
+    return hi if hi_open else hi + 1
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_flag_declares_and_checks_its_values(script):
+    mod = importlib.import_module(script)
+    decl = cli.declarations(mod.__file__)
+    flags = {k: v for k, v in vars(mod).items() if k.islower() and not k.startswith("_")
+             and isinstance(v, (bool, int, float, str))}
+    numbers = [k for k, v in flags.items() if type(v) in (int, float)]
+    assert numbers and all(k in decl for k in numbers), [k for k in numbers if k not in decl]  # a range each
+    assert set(decl) <= set(flags)  # no declaration for a flag that does not exist
+    for name, d in decl.items():
+        g = dict(vars(mod))
+        cli.check(name, g[name], d)  # every default is accepted
+        value = bad_value(*d)
+        kind = type(g[name])
+        with pytest.raises(InputError) as e:
+            cli.configure(g, [f"--{name}", str(kind(value) if kind is not str else value)])
+        assert str(e.value).startswith(f"--{name} must be") and "\n" not in str(e.value)
+
+
+def test_a_number_flag_without_a_declared_range_is_refused(tmp_path):
+    script = tmp_path / "s.py"
+    script.write_text('steps = 3  # how many\nname = "x"  # any string\n')
+    g = {"__file__": str(script), "steps": 3, "name": "x"}
+    with pytest.raises(TypeError, match="setting steps declares no range"):
+        cli.configure(g, [])
+
+
+def test_bad_values_end_to_end_are_one_line_errors():
+    """The cases a new user hit, and the contradictory pairs: one line `error: --name ...`, exit 1."""
+    cases = [("train_sft.py", ["--eval_interval", "0"], "--eval_interval must be in [1, inf)"),
+             ("train_sft.py", ["--batch_size", "0"], "--batch_size must be in [1, inf)"),
+             ("train_sft.py", ["--max_latents", "-3"], "--max_latents must be in [0, inf)"),
+             ("train_sft.py", ["--method", "mirage", "--mirage_k", "0"], "--mirage_k must be in [1, inf)"),
+             ("train_sft.py", ["--lr", "-1"], "--lr must be in (0, inf)"),
+             ("train_sft.py", ["--grad_accum", "0"], "--grad_accum must be in [1, inf)"),
+             ("train_sft.py", ["--min_pixels", "50000"], "--min_pixels 50000 is above --max_pixels 28224"),
+             ("train_sft.py", ["--image_size", "100"], "--image_size 100 is not a multiple of 28"),
+             ("train_sft.py", ["--fsdp", "true"], "--fsdp true shards across processes"),
+             ("train_sft.py", ["--method", "nope"], "--method must be one of lvr, mirage, none"),
+             ("sample.py", ["--max_new_tokens", "0"], "--max_new_tokens must be in [1, inf)"),
+             ("sample.py", ["--temperature", "-1"], "--temperature must be in [0, inf)"),
+             ("sample.py", ["--top_p", "2"], "--top_p must be in (0, 1]"),
+             ("eval.py", ["--n_examples", "-5"], "--n_examples must be in [1, inf)"),
+             ("eval.py", ["--batch_size", "0"], "--batch_size must be in [1, inf)"),
+             ("train_grpo.py", ["--batch_size", "0"], "--batch_size must be in [1, inf)"),
+             ("train_grpo.py", ["--temperature", "0"], "--temperature must be in (0, inf)"),
+             ("bench.py", ["--sizes", "tiny,7b"], "--sizes must be a comma-separated list")]
+    for (script, args, msg), r in zip(cases, run_all(*[[s, *a, "--out_dir", "/nonexistent/x"] if s.startswith("train")
+                                                        else [s, *a] for s, a, _ in cases])):
+        assert r.returncode == 1 and "Traceback" not in r.stderr, (script, args, r.stderr)
+        assert r.stderr.strip() == f"error: {r.stderr.strip()[7:]}" and "\n" not in r.stderr.strip(), r.stderr
+        assert msg in r.stderr, (script, args, r.stderr)
