@@ -30,6 +30,7 @@ import cli
 import data
 import lvr
 import qwen
+import tasks
 import vision
 
 # -----------------------------------------------------------------------------
@@ -75,8 +76,8 @@ def timed(*fns, n=None, warmup=True):
 
 def make_checkpoint(size, path):
     """A random checkpoint of the given shape (tiny tokenizer; the special-token ids come from it)."""
-    tok = data.build_tokenizer(os.path.join(path, "tokenizer.json"), special=data.QWEN_SPECIAL + data.LATENT_SPECIAL)
-    d = data.tiny_config(tok, 448)
+    tok = tasks.build_tokenizer(os.path.join(path, "tokenizer.json"), special=qwen.SPECIAL + tasks.LATENT_SPECIAL)
+    d = tasks.tiny_config(tok, 448)
     if size != "tiny":
         d.update(LM[size], rope_theta=1e6, max_position_embeddings=32768)
         d["vision_config"].update(VISION[size], hidden_size=1280, intermediate_size=3420, num_heads=16,
@@ -134,7 +135,7 @@ def bench_size(size, rows):
             pass
     pv, grid = vision.preprocess(photo(), max_pixels=448 * 448)
     pv = pv.to(device, dt)
-    prompt = torch.tensor([tok.prompt("What colour is the square?", [int(grid.prod()) // 4])], device=device)
+    prompt = torch.tensor([tok.prompt("What colour is the square?", [vision.merged_tokens(grid)])], device=device)
     kw = lambda p, g, i: dict(pixel_values=p, image_grid_thw=g, mm_token_type_ids=(i == tok.image_pad).int())  # noqa: E731
 
     def add(name, ours, theirs=None, unit="s", higher_better=False):
@@ -146,12 +147,12 @@ def bench_size(size, rows):
 
     # image encode and prefill at 448x448
     add("image encode 448x448", *both(lambda: model.visual(pv, grid), lambda: ref.model.visual(pv, grid_thw=grid)))
-    add(f"prefill ({prompt.shape[1]} tokens)", *both(lambda: model(prompt, pv, grid),
+    add(f"prefill ({prompt.shape[1]} tokens)", *both(lambda: model.lm_head(model(prompt, pv, grid)),
                                                      lambda: ref(input_ids=prompt, **kw(pv, grid, prompt))))
     # the rest on a small photo, so prefill does not drown the per-step times
     pv, grid = vision.preprocess(photo(small_image), max_pixels=small_image ** 2)
     pv = pv.to(device, dt)
-    prompt = torch.tensor([tok.prompt("What colour is the square?", [int(grid.prod()) // 4])], device=device)
+    prompt = torch.tensor([tok.prompt("What colour is the square?", [vision.merged_tokens(grid)])], device=device)
     n = decode_tokens
     # decode at batch 1 and 8: (time for n tokens - time for 1) / (n - 1), so prefill is excluded; a text
     # prompt, so the prefill that is subtracted out is small (the per-token work is the same)
@@ -198,7 +199,7 @@ def bench_size(size, rows):
     if size != "3b" or device != "cpu":
         with torch.enable_grad():
             model.train()
-            batch = data.to_device(data.collate([data.encode(data.synthetic_example(i, small_image), tok, ids, "lvr",
+            batch = data.to_device(data.collate([data.encode(tasks.synthetic_example(i, small_image), tok, ids, "lvr",
                                                              0, 4, False, 3136, small_image ** 2)
                                                  for i in range(sft_batch)], tok.endoftext), device)
             batch["pixel_values"] = batch["pixel_values"].to(dt)

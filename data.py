@@ -1,15 +1,11 @@
 """
-Data: the LVR JSON format, the Mirage JSONL format, the built-in synthetic task, the tiny
-tokenizer and config, and collation into padded batches with labels and latent slots.
+Data: the LVR JSON and Mirage JSONL formats, and the batches made from examples: SFT batches
+(encode, collate: right-padded, with labels and latent slots) and prompt batches (left-padded,
+for the rollout). The synthetic tasks and the tiny tokenizer live in tasks.py.
 
-An example is a dict: images (PIL), question, assistant (text with one `<lvr>` placeholder per
-latent span), bboxes (one per `<lvr>`, normalised), helper (Mirage's helper image or None).
-encode() turns it into token ids, labels and the latent slots with their target groups;
-collate() pads a list of those (right padding) and builds the batch-wide target matrix.
-
-The tiny tokenizer is a byte-level BPE, like Qwen's, trained in a fraction of a second on a
-small corpus, so it can encode any text; it holds every Qwen special token, and the
-checkpoint code looks them up by string exactly as it does for the real tokenizer.
+An example is a dict: images (PIL), question, answer, and for training: assistant (text with one
+`<lvr>` placeholder per latent span), bboxes (one per `<lvr>`, normalised), bbox_images (each
+bbox's image index), helper (Mirage's helper image or None).
 """
 import functools
 import json
@@ -18,103 +14,11 @@ import random
 import sys
 
 import torch
-from PIL import Image, ImageDraw
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import lvr
+import qwen
 import vision
 from cli import InputError
-
-QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                "<|image_pad|>", "<|video_pad|>"]
-LATENT_SPECIAL = list(lvr.LVR_TOKENS.values()) + list(lvr.MIRAGE_TOKENS.values())
-
-CORPUS = [
-    "system\nYou are a helpful assistant.", "user\n", "assistant\n",
-    "What colour is the small circle? red green blue yellow purple orange white black",
-    "What shape is left of the square? circle square triangle star cross diamond",
-    "Which object is above, below, left of, right of the other one? The answer is: yes no",
-    "What shape is the red object? What colour is the triangle?",
-    "<answer> </answer> 0 1 2 3 4 5 6 7 8 9 A B C D a b c d e f g h i j k l m n o p q r s t u v w x y z",
-]
-
-
-def build_tokenizer(path=None, vocab_size=512, special=QWEN_SPECIAL, corpus=CORPUS):
-    """Byte-level BPE with the given special tokens; written to `path` (tokenizer.json) if given."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus, trainer)
-    if path:
-        tok.save(path)
-    return tok
-
-
-def tiny_config(tok, image_size=224):
-    """A Qwen2.5-VL-shaped config small enough to train on a CPU in minutes."""
-    sid = tok.token_to_id
-    return {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
-            "vocab_size": tok.get_vocab_size(), "hidden_size": 128, "intermediate_size": 384,
-            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
-            "rope_theta": 10000.0, "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]},
-            "max_position_embeddings": 4096, "tie_word_embeddings": True, "hidden_act": "silu",
-            "image_token_id": sid("<|image_pad|>"), "video_token_id": sid("<|video_pad|>"),
-            "vision_start_token_id": sid("<|vision_start|>"), "vision_end_token_id": sid("<|vision_end|>"),
-            "bos_token_id": sid("<|endoftext|>"), "eos_token_id": sid("<|im_end|>"),
-            "vision_config": {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4,
-                              "out_hidden_size": 128, "fullatt_block_indexes": [1], "window_size": 112,
-                              "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
-                              "in_chans": 3, "hidden_act": "silu"}}
-
-
-# -----------------------------------------------------------------------------
-# the synthetic task: one small object among distractors, a question about it, its bbox
-
-COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 230), "yellow": (235, 200, 20),
-           "purple": (140, 50, 180), "orange": (245, 130, 20)}
-SHAPES = ["circle", "square", "triangle"]
-
-
-def draw_shape(d, shape, box, fill):
-    x0, y0, x1, y1 = box
-    if shape == "circle":
-        d.ellipse(box, fill=fill)
-    elif shape == "square":
-        d.rectangle(box, fill=fill)
-    else:
-        d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
-
-
-def synthetic_example(seed, size=168, n_objects=5, obj=20, cell=28):
-    """A seeded image of small shapes and a question answerable only by looking at one of them.
-
-    The shapes sit centred in distinct cells of a 28-pixel grid, the size of one merged image
-    token, so the object the question names is exactly one token. "What colour is the <shape>?":
-    that shape occurs once; the answer is its colour (one word), the bbox its box. The helper
-    image (Mirage) is the object's neighbourhood, enlarged.
-    """
-    rng = random.Random(seed)
-    n = size // cell
-    img = Image.new("RGB", (size, size), (235, 235, 235))
-    d = ImageDraw.Draw(img)
-    shape = rng.choice(SHAPES)
-    objects = [(shape, rng.choice(list(COLOURS)))]
-    objects += [(rng.choice([s for s in SHAPES if s != shape]), rng.choice(list(COLOURS))) for _ in range(n_objects - 1)]
-    boxes = []
-    for (s, c), k in zip(objects, rng.sample(range(n * n), n_objects)):
-        x, y = (k % n) * cell + (cell - obj) // 2, (k // n) * cell + (cell - obj) // 2
-        boxes.append((x, y, x + obj, y + obj))
-        draw_shape(d, s, boxes[-1], COLOURS[c])
-    x0, y0, x1, y1 = boxes[0]
-    pad = obj // 2
-    helper = img.crop((max(0, x0 - pad), max(0, y0 - pad), min(size, x1 + pad), min(size, y1 + pad)))
-    colour = objects[0][1]
-    return {"images": [img], "question": f"What colour is the {shape}?", "assistant": "<lvr>\n" + colour,
-            "answer": colour, "bboxes": [[x0 / size, y0 / size, x1 / size, y1 / size]],
-            "helper": helper.resize((112, 112), Image.BICUBIC)}
-
 
 # -----------------------------------------------------------------------------
 # files: LVR JSON / JSONL (LLaVA conversations + bboxes) and Mirage JSONL
@@ -219,73 +123,100 @@ def record_example(rec, image_root, where):
 
 def encode(ex, tok, ids, method="lvr", max_latents=0, k=4, latent_end=False, min_pixels=3136,
            max_pixels=12845056):
-    """Example -> token ids, labels, latent slots and their target groups (indices into its own features).
+    """Example -> one row of an SFT batch, unpadded: input_ids, labels, n_prompt, pixel_values, grid_thw,
+    helper, n_feat, and the latent slots (collate's fields, per row: positions, not (row, position)).
 
     method none drops the latent spans (plain SFT); mirage takes the k targets from the helper image.
     """
     pvs, grids = zip(*[vision.preprocess(im, min_pixels, max_pixels) for im in ex["images"]])
-    n_tok = [int(g.prod()) // 4 for g in grids]
+    n_tok = [vision.merged_tokens(g) for g in grids]
     prompt = tok.prompt(ex["question"], n_tok)
     if latent_end and ids.latent_end is None:
         raise InputError("latent_end needs a latent-end token, and these latent tokens have none")
     helper = vision.preprocess(ex["helper"], min_pixels, max_pixels) if method == "mirage" else None
-    pieces = ex["assistant"].split("<lvr>")
-    seq, groups, slots, end_at = list(prompt), [], [], []
-    for i, text in enumerate(pieces):
-        if i > 0 and method != "none":
+    seq, pos, slot, groups, end_pos = list(prompt), [], [], [], []
+    for i, text in enumerate(ex["assistant"].split("<lvr>")):
+        if i > 0 and method != "none":  # a latent span, for the <lvr> before this piece of text
             if method == "mirage":
-                span = lvr.chunk_groups(int(helper[1].prod()) // 4, k)
+                span = lvr.chunk_groups(vision.merged_tokens(helper[1]), k)
             else:  # indices into the example's features: its images' merged tokens, one image after another
                 im = ex.get("bbox_images", [0] * i)[i - 1]
                 span = [[sum(n_tok[:im]) + j for j in g] for g in lvr.roi_groups(ex["bboxes"][i - 1], grids[im][0], max_latents)]
             seq.append(ids.start)
-            slots += [(len(seq) + j, j) for j in range(len(span))]
+            pos += range(len(seq), len(seq) + len(span))
+            slot += range(len(span))
             groups += span
             seq += [ids.latent] * len(span)
             if latent_end:
-                end_at.append(len(seq))
+                end_pos.append(len(seq))
                 seq.append(ids.latent_end)
             seq.append(ids.end)
         seq += tok.encode(text.lstrip("\n") if i > 0 and method == "none" else text)
     seq.append(tok.im_end)
     labels = [-100] * len(prompt) + seq[len(prompt):]
-    for t in [t for t, _ in slots] + end_at:
+    for t in pos + end_pos:
         labels[t] = -100  # latent slots are trained by the latent loss, not CE
-    return {"input_ids": seq, "labels": labels, "n_prompt": len(prompt), "pixel_values": torch.cat(pvs), "grid_thw": torch.cat(grids),
-            "slots": slots, "groups": groups, "latent_end_at": end_at,
-            "helper": helper, "n_feat": int(torch.cat(grids).prod(-1).sum()) // 4}
+    return {"input_ids": seq, "labels": labels, "n_prompt": len(prompt), "pixel_values": torch.cat(pvs),
+            "grid_thw": torch.cat(grids), "latent_pos": pos, "latent_slot": slot, "latent_groups": groups,
+            "latent_end_pos": end_pos, "helper": helper, "n_feat": vision.merged_tokens(torch.cat(grids))}
 
 
 def collate(encoded, pad_id):
-    """Right-pad a list of encoded examples into one batch (see lvr.sft_loss for the fields)."""
+    """Right-pad a list of encoded examples into one SFT batch (lvr.sft_loss, lvr.mirage_stage2_loss):
+
+    input_ids       (B, T)     token ids, padded with pad_id (<|endoftext|>)
+    attention_mask  (B, T)     1 for real tokens, 0 for padding
+    labels          (B, T)     the next-token CE targets; -100 on the prompt, latent slots and padding
+    pixel_values    (P, 1176)  every image's patches, example by example; grid_thw (N, 3) their grids
+    latent_pos      ((L,), (L,))  (row, position) of every latent slot, spans in order
+    latent_slot     (L,)       each latent's index within its span (0 opens a span)
+    latent_end_pos  ((E,), (E,))  (row, position) of every <|lvr_latent_end|> (the `latent` exit trained)
+    target_avg      (L, F)     targets = target_avg @ features: row i averages the merged image tokens
+                               (of the prompt images, or Mirage's helper images) that latent i reconstructs
+    helper_pixel_values, helper_grid_thw   Mirage only: the helper images
+    """
     B, T = len(encoded), max(len(e["input_ids"]) for e in encoded)
     input_ids = torch.full((B, T), pad_id)
     labels = torch.full((B, T), -100)
     mask = torch.zeros(B, T, dtype=torch.long)
-    lb, lt, slot, groups, eb, et = [], [], [], [], [], []
-    offset = 0
+    rows, pos, slot, groups, end_rows, end_pos = [], [], [], [], [], []
+    offset = 0  # where this example's features start among the batch's
     mirage = encoded[0]["helper"] is not None
     for b, e in enumerate(encoded):
         n = len(e["input_ids"])
         input_ids[b, :n], labels[b, :n], mask[b, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
-        lb += [b] * len(e["slots"])
-        lt += [t for t, _ in e["slots"]]
-        slot += [j for _, j in e["slots"]]
-        groups += [[offset + i for i in g] for g in e["groups"]]
-        eb += [b] * len(e["latent_end_at"])
-        et += e["latent_end_at"]
-        offset += int(e["helper"][1].prod()) // 4 if mirage else e["n_feat"]
+        rows += [b] * len(e["latent_pos"])
+        pos += e["latent_pos"]
+        slot += e["latent_slot"]
+        groups += [[offset + i for i in g] for g in e["latent_groups"]]
+        end_rows += [b] * len(e["latent_end_pos"])
+        end_pos += e["latent_end_pos"]
+        offset += vision.merged_tokens(e["helper"][1]) if mirage else e["n_feat"]
+    long = functools.partial(torch.tensor, dtype=torch.long)
     batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
              "pixel_values": torch.cat([e["pixel_values"] for e in encoded]),
              "grid_thw": torch.cat([e["grid_thw"] for e in encoded]),
-             "latent_pos": (torch.tensor(lb, dtype=torch.long), torch.tensor(lt, dtype=torch.long)),
-             "latent_slot": torch.tensor(slot, dtype=torch.long),
-             "latent_end_pos": (torch.tensor(eb, dtype=torch.long), torch.tensor(et, dtype=torch.long)),
-             "target_w": lvr.averaging_matrix(groups, offset)}
+             "latent_pos": (long(rows), long(pos)), "latent_slot": long(slot),
+             "latent_end_pos": (long(end_rows), long(end_pos)), "target_avg": lvr.averaging_matrix(groups, offset)}
     if mirage:
         batch["helper_pixel_values"] = torch.cat([e["helper"][0] for e in encoded])
         batch["helper_grid_thw"] = torch.cat([e["helper"][1] for e in encoded])
     return batch
+
+
+def prompt_batch(exs, tok, min_pixels=3136, max_pixels=12845056):
+    """Examples -> the rollout's input: each question with all its images as one user turn, left-padded.
+
+    input_ids, attention_mask (B, T); pixel_values, grid_thw: every image, example by example;
+    images: per example, its images' (pixel_values, grid_thw); n_image_tokens: per example, its merged
+    image tokens in all (where its rows of the tower's output end)."""
+    images = [[vision.preprocess(im, min_pixels, max_pixels) for im in e["images"]] for e in exs]
+    input_ids, mask = qwen.left_pad([tok.prompt(e["question"], [vision.merged_tokens(g) for _, g in ims])
+                                     for e, ims in zip(exs, images)], tok.endoftext)
+    return {"input_ids": input_ids, "attention_mask": mask, "images": images,
+            "pixel_values": torch.cat([pv for ims in images for pv, _ in ims]),
+            "grid_thw": torch.cat([g for ims in images for _, g in ims]),
+            "n_image_tokens": [sum(vision.merged_tokens(g) for _, g in ims) for ims in images]}
 
 
 def to_device(batch, device):

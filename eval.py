@@ -15,7 +15,7 @@ steps), so the answer must come from the text and image alone. Multiple-choice s
 as letters, as the papers score them: MMVP per question and per pair (a pair counts when both
 of its questions are right: the LVR paper's 71.67 is per question, its Table 2's 55.8 per pair),
 V* per category (direct_attributes, relative_position, as its files name them).
-Held-out synthetic seeds start at 3e9: disjoint from train_sft (train, eval) and train_grpo.
+Held-out synthetic examples are tasks.py's test split: never seen by train_sft or train_grpo.
 """
 import collections
 import csv
@@ -26,8 +26,9 @@ import torch
 import checkpoint
 import cli
 import data
+import grpo
 import lvr
-import qwen
+import tasks
 import vision
 from cli import InputError
 
@@ -90,7 +91,7 @@ def load_multiple_choice(path, root):
 def load_examples():
     """The evaluation set: held-out synthetic examples, an LVR JSON file (with bboxes), or MMVP / V*."""
     if data_path == "synthetic":
-        return [data.synthetic_example(seed * 7919 + 3 * 10 ** 9 + i, image_size) for i in range(n_examples)]
+        return [tasks.synthetic("test", i, seed, image_size) for i in range(n_examples)]
     if data_path.endswith((".json", ".jsonl")):
         records = data.load_records(data_path)
         if "conversations" in records[0] or "image_output" in records[0]:
@@ -110,34 +111,32 @@ def span_lengths(is_latent):
 
 
 @torch.no_grad()
-def evaluate(model, tok, ids, exs, latents_on=True):
+def evaluate(model, tok, ids, exs, batch_size=32, min_pixels=3136, max_pixels=28224, device="cpu", **decode):
     """-> dict of accuracy, format, latent_steps, hit_rate (None without bboxes), the span lengths
-    (a Counter) and per-example correctness, over the examples."""
+    (a Counter) and per-example correctness. `decode`: lvr.rollout's settings (decoding, lvr_steps,
+    max_latent_steps, max_new_tokens, force_end, end_metric, end_threshold). train_sft.py's periodic
+    accuracy is this too."""
     stop = [tok.im_end, tok.endoftext]
-    metric, threshold = lvr.end_rule(model, end_metric, end_threshold)
     right, fmt, steps, hit, n_lat, spans = [], 0, 0, 0, 0, collections.Counter()
     for i in range(0, len(exs), batch_size):
         chunk = exs[i:i + batch_size]
-        pre = [[vision.preprocess(im, min_pixels, max_pixels) for im in e["images"]] for e in chunk]
-        n_tok = [[int(g.prod()) // 4 for _, g in p] for p in pre]
-        prompt, mask = qwen.left_pad([tok.prompt(e["question"], n) for e, n in zip(chunk, n_tok)], tok.endoftext)
-        grid = torch.cat([g for p in pre for _, g in p])
-        feats = model.visual(torch.cat([pv for p in pre for pv, _ in p]).to(device), grid)
-        r = lvr.rollout(model, ids, prompt.to(device), None, grid, mask.to(device), max_new_tokens,
-                        decoding if latents_on else "steps", lvr_steps if latents_on else 0, force_end or not latents_on,
-                        max_latent_steps, threshold, metric, stop_ids=stop, feats=feats)
-        for b, (e, f) in enumerate(zip(chunk, feats.split([sum(n) for n in n_tok]))):
-            row = r.tokens[b, prompt.shape[1]:].tolist()
+        p = data.prompt_batch(chunk, tok, min_pixels, max_pixels)
+        feats = model.visual(p["pixel_values"].to(device), p["grid_thw"])
+        r = lvr.rollout(model, ids, p["input_ids"].to(device), None, p["grid_thw"], p["attention_mask"].to(device),
+                        stop_ids=stop, feats=feats, **decode)
+        for b, (e, f) in enumerate(zip(chunk, feats.split(p["n_image_tokens"]))):
+            row = r.tokens[b, p["input_ids"].shape[1]:].tolist()
             end = next((j + 1 for j, t in enumerate(row) if t in stop), len(row))
             text = tok.decode(row[:end])
-            right.append(lvr.is_correct(text, e["answer"]))
-            fmt += lvr.is_lvr_format(row[:end], ids, stop, text)
+            right.append(grpo.is_correct(text, e["answer"]))
+            fmt += grpo.is_lvr_format(row[:end], ids, stop, text)
             steps += int(r.is_latent[b].sum())
             spans.update(span_lengths(r.is_latent[b]))
             if e["bboxes"]:  # the ROI tokens of every bbox, on its own image's tokens within the row's features
-                on = e.get("bbox_images", [0] * len(e["bboxes"]))
-                roi = [sum(n_tok[b][:k]) + j for bb, k in zip(e["bboxes"], on)
-                       for j in lvr.roi_indices(bb, pre[b][k][1][0])]
+                grids = [g for _, g in p["images"][b]]
+                start = [sum(vision.merged_tokens(g) for g in grids[:k]) for k in range(len(grids))]
+                roi = [start[k] + j for bb, k in zip(e["bboxes"], e.get("bbox_images", [0] * len(e["bboxes"])))
+                       for j in lvr.roi_indices(bb, grids[k][0])]
                 hit += latent_hits(r.latents[b, r.is_latent[b]], f, roi)
                 n_lat += int(r.is_latent[b].sum())
     n = len(exs)
@@ -164,7 +163,12 @@ def main(argv):
     if ids is None:
         raise InputError(f"{init_from} has no latent tokens: evaluate it with sample.py, or train it with train_sft.py")
     exs = load_examples()
-    rows = [("with latents", evaluate(model, tok, ids, exs, True)), ("latents disabled", evaluate(model, tok, ids, exs, False))]
+    metric, threshold = lvr.end_rule(model, end_metric, end_threshold)
+    decode = dict(decoding=decoding, lvr_steps=lvr_steps, max_latent_steps=max_latent_steps,
+                  max_new_tokens=max_new_tokens, force_end=force_end, end_metric=metric, end_threshold=threshold)
+    disabled = {**decode, "decoding": "steps", "lvr_steps": 0, "force_end": True}  # <|lvr_end|> at once
+    rows = [(name, evaluate(model, tok, ids, exs, batch_size, min_pixels, max_pixels, device, **d))
+            for name, d in (("with latents", decode), ("latents disabled", disabled))]
     print(f"{init_from} on {len(exs)} {'held-out synthetic' if data_path == 'synthetic' else data_path} examples")
     print(f"{'':18}{'accuracy':>10}{'format':>9}{'latent steps':>14}{'hit rate':>10}")
     for name, r in rows:

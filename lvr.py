@@ -24,14 +24,10 @@ Where we depart from the official code, and why:
   by the resized size);
 - `max_latents` pools the ROI grid, so training length can match inference budgets;
 - the latent head, when used, is applied at every latent step including the first;
-- GRPO: every decision the policy sampled carries its log-prob, and nothing else does. The
-  official mask drops the whole span from <|lvr_start|>; we keep <|lvr_start|> (a sampled token:
-  the choice to look) and, under the `token` exit, each in-span "continue" (the sample was not an
-  exit token, probability 1 - p(exit)), so the reward reaches the span's length too. Latent
-  vectors, forced tokens and the first step of a span (never an exit) carry nothing.
+- cosine-trained latents are fed back at the targets' mean norm (latent_input).
+The rollout records which decisions it sampled; grpo.py trains on exactly those.
 """
 import math
-import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -212,7 +208,7 @@ def encode_images(model, batch, freeze_vision=True):
     if batch.get("helper_pixel_values") is not None:  # Mirage: targets come from the helper image
         with torch.no_grad():
             src = model.visual(batch["helper_pixel_values"], batch["helper_grid_thw"])
-    targets = (batch["target_w"].to(src.device) @ src.detach().float())  # (L, C)
+    targets = (batch["target_avg"].to(src.device) @ src.detach().float())  # (L, C)
     return feats, targets
 
 
@@ -230,8 +226,8 @@ def sft_loss(model, batch, ce_weight=1.0, latent_weight=0.1, latent_loss="mse", 
     x = model.embed(ids, grid_thw=batch["grid_thw"], feats=feats)  # (B, T, C)
     b, t = batch["latent_pos"]  # (L,), (L,): where the latent slots are
     x = x.index_put((b, t), targets.to(x.dtype))  # teacher forcing: the slots read their targets
-    pos, _ = qwen.get_rope_index(ids, batch["grid_thw"], mask, model.cfg.image_token_id)
-    _, h = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, logits=False)
+    pos = qwen.get_rope_index(ids, batch["grid_thw"], mask, model.cfg.image_token_id)
+    h = model(inputs_embeds=x, attention_mask=mask, position_ids=pos)
     ce = supervised_ce(model, h, labels)
     lat = latent_distance(head(model, h[b, t - 1]), targets, latent_loss) if len(b) else ce.new_zeros(())
     eb, et = batch["latent_end_pos"]  # `latent` exit mode: the state before <|lvr_latent_end|> learns its embedding
@@ -253,15 +249,15 @@ def mirage_stage2_loss(model, batch, freeze_vision=True, switch_weight=0.0):
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     feats, _ = encode_images(model, batch, freeze_vision)
     x = model.embed(ids, grid_thw=batch["grid_thw"], feats=feats)
-    pos, _ = qwen.get_rope_index(ids, batch["grid_thw"], mask, model.cfg.image_token_id)
+    pos = qwen.get_rope_index(ids, batch["grid_thw"], mask, model.cfg.image_token_id)
     b, t = batch["latent_pos"]
     slot = batch["latent_slot"]  # (L,) index of each latent within its span
     n_pass = int(slot.max()) + 1 if len(slot) else 0
     for j in range(n_pass):
-        _, h = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, logits=False)
+        h = model(inputs_embeds=x, attention_mask=mask, position_ids=pos)
         sel = slot == j
         x = x.index_put((b[sel], t[sel]), latent_input(model, h[b[sel], t[sel] - 1]).to(x.dtype))
-    _, h = model(inputs_embeds=x, attention_mask=mask, position_ids=pos, logits=False)
+    h = model(inputs_embeds=x, attention_mask=mask, position_ids=pos)
     ce = supervised_ce(model, h, labels)
     switch = ce.new_zeros(())
     if switch_weight and len(b):
@@ -326,8 +322,7 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
     # 1) prefill the prompts once; the last position's logits and hidden state start the loop
     cache = qwen.KVCache(model.cfg, B, T + max_new_tokens, dev, emb.weight.dtype)
     x = model.embed(input_ids, pixel_values, grid_thw, feats)
-    _, h = model(input_ids, grid_thw=grid_thw, inputs_embeds=x, attention_mask=attention_mask, cache=cache,
-                 logits=False)
+    h = model(input_ids, grid_thw=grid_thw, inputs_embeds=x, attention_mask=attention_mask, cache=cache)
     h = h[:, -1]
     logits = model.lm_head(h)  # only the last position's: lm_head over the whole prompt is wasted
     # 2) copy each prompt's prefilled state to its G rows
@@ -380,117 +375,13 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
         steps.append(record + (done,))
         if i == max_new_tokens - 1 or (i % 16 == 15 and bool(done.all())):  # a host sync every 16 steps only
             break
-        logits, h = model(inputs_embeds=x[:, None], cache=cache)
-        logits, h = logits[:, -1], h[:, -1]
+        h = model(inputs_embeds=x[:, None], cache=cache)[:, -1]
+        logits = model.lm_head(h)
     toks, lats, is_lats, logps, sampled, dones = (torch.stack(t, 1) for t in zip(*steps))
     n = min(int((~dones.all(0)).sum()) + 1, dones.shape[1])  # up to the step the last row stopped
     return Rollout(torch.cat([input_ids, toks[:, :n]], 1), lats[:, :n], is_lats[:, :n], logps[:, :n], sampled[:, :n])
 
 
-def is_lvr_format(tokens, ids, stop_ids, text):
-    """A completion (token list up to its stop) is <|lvr_start|> ... <|lvr_end|>, then a non-empty
-    answer (`text`: the decoded completion), then a stop token."""
-    if not tokens or tokens[0] != ids.start or ids.end not in tokens or tokens[-1] not in stop_ids:
-        return False
-    after = tokens[tokens.index(ids.end) + 1:-1]
-    return len(after) > 0 and ids.start not in after and bool(text.strip())
-
-
-def normalise(text):
-    """Lower case, no punctuation at the ends, single spaces: for exact-match scoring."""
-    return " ".join(text.lower().strip().strip(".!?,;:'\"").split())
-
-
-def answer_of(completion):
-    """The text inside <answer>...</answer> if present, else the whole completion; normalised."""
-    if "<answer>" in completion:
-        completion = completion.split("<answer>")[-1].split("</answer>")[0]
-    return normalise(completion)
-
-
-def letter_of(text):
-    """The multiple-choice letter a normalised answer starts with ("b", "(b) cat", "b. cat"), or None."""
-    m = re.match(r"^\(?([a-z])\)?(?:[.):]|\s|$)", text)
-    return m.group(1) if m else None
-
-
-def is_correct(completion, answer):
-    """Exact match after normalising; when the gold answer is a letter, the letters are compared."""
-    pred, gold = answer_of(completion), answer_of(answer)
-    if len(gold.strip("()")) == 1 and gold.strip("()").isalpha():
-        return letter_of(pred) == gold.strip("()")
-    return pred == gold
-
-
 def nearest_cells(latents, feats):
     """For each latent vector, the index of the most cosine-similar merged image token."""
     return F.cosine_similarity(latents.float()[:, None], feats.float()[None], dim=-1).argmax(-1)
-
-
-# -----------------------------------------------------------------------------
-# GRPO_latent (DESIGN 3.7): group-relative advantages, a loss on text tokens only
-
-def group_advantages(rewards, group_size, scale=True):
-    """(N,) rewards, consecutive groups of G rows -> (r - group mean) / (group std + 1e-4).
-
-    std is the unbiased one (torch's default, as in TRL); scale=False keeps r - mean (Dr. GRPO)."""
-    r = rewards.float().view(-1, group_size)
-    adv = r - r.mean(1, keepdim=True)
-    if scale:
-        adv = adv / (r.std(1, keepdim=True) + 1e-4)
-    # an all-equal group carries no signal, but its float mean can miss the value by an ulp (eight 1.2s),
-    # which the division above turns into a 1e-3 advantage on every row: make it exactly 0
-    return adv.masked_fill((r == r[:, :1]).all(1, keepdim=True), 0.0).flatten()
-
-
-def loss_weights(mask, norm="token", max_len=None):
-    """(N, L) per-token weights that make sum(weights * per_token_loss) the normalised loss.
-
-    token:    mean over all text tokens in the batch (the default);
-    sequence: mean per completion, then mean over completions (the GRPO paper);
-    fixed:    sum / (N * max_len) (Dr. GRPO: no length bias).
-    Written as weights so that the loss of a batch split into micro-batches sums exactly."""
-    m = mask.float()
-    if norm == "token":
-        return m / m.sum().clamp(min=1)
-    if norm == "sequence":
-        return m / (m.sum(1, keepdim=True).clamp(min=1) * m.shape[0])
-    if norm == "fixed":
-        return m / (m.shape[0] * (max_len or m.shape[1]))
-    raise InputError(f"loss_norm must be token, sequence or fixed, got {norm!r}")
-
-
-def grpo_loss(logp, old_logp, adv, weights, ref_logp=None, clip_eps=0.2, beta=0.04):
-    """Per-token PPO-clip objective plus beta * k3 KL to the reference -> (loss, kl per token).
-
-    logp, old_logp, ref_logp, weights: (N, L); adv: (N,). k3 = exp(ref - logp) - (ref - logp) - 1."""
-    ratio = torch.exp(logp - old_logp)
-    a = adv[:, None]
-    per_token = -torch.min(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
-    kl = torch.zeros_like(logp)
-    if ref_logp is not None:
-        d = ref_logp - logp
-        kl = torch.exp(d) - d - 1
-        per_token = per_token + beta * kl
-    return (per_token * weights).sum(), kl
-
-
-def completion_logprobs(model, seqs, attention_mask, n_prompt, grid_thw, feats, latents, is_latent, temperature=1.0,
-                        exits=()):
-    """One batched forward over prompt + completion -> (N, L) log-probs of the completion's decisions.
-
-    The recorded latent vectors (detached) sit at the latent positions, exactly as the rollout fed
-    them; logits are divided by the sampling temperature, as in the rollout. At a latent step the
-    decision is "continue": log(1 - p(exits)) (only a `token`-exit rollout samples it)."""
-    prompt, comp = seqs[:, :n_prompt], seqs[:, n_prompt:]
-    x = model.embed(prompt, grid_thw=grid_thw, feats=feats)  # (N, T, C) images only in the prompt,
-    c = torch.where(is_latent[..., None], latents.detach().to(x.dtype), model.model.embed_tokens(comp))  # (N, L, C)
-    x = torch.cat([x, c], 1)
-    pos, _ = qwen.get_rope_index(prompt, grid_thw, attention_mask[:, :n_prompt], model.cfg.image_token_id)
-    after = pos.amax(dim=(0, 2)) + 1  # completion positions count on like text, as in the rollout's cache
-    pos = torch.cat([pos, (after[:, None] + torch.arange(comp.shape[1], device=seqs.device)).expand(3, -1, -1)], 2)
-    _, h = model(inputs_embeds=x, attention_mask=attention_mask, position_ids=pos, logits=False)
-    logits = model.lm_head(h[:, n_prompt - 1:-1]).float() / (temperature or 1.0)  # t predicts t + 1; no prompt logits
-    lp = logits.log_softmax(-1)
-    tok_lp = lp.gather(-1, comp[..., None])[..., 0]
-    return torch.where(is_latent, continue_logprob(lp, list(exits)), tok_lp) if len(exits) else tok_lp

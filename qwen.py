@@ -26,7 +26,8 @@ from tokenizers import Tokenizer
 from cli import InputError
 from vision import MLP, RMSNorm, VisionConfig, VisionTransformer, cos_sin, rope
 
-SPECIAL = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+           "<|video_pad|>"]  # every Qwen2.5-VL tokenizer has these; the tiny one adds them in this order
 
 
 @dataclass
@@ -153,6 +154,23 @@ class Qwen2Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    def forward(self, x, cos, sin, mask, cache=None, checkpointing=False):
+        """(B, T, C) input embeddings -> final-norm hidden states (B, T, C): the layers, then the norm.
+        checkpointing: recompute each layer in backward instead of keeping its activations."""
+        for layer in self.layers:
+            if checkpointing:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        return self.norm(x)
+
+
+def causal_mask(valid, start, T, device):
+    """(B, S) key validity (False at padding) -> (B, 1, T, S) bool mask for T queries at positions
+    start..start+T-1: each sees the valid keys up to itself, and always itself (no all -inf rows)."""
+    d = torch.arange(start + T, device=device)[None] - torch.arange(start, start + T, device=device)[:, None]  # (T, S)
+    return (((d <= 0)[None] & valid[:, None]) | (d == 0)[None])[:, None]
+
 
 @functools.lru_cache(maxsize=16)
 def rope_tables(hd, theta, section, device):
@@ -192,7 +210,7 @@ def latent_head(cfg):
 
 
 def get_rope_index(input_ids, grid_thw, attention_mask, image_token_id, merge=2):
-    """M-RoPE positions (3, B, T) and rope_deltas (B, 1) = max position + 1 - unpadded length.
+    """M-RoPE positions (3, B, T).
 
     Text advances all three rows by 1; an image of merged grid (H', W') starting at position s
     puts token (r, c) at (s, s+r, s+c), and the text after it continues at s + max(H', W').
@@ -201,7 +219,6 @@ def get_rope_index(input_ids, grid_thw, attention_mask, image_token_id, merge=2)
     B, T = input_ids.shape
     mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     pos = torch.zeros(3, B, T, dtype=torch.long, device=input_ids.device)
-    deltas = torch.zeros(B, 1, dtype=torch.long, device=input_ids.device)
     grids = iter([] if grid_thw is None else grid_thw.tolist())
     for b in range(B):
         ids = input_ids[b][mask[b]].tolist()
@@ -221,8 +238,7 @@ def get_rope_index(input_ids, grid_thw, attention_mask, image_token_id, merge=2)
                 i, s = j, s + j - i
         row = torch.cat(out, 1) if out else torch.zeros(3, 0, dtype=torch.long)
         pos[:, b, mask[b]] = row[:, :len(ids)].to(pos.device)
-        deltas[b] = (row.max() + 1 if row.numel() else 0) - len(ids)
-    return pos, deltas
+    return pos
 
 
 class Qwen2_5_VL(nn.Module):
@@ -237,6 +253,16 @@ class Qwen2_5_VL(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         if cfg.extra.get("lvr_head"):
             self.lvr_head = latent_head(cfg)
+
+    def init_weights(self):
+        """A fresh model (train_sft's tiny scratch one): norms 1 (biases 0), other biases 0, weights N(0, 0.02)."""
+        for name, p in self.named_parameters():
+            if "norm" in name or "ln_q" in name:
+                torch.nn.init.ones_(p) if name.endswith("weight") else torch.nn.init.zeros_(p)
+            elif name.endswith("bias"):
+                torch.nn.init.zeros_(p)
+            else:
+                torch.nn.init.normal_(p, std=0.02)
 
     def embed(self, input_ids, pixel_values=None, grid_thw=None, feats=None):
         """Token embeddings with the merged image tokens (`feats`, or the tower's) at <|image_pad|>, in order."""
@@ -255,53 +281,47 @@ class Qwen2_5_VL(nn.Module):
         return x.masked_scatter(is_img[..., None], feats.to(x.dtype))
 
     def forward(self, input_ids=None, pixel_values=None, grid_thw=None, attention_mask=None,
-                inputs_embeds=None, position_ids=None, cache=None, logits=True):
-        """-> logits (B, T, V) (None with logits=False), final-norm hidden states (B, T, C).
+                inputs_embeds=None, position_ids=None, cache=None):
+        """-> final-norm hidden states (B, T, C). Logits are model.lm_head(h), applied by the caller where
+        it needs them (the last position at prefill, the supervised ones in training): lm_head over every
+        position is the costliest matmul (V ~ 152k).
 
-        logits=False skips lm_head, the costliest matmul (V ~ 152k): callers that need only some
-        positions (the last one at prefill, the supervised ones in training) apply it there.
-
-        attention_mask (B, T): 1 for real tokens, 0 for padding. With a cache it covers only the
-        new tokens. position_ids (3, B, T) default to get_rope_index on the first call and to the
-        cache's per-row counter afterwards.
+        attention_mask (B, T): 1 for real tokens, 0 for padding; with a cache it covers only the new tokens.
         """
         x = self.embed(input_ids, pixel_values, grid_thw) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
         start = 0 if cache is None else cache.len
         if start + T > self.cfg.max_position_embeddings:
             raise InputError(f"{start + T} tokens exceed the model's context of {self.cfg.max_position_embeddings}")
-        if position_ids is None and start == 0:
-            ids = input_ids if input_ids is not None else torch.zeros(B, T, dtype=torch.long, device=x.device)
-            position_ids, _ = get_rope_index(ids, grid_thw, attention_mask, self.cfg.image_token_id,
-                                             self.cfg.vision.spatial_merge_size)
-        if position_ids is None:  # decoding: text positions from the cache's counter, rope from its table
-            pos = cache.next_pos[:, None] + torch.arange(T, device=x.device)  # (B, T)
-            cos, sin, next_pos = cache.cos[pos][:, None], cache.sin[pos][:, None], pos[:, -1] + 1
-        else:
-            position_ids = position_ids.to(x.device)
-            cos, sin = mrope(self.cfg, position_ids, x.dtype)
-            next_pos = position_ids.amax(dim=(0, 2)) + 1  # padding sits at 0
-        # mask None: causal, or for one new token every cached key; else padded keys hidden, but every
-        # query sees itself (no all -inf rows). The cache remembers whether its prompt had padding.
+        cos, sin, next_pos = self.rope(input_ids, grid_thw, attention_mask, position_ids, cache, x)
+        # the mask: None means causal (SDPA's is_causal), or, for one new token, every cached key.
+        # The cache remembers whether its prompt had padding; then every step needs one.
         valid = None if attention_mask is None else attention_mask.bool()
         if cache is not None:
             if valid is not None:
                 cache.valid[:, start:start + T] = valid
                 cache.padded = cache.padded or not bool(valid.all())  # a host sync, but only with a mask
             valid = cache.valid[:, :start + T] if cache.padded or (start > 0 and T > 1) else None
-        mask = None
-        if valid is not None:  # d: key position - query position, (T, S)
-            d = torch.arange(start + T, device=x.device)[None] - torch.arange(start, start + T, device=x.device)[:, None]
-            mask = (((d <= 0)[None] & valid[:, None]) | (d == 0)[None])[:, None]  # (B, 1, T, S)
-        for layer in self.model.layers:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, cache)
+        mask = None if valid is None else causal_mask(valid, start, T, x.device)
+        h = self.model(x, cos, sin, mask, cache, self.grad_checkpointing and self.training and torch.is_grad_enabled())
         if cache is not None:
             cache.len, cache.next_pos = start + T, next_pos
-        h = self.model.norm(x)
-        return self.lm_head(h) if logits else None, h
+        return h
+
+    def rope(self, input_ids, grid_thw, attention_mask, position_ids, cache, x):
+        """-> cos, sin (B, 1, T, hd) and each row's next position. The positions come from position_ids
+        when given; on a first call, from get_rope_index (images take 2-D positions); while decoding,
+        from the cache's per-row counter (text positions), whose rope table is precomputed."""
+        B, T, _ = x.shape
+        if position_ids is None and (cache is None or cache.len == 0):
+            ids = input_ids if input_ids is not None else torch.zeros(B, T, dtype=torch.long, device=x.device)
+            position_ids = get_rope_index(ids, grid_thw, attention_mask, self.cfg.image_token_id,
+                                          self.cfg.vision.spatial_merge_size)
+        if position_ids is None:
+            pos = cache.next_pos[:, None] + torch.arange(T, device=x.device)  # (B, T)
+            return cache.cos[pos][:, None], cache.sin[pos][:, None], pos[:, -1] + 1
+        position_ids = position_ids.to(x.device)
+        return (*mrope(self.cfg, position_ids, x.dtype), position_ids.amax(dim=(0, 2)) + 1)  # padding sits at 0
 
     def generate(self, input_ids, pixel_values=None, grid_thw=None, attention_mask=None, max_new_tokens=16,
                  temperature=0.0, top_k=0, top_p=1.0, stop_ids=None, generator=None):
@@ -313,17 +333,17 @@ class Qwen2_5_VL(nn.Module):
         stop = torch.tensor(stop_ids if stop_ids is not None else self.default_stop_ids(), device=input_ids.device)
         with torch.inference_mode():  # lighter than no_grad; the result is built outside, as a normal tensor
             cache = KVCache(self.cfg, B, T + max_new_tokens, input_ids.device, self.lm_head.weight.dtype)
-            _, h = self(input_ids, pixel_values, grid_thw, attention_mask=attention_mask, cache=cache, logits=False)
-            logits = self.lm_head(h[:, -1:])  # (B, 1, V)
+            h = self(input_ids, pixel_values, grid_thw, attention_mask=attention_mask, cache=cache)
+            logits = self.lm_head(h[:, -1])  # (B, V)
             out, dones, done = [], [], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
             for i in range(max_new_tokens):
-                tok = torch.where(done, stop[0], sample(logits[:, -1], temperature, top_k, top_p, generator))
+                tok = torch.where(done, stop[0], sample(logits, temperature, top_k, top_p, generator))
                 out.append(tok)
                 done = done | torch.isin(tok, stop)
                 dones.append(done)
                 if i == max_new_tokens - 1 or (i % 16 == 15 and bool(done.all())):  # a host sync every 16 steps
                     break
-                logits, _ = self(inputs_embeds=self.model.embed_tokens(tok[:, None]), cache=cache)
+                logits = self.lm_head(self(inputs_embeds=self.model.embed_tokens(tok[:, None]), cache=cache)[:, -1])
         n = min(int((~torch.stack(dones).all(1)).sum()) + 1, len(out))  # up to the step the last row stopped
         return torch.cat([input_ids, torch.stack(out[:n], 1)], 1)
 
@@ -444,8 +464,8 @@ class QwenTokenizer:
         missing = [s for s in SPECIAL if self.tok.token_to_id(s) is None]
         if missing:
             raise InputError(f"tokenizer {file} lacks the Qwen special tokens {' '.join(missing)}")
-        self.im_start, self.im_end, self.endoftext, self.vision_start, self.vision_end, self.image_pad = (
-            self.tok.token_to_id(s) for s in SPECIAL)
+        self.endoftext, self.im_start, self.im_end, self.vision_start, self.vision_end, self.image_pad = (
+            self.tok.token_to_id(s) for s in SPECIAL[:6])
 
     def __len__(self):
         return self.tok.get_vocab_size(with_added_tokens=True)

@@ -25,9 +25,9 @@ from tqdm import tqdm
 import checkpoint
 import cli
 import data
+import grpo
 import lvr
-import qwen
-import vision
+import tasks
 from cli import InputError
 
 # -----------------------------------------------------------------------------
@@ -72,27 +72,20 @@ seed = 1337  # [0, inf) seeds the prompts and the sampling
 SKIPPED = {}  # bad records skipped so far: index -> why
 
 
-def accuracy_reward(text, tokens, answer, ids, stop_ids):
-    """1 when the answer matches (see lvr.is_correct), else 0."""
-    return float(lvr.is_correct(text, answer))
-
-
-def format_reward(text, tokens, answer, ids, stop_ids):
-    """1 when the completion is an LVR span, then a non-empty answer, then a stop token (lvr.is_lvr_format)."""
-    return float(lvr.is_lvr_format(tokens, ids, stop_ids, text))
-
-
-REWARDS = {"accuracy": accuracy_reward, "format": format_reward}
-
-
 def prompts(step, records):
-    """The B examples of a step: synthetic seeds past SFT's streams, or the shuffled records."""
+    """The B examples of a step: the synthetic grpo split (seeds SFT never draws), or the shuffled records."""
     if records is None:
-        return [data.synthetic_example(seed * 7919 + 2 * 10 ** 9 + step * batch_size + i, image_size)
-                for i in range(batch_size)]
-    convert = lambda rec, where: data.grpo_example(rec, image_root, where)  # noqa: E731
+        return [tasks.synthetic("grpo", step * batch_size + i, seed, image_size) for i in range(batch_size)]
+
+    def convert(rec, where):
+        return data.grpo_example(rec, image_root, where)
     return [data.stream_example(records, i, seed, convert, data_path, on_bad_record, SKIPPED)
             for i in range(step * batch_size, (step + 1) * batch_size)]
+
+
+def get_lr(step):
+    """Linear warmup, then constant."""
+    return lr * min(1.0, (step + 1) / warmup_iters)
 
 
 def main(argv):
@@ -134,7 +127,7 @@ def main(argv):
     try:
         while step < max_iters:
             for g in opt.param_groups:
-                g["lr"] = lr * min(1.0, (step + 1) / warmup_iters)
+                g["lr"] = get_lr(step)
             exs = prompts(step, records)
             stats = train_step(model, ref, tok, ids, exs, stop, opt, params, gen, autocast)
             if not math.isfinite(stats["loss"]):
@@ -160,20 +153,18 @@ def train_step(model, ref, tok, ids, exs, stop, opt, params, gen, autocast):
     """Roll out B*G completions, score them, and update the policy -> a dict of statistics."""
     G, dev = group_size, device
     # 1) prompts with all of each example's images, each image encoded once for its G rows
-    pre = [[vision.preprocess(im, min_pixels, max_pixels) for im in e["images"]] for e in exs]
-    n_tok = [sum(int(g.prod()) // 4 for _, g in p) for p in pre]
-    prompt_ids, mask = qwen.left_pad([tok.prompt(e["question"], [int(g.prod()) // 4 for _, g in p])
-                                      for e, p in zip(exs, pre)], tok.endoftext)
-    pvs = [torch.cat([pv for pv, _ in p]) for p in pre]
-    grids = [torch.cat([g for _, g in p]) for p in pre]
+    p = data.prompt_batch(exs, tok, min_pixels, max_pixels)
+    prompt_ids, mask, n_tok = p["input_ids"], p["attention_mask"], p["n_image_tokens"]
+    pvs = [torch.cat([pv for pv, _ in ims]) for ims in p["images"]]  # per prompt, for a tower that trains
+    grids = [torch.cat([g for _, g in ims]) for ims in p["images"]]
     with torch.no_grad(), autocast:
-        feats = model.visual(torch.cat(pvs).to(dev), torch.cat(grids))
+        feats = model.visual(p["pixel_values"].to(dev), p["grid_thw"])
     # 2) the rollout: B prompts prefilled once, G sampled rows each
     metric, threshold = lvr.end_rule(model, end_metric, end_threshold)
     t0 = time.time()
     model.eval()
     with autocast:
-        r = lvr.rollout(model, ids, prompt_ids.to(dev), None, torch.cat(grids), mask.to(dev), max_new_tokens,
+        r = lvr.rollout(model, ids, prompt_ids.to(dev), None, p["grid_thw"], mask.to(dev), max_new_tokens,
                         decoding, lvr_steps, force_end, max_latent_steps, threshold, metric, temperature,
                         stop_ids=stop, generator=gen, feats=feats, group_size=G)
     model.train()
@@ -181,17 +172,17 @@ def train_step(model, ref, tok, ids, exs, stop, opt, params, gen, autocast):
     T = prompt_ids.shape[1]
     seqs, comp, act = r.tokens, r.tokens[:, T:], r.sampled  # act: (B*G, L) the decisions the policy sampled
     # 3) rewards and group-relative advantages
-    scores, lengths = {k: [] for k in REWARDS}, []
+    scores, lengths = {k: [] for k in grpo.REWARDS}, []
     for i, row in enumerate(comp.tolist()):
         end = next((j + 1 for j, t in enumerate(row) if t in stop), len(row))
         lengths.append(end)
         text = tok.decode(row[:end])
-        for k, fn in REWARDS.items():
+        for k, fn in grpo.REWARDS.items():
             scores[k].append(fn(text, row[:end], exs[i // G]["answer"], ids, stop))
     scores = {k: torch.tensor(v) for k, v in scores.items()}
     reward = accuracy_weight * scores["accuracy"] + format_weight * scores["format"]
-    adv = lvr.group_advantages(reward, G, scale_rewards).to(dev)
-    weights = lvr.loss_weights(act, loss_norm, max_new_tokens)
+    adv = grpo.group_advantages(reward, G, scale_rewards).to(dev)
+    weights = grpo.loss_weights(act, loss_norm, max_new_tokens)
     # 4) the training forward: one batched forward per micro-batch, recorded latents at the latent positions
     attn = torch.cat([mask.repeat_interleave(G, 0).to(dev), torch.ones_like(comp)], 1)
     exits = lvr.exit_tokens(ids, decoding) if decoding == "token" else []  # a sampled "continue" at latent steps
@@ -200,15 +191,15 @@ def train_step(model, ref, tok, ids, exs, stop, opt, params, gen, autocast):
     def logprobs(m, rows, frozen):
         """(rows, L) log-probs of the completion's decisions under model m. `frozen`: the rollout's image
         features; None when the tower trains: m's own tower then encodes this micro-batch's prompts."""
-        p = (rows // G).tolist()
+        of = (rows // G).tolist()  # each row's prompt
         if frozen is None:
-            u = sorted(set(p))
+            u = sorted(set(of))
             f = m.visual(torch.cat([pvs[i] for i in u]).to(dev), torch.cat([grids[i] for i in u]))
             f = dict(zip(u, f.split([n_tok[i] for i in u])))
         else:
             f = frozen.split(n_tok)
-        return lvr.completion_logprobs(m, seqs[rows], attn[rows], T, torch.cat([grids[i] for i in p]),
-                                       torch.cat([f[i] for i in p]), r.latents[rows], r.is_latent[rows],
+        return grpo.completion_logprobs(m, seqs[rows], attn[rows], T, torch.cat([grids[i] for i in of]),
+                                       torch.cat([f[i] for i in of]), r.latents[rows], r.is_latent[rows],
                                        temperature, exits)
     frozen = feats if freeze_vision else None
     ref_logp, old_logp = None, None
@@ -223,7 +214,7 @@ def train_step(model, ref, tok, ids, exs, stop, opt, params, gen, autocast):
             with autocast:
                 logp = logprobs(model, c, frozen)
                 old = logp.detach() if old_logp is None else old_logp[c]  # one update: ratio exactly 1 (TRL)
-                loss, kl = lvr.grpo_loss(logp, old, adv[c], weights[c], None if ref_logp is None else ref_logp[c],
+                loss, kl = grpo.grpo_loss(logp, old, adv[c], weights[c], None if ref_logp is None else ref_logp[c],
                                          clip_eps, beta)
             loss.backward()
             loss_sum += loss.detach() / ppo_epochs

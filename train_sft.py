@@ -11,6 +11,7 @@ batch_size * grad_accum * world_size examples, taken in a fixed order from the d
 processes give the same run as one process with N times the accumulation.
 Checkpoints are Hugging Face Qwen2.5-VL directories plus train_state.pt, written atomically.
 """
+import contextlib
 import math
 import os
 import signal
@@ -26,8 +27,10 @@ from tqdm import tqdm
 import checkpoint
 import cli
 import data
+import eval as evaluation
 import lvr
 import qwen
+import tasks
 from cli import InputError
 
 # -----------------------------------------------------------------------------
@@ -99,28 +102,18 @@ def resolve_defaults(config):
     print("resolved: " + " ".join(f"{k}={config[k]}" for k in paper))
 
 
-def init_weights(model):
-    for name, p in model.named_parameters():
-        if "norm" in name or "ln_q" in name:
-            torch.nn.init.ones_(p) if name.endswith("weight") else torch.nn.init.zeros_(p)
-        elif name.endswith("bias"):
-            torch.nn.init.zeros_(p)
-        else:
-            torch.nn.init.normal_(p, std=0.02)
-
-
 def build(tmp):
     """Model + tokenizer + latent ids. Scratch writes a tiny checkpoint first, so loading is the real path."""
     if resume:
         path = out_dir
     elif init_from == "scratch":
         path = tmp
-        tok = data.build_tokenizer(os.path.join(tmp, "tokenizer.json"), special=data.QWEN_SPECIAL + data.LATENT_SPECIAL)
-        cfg = qwen.Config.from_dict(data.tiny_config(tok, image_size))
+        tok = tasks.build_tokenizer(os.path.join(tmp, "tokenizer.json"), special=qwen.SPECIAL + tasks.LATENT_SPECIAL)
+        cfg = qwen.Config.from_dict(tasks.tiny_config(tok, image_size))
         cfg.extra["lvr_head"] = latent_head
         torch.manual_seed(seed)
         model = qwen.Qwen2_5_VL(cfg)
-        init_weights(model)
+        model.init_weights()
         model.save_pretrained(tmp)
     else:
         path = init_from
@@ -138,28 +131,61 @@ def examples(start, n, records, split="train"):
     """Examples [start, start + n) of the training stream, or of the held-out one (split "eval": synthetic
     seeds training never draws, or the records of --eval_data_path)."""
     if records is None:
-        base = 0 if split == "train" else 10 ** 9  # held-out seeds never meet training seeds
-        return [data.synthetic_example(seed * 7919 + base + i, image_size) for i in range(start, start + n)]
-    convert = lambda rec, where: data.record_example(rec, image_root, where)  # noqa: E731
+        return [tasks.synthetic(split, i, seed, image_size) for i in range(start, start + n)]
+
+    def convert(rec, where):
+        return data.record_example(rec, image_root, where)
     path, skipped = (data_path, SKIPPED) if split == "train" else (eval_data_path, {})
     return [data.stream_example(records, i, seed, convert, path, on_bad_record, skipped)
             for i in range(start, start + n)]
 
 
-def save(model, tok, opt, step, losses, rank=0):
-    """Write out_dir atomically (qwen.save_checkpoint). Every rank calls this (under FSDP gathering the full state is collective); rank 0 writes.
-    The optimizer state is keyed by parameter name, so FSDP, DDP and single runs resume each other."""
-    opts = StateDictOptions(full_state_dict=fsdp, cpu_offload=fsdp)  # optimizer state keyed by parameter name
+def collated(exs, tok, ids):
+    """Examples -> one padded SFT batch (data.collate's fields)."""
+    return data.collate([data.encode(e, tok, ids, method, max_latents, mirage_k, latent_end, min_pixels, max_pixels)
+                         for e in exs], tok.endoftext)
+
+
+def get_lr(step):
+    """Linear warmup, then a cosine from lr down to min_lr."""
+    if step < warmup_iters:
+        return lr * (step + 1) / warmup_iters
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * (step - warmup_iters) / max(1, max_iters - warmup_iters)))
+
+
+def train_step(step_fn, tok, ids, records, step, dev, rank, world, ddp, autocast):
+    """Forward and backward over the step's grad_accum micro-batches -> the summed (ce, latent, switch)
+    losses on the device (read once per step, so the next micro-batch's images are prepared while the
+    device still computes this one). The step's examples are the same whatever the process layout."""
+    G = batch_size * grad_accum * world  # examples per optimizer step, over all processes
+    sums = torch.zeros(3, device=dev)
+    for micro in range(grad_accum):
+        batch = data.to_device(collated(examples(step * G + (micro * world + rank) * batch_size, batch_size, records),
+                                        tok, ids), dev)
+        # DDP all-reduces once, after the last micro-batch (FSDP reduce-scatters every one)
+        sync = contextlib.nullcontext() if not ddp or fsdp or micro == grad_accum - 1 else step_fn.no_sync()
+        with sync, autocast:
+            loss, ce, lat, sw = step_fn(batch)
+            (loss / grad_accum).backward()
+        sums += torch.stack([ce, lat, sw]).float() / grad_accum
+    return sums
+
+
+def save(model, tok, opt, step, losses, config, rank=0):
+    """Write out_dir atomically (checkpoint.save). Every rank calls this (under FSDP gathering the full state
+    is collective); rank 0 writes. The optimizer state is keyed by parameter name, so FSDP, DDP and single
+    runs resume each other."""
+    opts = StateDictOptions(full_state_dict=fsdp, cpu_offload=fsdp)
     weights = get_model_state_dict(model, options=opts) if fsdp else None
     opt_state = get_optimizer_state_dict(model, opt, options=opts)
-    if rank != 0:
-        return
-    checkpoint.save(model, tok, out_dir, {"step": step, "optimizer": opt_state, "losses": losses,
-                                               "config": CONFIG, "rng": torch.get_rng_state()}, weights)
+    if rank == 0:
+        checkpoint.save(model, tok, out_dir, {"step": step, "optimizer": opt_state, "losses": losses,
+                                              "config": config, "rng": torch.get_rng_state()}, weights)
+
 
 def main(argv):
-    global CONFIG
-    CONFIG = cli.configure(globals(), argv)
+    # 1) settings, checked before any work
+    config = cli.configure(globals(), argv)
     ddp = "RANK" in os.environ
     cli.require(not (latent_end and method == "mirage"),
                 "--latent_end true needs a latent-end token, and Mirage's tokens have none")
@@ -169,8 +195,9 @@ def main(argv):
     cli.require(image_size % 28 == 0, f"--image_size {image_size} is not a multiple of 28 (one merged image token)")
     cli.require(not (method == "mirage" and stage == 2 and init_from == "scratch"),
                 "--stage 2 continues a Mirage stage-1 checkpoint: give it with --init_from")
-    resolve_defaults(CONFIG)
+    resolve_defaults(config)
     checkpoint.check_out_dir(out_dir, fresh=not resume)
+    # 2) processes, data, model
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     dev = device
     if ddp:
@@ -187,11 +214,9 @@ def main(argv):
         model, tok, ids = build(tmp)
     model.to(dev).train()
     model.grad_checkpointing = grad_checkpointing
-    encode = lambda exs: data.collate([data.encode(e, tok, ids, method, max_latents, mirage_k, latent_end,  # noqa: E731
-                                                   min_pixels, max_pixels) for e in exs], tok.endoftext)
     if latent_loss == "cosine" and method != "none" and stage == 1 and "latent_norm" not in model.cfg.extra:
         with torch.no_grad():  # the norm a cosine-trained latent is fed back at (lvr.latent_input): the targets'
-            _, targets = lvr.encode_images(model, data.to_device(encode(examples(0, batch_size, records)), dev))
+            _, targets = lvr.encode_images(model, data.to_device(collated(examples(0, batch_size, records), tok, ids), dev))
         if len(targets):
             model.cfg.extra["latent_norm"] = float(targets.norm(dim=-1).mean())
     if freeze_vision:
@@ -205,39 +230,26 @@ def main(argv):
         fully_shard(step_fn)  # the root: its forward runs first, so it sets up the others
     elif ddp:
         step_fn = torch.nn.parallel.DistributedDataParallel(step_fn)
+    # 3) optimizer, and the saved state when resuming
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     step, losses = 0, []
     if resume:
-        state = checkpoint.load_train_state(out_dir, CONFIG)
+        state = checkpoint.load_train_state(out_dir, config)
         set_optimizer_state_dict(model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=fsdp))
         step, losses = state["step"], state["losses"]
         torch.set_rng_state(state["rng"])
+    # 4) the loop
     autocast = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
     bar = tqdm(total=max_iters, initial=step, disable=rank != 0, dynamic_ncols=True)
     stop = cli.stop_flag()  # Ctrl-C / SIGTERM: finish the step, save it, exit
     try:
         while step < max_iters:
             t0 = time.time()
-            lr_now = lr * (step + 1) / warmup_iters if step < warmup_iters else \
-                min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * (step - warmup_iters) / max(1, max_iters - warmup_iters)))
             for g in opt.param_groups:
-                g["lr"] = lr_now
-            G = batch_size * grad_accum * world
-            # the losses stay on the device until the one read per step, so the next micro-batch's images
-            # are prepared while the device still computes this one
-            ce_sum, lat_sum, sw_sum = (torch.zeros((), device=dev) for _ in range(3))
-            for micro in range(grad_accum):
-                batch = data.to_device(encode(examples(step * G + (micro * world + rank) * batch_size, batch_size,
-                                                       records)), dev)
-                sync = not ddp or fsdp or micro == grad_accum - 1  # (FSDP reduce-scatters every micro-batch)
-                with (step_fn.no_sync() if not sync else torch.enable_grad()), autocast:
-                    loss, ce, lat, sw = step_fn(batch)
-                    (loss / grad_accum).backward()
-                ce_sum += ce.float() / grad_accum
-                lat_sum += lat.float() / grad_accum
-                sw_sum += sw.float() / grad_accum
-            stats = torch.stack([ce_sum, lat_sum, sw_sum, torch.tensor(float(len(stop)), device=dev)])
+                g["lr"] = get_lr(step)
+            sums = train_step(step_fn, tok, ids, records, step, dev, rank, world, ddp, autocast)
+            stats = torch.cat([sums, torch.tensor([float(len(stop))], device=dev)])
             if ddp:  # the global mean losses, and whether any rank was asked to stop (so all stop together)
                 dist.all_reduce(stats)
                 stats = stats / world
@@ -252,8 +264,8 @@ def main(argv):
             step += 1
             losses.append((ce_sum, lat_sum, sw_sum))
             bar.update(1)
-            bar.set_postfix(ce=f"{ce_sum:.4f}", latent=f"{lat_sum:.4f}", switch=f"{sw_sum:.4f}", lr=f"{lr_now:.1e}",
-                            ms=f"{1000 * (time.time() - t0):.0f}")
+            bar.set_postfix(ce=f"{ce_sum:.4f}", latent=f"{lat_sum:.4f}", switch=f"{sw_sum:.4f}",
+                            lr=f"{get_lr(step - 1):.1e}", ms=f"{1000 * (time.time() - t0):.0f}")
             if stopping or step % eval_interval == 0 or step == max_iters:
                 if fsdp and not stopping:  # every rank runs the evaluation forwards (they gather weights)
                     step_fn.unshard()
@@ -261,7 +273,7 @@ def main(argv):
                     step_fn.reshard()
                 elif rank == 0 and not stopping:  # (no evaluation on the way out)
                     evaluate(model, tok, ids, records, held_out, dev, step)
-                save(model, tok, opt, step, losses, rank)
+                save(model, tok, opt, step, losses, config, rank)
                 if ddp:
                     dist.barrier()
             if stopping:
@@ -276,11 +288,10 @@ def main(argv):
             dist.destroy_process_group()
 
 
-@torch.no_grad()
 def evaluate(model, tok, ids, records, held_out, dev, step, rank=0):
-    """Accuracy with the latent rollout on held-out examples: --eval_data_path's, or the synthetic task's
-    (seeds training never draws). A data file without --eval_data_path is scored on its first training
-    examples, and the print says so: that measures fit, not generalisation."""
+    """eval.py's accuracy with the latent rollout on held-out examples: --eval_data_path's, or the synthetic
+    task's (seeds training never draws). A data file without --eval_data_path is scored on its first
+    training examples, and the print says so: that measures fit, not generalisation."""
     if held_out is not None:
         exs, what = held_out, "held-out"
     elif records is None:
@@ -290,22 +301,15 @@ def evaluate(model, tok, ids, records, held_out, dev, step, rank=0):
     if not exs:  # --eval_examples 0: checkpoints only
         return
     model.eval()
-    correct = 0
-    for i in range(0, len(exs), batch_size):
-        chunk = exs[i:i + batch_size]
-        enc = [data.encode(e, tok, ids, method, max_latents, mirage_k, latent_end, min_pixels, max_pixels) for e in chunk]
-        prompts = [e["input_ids"][:e["n_prompt"]] for e in enc]
-        input_ids, mask = qwen.left_pad(prompts, tok.endoftext)
-        out = lvr.rollout(model, ids, input_ids.to(dev), torch.cat([e["pixel_values"] for e in enc]).to(dev),
-                          torch.cat([e["grid_thw"] for e in enc]), mask.to(dev), max_new_tokens=48,
-                          # Mirage spans are always k long; LVR spans differ per row, so the model ends them
-                          decoding="latent" if latent_end else "steps" if method == "mirage" else "token",
-                          lvr_steps=mirage_k, max_latent_steps=max(len(e["slots"]) for e in enc) + 4,
-                          end_metric=latent_loss, end_threshold=end_threshold, stop_ids=[tok.im_end, tok.endoftext])
-        for e, row in zip(chunk, out.tokens[:, input_ids.shape[1]:].tolist()):
-            correct += lvr.is_correct(tok.decode(row), e["answer"])
+    budget = max(len(e["latent_pos"]) for e in (data.encode(x, tok, ids, method, max_latents, mirage_k, latent_end,
+                                                             min_pixels, max_pixels) for x in exs)) + 4
+    r = evaluation.evaluate(model, tok, ids, exs, batch_size, min_pixels, max_pixels, dev, max_new_tokens=48,
+                            # Mirage spans are always k long; LVR spans differ per row, so the model ends them
+                            decoding="latent" if latent_end else "steps" if method == "mirage" else "token",
+                            lvr_steps=mirage_k, max_latent_steps=budget, force_end=True, end_metric=latent_loss,
+                            end_threshold=end_threshold)
     if rank == 0:
-        print(f"\nstep {step}: {what} accuracy {correct / len(exs):.3f} on {len(exs)} examples")
+        print(f"\nstep {step}: {what} accuracy {r['accuracy']:.3f} on {len(exs)} examples")
     model.train()
 
 

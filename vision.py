@@ -76,6 +76,11 @@ def smart_resize(height, width, factor=28, min_pixels=3136, max_pixels=12845056)
     return h, w
 
 
+def merged_tokens(grid_thw, merge_size=2):
+    """(3,) or (N, 3) grid_thw -> how many merged image tokens (the LLM's <|image_pad|>s) it makes, in all."""
+    return int(grid_thw.prod(-1).sum()) // merge_size ** 2
+
+
 def preprocess(image, min_pixels=3136, max_pixels=12845056, patch_size=14, merge_size=2, temporal_patch_size=2):
     """PIL image (or path) -> pixel_values float32 (gh*gw, 3*2*14*14), grid_thw int64 (1, 3)."""
     image = load_image(image) if not isinstance(image, Image.Image) else to_rgb(image)

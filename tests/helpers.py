@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-import data
+import tasks
 
 
 def photo(w, h, seed=0):
@@ -25,7 +25,7 @@ def tiny_reference(path, tie=True, seed=0, vocab_size=None):
     """Write tokenizer.json + a random reference Qwen2.5-VL checkpoint to `path`; return the model."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     os.makedirs(path, exist_ok=True)
-    tok = data.build_tokenizer(os.path.join(path, "tokenizer.json"))
+    tok = tasks.build_tokenizer(os.path.join(path, "tokenizer.json"))
     sid = tok.token_to_id
     cfg = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=vocab_size or tok.get_vocab_size() + 8, hidden_size=64, intermediate_size=96,

@@ -3,9 +3,9 @@ import json
 
 import torch
 
-import data
+import grpo
 import eval as evaluation
-import lvr
+import tasks
 from cli import InputError
 from test_grpo import IDS, IM_END
 from test_train import SMALL, run
@@ -22,14 +22,14 @@ def test_latent_hits_by_hand():
 
 
 def test_scoring_and_format():
-    assert lvr.is_correct("(B)", "(b)") and lvr.is_correct("B. a cat", "B")
-    assert not lvr.is_correct("(C)", "(b)")  # a wrong letter
-    assert not lvr.is_correct("blue", "(b)")  # a word is not the letter b
-    assert lvr.is_correct("<answer> Red </answer>", "red") and not lvr.is_correct("red", "green")
+    assert grpo.is_correct("(B)", "(b)") and grpo.is_correct("B. a cat", "B")
+    assert not grpo.is_correct("(C)", "(b)")  # a wrong letter
+    assert not grpo.is_correct("blue", "(b)")  # a word is not the letter b
+    assert grpo.is_correct("<answer> Red </answer>", "red") and not grpo.is_correct("red", "green")
     s, lat, e = IDS.start, IDS.latent, IDS.end
-    assert lvr.is_lvr_format([s, lat, lat, e, 20, IM_END], IDS, [IM_END], "\nred")
-    assert not lvr.is_lvr_format([s, lat, e, IM_END], IDS, [IM_END], "")  # no answer
-    assert not lvr.is_lvr_format([20, IM_END], IDS, [IM_END], "red")  # no latent span
+    assert grpo.is_lvr_format([s, lat, lat, e, 20, IM_END], IDS, [IM_END], "\nred")
+    assert not grpo.is_lvr_format([s, lat, e, IM_END], IDS, [IM_END], "")  # no answer
+    assert not grpo.is_lvr_format([20, IM_END], IDS, [IM_END], "red")  # no latent span
 
 
 def test_multiple_choice_loaders(tmp_path):
@@ -89,7 +89,7 @@ def test_eval_on_an_lvr_json_file(tmp_path):
     imgs.mkdir()
     recs = []
     for i in range(3):
-        ex = data.synthetic_example(i, 112)
+        ex = tasks.synthetic_example(i, 112)
         ex["images"][0].save(imgs / f"{i}.png")
         recs.append({"image": f"{i}.png", "bboxes": ex["bboxes"], "conversations": [
             {"from": "human", "value": "<image>\n" + ex["question"]}, {"from": "gpt", "value": "<lvr>\n" + ex["answer"]}]})

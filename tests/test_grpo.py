@@ -7,9 +7,10 @@ import os
 import pytest
 import torch
 
-import data
+import grpo
 import lvr
 import qwen
+import tasks
 import vision
 from test_lvr import tiny_model
 from test_train import SIGNALLED, SMALL, run
@@ -21,12 +22,12 @@ IM_END, PAD = 7, 8
 def test_group_advantages_by_hand():
     r = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.5, 0.5, 0.5, 0.5])
     std = math.sqrt(4 * 0.25 / 3)  # unbiased std of [1, 0, 1, 0]
-    a = lvr.group_advantages(r, 4)
+    a = grpo.group_advantages(r, 4)
     assert torch.allclose(a[:4], torch.tensor([0.5, -0.5, 0.5, -0.5]) / (std + 1e-4))
     assert torch.equal(a[4:], torch.zeros(4))  # no spread: no signal, and no division blow-up
     flat = 1.0 * torch.ones(8) + 0.2 * torch.ones(8)  # train_grpo's accuracy + format: a mean off by an ulp
-    assert torch.equal(lvr.group_advantages(flat, 8), torch.zeros(8))
-    assert torch.allclose(lvr.group_advantages(r, 4, scale=False)[:4], torch.tensor([0.5, -0.5, 0.5, -0.5]))
+    assert torch.equal(grpo.group_advantages(flat, 8), torch.zeros(8))
+    assert torch.allclose(grpo.group_advantages(r, 4, scale=False)[:4], torch.tensor([0.5, -0.5, 0.5, -0.5]))
 
 
 def test_loss_mask_is_the_rollouts_record_of_sampled_decisions(tmp_path):
@@ -47,7 +48,7 @@ def test_loss_mask_is_the_rollouts_record_of_sampled_decisions(tmp_path):
     assert r.sampled[0].tolist() == want and r.is_latent[0].tolist() == [False] * (k + 1) + [True, True] + [False] * 3
     assert (r.logprobs[0][~r.sampled[0]] == 0).all() and (r.logprobs[0][r.sampled[0]] < 0).all()
     # the weights follow the mask: nothing forced or latent is normalised over
-    w = lvr.loss_weights(r.sampled, "token")
+    w = grpo.loss_weights(r.sampled, "token")
     assert torch.equal(w[0] > 0, r.sampled[0]) and math.isclose(float(w.sum()), 1.0, rel_tol=1e-6)
     # stop tokens: the first one is sampled and counts, the padding after it does not
     stop = comp[k + 4]
@@ -61,7 +62,7 @@ def test_grpo_loss_and_gradient_sign(norm, want):
     adv = torch.tensor([1.0, -1.0])
     old = torch.log(torch.tensor([[0.5, 0.2, 0.3], [0.4, 0.4, 0.2]]))
     logp = old.clone().requires_grad_()
-    loss, kl = lvr.grpo_loss(logp, old, adv, lvr.loss_weights(mask, norm, max_len=4))
+    loss, kl = grpo.grpo_loss(logp, old, adv, grpo.loss_weights(mask, norm, max_len=4))
     # ratio 1: each text token contributes -A; rows [1, 1] and [-1]
     assert math.isclose(float(loss.detach()), want, abs_tol=1e-6)
     loss.backward()
@@ -74,17 +75,17 @@ def test_grpo_loss_and_gradient_sign(norm, want):
 def test_grpo_clip_and_k3():
     old = torch.zeros(1, 2)
     logp = torch.tensor([[math.log(1.5), math.log(0.5)]], requires_grad=True)
-    w = lvr.loss_weights(torch.ones(1, 2, dtype=torch.bool), "token")
-    loss, _ = lvr.grpo_loss(logp, old, torch.tensor([1.0]), w, clip_eps=0.2)
+    w = grpo.loss_weights(torch.ones(1, 2, dtype=torch.bool), "token")
+    loss, _ = grpo.grpo_loss(logp, old, torch.tensor([1.0]), w, clip_eps=0.2)
     # token 0: min(1.5, 1.2) * 1 = 1.2, clipped, no gradient; token 1: min(0.5, 0.8) = 0.5, gradient flows
     assert math.isclose(float(loss.detach()), -(1.2 + 0.5) / 2, rel_tol=1e-6)
     loss.backward()
     assert logp.grad[0, 0] == 0 and logp.grad[0, 1] < 0
     # k3 is zero when policy equals reference, and e^d - d - 1 otherwise (d = ref - logp)
-    _, kl = lvr.grpo_loss(logp.detach(), old, torch.tensor([0.0]), w, ref_logp=logp.detach(), beta=0.04)
+    _, kl = grpo.grpo_loss(logp.detach(), old, torch.tensor([0.0]), w, ref_logp=logp.detach(), beta=0.04)
     assert torch.equal(kl, torch.zeros_like(kl))
     ref = logp.detach() + 0.5
-    loss, kl = lvr.grpo_loss(logp.detach(), logp.detach(), torch.tensor([0.0]), w, ref_logp=ref, beta=0.04)
+    loss, kl = grpo.grpo_loss(logp.detach(), logp.detach(), torch.tensor([0.0]), w, ref_logp=ref, beta=0.04)
     assert torch.allclose(kl, torch.full((1, 2), math.exp(0.5) - 1.5))
     assert math.isclose(float(loss), 0.04 * (math.exp(0.5) - 1.5), rel_tol=1e-6)
 
@@ -96,7 +97,7 @@ def test_training_forward_equals_rollout_logprobs(tmp_path, decoding):
     model, tok, ids = tiny_model(tmp_path)
     pvs, grids, prompts = [], [], []
     for i in range(2):
-        pv, grid = vision.preprocess(data.synthetic_example(i)["images"][0], max_pixels=20000)
+        pv, grid = vision.preprocess(tasks.synthetic_example(i)["images"][0], max_pixels=20000)
         pvs.append(pv)
         grids.append(grid)
         prompts.append(tok.prompt("What colour is the square?" + " yes" * i, [int(grid.prod()) // 4]) + [ids.start])
@@ -123,7 +124,7 @@ def test_training_forward_equals_rollout_logprobs(tmp_path, decoding):
     attn = torch.cat([mask, torch.ones_like(seqs[:, T:])], 1)
     exits = lvr.exit_tokens(ids, decoding) if decoding == "token" else []
     with torch.no_grad():
-        got = lvr.completion_logprobs(model, seqs, attn, T, grid, torch.cat(feats), lats, is_lat, 0.7, exits)
+        got = grpo.completion_logprobs(model, seqs, attn, T, grid, torch.cat(feats), lats, is_lat, 0.7, exits)
     assert act.sum() > 6
     assert torch.allclose(got[act], logp[act], atol=1e-4), (got[act] - logp[act]).abs().max()
     # latent steps: none sampled under `steps`; under `token` every one but a span's first is a "continue"
@@ -131,7 +132,7 @@ def test_training_forward_equals_rollout_logprobs(tmp_path, decoding):
     assert n_continue == (0 if decoding == "steps" else int(is_lat.sum()) - len(seqs))
     # and the temperature matters: at 1.0 they differ
     with torch.no_grad():
-        other = lvr.completion_logprobs(model, seqs, attn, T, grid, torch.cat(feats), lats, is_lat, 1.0, exits)
+        other = grpo.completion_logprobs(model, seqs, attn, T, grid, torch.cat(feats), lats, is_lat, 1.0, exits)
     assert not torch.allclose(other[act], logp[act], atol=1e-3)
 
 
@@ -143,17 +144,17 @@ def test_grpo_first_update_ratio_one_kl_zero_and_the_tower_trains(tmp_path, monk
     sft = tmp_path / "sft"
     model, _, _ = tiny_model(sft)
     seen = []
-    real_loss = lvr.grpo_loss
+    real_loss = grpo.grpo_loss
 
     def spy(logp, old, adv, w, ref, *a):
         seen.append((logp.detach(), old, ref, adv))
         return real_loss(logp, old, adv, w, ref, *a)
-    monkeypatch.setattr(lvr, "grpo_loss", spy)
+    monkeypatch.setattr(grpo, "grpo_loss", spy)
     # a reward with spread on a random model: the parity of the first completion token
-    monkeypatch.setitem(train_grpo.REWARDS, "accuracy", lambda text, tokens, *a: float(tokens[0] % 2 if tokens else 0))
+    monkeypatch.setitem(grpo.REWARDS, "accuracy", lambda text, tokens, *a: float(tokens[0] % 2 if tokens else 0))
     # the second run reads a file whose prompts carry two images each
     for i in range(2):
-        data.synthetic_example(i, 112)["images"][0].save(tmp_path / f"{i}.png")
+        tasks.synthetic_example(i, 112)["images"][0].save(tmp_path / f"{i}.png")
     (tmp_path / "g.jsonl").write_text(json.dumps({"image": ["0.png", "1.png"], "question": "Which?", "answer": "red"}))
     two_images = ["--data_path", str(tmp_path / "g.jsonl"), "--image_root", str(tmp_path)]
     saved = dict(vars(train_grpo))
@@ -181,15 +182,14 @@ def test_grpo_first_update_ratio_one_kl_zero_and_the_tower_trains(tmp_path, monk
 
 
 def test_rewards():
-    import train_grpo
     s, lat, e = IDS.start, IDS.latent, IDS.end
-    assert train_grpo.accuracy_reward("<answer>Red.</answer>", [], "red", IDS, [IM_END]) == 1.0
-    assert train_grpo.accuracy_reward("(C) a dog", [], "B", IDS, [IM_END]) == 0.0  # a wrong letter
-    assert train_grpo.accuracy_reward("b) a cat", [], "(B)", IDS, [IM_END]) == 1.0
-    assert train_grpo.format_reward("red", [s, lat, e, 20, IM_END], "red", IDS, [IM_END]) == 1.0
-    assert train_grpo.format_reward("red", [20, IM_END], "red", IDS, [IM_END]) == 0.0  # no latent span
-    assert train_grpo.format_reward("", [s, lat, e, IM_END], "red", IDS, [IM_END]) == 0.0  # no answer
-    assert train_grpo.format_reward("red", [s, lat, e, 20, 21], "red", IDS, [IM_END]) == 0.0  # never ended
+    assert grpo.accuracy_reward("<answer>Red.</answer>", [], "red", IDS, [IM_END]) == 1.0
+    assert grpo.accuracy_reward("(C) a dog", [], "B", IDS, [IM_END]) == 0.0  # a wrong letter
+    assert grpo.accuracy_reward("b) a cat", [], "(B)", IDS, [IM_END]) == 1.0
+    assert grpo.format_reward("red", [s, lat, e, 20, IM_END], "red", IDS, [IM_END]) == 1.0
+    assert grpo.format_reward("red", [20, IM_END], "red", IDS, [IM_END]) == 0.0  # no latent span
+    assert grpo.format_reward("", [s, lat, e, IM_END], "red", IDS, [IM_END]) == 0.0  # no answer
+    assert grpo.format_reward("red", [s, lat, e, 20, 21], "red", IDS, [IM_END]) == 0.0  # never ended
 
 
 def test_train_grpo_end_to_end_and_resume(tmp_path):

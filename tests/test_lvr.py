@@ -9,14 +9,15 @@ import torch.nn.functional as F
 import data
 import lvr
 import qwen
+import tasks
 import vision
 from cli import InputError
 
 
 def tiny_model(tmp_path, latent_head=False, seed=0):
     os.makedirs(tmp_path, exist_ok=True)
-    tok = data.build_tokenizer(str(tmp_path / "tokenizer.json"), special=data.QWEN_SPECIAL + data.LATENT_SPECIAL)
-    cfg = qwen.Config.from_dict(data.tiny_config(tok))
+    tok = tasks.build_tokenizer(str(tmp_path / "tokenizer.json"), special=qwen.SPECIAL + tasks.LATENT_SPECIAL)
+    cfg = qwen.Config.from_dict(tasks.tiny_config(tok))
     cfg.num_hidden_layers = 2
     cfg.extra["lvr_head"] = latent_head
     torch.manual_seed(seed)
@@ -85,28 +86,28 @@ def test_chunk_groups():
 
 def test_encode_sequence_and_labels(tmp_path):
     model, tok, ids = tiny_model(tmp_path)
-    ex = data.synthetic_example(5)
+    ex = tasks.synthetic_example(5)
     e = data.encode(ex, tok, ids, "lvr", max_pixels=50176)
     seq, labels = e["input_ids"], e["labels"]
-    n = len(e["slots"])
+    n = len(e["latent_pos"])
     a = e["n_prompt"]
     assert n == len(lvr.roi_indices(ex["bboxes"][0], e["grid_thw"][0])) > 0
     assert seq[a] == ids.start and seq[a + 1:a + 1 + n] == [ids.latent] * n and seq[a + 1 + n] == ids.end
     assert tok.decode(seq[a + 2 + n:]) == "\n" + ex["answer"] and seq[-1] == tok.im_end
     assert labels[:a] == [-100] * a  # the prompt is not supervised
     assert labels[a] == ids.start and labels[a + 1:a + 1 + n] == [-100] * n and labels[a + 1 + n] == ids.end
-    assert [t for t, _ in e["slots"]] == list(range(a + 1, a + 1 + n))
+    assert e["latent_pos"] == list(range(a + 1, a + 1 + n)) and e["latent_slot"] == list(range(n))
     none = data.encode(ex, tok, ids, "none", max_pixels=50176)
-    assert none["slots"] == [] and tok.decode(none["input_ids"][none["n_prompt"]:]) == ex["answer"]
+    assert none["latent_pos"] == [] and tok.decode(none["input_ids"][none["n_prompt"]:]) == ex["answer"]
     with_end = data.encode(ex, tok, ids, "lvr", latent_end=True, max_pixels=50176)
-    t = with_end["latent_end_at"][0]
+    t = with_end["latent_end_pos"][0]
     assert with_end["input_ids"][t:t + 2] == [ids.latent_end, ids.end] and with_end["labels"][t] == -100
 
 
 def test_sft_loss_against_hand_computation(tmp_path):
     """Hidden state before latent i predicts target i; latent positions carry no CE."""
     model, tok, ids = tiny_model(tmp_path)
-    exs = [data.synthetic_example(s) for s in (1, 2)]
+    exs = [tasks.synthetic_example(s) for s in (1, 2)]
     exs[0]["bboxes"] = [[0.1, 0.1, 0.6, 0.5]]  # 2 latents after pooling
     exs[1].update(assistant="<lvr> then <lvr>\nred", bboxes=[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 0.7, 0.7]])  # two spans
     enc = [data.encode(e, tok, ids, "lvr", max_latents=2, max_pixels=50176) for e in exs]
@@ -118,17 +119,18 @@ def test_sft_loss_against_hand_computation(tmp_path):
         with torch.no_grad():
             feats = model.visual(e["pixel_values"], e["grid_thw"])
         x = model.embed(torch.tensor([e["input_ids"]]), grid_thw=e["grid_thw"], feats=feats)[0]
-        targets = [feats[g].mean(0) for g in e["groups"]]
-        for (t, _), target in zip(e["slots"], targets):
+        targets = [feats[g].mean(0) for g in e["latent_groups"]]
+        for t, target in zip(e["latent_pos"], targets):
             x[t] = target
-        logits, h = model(inputs_embeds=x[None], position_ids=qwen.get_rope_index(
-            torch.tensor([e["input_ids"]]), e["grid_thw"], None, model.cfg.image_token_id)[0])
+        h = model(inputs_embeds=x[None], position_ids=qwen.get_rope_index(
+            torch.tensor([e["input_ids"]]), e["grid_thw"], None, model.cfg.image_token_id))
+        logits = model.lm_head(h)
         for t in range(1, len(e["input_ids"])):
             if e["labels"][t] != -100:
                 ce_terms.append(F.cross_entropy(logits[0, t - 1], torch.tensor(e["labels"][t])))
-        for (t, _), target in zip(e["slots"], targets):
+        for t, target in zip(e["latent_pos"], targets):
             lat_terms.append(((h[0, t - 1] - target) ** 2).mean())
-        assert all(e["labels"][t] == -100 for t, _ in e["slots"])
+        assert all(e["labels"][t] == -100 for t in e["latent_pos"])
         # mode switch: the states that read <|lvr_start|> and each latent; only the last latent's says "end"
         for t in range(len(e["input_ids"]) - 1):
             if e["input_ids"][t] in (ids.start, ids.latent):
@@ -150,7 +152,7 @@ def test_latent_losses():
 
 def test_mirage_stage2_gradients_reach_latent_chain(tmp_path):
     model, tok, ids = tiny_model(tmp_path, latent_head=True)
-    enc = [data.encode(data.synthetic_example(s), tok, ids, "mirage", k=3, max_pixels=50176) for s in (3, 4)]
+    enc = [data.encode(tasks.synthetic_example(s), tok, ids, "mirage", k=3, max_pixels=50176) for s in (3, 4)]
     batch = data.collate(enc, tok.endoftext)
     assert batch["latent_slot"].tolist() == [0, 1, 2, 0, 1, 2]
     loss, _, _, _ = lvr.mirage_stage2_loss(model, batch)
@@ -171,12 +173,13 @@ def slow_rollout(model, ids, prompt, pv, grid, max_new, decoding, lvr_steps, bud
     seq = list(prompt)
     x = model.embed(torch.tensor([seq]), pv, grid)[0]
     in_lat, n_lat, force, latents = seq[-1] == ids.start, 0, None, []
-    pos_p, _ = qwen.get_rope_index(torch.tensor([seq]), grid, None, model.cfg.image_token_id)
+    pos_p = qwen.get_rope_index(torch.tensor([seq]), grid, None, model.cfg.image_token_id)
     end_vec = model.model.embed_tokens.weight[ids.latent_end]
     for _ in range(max_new):  # generated tokens are text, even an <|image_pad|> (positions count on)
         n_gen = len(seq) - len(prompt)
         pos = torch.cat([pos_p, (pos_p.max() + 1 + torch.arange(n_gen)).expand(3, 1, -1)], 2)
-        logits, h = model(inputs_embeds=x[None], position_ids=pos)
+        h = model(inputs_embeds=x[None], position_ids=pos)
+        logits = model.lm_head(h)
         tok = int(logits[0, -1].argmax()) if force is None else force
         force, vec = None, h[0, -1]
         if model.cfg.extra.get("latent_norm"):  # a cosine-trained model: fed back at the targets' norm
@@ -216,7 +219,7 @@ def test_cached_rollout_equals_slow_oracle(tmp_path, decoding, force_end):
         model.cfg.extra["latent_norm"] = 2.5
     prompts, pvs, grids = [], [], []
     for i, (w, h) in enumerate([(224, 160), (112, 200), (150, 150)]):
-        pv, grid = vision.preprocess(data.synthetic_example(i)["images"][0].resize((w, h)), max_pixels=30000)
+        pv, grid = vision.preprocess(tasks.synthetic_example(i)["images"][0].resize((w, h)), max_pixels=30000)
         prompts.append(tok.prompt("What colour is the circle?" + " really" * i, [int(grid.prod()) // 4]))
         pvs.append(pv)
         grids.append(grid)
@@ -279,7 +282,7 @@ def test_latent_input_rescales_only_cosine_trained_latents(tmp_path):
 def test_teacher_forced_positions_equal_rollout(tmp_path):
     """Feeding the rollout's tokens and recorded latents back in one forward reproduces its hidden states."""
     model, tok, ids = tiny_model(tmp_path)
-    pv, grid = vision.preprocess(data.synthetic_example(0)["images"][0], max_pixels=30000)
+    pv, grid = vision.preprocess(tasks.synthetic_example(0)["images"][0], max_pixels=30000)
     prompt = tok.prompt("What colour is the square?", [int(grid.prod()) // 4]) + [ids.start]
     out, lats, is_lat, _, _ = lvr.rollout(model, ids, torch.tensor([prompt]), pv, grid, max_new_tokens=10,
                                           decoding="steps", lvr_steps=4, stop_ids=[-1])
@@ -288,8 +291,9 @@ def test_teacher_forced_positions_equal_rollout(tmp_path):
     with torch.no_grad():
         x = model.embed(out, pv, grid)
         x[0, T:][is_lat[0]] = lats[0, is_lat[0]]
-        pos, _ = qwen.get_rope_index(out, grid, None, model.cfg.image_token_id)
-        logits, h = model(inputs_embeds=x, position_ids=pos)
+        pos = qwen.get_rope_index(out, grid, None, model.cfg.image_token_id)
+        h = model(inputs_embeds=x, position_ids=pos)
+        logits = model.lm_head(h)
     # the latent fed at step i is the hidden state one position earlier
     assert torch.allclose(h[0, T - 1:T + 3], lats[0, :4], atol=1e-4)
     # after the forced <|lvr_end|>, greedy text tokens are the argmax of the teacher-forced logits
@@ -301,7 +305,7 @@ def test_token_exit_takes_a_latent_first(tmp_path):
     <|lvr_end|>, the row takes one latent step first."""
     model, tok, ids = tiny_model(tmp_path)
     prompt = torch.tensor([tok.prompt("What colour is the square?") + [ids.start]])
-    first = int(model(prompt)[0][0, -1].argmax())  # the model's own token after <|lvr_start|>
+    first = int(model.lm_head(model(prompt))[0, -1].argmax())  # the model's own token after <|lvr_start|>
     ids = dataclasses.replace(ids, end=first)
     _, _, is_lat, _, _ = lvr.rollout(model, ids, prompt, max_new_tokens=4, decoding="token", max_latent_steps=3,
                                   stop_ids=[-1])
@@ -333,8 +337,8 @@ def test_save_load_with_latent_tokens(tmp_path):
     assert lvr.latent_ids(tok2) == ids and model2.cfg.extra["lvr_token_ids"]["start"] == ids.start
     x = torch.tensor([[ids.start] + tok.encode("red circle") + [ids.end]])
     with torch.no_grad():
-        assert torch.equal(model(x)[0], model2(x)[0])
-        assert torch.equal(model.lvr_head(model(x)[1]), model2.lvr_head(model2(x)[1]))
+        assert torch.equal(model.lm_head(model(x)), model2.lm_head(model2(x)))
+        assert torch.equal(model.lvr_head(model(x)), model2.lvr_head(model2(x)))
 
 
 def test_add_latent_tokens_grows_embedding(tmp_path):
@@ -345,7 +349,7 @@ def test_add_latent_tokens_grows_embedding(tmp_path):
     assert model.cfg.vocab_size == len(tok) == n + 4 and ids.end == n + 3
     assert model.model.embed_tokens.weight.shape[0] == n + 4 and torch.equal(model.model.embed_tokens.weight[:n], before)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    logits, _ = model(torch.tensor([[ids.start, ids.end]]))
+    logits = model.lm_head(model(torch.tensor([[ids.start, ids.end]])))
     assert logits.shape[-1] == n + 4
 
 
@@ -421,7 +425,7 @@ def test_official_lvr_checkpoint_loads_and_decodes_as_lvr(tmp_path, head_type):
     prompt = torch.tensor([tok.prompt("What colour is the square?") + [ids.start]])
     with torch.no_grad():
         r = lvr.rollout(model, ids, prompt, max_new_tokens=4, decoding="steps", lvr_steps=1, stop_ids=[-1])
-        assert torch.allclose(r.latents[0, 0], head(model(prompt)[1][0, -1]), atol=1e-5)
+        assert torch.allclose(r.latents[0, 0], head(model(prompt)[0, -1]), atol=1e-5)
 
 
 def test_official_mirage_tokenizer_runs_as_mirage(tmp_path):

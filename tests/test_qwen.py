@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import helpers
 import qwen
+import tasks
 import vision
 from cli import InputError
 
@@ -45,7 +46,8 @@ def ours_and_ref_logits(path, ref, ims, question="What shape is left of the squa
     ids, pv, grid, kw = helpers.reference_inputs(tok, ims, question)
     with torch.no_grad():
         a = ref(input_ids=ids, **kw).logits
-        b, h = model(ids, pixel_values=pv, grid_thw=grid)
+        h = model(ids, pixel_values=pv, grid_thw=grid)
+        b = model.lm_head(h)
     assert h.shape == (1, ids.shape[1], model.cfg.hidden_size)
     return a, b
 
@@ -175,7 +177,8 @@ def test_get_rope_index_matches_reference(ckpt):
         grids.append(grid)
     ids, mask = qwen.left_pad(rows, tok.endoftext)
     grid = torch.cat(grids)
-    ours, deltas = qwen.get_rope_index(ids, grid, mask, tok.image_pad)
+    ours = qwen.get_rope_index(ids, grid, mask, tok.image_pad)
+    deltas = ours.amax(dim=(0, 2)) + 1 - mask.sum(1)  # rope_deltas: max position + 1 - unpadded length
     theirs, ref_deltas = ref.model.get_rope_index(ids, (ids == tok.image_pad).int(), grid, attention_mask=mask)
     assert torch.equal(ours[:, mask.bool()], theirs[:, mask.bool()])
     assert torch.equal(deltas.view(-1), ref_deltas.view(-1))
@@ -204,11 +207,11 @@ def test_left_padded_batch(ckpt):
     ids, mask = qwen.left_pad(rows, tok.endoftext)
     pv, grid = torch.cat(pvs), torch.cat(grids)
     with torch.no_grad():
-        batch, _ = model(ids, pv, grid, attention_mask=mask)
+        batch = model.lm_head(model(ids, pv, grid, attention_mask=mask))
         theirs = ref(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grid,
                      mm_token_type_ids=(ids == tok.image_pad).int()).logits
         for i, row in enumerate(rows):
-            alone, _ = model(torch.tensor([row]), pvs[i], grids[i])
+            alone = model.lm_head(model(torch.tensor([row]), pvs[i], grids[i]))
             assert rel_err(alone[0], batch[i, -len(row):]) < 1e-5
     assert not batch.isnan().any()
     assert rel_err(theirs[mask.bool()], batch[mask.bool()]) < 1e-4
@@ -243,12 +246,12 @@ def test_cached_equals_uncached_logits(ckpt):
     extra = torch.tensor([tok.encode(" the small red circle is left")])
     full = torch.cat([ids, extra], 1)
     with torch.no_grad():
-        want, _ = model(full, pv, grid)
+        want = model.lm_head(model(full, pv, grid))
         cache = qwen.KVCache(model.cfg, 1, full.shape[1], "cpu", torch.float32)
-        got = [model(ids, pv, grid, cache=cache)[0]]
-        got.append(model(extra[:, :2], cache=cache)[0])  # a chunk of two
+        got = [model.lm_head(model(ids, pv, grid, cache=cache))]
+        got.append(model.lm_head(model(extra[:, :2], cache=cache)))  # a chunk of two
         for t in range(2, extra.shape[1]):
-            got.append(model(extra[:, t:t + 1], cache=cache)[0])  # then one by one
+            got.append(model.lm_head(model(extra[:, t:t + 1], cache=cache)))  # then one by one
     assert rel_err(want, torch.cat(got, 1)) < 1e-5
 
 
@@ -298,10 +301,11 @@ def test_bf16_runs(ckpt):
         ref_feats = ref16.model.visual(pv.bfloat16(), grid_thw=grid)
         assert rel_err(getattr(ref_feats, "pooler_output", ref_feats), feats) < 2e-2
         x = m16.embed(ids, feats=feats, grid_thw=grid)
-        pos, _ = qwen.get_rope_index(ids, grid, None, m16.cfg.image_token_id)
-        assert torch.equal(m16(inputs_embeds=x, position_ids=pos)[0], ref16(inputs_embeds=x, position_ids=pos).logits)
-        a, _ = m32(ids, pv, grid)
-        b, _ = m16(ids, pv, grid)
+        pos = qwen.get_rope_index(ids, grid, None, m16.cfg.image_token_id)
+        assert torch.equal(m16.lm_head(m16(inputs_embeds=x, position_ids=pos)),
+                           ref16(inputs_embeds=x, position_ids=pos).logits)
+        a = m32.lm_head(m32(ids, pv, grid))
+        b = m16.lm_head(m16(ids, pv, grid))
         c = ref16(input_ids=ids, **kw).logits
     assert b.dtype == torch.bfloat16
     assert (b.argmax(-1) == c.argmax(-1)).float().mean() > 0.95
@@ -405,8 +409,7 @@ def test_config_tokenizer_mismatch(ckpt, tmp_path):
 
 
 def test_tokenizer_without_qwen_tokens(tmp_path):
-    import data
-    data.build_tokenizer(str(tmp_path / "tokenizer.json"), special=["<|endoftext|>", "<|im_start|>"])
+    tasks.build_tokenizer(str(tmp_path / "tokenizer.json"), special=["<|endoftext|>", "<|im_start|>"])
     with pytest.raises(InputError, match=r"lacks the Qwen special tokens <\|im_end\|>"):
         qwen.QwenTokenizer(str(tmp_path))
 

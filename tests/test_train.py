@@ -13,6 +13,7 @@ import checkpoint
 import data
 import lvr
 import qwen
+import tasks
 from cli import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,7 +90,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, cap
 
 
 def write_dataset(tmp_path, records):
-    img = data.synthetic_example(0)["images"][0]
+    img = tasks.synthetic_example(0)["images"][0]
     img.save(tmp_path / "a.png")
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records))
@@ -129,13 +130,13 @@ def test_bboxes_name_their_image(tmp_path):
     import test_lvr
     model, tok, ids = test_lvr.tiny_model(tmp_path / "m")
     write_dataset(tmp_path, [])
-    data.synthetic_example(1, 112)["images"][0].save(tmp_path / "b.png")
+    tasks.synthetic_example(1, 112)["images"][0].save(tmp_path / "b.png")
     rec = {**record([[0.1, 0.1, 0.3, 0.3]], image=["a.png", "b.png"]), "bbox_images": [1]}
     ex = data.record_example(rec, str(tmp_path), "r")
     e = data.encode(ex, tok, ids, "lvr", max_pixels=12544)
     n0 = int(e["grid_thw"][0].prod()) // 4
     want = lvr.roi_indices(ex["bboxes"][0], e["grid_thw"][1])
-    assert e["groups"] == [[n0 + j] for j in want] and len(e["grid_thw"]) == 2
+    assert e["latent_groups"] == [[n0 + j] for j in want] and len(e["grid_thw"]) == 2
     assert data.grpo_example({"image": ["a.png", "b.png"], "question": "q", "answer": "a"}, str(tmp_path), "r")[
         "images"][1].size == (112, 112)  # a GRPO prompt carries every image
 
