@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+import cli
 import lvr
 import qwen
 import vision
@@ -202,6 +203,12 @@ def collate(encoded, pad_id):
         batch["helper_pixel_values"] = torch.cat([e["helper"][0] for e in encoded])
         batch["helper_grid_thw"] = torch.cat([e["helper"][1] for e in encoded])
     return batch
+
+
+def check_pixels(min_pixels, max_pixels, image_size=28):
+    """The image settings every script shares, checked with the other settings before any work."""
+    cli.require(min_pixels <= max_pixels, f"--min_pixels {min_pixels} is above --max_pixels {max_pixels}")
+    cli.require(image_size % 28 == 0, f"--image_size {image_size} is not a multiple of 28 (one merged image token)")
 
 
 def prompt_batch(exs, tok, min_pixels=3136, max_pixels=12845056):

@@ -155,8 +155,7 @@ def by_group(exs, right, key):
 
 def main(argv):
     cli.configure(globals(), argv)
-    cli.require(min_pixels <= max_pixels, f"--min_pixels {min_pixels} is above --max_pixels {max_pixels}")
-    cli.require(image_size % 28 == 0, f"--image_size {image_size} is not a multiple of 28 (one merged image token)")
+    data.check_pixels(min_pixels, max_pixels, image_size)
     model, tok = checkpoint.load(init_from, getattr(torch, dtype), device)
     model.eval()
     ids = lvr.find_latent_ids(model, tok)  # the tokens it was trained with

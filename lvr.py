@@ -162,6 +162,14 @@ def latent_input(model, h):
     return v * (n / v.float().norm(dim=-1, keepdim=True).clamp(min=1e-6)).to(v.dtype) if n else v
 
 
+@torch.no_grad()
+def record_latent_norm(model, batch):
+    """Record the mean norm of a batch's targets in the config: what a cosine-trained latent is fed back at."""
+    _, targets = encode_images(model, batch)
+    if len(targets):
+        model.cfg.extra["latent_norm"] = float(targets.norm(dim=-1).mean())
+
+
 def latent_distance(pred, target, kind="mse", per_row=False):
     """Latent loss in fp32, mean over rows (or per row): mse, cosine (1 - cos) or l1, each a mean over elements."""
     pred, target = pred.float(), target.float()

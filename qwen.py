@@ -1,7 +1,7 @@
 """
-Qwen2.5-VL from scratch: config, the Qwen2 decoder with M-RoPE and a KV cache, the VL model
-that puts image features at <|image_pad|>, get_rope_index, checkpoint load/save, the
-tokenizer and chat prompt, and batched generation.
+Qwen2.5-VL from scratch: config, the Qwen2 decoder with M-RoPE and a KV cache, the VL model that
+puts image features at <|image_pad|>, loading and saving weights, the tokenizer and chat prompt,
+and batched generation.
 
 Module names follow the official safetensors keys (`model.layers.0.self_attn.q_proj.weight`,
 `visual.blocks.0.attn.qkv.weight`, `lm_head.weight`), so loading is a prefix fix-up plus a
@@ -282,12 +282,8 @@ class Qwen2_5_VL(nn.Module):
 
     def forward(self, input_ids=None, pixel_values=None, grid_thw=None, attention_mask=None,
                 inputs_embeds=None, position_ids=None, cache=None):
-        """-> final-norm hidden states (B, T, C). Logits are model.lm_head(h), applied by the caller where
-        it needs them (the last position at prefill, the supervised ones in training): lm_head over every
-        position is the costliest matmul (V ~ 152k).
-
-        attention_mask (B, T): 1 for real tokens, 0 for padding; with a cache it covers only the new tokens.
-        """
+        """-> final-norm hidden states (B, T, C). Callers apply lm_head only where they need logits (it is the
+        costliest matmul, V ~ 152k). attention_mask (B, T): 1 real, 0 padding; with a cache, the new tokens'."""
         x = self.embed(input_ids, pixel_values, grid_thw) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
         start = 0 if cache is None else cache.len
@@ -309,9 +305,8 @@ class Qwen2_5_VL(nn.Module):
         return h
 
     def rope(self, input_ids, grid_thw, attention_mask, position_ids, cache, x):
-        """-> cos, sin (B, 1, T, hd) and each row's next position. The positions come from position_ids
-        when given; on a first call, from get_rope_index (images take 2-D positions); while decoding,
-        from the cache's per-row counter (text positions), whose rope table is precomputed."""
+        """-> cos, sin (B, 1, T, hd) and each row's next position: from position_ids when given, from
+        get_rope_index on a first call, from the cache's per-row counter (and rope table) while decoding."""
         B, T, _ = x.shape
         if position_ids is None and (cache is None or cache.len == 0):
             ids = input_ids if input_ids is not None else torch.zeros(B, T, dtype=torch.long, device=x.device)
@@ -348,8 +343,7 @@ class Qwen2_5_VL(nn.Module):
         return torch.cat([input_ids, torch.stack(out[:n], 1)], 1)
 
     def default_stop_ids(self):
-        eos = self.cfg.eos_token_id
-        return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        return list(self.cfg.eos_token_id) if isinstance(self.cfg.eos_token_id, (list, tuple)) else [self.cfg.eos_token_id]
 
     # -------------------------------------------------------------------------
     # checkpoints

@@ -90,8 +90,7 @@ def get_lr(step):
 
 def main(argv):
     config = cli.configure(globals(), argv)
-    cli.require(min_pixels <= max_pixels, f"--min_pixels {min_pixels} is above --max_pixels {max_pixels}")
-    cli.require(image_size % 28 == 0, f"--image_size {image_size} is not a multiple of 28 (one merged image token)")
+    data.check_pixels(min_pixels, max_pixels, image_size)
     cli.require(accuracy_weight + format_weight > 0, "--accuracy_weight and --format_weight are both 0: no reward")
     checkpoint.check_out_dir(out_dir, fresh=not resume)
     records = None if data_path == "synthetic" else data.load_records(data_path)
@@ -123,7 +122,7 @@ def main(argv):
     stop = [tok.im_end, tok.endoftext]
     autocast = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
     bar = tqdm(total=max_iters, initial=step, dynamic_ncols=True)
-    stopping = cli.stop_flag()  # Ctrl-C / SIGTERM: finish the step, save it, exit
+    signalled = cli.stop_flag()  # Ctrl-C / SIGTERM: finish the step, save it, exit
     try:
         while step < max_iters:
             for g in opt.param_groups:
@@ -136,13 +135,13 @@ def main(argv):
             log.append(stats)
             bar.update(1)
             bar.set_postfix(reward=f"{stats['reward']:.3f}", acc=f"{stats['accuracy']:.2f}", kl=f"{stats['kl']:.4f}")
-            if stopping or step % eval_interval == 0 or step == max_iters:
+            if signalled or step % eval_interval == 0 or step == max_iters:
                 tqdm.write(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in stats.items()))
                 checkpoint.save(model, tok, out_dir, {"step": step, "optimizer": opt.state_dict(), "log": log,
                                                            "config": config, "gen": gen.get_state()})
-            if stopping:
+            if signalled:
                 print(f"\nstopped: saved step {step} to {out_dir}")
-                raise SystemExit(128 + stopping[0])  # 130 for Ctrl-C, 143 for SIGTERM
+                raise SystemExit(128 + signalled[0])  # 130 for Ctrl-C, 143 for SIGTERM
     finally:
         bar.close()
         if SKIPPED:

@@ -157,10 +157,10 @@ def train_step(step_fn, tok, ids, records, step, dev, rank, world, ddp, autocast
     """Forward and backward over the step's grad_accum micro-batches -> the summed (ce, latent, switch)
     losses on the device (read once per step, so the next micro-batch's images are prepared while the
     device still computes this one). The step's examples are the same whatever the process layout."""
-    G = batch_size * grad_accum * world  # examples per optimizer step, over all processes
+    per_step = batch_size * grad_accum * world  # examples per optimizer step, over all processes
     sums = torch.zeros(3, device=dev)
     for micro in range(grad_accum):
-        batch = data.to_device(collated(examples(step * G + (micro * world + rank) * batch_size, batch_size, records),
+        batch = data.to_device(collated(examples(step * per_step + (micro * world + rank) * batch_size, batch_size, records),
                                         tok, ids), dev)
         # DDP all-reduces once, after the last micro-batch (FSDP reduce-scatters every one)
         sync = contextlib.nullcontext() if not ddp or fsdp or micro == grad_accum - 1 else step_fn.no_sync()
@@ -172,9 +172,8 @@ def train_step(step_fn, tok, ids, records, step, dev, rank, world, ddp, autocast
 
 
 def save(model, tok, opt, step, losses, config, rank=0):
-    """Write out_dir atomically (checkpoint.save). Every rank calls this (under FSDP gathering the full state
-    is collective); rank 0 writes. The optimizer state is keyed by parameter name, so FSDP, DDP and single
-    runs resume each other."""
+    """Write out_dir atomically. Every rank calls this (FSDP gathers the full state collectively); rank 0
+    writes. The optimizer state is keyed by parameter name, so FSDP, DDP and single runs resume each other."""
     opts = StateDictOptions(full_state_dict=fsdp, cpu_offload=fsdp)
     weights = get_model_state_dict(model, options=opts) if fsdp else None
     opt_state = get_optimizer_state_dict(model, opt, options=opts)
@@ -190,9 +189,8 @@ def main(argv):
     cli.require(not (latent_end and method == "mirage"),
                 "--latent_end true needs a latent-end token, and Mirage's tokens have none")
     cli.require(not fsdp or ddp, "--fsdp true shards across processes: launch with torchrun --nproc_per_node N")
-    cli.require(min_pixels <= max_pixels, f"--min_pixels {min_pixels} is above --max_pixels {max_pixels}")
+    data.check_pixels(min_pixels, max_pixels, image_size)
     cli.require(min_lr <= lr, f"--min_lr {min_lr} is above --lr {lr}")
-    cli.require(image_size % 28 == 0, f"--image_size {image_size} is not a multiple of 28 (one merged image token)")
     cli.require(not (method == "mirage" and stage == 2 and init_from == "scratch"),
                 "--stage 2 continues a Mirage stage-1 checkpoint: give it with --init_from")
     resolve_defaults(config)
@@ -215,10 +213,7 @@ def main(argv):
     model.to(dev).train()
     model.grad_checkpointing = grad_checkpointing
     if latent_loss == "cosine" and method != "none" and stage == 1 and "latent_norm" not in model.cfg.extra:
-        with torch.no_grad():  # the norm a cosine-trained latent is fed back at (lvr.latent_input): the targets'
-            _, targets = lvr.encode_images(model, data.to_device(collated(examples(0, batch_size, records), tok, ids), dev))
-        if len(targets):
-            model.cfg.extra["latent_norm"] = float(targets.norm(dim=-1).mean())
+        lvr.record_latent_norm(model, data.to_device(collated(examples(0, batch_size, records), tok, ids), dev))
     if freeze_vision:
         model.visual.requires_grad_(False)
     step_fn = Step(model)
@@ -242,14 +237,14 @@ def main(argv):
     # 4) the loop
     autocast = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
     bar = tqdm(total=max_iters, initial=step, disable=rank != 0, dynamic_ncols=True)
-    stop = cli.stop_flag()  # Ctrl-C / SIGTERM: finish the step, save it, exit
+    signalled = cli.stop_flag()  # Ctrl-C / SIGTERM: finish the step, save it, exit
     try:
         while step < max_iters:
             t0 = time.time()
             for g in opt.param_groups:
                 g["lr"] = get_lr(step)
             sums = train_step(step_fn, tok, ids, records, step, dev, rank, world, ddp, autocast)
-            stats = torch.cat([sums, torch.tensor([float(len(stop))], device=dev)])
+            stats = torch.cat([sums, torch.tensor([float(len(signalled))], device=dev)])
             if ddp:  # the global mean losses, and whether any rank was asked to stop (so all stop together)
                 dist.all_reduce(stats)
                 stats = stats / world
@@ -279,7 +274,7 @@ def main(argv):
             if stopping:
                 if rank == 0:
                     print(f"\nstopped: saved step {step} to {out_dir}")
-                raise SystemExit(128 + (stop[0] if stop else signal.SIGINT))  # 130 for Ctrl-C, 143 for SIGTERM
+                raise SystemExit(128 + (signalled[0] if signalled else signal.SIGINT))  # 130 for Ctrl-C, 143 for SIGTERM
     finally:
         bar.close()
         if SKIPPED and rank == 0:
@@ -301,8 +296,7 @@ def evaluate(model, tok, ids, records, held_out, dev, step, rank=0):
     if not exs:  # --eval_examples 0: checkpoints only
         return
     model.eval()
-    budget = max(len(e["latent_pos"]) for e in (data.encode(x, tok, ids, method, max_latents, mirage_k, latent_end,
-                                                             min_pixels, max_pixels) for x in exs)) + 4
+    budget = max(len(collated([e], tok, ids)["latent_slot"]) for e in exs) + 4  # the longest trained span, and then some
     r = evaluation.evaluate(model, tok, ids, exs, batch_size, min_pixels, max_pixels, dev, max_new_tokens=48,
                             # Mirage spans are always k long; LVR spans differ per row, so the model ends them
                             decoding="latent" if latent_end else "steps" if method == "mirage" else "token",
