@@ -297,6 +297,25 @@ def continue_logprob(logits, exits):
     return logits[..., keep].logsumexp(-1) - logits.logsumexp(-1)
 
 
+def span_exit(decoding, ids, tok, vec, in_lat, n_lat, budget, force_end, exits, end_vec, end_metric, end_threshold):
+    """The exit rule (rollout's docstring), one step: which rows in a span leave it now and with which
+    token -> tok (B,), exit (B,) bool, forced (B,) bool: that token was not sampled, force (B,): the token
+    to force at the next step (-1: none)."""
+    none = torch.full_like(tok, -1)
+    if decoding == "steps":  # the count: <|lvr_end|>, or (force_end=False) the model's own token
+        exit_ = in_lat & (n_lat >= budget)
+        forced = exit_ & force_end
+        return torch.where(forced, ids.end, tok), exit_, forced, none
+    if decoding == "latent":  # close to the end embedding, or the budget: <|lvr_latent_end|>, then <|lvr_end|>
+        exit_ = in_lat & ((end_distance(vec, end_vec, end_metric) < end_threshold) | (n_lat >= budget))
+        return torch.where(exit_, ids.latent_end, tok), exit_, exit_, torch.where(exit_ & force_end, ids.end, none)
+    # token: the model's own exit token once a latent step has been taken, or <|lvr_end|> at the budget
+    own = in_lat & torch.isin(tok, torch.tensor(exits, device=tok.device)) & (n_lat > 0)
+    forced = in_lat & ~own & (n_lat >= budget)
+    force = torch.where(own & (tok != ids.end) & force_end, ids.end, none)  # <|lvr_end|> after <|lvr_latent_end|>
+    return torch.where(forced, ids.end, tok), own | forced, forced, force
+
+
 @torch.no_grad()
 def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_mask=None, max_new_tokens=64,
             decoding="steps", lvr_steps=8, force_end=True, max_latent_steps=64, end_threshold=0.1,
@@ -351,21 +370,9 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
         tok = torch.where(force >= 0, force, tok)
         vec = latent_input(model, h)  # (B, C) the latent input of rows that stay in their span
         # 4) which rows in a span leave it now, and with which token
-        if decoding == "steps":
-            exit_ = in_lat & (n_lat >= budget)
-            forced = exit_ if force_end else torch.zeros_like(exit_)
-            tok, force = torch.where(forced, ids.end, tok), torch.full_like(force, -1)
-        elif decoding == "latent":  # <|lvr_latent_end|>, then <|lvr_end|>: the trained sequence
-            dist = end_distance(vec, emb.weight[ids.latent_end], end_metric)
-            exit_ = forced = in_lat & ((dist < end_threshold) | (n_lat >= budget))
-            tok = torch.where(exit_, ids.latent_end, tok)
-            force = torch.where(exit_ & force_end, ids.end, -1)
-        else:  # token: the model's own exit token, once a latent step has been taken, or the budget
-            exit_ = in_lat & torch.isin(tok, torch.tensor(exits, device=dev)) & (n_lat > 0)
-            forced = in_lat & ~exit_ & (n_lat >= budget)
-            tok = torch.where(forced, ids.end, tok)
-            force = torch.where(exit_ & (tok != ids.end) & force_end, ids.end, -1)  # after <|lvr_latent_end|>
-            exit_ = exit_ | forced
+        tok, exit_, forced, force = span_exit(decoding, ids, tok, vec, in_lat, n_lat, budget, force_end, exits,
+                                              emb.weight[ids.latent_end] if decoding == "latent" else None,
+                                              end_metric, end_threshold)
         # 5) rows still in their span take a latent step: their own hidden state is the next input
         latent_step = in_lat & ~exit_ & ~done
         tok = torch.where(latent_step, ids.latent, tok)
