@@ -136,7 +136,9 @@ def encode(ex, tok, ids, method="lvr", max_latents=0, k=4, latent_end=False, min
         raise InputError("latent_end needs a latent-end token, and these latent tokens have none")
     helper = vision.preprocess(ex["helper"], min_pixels, max_pixels) if method == "mirage" else None
     seq, pos, slot, groups, end_pos = list(prompt), [], [], [], []
-    for i, text in enumerate(ex["assistant"].split("<lvr>")):
+    # Mirage imagines one helper image: one span, however many looks the LVR answer has
+    assistant = "<lvr>" + ex["assistant"].replace("<lvr>", "") if method == "mirage" else ex["assistant"]
+    for i, text in enumerate(assistant.split("<lvr>")):
         if i > 0 and method != "none":  # a latent span, for the <lvr> before this piece of text
             if method == "mirage":
                 span = lvr.chunk_groups(vision.merged_tokens(helper[1]), k)

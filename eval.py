@@ -37,7 +37,8 @@ init_from = "out"  # checkpoint directory
 data_path = "synthetic"  # synthetic | an LVR JSON/JSONL with bboxes | an MMVP-style CSV | a V*-style JSONL
 image_root = ""  # directory the dataset's images are in (MMVP: the folder of <Index>.jpg)
 n_examples = 256  # [1, inf) held-out synthetic examples (or at most this many from a file)
-image_size = 168  # [28, inf) synthetic images: this many pixels square (a multiple of 28), a 6x6 grid of merged tokens
+task = "colour"  # {colour, search, relation, imagine} the synthetic task (tasks.py): the default, or a study task
+image_size = 0  # [0, inf) synthetic image side, a multiple of 28 (0: the task's own, 168; search 336)
 batch_size = 32  # [1, inf) rows per batched rollout
 decoding = "token"  # {token, steps, latent} latent exit
 lvr_steps = 8  # [0, inf) latent steps in `steps` mode
@@ -47,7 +48,7 @@ end_metric = "checkpoint"  # {checkpoint, mse, cosine, l1} `latent` exit distanc
 end_threshold = 0.0  # [0, inf) `latent` exit threshold (0 = the checkpoint's, else 0.1)
 max_new_tokens = 32  # [1, inf) completion budget
 min_pixels = 3136  # [1, inf) image area bounds after resizing
-max_pixels = 28224  # [1, inf) 168*168: the synthetic images unscaled; real data wants more (up to 12845056)
+max_pixels = 0  # [0, inf) image area bound after resizing (0: the synthetic image's own); real data wants more (up to 12845056)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "float32"  # {float32, bfloat16}
 seed = 1337  # [0, inf) the synthetic held-out set
@@ -91,7 +92,7 @@ def load_multiple_choice(path, root):
 def load_examples():
     """The evaluation set: held-out synthetic examples, an LVR JSON file (with bboxes), or MMVP / V*."""
     if data_path == "synthetic":
-        return [tasks.synthetic("test", i, seed, image_size) for i in range(n_examples)]
+        return [tasks.synthetic("test", i, seed, image_size, task) for i in range(n_examples)]
     if data_path.endswith((".json", ".jsonl")):
         records = data.load_records(data_path)
         if "conversations" in records[0] or "image_output" in records[0]:
@@ -154,7 +155,9 @@ def by_group(exs, right, key):
 
 
 def main(argv):
-    cli.configure(globals(), argv)
+    config = cli.configure(globals(), argv)
+    globals().update(zip(("image_size", "max_pixels"), tasks.sizes(task, image_size, max_pixels)))  # 0: auto
+    config.update(image_size=image_size, max_pixels=max_pixels)
     data.check_pixels(min_pixels, max_pixels, image_size)
     model, tok = checkpoint.load(init_from, getattr(torch, dtype), device)
     model.eval()

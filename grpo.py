@@ -22,11 +22,11 @@ from cli import InputError
 # rewards: named functions (text, tokens, answer, ids, stop_ids) -> float
 
 def is_lvr_format(tokens, ids, stop_ids, text):
-    """A completion (token list up to its stop) is <|lvr_start|> ... <|lvr_end|>, then a non-empty
-    answer (`text`: the decoded completion), then a stop token."""
+    """A completion (token list up to its stop) is <|lvr_start|> ... <|lvr_end|> (one span or more: the
+    relation task looks twice), then a non-empty answer (`text`: the decoded completion), then a stop token."""
     if not tokens or tokens[0] != ids.start or ids.end not in tokens or tokens[-1] not in stop_ids:
         return False
-    after = tokens[tokens.index(ids.end) + 1:-1]
+    after = tokens[len(tokens) - tokens[::-1].index(ids.end):-1]  # after the last <|lvr_end|>
     return len(after) > 0 and ids.start not in after and bool(text.strip())
 
 

@@ -73,6 +73,8 @@ def draw_shape(d, shape, box, fill):
         d.ellipse(box, fill=fill)
     elif shape == "square":
         d.rectangle(box, fill=fill)
+    elif shape == "diamond":
+        d.polygon([((x0 + x1) / 2, y0), (x1, (y0 + y1) / 2), ((x0 + x1) / 2, y1), (x0, (y0 + y1) / 2)], fill=fill)
     else:
         d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
 
@@ -108,10 +110,116 @@ def synthetic_example(seed, size=168, n_objects=5, obj=20, cell=28):
 
 
 
+def cell_box(k, n, cell=28, obj=20):
+    """The box of an object centred in cell k (row-major) of an n x n grid of `cell`-pixel cells."""
+    x, y = (k % n) * cell + (cell - obj) // 2, (k // n) * cell + (cell - obj) // 2
+    return x, y, x + obj, y + obj
+
+
+def zoom(img, box, size, pad=10):
+    """Mirage's helper image: the region around `box`, enlarged to 112 px."""
+    x0, y0, x1, y1 = box
+    return img.crop((max(0, x0 - pad), max(0, y0 - pad), min(size, x1 + pad), min(size, y1 + pad))).resize(
+        (112, 112), Image.BICUBIC)
+
+
+def example(img, question, answer, boxes, size, helper):
+    """The example dict (data.py's format): one span per box, boxes normalised."""
+    return {"images": [img], "question": question, "assistant": "<lvr>\n" * len(boxes) + answer, "answer": answer,
+            "bboxes": [[v / size for v in b] for b in boxes], "helper": helper}
+
+
+def search_example(seed, size=336, n_objects=18):
+    """Fine-grained search, as in V*: 18 small shapes on a 336-px image (144 merged tokens), one of them the
+    only <shape>; every colour is worn by three objects, so two distractors share the answer's colour and
+    the image's colours say nothing about it. "What colour is the <shape>?": one token among 144."""
+    rng = random.Random(seed)
+    n, shapes = size // 28, SHAPES + ["diamond"]
+    shape = rng.choice(shapes)
+    colours = [c for c in COLOURS for _ in range(n_objects // len(COLOURS))]
+    rng.shuffle(colours)
+    objects = [(shape, colours[0])] + [(rng.choice([s for s in shapes if s != shape]), c) for c in colours[1:]]
+    img = Image.new("RGB", (size, size), (235, 235, 235))
+    d = ImageDraw.Draw(img)
+    boxes = [cell_box(k, n) for k in rng.sample(range(n * n), n_objects)]
+    for (s, c), box in zip(objects, boxes):
+        draw_shape(d, s, box, COLOURS[c])
+    return example(img, f"What colour is the {shape}?", colours[0], boxes[:1], size, zoom(img, boxes[0], size))
+
+
+MOVES = {"right": (0, 1), "left": (0, -1), "above": (-1, 0), "below": (1, 0)}
+
+
+def relation_example(seed, size=168, n_objects=7):
+    """Two looks: "What colour is the shape right of (left of, above, below) the <colour> <shape>?" The
+    anchor is the only object of its colour and shape; the target fills the next cell that way. Two
+    latent spans, the anchor's then the target's: the order in which one has to look (one span per
+    bbox, as the LVR data format pairs them)."""
+    rng = random.Random(seed)
+    n = size // 28
+    word = rng.choice(list(MOVES))
+    dr, dc = MOVES[word]
+    a = rng.choice([k for k in range(n * n) if 0 <= k // n + dr < n and 0 <= k % n + dc < n])
+    t = a + dr * n + dc
+    anchor = (rng.choice(SHAPES), rng.choice(list(COLOURS)))
+    others = [(s, c) for s in SHAPES for c in COLOURS if (s, c) != anchor]
+    objects = [anchor] + [rng.choice(others) for _ in range(n_objects - 1)]
+    cells = [a, t] + rng.sample([k for k in range(n * n) if k not in (a, t)], n_objects - 2)
+    img = Image.new("RGB", (size, size), (235, 235, 235))
+    d = ImageDraw.Draw(img)
+    boxes = [cell_box(k, n) for k in cells]
+    for (s, c), box in zip(objects, boxes):
+        draw_shape(d, s, box, COLOURS[c])
+    where = "right of" if word == "right" else "left of" if word == "left" else word
+    helper = zoom(img, (min(boxes[0][0], boxes[1][0]), min(boxes[0][1], boxes[1][1]),
+                        max(boxes[0][2], boxes[1][2]), max(boxes[0][3], boxes[1][3])), size)
+    return example(img, f"What colour is the shape {where} the {anchor[1]} {anchor[0]}?", objects[1][1], boxes[:2],
+                   size, helper)
+
+
+def imagine_example(seed, size=168):
+    """Mental imagery (the VSP family of the Mirage paper): a 6 x 6 grid of coloured cells, one merged token
+    each, a black dot in one; "Start at the dot and move right, down, down. What colour is the cell where
+    you stop?" The image never shows where the moves end: the helper image does (the path drawn, the end
+    cell framed), and the LVR bbox is that cell."""
+    rng = random.Random(seed)
+    n = size // 28
+    grid = [rng.choice(list(COLOURS)) for _ in range(n * n)]
+    r, c = rng.randrange(n), rng.randrange(n)
+    path, moves = [(r, c)], []
+    for _ in range(rng.randint(2, 4)):
+        word = rng.choice([m for m, (dr, dc) in MOVES.items() if 0 <= r + dr < n and 0 <= c + dc < n])
+        r, c = r + MOVES[word][0], c + MOVES[word][1]
+        path.append((r, c))
+        moves.append({"above": "up", "below": "down"}.get(word, word))
+    img = Image.new("RGB", (size, size), (235, 235, 235))
+    d = ImageDraw.Draw(img)
+    for k, col in enumerate(grid):
+        d.rectangle(cell_box(k, n, obj=26), fill=COLOURS[col])
+    (r0, c0), (r1, c1) = path[0], path[-1]
+    d.ellipse((c0 * 28 + 9, r0 * 28 + 9, c0 * 28 + 19, r0 * 28 + 19), fill=(0, 0, 0))
+    helper = img.copy()
+    h = ImageDraw.Draw(helper)
+    h.line([(cc * 28 + 14, rr * 28 + 14) for rr, cc in path], fill=(0, 0, 0), width=3)
+    h.rectangle((c1 * 28, r1 * 28, c1 * 28 + 27, r1 * 28 + 27), outline=(0, 0, 0), width=3)
+    return example(img, f"Start at the dot and move {', '.join(moves)}. What colour is the cell where you stop?",
+                   grid[r1 * n + c1], [cell_box(r1 * n + c1, n)], size, helper.resize((112, 112), Image.BICUBIC))
+
+
+TASKS = {"colour": (synthetic_example, 168), "search": (search_example, 336), "relation": (relation_example, 168),
+         "imagine": (imagine_example, 168)}  # the example function and its image side
 SPLITS = {"train": 0, "eval": 10 ** 9, "grpo": 2 * 10 ** 9, "test": 3 * 10 ** 9}  # disjoint seed ranges
 
 
-def synthetic(split, i, seed, size=168):
-    """Example i of a split's stream: train (train_sft), eval (its periodic accuracy), grpo (train_grpo's
-    prompts), test (eval.py)."""
-    return synthetic_example(seed * 7919 + SPLITS[split] + i, size)
+def sizes(task, image_size=0, max_pixels=0):
+    """--image_size and --max_pixels, where 0 means: the task's own image side, and no resizing (the
+    image's own area; with a data file, the area of the default task's image, 168 x 168)."""
+    size = image_size or TASKS[task][1]
+    return size, max_pixels or size * size
+
+
+def synthetic(split, i, seed, size=0, task="colour"):
+    """Example i of a task's split: train (train_sft), eval (its periodic accuracy), grpo (train_grpo's
+    prompts), test (eval.py). size 0: the task's own image side."""
+    fn, own = TASKS[task]
+    return fn(seed * 7919 + SPLITS[split] + i, size or own)

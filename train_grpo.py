@@ -59,9 +59,10 @@ max_iters = 60  # [1, inf) optimizer steps (each on a fresh rollout batch)
 weight_decay = 0.0  # [0, inf) AdamW weight decay
 grad_clip = 1.0  # [0, inf) clip the gradient norm (0 = off)
 eval_interval = 20  # [1, inf) checkpoint every this many steps
-image_size = 168  # [28, inf) synthetic images: this many pixels square (a multiple of 28), a 6x6 grid of merged tokens
+task = "colour"  # {colour, search, relation, imagine} the synthetic task (tasks.py): the default, or a study task
+image_size = 0  # [0, inf) synthetic image side, a multiple of 28 (0: the task's own, 168; search 336)
 min_pixels = 3136  # [1, inf) image area bounds after resizing
-max_pixels = 28224  # [1, inf) 168*168: the synthetic images unscaled; real data wants more (up to 12845056)
+max_pixels = 0  # [0, inf) image area bound after resizing (0: the synthetic image's own); real data wants more (up to 12845056)
 dtype = "float32"  # {float32, bfloat16} bfloat16: autocast
 device = "cuda" if torch.cuda.is_available() else "cpu"
 freeze_vision = True  # the vision tower stays fixed (false: it trains; the reference keeps its own frozen tower)
@@ -75,7 +76,7 @@ SKIPPED = {}  # bad records skipped so far: index -> why
 def prompts(step, records):
     """The B examples of a step: the synthetic grpo split (seeds SFT never draws), or the shuffled records."""
     if records is None:
-        return [tasks.synthetic("grpo", step * batch_size + i, seed, image_size) for i in range(batch_size)]
+        return [tasks.synthetic("grpo", step * batch_size + i, seed, image_size, task) for i in range(batch_size)]
 
     def convert(rec, where):
         return data.grpo_example(rec, image_root, where)
@@ -90,6 +91,8 @@ def get_lr(step):
 
 def main(argv):
     config = cli.configure(globals(), argv)
+    globals().update(zip(("image_size", "max_pixels"), tasks.sizes(task, image_size, max_pixels)))  # 0: auto
+    config.update(image_size=image_size, max_pixels=max_pixels)
     data.check_pixels(min_pixels, max_pixels, image_size)
     cli.require(accuracy_weight + format_weight > 0, "--accuracy_weight and --format_weight are both 0: no reward")
     checkpoint.check_out_dir(out_dir, fresh=not resume)

@@ -60,9 +60,10 @@ weight_decay = 0.0  # [0, inf) AdamW weight decay
 grad_clip = 1.0  # [0, inf) clip the gradient norm (0 = off)
 eval_interval = 500  # [1, inf) evaluate and checkpoint every this many steps
 eval_examples = 128  # [0, inf) held-out examples per evaluation (0: checkpoints only)
-image_size = 168  # [28, inf) synthetic images: this many pixels square (a multiple of 28), a 6x6 grid of merged tokens
+task = "colour"  # {colour, search, relation, imagine} the synthetic task (tasks.py): the default, or a study task
+image_size = 0  # [0, inf) synthetic image side, a multiple of 28 (0: the task's own, 168; search 336)
 min_pixels = 3136  # [1, inf) image area bounds after resizing
-max_pixels = 28224  # [1, inf) 168*168: the synthetic images unscaled; real data wants more (up to 12845056)
+max_pixels = 0  # [0, inf) image area bound after resizing (0: the synthetic image's own); real data wants more (up to 12845056)
 dtype = "float32"  # {float32, bfloat16} bfloat16: autocast, master weights stay fp32
 device = "cuda" if torch.cuda.is_available() else "cpu"
 grad_checkpointing = False  # recompute decoder layers in backward to save memory
@@ -131,7 +132,7 @@ def examples(start, n, records, split="train"):
     """Examples [start, start + n) of the training stream, or of the held-out one (split "eval": synthetic
     seeds training never draws, or the records of --eval_data_path)."""
     if records is None:
-        return [tasks.synthetic(split, i, seed, image_size) for i in range(start, start + n)]
+        return [tasks.synthetic(split, i, seed, image_size, task) for i in range(start, start + n)]
 
     def convert(rec, where):
         return data.record_example(rec, image_root, where)
@@ -189,11 +190,13 @@ def main(argv):
     cli.require(not (latent_end and method == "mirage"),
                 "--latent_end true needs a latent-end token, and Mirage's tokens have none")
     cli.require(not fsdp or ddp, "--fsdp true shards across processes: launch with torchrun --nproc_per_node N")
-    data.check_pixels(min_pixels, max_pixels, image_size)
     cli.require(min_lr <= lr, f"--min_lr {min_lr} is above --lr {lr}")
     cli.require(not (method == "mirage" and stage == 2 and init_from == "scratch"),
                 "--stage 2 continues a Mirage stage-1 checkpoint: give it with --init_from")
     resolve_defaults(config)
+    globals().update(zip(("image_size", "max_pixels"), tasks.sizes(task, image_size, max_pixels)))  # 0: auto
+    config.update(image_size=image_size, max_pixels=max_pixels)
+    data.check_pixels(min_pixels, max_pixels, image_size)
     checkpoint.check_out_dir(out_dir, fresh=not resume)
     # 2) processes, data, model
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)

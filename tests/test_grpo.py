@@ -190,6 +190,8 @@ def test_rewards():
     assert grpo.format_reward("red", [20, IM_END], "red", IDS, [IM_END]) == 0.0  # no latent span
     assert grpo.format_reward("", [s, lat, e, IM_END], "red", IDS, [IM_END]) == 0.0  # no answer
     assert grpo.format_reward("red", [s, lat, e, 20, 21], "red", IDS, [IM_END]) == 0.0  # never ended
+    assert grpo.format_reward("red", [s, lat, e, s, lat, e, 20, IM_END], "red", IDS, [IM_END]) == 1.0  # two looks
+    assert grpo.format_reward("red", [s, lat, e, 20, s, lat, IM_END], "red", IDS, [IM_END]) == 0.0  # then reopened
 
 
 def test_train_grpo_end_to_end_and_resume(tmp_path):
