@@ -8,10 +8,16 @@ on and with them disabled, side by side.
     python eval.py --data_path MMVP/Questions.csv --image_root "MMVP/MMVP Images"   # MMVP layout
     python eval.py --data_path vstar/test_questions.jsonl --image_root vstar/        # V* layout
 
-Latent hit rate: the fraction of latent steps whose nearest merged image token (cosine) lies
-inside one of the example's bboxes (synthetic data and LVR JSON): do the latents look where
-they should? "Latents disabled" forces <|lvr_end|> right after <|lvr_start|> (zero latent
-steps), so the answer must come from the text and image alone. Multiple-choice sets are scored
+Does the model reason through its latents? One row per way of feeding them (LVR checkpoints,
+on synthetic tasks and LVR JSON files; Mirage on synthetic tasks):
+  with latents      its own;
+  latents disabled  <|lvr_end|> right after <|lvr_start|>: the answer from text and image alone;
+  dummy latents     every latent input one fixed vector (the mean of its own: their scale, no content);
+  swapped latents   each example fed the next example's own latents;
+  oracle latents    the training targets (ROI tokens, helper-image chunks): what a latent can carry.
+Latent hit rate: the fraction of the fed latents whose nearest merged image token (cosine) lies
+inside one of the example's bboxes: do they look where they should? The latent norm over the
+target norm shows the norm-regime gap (arXiv 2605.12374). Multiple-choice sets are scored
 as letters, as the papers score them: MMVP per question and per pair (a pair counts when both
 of its questions are right: the LVR paper's 71.67 is per question, its Table 2's 55.8 per pair),
 V* per category (direct_attributes, relative_position, as its files name them).
@@ -19,6 +25,7 @@ Held-out synthetic examples are tasks.py's test split: never seen by train_sft o
 """
 import collections
 import csv
+import functools
 import os
 
 import torch
@@ -112,19 +119,26 @@ def span_lengths(is_latent):
 
 
 @torch.no_grad()
-def evaluate(model, tok, ids, exs, batch_size=32, min_pixels=3136, max_pixels=28224, device="cpu", **decode):
+def evaluate(model, tok, ids, exs, batch_size=32, min_pixels=3136, max_pixels=28224, device="cpu", feed=None,
+             **decode):
     """-> dict of accuracy, format, latent_steps, hit_rate (None without bboxes), the span lengths
-    (a Counter) and per-example correctness. `decode`: lvr.rollout's settings (decoding, lvr_steps,
-    max_latent_steps, max_new_tokens, force_end, end_metric, end_threshold). train_sft.py's periodic
-    accuracy is this too."""
+    (a Counter), per-example correctness, and per example the latents fed ((n, C) each). `decode`:
+    lvr.rollout's settings (decoding, lvr_steps, max_latent_steps, max_new_tokens, force_end, end_metric,
+    end_threshold). `feed`: per example, vectors to feed at its latent steps instead of its own (the
+    diagnostics). train_sft.py's periodic accuracy is this too."""
     stop = [tok.im_end, tok.endoftext]
-    right, fmt, steps, hit, n_lat, spans = [], 0, 0, 0, 0, collections.Counter()
+    right, fmt, steps, hit, n_lat, spans, fed = [], 0, 0, 0, 0, collections.Counter(), []
     for i in range(0, len(exs), batch_size):
         chunk = exs[i:i + batch_size]
         p = data.prompt_batch(chunk, tok, min_pixels, max_pixels)
         feats = model.visual(p["pixel_values"].to(device), p["grid_thw"])
+        given = {}
+        if feed is not None:  # (B, K, C) and (B,): each row's vectors, zero-padded
+            rows = [feed[i + b] for b in range(len(chunk))]
+            given["latents_in"] = torch.nn.utils.rnn.pad_sequence([v.float() for v in rows], batch_first=True).to(device)
+            given["n_in"] = torch.tensor([len(v) for v in rows], device=device)
         r = lvr.rollout(model, ids, p["input_ids"].to(device), None, p["grid_thw"], p["attention_mask"].to(device),
-                        stop_ids=stop, feats=feats, **decode)
+                        stop_ids=stop, feats=feats, **given, **decode)
         for b, (e, f) in enumerate(zip(chunk, feats.split(p["n_image_tokens"]))):
             row = r.tokens[b, p["input_ids"].shape[1]:].tolist()
             end = next((j + 1 for j, t in enumerate(row) if t in stop), len(row))
@@ -133,6 +147,7 @@ def evaluate(model, tok, ids, exs, batch_size=32, min_pixels=3136, max_pixels=28
             fmt += grpo.is_lvr_format(row[:end], ids, stop, text)
             steps += int(r.is_latent[b].sum())
             spans.update(span_lengths(r.is_latent[b]))
+            fed.append(r.latents[b, r.is_latent[b]].cpu())
             if e["bboxes"]:  # the ROI tokens of every bbox, on its own image's tokens within the row's features
                 grids = [g for _, g in p["images"][b]]
                 start = [sum(vision.merged_tokens(g) for g in grids[:k]) for k in range(len(grids))]
@@ -142,7 +157,44 @@ def evaluate(model, tok, ids, exs, batch_size=32, min_pixels=3136, max_pixels=28
                 n_lat += int(r.is_latent[b].sum())
     n = len(exs)
     return {"accuracy": sum(right) / n, "format": fmt / n, "latent_steps": steps / n,
-            "hit_rate": hit / n_lat if n_lat else None, "spans": spans, "right": right}
+            "hit_rate": hit / n_lat if n_lat else None, "spans": spans, "right": right, "latents": fed}
+
+
+@torch.no_grad()
+def targets_of(model, tok, ids, exs, min_pixels=3136, max_pixels=28224, device="cpu"):
+    """Per example, the vectors its latents were trained to reconstruct ((L, C), or None without bboxes or
+    a helper image): ROI tokens (LVR) or helper-image chunks (Mirage), made as the checkpoint's training
+    made them (config.json's latent_targets; without it, LVR over the whole ROI)."""
+    how = model.cfg.extra.get("latent_targets", {"method": "lvr", "max_latents": 0, "k": 4})
+    out = []
+    for e in exs:
+        if how["method"] == "none" or not (e.get("helper") if how["method"] == "mirage" else e["bboxes"]):
+            out.append(None)
+            continue
+        row = data.encode(e, tok, ids, how["method"], how["max_latents"], how["k"], False, min_pixels, max_pixels)
+        out.append(lvr.encode_images(model, data.to_device(data.collate([row], tok.endoftext), device))[1].cpu())
+    return out
+
+
+def diagnostics(model, tok, ids, exs, decode, own):
+    """The rows that say whether a model reasons through its latents, each with every latent input replaced:
+    dummy (one fixed vector, the mean of its own latents: the right scale, no content), swapped (each row
+    gets the next example's own latents), oracle (the training targets: what a latent could carry at best);
+    and the norm of its own latents over the targets' (the norm-regime gap)."""
+    rows, lats = [], [v for v in own["latents"] if len(v)]
+    if not lats:
+        return rows, None
+    budget = max(decode["lvr_steps"], decode["max_latent_steps"])
+    mean = torch.cat(lats).mean(0)
+    run = functools.partial(evaluate, model, tok, ids, exs, batch_size, min_pixels, max_pixels, device, **decode)
+    rows.append(("dummy latents", run(feed=[mean.expand(budget, -1)] * len(exs))))
+    rows.append(("swapped latents", run(feed=own["latents"][1:] + own["latents"][:1])))
+    targets = targets_of(model, tok, ids, exs, min_pixels, max_pixels, device)
+    if all(t is None for t in targets):
+        return rows, None
+    rows.append(("oracle latents", run(feed=[t if t is not None else torch.zeros(0, mean.shape[0]) for t in targets])))
+    target_norm = torch.cat([t for t in targets if t is not None]).norm(dim=-1).mean()
+    return rows, float(torch.cat(lats).norm(dim=-1).mean() / target_norm)
 
 
 def by_group(exs, right, key):
@@ -171,11 +223,15 @@ def main(argv):
     disabled = {**decode, "decoding": "steps", "lvr_steps": 0, "force_end": True}  # <|lvr_end|> at once
     rows = [(name, evaluate(model, tok, ids, exs, batch_size, min_pixels, max_pixels, device, **d))
             for name, d in (("with latents", decode), ("latents disabled", disabled))]
+    more, norm_ratio = diagnostics(model, tok, ids, exs, decode, rows[0][1])
+    rows += more
     print(f"{init_from} on {len(exs)} {'held-out synthetic' if data_path == 'synthetic' else data_path} examples")
     print(f"{'':18}{'accuracy':>10}{'format':>9}{'latent steps':>14}{'hit rate':>10}")
     for name, r in rows:
         hr = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
         print(f"{name:18}{r['accuracy']:>10.3f}{r['format']:>9.3f}{r['latent_steps']:>14.2f}{hr:>10}")
+    if norm_ratio is not None:
+        print(f"latent norm / target norm (own latents): {norm_ratio:.3f}")
     on = rows[0][1]
     budget = lvr_steps if decoding == "steps" else max_latent_steps
     print("latent steps per span (with latents): " + ", ".join(f"{k}: {v}" for k, v in sorted(on["spans"].items()))

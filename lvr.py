@@ -320,7 +320,7 @@ def span_exit(decoding, ids, tok, vec, in_lat, n_lat, budget, force_end, exits, 
 def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_mask=None, max_new_tokens=64,
             decoding="steps", lvr_steps=8, force_end=True, max_latent_steps=64, end_threshold=0.1,
             end_metric="mse", temperature=0.0, top_k=0, top_p=1.0, stop_ids=(), generator=None, feats=None,
-            group_size=1):
+            group_size=1, latents_in=None, n_in=None):
     """Generate with latent steps -> Rollout. `ids`: LatentIds. Prompts left-padded. `feats`: merged image
     tokens already computed (GRPO encodes each image once), instead of pixel_values. `group_size` G: the
     B prompts are prefilled once and their cache rows copied, giving B*G rows (row r samples prompt r // G).
@@ -335,6 +335,8 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
     `max_latent_steps` is the budget of latent and token. After a span <|lvr_end|> is forced; with
     force_end=False (the official code) the model's own next token follows instead (except at a token
     budget, where nothing else ends the span). Stop tokens do not end a row while it is in latent mode.
+    latents_in (B, K, C), n_in (B,): eval.py's diagnostics feed row b's latent step k (counted over its
+    spans) latents_in[b, k] instead of its own while k < n_in[b]; the exits still follow the rule.
     """
     if decoding not in ("steps", "latent", "token"):
         raise InputError(f"decoding must be steps, latent or token, got {decoding!r}")
@@ -362,6 +364,7 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
     n_lat = torch.zeros(B, dtype=torch.long, device=dev)  # latent steps taken in the current span
     force = torch.full((B,), -1, dtype=torch.long, device=dev)  # a token to force at the next step
     done = torch.zeros(B, dtype=torch.bool, device=dev)
+    k_lat = torch.zeros(B, dtype=torch.long, device=dev)  # latent steps taken in all spans (latents_in's index)
     steps = []
     for i in range(max_new_tokens):
         # 3) every row samples; a token forced by the previous step replaces the sample
@@ -375,6 +378,10 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
                                               end_metric, end_threshold)
         # 5) rows still in their span take a latent step: their own hidden state is the next input
         latent_step = in_lat & ~exit_ & ~done
+        if latents_in is not None:  # (diagnostics: a given vector instead)
+            given = latents_in[torch.arange(B, device=dev), k_lat.clamp(max=latents_in.shape[1] - 1)]
+            vec = torch.where((k_lat < n_in)[:, None], given.to(vec.dtype), vec)
+            k_lat = k_lat + latent_step
         tok = torch.where(latent_step, ids.latent, tok)
         tok = torch.where(done, stop[0], tok)
         x = torch.where(latent_step[:, None], vec.to(emb.weight.dtype), emb(tok))

@@ -123,6 +123,8 @@ def build(tmp):
         model.cfg.extra["lvr_head"] = True
         model.lvr_head = qwen.latent_head(model.cfg)
     ids = lvr.add_latent_tokens(model, tok, lvr.MIRAGE_TOKENS if method == "mirage" else lvr.LVR_TOKENS)
+    # what the latents reconstruct, so that eval.py can build the same targets (its oracle row)
+    model.cfg.extra["latent_targets"] = {"method": method, "max_latents": max_latents, "k": mirage_k}
     if latent_end:  # the `latent` exit's distance: the one its embedding is trained with, and the threshold
         model.cfg.extra.update(latent_end_metric=latent_loss, latent_end_threshold=end_threshold)
     return model, tok, ids

@@ -4,6 +4,7 @@ import json
 import torch
 
 import grpo
+import lvr
 import eval as evaluation
 import tasks
 from cli import InputError
@@ -106,3 +107,35 @@ def test_eval_on_an_lvr_json_file(tmp_path):
     counts = {int(k): int(v) for k, v in (p.split(": ") for p in spans.split("): ")[1].split(";")[0].split(", "))}
     assert spans.endswith(f"{counts.get(3, 0)} of {sum(counts.values())} spans ran to the budget of 3")
     assert sum(k * v for k, v in counts.items()) == round(3 * float(on[4])) and max(counts) <= 3, r.stdout
+
+
+def test_diagnostics_replace_the_latent_inputs(tmp_path):
+    """dummy, swapped and oracle rows really feed the given vectors at the latent steps (and what follows a
+    fed vector changes); the oracle's vectors are the training targets, the ROI's merged image tokens."""
+    import tasks
+    import vision
+    from test_lvr import tiny_model
+    model, tok, ids = tiny_model(tmp_path)
+    prompt = tok.prompt
+    tok.prompt = lambda q, n=(): prompt(q, n) + [ids.start]  # every row opens its span at once
+    exs = [tasks.synthetic("test", i, 0, 112) for i in range(3)]
+    decode = dict(decoding="steps", lvr_steps=2, max_latent_steps=2, max_new_tokens=5, force_end=True,
+                  end_metric="mse", end_threshold=0.1)
+    run = lambda feed=None: evaluation.evaluate(model, tok, ids, exs, 2, 3136, 12544, "cpu", feed, **decode)  # noqa: E731
+    own = run()
+    assert [len(v) for v in own["latents"]] == [2, 2, 2]
+    dummy = torch.randn(2, model.cfg.hidden_size)
+    assert all(torch.allclose(v, dummy) for v in run([dummy] * 3)["latents"])
+    swapped = run(own["latents"][1:] + own["latents"][:1])["latents"]
+    assert all(torch.allclose(a, b) for a, b in zip(swapped, own["latents"][1:] + own["latents"][:1]))
+    first = run([dummy[:1]] * 3)["latents"]  # only the first latent given: the second is the model's own,
+    assert all(torch.allclose(v[0], dummy[0]) and not torch.allclose(v[1], o[1], atol=1e-3)  # from another input
+               for v, o in zip(first, own["latents"]))
+    targets = evaluation.targets_of(model, tok, ids, exs, 3136, 12544)
+    for e, t in zip(exs, targets):
+        pv, grid = vision.preprocess(e["images"][0], max_pixels=12544)
+        with torch.no_grad():
+            feats = model.visual(pv, grid)
+        assert torch.allclose(t, feats[lvr.roi_indices(e["bboxes"][0], grid[0])].mean(0, keepdim=True), atol=1e-5)
+    oracle = run(targets)["latents"]
+    assert all(torch.allclose(v[:len(t)], t, atol=1e-6) for v, t in zip(oracle, targets))
