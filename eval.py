@@ -59,6 +59,7 @@ max_pixels = 0  # [0, inf) image area bound after resizing (0: the synthetic ima
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "float32"  # {float32, bfloat16}
 seed = 1337  # [0, inf) the synthetic held-out set
+split = "test"  # {test, eval} the synthetic split: test, or eval (the validation split train_sft reports and study.py tunes on)
 # -----------------------------------------------------------------------------
 
 
@@ -99,7 +100,7 @@ def load_multiple_choice(path, root):
 def load_examples():
     """The evaluation set: held-out synthetic examples, an LVR JSON file (with bboxes), or MMVP / V*."""
     if data_path == "synthetic":
-        return [tasks.synthetic("test", i, seed, image_size, task) for i in range(n_examples)]
+        return [tasks.synthetic(split, i, seed, image_size, task) for i in range(n_examples)]
     if data_path.endswith((".json", ".jsonl")):
         records = data.load_records(data_path)
         if "conversations" in records[0] or "image_output" in records[0]:

@@ -85,20 +85,22 @@ def group_advantages(rewards, group_size, scale=True):
     return adv.masked_fill((r == r[:, :1]).all(1, keepdim=True), 0.0).flatten()
 
 
-def loss_weights(mask, norm="token", max_len=None):
+def loss_weights(mask, norm="token", max_len=None, total=None):
     """(N, L) per-token weights that make sum(weights * per_token_loss) the normalised loss.
 
     token:    mean over all text tokens in the batch (the default);
     sequence: mean per completion, then mean over completions (the GRPO paper);
     fixed:    sum / (N * max_len) (Dr. GRPO: no length bias).
-    Written as weights so that the loss of a batch split into micro-batches sums exactly."""
+    Written as weights so that the loss of a batch split into micro-batches (or drawn in several rounds:
+    total = (rows, sampled decisions) of the whole batch) sums exactly."""
     m = mask.float()
+    rows, tokens = total or (m.shape[0], m.sum())
     if norm == "token":
-        return m / m.sum().clamp(min=1)
+        return m / max(float(tokens), 1.0)
     if norm == "sequence":
-        return m / (m.sum(1, keepdim=True).clamp(min=1) * m.shape[0])
+        return m / (m.sum(1, keepdim=True).clamp(min=1) * rows)
     if norm == "fixed":
-        return m / (m.shape[0] * (max_len or m.shape[1]))
+        return m / (rows * (max_len or m.shape[1]))
     raise InputError(f"loss_norm must be token, sequence or fixed, got {norm!r}")
 
 

@@ -46,6 +46,8 @@ force_end = True  # force <|lvr_end|> after a span (false: the model's own next 
 end_metric = "checkpoint"  # {checkpoint, mse, cosine, l1} `latent` exit distance (checkpoint: the one it was trained with)
 end_threshold = 0.0  # [0, inf) `latent` exit threshold (0 = the checkpoint's, else 0.1)
 ppo_epochs = 1  # [1, inf) updates per rollout batch; > 1 makes the clip bite
+filter_groups = True  # keep only groups whose rewards differ (DAPO's dynamic sampling), drawing more prompts
+max_draws = 4  # [1, inf) with filter_groups: at most this many rounds of B prompts per step to find B groups
 micro_batch = 0  # [0, inf) rows per training forward/backward (0 = all B*G at once)
 clip_eps = 0.2  # (0, 1) PPO clip range
 beta = 0.04  # [0, inf) weight of the k3 KL to the reference (0 = no reference model is loaded)
@@ -73,15 +75,15 @@ seed = 1337  # [0, inf) seeds the prompts and the sampling
 SKIPPED = {}  # bad records skipped so far: index -> why
 
 
-def prompts(step, records):
-    """The B examples of a step: the synthetic grpo split (seeds SFT never draws), or the shuffled records."""
+def prompts(n, records):
+    """The B examples of round n: the synthetic grpo split (seeds SFT never draws), or the shuffled records."""
     if records is None:
-        return [tasks.synthetic("grpo", step * batch_size + i, seed, image_size, task) for i in range(batch_size)]
+        return [tasks.synthetic("grpo", n * batch_size + i, seed, image_size, task) for i in range(batch_size)]
 
     def convert(rec, where):
         return data.grpo_example(rec, image_root, where)
     return [data.stream_example(records, i, seed, convert, data_path, on_bad_record, SKIPPED)
-            for i in range(step * batch_size, (step + 1) * batch_size)]
+            for i in range(n * batch_size, (n + 1) * batch_size)]
 
 
 def get_lr(step):
@@ -116,11 +118,11 @@ def main(argv):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
     gen = torch.Generator(device).manual_seed(seed)
-    step, log = 0, []
+    step, log, drawn = 0, [], 0  # drawn: rounds of B prompts taken from the stream so far
     if resume:
         state = checkpoint.load_train_state(out_dir, config)
         opt.load_state_dict(state["optimizer"])
-        step, log = state["step"], state["log"]
+        step, log, drawn = state["step"], state["log"], state.get("drawn", state["step"])
         gen.set_state(state["gen"])
     stop = [tok.im_end, tok.endoftext]
     autocast = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
@@ -130,8 +132,7 @@ def main(argv):
         while step < max_iters:
             for g in opt.param_groups:
                 g["lr"] = get_lr(step)
-            exs = prompts(step, records)
-            stats = train_step(model, ref, tok, ids, exs, stop, opt, params, gen, autocast)
+            stats, drawn = train_step(model, ref, tok, ids, records, drawn, stop, opt, params, gen, autocast)
             if not math.isfinite(stats["loss"]):
                 raise InputError(f"loss is not finite at step {step}; stopped, {out_dir} keeps the last good checkpoint")
             step += 1
@@ -141,7 +142,7 @@ def main(argv):
             if signalled or step % eval_interval == 0 or step == max_iters:
                 tqdm.write(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in stats.items()))
                 checkpoint.save(model, tok, out_dir, {"step": step, "optimizer": opt.state_dict(), "log": log,
-                                                           "config": config, "gen": gen.get_state()})
+                                                      "config": config, "gen": gen.get_state(), "drawn": drawn})
             if signalled:
                 print(f"\nstopped: saved step {step} to {out_dir}")
                 raise SystemExit(128 + signalled[0])  # 130 for Ctrl-C, 143 for SIGTERM
@@ -151,14 +152,12 @@ def main(argv):
             print(f"skipped {len(SKIPPED)} bad records of {data_path}: {sorted(SKIPPED)}")
 
 
-def train_step(model, ref, tok, ids, exs, stop, opt, params, gen, autocast):
-    """Roll out B*G completions, score them, and update the policy -> a dict of statistics."""
+def rollout_round(model, tok, ids, exs, stop, gen, autocast):
+    """B prompts, G sampled completions each, scored -> one `round`: what the update needs, per row (B*G)
+    or per prompt (B)."""
     G, dev = group_size, device
     # 1) prompts with all of each example's images, each image encoded once for its G rows
     p = data.prompt_batch(exs, tok, min_pixels, max_pixels)
-    prompt_ids, mask, n_tok = p["input_ids"], p["attention_mask"], p["n_image_tokens"]
-    pvs = [torch.cat([pv for pv, _ in ims]) for ims in p["images"]]  # per prompt, for a tower that trains
-    grids = [torch.cat([g for _, g in ims]) for ims in p["images"]]
     with torch.no_grad(), autocast:
         feats = model.visual(p["pixel_values"].to(dev), p["grid_thw"])
     # 2) the rollout: B prompts prefilled once, G sampled rows each
@@ -166,14 +165,13 @@ def train_step(model, ref, tok, ids, exs, stop, opt, params, gen, autocast):
     t0 = time.time()
     model.eval()
     with autocast:
-        r = lvr.rollout(model, ids, prompt_ids.to(dev), None, p["grid_thw"], mask.to(dev), max_new_tokens,
-                        decoding, lvr_steps, force_end, max_latent_steps, threshold, metric, temperature,
-                        stop_ids=stop, generator=gen, feats=feats, group_size=G)
+        r = lvr.rollout(model, ids, p["input_ids"].to(dev), None, p["grid_thw"], p["attention_mask"].to(dev),
+                        max_new_tokens, decoding, lvr_steps, force_end, max_latent_steps, threshold, metric,
+                        temperature, stop_ids=stop, generator=gen, feats=feats, group_size=G)
     model.train()
-    rollout_s = time.time() - t0
-    T = prompt_ids.shape[1]
-    seqs, comp, act = r.tokens, r.tokens[:, T:], r.sampled  # act: (B*G, L) the decisions the policy sampled
-    # 3) rewards and group-relative advantages
+    T = p["input_ids"].shape[1]
+    comp = r.tokens[:, T:]
+    # 3) rewards
     scores, lengths = {k: [] for k in grpo.REWARDS}, []
     for i, row in enumerate(comp.tolist()):
         end = next((j + 1 for j, t in enumerate(row) if t in stop), len(row))
@@ -182,55 +180,97 @@ def train_step(model, ref, tok, ids, exs, stop, opt, params, gen, autocast):
         for k, fn in grpo.REWARDS.items():
             scores[k].append(fn(text, row[:end], exs[i // G]["answer"], ids, stop))
     scores = {k: torch.tensor(v) for k, v in scores.items()}
-    reward = accuracy_weight * scores["accuracy"] + format_weight * scores["format"]
-    adv = grpo.group_advantages(reward, G, scale_rewards).to(dev)
-    weights = grpo.loss_weights(act, loss_norm, max_new_tokens)
-    # 4) the training forward: one batched forward per micro-batch, recorded latents at the latent positions
-    attn = torch.cat([mask.repeat_interleave(G, 0).to(dev), torch.ones_like(comp)], 1)
-    exits = lvr.exit_tokens(ids, decoding) if decoding == "token" else []  # a sampled "continue" at latent steps
-    chunks = torch.arange(len(seqs), device=dev).split(micro_batch or len(seqs))
+    return {"T": T, "seqs": r.tokens, "latents": r.latents, "is_latent": r.is_latent, "act": r.sampled,
+            "attn": torch.cat([p["attention_mask"].repeat_interleave(G, 0).to(dev), torch.ones_like(comp)], 1),
+            "reward": accuracy_weight * scores["accuracy"] + format_weight * scores["format"], "scores": scores,
+            "lengths": torch.tensor(lengths), "rollout_s": time.time() - t0,
+            "feats": list(feats.split(p["n_image_tokens"])), "n_tok": p["n_image_tokens"],  # per prompt:
+            "pvs": [torch.cat([pv for pv, _ in ims]) for ims in p["images"]],  # its images, for a tower that trains
+            "grids": [torch.cat([g for _, g in ims]) for ims in p["images"]]}
 
-    def logprobs(m, rows, frozen):
-        """(rows, L) log-probs of the completion's decisions under model m. `frozen`: the rollout's image
-        features; None when the tower trains: m's own tower then encodes this micro-batch's prompts."""
+
+def keep_groups(rnd, keep):
+    """The round restricted to the groups (prompts) in the bool mask `keep` (B,)."""
+    rows = keep.repeat_interleave(group_size)
+    out = {k: (v[rows.to(v.device)] if torch.is_tensor(v) and len(v) == len(rows) else v) for k, v in rnd.items()}
+    out.update({k: [x for x, kept in zip(rnd[k], keep.tolist()) if kept] for k in ("feats", "n_tok", "pvs", "grids")})
+    return out
+
+
+def update(model, ref, ids, rounds, opt, params, autocast):
+    """4) the training forward over the kept groups of every round, micro-batch by micro-batch, one optimizer
+    step per PPO epoch -> (loss, KL per sampled decision). The normaliser spans all rounds."""
+    G, dev = group_size, device
+    exits = lvr.exit_tokens(ids, decoding) if decoding == "token" else []  # a sampled "continue" at latent steps
+    n_rows, n_act = sum(len(r["seqs"]) for r in rounds), sum(int(r["act"].sum()) for r in rounds)
+    work = []  # (round, its advantages, its loss weights, a micro-batch of its rows)
+    for r in rounds:
+        adv = grpo.group_advantages(r["reward"], G, scale_rewards).to(dev)
+        weights = grpo.loss_weights(r["act"], loss_norm, max_new_tokens, total=(n_rows, n_act))
+        work += [(r, adv, weights, c) for c in torch.arange(len(r["seqs"]), device=dev).split(micro_batch or n_rows)]
+
+    def logprobs(m, r, rows, frozen):
+        """(rows, L) log-probs of the completion's decisions under model m. frozen: use the rollout's image
+        features; else m's own tower encodes this micro-batch's prompts (the tower trains, or the reference's)."""
         of = (rows // G).tolist()  # each row's prompt
-        if frozen is None:
-            u = sorted(set(of))
-            f = m.visual(torch.cat([pvs[i] for i in u]).to(dev), torch.cat([grids[i] for i in u]))
-            f = dict(zip(u, f.split([n_tok[i] for i in u])))
+        if frozen:
+            f = r["feats"]
         else:
-            f = frozen.split(n_tok)
-        return grpo.completion_logprobs(m, seqs[rows], attn[rows], T, torch.cat([grids[i] for i in of]),
-                                       torch.cat([f[i] for i in of]), r.latents[rows], r.is_latent[rows],
-                                       temperature, exits)
-    frozen = feats if freeze_vision else None
-    ref_logp, old_logp = None, None
+            u = sorted(set(of))
+            f = m.visual(torch.cat([r["pvs"][i] for i in u]).to(dev), torch.cat([r["grids"][i] for i in u]))
+            f = dict(zip(u, f.split([r["n_tok"][i] for i in u])))
+        return grpo.completion_logprobs(m, r["seqs"][rows], r["attn"][rows], r["T"],
+                                        torch.cat([r["grids"][i] for i in of]), torch.cat([f[i] for i in of]),
+                                        r["latents"][rows], r["is_latent"][rows], temperature, exits)
+    ref_logp, old_logp = [None] * len(work), [None] * len(work)
     with torch.no_grad(), autocast:
         if ref is not None:
-            ref_logp = torch.cat([logprobs(ref, c, frozen) for c in chunks])
+            ref_logp = [logprobs(ref, r, c, freeze_vision) for r, _, _, c in work]
         if ppo_epochs > 1:  # the old policy of every epoch: this policy before its first update
-            old_logp = torch.cat([logprobs(model, c, frozen) for c in chunks])
+            old_logp = [logprobs(model, r, c, freeze_vision) for r, _, _, c in work]
     kl_sum, loss_sum = 0.0, 0.0  # become device tensors, read once at the end: no host sync per micro-batch
     for _ in range(ppo_epochs):
-        for c in chunks:
+        for (r, adv, weights, c), ref_lp, old_lp in zip(work, ref_logp, old_logp):
             with autocast:
-                logp = logprobs(model, c, frozen)
-                old = logp.detach() if old_logp is None else old_logp[c]  # one update: ratio exactly 1 (TRL)
-                loss, kl = grpo.grpo_loss(logp, old, adv[c], weights[c], None if ref_logp is None else ref_logp[c],
-                                         clip_eps, beta)
+                logp = logprobs(model, r, c, freeze_vision)
+                old = logp.detach() if old_lp is None else old_lp  # one update: ratio exactly 1 (TRL)
+                loss, kl = grpo.grpo_loss(logp, old, adv[c], weights[c], ref_lp, clip_eps, beta)
             loss.backward()
             loss_sum += loss.detach() / ppo_epochs
-            kl_sum += (kl.detach() * act[c]).sum() / ppo_epochs
+            kl_sum += (kl.detach() * r["act"][c]).sum() / ppo_epochs
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    groups = reward.view(-1, G)
-    return {"loss": float(loss_sum), "reward": float(reward.mean()), "accuracy": float(scores["accuracy"].mean()),
-            "format": float(scores["format"].mean()),
-            "flat_groups": float((groups.max(1).values == groups.min(1).values).float().mean()),
-            "kl": float(kl_sum) / max(1, int(act.sum())), "length": sum(lengths) / len(lengths),
-            "latent_steps": float(r.is_latent.sum(1).float().mean()), "rollout_tok_s": sum(lengths) / rollout_s}
+    return float(loss_sum), float(kl_sum) / max(1, n_act)
+
+
+def train_step(model, ref, tok, ids, records, drawn, stop, opt, params, gen, autocast):
+    """Roll out rounds of B prompts (one, or with filter_groups until B groups have reward spread, at most
+    max_draws), then update on the kept groups -> (statistics, prompts rounds drawn so far)."""
+    rounds, seen, kept = [], [], 0
+    while True:
+        rnd = rollout_round(model, tok, ids, prompts(drawn, records), stop, gen, autocast)
+        drawn += 1
+        seen.append(rnd)
+        groups = rnd["reward"].view(-1, group_size)
+        signal = groups.max(1).values != groups.min(1).values
+        keep = signal & (torch.cumsum(signal, 0) <= batch_size - kept) if filter_groups else torch.ones_like(signal)
+        if keep.any():
+            rounds.append(keep_groups(rnd, keep))
+            kept += int(keep.sum())
+        if not filter_groups or kept >= batch_size or len(seen) == max_draws:
+            break
+    loss, kl = update(model, ref, ids, rounds, opt, params, autocast) if rounds else (0.0, 0.0)
+    cat = {k: torch.cat([r[k] for r in seen]) for k in ("reward", "lengths", "is_latent")}
+    flat = torch.cat([(g.max(1).values == g.min(1).values) for g in (r["reward"].view(-1, group_size) for r in seen)])
+    lengths = cat["lengths"].float()
+    return {"loss": loss, "reward": float(cat["reward"].mean()),
+            "accuracy": float(torch.cat([r["scores"]["accuracy"] for r in seen]).mean()),
+            "format": float(torch.cat([r["scores"]["format"] for r in seen]).mean()),
+            "flat_groups": float(flat.float().mean()), "kept_groups": kept, "draws": len(seen),
+            "kl": kl, "length": float(lengths.mean()), "latent_steps": float(cat["is_latent"].sum(1).float().mean()),
+            "rollout_tok_s": float(lengths.sum()) / sum(r["rollout_s"] for r in seen)}, drawn
 
 
 if __name__ == "__main__":

@@ -224,3 +224,39 @@ def test_train_grpo_end_to_end_and_resume(tmp_path):
     assert min(x["flat_groups"] for x in la) < 1 and max(x["kl"] for x in la) > 0
     m0 = qwen.Qwen2_5_VL.from_pretrained(sft)
     assert not torch.equal(m0.model.layers[0].mlp.up_proj.weight, m1.model.layers[0].mlp.up_proj.weight)
+
+
+def test_filter_groups_trains_only_on_groups_with_signal(tmp_path, monkeypatch):
+    """DAPO's dynamic sampling: groups whose rewards are all equal are dropped, and more prompts are drawn
+    (at most max_draws rounds) until B groups have signal; without it, one round with every group."""
+    import train_grpo
+    sft = tmp_path / "sft"
+    tiny_model(sft)
+    # spread only on prompts whose answer is red, green or blue (by the parity of the first sampled token)
+    monkeypatch.setitem(grpo.REWARDS, "accuracy", lambda text, tokens, answer, *a: float(
+        answer in ("red", "green", "blue") and bool(tokens) and tokens[0] % 2))
+    monkeypatch.setitem(grpo.REWARDS, "format", lambda *a: 0.0)
+    trained = []
+    real_update = train_grpo.update
+    monkeypatch.setattr(train_grpo, "update", lambda model, ref, ids, rounds, *a: (
+        trained.append([r["reward"].view(-1, train_grpo.group_size) for r in rounds]),
+        real_update(model, ref, ids, rounds, *a))[1])
+    saved = dict(vars(train_grpo))
+    try:
+        logs = {}
+        for flag in ("true", "false"):
+            trained.clear()
+            out = tmp_path / f"g_{flag}"
+            train_grpo.main(["--init_from", str(sft), "--out_dir", str(out), "--batch_size", "4", "--group_size", "4",
+                             "--image_size", "112", "--max_pixels", "12544", "--max_new_tokens", "4", "--max_iters", "2",
+                             "--temperature", "2.0", "--filter_groups", flag, "--max_draws", "3", "--beta", "0"])
+            logs[flag] = torch.load(out / "train_state.pt", weights_only=True)
+            for groups in (g for step in trained for g in step):
+                spread = groups.max(1).values != groups.min(1).values
+                assert spread.all() if flag == "true" else len(groups) == 4  # only signal / every group
+        on, off = logs["true"], logs["false"]
+        assert off["drawn"] == 2 and all(x["draws"] == 1 for x in off["log"])
+        assert on["drawn"] == sum(x["draws"] for x in on["log"]) > 2  # it drew more to find signal
+        assert all(x["kept_groups"] <= 4 for x in on["log"]) and any(x["kept_groups"] > 0 for x in on["log"])
+    finally:
+        vars(train_grpo).update(saved)

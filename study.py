@@ -1,0 +1,223 @@
+"""
+The study: does each stage matter? Plain SFT, LVR, Mirage (stage 1 then 2) and LVR + GRPO (against
+an SFT control given the same extra wall time) on every synthetic task, several seeds, equal compute
+per task (the same steps x batch for every SFT method).
+
+    python study.py                    # the whole study: hours on 2 CPU cores, resumable, results as it goes
+    python study.py --tasks relation   # one task
+    python study.py --quick true       # a tiny version: CI's smoke test (no accuracy asserted)
+
+Protocol (one tuning budget for all): for each task and method, every learning rate in `lrs` is tried
+once with `tune_seed`, and the one with the best final accuracy on the validation split (train_sft's
+periodic held-out set, tasks.py's eval split) is kept; the reported runs use `seeds` (never used for
+tuning) and report eval.py's table on the test split. GRPO's learning rate is tuned the same way, on
+the tuned LVR run of `tune_seed`. Every finished run is one JSON line in `results` (a run already there
+is not redone), then the picture is drawn from that file (matplotlib, only here).
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+
+import cli
+
+# -----------------------------------------------------------------------------
+tasks = "colour,search,relation,imagine"  # comma-separated: which tasks
+methods = "none,lvr,mirage,grpo"  # comma-separated: none | lvr | mirage | grpo (LVR, then GRPO; with its control)
+seeds = "1,2,3"  # comma-separated: the reported seeds
+tune_seed = 0  # [0, inf) the seed of the tuning runs (never reported)
+lrs = "1e-3,3e-3"  # comma-separated: the SFT learning rates each method tries
+grpo_lrs = "2e-5,1e-4"  # comma-separated: the GRPO learning rates tried
+max_iters = 1500  # [2, inf) SFT steps per run (Mirage: three quarters stage 1, a quarter stage 2)
+batch_size = 16  # [1, inf) examples per SFT step
+eval_interval = 300  # [1, inf) points on the learning curve (validation accuracy)
+eval_examples = 128  # [1, inf) validation examples per point
+test_examples = 256  # [1, inf) test examples for the reported table
+grpo_iters = 60  # [1, inf) GRPO steps on top of LVR
+results = "assets/study.jsonl"  # one JSON line per finished run
+picture = "assets/study.png"  # held-out accuracy against steps, per task and method
+work_dir = "study_runs"  # checkpoints of the runs (large; not committed)
+quick = False  # a tiny version of everything, for CI
+# -----------------------------------------------------------------------------
+
+
+def run(script, *args):
+    """Run a script -> (stdout, wall seconds); a failure stops the study with its error."""
+    t0 = time.time()
+    r = subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+    if r.returncode != 0:
+        raise cli.InputError(f"{script} {' '.join(map(str, args))} failed: {r.stderr.strip().splitlines()[-1]}")
+    return r.stdout, time.time() - t0
+
+
+def curve(stdout):
+    """train_sft's periodic held-out accuracies -> [[step, accuracy], ...]."""
+    return [[int(s), float(a)] for s, a in re.findall(r"step (\d+): held-out accuracy ([\d.]+)", stdout)]
+
+
+def table(stdout):
+    """eval.py's rows -> {row name: {accuracy, format, latent_steps, hit_rate}}, and the norm ratio."""
+    rows = {}
+    for m in re.finditer(r"^(with latents|latents disabled|dummy latents|swapped latents|oracle latents)\s+"
+                         r"([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+|-)$", stdout, re.M):
+        rows[m.group(1)] = {"accuracy": float(m.group(2)), "format": float(m.group(3)),
+                            "latent_steps": float(m.group(4)), "hit_rate": None if m.group(5) == "-" else float(m.group(5))}
+    norm = re.search(r"latent norm / target norm \(own latents\): ([\d.]+)", stdout)
+    return rows, float(norm.group(1)) if norm else None
+
+
+def sft(task, method, seed, lr, out):
+    """One SFT run (Mirage: stage 1 then stage 2) -> record fields."""
+    common = ["--task", task, "--batch_size", batch_size, "--eval_interval", eval_interval, "--eval_examples",
+              eval_examples, "--seed", seed, "--lr", lr, "--min_lr", lr / 10, "--warmup_iters", min(50, max_iters // 10)]
+    if method != "mirage":
+        stdout, wall = run("train_sft.py", *common, "--method", method, "--max_iters", max_iters, "--out_dir", out)
+        return {"curve": curve(stdout), "wall_s": wall}
+    n1 = max_iters * 3 // 4
+    s1, w1 = run("train_sft.py", *common, "--method", "mirage", "--max_iters", n1, "--out_dir", out + "_stage1")
+    s2, w2 = run("train_sft.py", *common, "--method", "mirage", "--stage", 2, "--init_from", out + "_stage1",
+                 "--latent_loss", "cosine", "--ce_weight", 1.0, "--latent_weight", 0.1, "--warmup_iters", 0,
+                 "--max_iters", max_iters - n1, "--out_dir", out)
+    return {"curve": curve(s1) + [[n1 + s, a] for s, a in curve(s2)], "wall_s": w1 + w2}
+
+
+def evaluate(task, method, out):
+    stdout, _ = run("eval.py", "--init_from", out, "--task", task, "--n_examples", test_examples,
+                    *(["--decoding", "steps", "--lvr_steps", 4] if method == "mirage" else []))
+    rows, norm = table(stdout)
+    return {"test": rows, "norm_ratio": norm}
+
+
+def grpo(task, seed, lr, lvr_out, out, control_out, sft_step_s, sft_end_lr):
+    """GRPO on an LVR checkpoint, and its control: the same checkpoint trained further with SFT (at the
+    end of its schedule's learning rate) for the same wall time."""
+    _, wall = run("train_grpo.py", "--init_from", lvr_out, "--task", task, "--seed", seed, "--lr", lr,
+                  "--max_iters", grpo_iters, "--eval_interval", grpo_iters, "--out_dir", out)
+    log = torch.load(os.path.join(out, "train_state.pt"), weights_only=True)["log"]
+    rec = {"wall_s": wall, "grpo_log": [{k: x[k] for k in ("reward", "flat_groups", "kept_groups", "draws", "kl")}
+                                        for x in log]}
+    n = max(1, round(wall / sft_step_s))
+    _, cwall = run("train_sft.py", "--init_from", lvr_out, "--task", task, "--seed", seed, "--method", "lvr",
+                   "--latent_loss", "cosine", "--ce_weight", 1.0, "--latent_weight", 0.1, "--lr", sft_end_lr,
+                   "--min_lr", sft_end_lr, "--warmup_iters", 0, "--max_iters", n, "--eval_interval", n,
+                   "--eval_examples", eval_examples, "--batch_size", batch_size, "--out_dir", control_out)
+    return rec, {"wall_s": cwall, "steps": n}
+
+
+def main(argv):
+    cli.configure(globals(), argv)
+    if quick:  # every stage, tiny: one task, one seed, one learning rate, a few steps
+        globals().update(tasks="relation", max_iters=4, eval_interval=2, eval_examples=4, test_examples=4,
+                         grpo_iters=1, seeds="1", lrs="1e-3", grpo_lrs="2e-5")
+    os.makedirs(os.path.dirname(results) or ".", exist_ok=True)
+    done = {}
+    if os.path.exists(results):
+        for line in open(results):
+            r = json.loads(line)
+            done[r["key"]] = r
+
+    def record(key, fn):
+        """The result of `key`, from the file, or computed now and appended (a finished run is never redone)."""
+        if key not in done:
+            rec = {"key": key, **fn()}
+            with open(results, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            done[key] = rec
+            print(f"{key}: {json.dumps({k: v for k, v in rec.items() if k != 'key'})[:300]}", flush=True)
+        return done[key]
+
+    def one(task, method, seed, lr):
+        out = os.path.join(work_dir, f"{task}_{method}_s{seed}_lr{lr}")
+        def go():
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(out + "_stage1", ignore_errors=True)
+            rec = sft(task, method, seed, lr, out)
+            return {**rec, **(evaluate(task, method, out) if seed != tune_seed else {})}
+        return record(f"{task}/{method}/seed{seed}/lr{lr}", go), out
+
+    for task in tasks.split(","):
+        sft_methods = [m for m in methods.split(",") if m != "grpo"] + (["lvr"] if "grpo" in methods else [])
+        best = {}
+        for method in dict.fromkeys(sft_methods):  # 1) tuning: every lr once, tune_seed, validation accuracy
+            trials = {float(lr): one(task, method, tune_seed, float(lr))[0] for lr in lrs.split(",")}
+            best[method] = max(trials, key=lambda lr: (trials[lr]["curve"] or [[0, 0.0]])[-1][1])
+        for method in dict.fromkeys(sft_methods):  # 2) the reported seeds at the tuned lr
+            for seed in seeds.split(","):
+                one(task, method, int(seed), best[method])
+        if "grpo" not in methods:
+            continue
+        lvr_tune = one(task, "lvr", tune_seed, best["lvr"])
+        step_s = lvr_tune[0]["wall_s"] / max_iters
+
+        def grpo_run(seed, glr):
+            _, lvr_out = one(task, "lvr", seed, best["lvr"])
+            out = os.path.join(work_dir, f"{task}_grpo_s{seed}_lr{glr}")
+            def go():
+                for d in (out, out + "_control"):
+                    shutil.rmtree(d, ignore_errors=True)
+                rec, control = grpo(task, seed, glr, lvr_out, out, out + "_control", step_s, best["lvr"] / 10)
+                if seed == tune_seed:  # tuning: the validation split, as for SFT
+                    stdout, _ = run("eval.py", "--init_from", out, "--task", task, "--n_examples", eval_examples,
+                                    "--split", "eval")
+                    return {**rec, "val": table(stdout)[0]}
+                return {**rec, **evaluate(task, "lvr", out), "control": {**control, **evaluate(task, "lvr", out + "_control")}}
+            return record(f"{task}/grpo/seed{seed}/lr{glr}", go)
+        trials = {float(g): grpo_run(tune_seed, float(g)) for g in grpo_lrs.split(",")}
+        best_g = max(trials, key=lambda g: trials[g]["val"].get("with latents", {}).get("accuracy", 0.0))
+        for seed in seeds.split(","):
+            grpo_run(int(seed), best_g)
+    draw(list(done.values()))
+
+
+def draw(recs):
+    """Held-out (validation) accuracy against SFT steps, mean over the reported seeds with min-max shaded,
+    one panel per task; GRPO and its control as markers at the end (test accuracy)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no picture (pip install matplotlib)")
+        return
+    names = [t for t in tasks.split(",") if any(r["key"].startswith(t + "/") for r in recs)]
+    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4.2 * max(1, len(names)), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], names):
+        for method, colour in (("none", "tab:gray"), ("lvr", "tab:blue"), ("mirage", "tab:green")):
+            runs = [r for r in recs if r["key"].startswith(f"{task}/{method}/") and "test" in r and r["curve"]]
+            if not runs:
+                continue
+            steps = [s for s, _ in runs[0]["curve"]]
+            accs = [[dict(r["curve"]).get(s, float("nan")) for s in steps] for r in runs]
+            mean = [sum(a[i] for a in accs) / len(accs) for i in range(len(steps))]
+            ax.plot(steps, mean, color=colour, label={"none": "plain SFT"}.get(method, method.upper() if method == "lvr" else "Mirage"))
+            ax.fill_between(steps, [min(a[i] for a in accs) for i in range(len(steps))],
+                            [max(a[i] for a in accs) for i in range(len(steps))], color=colour, alpha=0.2)
+        for key, colour, label in (("grpo", "tab:red", "LVR + GRPO"), ("control", "tab:orange", "LVR + SFT (control)")):
+            g = [r for r in recs if r["key"].startswith(f"{task}/grpo/") and "test" in r]
+            vals = [(r if key == "grpo" else r["control"])["test"].get("with latents", {}).get("accuracy") for r in g]
+            vals = [v for v in vals if v is not None]
+            if vals:
+                x = max((s for r in recs if r["key"].startswith(f"{task}/lvr/") for s, _ in r["curve"]), default=0)
+                ax.errorbar([x * (1.03 if key == "grpo" else 1.06)], [sum(vals) / len(vals)],
+                            yerr=[[sum(vals) / len(vals) - min(vals)], [max(vals) - sum(vals) / len(vals)]],
+                            fmt="o", color=colour, label=label + " (test)")
+        ax.set_title(task)
+        ax.set_xlabel("SFT steps (batch 16)")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out accuracy")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(picture) or ".", exist_ok=True)
+    fig.savefig(picture, dpi=110)
+    print(f"wrote {picture}")
+
+
+if __name__ == "__main__":
+    cli.run(main)
