@@ -172,6 +172,7 @@ def main(argv):
         best_g = max(trials, key=lambda g: trials[g]["val"].get("with latents", {}).get("accuracy", 0.0))
         for seed in seeds.split(","):
             grpo_run(int(seed), best_g)
+        draw(list(done.values()))  # after every task: the picture so far
     draw(list(done.values()))
 
 
