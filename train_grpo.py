@@ -262,14 +262,14 @@ def train_step(model, ref, tok, ids, records, drawn, stop, opt, params, gen, aut
         if not filter_groups or kept >= batch_size or len(seen) == max_draws:
             break
     loss, kl = update(model, ref, ids, rounds, opt, params, autocast) if rounds else (0.0, 0.0)
-    cat = {k: torch.cat([r[k] for r in seen]) for k in ("reward", "lengths", "is_latent")}
+    reward, lengths = torch.cat([r["reward"] for r in seen]), torch.cat([r["lengths"] for r in seen]).float()
     flat = torch.cat([(g.max(1).values == g.min(1).values) for g in (r["reward"].view(-1, group_size) for r in seen)])
-    lengths = cat["lengths"].float()
-    return {"loss": loss, "reward": float(cat["reward"].mean()),
+    latent_steps = torch.cat([r["is_latent"].sum(1) for r in seen]).float()  # (rounds differ in length)
+    return {"loss": loss, "reward": float(reward.mean()),
             "accuracy": float(torch.cat([r["scores"]["accuracy"] for r in seen]).mean()),
             "format": float(torch.cat([r["scores"]["format"] for r in seen]).mean()),
             "flat_groups": float(flat.float().mean()), "kept_groups": kept, "draws": len(seen),
-            "kl": kl, "length": float(lengths.mean()), "latent_steps": float(cat["is_latent"].sum(1).float().mean()),
+            "kl": kl, "length": float(lengths.mean()), "latent_steps": float(latent_steps.mean()),
             "rollout_tok_s": float(lengths.sum()) / sum(r["rollout_s"] for r in seen)}, drawn
 
 

@@ -248,7 +248,7 @@ def test_filter_groups_trains_only_on_groups_with_signal(tmp_path, monkeypatch):
             trained.clear()
             out = tmp_path / f"g_{flag}"
             train_grpo.main(["--init_from", str(sft), "--out_dir", str(out), "--batch_size", "4", "--group_size", "4",
-                             "--image_size", "112", "--max_pixels", "12544", "--max_new_tokens", "4", "--max_iters", "2",
+                             "--image_size", "112", "--max_pixels", "12544", "--max_new_tokens", "8", "--max_iters", "2",
                              "--temperature", "2.0", "--filter_groups", flag, "--max_draws", "3", "--beta", "0"])
             logs[flag] = torch.load(out / "train_state.pt", weights_only=True)
             for groups in (g for step in trained for g in step):
