@@ -137,7 +137,7 @@ def encode(ex, tok, ids, method="lvr", max_latents=0, k=4, latent_end=False, min
     helper = vision.preprocess(ex["helper"], min_pixels, max_pixels) if method == "mirage" else None
     seq, pos, slot, groups, end_pos = list(prompt), [], [], [], []
     # Mirage imagines one helper image: one span, however many looks the LVR answer has
-    assistant = "<lvr>" + ex["assistant"].replace("<lvr>", "") if method == "mirage" else ex["assistant"]
+    assistant = "<lvr>\n" + ex["assistant"].replace("<lvr>", "").lstrip("\n") if method == "mirage" else ex["assistant"]
     for i, text in enumerate(assistant.split("<lvr>")):
         if i > 0 and method != "none":  # a latent span, for the <lvr> before this piece of text
             if method == "mirage":
