@@ -43,6 +43,7 @@ results = "assets/study.jsonl"  # one JSON line per finished run
 picture = "assets/study.png"  # held-out accuracy against steps, per task and method
 work_dir = "study_runs"  # checkpoints of the runs (large; not committed)
 quick = False  # a tiny version of everything, for CI
+report = False  # run nothing: print the results table (markdown, for the README) and draw the picture
 # -----------------------------------------------------------------------------
 
 
@@ -110,8 +111,43 @@ def grpo(task, seed, lr, lvr_out, out, control_out, sft_step_s, sft_end_lr):
     return rec, {"wall_s": cwall, "steps": n}
 
 
+def summary(recs):
+    """The results table: per task and method, test accuracy mean ± std over the reported seeds (each
+    seed's value), the diagnostics' accuracies, hit rate, latent/target norm, and wall time per run."""
+    def ms(v):
+        m = sum(v) / len(v)
+        sd = (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
+        return f"{m:.3f} ± {sd:.3f} ({', '.join(f'{x:.3f}' for x in v)})"
+    lines = ["| task | method | accuracy (seeds) | disabled | dummy | swapped | oracle | hit rate | norm | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for task in tasks.split(","):
+        for method in ("none", "lvr", "mirage", "grpo", "control"):
+            src = "grpo" if method == "control" else method
+            runs = [r for r in recs if r["key"].startswith(f"{task}/{src}/") and "test" in r]
+            runs = [{**r["control"], "norm_ratio": None} if method == "control" else r for r in runs]
+            if not runs:
+                continue
+            def col(row, k="accuracy"):
+                v = [r["test"][row][k] for r in runs if row in r["test"] and r["test"][row][k] is not None]
+                return f"{sum(v) / len(v):.3f}" if v else "-"
+            norms = [r["norm_ratio"] for r in runs if r.get("norm_ratio")]
+            name = {"none": "plain SFT", "lvr": "LVR", "mirage": "Mirage", "grpo": "LVR + GRPO",
+                    "control": "LVR + SFT (control)"}[method]
+            lines.append(f"| {task} | {name} | {ms([r['test']['with latents']['accuracy'] for r in runs])} | "
+                         f"{col('latents disabled')} | {col('dummy latents')} | {col('swapped latents')} | "
+                         f"{col('oracle latents')} | {col('with latents', 'hit_rate')} | "
+                         f"{f'{sum(norms) / len(norms):.2f}' if norms else '-'} | "
+                         f"{sum(r['wall_s'] for r in runs) / len(runs):.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv):
     cli.configure(globals(), argv)
+    if report:
+        recs = [json.loads(line) for line in open(results)] if os.path.exists(results) else []
+        print(summary(recs))
+        draw(recs)
+        return
     if quick:  # every stage, tiny: one task, one seed, one learning rate, a few steps
         globals().update(tasks="relation", max_iters=4, eval_interval=2, eval_examples=4, test_examples=4,
                          grpo_iters=1, seeds="1", lrs="1e-3", grpo_lrs="2e-5")

@@ -20,3 +20,8 @@ def test_study_quick_runs_every_stage_and_resumes(tmp_path):
     assert all(x["curve"] for x in recs if "curve" in x) and (tmp_path / "s.png").stat().st_size > 0
     r = run(*args)  # resumes: every run is in the file already
     assert r.returncode == 0 and len(open(tmp_path / "r.jsonl").readlines()) == len(recs), r.stderr
+    r = run(*args, "--report", "true")  # the table, from the file alone
+    assert r.returncode == 0 and "| relation | LVR + SFT (control) |" in r.stdout, r.stderr
+    row = next(x for x in r.stdout.splitlines() if x.startswith("| relation | LVR |"))
+    lvr = next(x for x in recs if x["key"] == "relation/lvr/seed1/lr0.001")
+    assert f"{lvr['test']['with latents']['accuracy']:.3f} ± 0.000" in row
