@@ -1,6 +1,6 @@
 """
 The study: does each stage matter? Plain SFT, LVR, Mirage (stage 1 then 2) and LVR + GRPO (against
-an SFT control given the same extra wall time) on every synthetic task, several seeds, equal compute
+an SFT control given the same extra compute) on every synthetic task, several seeds, equal compute
 per task (the same steps x batch for every SFT method).
 
     python study.py                    # the whole study: hours on 2 CPU cores, resumable, results as it goes
@@ -17,6 +17,7 @@ is not redone), then the picture is drawn from that file (matplotlib, only here)
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -48,13 +49,20 @@ report = False  # run nothing: print the results table (markdown, for the README
 
 
 def run(script, *args):
-    """Run a script -> (stdout, wall seconds); a failure stops the study with its error."""
-    t0 = time.time()
+    """Run a script -> (stdout, seconds); a failure stops the study with its error. The seconds are the
+    child's CPU time (user + system), which another program on the machine disturbs far less than the
+    wall clock does; the wall clock is added to `WALL`."""
+    t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     r = subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.abspath(__file__)))
     if r.returncode != 0:
         raise cli.InputError(f"{script} {' '.join(map(str, args))} failed: {r.stderr.strip().splitlines()[-1]}")
-    return r.stdout, time.time() - t0
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    WALL.append(time.time() - t0)
+    return r.stdout, (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
+
+
+WALL = []  # wall seconds of every script run, in order
 
 
 def curve(stdout):
@@ -78,14 +86,14 @@ def sft(task, method, seed, lr, out):
     common = ["--task", task, "--batch_size", batch_size, "--eval_interval", eval_interval, "--eval_examples",
               eval_examples, "--seed", seed, "--lr", lr, "--min_lr", lr / 10, "--warmup_iters", min(50, max_iters // 10)]
     if method != "mirage":
-        stdout, wall = run("train_sft.py", *common, "--method", method, "--max_iters", max_iters, "--out_dir", out)
-        return {"curve": curve(stdout), "wall_s": wall}
+        stdout, cpu = run("train_sft.py", *common, "--method", method, "--max_iters", max_iters, "--out_dir", out)
+        return {"curve": curve(stdout), "cpu_s": cpu, "wall_s": WALL[-1]}
     n1 = max_iters * 3 // 4
     s1, w1 = run("train_sft.py", *common, "--method", "mirage", "--max_iters", n1, "--out_dir", out + "_stage1")
     s2, w2 = run("train_sft.py", *common, "--method", "mirage", "--stage", 2, "--init_from", out + "_stage1",
                  "--latent_loss", "cosine", "--ce_weight", 1.0, "--latent_weight", 0.1, "--warmup_iters", 0,
                  "--max_iters", max_iters - n1, "--out_dir", out)
-    return {"curve": curve(s1) + [[n1 + s, a] for s, a in curve(s2)], "wall_s": w1 + w2}
+    return {"curve": curve(s1) + [[n1 + s, a] for s, a in curve(s2)], "cpu_s": w1 + w2, "wall_s": sum(WALL[-2:])}
 
 
 def evaluate(task, method, out):
@@ -97,28 +105,28 @@ def evaluate(task, method, out):
 
 def grpo(task, seed, lr, lvr_out, out, control_out, sft_step_s, sft_end_lr):
     """GRPO on an LVR checkpoint, and its control: the same checkpoint trained further with SFT (at the
-    end of its schedule's learning rate) for the same wall time."""
-    _, wall = run("train_grpo.py", "--init_from", lvr_out, "--task", task, "--seed", seed, "--lr", lr,
+    end of its schedule's learning rate) for the same CPU time."""
+    _, cpu = run("train_grpo.py", "--init_from", lvr_out, "--task", task, "--seed", seed, "--lr", lr,
                   "--max_iters", grpo_iters, "--eval_interval", grpo_iters, "--out_dir", out)
     log = torch.load(os.path.join(out, "train_state.pt"), weights_only=True)["log"]
-    rec = {"wall_s": wall, "grpo_log": [{k: x[k] for k in ("reward", "flat_groups", "kept_groups", "draws", "kl")}
+    rec = {"cpu_s": cpu, "wall_s": WALL[-1], "grpo_log": [{k: x[k] for k in ("reward", "flat_groups", "kept_groups", "draws", "kl")}
                                         for x in log]}
-    n = max(1, round(wall / sft_step_s))
-    _, cwall = run("train_sft.py", "--init_from", lvr_out, "--task", task, "--seed", seed, "--method", "lvr",
+    n = max(1, round(cpu / sft_step_s))
+    _, ccpu = run("train_sft.py", "--init_from", lvr_out, "--task", task, "--seed", seed, "--method", "lvr",
                    "--latent_loss", "cosine", "--ce_weight", 1.0, "--latent_weight", 0.1, "--lr", sft_end_lr,
                    "--min_lr", sft_end_lr, "--warmup_iters", 0, "--max_iters", n, "--eval_interval", n,
                    "--eval_examples", eval_examples, "--batch_size", batch_size, "--out_dir", control_out)
-    return rec, {"wall_s": cwall, "steps": n}
+    return rec, {"cpu_s": ccpu, "wall_s": WALL[-1], "steps": n}
 
 
 def summary(recs):
     """The results table: per task and method, test accuracy mean ± std over the reported seeds (each
-    seed's value), the diagnostics' accuracies, hit rate, latent/target norm, and wall time per run."""
+    seed's value), the diagnostics' accuracies, hit rate, latent/target norm, and CPU time per run."""
     def ms(v):
         m = sum(v) / len(v)
         sd = (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
         return f"{m:.3f} ± {sd:.3f} ({', '.join(f'{x:.3f}' for x in v)})"
-    lines = ["| task | method | accuracy (seeds) | disabled | dummy | swapped | oracle | hit rate | norm | wall s |",
+    lines = ["| task | method | accuracy (seeds) | disabled | dummy | swapped | oracle | hit rate | norm | CPU s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for task in tasks.split(","):
         for method in ("none", "lvr", "mirage", "grpo", "control"):
@@ -137,7 +145,7 @@ def summary(recs):
                          f"{col('latents disabled')} | {col('dummy latents')} | {col('swapped latents')} | "
                          f"{col('oracle latents')} | {col('with latents', 'hit_rate')} | "
                          f"{f'{sum(norms) / len(norms):.2f}' if norms else '-'} | "
-                         f"{sum(r['wall_s'] for r in runs) / len(runs):.0f} |")
+                         f"{sum(r['cpu_s'] for r in runs) / len(runs):.0f} |")
     return "\n".join(lines)
 
 
@@ -189,7 +197,7 @@ def main(argv):
         if "grpo" not in methods:
             continue
         lvr_tune = one(task, "lvr", tune_seed, best["lvr"])
-        step_s = lvr_tune[0]["wall_s"] / max_iters
+        step_s = lvr_tune[0]["cpu_s"] / max_iters  # CPU seconds per SFT step, startup and evaluations included
 
         def grpo_run(seed, glr):
             _, lvr_out = one(task, "lvr", seed, best["lvr"])
