@@ -48,7 +48,8 @@ end_threshold = 0.0  # [0, inf) `latent` exit threshold (0 = the checkpoint's, e
 ppo_epochs = 1  # [1, inf) updates per rollout batch; > 1 makes the clip bite
 filter_groups = True  # keep only groups whose rewards differ (DAPO's dynamic sampling), drawing more prompts
 max_draws = 4  # [1, inf) with filter_groups: at most this many rounds of B prompts per step to find B groups
-micro_batch = 0  # [0, inf) rows per training forward/backward (0 = all B*G at once)
+micro_batch_tokens = 0  # [0, inf) tokens (rows x padded length) per training forward/backward (0 = every row at once)
+grad_checkpointing = False  # recompute decoder layers in backward to save memory
 clip_eps = 0.2  # (0, 1) PPO clip range
 beta = 0.04  # [0, inf) weight of the k3 KL to the reference (0 = no reference model is loaded)
 scale_rewards = True  # divide advantages by the group std (False = Dr. GRPO)
@@ -113,6 +114,7 @@ def main(argv):
         if freeze_vision:
             del ref.visual  # never run: both models read the image features the policy's frozen tower computed
     model.train()
+    model.grad_checkpointing = grad_checkpointing
     if freeze_vision:
         model.visual.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -207,7 +209,8 @@ def update(model, ref, ids, rounds, opt, params, autocast):
     for r in rounds:
         adv = grpo.group_advantages(r["reward"], G, scale_rewards).to(dev)
         weights = grpo.loss_weights(r["act"], loss_norm, max_new_tokens, total=(n_rows, n_act))
-        work += [(r, adv, weights, c) for c in torch.arange(len(r["seqs"]), device=dev).split(micro_batch or n_rows)]
+        rows = max(1, micro_batch_tokens // r["seqs"].shape[1]) if micro_batch_tokens else n_rows  # a token budget
+        work += [(r, adv, weights, c) for c in torch.arange(len(r["seqs"]), device=dev).split(rows)]
 
     def logprobs(m, r, rows, frozen):
         """(rows, L) log-probs of the completion's decisions under model m. frozen: use the rollout's image

@@ -165,12 +165,15 @@ def test_grpo_first_update_ratio_one_kl_zero_and_the_tower_trains(tmp_path, monk
             train_grpo.main([*extra, "--init_from", str(sft), "--out_dir", str(tmp_path / f"g{i}"), "--batch_size", "2",
                              "--group_size", "4", "--image_size", "112", "--max_pixels", "12544", "--max_new_tokens",
                              "6", "--max_iters", "1", "--temperature", "1.5", "--lr", "1e-2", "--dtype", dtype,
-                             "--freeze_vision", freeze, "--micro_batch", "3"])
-            assert len(seen) == 3 * (1 + ("--ppo_epochs" in extra))  # three micro-batches per epoch
-            for logp, old, ref, adv in seen[:3]:
+                             "--freeze_vision", freeze, "--micro_batch_tokens", "200"])
+            epochs = 1 + ("--ppo_epochs" in extra)  # micro-batches of at most 200 tokens, every row once per epoch
+            assert len(seen) % epochs == 0 and len(seen) // epochs > 1
+            assert sum(len(x[0]) for x in seen) == 8 * epochs
+            first = seen[:len(seen) // epochs]
+            for logp, old, ref, adv in first:
                 assert torch.equal(logp, old) and torch.equal(ref, logp), dtype  # ratio exactly 1, KL exactly 0
-            for logp, old, ref, adv in seen[3:]:  # a second epoch: the same old log-probs, a moved policy
-                assert not torch.equal(logp, old) and any(torch.equal(old, o) for _, o, _, _ in seen[:3])
+            for logp, old, ref, adv in seen[len(first):]:  # a second epoch: the same old log-probs, a moved policy
+                assert not torch.equal(logp, old) and any(torch.equal(old, o) for _, o, _, _ in first)
             assert any(a.abs().sum() > 0 for *_, a in seen)  # the reward had spread: a real update
         trained = qwen.Qwen2_5_VL.from_pretrained(str(tmp_path / "g1"))
         frozen = qwen.Qwen2_5_VL.from_pretrained(str(tmp_path / "g0"))
@@ -202,14 +205,14 @@ def test_train_grpo_end_to_end_and_resume(tmp_path):
     common = ["--init_from", sft, "--batch_size", "2", "--group_size", "4", "--image_size", "112",
               "--max_pixels", "12544", "--max_new_tokens", "12", "--eval_interval", "2", "--lr", "1e-3",
               "--decoding", "steps", "--lvr_steps", "2", "--temperature", "1.5"]
-    r = run("train_grpo.py", *common, "--max_iters", "4", "--out_dir", a, "--micro_batch", "3", "--ppo_epochs", "2")
+    r = run("train_grpo.py", *common, "--max_iters", "4", "--out_dir", a, "--micro_batch_tokens", "200", "--ppo_epochs", "2")
     assert r.returncode == 0, r.stderr
     assert "reward" in r.stdout and "flat_groups" in r.stdout and "rollout_tok_s" in r.stdout
     # Ctrl-C in step 2's second update (zero_grad call 4): the step finishes, is saved, and the run exits
     r = run("-c", SIGNALLED.format(script="train_grpo.py", at=4, rank=0, sigs=["SIGINT"], args=[
-        *common, "--max_iters", "4", "--out_dir", b, "--micro_batch", "3", "--ppo_epochs", "2"]))
+        *common, "--max_iters", "4", "--out_dir", b, "--micro_batch_tokens", "200", "--ppo_epochs", "2"]))
     assert r.returncode == 130 and f"stopped: saved step 2 to {b}" in r.stdout, r.stderr
-    r = run("train_grpo.py", *common, "--max_iters", "4", "--out_dir", b, "--micro_batch", "3", "--ppo_epochs", "2",
+    r = run("train_grpo.py", *common, "--max_iters", "4", "--out_dir", b, "--micro_batch_tokens", "200", "--ppo_epochs", "2",
             "--resume", "true")
     assert r.returncode == 0, r.stderr
     assert "resuming with changed settings" not in r.stdout  # the same flags as the interrupted run
@@ -260,3 +263,38 @@ def test_filter_groups_trains_only_on_groups_with_signal(tmp_path, monkeypatch):
         assert all(x["kept_groups"] <= 4 for x in on["log"]) and any(x["kept_groups"] > 0 for x in on["log"])
     finally:
         vars(train_grpo).update(saved)
+
+
+def test_micro_batch_tokens_and_checkpointing_give_the_unsplit_gradient(tmp_path, monkeypatch):
+    """A batch split by --micro_batch_tokens (and recomputed by --grad_checkpointing) sums to the gradient
+    of the whole batch at once."""
+    import train_grpo
+    model, tok, ids = tiny_model(tmp_path, seed=3)
+    monkeypatch.setitem(grpo.REWARDS, "accuracy", lambda text, tokens, *a: float(tokens[0] % 2 if tokens else 0))
+    exs = [tasks.synthetic("grpo", i, 0, 112) for i in range(2)]
+    for k, v in dict(group_size=4, batch_size=2, max_new_tokens=6, temperature=1.5, min_pixels=3136,
+                     max_pixels=12544, beta=0.0).items():
+        monkeypatch.setattr(train_grpo, k, v)
+    rnd = train_grpo.rollout_round(model, tok, ids, exs, [tok.im_end], torch.Generator().manual_seed(0),
+                                   torch.autocast("cpu", enabled=False))
+    assert rnd["reward"].view(2, 4).std(1).max() > 0  # a reward with spread: a real gradient
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    class Grads:  # an optimizer that keeps the gradient it is given
+        def step(self):
+            self.g = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+        def zero_grad(self, set_to_none=True):
+            model.zero_grad(set_to_none=True)
+    got = {}
+    for tokens, ckpt in ((0, False), (2 * rnd["seqs"].shape[1], False), (rnd["seqs"].shape[1], True)):
+        monkeypatch.setattr(train_grpo, "micro_batch_tokens", tokens)  # all rows; 2 rows; 1 row at a time
+        model.grad_checkpointing = ckpt
+        opt = Grads()
+        train_grpo.update(model, None, ids, [rnd], opt, params, torch.autocast("cpu", enabled=False))
+        got[(tokens, ckpt)] = opt.g
+    whole, *split = got.values()
+    assert any(g.abs().sum() > 0 for g in whole)
+    for other in split:
+        for a, b in zip(whole, other):
+            assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
