@@ -3,7 +3,6 @@ Speed and memory: ours vs the reference transformers Qwen2.5-VL, same random wei
 
     python bench.py                                  # tiny + 0.5B-shaped, CPU fp32 (~6 min on 2 cores)
     python bench.py --sizes 3b --device cuda --dtype bfloat16 --peak_tflops 989 --sft_batch 16  # 3B, a GPU
-
 Nothing is downloaded: each size is a random checkpoint written by our save_pretrained, which
 the reference loads too. Each time is the median of `repeats` rounds after a warm-up round, ours
 and the reference's taking turns within a round; a ratio is our speed over the reference's
@@ -11,8 +10,8 @@ and the reference's taking turns within a round; a ratio is our speed over the r
 generate, so prefill is excluded; the bandwidth floor is the measured copy bandwidth over the
 LM weight bytes one decode step reads. The GRPO rollout runs train_grpo's B x G rows in one call
 (one prefill per prompt) against one row at a time. Peak load memory is measured in a fresh
-process loading the checkpoint and reading every weight, over the file size. SFT model FLOPs:
-6 per LM weight per token (embedding table excluded, attention ignored) + the tower's forward.
+process loading the checkpoint and reading every weight, over the file size. SFT FLOPs: 6 per LM
+weight per token (no embedding table, no attention) + the tower's forward.
 """
 import os
 import shutil
@@ -237,8 +236,7 @@ def bench_size(size, rows):
 
 def main(argv):
     cli.configure(globals(), argv)
-    cli.require(sizes and set(sizes.split(",")) <= {"tiny", "0.5b", "3b"},
-                f"--sizes must be a comma-separated list of tiny, 0.5b, 3b; got {sizes!r}")
+    cli.require(set(sizes.split(",")) <= {"tiny", "0.5b", "3b"}, f"--sizes must be a comma-separated list of tiny, 0.5b, 3b; got {sizes!r}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, {dtype}")
     rows = []
     for size in sizes.split(","):
