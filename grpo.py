@@ -119,6 +119,20 @@ def grpo_loss(logp, old_logp, adv, weights, ref_logp=None, clip_eps=0.2, beta=0.
     return (per_token * weights).sum(), kl
 
 
+def reference(model, dtype, keep_tower):
+    """The frozen KL reference, from a fresh load of the SFT checkpoint: matmul weights in the run's dtype
+    (autocast casts the policy's to it anyway), norms and embeddings as the policy holds them, so its
+    forward equals the policy's at step 0. Without keep_tower it has none: both models then read the
+    image features of the policy's frozen tower."""
+    model.eval().requires_grad_(False)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m.weight is not model.model.embed_tokens.weight:
+            m.to(dtype)
+    if not keep_tower:
+        del model.visual
+    return model
+
+
 def completion_logprobs(model, seqs, attention_mask, n_prompt, grid_thw, feats, latents, is_latent, temperature=1.0,
                         exits=()):
     """One batched forward over prompt + completion -> (N, L) log-probs of the completion's decisions.

@@ -92,10 +92,9 @@ class KVCache:
     """Preallocated keys/values for every layer, plus per-row key validity and next M-RoPE position."""
 
     def __init__(self, cfg, batch, max_len, device, dtype):
-        hd = cfg.hidden_size // cfg.num_attention_heads
-        shape = (batch, cfg.num_key_value_heads, max_len, hd)  # per layer: a list, so no indexing op per step
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.hidden_size // cfg.num_attention_heads)
+        self.k, self.v = ([torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+                          for _ in "kv")  # per layer, in a list: no indexing op per step
         self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)  # False at padding
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # M-RoPE position of the next token
         # decoded tokens have text positions (equal rows), never past their slot: one rope table, (max_len, hd)
@@ -158,10 +157,8 @@ class Qwen2Model(nn.Module):
         """(B, T, C) input embeddings -> final-norm hidden states (B, T, C): the layers, then the norm.
         checkpointing: recompute each layer in backward instead of keeping its activations."""
         for layer in self.layers:
-            if checkpointing:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, cache)
+            x = (torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+                 if checkpointing else layer(x, cos, sin, mask, cache))
         return self.norm(x)
 
 
@@ -212,9 +209,8 @@ def latent_head(cfg):
 def get_rope_index(input_ids, grid_thw, attention_mask, image_token_id, merge=2):
     """M-RoPE positions (3, B, T).
 
-    Text advances all three rows by 1; an image of merged grid (H', W') starting at position s
-    puts token (r, c) at (s, s+r, s+c), and the text after it continues at s + max(H', W').
-    Padding (attention_mask == 0) gets position 0 (it is masked out anyway).
+    Text advances all three rows by 1; an image of merged grid (H', W') starting at position s puts token
+    (r, c) at (s, s+r, s+c), the text after it continues at s + max(H', W'); padding gets 0 (masked anyway).
     """
     B, T = input_ids.shape
     mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -388,9 +384,8 @@ class Qwen2_5_VL(nn.Module):
         return model.eval()
 
     def save_pretrained(self, path, state=None):
-        """config.json + model.safetensors in the official key layout (tied head not written).
-
-        `state`: a full state dict to write instead of self.state_dict() (FSDP gathers one)."""
+        """config.json + model.safetensors in the official key layout (tied head not written). `state`: a
+        full state dict to write instead of self.state_dict() (FSDP gathers one)."""
         os.makedirs(path, exist_ok=True)
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index):  # an older sharded copy: drop it, as transformers does (we write one file)
@@ -428,7 +423,8 @@ def index_shards(index):
 
 
 def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
-    """(B, V) logits -> (B,) tokens. Order as in transformers: temperature, top-k, top-p."""
+    """(B, V) logits -> (B,) tokens. Order as in transformers: temperature, top-k, top-p. `generator`: one,
+    or a list, one per equal block of rows (GRPO: per prompt), each block drawn from its own alone."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -440,6 +436,10 @@ def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
         drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
         drop[:, -1] = False  # always keep the most likely token
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    if isinstance(generator, list):  # the exponential race: argmax p / E with E ~ Exp(1) draws from p
+        e = torch.cat([torch.empty(len(logits) // len(generator), logits.shape[-1], device=logits.device)
+                       .exponential_(generator=g) for g in generator])
+        return (logits.softmax(-1) / e).argmax(-1)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 

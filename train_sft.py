@@ -3,8 +3,7 @@ Supervised training of latent visual reasoning: LVR, Mirage stage 1 and 2, or pl
 
     python train_sft.py                                   # tiny model from scratch, synthetic task, CPU
     python train_sft.py --init_from Qwen2.5-VL-3B-Instruct --data lvr.json --image_root imgs/
-    torchrun --nproc_per_node 8 train_sft.py --init_from ... # DDP
-    torchrun --nproc_per_node 8 train_sft.py --fsdp true ... # FSDP2: shard weights, grads, optimizer state
+    torchrun --nproc_per_node 8 train_sft.py --init_from ... # DDP; --fsdp true: FSDP2 (parallel.py)
 
 Every setting below is a `--name value` flag. The global batch of one optimizer step is
 batch_size * grad_accum * world_size examples, taken in a fixed order from the data, so N
@@ -20,8 +19,6 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
 from tqdm import tqdm
 
 import checkpoint
@@ -29,6 +26,7 @@ import cli
 import data
 import eval as evaluation
 import lvr
+import parallel
 import qwen
 import tasks
 from cli import InputError
@@ -76,17 +74,11 @@ seed = 1337  # [0, inf) seeds the model init and the synthetic data
 SKIPPED = {}  # bad records skipped so far: index -> why
 
 
-class Step(torch.nn.Module):
-    """The loss as a module, so DDP sees one forward per micro-batch."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch):
-        if method == "mirage" and stage == 2:
-            return lvr.mirage_stage2_loss(self.model, batch, freeze_vision, switch_weight)
-        return lvr.sft_loss(self.model, batch, ce_weight, latent_weight, latent_loss, freeze_vision, switch_weight)
+def loss_of(model, batch):
+    """One micro-batch's (loss, ce, latent, switch): run through parallel.Root, so DDP and FSDP see it."""
+    if method == "mirage" and stage == 2:
+        return lvr.mirage_stage2_loss(model, batch, freeze_vision, switch_weight)
+    return lvr.sft_loss(model, batch, ce_weight, latent_weight, latent_loss, freeze_vision, switch_weight)
 
 
 def resolve_defaults(config):
@@ -156,7 +148,7 @@ def get_lr(step):
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * (step - warmup_iters) / max(1, max_iters - warmup_iters)))
 
 
-def train_step(step_fn, tok, ids, records, step, dev, rank, world, ddp, autocast):
+def train_step(root, tok, ids, records, step, dev, rank, world, ddp, autocast):
     """Forward and backward over the step's grad_accum micro-batches -> the summed (ce, latent, switch)
     losses on the device (read once per step, so the next micro-batch's images are prepared while the
     device still computes this one). The step's examples are the same whatever the process layout."""
@@ -166,32 +158,20 @@ def train_step(step_fn, tok, ids, records, step, dev, rank, world, ddp, autocast
         batch = data.to_device(collated(examples(step * per_step + (micro * world + rank) * batch_size, batch_size, records),
                                         tok, ids), dev)
         # DDP all-reduces once, after the last micro-batch (FSDP reduce-scatters every one)
-        sync = contextlib.nullcontext() if not ddp or fsdp or micro == grad_accum - 1 else step_fn.no_sync()
+        sync = contextlib.nullcontext() if not ddp or fsdp or micro == grad_accum - 1 else root.no_sync()
         with sync, autocast:
-            loss, ce, lat, sw = step_fn(batch)
+            loss, ce, lat, sw = root(loss_of, batch)
             (loss / grad_accum).backward()
         sums += torch.stack([ce, lat, sw]).float() / grad_accum
     return sums
 
 
-def save(model, tok, opt, step, losses, config, rank=0):
-    """Write out_dir atomically. Every rank calls this (FSDP gathers the full state collectively); rank 0
-    writes. The optimizer state is keyed by parameter name, so FSDP, DDP and single runs resume each other."""
-    opts = StateDictOptions(full_state_dict=fsdp, cpu_offload=fsdp)
-    weights = get_model_state_dict(model, options=opts) if fsdp else None
-    opt_state = get_optimizer_state_dict(model, opt, options=opts)
-    if rank == 0:
-        checkpoint.save(model, tok, out_dir, {"step": step, "optimizer": opt_state, "losses": losses,
-                                              "config": config, "rng": torch.get_rng_state()}, weights)
-
-
 def main(argv):
     # 1) settings, checked before any work
     config = cli.configure(globals(), argv)
-    ddp = "RANK" in os.environ
+    rank, world, dev, ddp = parallel.setup(device, fsdp)
     cli.require(not (latent_end and method == "mirage"),
                 "--latent_end true needs a latent-end token, and Mirage's tokens have none")
-    cli.require(not fsdp or ddp, "--fsdp true shards across processes: launch with torchrun --nproc_per_node N")
     cli.require(min_lr <= lr, f"--min_lr {min_lr} is above --lr {lr}")
     cli.require(not (method == "mirage" and stage == 2 and init_from == "scratch"),
                 "--stage 2 continues a Mirage stage-1 checkpoint: give it with --init_from")
@@ -201,13 +181,6 @@ def main(argv):
     data.check_pixels(min_pixels, max_pixels, image_size)
     checkpoint.check_out_dir(out_dir, fresh=not resume)
     # 2) processes, data, model
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    dev = device
-    if ddp:
-        dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
-        if dev.startswith("cuda"):
-            dev = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(dev)
     records = None if data_path == "synthetic" else data.load_records(data_path)
     held_out = None
     if eval_data_path:  # converted now: a bad record stops the run here, not at the first evaluation
@@ -221,22 +194,16 @@ def main(argv):
         lvr.record_latent_norm(model, data.to_device(collated(examples(0, batch_size, records), tok, ids), dev))
     if freeze_vision:
         model.visual.requires_grad_(False)
-    step_fn = Step(model)
-    if ddp and fsdp:  # one unit per decoder layer, one for the vision tower, the rest (embeddings, head) at the root
-        from torch.distributed.fsdp import fully_shard
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model.visual)
-        fully_shard(step_fn)  # the root: its forward runs first, so it sets up the others
-    elif ddp:
-        step_fn = torch.nn.parallel.DistributedDataParallel(step_fn)
+    root = parallel.shard(model) if fsdp else parallel.Root(model)
+    if ddp and not fsdp:
+        root = torch.nn.parallel.DistributedDataParallel(root)
     # 3) optimizer, and the saved state when resuming
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     step, losses = 0, []
     if resume:
         state = checkpoint.load_train_state(out_dir, config)
-        set_optimizer_state_dict(model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=fsdp))
+        parallel.load_optimizer(model, opt, state, fsdp)
         step, losses = state["step"], state["losses"]
         torch.set_rng_state(state["rng"])
     # 4) the loop
@@ -248,7 +215,7 @@ def main(argv):
             t0 = time.time()
             for g in opt.param_groups:
                 g["lr"] = get_lr(step)
-            sums = train_step(step_fn, tok, ids, records, step, dev, rank, world, ddp, autocast)
+            sums = train_step(root, tok, ids, records, step, dev, rank, world, ddp, autocast)
             stats = torch.cat([sums, torch.tensor([float(len(signalled))], device=dev)])
             if ddp:  # the global mean losses, and whether any rank was asked to stop (so all stop together)
                 dist.all_reduce(stats)
@@ -268,14 +235,13 @@ def main(argv):
                             lr=f"{get_lr(step - 1):.1e}", ms=f"{1000 * (time.time() - t0):.0f}")
             if stopping or step % eval_interval == 0 or step == max_iters:
                 if fsdp and not stopping:  # every rank runs the evaluation forwards (they gather weights)
-                    step_fn.unshard()
+                    root.unshard()
                     evaluate(model, tok, ids, records, held_out, dev, step, rank)
-                    step_fn.reshard()
+                    root.reshard()
                 elif rank == 0 and not stopping:  # (no evaluation on the way out)
                     evaluate(model, tok, ids, records, held_out, dev, step)
-                save(model, tok, opt, step, losses, config, rank)
-                if ddp:
-                    dist.barrier()
+                parallel.save(model, tok, opt, out_dir, {"step": step, "losses": losses, "config": config,
+                                                         "rng": torch.get_rng_state()}, fsdp, rank)
             if stopping:
                 if rank == 0:
                     print(f"\nstopped: saved step {step} to {out_dir}")

@@ -9,6 +9,7 @@ import torch
 
 import grpo
 import lvr
+import parallel
 import qwen
 import tasks
 import vision
@@ -197,14 +198,24 @@ def test_rewards():
     assert grpo.format_reward("red", [s, lat, e, 20, s, lat, IM_END], "red", IDS, [IM_END]) == 0.0  # then reopened
 
 
-def test_train_grpo_end_to_end_and_resume(tmp_path):
-    sft, a, b = str(tmp_path / "sft"), str(tmp_path / "a"), str(tmp_path / "b")
-    # enough SFT that sampled completions sometimes have the format, so groups carry a signal
-    r = run("train_sft.py", *SMALL, "--max_iters", "60", "--eval_interval", "60", "--lr", "3e-3", "--out_dir", sft)
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory):
+    """Enough SFT that sampled completions sometimes have the format, so groups carry a signal."""
+    out = str(tmp_path_factory.mktemp("grpo") / "sft")
+    r = run("train_sft.py", *SMALL, "--max_iters", "60", "--eval_interval", "60", "--lr", "3e-3", "--out_dir", out)
     assert r.returncode == 0, r.stderr
-    common = ["--init_from", sft, "--batch_size", "2", "--group_size", "4", "--image_size", "112",
-              "--max_pixels", "12544", "--max_new_tokens", "12", "--eval_interval", "2", "--lr", "1e-3",
-              "--decoding", "steps", "--lvr_steps", "2", "--temperature", "1.5"]
+    return out
+
+
+def grpo_flags(sft):
+    return ["--init_from", sft, "--batch_size", "2", "--group_size", "4", "--image_size", "112",
+            "--max_pixels", "12544", "--max_new_tokens", "12", "--eval_interval", "2", "--lr", "1e-3",
+            "--decoding", "steps", "--lvr_steps", "2", "--temperature", "1.5"]
+
+
+def test_train_grpo_end_to_end_and_resume(tmp_path, sft):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    common = grpo_flags(sft)
     r = run("train_grpo.py", *common, "--max_iters", "4", "--out_dir", a, "--micro_batch_tokens", "200", "--ppo_epochs", "2")
     assert r.returncode == 0, r.stderr
     assert "reward" in r.stdout and "flat_groups" in r.stdout and "rollout_tok_s" in r.stdout
@@ -275,7 +286,8 @@ def test_micro_batch_tokens_and_checkpointing_give_the_unsplit_gradient(tmp_path
     for k, v in dict(group_size=4, batch_size=2, max_new_tokens=6, temperature=1.5, min_pixels=3136,
                      max_pixels=12544, beta=0.0).items():
         monkeypatch.setattr(train_grpo, k, v)
-    rnd = train_grpo.rollout_round(model, tok, ids, exs, [tok.im_end], torch.Generator().manual_seed(0),
+    policy = parallel.Root(model)
+    rnd = train_grpo.rollout_round(policy, tok, ids, exs, [torch.Generator().manual_seed(i) for i in range(2)],
                                    torch.autocast("cpu", enabled=False))
     assert rnd["reward"].view(2, 4).std(1).max() > 0  # a reward with spread: a real gradient
     params = [p for p in model.parameters() if p.requires_grad]
@@ -291,10 +303,77 @@ def test_micro_batch_tokens_and_checkpointing_give_the_unsplit_gradient(tmp_path
         monkeypatch.setattr(train_grpo, "micro_batch_tokens", tokens)  # all rows; 2 rows; 1 row at a time
         model.grad_checkpointing = ckpt
         opt = Grads()
-        train_grpo.update(model, None, ids, [rnd], opt, params, torch.autocast("cpu", enabled=False))
+        train_grpo.update(policy, None, ids, [rnd], rnd, opt, params, torch.autocast("cpu", enabled=False))
         got[(tokens, ckpt)] = opt.g
     whole, *split = got.values()
     assert any(g.abs().sum() > 0 for g in whole)
     for other in split:
         for a, b in zip(whole, other):
             assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+RECORDED = """
+import os, sys, torch
+sys.path.insert(0, os.getcwd())
+import lvr, train_grpo
+seen, rollout = [], lvr.rollout
+def recorded(*a, **k):  # every rollout's completions, cut at their stop token
+    r = rollout(*a, **k)
+    seen.append([row[:next((j + 1 for j, t in enumerate(row) if t in k["stop_ids"]), len(row))]
+                 for row in r.tokens[:, a[2].shape[1]:].tolist()])
+    return r
+lvr.rollout = recorded
+try:
+    train_grpo.main({args!r})
+finally:
+    torch.save(seen, {out!r} + ".rank" + os.environ.get("RANK", "0"))
+"""
+
+
+def test_grpo_two_processes_match_one(tmp_path, sft):
+    """torchrun with 2 processes (DDP, then FSDP2) gives the 1-process run: the same completions, rewards,
+    kept groups, losses and weights; Ctrl-C on one rank stops both after the same step, saved together,
+    and that checkpoint resumes in 1 process onto the 1-process curve."""
+    common = [*grpo_flags(sft), "--max_iters", "3", "--eval_interval", "3", "--micro_batch_tokens", "120"]
+
+    def launch(out, procs, port, *extra):
+        script = tmp_path / f"{os.path.basename(out)}.py"
+        script.write_text(RECORDED.format(args=[*common, *extra, "--out_dir", out], out=out))
+        r = (run(str(script)) if procs == 1 else
+             run("-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", port, str(script)))
+        rounds = [torch.load(f"{out}.rank{i}", weights_only=True) for i in range(procs)]
+        return r, [sum(rows, []) for rows in zip(*rounds)]  # per round: every prompt's rows, in stream order
+    one, two, three = (str(tmp_path / x) for x in ("one", "two", "three"))
+    r, rows1 = launch(one, 1, None)
+    assert r.returncode == 0, r.stderr
+    log1 = torch.load(os.path.join(one, "train_state.pt"), weights_only=True)["log"]
+    assert sum(x["draws"] for x in log1) > 3 and sum(x["kept_groups"] for x in log1) > 0  # rounds filtered, kept
+    m1 = qwen.Qwen2_5_VL.from_pretrained(one)
+    for out, port, extra in ((two, "29541", []), (three, "29542", ["--fsdp", "true"])):
+        r, rows = launch(out, 2, port, *extra)
+        assert r.returncode == 0, r.stderr
+        assert rows == rows1, out  # the same completions, token for token
+        log = torch.load(os.path.join(out, "train_state.pt"), weights_only=True)["log"]
+        for x, y in zip(log1, log, strict=True):
+            assert {k: x[k] for k in ("accuracy", "kept_groups", "draws", "length")} == \
+                   {k: y[k] for k in ("accuracy", "kept_groups", "draws", "length")}
+            assert math.isclose(x["reward"], y["reward"], rel_tol=1e-9)
+            assert math.isclose(x["loss"], y["loss"], rel_tol=1e-4, abs_tol=1e-6)
+            assert math.isclose(x["kl"], y["kl"], rel_tol=1e-3, abs_tol=1e-7)
+        m2 = qwen.Qwen2_5_VL.from_pretrained(out)
+        for (k, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
+            assert torch.allclose(p1, p2, atol=1e-5), (out, k)
+    # Ctrl-C reaching rank 1 only, in its second update: the flag is summed with the statistics, so both
+    # ranks stop after step 2 and save it together (a collective under FSDP); it resumes in one process
+    four = str(tmp_path / "four")
+    script = tmp_path / "signalled.py"
+    script.write_text(SIGNALLED.format(script="train_grpo.py", at=2, rank=1, sigs=["SIGINT"], args=[
+        *common, "--fsdp", "true", "--out_dir", four]))
+    r = run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543", str(script))
+    state = torch.load(os.path.join(four, "train_state.pt"), weights_only=True)
+    assert f"stopped: saved step 2 to {four}" in r.stdout and state["step"] == 2, r.stderr
+    r = run("train_grpo.py", *common, "--out_dir", four, "--resume", "true")
+    assert r.returncode == 0, r.stderr
+    log4 = torch.load(os.path.join(four, "train_state.pt"), weights_only=True)["log"]
+    assert all(math.isclose(x["reward"], y["reward"], rel_tol=1e-9) for x, y in zip(log1, log4, strict=True))
+    assert all(math.isclose(x["loss"], y["loss"], rel_tol=1e-4, abs_tol=1e-6) for x, y in zip(log1, log4))

@@ -1,0 +1,121 @@
+"""
+Several processes under torchrun, for train_sft.py and train_grpo.py: the process group, FSDP2
+sharding, the checkpoint every rank takes part in, and the rollout's gathered weights.
+
+    torchrun --nproc_per_node 8 train_sft.py ...              # data parallel (DDP)
+    torchrun --nproc_per_node 8 train_grpo.py --fsdp true ...  # FSDP2: weights, grads, optimizer state sharded
+
+Every forward goes through one module, `Root`, whose forward runs a function of the model (a loss,
+a rollout, log-probs): FSDP2 and DDP hook the root's forward, and the model's pieces (the tower, the
+embedding, the head) are called in many places. Units: one per decoder layer, one for the vision
+tower, the rest (embeddings, head, norm) at the root, as torchtitan shards Llama.
+"""
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+
+import checkpoint
+from cli import InputError
+
+
+class Root(torch.nn.Module):
+    """The one module a training script calls: root(fn, *args) = fn(model, *args)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args):
+        return fn(self.model, *args)
+
+
+def setup(device, fsdp=False):
+    """-> (rank, world size, device, distributed?). Under torchrun: the process group (nccl on GPUs, gloo on
+    CPU) and this rank's GPU."""
+    if "RANK" not in os.environ:
+        if fsdp:
+            raise InputError("--fsdp true shards across processes: launch with torchrun --nproc_per_node N")
+        return 0, 1, device, False
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device, True
+
+
+def shard(model, sum_grads=False):
+    """FSDP2 units (module docstring) -> the Root over them. sum_grads: gradients are summed over the ranks
+    (GRPO normalises its loss globally) instead of averaged (SFT's per-rank mean loss)."""
+    from torch.distributed.fsdp import fully_shard
+    root = Root(model)
+    units = [*model.model.layers, *([model.visual] if hasattr(model, "visual") else []), root]
+    for m in units:  # the root last: its forward runs first, so it sets up the others
+        fully_shard(m)
+        if sum_grads:  # (a plain SUM, which every backend has, rather than NCCL's pre-multiplied one)
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)
+    return root
+
+
+@contextlib.contextmanager
+def gathered(root, fsdp):
+    """FSDP: every unit's full weights held on every rank for the duration, so that forwards need no
+    collective. A rollout needs it: each rank decodes as many steps as its own rows take."""
+    from torch.distributed.fsdp import FSDPModule
+    units = [m for m in root.modules() if isinstance(m, FSDPModule)] if fsdp else []
+    for m in units:
+        if m is not root:
+            m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()
+            if m is not root:
+                m.set_reshard_after_forward(True, recurse=False)
+
+
+def all_reduce_grads(params):
+    """DDP's gradient sync, done once per update: sum each gradient over the ranks (a rank whose rows all
+    went elsewhere contributes zeros). By hand, because ranks run different numbers of micro-batches."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    works = [dist.all_reduce(p.grad, async_op=True) for p in params]
+    for w in works:
+        w.wait()
+
+
+def save(model, tok, opt, out_dir, train_state, fsdp, rank):
+    """Write out_dir atomically (checkpoint.save). Every rank calls this (FSDP gathers the full state
+    collectively); rank 0 writes. The optimizer state is keyed by parameter name, so FSDP, DDP and
+    one-process runs resume each other at any world size."""
+    opts = StateDictOptions(full_state_dict=fsdp, cpu_offload=fsdp)
+    weights = get_model_state_dict(model, options=opts) if fsdp else None
+    opt_state = get_optimizer_state_dict(model, opt, options=opts)
+    if rank == 0:
+        checkpoint.save(model, tok, out_dir, {**train_state, "optimizer": opt_state}, weights)
+    if dist.is_initialized():  # no rank reads or moves on before it is written
+        dist.barrier()
+
+
+def load_optimizer(model, opt, state, fsdp):
+    """The saved optimizer state (by parameter name) into `opt`, sharded as the model is."""
+    set_optimizer_state_dict(model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=fsdp))
+
+
+def rank_world():
+    """-> (this process's rank, the number of processes): (0, 1) without torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def all_reduce(t, op=dist.ReduceOp.SUM):
+    """t reduced over the ranks (summed, by default), in place; t itself in one process."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op)
+    return t
