@@ -1,18 +1,16 @@
 """
-Speed and memory: ours vs the reference transformers Qwen2.5-VL, same random weights, one process.
+Speed and memory: ours vs the reference transformers Qwen2.5-VL, same random weights.
 
     python bench.py                                  # tiny + 0.5B-shaped, CPU fp32 (~6 min on 2 cores)
     python bench.py --sizes 3b --device cuda --dtype bfloat16 --peak_tflops 989 --sft_batch 16  # 3B, a GPU
-Nothing is downloaded: each size is a random checkpoint written by our save_pretrained, which
-the reference loads too. Each time is the median of `repeats` rounds after a warm-up round, ours
-and the reference's taking turns within a round; a ratio is our speed over the reference's
-(> 1: we are faster). Decode tokens/s is (time for n tokens - time for 1) / (n - 1) through
-generate, so prefill is excluded; the bandwidth floor is the measured copy bandwidth over the
-LM weight bytes one decode step reads. The GRPO rollout runs train_grpo's B x G rows in one call
-(one prefill per prompt) against one row at a time. Peak load memory is measured in a fresh
-process loading the checkpoint and reading every weight, over the file size. SFT FLOPs: 6 per LM
-weight per token (no embedding table, no attention) + the tower's forward.
+Random checkpoints written by our save_pretrained (nothing is downloaded). A time is the median of
+`repeats` rounds after a warm-up, ours and the reference's taking turns; a ratio is our speed over
+its (> 1: faster). Decode tok/s = (time for n tokens - for 1) / (n - 1): no prefill; its floor is the
+copy bandwidth over the LM bytes a step reads. GRPO rollout: B x G rows in one call vs one at a time;
+GRPO step: train_grpo on 2 processes vs 1. Load memory: a fresh process reading every weight, over
+the file size. SFT FLOPs: 6 per LM weight per token (no embedding, no attention) + the tower's forward.
 """
+import importlib.util
 import os
 import shutil
 import statistics
@@ -52,14 +50,10 @@ LM = {"0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14
 VISION = {"0.5b": dict(depth=8, fullatt_block_indexes=[3, 7]), "3b": dict(depth=32, fullatt_block_indexes=[7, 15, 23, 31])}
 
 
-def sync():
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def timed(*fns, n=None, warmup=True):
     """Median seconds of each fn over `repeats` rounds, after a warm-up round. The fns take turns
     within a round, so a slow patch of a shared machine hits ours and the reference's alike."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)  # noqa: E731
     times = [[] for _ in fns]
     for r in range(int(warmup) + (n or repeats)):
         for fn, ts in zip(fns, times):
@@ -84,15 +78,8 @@ def make_checkpoint(size, path):
     cfg = qwen.Config.from_dict(d)
     torch.manual_seed(0)
     model = qwen.Qwen2_5_VL(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0, 0.02) if p.ndim > 1 else p.fill_(1.0 if "norm" in name or "ln_q" in name else 0.0)
+    model.init_weights()
     model.save_pretrained(path)
-
-
-def photo(size=448, seed=0):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
 
 
 def peak_load_rss(path, ours):
@@ -109,13 +96,6 @@ def peak_load_rss(path, ours):
     return int(r.stdout.split()[-1]) if r.returncode == 0 else float("nan")
 
 
-def copy_bandwidth():
-    """Bytes/s of a large tensor copy (read + write)."""
-    a = torch.randn(64 * 2 ** 20, device=device)  # 256 MB, written: never-touched pages all read one zero page
-    b = torch.randn_like(a)
-    return 2 * a.numel() * 4 / timed(lambda: b.copy_(a), n=5)
-
-
 @torch.no_grad()
 def bench_size(size, rows):
     tmp = tempfile.mkdtemp(prefix="bench-")
@@ -126,15 +106,15 @@ def bench_size(size, rows):
     model.eval()
     ids = lvr.latent_ids(tok)
     ref = None
-    if reference:
-        try:
-            from transformers import Qwen2_5_VLForConditionalGeneration
-            ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp, dtype=dt).to(device).eval()
-        except ImportError:
-            pass
-    pv, grid = vision.preprocess(photo(), max_pixels=448 * 448)
-    pv = pv.to(device, dt)
-    prompt = torch.tensor([tok.prompt("What colour is the square?", [vision.merged_tokens(grid)])], device=device)
+    if reference and importlib.util.find_spec("transformers"):  # (when it is installed)
+        from transformers import Qwen2_5_VLForConditionalGeneration
+        ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp, dtype=dt).to(device).eval()
+
+    def image_prompt(side):  # a random side x side photo and a prompt around it
+        pv, grid = vision.preprocess(Image.fromarray(np.random.default_rng(0).integers(0, 255, (side, side, 3), np.uint8)))
+        return pv.to(device, dt), grid, torch.tensor([tok.prompt("What colour is the square?",
+                                                                 [vision.merged_tokens(grid)])], device=device)
+    pv, grid, prompt = image_prompt(448)
     kw = lambda p, g, i: dict(pixel_values=p, image_grid_thw=g, mm_token_type_ids=(i == tok.image_pad).int())  # noqa: E731
 
     def add(name, ours, theirs=None, unit="s", higher_better=False):
@@ -149,9 +129,7 @@ def bench_size(size, rows):
     add(f"prefill ({prompt.shape[1]} tokens)", *both(lambda: model.lm_head(model(prompt, pv, grid)),
                                                      lambda: ref(input_ids=prompt, **kw(pv, grid, prompt))))
     # the rest on a small photo, so prefill does not drown the per-step times
-    pv, grid = vision.preprocess(photo(small_image), max_pixels=small_image ** 2)
-    pv = pv.to(device, dt)
-    prompt = torch.tensor([tok.prompt("What colour is the square?", [vision.merged_tokens(grid)])], device=device)
+    pv, grid, prompt = image_prompt(small_image)
     n = decode_tokens
     # decode at batch 1 and 8: (time for n tokens - time for 1) / (n - 1), so prefill is excluded; a text
     # prompt, so the prefill that is subtracted out is small (the per-token work is the same)
@@ -169,7 +147,9 @@ def bench_size(size, rows):
         add(f"decode batch {B}", ours, ref and B * (m - 1) / (t[2] - t[3]), "tok/s", True)
         if B == 1 and size != "tiny":
             lm_bytes = sum(q.numel() * q.element_size() for n_, q in model.named_parameters() if not n_.startswith("visual"))
-            floor = copy_bandwidth() / lm_bytes
+            a = torch.randn(64 * 2 ** 20, device=device)  # 256 MB, written: untouched pages all read one zero page
+            b = torch.randn_like(a)
+            floor = 2 * a.numel() * 4 / timed(lambda: b.copy_(a), n=5) / lm_bytes  # copy bandwidth / bytes per step
             rows.append((size, "decode batch 1 / bandwidth floor", ours / floor, floor, "frac, floor tok/s", ""))
     # latent steps vs text steps: the same rollout, all-latent (prompt ends in <|lvr_start|>) or all-text
     lat_prompt = torch.cat([prompt, torch.tensor([[ids.start]], device=device)], 1)
@@ -180,7 +160,7 @@ def bench_size(size, rows):
     t = timed(roll(lat_prompt, n, ids), roll(lat_prompt, 1, ids), roll(prompt, n, text_ids), roll(prompt, 1, text_ids),
               n=max(repeats, 5))  # a ratio of two small differences: more rounds
     lat, txt = (n - 1) / (t[0] - t[1]), (n - 1) / (t[2] - t[3])
-    rows.append((size, "latent steps/s vs text tokens/s", lat, txt, "step/s", f"{lat / txt:.2f}x"))
+    add("latent steps/s vs text tokens/s", lat, txt, "step/s", True)
     # GRPO rollout at train_grpo's default B x G: one batched rollout (one prefill per prompt) vs one row
     # at a time, whose throughput is the same for every row, so a few rows measure it
     B, G, n, few = 8, group_size, 16, 2
@@ -192,8 +172,7 @@ def bench_size(size, rows):
     big = size != "tiny"  # one round, no warm-up (warm from above): these are the slowest measurements
     t = timed(lambda: grpo(B, G), lambda: [grpo(1, 1) for _ in range(few)], n=1 if big else None, warmup=not big)
     batched, single = B * G * n / t[0], few * n / t[1]
-    rows.append((size, f"GRPO rollout {B}x{G} rows, {n} tokens: batched vs one at a time", batched, single, "tok/s",
-                 f"{batched / single:.2f}x"))
+    add(f"GRPO rollout {B}x{G} rows, {n} tokens: batched vs one at a time", batched, single, "tok/s", True)
     # one SFT step: forward + backward with the LVR loss vs the reference's forward + backward (CE)
     if size != "3b" or device != "cpu":
         with torch.enable_grad():
@@ -225,13 +204,31 @@ def bench_size(size, rows):
             tflops = [None if x is None else flops / x / 1e12 for x in t]
             rows.append((size, "SFT step model TFLOP/s", *tflops, "TFLOP/s", ""))
             if peak_tflops > 0:
-                rows.append((size, "SFT step MFU", tflops[0] / peak_tflops,
-                             tflops[1] and tflops[1] / peak_tflops, f"of {peak_tflops} TFLOP/s", ""))
+                add("SFT step MFU", tflops[0] / peak_tflops, tflops[1] and tflops[1] / peak_tflops, f"of {peak_tflops} TFLOP/s", True)
     # loading: resident memory growth over the file size
     if size != "tiny":  # (the tiny file is smaller than the resident-set granularity that matters)
         rows.append((size, "peak RSS growth loading / file size", peak_load_rss(tmp, True) / file_bytes,
                      peak_load_rss(tmp, False) / file_bytes if ref is not None else None, "x file", ""))
+    if size == "tiny" and (device == "cpu" or torch.cuda.device_count() > 1):  # GRPO on 2 processes vs 1
+        add("GRPO step, 2 processes (reference: 1 process)", *grpo_step_seconds(tmp))
     shutil.rmtree(tmp)
+
+
+def grpo_step_seconds(path):
+    """Median seconds of a train_grpo step (default B x G, every group trained, after a warm-up step) on the
+    checkpoint at `path`: 2 processes (torchrun; CPU: the cores shared out; GPU: two), then 1."""
+    out, tmp = [], tempfile.mkdtemp(prefix="bench-grpo-")
+    threads = {"OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // 2))}
+    for launch, env in ((["-m", "torch.distributed.run", "--nproc_per_node", "2"], threads), ([], {})):
+        d = os.path.join(tmp, str(len(launch)))
+        r = subprocess.run([sys.executable, *launch, "train_grpo.py", "--init_from", path, "--device", device, "--dtype",
+                            dtype, "--filter_groups", "false", "--max_iters", str(repeats + 1), "--out_dir", d],
+                           capture_output=True, text=True, env={**os.environ, **env}, cwd=os.path.dirname(__file__) or ".")
+        if r.returncode:
+            raise cli.InputError(f"train_grpo.py failed in the bench: {r.stderr.strip().splitlines()[-1]}")
+        out.append(statistics.median(x["step_s"] for x in torch.load(os.path.join(d, "train_state.pt"))["log"][1:]))
+    shutil.rmtree(tmp)
+    return out
 
 
 def main(argv):

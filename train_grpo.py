@@ -267,7 +267,7 @@ def train_step(policy, ref, tok, ids, records, drawn, opt, params, autocast, sig
     """Roll out rounds of B prompts (one, or with filter_groups until B groups over all ranks have reward
     spread, at most max_draws), then update on the kept groups -> (the step's statistics over all ranks,
     prompt rounds drawn so far, whether any rank was asked to stop)."""
-    rank, world = parallel.rank_world()
+    t0, (rank, world) = time.time(), parallel.rank_world()
     mine = slice(rank * batch_size // world, (rank + 1) * batch_size // world)  # this rank's prompts of a round
     rounds, seen, kept = [], [], 0
     while True:
@@ -293,7 +293,7 @@ def train_step(policy, ref, tok, ids, records, drawn, opt, params, autocast, sig
         dtype=torch.float64, device=device)).tolist()
     return {"loss": loss, **{k.replace("lengths", "length"): v / n / group_size for k, v in zip(means, rows)},
             "flat_groups": n_flat / n, "kept_groups": kept, "draws": len(seen), "kl": kl / max(1, n_act),
-            "rollout_tok_s": rows[3] / (secs / world)}, drawn, stopping > 0
+            "rollout_tok_s": rows[3] / (secs / world), "step_s": time.time() - t0}, drawn, stopping > 0
 
 
 if __name__ == "__main__":

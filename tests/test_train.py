@@ -411,7 +411,7 @@ def test_bench_tiny_runs():
     rows = [line.split() for line in r.stdout.splitlines() if line.startswith("tiny ")]
     names = " ".join(" ".join(row) for row in rows)
     for want in ("image encode", "prefill", "decode batch 1", "decode batch 8", "latent steps/s", "GRPO rollout",
-                 "SFT step"):
+                 "SFT step", "GRPO step, 2 processes"):
         assert want in names, want
     for row in rows:
         nums = [float(x) for x in row if x.replace(".", "", 1).replace("e-", "", 1).replace("e+", "", 1).isdigit()]
