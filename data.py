@@ -1,5 +1,5 @@
 """
-Data: the LVR JSON and Mirage JSONL formats, and the batches made from examples: SFT batches
+Data: the LVR JSON and Mirage JSONL formats (and MMVP / V* for eval.py), and the batches made from examples: SFT batches
 (encode, collate: right-padded, with labels and latent slots) and prompt batches (left-padded,
 for the rollout). The synthetic tasks and the tiny tokenizer live in tasks.py.
 
@@ -7,6 +7,7 @@ An example is a dict: images (PIL), question, answer, and for training: assistan
 `<lvr>` placeholder per latent span), bboxes (one per `<lvr>`, normalised), bbox_images (each
 bbox's image index), helper (Mirage's helper image or None).
 """
+import csv
 import functools
 import json
 import os
@@ -22,7 +23,7 @@ import vision
 from cli import InputError
 
 # -----------------------------------------------------------------------------
-# files: LVR JSON / JSONL (LLaVA conversations + bboxes) and Mirage JSONL
+# files: LVR JSON / JSONL (LLaVA conversations + bboxes), Mirage JSONL, MMVP / V* (eval.py)
 
 def load_records(path):
     """A JSON list or a JSONL file -> list of dicts."""
@@ -117,6 +118,33 @@ def record_example(rec, image_root, where):
     answer = assistant.split("<answer>")[-1].split("</answer>")[0].replace("<lvr>", "").strip()
     return {"images": images, "question": question, "assistant": assistant, "answer": answer, "bboxes": bboxes,
             "bbox_images": on or [], "helper": None}
+
+
+def load_multiple_choice(path, root, limit):
+    """MMVP (CSV: Index, Question, Options, Correct Answer; images <Index>.jpg; questions 2k-1 and 2k are a
+    pair) or V* (JSONL: image, question or text, answer or label, options optional, category optional:
+    else the image's folder) -> its first `limit` examples, with the options in the question."""
+    out = []
+    if path.endswith(".csv"):
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        for i, r in enumerate(rows):
+            if not {"Index", "Question", "Options", "Correct Answer"} <= set(r) or not r["Index"].isdigit():
+                raise InputError(f"{path} row {i}: needs the columns Index (a number), Question, Options, Correct Answer")
+            out.append((f"{r['Index']}.jpg", f"{r['Question']}\n{r['Options']}", r["Correct Answer"], f"{path} row {i}",
+                        {"pair": (int(r["Index"]) - 1) // 2}))
+    else:
+        for i, r in enumerate(load_records(path)):
+            q, a, opts = r.get("question", r.get("text")), r.get("answer", r.get("label")), r.get("options", [])
+            if not isinstance(r.get("image"), str) or not isinstance(q, str) or not isinstance(a, str) \
+                    or not isinstance(opts, list):
+                raise InputError(f"{path} record {i}: needs image, question (or text), answer (or label), "
+                                 f"and options, when given, as a list")
+            letters = "".join(f"\n({chr(65 + j)}) {o}" for j, o in enumerate(opts))
+            category = r.get("category") or (os.path.dirname(r["image"]) or None)
+            out.append((r["image"], q + letters, a, f"{path} record {i}", {"category": category}))
+    return [{"images": [open_image(root, img, where)], "question": q + "\nAnswer with the option's letter.",
+             "answer": a, "bboxes": [], **extra} for img, q, a, where, extra in out[:limit]]
 
 
 # -----------------------------------------------------------------------------

@@ -17,16 +17,13 @@ on synthetic tasks and LVR JSON files; Mirage on synthetic tasks):
   oracle latents    the training targets (ROI tokens, helper-image chunks): what a latent can carry.
 Latent hit rate: the fraction of the fed latents whose nearest merged image token (cosine) lies
 inside one of the example's bboxes: do they look where they should? The latent norm over the
-target norm shows the norm-regime gap (arXiv 2605.12374). Multiple-choice sets are scored
-as letters, as the papers score them: MMVP per question and per pair (a pair counts when both
-of its questions are right: the LVR paper's 71.67 is per question, its Table 2's 55.8 per pair),
-V* per category (direct_attributes, relative_position, as its files name them).
-Held-out synthetic examples are tasks.py's test split: never seen by train_sft or train_grpo.
+target norm shows the norm-regime gap (arXiv 2605.12374). Multiple choice (data.py reads the
+files) is scored as letters, as the papers do: MMVP per question and per pair (both right: the
+LVR paper's 71.67 is per question, its Table 2's 55.8 per pair), V* per category. Held-out
+synthetic examples are tasks.py's test split: never seen by train_sft or train_grpo.
 """
 import collections
-import csv
 import functools
-import os
 
 import torch
 
@@ -63,40 +60,6 @@ split = "test"  # {test, eval} the synthetic split: test, or eval (the validatio
 # -----------------------------------------------------------------------------
 
 
-def latent_hits(latents, feats, roi):
-    """(n, C) latent vectors, (N, C) merged image tokens, ROI token indices -> how many latents hit the ROI."""
-    if len(latents) == 0:
-        return 0
-    return sum(c in set(roi) for c in lvr.nearest_cells(latents, feats).tolist())
-
-
-def load_multiple_choice(path, root):
-    """MMVP (CSV: Index, Question, Options, Correct Answer; images <Index>.jpg; questions 2k-1 and 2k are a
-    pair) or V* (JSONL: image, question or text, answer or label, options optional, category optional:
-    else the image's folder) -> examples with the options in the question."""
-    out = []
-    if path.endswith(".csv"):
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        for i, r in enumerate(rows):
-            if not {"Index", "Question", "Options", "Correct Answer"} <= set(r) or not r["Index"].isdigit():
-                raise InputError(f"{path} row {i}: needs the columns Index (a number), Question, Options, Correct Answer")
-            out.append((f"{r['Index']}.jpg", f"{r['Question']}\n{r['Options']}", r["Correct Answer"], f"{path} row {i}",
-                        {"pair": (int(r["Index"]) - 1) // 2}))
-    else:
-        for i, r in enumerate(data.load_records(path)):
-            q, a, opts = r.get("question", r.get("text")), r.get("answer", r.get("label")), r.get("options", [])
-            if not isinstance(r.get("image"), str) or not isinstance(q, str) or not isinstance(a, str) \
-                    or not isinstance(opts, list):
-                raise InputError(f"{path} record {i}: needs image, question (or text), answer (or label), "
-                                 f"and options, when given, as a list")
-            letters = "".join(f"\n({chr(65 + j)}) {o}" for j, o in enumerate(opts))
-            category = r.get("category") or (os.path.dirname(r["image"]) or None)
-            out.append((r["image"], q + letters, a, f"{path} record {i}", {"category": category}))
-    return [{"images": [data.open_image(root, img, where)], "question": q + "\nAnswer with the option's letter.",
-             "answer": a, "bboxes": [], **extra} for img, q, a, where, extra in out[:n_examples]]
-
-
 def load_examples():
     """The evaluation set: held-out synthetic examples, an LVR JSON file (with bboxes), or MMVP / V*."""
     if data_path == "synthetic":
@@ -105,18 +68,7 @@ def load_examples():
         records = data.load_records(data_path)
         if "conversations" in records[0] or "image_output" in records[0]:
             return [data.record_example(r, image_root, f"{data_path} record {i}") for i, r in enumerate(records[:n_examples])]
-    return load_multiple_choice(data_path, image_root)
-
-
-def span_lengths(is_latent):
-    """(n,) bool of one row -> the lengths of its runs of latent steps (one per span)."""
-    runs, n = [], 0
-    for x in is_latent.tolist() + [False]:
-        if x:
-            n += 1
-        elif n:
-            runs, n = runs + [n], 0
-    return runs
+    return data.load_multiple_choice(data_path, image_root, n_examples)
 
 
 @torch.no_grad()
@@ -147,14 +99,14 @@ def evaluate(model, tok, ids, exs, batch_size=32, min_pixels=3136, max_pixels=28
             right.append(grpo.is_correct(text, e["answer"]))
             fmt += grpo.is_lvr_format(row[:end], ids, stop, text)
             steps += int(r.is_latent[b].sum())
-            spans.update(span_lengths(r.is_latent[b]))
+            spans.update(lvr.span_lengths(r.is_latent[b]))
             fed.append(r.latents[b, r.is_latent[b]].cpu())
             if e["bboxes"]:  # the ROI tokens of every bbox, on its own image's tokens within the row's features
                 grids = [g for _, g in p["images"][b]]
                 start = [sum(vision.merged_tokens(g) for g in grids[:k]) for k in range(len(grids))]
                 roi = [start[k] + j for bb, k in zip(e["bboxes"], e.get("bbox_images", [0] * len(e["bboxes"])))
                        for j in lvr.roi_indices(bb, grids[k][0])]
-                hit += latent_hits(r.latents[b, r.is_latent[b]], f, roi)
+                hit += lvr.latent_hits(r.latents[b, r.is_latent[b]], f, roi)
                 n_lat += int(r.is_latent[b].sum())
     n = len(exs)
     return {"accuracy": sum(right) / n, "format": fmt / n, "latent_steps": steps / n,
@@ -212,8 +164,7 @@ def main(argv):
     globals().update(zip(("image_size", "max_pixels"), tasks.sizes(task, image_size, max_pixels)))  # 0: auto
     config.update(image_size=image_size, max_pixels=max_pixels)
     data.check_pixels(min_pixels, max_pixels, image_size)
-    model, tok = checkpoint.load(init_from, getattr(torch, dtype), device)
-    model.eval()
+    model, tok = checkpoint.load(init_from, getattr(torch, dtype), device)  # (in eval mode)
     ids = lvr.find_latent_ids(model, tok)  # the tokens it was trained with
     if ids is None:
         raise InputError(f"{init_from} has no latent tokens: evaluate it with sample.py, or train it with train_sft.py")

@@ -407,3 +407,21 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
 def nearest_cells(latents, feats):
     """For each latent vector, the index of the most cosine-similar merged image token."""
     return F.cosine_similarity(latents.float()[:, None], feats.float()[None], dim=-1).argmax(-1)
+
+
+def latent_hits(latents, feats, roi):
+    """(n, C) latent vectors, (N, C) merged image tokens, ROI token indices -> how many latents hit the ROI."""
+    if len(latents) == 0:
+        return 0
+    return sum(c in set(roi) for c in nearest_cells(latents, feats).tolist())
+
+
+def span_lengths(is_latent):
+    """(n,) bool of one row -> the lengths of its runs of latent steps (one per span)."""
+    runs, n = [], 0
+    for x in is_latent.tolist() + [False]:
+        if x:
+            n += 1
+        elif n:
+            runs, n = runs + [n], 0
+    return runs

@@ -3,6 +3,7 @@ import json
 
 import torch
 
+import data
 import grpo
 import lvr
 import eval as evaluation
@@ -17,9 +18,9 @@ def test_latent_hits_by_hand():
     feats = torch.eye(4)  # four merged image tokens, orthogonal
     latents = torch.tensor([[0.1, 2.0, 0.0, 0.3],  # nearest token 1: inside the ROI
                             [0.0, 0.2, 0.0, 1.0]])  # nearest token 3: outside
-    assert evaluation.latent_hits(latents, feats, [1, 2]) == 1
-    assert evaluation.latent_hits(latents, feats, [0]) == 0
-    assert evaluation.latent_hits(latents[:0], feats, [1]) == 0
+    assert lvr.latent_hits(latents, feats, [1, 2]) == 1
+    assert lvr.latent_hits(latents, feats, [0]) == 0
+    assert lvr.latent_hits(latents[:0], feats, [1]) == 0
 
 
 def test_scoring_and_format():
@@ -41,13 +42,13 @@ def test_multiple_choice_loaders(tmp_path):
     csv_path = tmp_path / "Questions.csv"
     csv_path.write_text('Index,Question,Options,Correct Answer\n1,Is the door open?,(a) Open (b) Closed,(a)\n'
                         '2,"Which side, left or right?",(a) Left (b) Right,(b)\n')
-    exs = evaluation.load_multiple_choice(str(csv_path), str(imgs))
+    exs = data.load_multiple_choice(str(csv_path), str(imgs), 256)
     assert [e["answer"] for e in exs] == ["(a)", "(b)"]
     assert "Which side, left or right?\n(a) Left (b) Right" in exs[1]["question"] and exs[1]["images"][0].size == (64, 48)
     jsonl = tmp_path / "vstar.jsonl"
     jsonl.write_text(json.dumps({"image": "2.jpg", "question": "What colour is the cup?",
                                  "options": ["red", "blue"], "answer": "B"}) + "\n")
-    (ex,) = evaluation.load_multiple_choice(str(jsonl), str(imgs))
+    (ex,) = data.load_multiple_choice(str(jsonl), str(imgs), 256)
     assert "(A) red\n(B) blue" in ex["question"] and ex["answer"] == "B" and ex["bboxes"] == []
     # MMVP: questions 2k-1 and 2k are a pair; per pair counts a pair only when both are right
     assert exs[0]["pair"] == exs[1]["pair"] == 0
@@ -59,13 +60,13 @@ def test_multiple_choice_loaders(tmp_path):
     jsonl.write_text(json.dumps({"image": "2.jpg", "text": "Colour?\n(A) red\n(B) blue", "label": "A",
                                  "category": "direct_attributes", "question_id": 0}) + "\n"
                      + json.dumps({"image": "relative_position/3.jpg", "text": "Left?", "label": "B"}) + "\n")
-    a, b = evaluation.load_multiple_choice(str(jsonl), str(imgs))
+    a, b = data.load_multiple_choice(str(jsonl), str(imgs), 256)
     assert (a["category"], a["answer"], b["category"]) == ("direct_attributes", "A", "relative_position")
     assert dict(evaluation.by_group([a, b], [True, False], "category")) == {"direct_attributes": [True],
                                                                              "relative_position": [False]}
     jsonl.write_text(json.dumps({"image": "missing.jpg", "question": "q", "options": ["a"], "answer": "A"}) + "\n")
     try:
-        evaluation.load_multiple_choice(str(jsonl), str(imgs))
+        data.load_multiple_choice(str(jsonl), str(imgs), 256)
         raise AssertionError("a missing image must raise")
     except InputError as err:
         assert "record 0" in str(err) and "missing.jpg" in str(err)
