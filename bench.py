@@ -147,7 +147,7 @@ def bench_size(size, rows):
         add(f"decode batch {B}", ours, ref and B * (m - 1) / (t[2] - t[3]), "tok/s", True)
         if B == 1 and size != "tiny":
             lm_bytes = sum(q.numel() * q.element_size() for n_, q in model.named_parameters() if not n_.startswith("visual"))
-            a = torch.randn(64 * 2 ** 20, device=device)  # 256 MB, written: untouched pages all read one zero page
+            a = torch.randn(2 ** 28, device=device)  # 1 GiB: beyond any cache; written: untouched pages read one zero page
             b = torch.randn_like(a)
             floor = 2 * a.numel() * 4 / timed(lambda: b.copy_(a), n=5) / lm_bytes  # copy bandwidth / bytes per step
             rows.append((size, "decode batch 1 / bandwidth floor", ours / floor, floor, "frac, floor tok/s", ""))
