@@ -14,6 +14,7 @@ bug in the script: configure() refuses it, so a new flag cannot skip its check.
 Also here: InputError, the one exception a user ever sees, and the training loops' stop flag.
 """
 import math
+import os
 import re
 import signal
 import sys
@@ -80,7 +81,8 @@ def configure(g, argv):
             raise TypeError(f"{g['__file__']}: setting {name} declares no range")  # a bug in the script
         if name in decl:
             check(name, value, decl[name])
-    print("config: " + " ".join(f"{k}={v}" for k, v in keys.items()))
+    if os.environ.get("RANK", "0") == "0":  # (under torchrun: once)
+        print("config: " + " ".join(f"{k}={v}" for k, v in keys.items()))
     return keys
 
 

@@ -130,7 +130,7 @@ def main(argv):
     if resume:
         state = checkpoint.load_train_state(out_dir, config)
         parallel.load_optimizer(model, opt, state, fsdp)
-        step, log, drawn = state["step"], state["log"], state["drawn"]
+        step, log, drawn = state["step"], state["log"], state.get("drawn", state["step"])
     # 4) the loop
     autocast = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
     bar = tqdm(total=max_iters, initial=step, disable=rank != 0, dynamic_ncols=True)
