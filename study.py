@@ -1,24 +1,23 @@
 """
-The study: does each stage matter? Plain SFT, LVR, Mirage (stage 1 then 2) and LVR + GRPO (against
-an SFT control given the same extra compute) on every synthetic task, several seeds, equal compute
-per task (the same steps x batch for every SFT method).
+The study: does each stage matter? Plain SFT, LVR, Mirage (stage 1 then 2) and LVR + GRPO (against an
+SFT control given the same extra compute) on every synthetic task, several seeds, equal steps x batch.
 
     python study.py                    # the whole study: hours on 2 CPU cores, resumable, results as it goes
-    python study.py --tasks relation   # one task
     python study.py --quick true       # a tiny version: CI's smoke test (no accuracy asserted)
 
 Protocol (one tuning budget for all): for each task and method, every learning rate in `lrs` is tried
 once with `tune_seed`, and the one with the best final accuracy on the validation split (train_sft's
 periodic held-out set, tasks.py's eval split) is kept; the reported runs use `seeds` (never used for
-tuning) and report eval.py's table on the test split. GRPO's learning rate is tuned the same way, on
-the tuned LVR run of `tune_seed`. Every finished run is one JSON line in `results` (a run already there
-is not redone), then the picture is drawn from that file (matplotlib, only here).
+tuning) and report eval.py's table on the test split. GRPO's learning rate is tuned the same way, on the
+tuned LVR run of `tune_seed`. Every finished run is one JSON line in `results` (never redone); the picture
+is drawn from that file (matplotlib, only here).
 """
 import json
 import os
 import re
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -50,8 +49,8 @@ report = False  # run nothing: print the results table (markdown, for the README
 
 def run(script, *args):
     """Run a script -> (stdout, seconds); a failure stops the study with its error. The seconds are the
-    child's CPU time (user + system), which another program on the machine disturbs far less than the
-    wall clock does; the wall clock is added to `WALL`."""
+    child's CPU time (user + system), which another program disturbs less than the wall clock (not by
+    nothing: oversubscribed, OpenMP's spinning threads inflate it); the wall clock is added to `WALL`."""
     t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     r = subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -63,6 +62,7 @@ def run(script, *args):
 
 
 WALL = []  # wall seconds of every script run, in order
+NAMES = {"none": "plain SFT", "lvr": "LVR", "mirage": "Mirage", "grpo": "LVR + GRPO", "control": "LVR + SFT (control)"}
 
 
 def curve(stdout):
@@ -72,11 +72,10 @@ def curve(stdout):
 
 def table(stdout):
     """eval.py's rows -> {row name: {accuracy, format, latent_steps, hit_rate}}, and the norm ratio."""
-    rows = {}
-    for m in re.finditer(r"^(with latents|latents disabled|dummy latents|swapped latents|oracle latents)\s+"
-                         r"([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+|-)$", stdout, re.M):
-        rows[m.group(1)] = {"accuracy": float(m.group(2)), "format": float(m.group(3)),
-                            "latent_steps": float(m.group(4)), "hit_rate": None if m.group(5) == "-" else float(m.group(5))}
+    found = re.findall(r"^(with latents|latents disabled|dummy latents|swapped latents|oracle latents)\s+"
+                       r"([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+|-)$", stdout, re.M)
+    rows = {name: {"accuracy": float(a), "format": float(f), "latent_steps": float(n),
+                   "hit_rate": None if h == "-" else float(h)} for name, a, f, n, h in found}
     norm = re.search(r"latent norm / target norm \(own latents\): ([\d.]+)", stdout)
     return rows, float(norm.group(1)) if norm else None
 
@@ -109,8 +108,7 @@ def grpo(task, seed, lr, lvr_out, out, control_out, sft_step_s, sft_end_lr):
     _, cpu = run("train_grpo.py", "--init_from", lvr_out, "--task", task, "--seed", seed, "--lr", lr,
                   "--max_iters", grpo_iters, "--eval_interval", grpo_iters, "--out_dir", out)
     log = torch.load(os.path.join(out, "train_state.pt"), weights_only=True)["log"]
-    rec = {"cpu_s": cpu, "wall_s": WALL[-1], "grpo_log": [{k: x[k] for k in ("reward", "flat_groups", "kept_groups", "draws", "kl")}
-                                        for x in log]}
+    rec = {"cpu_s": cpu, "wall_s": WALL[-1], "grpo_log": [{k: x[k] for k in ("reward", "flat_groups", "kept_groups", "draws", "kl")} for x in log]}
     n = max(1, round(cpu / sft_step_s))
     _, ccpu = run("train_sft.py", "--init_from", lvr_out, "--task", task, "--seed", seed, "--method", "lvr",
                    "--latent_loss", "cosine", "--ce_weight", 1.0, "--latent_weight", 0.1, "--lr", sft_end_lr,
@@ -123,8 +121,7 @@ def summary(recs):
     """The results table: per task and method, test accuracy mean ± std over the reported seeds (each
     seed's value), the diagnostics' accuracies, hit rate, latent/target norm, and CPU time per run."""
     def ms(v):
-        m = sum(v) / len(v)
-        sd = (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
+        m, sd = statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0
         return f"{m:.3f} ± {sd:.3f} ({', '.join(f'{x:.3f}' for x in v)})"
     lines = ["| task | method | accuracy (seeds) | disabled | dummy | swapped | oracle | hit rate | norm | CPU s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -139,9 +136,7 @@ def summary(recs):
                 v = [r["test"][row][k] for r in runs if row in r["test"] and r["test"][row][k] is not None]
                 return f"{sum(v) / len(v):.3f}" if v else "-"
             norms = [r["norm_ratio"] for r in runs if r.get("norm_ratio")]
-            name = {"none": "plain SFT", "lvr": "LVR", "mirage": "Mirage", "grpo": "LVR + GRPO",
-                    "control": "LVR + SFT (control)"}[method]
-            lines.append(f"| {task} | {name} | {ms([r['test']['with latents']['accuracy'] for r in runs])} | "
+            lines.append(f"| {task} | {NAMES[method]} | {ms([r['test']['with latents']['accuracy'] for r in runs])} | "
                          f"{col('latents disabled')} | {col('dummy latents')} | {col('swapped latents')} | "
                          f"{col('oracle latents')} | {col('with latents', 'hit_rate')} | "
                          f"{f'{sum(norms) / len(norms):.2f}' if norms else '-'} | "
@@ -151,20 +146,14 @@ def summary(recs):
 
 def main(argv):
     cli.configure(globals(), argv)
+    done = {r["key"]: r for r in map(json.loads, open(results))} if os.path.exists(results) else {}  # finished runs
     if report:
-        recs = [json.loads(line) for line in open(results)] if os.path.exists(results) else []
-        print(summary(recs))
-        draw(recs)
-        return
+        print(summary(list(done.values())))
+        return draw(list(done.values()))
     if quick:  # every stage, tiny: one task, one seed, one learning rate, a few steps
         globals().update(tasks="relation", max_iters=4, eval_interval=2, eval_examples=4, test_examples=4,
                          grpo_iters=1, seeds="1", lrs="1e-3", grpo_lrs="2e-5")
     os.makedirs(os.path.dirname(results) or ".", exist_ok=True)
-    done = {}
-    if os.path.exists(results):
-        for line in open(results):
-            r = json.loads(line)
-            done[r["key"]] = r
 
     def record(key, fn):
         """The result of `key`, from the file, or computed now and appended (a finished run is never redone)."""
@@ -179,10 +168,9 @@ def main(argv):
     def one(task, method, seed, lr):
         out = os.path.join(work_dir, f"{task}_{method}_s{seed}_lr{lr}")
         def go():
-            shutil.rmtree(out, ignore_errors=True)
-            shutil.rmtree(out + "_stage1", ignore_errors=True)
-            rec = sft(task, method, seed, lr, out)
-            return {**rec, **(evaluate(task, method, out) if seed != tune_seed else {})}
+            for d in (out, out + "_stage1"):  # what a killed run left: it starts again
+                shutil.rmtree(d, ignore_errors=True)
+            return {**sft(task, method, seed, lr, out), **(evaluate(task, method, out) if seed != tune_seed else {})}
         return record(f"{task}/{method}/seed{seed}/lr{lr}", go), out
 
     for task in tasks.split(","):
@@ -196,8 +184,7 @@ def main(argv):
                 one(task, method, int(seed), best[method])
         if "grpo" not in methods:
             continue
-        lvr_tune = one(task, "lvr", tune_seed, best["lvr"])
-        step_s = lvr_tune[0]["cpu_s"] / max_iters  # CPU seconds per SFT step, startup and evaluations included
+        step_s = one(task, "lvr", tune_seed, best["lvr"])[0]["cpu_s"] / max_iters  # per SFT step, all included
 
         def grpo_run(seed, glr):
             _, lvr_out = one(task, "lvr", seed, best["lvr"])
@@ -224,9 +211,8 @@ def draw(recs):
     """Held-out (validation) accuracy against SFT steps, mean over the reported seeds with min-max shaded,
     one panel per task; GRPO and its control as markers at the end (test accuracy)."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        plt.switch_backend("Agg")
     except ImportError:
         print("matplotlib is not installed: no picture (pip install matplotlib)")
         return
@@ -240,24 +226,20 @@ def draw(recs):
             steps = [s for s, _ in runs[0]["curve"]]
             accs = [[dict(r["curve"]).get(s, float("nan")) for s in steps] for r in runs]
             mean = [sum(a[i] for a in accs) / len(accs) for i in range(len(steps))]
-            ax.plot(steps, mean, color=colour, label={"none": "plain SFT"}.get(method, method.upper() if method == "lvr" else "Mirage"))
+            ax.plot(steps, mean, color=colour, label=NAMES[method])
             ax.fill_between(steps, [min(a[i] for a in accs) for i in range(len(steps))],
                             [max(a[i] for a in accs) for i in range(len(steps))], color=colour, alpha=0.2)
-        for key, colour, label in (("grpo", "tab:red", "LVR + GRPO"), ("control", "tab:orange", "LVR + SFT (control)")):
-            g = [r for r in recs if r["key"].startswith(f"{task}/grpo/") and "test" in r]
-            vals = [(r if key == "grpo" else r["control"])["test"].get("with latents", {}).get("accuracy") for r in g]
-            vals = [v for v in vals if v is not None]
+        for key, colour in (("grpo", "tab:red"), ("control", "tab:orange")):
+            vals = [(r if key == "grpo" else r["control"])["test"]["with latents"]["accuracy"]
+                    for r in recs if r["key"].startswith(f"{task}/grpo/") and "test" in r]
             if vals:
-                x = max((s for r in recs if r["key"].startswith(f"{task}/lvr/") for s, _ in r["curve"]), default=0)
-                ax.errorbar([x * (1.03 if key == "grpo" else 1.06)], [sum(vals) / len(vals)],
-                            yerr=[[sum(vals) / len(vals) - min(vals)], [max(vals) - sum(vals) / len(vals)]],
-                            fmt="o", color=colour, label=label + " (test)")
-        ax.set_title(task)
-        ax.set_xlabel("SFT steps (batch 16)")
-        ax.set_ylim(0, 1.02)
+                m = sum(vals) / len(vals)  # (at the end of the SFT curves)
+                ax.errorbar([max_iters * (1.03 if key == "grpo" else 1.06)], [m], yerr=[[m - min(vals)], [max(vals) - m]],
+                            fmt="o", color=colour, label=NAMES[key] + " (test)")
+        ax.set(title=task, xlabel="SFT steps (batch 16)", ylim=(0, 1.02))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("held-out accuracy")
-    axes[0][-1].legend(fontsize=7, loc="upper left")
+    axes[0][0].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     os.makedirs(os.path.dirname(picture) or ".", exist_ok=True)
     fig.savefig(picture, dpi=110)
