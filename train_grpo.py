@@ -183,9 +183,9 @@ def rollout_round(policy, tok, ids, exs, gens, autocast):
     model.train()
     T = p["input_ids"].shape[1]
     comp = r.tokens[:, T:]
-    # 3) rewards, of each completion up to its stop token
     rows = [row[:next((j + 1 for j, t in enumerate(row) if t in stop), len(row))] for row in comp.tolist()]
-    scores = {k: torch.tensor([fn(tok.decode(row), row, exs[i // G]["answer"], ids, stop) for i, row in enumerate(rows)])
+    texts = [tok.decode(row) for row in rows]  # each completion up to its stop token, decoded once
+    scores = {k: torch.tensor([fn(texts[i], row, exs[i // G]["answer"], ids, stop) for i, row in enumerate(rows)])
               for k, fn in grpo.REWARDS.items()}
     return {"T": T, "seqs": r.tokens, "latents": r.latents, "is_latent": r.is_latent, "act": r.sampled,
             "attn": torch.cat([p["attention_mask"].repeat_interleave(G, 0).to(dev), torch.ones_like(comp)], 1),
