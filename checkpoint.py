@@ -69,10 +69,12 @@ def save(model, tok, out_dir, train_state, weights=None):
 
 def load_train_state(out_dir, config=None):
     """train_state.pt with weights_only=True: tensors and plain containers, never arbitrary pickle.
+    Onto the CPU, whatever device saved it: set_optimizer_state_dict moves each rank's part to its device
+    (without it, every rank's copy of a GPU run's Adam state lands on cuda:0).
     Prints the settings of `config` (this run's) that differ from the saved run's."""
     path = os.path.join(resolve(out_dir), "train_state.pt")
     try:
-        state = torch.load(path, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # missing, truncated, or a pickle that wants to run code
         raise InputError(f"cannot resume from {path}: {str(e).splitlines()[0][:200]}") from None
     saved = state.get("config", {})
@@ -105,3 +107,8 @@ def load(path, dtype=torch.float32, device="cpu"):
     """qwen.load on a checkpoint we may be writing: a save killed between its renames leaves the
     previous checkpoint aside, and that is what a reader loads."""
     return qwen.load(resolve(path), dtype, device)
+
+
+def load_tokenizer(path):
+    """The tokenizer of a checkpoint we may be writing (as load)."""
+    return qwen.QwenTokenizer(resolve(path))

@@ -13,11 +13,15 @@ value is one line `error: --name ...` and exit 1 (run()). A number without a dec
 bug in the script: configure() refuses it, so a new flag cannot skip its check.
 Also here: InputError, the one exception a user ever sees, and the training loops' stop flag.
 """
+import contextlib
+import difflib
 import math
 import os
 import re
 import signal
 import sys
+
+import torch
 
 
 class InputError(ValueError):
@@ -56,25 +60,56 @@ def check(name, value, decl):
             raise InputError(f"--{name} must be in {text}; got {value}")
 
 
+def settings(g):
+    """The script's flags: every simple lower-case global of its settings block, in order."""
+    return {k: v for k, v in g.items()
+            if not k.startswith("_") and k.islower() and isinstance(v, (bool, int, float, str))}
+
+
+def usage(g, keys):
+    """--help: each flag with its default and its comment (what it accepts, then what it does)."""
+    doc = (g.get("__doc__") or "").strip().splitlines()
+    comments = {}
+    with open(g["__file__"], encoding="utf-8") as f:
+        for line in f:
+            m = re.match(r"^(\w+) = .*?  # (.*)$", line)
+            if m:
+                comments[m.group(1)] = m.group(2)
+    lines = [doc[0] if doc else os.path.basename(g["__file__"]), "", "settings (--name value):"]
+    width = max(len(k) for k in keys) + 2
+    for k, v in keys.items():
+        default = str(v).lower() if isinstance(v, bool) else repr(v) if isinstance(v, str) else str(v)
+        lines.append(f"  --{k:<{width}}{default:<14} {comments.get(k, '')}")
+    return "\n".join(lines)
+
+
+def parse(flag, value, default):
+    """One --flag value, typed like its default."""
+    kind = type(default)
+    try:
+        if kind is bool and value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError
+        return value.lower() in ("true", "1", "yes") if kind is bool else kind(value)
+    except ValueError:
+        raise InputError(f"{flag} expects {kind.__name__}, got {value!r}") from None
+
+
 def configure(g, argv):
     """Override the script globals `g` from `--name value` pairs, typed like the defaults, check every
-    setting against its declaration, print them; return them as a dict."""
-    keys = {k: v for k, v in g.items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))
-            and k.islower()}
+    setting against its declaration, print them; return them as a dict. --help prints them and exits."""
+    keys = settings(g)
+    if "--help" in argv or "-h" in argv:
+        print(usage(g, keys))
+        raise SystemExit(0)
     if len(argv) % 2 or any(not a.startswith("--") for a in argv[::2]):
-        raise InputError(f"arguments must be --name value pairs, got: {' '.join(argv)}")
+        raise InputError(f"arguments must be --name value pairs, got: {' '.join(argv)} (--help lists them)")
     for flag, value in zip(argv[::2], argv[1::2]):
         name = flag[2:]
         if name not in keys:
-            raise InputError(f"unknown flag {flag} (known: {', '.join('--' + k for k in keys)})")
-        kind = type(keys[name])
-        try:
-            if kind is bool and value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError
-            parsed = value.lower() in ("true", "1", "yes") if kind is bool else kind(value)
-        except ValueError:
-            raise InputError(f"{flag} expects {kind.__name__}, got {value!r}") from None
-        keys[name] = g[name] = parsed
+            near = difflib.get_close_matches(name, list(keys), n=1, cutoff=0.5)
+            hint = f"did you mean --{near[0]}?" if near else "--help lists the flags"
+            raise InputError(f"unknown flag {flag}: {hint}")
+        keys[name] = g[name] = parse(flag, value, keys[name])
     decl = declarations(g["__file__"])
     for name, value in keys.items():
         if type(value) in (int, float) and name not in decl:
@@ -90,6 +125,16 @@ def require(ok, message):
     """A rule between settings, checked with the others before any work starts."""
     if not ok:
         raise InputError(message)
+
+
+@contextlib.contextmanager
+def out_of_memory(where, advice, out_dir):
+    """Out of memory inside the block -> one line that says where, what lowers memory there, and that
+    the last checkpoint on disk is intact (nothing is saved on the way out)."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise InputError(f"out of memory in {where}: {advice}. {out_dir} keeps its last checkpoint") from None
 
 
 def stop_flag():

@@ -19,6 +19,7 @@ import torch
 import cli
 import lvr
 import qwen
+import tasks
 import vision
 from cli import InputError
 
@@ -235,10 +236,23 @@ def collate(encoded, pad_id):
     return batch
 
 
-def check_pixels(min_pixels, max_pixels, image_size=28):
-    """The image settings every script shares, checked with the other settings before any work."""
-    cli.require(min_pixels <= max_pixels, f"--min_pixels {min_pixels} is above --max_pixels {max_pixels}")
-    cli.require(image_size % 28 == 0, f"--image_size {image_size} is not a multiple of 28 (one merged image token)")
+# the official LVR training scripts' image bounds (128 to 5120 merged tokens of 28 x 28 pixels), and
+# the Qwen2.5-VL processor's own (what its eval and chat use)
+LVR_PIXELS = (128 * 28 * 28, 5120 * 28 * 28)
+PROCESSOR_PIXELS = (56 * 56, 28 * 28 * 16384)
+
+
+def image_settings(task, image_size, min_pixels, max_pixels, synthetic, bounds):
+    """--image_size, --min_pixels, --max_pixels, where 0 means auto -> (image_size, min_pixels, max_pixels).
+    Synthetic data: the task's own image side, never resized. A data file: `bounds` (LVR_PIXELS for
+    training, PROCESSOR_PIXELS for eval); an auto min_pixels never above max_pixels. Checked here."""
+    size = image_size or tasks.TASKS[task][1]
+    lo, hi = (3136, size * size) if synthetic else bounds
+    hi = max_pixels or hi
+    lo = min_pixels or min(lo, hi)
+    cli.require(lo <= hi, f"--min_pixels {lo} is above --max_pixels {hi}")
+    cli.require(size % 28 == 0, f"--image_size {size} is not a multiple of 28 (one merged image token)")
+    return size, lo, hi
 
 
 def prompt_batch(exs, tok, min_pixels=3136, max_pixels=12845056):

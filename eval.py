@@ -32,6 +32,7 @@ import cli
 import data
 import grpo
 import lvr
+import parallel
 import tasks
 import vision
 from cli import InputError
@@ -51,10 +52,10 @@ force_end = True  # force <|lvr_end|> after a span (false: the model's own next 
 end_metric = "checkpoint"  # {checkpoint, mse, cosine, l1} `latent` exit distance (checkpoint: the one it was trained with)
 end_threshold = 0.0  # [0, inf) `latent` exit threshold (0 = the checkpoint's, else 0.1)
 max_new_tokens = 32  # [1, inf) completion budget
-min_pixels = 3136  # [1, inf) image area bounds after resizing
-max_pixels = 0  # [0, inf) image area bound after resizing (0: the synthetic image's own); real data wants more (up to 12845056)
+min_pixels = 0  # [0, inf) smallest image area after resizing (0: the Qwen2.5-VL processor's, 56*56)
+max_pixels = 0  # [0, inf) largest image area (0: the processor's 12845056; a synthetic image's own area)
 device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "float32"  # {float32, bfloat16}
+dtype = "auto"  # {auto, float32, bfloat16} the weights' dtype (auto: bfloat16 on CUDA)
 seed = 1337  # [0, inf) the synthetic held-out set
 split = "test"  # {test, eval} the synthetic split: test, or eval (the validation split train_sft reports and study.py tunes on)
 # -----------------------------------------------------------------------------
@@ -160,10 +161,12 @@ def by_group(exs, right, key):
 
 
 def main(argv):
-    config = cli.configure(globals(), argv)
-    globals().update(zip(("image_size", "max_pixels"), tasks.sizes(task, image_size, max_pixels)))  # 0: auto
-    config.update(image_size=image_size, max_pixels=max_pixels)
-    data.check_pixels(min_pixels, max_pixels, image_size)
+    cli.configure(globals(), argv)
+    images = data.image_settings(task, image_size, min_pixels, max_pixels, data_path == "synthetic",
+                                 data.PROCESSOR_PIXELS)  # 0: auto
+    globals().update(zip(("image_size", "min_pixels", "max_pixels"), images))
+    globals()["dtype"] = parallel.autocast_dtype(dtype, device)
+    print(f"resolved: dtype={dtype} image_size={image_size} min_pixels={min_pixels} max_pixels={max_pixels}")
     model, tok = checkpoint.load(init_from, getattr(torch, dtype), device)  # (in eval mode)
     ids = lvr.find_latent_ids(model, tok)  # the tokens it was trained with
     if ids is None:

@@ -107,13 +107,16 @@ def loss_weights(mask, norm="token", max_len=None, total=None):
 def grpo_loss(logp, old_logp, adv, weights, ref_logp=None, clip_eps=0.2, beta=0.04):
     """Per-token PPO-clip objective plus beta * k3 KL to the reference -> (loss, kl per token).
 
-    logp, old_logp, ref_logp, weights: (N, L); adv: (N,). k3 = exp(ref - logp) - (ref - logp) - 1."""
-    ratio = torch.exp(logp - old_logp)
+    logp, old_logp, ref_logp, weights: (N, L); adv: (N,). k3 = exp(ref - logp) - (ref - logp) - 1.
+    Positions of weight 0 (padding, forced tokens, latents) are set to 0 before any exp: an overflow
+    there would give inf * 0 = NaN in the loss, and in the gradient even through torch.where."""
+    used = weights > 0
+    ratio = torch.exp(torch.where(used, logp - old_logp, 0.0))
     a = adv[:, None]
     per_token = -torch.min(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
     kl = torch.zeros_like(logp)
     if ref_logp is not None:
-        d = ref_logp - logp
+        d = torch.where(used, ref_logp - logp, 0.0)
         kl = torch.exp(d) - d - 1
         per_token = per_token + beta * kl
     return (per_token * weights).sum(), kl
@@ -142,7 +145,7 @@ def completion_logprobs(model, seqs, attention_mask, n_prompt, grid_thw, feats, 
     decision is "continue": log(1 - p(exits)) (only a `token`-exit rollout samples it)."""
     prompt, comp = seqs[:, :n_prompt], seqs[:, n_prompt:]
     x = model.embed(prompt, grid_thw=grid_thw, feats=feats)  # (N, T, C) images only in the prompt,
-    c = torch.where(is_latent[..., None], latents.detach().to(x.dtype), model.model.embed_tokens(comp))  # (N, L, C)
+    c = torch.where(is_latent[..., None], latents.detach().to(x.dtype), model.token_embeds(comp))  # (N, L, C)
     x = torch.cat([x, c], 1)
     pos = qwen.get_rope_index(prompt, grid_thw, attention_mask[:, :n_prompt], model.cfg.image_token_id)
     after = pos.amax(dim=(0, 2)) + 1  # completion positions count on like text, as in the rollout's cache

@@ -64,19 +64,34 @@ def find_latent_ids(model, tok):
 
 
 def add_latent_tokens(model, tok, names=LVR_TOKENS):
-    """Add the latent tokens to the tokenizer (and embedding rows if needed); record them in the config."""
+    """Add the latent tokens to the tokenizer (and embedding rows if needed); record them in the config.
+    On a meta model (FSDP's load) only the shapes and the config change: latent_rows does the rest."""
+    before = len(tok)
     tok.tok.add_special_tokens([n for n in names.values() if tok.tok.token_to_id(n) is None])
     grow = len(tok) - model.cfg.vocab_size
-    if grow > 0:  # new rows start at the mean embedding, so they are not outliers
+    if grow > 0:  # rows added past the embedding (start at the mean: latent_rows)
         def grown(w):
-            return torch.nn.Parameter(torch.cat([w.data, w.data.mean(0, keepdim=True).expand(grow, -1)]))
+            return torch.nn.Parameter(torch.cat([w.data, w.data[:1].expand(grow, -1)]))
         model.model.embed_tokens.weight = grown(model.model.embed_tokens.weight)
         model.lm_head.weight = (model.model.embed_tokens.weight if model.cfg.tie_word_embeddings
                                 else grown(model.lm_head.weight))
         model.model.embed_tokens.num_embeddings = model.lm_head.out_features = model.cfg.vocab_size = len(tok)
+    with torch.no_grad():
+        for w in {id(p): p for p in (model.model.embed_tokens.weight, model.lm_head.weight)}.values():
+            latent_rows(w, before, len(tok))
     ids = latent_ids(tok, names)
     model.cfg.extra.update(lvr_tokens=dict(names), lvr_token_ids=vars(ids).copy())
     return ids
+
+
+def latent_rows(w, before, after):
+    """The rows of tokens [before, after) start at the mean of the rows of the `before` tokens, as Hugging
+    Face's resize starts new rows. A real Qwen2.5-VL embedding has rows past its tokenizer (151,936 for
+    151,665 tokens) that no token ever trained, and the new tokens take them; the official code leaves
+    them as they are. The mean gives an input like the ones the model has seen, and, tied to lm_head, a
+    logit like the average token's rather than an arbitrary one. In place; returns w."""
+    w[before:after] = w[:before].mean(0)
+    return w
 
 
 # -----------------------------------------------------------------------------
@@ -184,10 +199,12 @@ def latent_distance(pred, target, kind="mse", per_row=False):
     return d if per_row else d.mean()
 
 
-def end_distance(vec, end_vec, kind):
+def end_distance(vec, end_vec, kind, scaled=True):
     """`latent` exit: (B,) distance of each latent to the end embedding, by the metric it was trained with,
-    scaled so that the zero vector is at 1 (a threshold then means the same for every metric and scale)."""
-    return latent_distance(vec, end_vec[None], kind, True) / latent_distance(0 * end_vec[None], end_vec[None], kind, True)
+    scaled so that the zero vector is at 1 (a threshold then means the same for every metric and scale);
+    unscaled: the official rule for its learned end vector (mse < 0.1; that vector's RMS starts at 1)."""
+    d = latent_distance(vec, end_vec[None], kind, True)
+    return d / latent_distance(0 * end_vec[None], end_vec[None], kind, True) if scaled else d
 
 
 def end_rule(model, metric="checkpoint", threshold=0.0):
@@ -237,10 +254,13 @@ def sft_loss(model, batch, ce_weight=1.0, latent_weight=0.1, latent_loss="mse", 
     pos = qwen.get_rope_index(ids, batch["grid_thw"], mask, model.cfg.image_token_id)
     h = model(inputs_embeds=x, attention_mask=mask, position_ids=pos)
     ce = supervised_ce(model, h, labels)
-    lat = latent_distance(head(model, h[b, t - 1]), targets, latent_loss) if len(b) else ce.new_zeros(())
+    if len(b):
+        lat = latent_distance(head(model, h[b, t - 1]), targets, latent_loss)
+    else:  # no latent in this micro-batch: the head still takes part (a zero gradient), as DDP requires
+        lat = head(model, h[:0, 0]).float().sum() * 0.0
     eb, et = batch["latent_end_pos"]  # `latent` exit mode: the state before <|lvr_latent_end|> learns its embedding
     if len(eb):
-        end = model.model.embed_tokens(ids[eb, et])
+        end = model.token_embeds(ids[eb, et])
         lat = lat + latent_distance(head(model, h[eb, et - 1]), end, latent_loss)
     switch = ce.new_zeros(())
     if switch_weight and len(b):
@@ -297,7 +317,8 @@ def continue_logprob(logits, exits):
     return logits[..., keep].logsumexp(-1) - logits.logsumexp(-1)
 
 
-def span_exit(decoding, ids, tok, vec, in_lat, n_lat, budget, force_end, exits, end_vec, end_metric, end_threshold):
+def span_exit(decoding, ids, tok, vec, in_lat, n_lat, budget, force_end, exits, end_vec, end_metric, end_threshold,
+              scaled=True):
     """The exit rule (rollout's docstring), one step: which rows in a span leave it now and with which
     token -> tok (B,), exit (B,) bool, forced (B,) bool: that token was not sampled, force (B,): the token
     to force at the next step (-1: none)."""
@@ -307,7 +328,9 @@ def span_exit(decoding, ids, tok, vec, in_lat, n_lat, budget, force_end, exits, 
         forced = exit_ & force_end
         return torch.where(forced, ids.end, tok), exit_, forced, none
     if decoding == "latent":  # close to the end embedding, or the budget: <|lvr_latent_end|>, then <|lvr_end|>
-        exit_ = in_lat & ((end_distance(vec, end_vec, end_metric) < end_threshold) | (n_lat >= budget))
+        # (never before its first latent: every trained span has one, as under the `token` exit)
+        near = (end_distance(vec, end_vec, end_metric, scaled) < end_threshold) & (n_lat > 0)
+        exit_ = in_lat & (near | (n_lat >= budget))
         return torch.where(exit_, ids.latent_end, tok), exit_, exit_, torch.where(exit_ & force_end, ids.end, none)
     # token: the model's own exit token once a latent step has been taken, or <|lvr_end|> at the budget
     own = in_lat & torch.isin(tok, torch.tensor(exits, device=tok.device)) & (n_lat > 0)
@@ -348,8 +371,14 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
     stop = torch.tensor(list(stop_ids) or model.default_stop_ids(), device=dev)
     exits = exit_tokens(ids, decoding)
     emb = model.model.embed_tokens
+    end_vec = None  # the `latent` exit's end vector: the official checkpoint's learned one, or the token's row
+    if decoding == "latent":
+        end_vec = getattr(model, "lvr_latent_end_emb", None)
+        end_vec = emb.weight[ids.latent_end] if end_vec is None else end_vec
     # 1) prefill the prompts once; the last position's logits and hidden state start the loop
-    cache = qwen.KVCache(model.cfg, B, T + max_new_tokens, dev, emb.weight.dtype)
+    autocast = torch.is_autocast_enabled(dev.type)  # (then the keys and values come out in its dtype)
+    kv_dtype = torch.get_autocast_dtype(dev.type) if autocast else emb.weight.dtype
+    cache = qwen.KVCache(model.cfg, B, T + max_new_tokens, dev, kv_dtype, emb.weight.dtype)
     x = model.embed(input_ids, pixel_values, grid_thw, feats)
     h = model(input_ids, grid_thw=grid_thw, inputs_embeds=x, attention_mask=attention_mask, cache=cache)
     h = h[:, -1]
@@ -374,8 +403,8 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
         vec = latent_input(model, h)  # (B, C) the latent input of rows that stay in their span
         # 4) which rows in a span leave it now, and with which token
         tok, exit_, forced, force = span_exit(decoding, ids, tok, vec, in_lat, n_lat, budget, force_end, exits,
-                                              emb.weight[ids.latent_end] if decoding == "latent" else None,
-                                              end_metric, end_threshold)
+                                              end_vec, end_metric, end_threshold,
+                                              scaled=not hasattr(model, "lvr_latent_end_emb"))
         # 5) rows still in their span take a latent step: their own hidden state is the next input
         latent_step = in_lat & ~exit_ & ~done
         if latents_in is not None:  # (diagnostics: a given vector instead)
@@ -384,7 +413,7 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
             k_lat = k_lat + latent_step
         tok = torch.where(latent_step, ids.latent, tok)
         tok = torch.where(done, stop[0], tok)
-        x = torch.where(latent_step[:, None], vec.to(emb.weight.dtype), emb(tok))
+        x = torch.where(latent_step[:, None], vec.to(emb.weight.dtype), model.token_embeds(tok[:, None])[:, 0])
         # 6) record: a latent step is a sampled "continue" only under the token exit, past the first step
         sampled = torch.where(latent_step, (decoding == "token") & (n_lat > 0), sampled & ~forced)
         lp = (logits.float() / (temperature or 1.0)).log_softmax(-1)

@@ -11,6 +11,7 @@ embedding, the head) are called in many places. Units: one per decoder layer, on
 tower, the rest (embeddings, head, norm) at the root, as torchtitan shards Llama.
 """
 import contextlib
+import datetime
 import os
 
 import torch
@@ -19,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 import checkpoint
+import qwen
 from cli import InputError
 
 
@@ -33,18 +35,33 @@ class Root(torch.nn.Module):
         return fn(self.model, *args)
 
 
+# Rank 0 evaluates and writes a checkpoint (a 3B model's weights and Adam state: about 40 GB, fsynced)
+# while the other ranks wait in a barrier: NCCL's default 10 minutes is too short for that.
+TIMEOUT = datetime.timedelta(hours=2)
+
+
 def setup(device, fsdp=False):
     """-> (rank, world size, device, distributed?). Under torchrun: the process group (nccl on GPUs, gloo on
-    CPU) and this rank's GPU."""
+    CPU) and this rank's GPU. On CUDA, TF32 matmuls (what fp32 work remains under bf16 autocast)."""
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if "RANK" not in os.environ:
         if fsdp:
             raise InputError("--fsdp true shards across processes: launch with torchrun --nproc_per_node N")
         return 0, 1, device, False
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=TIMEOUT)
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device, True
+
+
+def autocast_dtype(dtype, device):
+    """--dtype auto: bfloat16 autocast on CUDA (the official LVR runs in bf16), float32 elsewhere."""
+    if dtype == "auto":
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    return dtype
 
 
 def shard(model, sum_grads=False):
@@ -59,6 +76,40 @@ def shard(model, sum_grads=False):
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)
     return root
+
+
+def load_sharded(path, dtype, device, init=None, fix=None):
+    """An FSDP2 model that no rank ever holds whole: built on the meta device, sharded (shard), then each
+    rank copies its rows of each weight from the memory-mapped safetensors, one tensor at a time.
+    init(model): run on the meta model before sharding (add a latent head, the latent tokens); fix(name,
+    full): edit a full tensor on the CPU before it is split (the latent tokens' rows). A latent head the
+    checkpoint lacks starts as qwen.latent_head's init, seeded alike on every rank. -> (Root, model)."""
+    rank, world = rank_world()
+    cfg = qwen.read_config(path)
+    with torch.device("meta"):
+        model = qwen.Qwen2_5_VL(cfg)
+        if init is not None:
+            init(model)
+    where = qwen.weight_index(path, cfg.tie_word_embeddings)
+    new_head = {k for k in model.state_dict() if k.startswith("lvr_head.") and k not in where}
+    qwen.check_keys(path, {k: v.shape for k, v in model.state_dict().items() if k not in new_head}, where)
+    if new_head:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            head = {f"lvr_head.{k}": v.detach() for k, v in qwen.latent_head(model.cfg).named_parameters()}
+    root = shard(model)
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)  # the same Parameter objects, materialised:
+    model.to_empty(device=device)  # (else FSDP swaps in new ones at the first forward, behind the optimizer)
+    torch.__future__.set_swap_module_params_on_conversion(swap)
+    for name, p in model.named_parameters():
+        full = head[name] if name in new_head else qwen.read_weight(where[name], torch.float32)  # (CPU)
+        full = (fix(name, full) if fix is not None else full).to(dtype)
+        local = p.to_local()  # this rank's rows of dim 0: FSDP2 splits as torch.chunk does
+        rows = -(-full.shape[0] // world)
+        with torch.no_grad():
+            local.copy_(full[rank * rows:rank * rows + local.shape[0]])
+    return root, model
 
 
 @contextlib.contextmanager

@@ -91,20 +91,25 @@ class Config:
 class KVCache:
     """Preallocated keys/values for every layer, plus per-row key validity and next M-RoPE position."""
 
-    def __init__(self, cfg, batch, max_len, device, dtype):
+    def __init__(self, cfg, batch, max_len, device, dtype, rope_dtype=None):
+        """dtype: the keys' and values' (under autocast, its dtype: half the memory, and SDPA reads them
+        without a cast); rope_dtype: the rope tables', the activations' dtype (default: dtype)."""
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.hidden_size // cfg.num_attention_heads)
-        self.k, self.v = ([torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-                          for _ in "kv")  # per layer, in a list: no indexing op per step
+        # per layer, in a list: no indexing op per step
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)  # False at padding
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # M-RoPE position of the next token
         # decoded tokens have text positions (equal rows), never past their slot: one rope table, (max_len, hd)
-        self.cos, self.sin = (t[0, 0] for t in mrope(cfg, torch.arange(max_len, device=device).expand(3, 1, -1), dtype))
+        cos, sin = mrope(cfg, torch.arange(max_len, device=device).expand(3, 1, -1), rope_dtype or dtype)
+        self.cos, self.sin = cos[0, 0], sin[0, 0]
         self.len = 0  # slots written so far
         self.padded = False  # whether any key is padding (then every step needs a mask)
 
     def repeat_rows(self, G):
         """Each row copied to G consecutive rows: G samples of one prompt share its prefill."""
-        self.k, self.v = ([t.repeat_interleave(G, 0) for t in kv] for kv in (self.k, self.v))
+        self.k = [t.repeat_interleave(G, 0) for t in self.k]
+        self.v = [t.repeat_interleave(G, 0) for t in self.v]
         self.valid, self.next_pos = self.valid.repeat_interleave(G, 0), self.next_pos.repeat_interleave(G, 0)
 
 
@@ -249,6 +254,10 @@ class Qwen2_5_VL(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         if cfg.extra.get("lvr_head"):
             self.lvr_head = latent_head(cfg)
+        if cfg.extra.get("latent_end_token"):  # official LVR's latent-end mode: its learned end vector
+            if "lvr_latent_end_id" not in cfg.extra:
+                raise InputError("config.json: latent_end_token without lvr_latent_end_id")
+            self.lvr_latent_end_emb = nn.Parameter(torch.zeros(cfg.hidden_size))
 
     def init_weights(self):
         """A fresh model (train_sft's tiny scratch one): norms 1 (biases 0), other biases 0, weights N(0, 0.02)."""
@@ -260,9 +269,18 @@ class Qwen2_5_VL(nn.Module):
             else:
                 torch.nn.init.normal_(p, std=0.02)
 
+    def token_embeds(self, input_ids):
+        """(B, T) ids -> (B, T, C) their embeddings. An official LVR checkpoint trained in its latent-end mode
+        has a learned vector `lvr_latent_end_emb` that stands in for <|lvr_latent_end|>'s embedding row."""
+        x = self.model.embed_tokens(input_ids)
+        if hasattr(self, "lvr_latent_end_emb"):
+            at = (input_ids == self.cfg.extra["lvr_latent_end_id"])[..., None]
+            x = torch.where(at, self.lvr_latent_end_emb.to(x.dtype), x)
+        return x
+
     def embed(self, input_ids, pixel_values=None, grid_thw=None, feats=None):
         """Token embeddings with the merged image tokens (`feats`, or the tower's) at <|image_pad|>, in order."""
-        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        x = self.token_embeds(input_ids)  # (B, T, C)
         is_img = input_ids == self.cfg.image_token_id
         n_tok = int(is_img.sum())
         if pixel_values is None and feats is None:
@@ -347,37 +365,12 @@ class Qwen2_5_VL(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
         """Load a Hugging Face Qwen2.5-VL directory: strict, memory-mapped, no doubled memory."""
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise InputError(f"no config.json in {path}")
-        try:
-            with open(cfg_path) as f:
-                cfg = Config.from_dict(json.load(f))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise InputError(f"{cfg_path}: not a valid Qwen2.5-VL config ({e})") from None
+        cfg = read_config(path)
         with torch.device("meta"):
             model = cls(cfg)
-        state = {}
-        for file in safetensors_files(path):
-            try:
-                with safe_open(file, framework="pt", device=str(device)) as f:
-                    for key in f.keys():
-                        name = key.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
-                        state[name] = f.get_tensor(key)
-                        if not state[name].is_floating_point():
-                            raise InputError(f"{file}: {key} has dtype {state[name].dtype}, weights must be floats")
-                        state[name] = state[name].to(dtype)
-            except (SafetensorError, OSError) as e:
-                raise InputError(f"{file}: cannot read safetensors (truncated or corrupted?): {e}") from None
-        if cfg.tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
-        expected = model.state_dict()
-        bad = ([f"checkpoint is missing key {k}" for k in expected if k not in state]
-               + [f"checkpoint has unexpected key {k}" for k in state if k not in expected]
-               + [f"key {k} has shape {tuple(state[k].shape)}, the config expects {tuple(v.shape)}"
-                  for k, v in expected.items() if k in state and state[k].shape != v.shape])
-        if bad:
-            raise InputError(f"{path}: {bad[0]}")
+        where = weight_index(path, cfg.tie_word_embeddings)
+        check_keys(path, {k: v.shape for k, v in model.state_dict().items()}, where)
+        state = {name: read_weight(where[name], dtype, device) for name in model.state_dict()}
         model.load_state_dict(state, strict=True, assign=True)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight  # assign=True made two Parameters
@@ -399,6 +392,63 @@ class Qwen2_5_VL(nn.Module):
         d = {**self.cfg.to_dict(), "torch_dtype": str(self.lm_head.weight.dtype).replace("torch.", "")}
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(d, f, indent=2)
+
+
+def read_config(path):
+    """config.json of a checkpoint directory -> Config, or a one-line InputError."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise InputError(f"no config.json in {path}")
+    try:
+        with open(cfg_path) as f:
+            return Config.from_dict(json.load(f))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise InputError(f"{cfg_path}: not a valid Qwen2.5-VL config ({e})") from None
+
+
+def weight_index(path, tied):
+    """Our parameter name -> (file, its key there), for every tensor of the checkpoint's safetensors: the
+    official keys, or transformers 5's `model.language_model.` / `model.visual.`; a tied head reads the
+    embedding (`tied`). Only the headers are read."""
+    where = {}
+    for file in safetensors_files(path):
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    name = key.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
+                    where[name] = (file, key)
+        except (SafetensorError, OSError) as e:
+            raise InputError(f"{file}: cannot read safetensors (truncated or corrupted?): {e}") from None
+    if tied and "lm_head.weight" not in where and "model.embed_tokens.weight" in where:
+        where["lm_head.weight"] = where["model.embed_tokens.weight"]
+    return where
+
+
+def check_keys(path, expected, where):
+    """The checkpoint holds exactly the model's tensors: `expected` {name: shape}, `where` (weight_index)."""
+    bad = ([f"checkpoint is missing key {k}" for k in expected if k not in where]
+           + [f"checkpoint has unexpected key {where[k][1]}" for k in sorted(where) if k not in expected])
+    if bad:
+        raise InputError(f"{path}: {bad[0]}")
+    for name, shape in expected.items():
+        file, key = where[name]
+        with safe_open(file, framework="pt") as f:
+            got = f.get_slice(key).get_shape()
+        if tuple(got) != tuple(shape):
+            raise InputError(f"{path}: key {name} has shape {tuple(got)}, the config expects {tuple(shape)}")
+
+
+def read_weight(at, dtype, device="cpu"):
+    """One tensor, (file, key) from weight_index, in `dtype` on `device`."""
+    file, key = at
+    try:
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            t = f.get_tensor(key)
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{file}: cannot read safetensors (truncated or corrupted?): {e}") from None
+    if not t.is_floating_point():
+        raise InputError(f"{file}: {key} has dtype {t.dtype}, weights must be floats")
+    return t.to(dtype)
 
 
 def safetensors_files(path):

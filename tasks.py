@@ -211,13 +211,6 @@ TASKS = {"colour": (synthetic_example, 168), "search": (search_example, 336), "r
 SPLITS = {"train": 0, "eval": 10 ** 9, "grpo": 2 * 10 ** 9, "test": 3 * 10 ** 9}  # disjoint seed ranges
 
 
-def sizes(task, image_size=0, max_pixels=0):
-    """--image_size and --max_pixels, where 0 means: the task's own image side, and no resizing (the
-    image's own area; with a data file, the area of the default task's image, 168 x 168)."""
-    size = image_size or TASKS[task][1]
-    return size, max_pixels or size * size
-
-
 def synthetic(split, i, seed, size=0, task="colour"):
     """Example i of a task's split: train (train_sft), eval (its periodic accuracy), grpo (train_grpo's
     prompts), test (eval.py). size 0: the task's own image side."""

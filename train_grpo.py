@@ -71,9 +71,9 @@ grad_clip = 1.0  # [0, inf) clip the gradient norm (0 = off)
 eval_interval = 20  # [1, inf) checkpoint every this many steps
 task = "colour"  # {colour, search, relation, imagine} the synthetic task (tasks.py): the default, or a study task
 image_size = 0  # [0, inf) synthetic image side, a multiple of 28 (0: the task's own, 168; search 336)
-min_pixels = 3136  # [1, inf) image area bounds after resizing
-max_pixels = 0  # [0, inf) image area bound after resizing (0: the synthetic image's own); real data wants more (up to 12845056)
-dtype = "float32"  # {float32, bfloat16} bfloat16: autocast
+min_pixels = 0  # [0, inf) smallest image area after resizing (0: a data file's 128*28*28, as official LVR)
+max_pixels = 0  # [0, inf) largest image area (0: a data file's 5120*28*28; a synthetic image's own area)
+dtype = "auto"  # {auto, float32, bfloat16} bfloat16: autocast, fp32 master weights (auto: bf16 on CUDA)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 fsdp = False  # under torchrun: shard policy and reference with FSDP2 instead of DDP, for models one GPU can't hold
 freeze_vision = True  # the vision tower stays fixed (false: it trains; the reference keeps its own frozen tower)
@@ -82,6 +82,9 @@ resume = False  # continue from out_dir/train_state.pt
 seed = 1337  # [0, inf) seeds the prompts and the sampling
 # -----------------------------------------------------------------------------
 SKIPPED = {}  # bad records skipped so far: index -> why
+ROLLOUT_OOM = "lower --batch_size or --group_size (rows per rollout), --max_pixels or --max_new_tokens"
+UPDATE_OOM = ("set or lower --micro_batch_tokens, lower --max_pixels; or --grad_checkpointing true, "
+              "or --fsdp true under torchrun")
 
 
 def prompts(n, records, mine):
@@ -102,14 +105,18 @@ def main(argv):
     config = cli.configure(globals(), argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cli.require(batch_size % world == 0, f"--batch_size {batch_size} is not a multiple of the {world} processes")
-    globals().update(zip(("image_size", "max_pixels"), tasks.sizes(task, image_size, max_pixels)))  # 0: auto
-    config.update(image_size=image_size, max_pixels=max_pixels)
-    data.check_pixels(min_pixels, max_pixels, image_size)
+    images = data.image_settings(task, image_size, min_pixels, max_pixels, data_path == "synthetic",
+                                 data.LVR_PIXELS)  # 0: auto
+    globals().update(zip(("image_size", "min_pixels", "max_pixels"), images))
+    config.update(zip(("image_size", "min_pixels", "max_pixels"), images))
     cli.require(accuracy_weight + format_weight > 0, "--accuracy_weight and --format_weight are both 0: no reward")
     checkpoint.check_out_dir(out_dir, fresh=not resume)
     # 2) processes, data, the policy and its frozen reference
     rank, world, dev, ddp = parallel.setup(device, fsdp)
     globals()["device"] = dev  # this rank's
+    config["dtype"] = globals()["dtype"] = parallel.autocast_dtype(dtype, dev)
+    if rank == 0:
+        print("resolved: " + " ".join(f"{k}={config[k]}" for k in ("dtype", "image_size", "min_pixels", "max_pixels")))
     records = None if data_path == "synthetic" else data.load_records(data_path)
     model, tok = checkpoint.load(out_dir if resume else init_from, device=dev)
     ids = lvr.find_latent_ids(model, tok)  # the tokens it was trained with
@@ -271,7 +278,8 @@ def train_step(policy, ref, tok, ids, records, drawn, opt, params, autocast, sig
     mine = slice(rank * batch_size // world, (rank + 1) * batch_size // world)  # this rank's prompts of a round
     rounds, seen, kept = [], [], 0
     while True:
-        rnd = rollout_round(policy, tok, ids, *prompts(drawn, records, mine), autocast)
+        with cli.out_of_memory("a GRPO rollout", ROLLOUT_OOM, out_dir):
+            rnd = rollout_round(policy, tok, ids, *prompts(drawn, records, mine), autocast)
         drawn += 1
         seen.append(rnd)
         spread = torch.zeros(batch_size, device=device)  # every rank's groups, in the stream's order
@@ -283,7 +291,8 @@ def train_step(policy, ref, tok, ids, records, drawn, opt, params, autocast, sig
             rounds.append(keep_groups(rnd, keep[mine]))
         if not filter_groups or kept >= batch_size or len(seen) == max_draws:
             break
-    loss, kl, n_act = update(policy, ref, ids, rounds, seen[0], opt, params, autocast) if kept else (0.0, 0.0, 0)
+    with cli.out_of_memory("a GRPO update", UPDATE_OOM, out_dir):
+        loss, kl, n_act = update(policy, ref, ids, rounds, seen[0], opt, params, autocast) if kept else (0.0, 0.0, 0)
     # 5) statistics: sums over this rank's rows, then over the ranks (with the stop flag)
     means = ("reward", "accuracy", "format", "lengths", "latent_steps")
     rows = [float(torch.cat([r[k] for r in seen]).double().sum()) for k in means]

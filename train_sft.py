@@ -50,9 +50,9 @@ latent_end = False  # train the `latent` exit mode (<|lvr_latent_end|> after the
 end_threshold = 0.1  # (0, inf) `latent` exit: recorded in the checkpoint (a distance where the zero vector is at 1)
 batch_size = 16  # [1, inf) examples per micro-batch per process
 grad_accum = 1  # [1, inf) micro-batches per optimizer step
-lr = 1e-3  # (0, inf) peak learning rate
-min_lr = 1e-4  # [0, inf) learning rate at the end of the cosine
-warmup_iters = 50  # [0, inf) linear warmup steps
+lr = -1.0  # (0, inf) or -1 peak learning rate (-1: 1e-5 from a checkpoint, official LVR; 1e-3 from scratch)
+min_lr = -1.0  # [0, inf) or -1 learning rate at the end of the cosine (-1: 0 from a checkpoint; 1e-4)
+warmup_iters = -1  # [0, inf) or -1 linear warmup steps (-1: 3% of max_iters from a checkpoint; 50)
 max_iters = 2000  # [1, inf) optimizer steps
 weight_decay = 0.0  # [0, inf) AdamW weight decay
 grad_clip = 1.0  # [0, inf) clip the gradient norm (0 = off)
@@ -60,9 +60,9 @@ eval_interval = 500  # [1, inf) evaluate and checkpoint every this many steps
 eval_examples = 128  # [0, inf) held-out examples per evaluation (0: checkpoints only)
 task = "colour"  # {colour, search, relation, imagine} the synthetic task (tasks.py): the default, or a study task
 image_size = 0  # [0, inf) synthetic image side, a multiple of 28 (0: the task's own, 168; search 336)
-min_pixels = 3136  # [1, inf) image area bounds after resizing
-max_pixels = 0  # [0, inf) image area bound after resizing (0: the synthetic image's own); real data wants more (up to 12845056)
-dtype = "float32"  # {float32, bfloat16} bfloat16: autocast, master weights stay fp32
+min_pixels = 0  # [0, inf) smallest image area after resizing (0: a data file's 128*28*28, as official LVR)
+max_pixels = 0  # [0, inf) largest image area (0: a data file's 5120*28*28; a synthetic image's own area)
+dtype = "auto"  # {auto, float32, bfloat16} bfloat16: autocast, fp32 master weights (auto: bf16 on CUDA)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 grad_checkpointing = False  # recompute decoder layers in backward to save memory
 fsdp = False  # under torchrun: shard with FSDP2 (fully_shard) instead of DDP, for models one GPU can't hold
@@ -72,6 +72,9 @@ resume = False  # continue from out_dir/train_state.pt
 seed = 1337  # [0, inf) seeds the model init and the synthetic data
 # -----------------------------------------------------------------------------
 SKIPPED = {}  # bad records skipped so far: index -> why
+SFT_OOM = ("lower --batch_size (raise --grad_accum to keep the batch), --max_pixels; "
+           "or --grad_checkpointing true, or --fsdp true under torchrun")
+EVAL_OOM = "lower --batch_size (the evaluation's rows per rollout) or --max_pixels"
 
 
 def loss_of(model, batch):
@@ -81,22 +84,36 @@ def loss_of(model, batch):
     return lvr.sft_loss(model, batch, ce_weight, latent_weight, latent_loss, freeze_vision, switch_weight)
 
 
-def resolve_defaults(config):
-    """The papers' loss settings where a flag was left at auto: from a real checkpoint, LVR is mse with
-    CE 1 / latent 0.1 (official LVR), Mirage cosine with CE 0.1 / latent 1 (official Mirage); the tiny
-    scratch model keeps what trains it in minutes (cosine, CE 1 / latent 0.1: see the README)."""
+def resolve_defaults(config, dev):
+    """The settings left at auto (-1, 0, "auto"), resolved and printed on one line. From a real checkpoint,
+    the official recipes: LVR mse with CE 1 / latent 0.1 (official LVR), Mirage cosine with CE 0.1 / latent 1
+    (official Mirage); lr 1e-5 with a cosine to 0 after 3% warmup (official LVR SFT). The tiny scratch model
+    keeps what trains it in minutes (cosine, CE 1 / latent 0.1, lr 1e-3 to 1e-4 after 50 steps: see the
+    README). Images: a data file's between the official LVR bounds, a synthetic task's at its own size.
+    dtype: bf16 autocast on CUDA."""
     real = init_from != "scratch"
-    paper = {"latent_loss": "cosine" if method == "mirage" or not real else "mse",
-             "ce_weight": 0.1 if method == "mirage" and real else 1.0,
-             "latent_weight": 1.0 if method == "mirage" and real else 0.1}
-    for k, v in paper.items():
-        if config[k] in ("auto", -1.0):
+    auto = {"latent_loss": "cosine" if method == "mirage" or not real else "mse",
+            "ce_weight": 0.1 if method == "mirage" and real else 1.0,
+            "latent_weight": 1.0 if method == "mirage" and real else 0.1,
+            "lr": 1e-5 if real else 1e-3,
+            "min_lr": 0.0 if real else 1e-4,
+            "warmup_iters": round(0.03 * max_iters) if real else 50,
+            "dtype": parallel.autocast_dtype(dtype, dev)}
+    for k, v in auto.items():
+        if config[k] in ("auto", -1, -1.0):
             config[k] = globals()[k] = v
-    print("resolved: " + " ".join(f"{k}={config[k]}" for k in paper))
+    images = data.image_settings(task, image_size, min_pixels, max_pixels, data_path == "synthetic",
+                                 data.LVR_PIXELS)
+    config.update(zip(("image_size", "min_pixels", "max_pixels"), images))
+    globals().update(zip(("image_size", "min_pixels", "max_pixels"), images))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("resolved: " + " ".join(f"{k}={config[k]}" for k in [*auto, "image_size", "min_pixels", "max_pixels"]))
 
 
-def build(tmp):
-    """Model + tokenizer + latent ids. Scratch writes a tiny checkpoint first, so loading is the real path."""
+def build(tmp, dev):
+    """-> (the Root every forward runs through, the model, tokenizer, latent ids). Scratch writes a tiny
+    checkpoint first, so loading is the real path. FSDP: built on the meta device, sharded, then each rank
+    loads its part (parallel.load_sharded); else loaded whole, onto the device."""
     if resume:
         path = out_dir
     elif init_from == "scratch":
@@ -110,16 +127,38 @@ def build(tmp):
         model.save_pretrained(tmp)
     else:
         path = init_from
-    model, tok = checkpoint.load(path)
-    if latent_head and not hasattr(model, "lvr_head"):
-        model.cfg.extra["lvr_head"] = True
-        model.lvr_head = qwen.latent_head(model.cfg)
-    ids = lvr.add_latent_tokens(model, tok, lvr.MIRAGE_TOKENS if method == "mirage" else lvr.LVR_TOKENS)
-    # what the latents reconstruct, so that eval.py can build the same targets (its oracle row)
-    model.cfg.extra["latent_targets"] = {"method": method, "max_latents": max_latents, "k": mirage_k}
-    if latent_end:  # the `latent` exit's distance: the one its embedding is trained with, and the threshold
-        model.cfg.extra.update(latent_end_metric=latent_loss, latent_end_threshold=end_threshold)
-    return model, tok, ids
+    tok = checkpoint.load_tokenizer(path)
+    before = len(tok)  # the tokenizer's tokens before the latent ones: their rows start at the mean of these
+    names = lvr.MIRAGE_TOKENS if method == "mirage" else lvr.LVR_TOKENS
+
+    def init(model):  # the latent head and tokens, and what eval.py needs to know of the training
+        if freeze_vision:  # (before DDP or FSDP wrap the model: they keep what trains)
+            model.visual.requires_grad_(False)
+        if latent_head and not hasattr(model, "lvr_head"):
+            model.cfg.extra["lvr_head"] = True
+            model.lvr_head = qwen.latent_head(model.cfg)
+        vocab = model.cfg.vocab_size
+        ids = lvr.add_latent_tokens(model, tok, names)
+        if fsdp and len(tok) > vocab:
+            raise InputError(f"{path}: the embedding has {vocab} rows, too few for the latent tokens; "
+                             f"--fsdp loads into its rows: add them first (train once without --fsdp)")
+        # what the latents reconstruct, so that eval.py can build the same targets (its oracle row)
+        model.cfg.extra["latent_targets"] = {"method": method, "max_latents": max_latents, "k": mirage_k}
+        if latent_end:  # the `latent` exit's distance: the one its embedding is trained with, and the threshold
+            model.cfg.extra.update(latent_end_metric=latent_loss, latent_end_threshold=end_threshold)
+        return ids
+
+    if fsdp:
+        def fix(name, w):  # the latent tokens' rows, on the full CPU tensor
+            return lvr.latent_rows(w, before, len(tok)) if name in ("model.embed_tokens.weight", "lm_head.weight") else w
+        box = []
+        root, model = parallel.load_sharded(path, torch.float32, dev, lambda m: box.append(init(m)), fix)
+        return root, model, tok, box[0]
+    model = checkpoint.load(path)[0]
+    ids = init(model)
+    model.to(dev)
+    root = parallel.Root(model)
+    return (torch.nn.parallel.DistributedDataParallel(root) if dist.is_initialized() else root), model, tok, ids
 
 
 def examples(start, n, records, split="train"):
@@ -172,13 +211,10 @@ def main(argv):
     rank, world, dev, ddp = parallel.setup(device, fsdp)
     cli.require(not (latent_end and method == "mirage"),
                 "--latent_end true needs a latent-end token, and Mirage's tokens have none")
-    cli.require(min_lr <= lr, f"--min_lr {min_lr} is above --lr {lr}")
     cli.require(not (method == "mirage" and stage == 2 and init_from == "scratch"),
                 "--stage 2 continues a Mirage stage-1 checkpoint: give it with --init_from")
-    resolve_defaults(config)
-    globals().update(zip(("image_size", "max_pixels"), tasks.sizes(task, image_size, max_pixels)))  # 0: auto
-    config.update(image_size=image_size, max_pixels=max_pixels)
-    data.check_pixels(min_pixels, max_pixels, image_size)
+    resolve_defaults(config, dev)
+    cli.require(min_lr <= lr, f"--min_lr {min_lr} is above --lr {lr}")
     checkpoint.check_out_dir(out_dir, fresh=not resume)
     # 2) processes, data, model
     records = None if data_path == "synthetic" else data.load_records(data_path)
@@ -187,16 +223,12 @@ def main(argv):
         recs = data.load_records(eval_data_path)
         held_out = examples(0, min(eval_examples, len(recs)), recs, "eval")
     with tempfile.TemporaryDirectory() as tmp:
-        model, tok, ids = build(tmp)
-    model.to(dev).train()
+        root, model, tok, ids = build(tmp, dev)
+    model.train()
     model.grad_checkpointing = grad_checkpointing
     if latent_loss == "cosine" and method != "none" and stage == 1 and "latent_norm" not in model.cfg.extra:
-        lvr.record_latent_norm(model, data.to_device(collated(examples(0, batch_size, records), tok, ids), dev))
-    if freeze_vision:
-        model.visual.requires_grad_(False)
-    root = parallel.shard(model) if fsdp else parallel.Root(model)
-    if ddp and not fsdp:
-        root = torch.nn.parallel.DistributedDataParallel(root)
+        with parallel.gathered(root, fsdp):  # (FSDP: resharded after, so the optimizer gets the shards)
+            root(lvr.record_latent_norm, data.to_device(collated(examples(0, batch_size, records), tok, ids), dev))
     # 3) optimizer, and the saved state when resuming
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
@@ -215,7 +247,8 @@ def main(argv):
             t0 = time.time()
             for g in opt.param_groups:
                 g["lr"] = get_lr(step)
-            sums = train_step(root, tok, ids, records, step, dev, rank, world, ddp, autocast)
+            with cli.out_of_memory("an SFT step", SFT_OOM, out_dir):
+                sums = train_step(root, tok, ids, records, step, dev, rank, world, ddp, autocast)
             stats = torch.cat([sums, torch.tensor([float(len(signalled))], device=dev)])
             if ddp:  # the global mean losses, and whether any rank was asked to stop (so all stop together)
                 dist.all_reduce(stats)
@@ -234,12 +267,8 @@ def main(argv):
             bar.set_postfix(ce=f"{ce_sum:.4f}", latent=f"{lat_sum:.4f}", switch=f"{sw_sum:.4f}",
                             lr=f"{get_lr(step - 1):.1e}", ms=f"{1000 * (time.time() - t0):.0f}")
             if stopping or step % eval_interval == 0 or step == max_iters:
-                if fsdp and not stopping:  # every rank runs the evaluation forwards (they gather weights)
-                    root.unshard()
-                    evaluate(model, tok, ids, records, held_out, dev, step, rank)
-                    root.reshard()
-                elif rank == 0 and not stopping:  # (no evaluation on the way out)
-                    evaluate(model, tok, ids, records, held_out, dev, step)
+                if not stopping:  # (no evaluation on the way out)
+                    evaluate(root, model, tok, ids, records, held_out, dev, step)
                 parallel.save(model, tok, opt, out_dir, {"step": step, "losses": losses, "config": config,
                                                          "rng": torch.get_rng_state()}, fsdp, rank)
             if stopping:
@@ -254,10 +283,11 @@ def main(argv):
             dist.destroy_process_group()
 
 
-def evaluate(model, tok, ids, records, held_out, dev, step, rank=0):
+def evaluate(root, model, tok, ids, records, held_out, dev, step):
     """eval.py's accuracy with the latent rollout on held-out examples: --eval_data_path's, or the synthetic
     task's (seeds training never draws). A data file without --eval_data_path is scored on its first
-    training examples, and the print says so: that measures fit, not generalisation."""
+    training examples, and the print says so: that measures fit, not generalisation. Under torchrun each
+    rank decodes its share (FSDP: with the full weights gathered, since ranks decode different lengths)."""
     if held_out is not None:
         exs, what = held_out, "held-out"
     elif records is None:
@@ -266,15 +296,22 @@ def evaluate(model, tok, ids, records, held_out, dev, step, rank=0):
         exs, what = examples(0, min(eval_examples, len(records)), records), "training-set"
     if not exs:  # --eval_examples 0: checkpoints only
         return
+    rank, world = parallel.rank_world()
     model.eval()
     budget = max(len(collated([e], tok, ids)["latent_slot"]) for e in exs) + 4  # the longest trained span, and then some
-    r = evaluation.evaluate(model, tok, ids, exs, batch_size, min_pixels, max_pixels, dev, max_new_tokens=48,
-                            # Mirage spans are always k long; LVR spans differ per row, so the model ends them
-                            decoding="latent" if latent_end else "steps" if method == "mirage" else "token",
-                            lvr_steps=mirage_k, max_latent_steps=budget, force_end=True, end_metric=latent_loss,
-                            end_threshold=end_threshold)
+    right = torch.zeros(1, device=dev)
+    with parallel.gathered(root, fsdp), cli.out_of_memory("an evaluation", EVAL_OOM, out_dir):
+        if exs[rank::world]:
+            r = evaluation.evaluate(model, tok, ids, exs[rank::world], batch_size, min_pixels, max_pixels, dev,
+                                    max_new_tokens=48,
+                                    # Mirage spans are always k long; LVR spans differ per row: the model ends them
+                                    decoding="latent" if latent_end else "steps" if method == "mirage" else "token",
+                                    lvr_steps=mirage_k, max_latent_steps=budget, force_end=True,
+                                    end_metric=latent_loss, end_threshold=end_threshold)
+            right += sum(r["right"])
+    right = parallel.all_reduce(right)
     if rank == 0:
-        print(f"\nstep {step}: {what} accuracy {r['accuracy']:.3f} on {len(exs)} examples")
+        print(f"\nstep {step}: {what} accuracy {float(right) / len(exs):.3f} on {len(exs)} examples")
     model.train()
 
 

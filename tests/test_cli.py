@@ -56,7 +56,7 @@ def test_bad_values_end_to_end_are_one_line_errors():
              ("train_sft.py", ["--batch_size", "0"], "--batch_size must be in [1, inf)"),
              ("train_sft.py", ["--max_latents", "-3"], "--max_latents must be in [0, inf)"),
              ("train_sft.py", ["--method", "mirage", "--mirage_k", "0"], "--mirage_k must be in [1, inf)"),
-             ("train_sft.py", ["--lr", "-1"], "--lr must be in (0, inf)"),
+             ("train_sft.py", ["--lr", "0"], "--lr must be in (0, inf)"),
              ("train_sft.py", ["--grad_accum", "0"], "--grad_accum must be in [1, inf)"),
              ("train_sft.py", ["--min_pixels", "50000"], "--min_pixels 50000 is above --max_pixels 28224"),
              ("train_sft.py", ["--image_size", "100"], "--image_size 100 is not a multiple of 28"),

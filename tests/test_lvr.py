@@ -190,8 +190,8 @@ def slow_rollout(model, ids, prompt, pv, grid, max_new, decoding, lvr_steps, bud
                 tok = ids.end if force_end else tok
             elif decoding == "token" and tok in (ids.end, ids.latent_end) and n_lat > 0:  # the model's own exit
                 force = ids.end if tok == ids.latent_end and force_end else None
-            elif decoding == "latent" and (n_lat >= budget or ((vec - end_vec) ** 2).mean() / (end_vec ** 2).mean()
-                                           < threshold):  # <|lvr_latent_end|>, then <|lvr_end|>
+            elif decoding == "latent" and (n_lat >= budget or n_lat > 0 and ((vec - end_vec) ** 2).mean()
+                                           / (end_vec ** 2).mean() < threshold):  # <|lvr_latent_end|>, <|lvr_end|>
                 tok, force = ids.latent_end, ids.end if force_end else None
             elif n_lat >= budget:
                 tok = ids.end

@@ -188,21 +188,40 @@ def test_other_methods_run(tmp_path, method, extra):
         assert state(str(tmp_path / "s2"))["step"] == 2
 
 
+AUTO = {"latent_loss": "auto", "ce_weight": -1.0, "latent_weight": -1.0, "lr": -1.0, "min_lr": -1.0,
+        "warmup_iters": -1, "dtype": "auto", "image_size": 0, "min_pixels": 0, "max_pixels": 0, "max_iters": 1000,
+        "data_path": "synthetic", "task": "colour"}
+
+
 def test_loss_defaults_follow_the_papers(monkeypatch, capsys):
     """From a real checkpoint LVR is mse with CE 1 / latent 0.1, Mirage cosine with CE 0.1 / latent 1; the
-    tiny scratch model keeps cosine, CE 1 / latent 0.1; a flag given explicitly wins; the resolved values print."""
+    tiny scratch model keeps cosine, CE 1 / latent 0.1; a flag given explicitly wins; the resolved values print.
+    The learning rate: official LVR's from a checkpoint (1e-5, cosine to 0, 3% warmup), the tiny model's
+    from scratch; bf16 autocast on CUDA; images: a file's within official LVR's bounds, synthetic unresized."""
     import train_sft
     for init, method, given, want in [("ckpt", "lvr", {}, ("mse", 1.0, 0.1)), ("ckpt", "mirage", {}, ("cosine", 0.1, 1.0)),
                                       ("scratch", "lvr", {}, ("cosine", 1.0, 0.1)),
                                       ("scratch", "mirage", {}, ("cosine", 1.0, 0.1)),
                                       ("ckpt", "lvr", {"latent_loss": "l1", "ce_weight": 0.5}, ("l1", 0.5, 0.1))]:
-        config = {"latent_loss": "auto", "ce_weight": -1.0, "latent_weight": -1.0, **given}
+        config = {**AUTO, **given}
         for k, v in {**config, "init_from": init, "method": method}.items():
             monkeypatch.setattr(train_sft, k, v)
-        train_sft.resolve_defaults(config)
+        train_sft.resolve_defaults(config, "cpu")
         assert (config["latent_loss"], config["ce_weight"], config["latent_weight"]) == want
         assert (train_sft.latent_loss, train_sft.ce_weight, train_sft.latent_weight) == want
         assert f"resolved: latent_loss={want[0]} ce_weight={want[1]} latent_weight={want[2]}" in capsys.readouterr().out
+        lrs = (1e-5, 0.0, 30) if init == "ckpt" else (1e-3, 1e-4, 50)
+        assert (config["lr"], config["min_lr"], config["warmup_iters"], config["dtype"]) == (*lrs, "float32")
+    for dev, data_path, given, want in [("cuda", "d.json", {}, ("bfloat16", 100352, 4014080)),
+                                        ("cpu", "synthetic", {}, ("float32", 3136, 28224)),
+                                        ("cuda", "d.json", {"dtype": "float32", "max_pixels": 50000, "lr": 3e-4},
+                                         ("float32", 50000, 50000))]:
+        config = {**AUTO, "data_path": data_path, **given}
+        for k, v in {**config, "init_from": "ckpt", "method": "lvr"}.items():
+            monkeypatch.setattr(train_sft, k, v)
+        train_sft.resolve_defaults(config, dev)
+        assert (config["dtype"], config["min_pixels"], config["max_pixels"]) == want
+        assert config["lr"] == given.get("lr", 1e-5)
     r = run("train_sft.py", "--method", "mirage", "--latent_end", "true")
     assert r.returncode == 1 and "Mirage's tokens have none" in r.stderr and "Traceback" not in r.stderr
 
