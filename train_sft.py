@@ -65,6 +65,7 @@ max_pixels = 0  # [0, inf) largest image area (0: a data file's 5120*28*28; a sy
 dtype = "auto"  # {auto, float32, bfloat16} bfloat16: autocast, fp32 master weights (auto: bf16 on CUDA)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 grad_checkpointing = False  # recompute decoder layers in backward to save memory
+data_workers = 2  # [0, inf) DataLoader processes preparing batches (0: on the training thread)
 fsdp = False  # under torchrun: shard with FSDP2 (fully_shard) instead of DDP, for models one GPU can't hold
 freeze_vision = True  # keep the vision tower and merger fixed (targets never get gradient)
 out_dir = "out"  # checkpoint directory
@@ -187,15 +188,35 @@ def get_lr(step):
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * (step - warmup_iters) / max(1, max_iters - warmup_iters)))
 
 
-def train_step(root, tok, ids, records, step, dev, rank, world, ddp, autocast):
+class MicroBatches(torch.utils.data.Dataset):
+    """Micro-batch k of this rank's training stream, collated on a DataLoader worker (image resizing and
+    normalisation off the training thread) -> (batch, the bad records skipped so far). The step's
+    examples are the same whatever the process layout: N ranks take turns through the global batch."""
+
+    def __init__(self, tok, ids, records, rank, world):
+        self.tok, self.ids, self.records, self.rank, self.world = tok, ids, records, rank, world
+
+    def __len__(self):
+        return max_iters * grad_accum
+
+    def __getitem__(self, k):
+        step, micro = divmod(k, grad_accum)
+        start = step * batch_size * grad_accum * self.world + (micro * self.world + self.rank) * batch_size
+        batch = collated(examples(start, batch_size, self.records), self.tok, self.ids)
+        return batch, dict(SKIPPED)  # (a worker's SKIPPED is its own copy)
+
+
+def as_is(item):
+    """The DataLoader's conversion: none (its default turns the batch's tuples into lists)."""
+    return item
+
+
+def train_step(root, batches, dev, ddp, autocast):
     """Forward and backward over the step's grad_accum micro-batches -> the summed (ce, latent, switch)
-    losses on the device (read once per step, so the next micro-batch's images are prepared while the
-    device still computes this one). The step's examples are the same whatever the process layout."""
-    per_step = batch_size * grad_accum * world  # examples per optimizer step, over all processes
+    losses on the device (read once per step: no host sync per micro-batch)."""
     sums = torch.zeros(3, device=dev)
-    for micro in range(grad_accum):
-        batch = data.to_device(collated(examples(step * per_step + (micro * world + rank) * batch_size, batch_size, records),
-                                        tok, ids), dev)
+    for micro, batch in enumerate(batches):
+        batch = data.to_device(batch, dev)
         # DDP all-reduces once, after the last micro-batch (FSDP reduce-scatters every one)
         sync = contextlib.nullcontext() if not ddp or fsdp or micro == grad_accum - 1 else root.no_sync()
         with sync, autocast:
@@ -240,6 +261,11 @@ def main(argv):
         torch.set_rng_state(state["rng"])
     # 4) the loop
     autocast = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
+    loader = torch.utils.data.DataLoader(MicroBatches(tok, ids, records, rank, world), batch_size=None,
+                                         sampler=range(step * grad_accum, max_iters * grad_accum),
+                                         num_workers=data_workers, generator=torch.Generator(),
+                                         collate_fn=as_is)
+    stream = iter(loader)
     bar = tqdm(total=max_iters, initial=step, disable=rank != 0, dynamic_ncols=True)
     signalled = cli.stop_flag()  # Ctrl-C / SIGTERM: finish the step, save it, exit
     try:
@@ -247,8 +273,14 @@ def main(argv):
             t0 = time.time()
             for g in opt.param_groups:
                 g["lr"] = get_lr(step)
+            batches = []
+            for _ in range(grad_accum):  # (the wait is the time the device idles for data)
+                batch, skipped = next(stream)
+                batches.append(batch)
+                SKIPPED.update(skipped)
+            t_data = time.time() - t0
             with cli.out_of_memory("an SFT step", SFT_OOM, out_dir):
-                sums = train_step(root, tok, ids, records, step, dev, rank, world, ddp, autocast)
+                sums = train_step(root, batches, dev, ddp, autocast)
             stats = torch.cat([sums, torch.tensor([float(len(signalled))], device=dev)])
             if ddp:  # the global mean losses, and whether any rank was asked to stop (so all stop together)
                 dist.all_reduce(stats)
@@ -265,7 +297,8 @@ def main(argv):
             losses.append((ce_sum, lat_sum, sw_sum))
             bar.update(1)
             bar.set_postfix(ce=f"{ce_sum:.4f}", latent=f"{lat_sum:.4f}", switch=f"{sw_sum:.4f}",
-                            lr=f"{get_lr(step - 1):.1e}", ms=f"{1000 * (time.time() - t0):.0f}")
+                            lr=f"{get_lr(step - 1):.1e}", ms=f"{1000 * (time.time() - t0):.0f}",
+                            data_ms=f"{1000 * t_data:.0f}")
             if stopping or step % eval_interval == 0 or step == max_iters:
                 if not stopping:  # (no evaluation on the way out)
                     evaluate(root, model, tok, ids, records, held_out, dev, step)
