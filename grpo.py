@@ -12,6 +12,7 @@ nothing. The old log-probs are the training forward's own (TRL's convention), no
 import re
 
 import torch
+import torch.utils.checkpoint
 
 import lvr
 import qwen
@@ -136,13 +137,19 @@ def reference(model, dtype, keep_tower):
     return model
 
 
+# completion positions whose (V,)-wide logits exist at once in the training forward: at Qwen's V = 151,936
+# one fp32 copy of 2048 positions is 1.2 GB, where every logit of 64 rows of 512 tokens would be 20 GB
+LOGIT_CHUNK = 2048
+
+
 def completion_logprobs(model, seqs, attention_mask, n_prompt, grid_thw, feats, latents, is_latent, temperature=1.0,
                         exits=()):
     """One batched forward over prompt + completion -> (N, L) log-probs of the completion's decisions.
 
     The recorded latent vectors (detached) sit at the latent positions, exactly as the rollout fed
     them; logits are divided by the sampling temperature, as in the rollout. At a latent step the
-    decision is "continue": log(1 - p(exits)) (only a `token`-exit rollout samples it)."""
+    decision is "continue": log(1 - p(exits)) (only a `token`-exit rollout samples it). The head runs
+    on LOGIT_CHUNK positions at a time, recomputed in backward, so the logits never exist whole."""
     prompt, comp = seqs[:, :n_prompt], seqs[:, n_prompt:]
     x = model.embed(prompt, grid_thw=grid_thw, feats=feats)  # (N, T, C) images only in the prompt,
     c = torch.where(is_latent[..., None], latents.detach().to(x.dtype), model.token_embeds(comp))  # (N, L, C)
@@ -150,8 +157,18 @@ def completion_logprobs(model, seqs, attention_mask, n_prompt, grid_thw, feats, 
     pos = qwen.get_rope_index(prompt, grid_thw, attention_mask[:, :n_prompt], model.cfg.image_token_id)
     after = pos.amax(dim=(0, 2)) + 1  # completion positions count on like text, as in the rollout's cache
     pos = torch.cat([pos, (after[:, None] + torch.arange(comp.shape[1], device=seqs.device)).expand(3, -1, -1)], 2)
-    h = model(inputs_embeds=x, attention_mask=attention_mask, position_ids=pos)
-    logits = model.lm_head(h[:, n_prompt - 1:-1]).float() / (temperature or 1.0)  # t predicts t + 1; no prompt logits
-    lp = logits.log_softmax(-1)
+    h = model(inputs_embeds=x, attention_mask=attention_mask, position_ids=pos)[:, n_prompt - 1:-1]  # t -> t + 1
+    rows = max(1, LOGIT_CHUNK // max(1, comp.shape[1]))
+    out = []
+    for i in range(0, len(comp), rows):
+        args = (model.lm_head, h[i:i + rows], comp[i:i + rows], is_latent[i:i + rows], temperature, list(exits))
+        out.append(torch.utils.checkpoint.checkpoint(decision_logprobs, *args, use_reentrant=False)
+                   if torch.is_grad_enabled() else decision_logprobs(*args))
+    return torch.cat(out)
+
+
+def decision_logprobs(lm_head, h, comp, is_latent, temperature, exits):
+    """(n, L, C) hidden states -> (n, L) log-probs of the decisions `comp` (continue at latent steps)."""
+    lp = (lm_head(h).float() / (temperature or 1.0)).log_softmax(-1)
     tok_lp = lp.gather(-1, comp[..., None])[..., 0]
-    return torch.where(is_latent, lvr.continue_logprob(lp, list(exits)), tok_lp) if len(exits) else tok_lp
+    return torch.where(is_latent, lvr.continue_logprob(lp, exits), tok_lp) if exits else tok_lp

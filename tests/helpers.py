@@ -67,3 +67,41 @@ def reference_inputs(tok, ims, question="What colour is the small circle?", max_
     ids = torch.tensor([tok.prompt(question, [int(g.prod()) // 4 for g in grid])])
     kw = dict(pixel_values=pv, image_grid_thw=grid, mm_token_type_ids=(ids == tok.image_pad).int())
     return ids, pv, grid, kw
+
+
+# Qwen2.5-VL's own special tokens, in its tokenizer's order (151643 on): a real tokenizer has all of them
+OFFICIAL_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
+                    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+                    "<|repo_name|>", "<|file_sep|>"]
+
+
+def real_shaped(path, extra_rows=40):
+    """A tiny checkpoint shaped like an official Qwen2.5-VL one, as `transformers` writes it and then
+    flattened to the official layout: every official special token, no latent tokens, the official config
+    fields, and an embedding with `extra_rows` rows past the tokenizer (151,936 rows for 151,665 tokens)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    os.makedirs(path, exist_ok=True)
+    tok = tasks.build_tokenizer(os.path.join(path, "tokenizer.json"), special=OFFICIAL_SPECIAL)
+    sid = tok.token_to_id
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=tok.get_vocab_size() + extra_rows, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6},
+                         bos_token_id=sid("<|endoftext|>"), eos_token_id=sid("<|im_end|>"), sliding_window=32768,
+                         max_window_layers=70, use_sliding_window=False, max_position_embeddings=128000),
+        vision_config=dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+                           fullatt_block_indexes=[1], window_size=112, tokens_per_second=2),
+        image_token_id=sid("<|image_pad|>"), video_token_id=sid("<|video_pad|>"),
+        vision_start_token_id=sid("<|vision_start|>"), vision_end_token_id=sid("<|vision_end|>"),
+        tie_word_embeddings=True)
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(path)
+    flatten_config(path)
+    with open(os.path.join(path, "config.json")) as f:
+        d = json.load(f)
+    d.update(torch_dtype="bfloat16", use_cache=True, attention_dropout=0.0, initializer_range=0.02)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(d, f)
+    return tok.get_vocab_size()
