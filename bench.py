@@ -38,16 +38,39 @@ repeats = 3  # [1, inf) timed rounds per measurement (the median is reported)
 decode_tokens = 32  # [2, inf) tokens per decode measurement
 small_image = 224  # [28, inf) side of the photo in the latent, GRPO and SFT prompts (64 image tokens)
 group_size = 8  # [1, inf) G rows per prompt in the GRPO rollout measurement
-sft_batch = 2  # [1, inf) examples in the SFT step (on a GPU use more, e.g. 16, or MFU only measures launch overhead)
+sft_batch = (
+    2  # [1, inf) examples in the SFT step (on a GPU use more, e.g. 16, or MFU only measures launch overhead)
+)
 reference = True  # also time transformers' implementation (when it is installed)
-peak_tflops = 0.0  # [0, inf) the device's dense peak for `dtype` (e.g. 989 for H100 bf16): also report SFT MFU
+peak_tflops = (
+    0.0  # [0, inf) the device's dense peak for `dtype` (e.g. 989 for H100 bf16): also report SFT MFU
+)
 # -----------------------------------------------------------------------------
 
-LM = {"0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                   intermediate_size=4864, vocab_size=151936, rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]}),
-      "3b": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
-                 intermediate_size=11008, vocab_size=151936, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})}
-VISION = {"0.5b": dict(depth=8, fullatt_block_indexes=[3, 7]), "3b": dict(depth=32, fullatt_block_indexes=[7, 15, 23, 31])}
+LM = {
+    "0.5b": dict(
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+        rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]},
+    ),
+    "3b": dict(
+        hidden_size=2048,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        intermediate_size=11008,
+        vocab_size=151936,
+        rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+    ),
+}
+VISION = {
+    "0.5b": dict(depth=8, fullatt_block_indexes=[3, 7]),
+    "3b": dict(depth=32, fullatt_block_indexes=[7, 15, 23, 31]),
+}
 
 
 def timed(*fns, n=None, warmup=True):
@@ -69,7 +92,9 @@ def timed(*fns, n=None, warmup=True):
 
 def make_checkpoint(size, path):
     """A random checkpoint of the given shape (tiny tokenizer; the special-token ids come from it)."""
-    tok = tasks.build_tokenizer(os.path.join(path, "tokenizer.json"), special=qwen.SPECIAL + tasks.LATENT_SPECIAL)
+    tok = tasks.build_tokenizer(
+        os.path.join(path, "tokenizer.json"), special=qwen.SPECIAL + tasks.LATENT_SPECIAL
+    )
     d = tasks.tiny_config(tok, 448)
     if size != "tiny":
         d.update(LM[size], rope_theta=1e6, max_position_embeddings=32768)
@@ -86,12 +111,18 @@ def peak_load_rss(path, ours):
     """Peak resident-memory growth (bytes) of a fresh process loading the checkpoint and reading every
     weight once (a memory-mapped load costs nothing until the weights are touched). Read from
     /proc (VmHWM is per process image; ru_maxrss would carry over the forking parent's peak)."""
-    load = ("import qwen; m = qwen.Qwen2_5_VL.from_pretrained(p)" if ours else
-            "from transformers import Qwen2_5_VLForConditionalGeneration as M; m = M.from_pretrained(p, dtype='float32')")
-    code = (f"import re, sys, torch; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
-            f"kb = lambda k: int(re.search(k + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1)); "
-            f"p = {path!r}; import transformers; base = kb('VmRSS'); "
-            f"{load}; sum(float(q.detach().sum()) for q in m.parameters()); print((kb('VmHWM') - base) * 1024)")
+    load = (
+        "import qwen; m = qwen.Qwen2_5_VL.from_pretrained(p)"
+        if ours
+        else "from transformers import Qwen2_5_VLForConditionalGeneration as M; "
+        "m = M.from_pretrained(p, dtype='float32')"
+    )
+    code = (
+        f"import re, sys, torch; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+        f"kb = lambda k: int(re.search(k + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1)); "
+        f"p = {path!r}; import transformers; base = kb('VmRSS'); "
+        f"{load}; sum(float(q.detach().sum()) for q in m.parameters()); print((kb('VmHWM') - base) * 1024)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     return int(r.stdout.split()[-1]) if r.returncode == 0 else float("nan")
 
@@ -111,11 +142,20 @@ def bench_size(size, rows):
         ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp, dtype=dt).to(device).eval()
 
     def image_prompt(side):  # a random side x side photo and a prompt around it
-        pv, grid = vision.preprocess(Image.fromarray(np.random.default_rng(0).integers(0, 255, (side, side, 3), np.uint8)))
-        return pv.to(device, dt), grid, torch.tensor([tok.prompt("What colour is the square?",
-                                                                 [vision.merged_tokens(grid)])], device=device)
+        pv, grid = vision.preprocess(
+            Image.fromarray(np.random.default_rng(0).integers(0, 255, (side, side, 3), np.uint8))
+        )
+        return (
+            pv.to(device, dt),
+            grid,
+            torch.tensor(
+                [tok.prompt("What colour is the square?", [vision.merged_tokens(grid)])], device=device
+            ),
+        )
     pv, grid, prompt = image_prompt(448)
-    kw = lambda p, g, i: dict(pixel_values=p, image_grid_thw=g, mm_token_type_ids=(i == tok.image_pad).int())  # noqa: E731
+    kw = lambda p, g, i: dict(
+        pixel_values=p, image_grid_thw=g, mm_token_type_ids=(i == tok.image_pad).int()
+    )  # noqa: E731
 
     def add(name, ours, theirs=None, unit="s", higher_better=False):
         ratio = "" if theirs is None else f"{(ours / theirs if higher_better else theirs / ours):.2f}x"
@@ -125,7 +165,10 @@ def bench_size(size, rows):
         return timed(f, g) if ref is not None else (timed(f), None)
 
     # image encode and prefill at 448x448
-    add("image encode 448x448", *both(lambda: model.visual(pv, grid), lambda: ref.model.visual(pv, grid_thw=grid)))
+    add(
+        "image encode 448x448",
+        *both(lambda: model.visual(pv, grid), lambda: ref.model.visual(pv, grid_thw=grid)),
+    )
     add(f"prefill ({prompt.shape[1]} tokens)", *both(lambda: model.lm_head(model(prompt, pv, grid)),
                                                      lambda: ref(input_ids=prompt, **kw(pv, grid, prompt))))
     # the rest on a small photo, so prefill does not drown the per-step times
@@ -146,19 +189,36 @@ def bench_size(size, rows):
         ours = B * (m - 1) / (t[0] - t[1])
         add(f"decode batch {B}", ours, ref and B * (m - 1) / (t[2] - t[3]), "tok/s", True)
         if B == 1 and size != "tiny":
-            lm_bytes = sum(q.numel() * q.element_size() for n_, q in model.named_parameters() if not n_.startswith("visual"))
-            a = torch.randn(2 ** 28, device=device)  # 1 GiB: beyond any cache; written: untouched pages read one zero page
+            lm_bytes = sum(
+                q.numel() * q.element_size()
+                for n_, q in model.named_parameters()
+                if not n_.startswith("visual")
+            )
+            a = torch.randn(
+                2**28, device=device
+            )  # 1 GiB: beyond any cache; written: untouched pages read one zero page
             b = torch.randn_like(a)
-            floor = 2 * a.numel() * 4 / timed(lambda: b.copy_(a), n=5) / lm_bytes  # copy bandwidth / bytes per step
-            rows.append((size, "decode batch 1 / bandwidth floor", ours / floor, floor, "frac, floor tok/s", ""))
+            floor = (
+                2 * a.numel() * 4 / timed(lambda: b.copy_(a), n=5) / lm_bytes
+            )  # copy bandwidth / bytes per step
+            rows.append(
+                (size, "decode batch 1 / bandwidth floor", ours / floor, floor, "frac, floor tok/s", "")
+            )
     # latent steps vs text steps: the same rollout, all-latent (prompt ends in <|lvr_start|>) or all-text
     lat_prompt = torch.cat([prompt, torch.tensor([[ids.start]], device=device)], 1)
-    text_ids = lvr.LatentIds(start=-5, latent=ids.latent, latent_end=ids.latent_end, end=ids.end)  # never enters
+    text_ids = lvr.LatentIds(
+        start=-5, latent=ids.latent, latent_end=ids.latent_end, end=ids.end
+    )  # never enters
     def roll(p, n, ids_):
         return lambda: lvr.rollout(model, ids_, p, pv, grid, max_new_tokens=n, decoding="steps", lvr_steps=n,
                                    stop_ids=[-1])
-    t = timed(roll(lat_prompt, n, ids), roll(lat_prompt, 1, ids), roll(prompt, n, text_ids), roll(prompt, 1, text_ids),
-              n=max(repeats, 5))  # a ratio of two small differences: more rounds
+    t = timed(
+        roll(lat_prompt, n, ids),
+        roll(lat_prompt, 1, ids),
+        roll(prompt, n, text_ids),
+        roll(prompt, 1, text_ids),
+        n=max(repeats, 5),
+    )  # a ratio of two small differences: more rounds
     lat, txt = (n - 1) / (t[0] - t[1]), (n - 1) / (t[2] - t[3])
     add("latent steps/s vs text tokens/s", lat, txt, "step/s", True)
     # GRPO rollout at train_grpo's default B x G: one batched rollout (one prefill per prompt) vs one row
@@ -167,19 +227,49 @@ def bench_size(size, rows):
     feats = model.visual(pv, grid)
     gen = torch.Generator(device).manual_seed(0)
     def grpo(rows_, g):
-        return lvr.rollout(model, ids, prompt.repeat(rows_, 1), None, grid.repeat(rows_, 1), max_new_tokens=n,
-                           temperature=0.9, generator=gen, stop_ids=[-1], feats=feats.repeat(rows_, 1), group_size=g)
+        return lvr.rollout(
+            model,
+            ids,
+            prompt.repeat(rows_, 1),
+            None,
+            grid.repeat(rows_, 1),
+            max_new_tokens=n,
+            temperature=0.9,
+            generator=gen,
+            stop_ids=[-1],
+            feats=feats.repeat(rows_, 1),
+            group_size=g,
+        )
     big = size != "tiny"  # one round, no warm-up (warm from above): these are the slowest measurements
-    t = timed(lambda: grpo(B, G), lambda: [grpo(1, 1) for _ in range(few)], n=1 if big else None, warmup=not big)
+    t = timed(
+        lambda: grpo(B, G), lambda: [grpo(1, 1) for _ in range(few)], n=1 if big else None, warmup=not big
+    )
     batched, single = B * G * n / t[0], few * n / t[1]
     add(f"GRPO rollout {B}x{G} rows, {n} tokens: batched vs one at a time", batched, single, "tok/s", True)
     # one SFT step: forward + backward with the LVR loss vs the reference's forward + backward (CE)
     if size != "3b" or device != "cpu":
         with torch.enable_grad():
             model.train()
-            batch = data.to_device(data.collate([data.encode(tasks.synthetic_example(i, small_image), tok, ids, "lvr",
-                                                             0, 4, False, 3136, small_image ** 2)
-                                                 for i in range(sft_batch)], tok.endoftext), device)
+            batch = data.to_device(
+                data.collate(
+                    [
+                        data.encode(
+                            tasks.synthetic_example(i, small_image),
+                            tok,
+                            ids,
+                            "lvr",
+                            0,
+                            4,
+                            False,
+                            3136,
+                            small_image**2,
+                        )
+                        for i in range(sft_batch)
+                    ],
+                    tok.endoftext,
+                ),
+                device,
+            )
             batch["pixel_values"] = batch["pixel_values"].to(dt)
             def ours_step():
                 loss = lvr.sft_loss(model, batch, 1.0, 0.1, "mse", freeze_vision=True)[0]
@@ -204,7 +294,13 @@ def bench_size(size, rows):
             tflops = [None if x is None else flops / x / 1e12 for x in t]
             rows.append((size, "SFT step model TFLOP/s", *tflops, "TFLOP/s", ""))
             if peak_tflops > 0:
-                add("SFT step MFU", tflops[0] / peak_tflops, tflops[1] and tflops[1] / peak_tflops, f"of {peak_tflops} TFLOP/s", True)
+                add(
+                    "SFT step MFU",
+                    tflops[0] / peak_tflops,
+                    tflops[1] and tflops[1] / peak_tflops,
+                    f"of {peak_tflops} TFLOP/s",
+                    True,
+                )
     # loading: resident memory growth over the file size
     if size != "tiny":  # (the tiny file is smaller than the resident-set granularity that matters)
         rows.append((size, "peak RSS growth loading / file size", peak_load_rss(tmp, True) / file_bytes,
@@ -221,19 +317,44 @@ def grpo_step_seconds(path):
     threads = {"OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // 2))}
     for launch, env in ((["-m", "torch.distributed.run", "--nproc_per_node", "2"], threads), ([], {})):
         d = os.path.join(tmp, str(len(launch)))
-        r = subprocess.run([sys.executable, *launch, "train_grpo.py", "--init_from", path, "--device", device, "--dtype",
-                            dtype, "--filter_groups", "false", "--max_iters", str(repeats + 1), "--out_dir", d],
-                           capture_output=True, text=True, env={**os.environ, **env}, cwd=os.path.dirname(__file__) or ".")
+        r = subprocess.run(
+            [
+                sys.executable,
+                *launch,
+                "train_grpo.py",
+                "--init_from",
+                path,
+                "--device",
+                device,
+                "--dtype",
+                dtype,
+                "--filter_groups",
+                "false",
+                "--max_iters",
+                str(repeats + 1),
+                "--out_dir",
+                d,
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+            cwd=os.path.dirname(__file__) or ".",
+        )
         if r.returncode:
             raise cli.InputError(f"train_grpo.py failed in the bench: {r.stderr.strip().splitlines()[-1]}")
-        out.append(statistics.median(x["step_s"] for x in torch.load(os.path.join(d, "train_state.pt"))["log"][1:]))
+        out.append(
+            statistics.median(x["step_s"] for x in torch.load(os.path.join(d, "train_state.pt"))["log"][1:])
+        )
     shutil.rmtree(tmp)
     return out
 
 
 def main(argv):
     cli.configure(globals(), argv)
-    cli.require(set(sizes.split(",")) <= {"tiny", "0.5b", "3b"}, f"--sizes must be a comma-separated list of tiny, 0.5b, 3b; got {sizes!r}")
+    cli.require(
+        set(sizes.split(",")) <= {"tiny", "0.5b", "3b"},
+        f"--sizes must be a comma-separated list of tiny, 0.5b, 3b; got {sizes!r}",
+    )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, {dtype}")
     rows = []
     for size in sizes.split(","):

@@ -30,11 +30,15 @@ def check_out_dir(out_dir, fresh):
     ckpt = resolve(out_dir)
     have = set(os.listdir(ckpt)) if os.path.isdir(ckpt) else set()
     if have - CHECKPOINT_FILES:
-        raise InputError(f"--out_dir {out_dir} holds {', '.join(sorted(have - CHECKPOINT_FILES)[:3])}, which saving a "
-                         f"checkpoint there would delete: choose another --out_dir")
+        raise InputError(
+            f"--out_dir {out_dir} holds {', '.join(sorted(have - CHECKPOINT_FILES)[:3])}, which saving a "
+            f"checkpoint there would delete: choose another --out_dir"
+        )
     if fresh and have:  # a finished run's checkpoint, or a model (say the --init_from one) saved there
-        raise InputError(f"--out_dir {out_dir} already holds a checkpoint: --resume true continues a run saved there; "
-                         f"to start over, delete it or choose another --out_dir")
+        raise InputError(
+            f"--out_dir {out_dir} already holds a checkpoint: --resume true continues a run saved there; "
+            f"to start over, delete it or choose another --out_dir"
+        )
 
 
 def save(model, tok, out_dir, train_state, weights=None):
@@ -59,7 +63,9 @@ def save(model, tok, out_dir, train_state, weights=None):
                 os.fsync(fh.fileno())
     except OSError as e:  # a full disk, say: drop the partial copy (it holds the space), keep the old one
         discard(tmp, name)
-        raise InputError(f"cannot write a checkpoint beside {out_dir} ({e}); {out_dir} is unchanged") from None
+        raise InputError(
+            f"cannot write a checkpoint beside {out_dir} ({e}); {out_dir} is unchanged"
+        ) from None
     old = tempfile.mkdtemp(prefix=f".old-{name}-", dir=parent)
     if os.path.exists(out_dir):
         os.rename(out_dir, os.path.join(old, "ckpt"))
@@ -78,7 +84,9 @@ def load_train_state(out_dir, config=None):
     except Exception as e:  # missing, truncated, or a pickle that wants to run code
         raise InputError(f"cannot resume from {path}: {str(e).splitlines()[0][:200]}") from None
     saved = state.get("config", {})
-    changed = [f"{k} {saved[k]} -> {v}" for k, v in (config or {}).items() if k != "resume" and saved.get(k, v) != v]
+    changed = [
+        f"{k} {saved[k]} -> {v}" for k, v in (config or {}).items() if k != "resume" and saved.get(k, v) != v
+    ]
     if changed:  # allowed (more steps, a lower lr), but the run is then not the one it was
         print("resuming with changed settings: " + ", ".join(changed))
     return state
@@ -91,7 +99,9 @@ def resolve(path):
     parent, name = os.path.split(os.path.abspath(path))
     if os.path.exists(path) or not os.path.isdir(parent):
         return path
-    aside = [os.path.join(parent, d, "ckpt") for d in sorted(os.listdir(parent)) if d.startswith(f".old-{name}-")]
+    aside = [
+        os.path.join(parent, d, "ckpt") for d in sorted(os.listdir(parent)) if d.startswith(f".old-{name}-")
+    ]
     return next((p for p in aside if os.path.isdir(p)), path)
 
 

@@ -56,7 +56,13 @@ def check(name, value, decl):
         raise InputError(f"--{name} must be one of {', '.join(spec[0])}; got {value!r}")
     if kind == "range" and value != spec[5]:
         lo, hi, lo_open, hi_open, text, _ = spec
-        if math.isnan(value) or value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi):
+        if (
+            math.isnan(value)
+            or value < lo
+            or value > hi
+            or (lo_open and value == lo)
+            or (hi_open and value == hi)
+        ):
             raise InputError(f"--{name} must be in {text}; got {value}")
 
 
@@ -147,8 +153,11 @@ def stop_flag():
         if flag:
             raise KeyboardInterrupt
         flag.append(sig)
-        print(f"\n{signal.Signals(sig).name}: saving and stopping at the end of a step (again: stop now, no save)",
-              file=sys.stderr)
+        print(
+            f"\n{signal.Signals(sig).name}: saving and stopping at the end of a step "
+            "(again: stop now, no save)",
+            file=sys.stderr,
+        )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, handler)
     return flag

@@ -1,5 +1,6 @@
 """
-Data: the LVR JSON and Mirage JSONL formats (and MMVP / V* for eval.py), and the batches made from examples: SFT batches
+Data: the LVR JSON and Mirage JSONL formats (and MMVP / V* for eval.py), and the batches made from
+examples: SFT batches
 (encode, collate: right-padded, with labels and latent slots) and prompt batches (left-padded,
 for the rollout). The synthetic tasks and the tiny tokenizer live in tasks.py.
 
@@ -7,6 +8,7 @@ An example is a dict: images (PIL), question, answer, and for training: assistan
 `<lvr>` placeholder per latent span), bboxes (one per `<lvr>`, normalised), bbox_images (each
 bbox's image index), helper (Mirage's helper image or None).
 """
+
 import csv
 import functools
 import json
@@ -92,12 +94,20 @@ def record_example(rec, image_root, where):
         for k in ("text_input", "text_output", "image_input"):
             if not isinstance(rec.get(k), str):
                 raise InputError(f"{where}: Mirage record needs a string field {k!r}")
-        return {"images": [image(rec["image_input"])], "question": rec["text_input"].replace("<image>", "").strip(),
-                "assistant": "<lvr>\n" + rec["text_output"], "answer": rec["text_output"], "bboxes": [],
-                "helper": image(rec["image_output"])}
+        return {
+            "images": [image(rec["image_input"])],
+            "question": rec["text_input"].replace("<image>", "").strip(),
+            "assistant": "<lvr>\n" + rec["text_output"],
+            "answer": rec["text_output"],
+            "bboxes": [],
+            "helper": image(rec["image_output"]),
+        }
     conv = rec.get("conversations")
-    if not isinstance(conv, list) or len(conv) < 2 or not all(isinstance(c, dict) and isinstance(c.get("value"), str)
-                                                             for c in conv[:2]):
+    if (
+        not isinstance(conv, list)
+        or len(conv) < 2
+        or not all(isinstance(c, dict) and isinstance(c.get("value"), str) for c in conv[:2])
+    ):
         raise InputError(f"{where}: needs 'conversations' with a human and a gpt turn")
     paths = rec.get("image")
     images = [image(p) for p in (paths if isinstance(paths, list) else [paths])]
@@ -112,13 +122,22 @@ def record_example(rec, image_root, where):
     on = rec.get("bbox_images", [0] * len(bboxes) if len(images) == 1 else None)
     if bboxes and (not isinstance(on, list) or len(on) != len(bboxes)
                    or not all(isinstance(k, int) and 0 <= k < len(images) for k in on)):
-        raise InputError(f"{where}: {len(images)} images and {len(bboxes)} bboxes: 'bbox_images' must give each "
-                         f"bbox the index of its image (0 to {len(images) - 1}), got {on!r}")
+        raise InputError(
+            f"{where}: {len(images)} images and {len(bboxes)} bboxes: 'bbox_images' must give each "
+            f"bbox the index of its image (0 to {len(images) - 1}), got {on!r}"
+        )
     bboxes = [lvr.normalise_bbox(b if isinstance(b, list) else [], *images[k].size, f"{where}: ")
               for b, k in zip(bboxes, on or [])]
     answer = assistant.split("<answer>")[-1].split("</answer>")[0].replace("<lvr>", "").strip()
-    return {"images": images, "question": question, "assistant": assistant, "answer": answer, "bboxes": bboxes,
-            "bbox_images": on or [], "helper": None}
+    return {
+        "images": images,
+        "question": question,
+        "assistant": assistant,
+        "answer": answer,
+        "bboxes": bboxes,
+        "bbox_images": on or [],
+        "helper": None,
+    }
 
 
 def load_multiple_choice(path, root, limit):
@@ -131,12 +150,25 @@ def load_multiple_choice(path, root, limit):
             rows = list(csv.DictReader(f))
         for i, r in enumerate(rows):
             if not {"Index", "Question", "Options", "Correct Answer"} <= set(r) or not r["Index"].isdigit():
-                raise InputError(f"{path} row {i}: needs the columns Index (a number), Question, Options, Correct Answer")
-            out.append((f"{r['Index']}.jpg", f"{r['Question']}\n{r['Options']}", r["Correct Answer"], f"{path} row {i}",
-                        {"pair": (int(r["Index"]) - 1) // 2}))
+                raise InputError(
+                    f"{path} row {i}: needs the columns Index (a number), Question, Options, Correct Answer"
+                )
+            out.append(
+                (
+                    f"{r['Index']}.jpg",
+                    f"{r['Question']}\n{r['Options']}",
+                    r["Correct Answer"],
+                    f"{path} row {i}",
+                    {"pair": (int(r["Index"]) - 1) // 2},
+                )
+            )
     else:
         for i, r in enumerate(load_records(path)):
-            q, a, opts = r.get("question", r.get("text")), r.get("answer", r.get("label")), r.get("options", [])
+            q, a, opts = (
+                r.get("question", r.get("text")),
+                r.get("answer", r.get("label")),
+                r.get("options", []),
+            )
             if not isinstance(r.get("image"), str) or not isinstance(q, str) or not isinstance(a, str) \
                     or not isinstance(opts, list):
                 raise InputError(f"{path} record {i}: needs image, question (or text), answer (or label), "
@@ -166,14 +198,21 @@ def encode(ex, tok, ids, method="lvr", max_latents=0, k=4, latent_end=False, min
     helper = vision.preprocess(ex["helper"], min_pixels, max_pixels) if method == "mirage" else None
     seq, pos, slot, groups, end_pos = list(prompt), [], [], [], []
     # Mirage imagines one helper image: one span, however many looks the LVR answer has
-    assistant = "<lvr>\n" + ex["assistant"].replace("<lvr>", "").lstrip("\n") if method == "mirage" else ex["assistant"]
+    assistant = (
+        "<lvr>\n" + ex["assistant"].replace("<lvr>", "").lstrip("\n")
+        if method == "mirage"
+        else ex["assistant"]
+    )
     for i, text in enumerate(assistant.split("<lvr>")):
         if i > 0 and method != "none":  # a latent span, for the <lvr> before this piece of text
             if method == "mirage":
                 span = lvr.chunk_groups(vision.merged_tokens(helper[1]), k)
             else:  # indices into the example's features: its images' merged tokens, one image after another
                 im = ex.get("bbox_images", [0] * i)[i - 1]
-                span = [[sum(n_tok[:im]) + j for j in g] for g in lvr.roi_groups(ex["bboxes"][i - 1], grids[im][0], max_latents)]
+                span = [
+                    [sum(n_tok[:im]) + j for j in g]
+                    for g in lvr.roi_groups(ex["bboxes"][i - 1], grids[im][0], max_latents)
+                ]
             seq.append(ids.start)
             pos += range(len(seq), len(seq) + len(span))
             slot += range(len(span))
@@ -216,7 +255,11 @@ def collate(encoded, pad_id):
     mirage = encoded[0]["helper"] is not None
     for b, e in enumerate(encoded):
         n = len(e["input_ids"])
-        input_ids[b, :n], labels[b, :n], mask[b, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+        input_ids[b, :n], labels[b, :n], mask[b, :n] = (
+            torch.tensor(e["input_ids"]),
+            torch.tensor(e["labels"]),
+            1,
+        )
         rows += [b] * len(e["latent_pos"])
         pos += e["latent_pos"]
         slot += e["latent_slot"]
@@ -225,11 +268,17 @@ def collate(encoded, pad_id):
         end_pos += e["latent_end_pos"]
         offset += vision.merged_tokens(e["helper"][1]) if mirage else e["n_feat"]
     long = functools.partial(torch.tensor, dtype=torch.long)
-    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
-             "pixel_values": torch.cat([e["pixel_values"] for e in encoded]),
-             "grid_thw": torch.cat([e["grid_thw"] for e in encoded]),
-             "latent_pos": (long(rows), long(pos)), "latent_slot": long(slot),
-             "latent_end_pos": (long(end_rows), long(end_pos)), "target_avg": lvr.averaging_matrix(groups, offset)}
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "pixel_values": torch.cat([e["pixel_values"] for e in encoded]),
+        "grid_thw": torch.cat([e["grid_thw"] for e in encoded]),
+        "latent_pos": (long(rows), long(pos)),
+        "latent_slot": long(slot),
+        "latent_end_pos": (long(end_rows), long(end_pos)),
+        "target_avg": lvr.averaging_matrix(groups, offset),
+    }
     if mirage:
         batch["helper_pixel_values"] = torch.cat([e["helper"][0] for e in encoded])
         batch["helper_grid_thw"] = torch.cat([e["helper"][1] for e in encoded])
@@ -271,11 +320,15 @@ def prompt_batch(exs, tok, min_pixels=3136, max_pixels=12845056):
 
 
 def to_device(batch, device):
-    return {k: (tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.to(device)) for k, v in batch.items()}
+    return {
+        k: (tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.to(device))
+        for k, v in batch.items()
+    }
 
 
 def grpo_example(rec, image_root, where):
-    """A GRPO record {image (a path or a list), question, answer} (or an LVR JSON record) -> an example without targets."""
+    """A GRPO record {image (a path or a list), question, answer} (or an LVR JSON record) -> an example
+    without targets."""
     if "conversations" in rec:
         return record_example(rec, image_root, where)
     for k in ("question", "answer"):

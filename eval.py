@@ -42,14 +42,14 @@ init_from = "out"  # checkpoint directory
 data_path = "synthetic"  # synthetic | an LVR JSON/JSONL with bboxes | an MMVP-style CSV | a V*-style JSONL
 image_root = ""  # directory the dataset's images are in (MMVP: the folder of <Index>.jpg)
 n_examples = 256  # [1, inf) held-out synthetic examples (or at most this many from a file)
-task = "colour"  # {colour, search, relation, imagine} the synthetic task (tasks.py): the default, or a study task
+task = "colour"  # {colour, search, relation, imagine} the synthetic task (tasks.py)
 image_size = 0  # [0, inf) synthetic image side, a multiple of 28 (0: the task's own, 168; search 336)
 batch_size = 32  # [1, inf) rows per batched rollout
 decoding = "token"  # {token, steps, latent} latent exit
 lvr_steps = 8  # [0, inf) latent steps in `steps` mode
 max_latent_steps = 16  # [0, inf) latent budget in `token` / `latent` modes
 force_end = True  # force <|lvr_end|> after a span (false: the model's own next token, as the official code)
-end_metric = "checkpoint"  # {checkpoint, mse, cosine, l1} `latent` exit distance (checkpoint: the one it was trained with)
+end_metric = "checkpoint"  # {checkpoint, mse, cosine, l1} `latent` exit distance (checkpoint: as trained)
 end_threshold = 0.0  # [0, inf) `latent` exit threshold (0 = the checkpoint's, else 0.1)
 max_new_tokens = 32  # [1, inf) completion budget
 min_pixels = 0  # [0, inf) smallest image area after resizing (0: the Qwen2.5-VL processor's, 56*56)
@@ -57,7 +57,7 @@ max_pixels = 0  # [0, inf) largest image area (0: the processor's 12845056; a sy
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "auto"  # {auto, float32, bfloat16} the weights' dtype (auto: bfloat16 on CUDA)
 seed = 1337  # [0, inf) the synthetic held-out set
-split = "test"  # {test, eval} the synthetic split: test, or eval (the validation split train_sft reports and study.py tunes on)
+split = "test"  # {test, eval} the synthetic split: test, or eval (the validation split study.py tunes on)
 # -----------------------------------------------------------------------------
 
 
@@ -68,7 +68,10 @@ def load_examples():
     if data_path.endswith((".json", ".jsonl")):
         records = data.load_records(data_path)
         if "conversations" in records[0] or "image_output" in records[0]:
-            return [data.record_example(r, image_root, f"{data_path} record {i}") for i, r in enumerate(records[:n_examples])]
+            return [
+                data.record_example(r, image_root, f"{data_path} record {i}")
+                for i, r in enumerate(records[:n_examples])
+            ]
     return data.load_multiple_choice(data_path, image_root, n_examples)
 
 
@@ -89,10 +92,22 @@ def evaluate(model, tok, ids, exs, batch_size=32, min_pixels=3136, max_pixels=28
         given = {}
         if feed is not None:  # (B, K, C) and (B,): each row's vectors, zero-padded
             rows = [feed[i + b] for b in range(len(chunk))]
-            given["latents_in"] = torch.nn.utils.rnn.pad_sequence([v.float() for v in rows], batch_first=True).to(device)
+            given["latents_in"] = torch.nn.utils.rnn.pad_sequence(
+                [v.float() for v in rows], batch_first=True
+            ).to(device)
             given["n_in"] = torch.tensor([len(v) for v in rows], device=device)
-        r = lvr.rollout(model, ids, p["input_ids"].to(device), None, p["grid_thw"], p["attention_mask"].to(device),
-                        stop_ids=stop, feats=feats, **given, **decode)
+        r = lvr.rollout(
+            model,
+            ids,
+            p["input_ids"].to(device),
+            None,
+            p["grid_thw"],
+            p["attention_mask"].to(device),
+            stop_ids=stop,
+            feats=feats,
+            **given,
+            **decode,
+        )
         for b, (e, f) in enumerate(zip(chunk, feats.split(p["n_image_tokens"]))):
             row = r.tokens[b, p["input_ids"].shape[1]:].tolist()
             end = next((j + 1 for j, t in enumerate(row) if t in stop), len(row))
@@ -102,11 +117,16 @@ def evaluate(model, tok, ids, exs, batch_size=32, min_pixels=3136, max_pixels=28
             steps += int(r.is_latent[b].sum())
             spans.update(lvr.span_lengths(r.is_latent[b]))
             fed.append(r.latents[b, r.is_latent[b]].cpu())
-            if e["bboxes"]:  # the ROI tokens of every bbox, on its own image's tokens within the row's features
+            if e[
+                "bboxes"
+            ]:  # the ROI tokens of every bbox, on its own image's tokens within the row's features
                 grids = [g for _, g in p["images"][b]]
                 start = [sum(vision.merged_tokens(g) for g in grids[:k]) for k in range(len(grids))]
-                roi = [start[k] + j for bb, k in zip(e["bboxes"], e.get("bbox_images", [0] * len(e["bboxes"])))
-                       for j in lvr.roi_indices(bb, grids[k][0])]
+                roi = [
+                    start[k] + j
+                    for bb, k in zip(e["bboxes"], e.get("bbox_images", [0] * len(e["bboxes"])))
+                    for j in lvr.roi_indices(bb, grids[k][0])
+                ]
                 hit += lvr.latent_hits(r.latents[b, r.is_latent[b]], f, roi)
                 n_lat += int(r.is_latent[b].sum())
     n = len(exs)
@@ -125,8 +145,12 @@ def targets_of(model, tok, ids, exs, min_pixels=3136, max_pixels=28224, device="
         if how["method"] == "none" or not (e.get("helper") if how["method"] == "mirage" else e["bboxes"]):
             out.append(None)
             continue
-        row = data.encode(e, tok, ids, how["method"], how["max_latents"], how["k"], False, min_pixels, max_pixels)
-        out.append(lvr.encode_images(model, data.to_device(data.collate([row], tok.endoftext), device))[1].cpu())
+        row = data.encode(
+            e, tok, ids, how["method"], how["max_latents"], how["k"], False, min_pixels, max_pixels
+        )
+        out.append(
+            lvr.encode_images(model, data.to_device(data.collate([row], tok.endoftext), device))[1].cpu()
+        )
     return out
 
 
@@ -140,13 +164,17 @@ def diagnostics(model, tok, ids, exs, decode, own):
         return rows, None
     budget = max(decode["lvr_steps"], decode["max_latent_steps"])
     mean = torch.cat(lats).mean(0)
-    run = functools.partial(evaluate, model, tok, ids, exs, batch_size, min_pixels, max_pixels, device, **decode)
+    run = functools.partial(
+        evaluate, model, tok, ids, exs, batch_size, min_pixels, max_pixels, device, **decode
+    )
     rows.append(("dummy latents", run(feed=[mean.expand(budget, -1)] * len(exs))))
     rows.append(("swapped latents", run(feed=own["latents"][1:] + own["latents"][:1])))
     targets = targets_of(model, tok, ids, exs, min_pixels, max_pixels, device)
     if all(t is None for t in targets):
         return rows, None
-    rows.append(("oracle latents", run(feed=[t if t is not None else torch.zeros(0, mean.shape[0]) for t in targets])))
+    rows.append(
+        ("oracle latents", run(feed=[t if t is not None else torch.zeros(0, mean.shape[0]) for t in targets]))
+    )
     target_norm = torch.cat([t for t in targets if t is not None]).norm(dim=-1).mean()
     return rows, float(torch.cat(lats).norm(dim=-1).mean() / target_norm)
 
@@ -170,17 +198,29 @@ def main(argv):
     model, tok = checkpoint.load(init_from, getattr(torch, dtype), device)  # (in eval mode)
     ids = lvr.find_latent_ids(model, tok)  # the tokens it was trained with
     if ids is None:
-        raise InputError(f"{init_from} has no latent tokens: evaluate it with sample.py, or train it with train_sft.py")
+        raise InputError(
+            f"{init_from} has no latent tokens: evaluate it with sample.py, or train it with train_sft.py"
+        )
     exs = load_examples()
     metric, threshold = lvr.end_rule(model, end_metric, end_threshold)
-    decode = dict(decoding=decoding, lvr_steps=lvr_steps, max_latent_steps=max_latent_steps,
-                  max_new_tokens=max_new_tokens, force_end=force_end, end_metric=metric, end_threshold=threshold)
+    decode = dict(
+        decoding=decoding,
+        lvr_steps=lvr_steps,
+        max_latent_steps=max_latent_steps,
+        max_new_tokens=max_new_tokens,
+        force_end=force_end,
+        end_metric=metric,
+        end_threshold=threshold,
+    )
     disabled = {**decode, "decoding": "steps", "lvr_steps": 0, "force_end": True}  # <|lvr_end|> at once
     rows = [(name, evaluate(model, tok, ids, exs, batch_size, min_pixels, max_pixels, device, **d))
             for name, d in (("with latents", decode), ("latents disabled", disabled))]
     more, norm_ratio = diagnostics(model, tok, ids, exs, decode, rows[0][1])
     rows += more
-    print(f"{init_from} on {len(exs)} {'held-out synthetic' if data_path == 'synthetic' else data_path} examples")
+    print(
+        f"{init_from} on {len(exs)} "
+        f"{'held-out synthetic' if data_path == 'synthetic' else data_path} examples"
+    )
     print(f"{'':18}{'accuracy':>10}{'format':>9}{'latent steps':>14}{'hit rate':>10}")
     for name, r in rows:
         hr = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
@@ -189,8 +229,11 @@ def main(argv):
         print(f"latent norm / target norm (own latents): {norm_ratio:.3f}")
     on = rows[0][1]
     budget = lvr_steps if decoding == "steps" else max_latent_steps
-    print("latent steps per span (with latents): " + ", ".join(f"{k}: {v}" for k, v in sorted(on["spans"].items()))
-          + f"; {on['spans'][budget]} of {sum(on['spans'].values())} spans ran to the budget of {budget}")
+    print(
+        "latent steps per span (with latents): "
+        + ", ".join(f"{k}: {v}" for k, v in sorted(on["spans"].items()))
+        + f"; {on['spans'][budget]} of {sum(on['spans'].values())} spans ran to the budget of {budget}"
+    )
     for name, ok in sorted(by_group(exs, on["right"], "category").items()):
         print(f"category {name}: accuracy {sum(ok) / len(ok):.3f} on {len(ok)}")
     pairs = by_group(exs, on["right"], "pair")

@@ -1,5 +1,5 @@
 """
-GRPO_latent's maths (DESIGN 3.7): the rewards, group-relative advantages, the clipped objective
+GRPO_latent's maths (docs/method.md): the rewards, group-relative advantages, the clipped objective
 with a k3 KL, and the training forward's log-probs of a rollout's decisions.
 
 What carries a log-prob: every decision the policy sampled, and nothing else, as lvr.rollout
@@ -24,7 +24,8 @@ from cli import InputError
 
 def is_lvr_format(tokens, ids, stop_ids, text):
     """A completion (token list up to its stop) is <|lvr_start|> ... <|lvr_end|> (one span or more: the
-    relation task looks twice), then a non-empty answer (`text`: the decoded completion), then a stop token."""
+    relation task looks twice), then a non-empty answer (`text`: the decoded completion), then a stop token.
+    """
     if not tokens or tokens[0] != ids.start or ids.end not in tokens or tokens[-1] not in stop_ids:
         return False
     after = tokens[len(tokens) - tokens[::-1].index(ids.end):-1]  # after the last <|lvr_end|>
@@ -142,8 +143,9 @@ def reference(model, dtype, keep_tower):
 LOGIT_CHUNK = 2048
 
 
-def completion_logprobs(model, seqs, attention_mask, n_prompt, grid_thw, feats, latents, is_latent, temperature=1.0,
-                        exits=()):
+def completion_logprobs(
+    model, seqs, attention_mask, n_prompt, grid_thw, feats, latents, is_latent, temperature=1.0, exits=()
+):
     """One batched forward over prompt + completion -> (N, L) log-probs of the completion's decisions.
 
     The recorded latent vectors (detached) sit at the latent positions, exactly as the rollout fed
@@ -156,12 +158,23 @@ def completion_logprobs(model, seqs, attention_mask, n_prompt, grid_thw, feats, 
     x = torch.cat([x, c], 1)
     pos = qwen.get_rope_index(prompt, grid_thw, attention_mask[:, :n_prompt], model.cfg.image_token_id)
     after = pos.amax(dim=(0, 2)) + 1  # completion positions count on like text, as in the rollout's cache
-    pos = torch.cat([pos, (after[:, None] + torch.arange(comp.shape[1], device=seqs.device)).expand(3, -1, -1)], 2)
-    h = model(inputs_embeds=x, attention_mask=attention_mask, position_ids=pos)[:, n_prompt - 1:-1]  # t -> t + 1
+    pos = torch.cat(
+        [pos, (after[:, None] + torch.arange(comp.shape[1], device=seqs.device)).expand(3, -1, -1)], 2
+    )
+    h = model(inputs_embeds=x, attention_mask=attention_mask, position_ids=pos)[
+        :, n_prompt - 1 : -1
+    ]  # t -> t + 1
     rows = max(1, LOGIT_CHUNK // max(1, comp.shape[1]))
     out = []
     for i in range(0, len(comp), rows):
-        args = (model.lm_head, h[i:i + rows], comp[i:i + rows], is_latent[i:i + rows], temperature, list(exits))
+        args = (
+            model.lm_head,
+            h[i : i + rows],
+            comp[i : i + rows],
+            is_latent[i : i + rows],
+            temperature,
+            list(exits),
+        )
         out.append(torch.utils.checkpoint.checkpoint(decision_logprobs, *args, use_reentrant=False)
                    if torch.is_grad_enabled() else decision_logprobs(*args))
     return torch.cat(out)

@@ -38,8 +38,17 @@ import qwen
 from cli import InputError
 
 # in the order each official code adds them to its tokenizer, so our ids match theirs
-LVR_TOKENS = {"start": "<|lvr_start|>", "latent": "<|lvr|>", "latent_end": "<|lvr_latent_end|>", "end": "<|lvr_end|>"}
-MIRAGE_TOKENS = {"latent": "<|latent_pad|>", "start": "<|latent_start|>", "end": "<|latent_end|>"}  # no latent-end
+LVR_TOKENS = {
+    "start": "<|lvr_start|>",
+    "latent": "<|lvr|>",
+    "latent_end": "<|lvr_latent_end|>",
+    "end": "<|lvr_end|>",
+}
+MIRAGE_TOKENS = {
+    "latent": "<|latent_pad|>",
+    "start": "<|latent_start|>",
+    "end": "<|latent_end|>",
+}  # no latent-end
 
 
 @dataclass
@@ -51,7 +60,7 @@ class LatentIds:
 
 
 def latent_ids(tok, names=LVR_TOKENS):
-    """Ids of the latent tokens, or None when the tokenizer lacks start, latent or end (a plain Qwen2.5-VL)."""
+    """Ids of the latent tokens, or None when the tokenizer lacks start, latent or end (plain Qwen2.5-VL)."""
     ids = {k: tok.tok.token_to_id(v) for k, v in names.items()}
     return None if None in (ids.get("start"), ids.get("latent"), ids.get("end")) else LatentIds(**ids)
 
@@ -60,7 +69,9 @@ def find_latent_ids(model, tok):
     """The latent tokens of a checkpoint: those its config names (ours), else the official LVR
     tokens, else Mirage's; None for a plain Qwen2.5-VL."""
     named = [model.cfg.extra["lvr_tokens"]] if "lvr_tokens" in model.cfg.extra else []
-    return next((ids for names in named + [LVR_TOKENS, MIRAGE_TOKENS] if (ids := latent_ids(tok, names))), None)
+    return next(
+        (ids for names in named + [LVR_TOKENS, MIRAGE_TOKENS] if (ids := latent_ids(tok, names))), None
+    )
 
 
 def add_latent_tokens(model, tok, names=LVR_TOKENS):
@@ -112,7 +123,7 @@ def normalise_bbox(bbox, width, height, where=""):
 
 
 def roi_cells(bbox, grid_thw, merge=2):
-    """Normalised bbox -> (y0t, y1t, x0t, x1t): the merged-grid cells it touches (DESIGN 3.3)."""
+    """Normalised bbox -> (y0t, y1t, x0t, x1t): the merged-grid cells it touches (docs/method.md)."""
     gh, gw = int(grid_thw[1]), int(grid_thw[2])
     x0, y0, x1, y1 = bbox
     x0g, x1g = min(max(math.floor(x0 * gw), 0), gw - 1), min(max(math.ceil(x1 * gw), 0), gw)
@@ -179,14 +190,14 @@ def latent_input(model, h):
 
 @torch.no_grad()
 def record_latent_norm(model, batch):
-    """Record the mean norm of a batch's targets in the config: what a cosine-trained latent is fed back at."""
+    """Record the mean norm of a batch's targets in the config: a cosine-trained latent's feed-back norm."""
     _, targets = encode_images(model, batch)
     if len(targets):
         model.cfg.extra["latent_norm"] = float(targets.norm(dim=-1).mean())
 
 
 def latent_distance(pred, target, kind="mse", per_row=False):
-    """Latent loss in fp32, mean over rows (or per row): mse, cosine (1 - cos) or l1, each a mean over elements."""
+    """Latent loss in fp32, mean over rows (or per row): mse, cosine (1 - cos) or l1 (means over elements)."""
     pred, target = pred.float(), target.float()
     if kind == "mse":
         d = ((pred - target) ** 2).mean(-1)
@@ -244,7 +255,9 @@ def supervised_ce(model, h, labels):
     return F.cross_entropy(model.lm_head(h[:, :-1][sel]).float(), labels[:, 1:][sel])
 
 
-def sft_loss(model, batch, ce_weight=1.0, latent_weight=0.1, latent_loss="mse", freeze_vision=True, switch_weight=0.0):
+def sft_loss(
+    model, batch, ce_weight=1.0, latent_weight=0.1, latent_loss="mse", freeze_vision=True, switch_weight=0.0
+):
     """-> (loss, ce, latent, switch) for one padded batch (see data.collate for the fields)."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     feats, targets = encode_images(model, batch, freeze_vision)
@@ -258,14 +271,21 @@ def sft_loss(model, batch, ce_weight=1.0, latent_weight=0.1, latent_loss="mse", 
         lat = latent_distance(head(model, h[b, t - 1]), targets, latent_loss)
     else:  # no latent in this micro-batch: the head still takes part (a zero gradient), as DDP requires
         lat = head(model, h[:0, 0]).float().sum() * 0.0
-    eb, et = batch["latent_end_pos"]  # `latent` exit mode: the state before <|lvr_latent_end|> learns its embedding
+    eb, et = batch[
+        "latent_end_pos"
+    ]  # `latent` exit mode: the state before <|lvr_latent_end|> learns its embedding
     if len(eb):
         end = model.token_embeds(ids[eb, et])
         lat = lat + latent_distance(head(model, h[eb, et - 1]), end, latent_loss)
     switch = ce.new_zeros(())
     if switch_weight and len(b):
         switch = switch_loss(model, h, b, t, batch["latent_slot"], model.cfg.extra["lvr_token_ids"]["end"])
-    return ce_weight * ce + latent_weight * lat + switch_weight * switch, ce.detach(), lat.detach(), switch.detach()
+    return (
+        ce_weight * ce + latent_weight * lat + switch_weight * switch,
+        ce.detach(),
+        lat.detach(),
+        switch.detach(),
+    )
 
 
 def mirage_stage2_loss(model, batch, freeze_vision=True, switch_weight=0.0):
@@ -300,7 +320,9 @@ class Rollout(NamedTuple):
     tokens: torch.Tensor  # (B, T + n) prompt and completion; <|lvr|> at latent steps
     latents: torch.Tensor  # (B, n, C) the vector fed at each latent step (zeros at text steps)
     is_latent: torch.Tensor  # (B, n) bool: a latent step
-    logprobs: torch.Tensor  # (B, n) log-prob of each sampled decision under softmax(logits / temperature), else 0
+    logprobs: (
+        torch.Tensor
+    )  # (B, n) log-prob of each sampled decision under softmax(logits / temperature), else 0
     sampled: torch.Tensor  # (B, n) bool: the policy drew this decision (GRPO's loss mask); False where forced
 
 
@@ -317,8 +339,21 @@ def continue_logprob(logits, exits):
     return logits[..., keep].logsumexp(-1) - logits.logsumexp(-1)
 
 
-def span_exit(decoding, ids, tok, vec, in_lat, n_lat, budget, force_end, exits, end_vec, end_metric, end_threshold,
-              scaled=True):
+def span_exit(
+    decoding,
+    ids,
+    tok,
+    vec,
+    in_lat,
+    n_lat,
+    budget,
+    force_end,
+    exits,
+    end_vec,
+    end_metric,
+    end_threshold,
+    scaled=True,
+):
     """The exit rule (rollout's docstring), one step: which rows in a span leave it now and with which
     token -> tok (B,), exit (B,) bool, forced (B,) bool: that token was not sampled, force (B,): the token
     to force at the next step (-1: none)."""
@@ -327,15 +362,24 @@ def span_exit(decoding, ids, tok, vec, in_lat, n_lat, budget, force_end, exits, 
         exit_ = in_lat & (n_lat >= budget)
         forced = exit_ & force_end
         return torch.where(forced, ids.end, tok), exit_, forced, none
-    if decoding == "latent":  # close to the end embedding, or the budget: <|lvr_latent_end|>, then <|lvr_end|>
+    if (
+        decoding == "latent"
+    ):  # close to the end embedding, or the budget: <|lvr_latent_end|>, then <|lvr_end|>
         # (never before its first latent: every trained span has one, as under the `token` exit)
         near = (end_distance(vec, end_vec, end_metric, scaled) < end_threshold) & (n_lat > 0)
         exit_ = in_lat & (near | (n_lat >= budget))
-        return torch.where(exit_, ids.latent_end, tok), exit_, exit_, torch.where(exit_ & force_end, ids.end, none)
+        return (
+            torch.where(exit_, ids.latent_end, tok),
+            exit_,
+            exit_,
+            torch.where(exit_ & force_end, ids.end, none),
+        )
     # token: the model's own exit token once a latent step has been taken, or <|lvr_end|> at the budget
     own = in_lat & torch.isin(tok, torch.tensor(exits, device=tok.device)) & (n_lat > 0)
     forced = in_lat & ~own & (n_lat >= budget)
-    force = torch.where(own & (tok != ids.end) & force_end, ids.end, none)  # <|lvr_end|> after <|lvr_latent_end|>
+    force = torch.where(
+        own & (tok != ids.end) & force_end, ids.end, none
+    )  # <|lvr_end|> after <|lvr_latent_end|>
     return torch.where(forced, ids.end, tok), own | forced, forced, force
 
 
@@ -371,7 +415,9 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
     stop = torch.tensor(list(stop_ids) or model.default_stop_ids(), device=dev)
     exits = exit_tokens(ids, decoding)
     emb = model.model.embed_tokens
-    end_vec = None  # the `latent` exit's end vector: the official checkpoint's learned one, or the token's row
+    end_vec = (
+        None  # the `latent` exit's end vector: the official checkpoint's learned one, or the token's row
+    )
     if decoding == "latent":
         end_vec = getattr(model, "lvr_latent_end_emb", None)
         end_vec = emb.weight[ids.latent_end] if end_vec is None else end_vec
@@ -393,7 +439,9 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
     n_lat = torch.zeros(B, dtype=torch.long, device=dev)  # latent steps taken in the current span
     force = torch.full((B,), -1, dtype=torch.long, device=dev)  # a token to force at the next step
     done = torch.zeros(B, dtype=torch.bool, device=dev)
-    k_lat = torch.zeros(B, dtype=torch.long, device=dev)  # latent steps taken in all spans (latents_in's index)
+    k_lat = torch.zeros(
+        B, dtype=torch.long, device=dev
+    )  # latent steps taken in all spans (latents_in's index)
     steps = []
     for i in range(max_new_tokens):
         # 3) every row samples; a token forced by the previous step replaces the sample
@@ -402,9 +450,21 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
         tok = torch.where(force >= 0, force, tok)
         vec = latent_input(model, h)  # (B, C) the latent input of rows that stay in their span
         # 4) which rows in a span leave it now, and with which token
-        tok, exit_, forced, force = span_exit(decoding, ids, tok, vec, in_lat, n_lat, budget, force_end, exits,
-                                              end_vec, end_metric, end_threshold,
-                                              scaled=not hasattr(model, "lvr_latent_end_emb"))
+        tok, exit_, forced, force = span_exit(
+            decoding,
+            ids,
+            tok,
+            vec,
+            in_lat,
+            n_lat,
+            budget,
+            force_end,
+            exits,
+            end_vec,
+            end_metric,
+            end_threshold,
+            scaled=not hasattr(model, "lvr_latent_end_emb"),
+        )
         # 5) rows still in their span take a latent step: their own hidden state is the next input
         latent_step = in_lat & ~exit_ & ~done
         if latents_in is not None:  # (diagnostics: a given vector instead)
@@ -413,12 +473,20 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
             k_lat = k_lat + latent_step
         tok = torch.where(latent_step, ids.latent, tok)
         tok = torch.where(done, stop[0], tok)
-        x = torch.where(latent_step[:, None], vec.to(emb.weight.dtype), model.token_embeds(tok[:, None])[:, 0])
+        x = torch.where(
+            latent_step[:, None], vec.to(emb.weight.dtype), model.token_embeds(tok[:, None])[:, 0]
+        )
         # 6) record: a latent step is a sampled "continue" only under the token exit, past the first step
         sampled = torch.where(latent_step, (decoding == "token") & (n_lat > 0), sampled & ~forced)
         lp = (logits.float() / (temperature or 1.0)).log_softmax(-1)
         lp = torch.where(latent_step, continue_logprob(lp, exits), lp.gather(1, tok[:, None])[:, 0])
-        record = (tok, torch.where(latent_step[:, None], vec, 0.0), latent_step, torch.where(sampled, lp, 0.0), sampled)
+        record = (
+            tok,
+            torch.where(latent_step[:, None], vec, 0.0),
+            latent_step,
+            torch.where(sampled, lp, 0.0),
+            sampled,
+        )
         # 7) update the modes: leave, enter, finish
         n_lat = torch.where(latent_step, n_lat + 1, torch.where(exit_, 0, n_lat))
         in_lat = (in_lat & ~exit_) | (~in_lat & (tok == ids.start) & ~done)
@@ -430,7 +498,9 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
         logits = model.lm_head(h)
     toks, lats, is_lats, logps, sampled, dones = (torch.stack(t, 1) for t in zip(*steps))
     n = min(int((~dones.all(0)).sum()) + 1, dones.shape[1])  # up to the step the last row stopped
-    return Rollout(torch.cat([input_ids, toks[:, :n]], 1), lats[:, :n], is_lats[:, :n], logps[:, :n], sampled[:, :n])
+    return Rollout(
+        torch.cat([input_ids, toks[:, :n]], 1), lats[:, :n], is_lats[:, :n], logps[:, :n], sampled[:, :n]
+    )
 
 
 def nearest_cells(latents, feats):
@@ -439,7 +509,7 @@ def nearest_cells(latents, feats):
 
 
 def latent_hits(latents, feats, roi):
-    """(n, C) latent vectors, (N, C) merged image tokens, ROI token indices -> how many latents hit the ROI."""
+    """(n, C) latent vectors, (N, C) merged image tokens, ROI token indices -> how many hit the ROI."""
     if len(latents) == 0:
         return 0
     return sum(c in set(roi) for c in nearest_cells(latents, feats).tolist())

@@ -3,21 +3,26 @@ Several processes under torchrun, for train_sft.py and train_grpo.py: the proces
 sharding, the checkpoint every rank takes part in, and the rollout's gathered weights.
 
     torchrun --nproc_per_node 8 train_sft.py ...              # data parallel (DDP)
-    torchrun --nproc_per_node 8 train_grpo.py --fsdp true ...  # FSDP2: weights, grads, optimizer state sharded
+    torchrun --nproc_per_node 8 train_grpo.py --fsdp true ...  # FSDP2: weights, grads, Adam sharded
 
 Every forward goes through one module, `Root`, whose forward runs a function of the model (a loss,
 a rollout, log-probs): FSDP2 and DDP hook the root's forward, and the model's pieces (the tower, the
 embedding, the head) are called in many places. Units: one per decoder layer, one for the vision
 tower, the rest (embeddings, head, norm) at the root, as torchtitan shards Llama.
 """
+
 import contextlib
 import datetime
 import os
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 import checkpoint
 import qwen

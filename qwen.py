@@ -26,8 +26,15 @@ from tokenizers import Tokenizer
 from cli import InputError
 from vision import MLP, RMSNorm, VisionConfig, VisionTransformer, cos_sin, rope
 
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-           "<|video_pad|>"]  # every Qwen2.5-VL tokenizer has these; the tiny one adds them in this order
+SPECIAL = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]  # every Qwen2.5-VL tokenizer has these; the tiny one adds them in this order
 
 
 @dataclass
@@ -67,7 +74,9 @@ class Config:
         for act in (text.get("hidden_act", "silu"), v.get("hidden_act", "silu")):
             if act != "silu":
                 raise InputError(f"config.json: hidden_act {act!r} is not supported (Qwen2.5-VL uses silu)")
-        names = [k for k in cls.__dataclass_fields__ if k not in ("vision", "extra", "rope_theta", "mrope_section")]
+        names = [
+            k for k in cls.__dataclass_fields__ if k not in ("vision", "extra", "rope_theta", "mrope_section")
+        ]
         cfg = cls(**{k: text[k] for k in names if k in text}, vision=vision)
         cfg.rope_theta = rope.get("rope_theta", text.get("rope_theta", cfg.rope_theta))
         cfg.mrope_section = list(rope.get("mrope_section", cfg.mrope_section))
@@ -77,12 +86,22 @@ class Config:
 
     def to_dict(self):
         """The official flat layout, which every transformers version reads."""
-        d = {k: v for k, v in asdict(self).items() if k not in ("vision", "extra", "rope_theta", "mrope_section")}
+        d = {
+            k: v
+            for k, v in asdict(self).items()
+            if k not in ("vision", "extra", "rope_theta", "mrope_section")
+        }
         vision = {k: v for k, v in asdict(self.vision).items() if k not in ("rope_theta", "in_channels")}
-        return {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", **d,
-                "hidden_act": "silu", "rope_theta": self.rope_theta,
-                "rope_scaling": {"type": "mrope", "mrope_section": self.mrope_section},
-                "vision_config": {**vision, "in_chans": self.vision.in_channels, "hidden_act": "silu"}, **self.extra}
+        return {
+            "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+            "model_type": "qwen2_5_vl",
+            **d,
+            "hidden_act": "silu",
+            "rope_theta": self.rope_theta,
+            "rope_scaling": {"type": "mrope", "mrope_section": self.mrope_section},
+            "vision_config": {**vision, "in_chans": self.vision.in_channels, "hidden_act": "silu"},
+            **self.extra,
+        }
 
 
 # -----------------------------------------------------------------------------
@@ -99,8 +118,10 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)  # False at padding
-        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # M-RoPE position of the next token
-        # decoded tokens have text positions (equal rows), never past their slot: one rope table, (max_len, hd)
+        self.next_pos = torch.zeros(
+            batch, dtype=torch.long, device=device
+        )  # M-RoPE position of the next token
+        # decoded tokens have text positions (equal rows), never past their slot: one table, (max_len, hd)
         cos, sin = mrope(cfg, torch.arange(max_len, device=device).expand(3, 1, -1), rope_dtype or dtype)
         self.cos, self.sin = cos[0, 0], sin[0, 0]
         self.len = 0  # slots written so far
@@ -134,7 +155,9 @@ class Attention(nn.Module):
             s, ck, cv = cache.len, cache.k[self.layer_idx], cache.v[self.layer_idx]
             ck[:, :, s:s + T], cv[:, :, s:s + T] = k, v
             k, v = ck[:, :, :s + T], cv[:, :, :s + T]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=True)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=True
+        )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -170,7 +193,9 @@ class Qwen2Model(nn.Module):
 def causal_mask(valid, start, T, device):
     """(B, S) key validity (False at padding) -> (B, 1, T, S) bool mask for T queries at positions
     start..start+T-1: each sees the valid keys up to itself, and always itself (no all -inf rows)."""
-    d = torch.arange(start + T, device=device)[None] - torch.arange(start, start + T, device=device)[:, None]  # (T, S)
+    d = (
+        torch.arange(start + T, device=device)[None] - torch.arange(start, start + T, device=device)[:, None]
+    )  # (T, S)
     return (((d <= 0)[None] & valid[:, None]) | (d == 0)[None])[:, None]
 
 
@@ -178,7 +203,9 @@ def causal_mask(valid, start, T, device):
 def rope_tables(hd, theta, section, device):
     """Inverse frequencies (hd/2,) and which position row (t, h, w) each frequency slot reads."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float, device=device) / hd))
-    return inv_freq, torch.repeat_interleave(torch.arange(3, device=device), torch.tensor(section, device=device))
+    return inv_freq, torch.repeat_interleave(
+        torch.arange(3, device=device), torch.tensor(section, device=device)
+    )
 
 
 def mrope(cfg, position_ids, dtype):
@@ -191,7 +218,7 @@ def mrope(cfg, position_ids, dtype):
 
 
 class LatentHead(nn.Module):
-    """The official LVR latent head, `simple` (keys lvr_head.ln_q, lvr_head.mlp.0/2): hidden state -> latent."""
+    """The official LVR latent head, `simple` (keys lvr_head.ln_q, lvr_head.mlp.0/2): hidden -> latent."""
 
     def __init__(self, C):
         super().__init__()
@@ -208,7 +235,11 @@ def latent_head(cfg):
     if kind not in ("simple", "glu"):
         raise InputError(f"config lvr_head_type must be simple or glu, got {kind!r}")
     # glu: the official LVRHeadGLU is a SwiGLU with biases, MLP-wide like the LM's
-    return LatentHead(cfg.hidden_size) if kind == "simple" else MLP(cfg.hidden_size, cfg.intermediate_size, bias=True)
+    return (
+        LatentHead(cfg.hidden_size)
+        if kind == "simple"
+        else MLP(cfg.hidden_size, cfg.intermediate_size, bias=True)
+    )
 
 
 def get_rope_index(input_ids, grid_thw, attention_mask, image_token_id, merge=2):
@@ -260,7 +291,8 @@ class Qwen2_5_VL(nn.Module):
             self.lvr_latent_end_emb = nn.Parameter(torch.zeros(cfg.hidden_size))
 
     def init_weights(self):
-        """A fresh model (train_sft's tiny scratch one): norms 1 (biases 0), other biases 0, weights N(0, 0.02)."""
+        """A fresh model (train_sft's tiny scratch one): norms 1 (biases 0), other biases 0, weights
+        N(0, 0.02)."""
         for name, p in self.named_parameters():
             if "norm" in name or "ln_q" in name:
                 torch.nn.init.ones_(p) if name.endswith("weight") else torch.nn.init.zeros_(p)
@@ -279,7 +311,7 @@ class Qwen2_5_VL(nn.Module):
         return x
 
     def embed(self, input_ids, pixel_values=None, grid_thw=None, feats=None):
-        """Token embeddings with the merged image tokens (`feats`, or the tower's) at <|image_pad|>, in order."""
+        """Token embeddings with the merged image tokens (`feats`, or the tower's) at <|image_pad|>."""
         x = self.token_embeds(input_ids)  # (B, T, C)
         is_img = input_ids == self.cfg.image_token_id
         n_tok = int(is_img.sum())
@@ -297,12 +329,15 @@ class Qwen2_5_VL(nn.Module):
     def forward(self, input_ids=None, pixel_values=None, grid_thw=None, attention_mask=None,
                 inputs_embeds=None, position_ids=None, cache=None):
         """-> final-norm hidden states (B, T, C). Callers apply lm_head only where they need logits (it is the
-        costliest matmul, V ~ 152k). attention_mask (B, T): 1 real, 0 padding; with a cache, the new tokens'."""
+        costliest matmul, V ~ 152k). attention_mask (B, T): 1 real, 0 padding; with a cache, the new tokens'.
+        """
         x = self.embed(input_ids, pixel_values, grid_thw) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
         start = 0 if cache is None else cache.len
         if start + T > self.cfg.max_position_embeddings:
-            raise InputError(f"{start + T} tokens exceed the model's context of {self.cfg.max_position_embeddings}")
+            raise InputError(
+                f"{start + T} tokens exceed the model's context of {self.cfg.max_position_embeddings}"
+            )
         cos, sin, next_pos = self.rope(input_ids, grid_thw, attention_mask, position_ids, cache, x)
         # the mask: None means causal (SDPA's is_causal), or, for one new token, every cached key.
         # The cache remembers whether its prompt had padding; then every step needs one.
@@ -313,7 +348,9 @@ class Qwen2_5_VL(nn.Module):
                 cache.padded = cache.padded or not bool(valid.all())  # a host sync, but only with a mask
             valid = cache.valid[:, :start + T] if cache.padded or (start > 0 and T > 1) else None
         mask = None if valid is None else causal_mask(valid, start, T, x.device)
-        h = self.model(x, cos, sin, mask, cache, self.grad_checkpointing and self.training and torch.is_grad_enabled())
+        h = self.model(
+            x, cos, sin, mask, cache, self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        )
         if cache is not None:
             cache.len, cache.next_pos = start + T, next_pos
         return h
@@ -330,7 +367,10 @@ class Qwen2_5_VL(nn.Module):
             pos = cache.next_pos[:, None] + torch.arange(T, device=x.device)  # (B, T)
             return cache.cos[pos][:, None], cache.sin[pos][:, None], pos[:, -1] + 1
         position_ids = position_ids.to(x.device)
-        return (*mrope(self.cfg, position_ids, x.dtype), position_ids.amax(dim=(0, 2)) + 1)  # padding sits at 0
+        return (
+            *mrope(self.cfg, position_ids, x.dtype),
+            position_ids.amax(dim=(0, 2)) + 1,
+        )  # padding sits at 0
 
     def generate(self, input_ids, pixel_values=None, grid_thw=None, attention_mask=None, max_new_tokens=16,
                  temperature=0.0, top_k=0, top_p=1.0, stop_ids=None, generator=None):
@@ -339,7 +379,9 @@ class Qwen2_5_VL(nn.Module):
         temperature 0 is greedy. A row that emits a stop id is done; later slots repeat that id.
         """
         B, T = input_ids.shape
-        stop = torch.tensor(stop_ids if stop_ids is not None else self.default_stop_ids(), device=input_ids.device)
+        stop = torch.tensor(
+            stop_ids if stop_ids is not None else self.default_stop_ids(), device=input_ids.device
+        )
         with torch.inference_mode():  # lighter than no_grad; the result is built outside, as a normal tensor
             cache = KVCache(self.cfg, B, T + max_new_tokens, input_ids.device, self.lm_head.weight.dtype)
             h = self(input_ids, pixel_values, grid_thw, attention_mask=attention_mask, cache=cache)
@@ -350,14 +392,22 @@ class Qwen2_5_VL(nn.Module):
                 out.append(tok)
                 done = done | torch.isin(tok, stop)
                 dones.append(done)
-                if i == max_new_tokens - 1 or (i % 16 == 15 and bool(done.all())):  # a host sync every 16 steps
+                if i == max_new_tokens - 1 or (
+                    i % 16 == 15 and bool(done.all())
+                ):  # a host sync every 16 steps
                     break
-                logits = self.lm_head(self(inputs_embeds=self.model.embed_tokens(tok[:, None]), cache=cache)[:, -1])
+                logits = self.lm_head(
+                    self(inputs_embeds=self.model.embed_tokens(tok[:, None]), cache=cache)[:, -1]
+                )
         n = min(int((~torch.stack(dones).all(1)).sum()) + 1, len(out))  # up to the step the last row stopped
         return torch.cat([input_ids, torch.stack(out[:n], 1)], 1)
 
     def default_stop_ids(self):
-        return list(self.cfg.eos_token_id) if isinstance(self.cfg.eos_token_id, (list, tuple)) else [self.cfg.eos_token_id]
+        return (
+            list(self.cfg.eos_token_id)
+            if isinstance(self.cfg.eos_token_id, (list, tuple))
+            else [self.cfg.eos_token_id]
+        )
 
     # -------------------------------------------------------------------------
     # checkpoints
@@ -453,7 +503,9 @@ def read_weight(at, dtype, device="cpu"):
 
 def safetensors_files(path):
     """The weight files, in transformers' order: model.safetensors, else the shards of the index."""
-    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(
+        path, "model.safetensors.index.json"
+    )
     if os.path.isfile(single):
         return [single]
     if not os.path.isfile(index):
@@ -462,7 +514,7 @@ def safetensors_files(path):
 
 
 def index_shards(index):
-    """The shards a model.safetensors.index.json names: plain .safetensors names beside it, never elsewhere."""
+    """The shards a model.safetensors.index.json names: plain .safetensors names beside it, nowhere else."""
     try:
         with open(index) as f:
             names = sorted(set(json.load(f)["weight_map"].values()))
@@ -544,7 +596,11 @@ def load(path, dtype=torch.float32, device="cpu"):
     for name, tok_id in (("image_token_id", tok.image_pad), ("vision_start_token_id", tok.vision_start),
                          ("vision_end_token_id", tok.vision_end)):
         if getattr(model.cfg, name) != tok_id:
-            raise InputError(f"{path}: config.json {name} = {getattr(model.cfg, name)} but the tokenizer says {tok_id}")
+            raise InputError(
+                f"{path}: config.json {name} = {getattr(model.cfg, name)} but the tokenizer says {tok_id}"
+            )
     if len(tok) > model.cfg.vocab_size:
-        raise InputError(f"{path}: the tokenizer has {len(tok)} tokens, the embedding only {model.cfg.vocab_size} rows")
+        raise InputError(
+            f"{path}: the tokenizer has {len(tok)} tokens, the embedding only {model.cfg.vocab_size} rows"
+        )
     return model, tok

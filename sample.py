@@ -30,10 +30,10 @@ min_pixels = 3136  # [1, inf) smallest image area after resizing
 max_pixels = 12845056  # [1, inf) largest image area after resizing (fewer pixels = fewer image tokens)
 device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu, cuda, cuda:1, mps
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # {float32, bfloat16, float16}
-decoding = "token"  # {token, steps, latent} latent exit: the model's own <|lvr_end|> | a fixed count (official) | distance to the learned end
+decoding = "token"  # {token, steps, latent} latent exit: own <|lvr_end|> | a count (official) | near the end
 lvr_steps = 8  # [0, inf) latent steps in `steps` mode, and the budget in the other modes
 force_end = True  # force <|lvr_end|> after a span (false: the model's own next token, as the official code)
-end_metric = "checkpoint"  # {checkpoint, mse, cosine, l1} `latent` exit distance (checkpoint: the one it was trained with)
+end_metric = "checkpoint"  # {checkpoint, mse, cosine, l1} `latent` exit distance (checkpoint: as trained)
 end_threshold = 0.0  # [0, inf) `latent` exit threshold (0 = the checkpoint's, else 0.1)
 viz = ""  # write the image with each latent step's nearest cell drawn on it to this file (png)
 # -----------------------------------------------------------------------------
@@ -51,8 +51,10 @@ def main(argv):
     n_tokens = [int(g.prod()) // model.cfg.vision.spatial_merge_size ** 2 for _, g in images]
     ids = tok.prompt(q, n_tokens)
     if len(ids) + max_new_tokens > model.cfg.max_position_embeddings:
-        raise InputError(f"prompt of {len(ids)} tokens + {max_new_tokens} new exceeds the context of "
-                                f"{model.cfg.max_position_embeddings}; lower --max_pixels or --max_new_tokens")
+        raise InputError(
+            f"prompt of {len(ids)} tokens + {max_new_tokens} new exceeds the context of "
+            f"{model.cfg.max_position_embeddings}; lower --max_pixels or --max_new_tokens"
+        )
     generator = torch.Generator(device).manual_seed(seed)
     input_ids = torch.tensor([ids], device=device)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,

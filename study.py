@@ -27,8 +27,12 @@ import torch
 import cli
 
 # -----------------------------------------------------------------------------
-tasks = "relation,imagine,colour,search"  # comma-separated: which tasks, in this order (search is the slowest)
-methods = "none,lvr,mirage,grpo"  # comma-separated: none | lvr | mirage | grpo (LVR, then GRPO; with its control)
+tasks = (
+    "relation,imagine,colour,search"  # comma-separated: which tasks, in this order (search is the slowest)
+)
+methods = (
+    "none,lvr,mirage,grpo"  # comma-separated: none | lvr | mirage | grpo (LVR, then GRPO; with its control)
+)
 seeds = "1,2,3"  # comma-separated: the reported seeds
 tune_seed = 0  # [0, inf) the seed of the tuning runs (never reported)
 lrs = "1e-3,3e-3"  # comma-separated: the SFT learning rates each method tries
@@ -55,14 +59,22 @@ def run(script, *args):
     r = subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.abspath(__file__)))
     if r.returncode != 0:
-        raise cli.InputError(f"{script} {' '.join(map(str, args))} failed: {r.stderr.strip().splitlines()[-1]}")
+        raise cli.InputError(
+            f"{script} {' '.join(map(str, args))} failed: {r.stderr.strip().splitlines()[-1]}"
+        )
     c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     WALL.append(time.time() - t0)
     return r.stdout, (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
 
 
 WALL = []  # wall seconds of every script run, in order
-NAMES = {"none": "plain SFT", "lvr": "LVR", "mirage": "Mirage", "grpo": "LVR + GRPO", "control": "LVR + SFT (control)"}
+NAMES = {
+    "none": "plain SFT",
+    "lvr": "LVR",
+    "mirage": "Mirage",
+    "grpo": "LVR + GRPO",
+    "control": "LVR + SFT (control)",
+}
 
 
 def curve(stdout):
@@ -82,17 +94,41 @@ def table(stdout):
 
 def sft(task, method, seed, lr, out):
     """One SFT run (Mirage: stage 1 then stage 2) -> record fields."""
-    common = ["--task", task, "--batch_size", batch_size, "--eval_interval", eval_interval, "--eval_examples",
-              eval_examples, "--seed", seed, "--lr", lr, "--min_lr", lr / 10, "--warmup_iters", min(50, max_iters // 10)]
+    common = [
+        "--task",
+        task,
+        "--batch_size",
+        batch_size,
+        "--eval_interval",
+        eval_interval,
+        "--eval_examples",
+        eval_examples,
+        "--seed",
+        seed,
+        "--lr",
+        lr,
+        "--min_lr",
+        lr / 10,
+        "--warmup_iters",
+        min(50, max_iters // 10),
+    ]
     if method != "mirage":
-        stdout, cpu = run("train_sft.py", *common, "--method", method, "--max_iters", max_iters, "--out_dir", out)
+        stdout, cpu = run(
+            "train_sft.py", *common, "--method", method, "--max_iters", max_iters, "--out_dir", out
+        )
         return {"curve": curve(stdout), "cpu_s": cpu, "wall_s": WALL[-1]}
     n1 = max_iters * 3 // 4
-    s1, w1 = run("train_sft.py", *common, "--method", "mirage", "--max_iters", n1, "--out_dir", out + "_stage1")
+    s1, w1 = run(
+        "train_sft.py", *common, "--method", "mirage", "--max_iters", n1, "--out_dir", out + "_stage1"
+    )
     s2, w2 = run("train_sft.py", *common, "--method", "mirage", "--stage", 2, "--init_from", out + "_stage1",
                  "--latent_loss", "cosine", "--ce_weight", 1.0, "--latent_weight", 0.1, "--warmup_iters", 0,
                  "--max_iters", max_iters - n1, "--out_dir", out)
-    return {"curve": curve(s1) + [[n1 + s, a] for s, a in curve(s2)], "cpu_s": w1 + w2, "wall_s": sum(WALL[-2:])}
+    return {
+        "curve": curve(s1) + [[n1 + s, a] for s, a in curve(s2)],
+        "cpu_s": w1 + w2,
+        "wall_s": sum(WALL[-2:]),
+    }
 
 
 def evaluate(task, method, out):
@@ -108,7 +144,11 @@ def grpo(task, seed, lr, lvr_out, out, control_out, sft_step_s, sft_end_lr):
     _, cpu = run("train_grpo.py", "--init_from", lvr_out, "--task", task, "--seed", seed, "--lr", lr,
                   "--max_iters", grpo_iters, "--eval_interval", grpo_iters, "--out_dir", out)
     log = torch.load(os.path.join(out, "train_state.pt"), weights_only=True)["log"]
-    rec = {"cpu_s": cpu, "wall_s": WALL[-1], "grpo_log": [{k: x[k] for k in ("reward", "flat_groups", "kept_groups", "draws", "kl")} for x in log]}
+    rec = {
+        "cpu_s": cpu,
+        "wall_s": WALL[-1],
+        "grpo_log": [{k: x[k] for k in ("reward", "flat_groups", "kept_groups", "draws", "kl")} for x in log],
+    }
     n = max(1, round(cpu / sft_step_s))
     _, ccpu = run("train_sft.py", "--init_from", lvr_out, "--task", task, "--seed", seed, "--method", "lvr",
                    "--latent_loss", "cosine", "--ce_weight", 1.0, "--latent_weight", 0.1, "--lr", sft_end_lr,
@@ -123,8 +163,11 @@ def summary(recs):
     def ms(v):
         m, sd = statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0
         return f"{m:.3f} ± {sd:.3f} ({', '.join(f'{x:.3f}' for x in v)})"
-    lines = ["| task | method | accuracy (seeds) | disabled | dummy | swapped | oracle | hit rate | norm | CPU s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| task | method | accuracy (seeds) | disabled | dummy | swapped | oracle | hit rate | norm "
+        "| CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for task in tasks.split(","):
         for method in ("none", "lvr", "mirage", "grpo", "control"):
             src = "grpo" if method == "control" else method
@@ -136,17 +179,21 @@ def summary(recs):
                 v = [r["test"][row][k] for r in runs if row in r["test"] and r["test"][row][k] is not None]
                 return f"{sum(v) / len(v):.3f}" if v else "-"
             norms = [r["norm_ratio"] for r in runs if r.get("norm_ratio")]
-            lines.append(f"| {task} | {NAMES[method]} | {ms([r['test']['with latents']['accuracy'] for r in runs])} | "
-                         f"{col('latents disabled')} | {col('dummy latents')} | {col('swapped latents')} | "
-                         f"{col('oracle latents')} | {col('with latents', 'hit_rate')} | "
-                         f"{f'{sum(norms) / len(norms):.2f}' if norms else '-'} | "
-                         f"{sum(r['cpu_s'] for r in runs) / len(runs):.0f} |")
+            lines.append(
+                f"| {task} | {NAMES[method]} | {ms([r['test']['with latents']['accuracy'] for r in runs])} | "
+                f"{col('latents disabled')} | {col('dummy latents')} | {col('swapped latents')} | "
+                f"{col('oracle latents')} | {col('with latents', 'hit_rate')} | "
+                f"{f'{sum(norms) / len(norms):.2f}' if norms else '-'} | "
+                f"{sum(r['cpu_s'] for r in runs) / len(runs):.0f} |"
+            )
     return "\n".join(lines)
 
 
 def main(argv):
     cli.configure(globals(), argv)
-    done = {r["key"]: r for r in map(json.loads, open(results))} if os.path.exists(results) else {}  # finished runs
+    done = (
+        {r["key"]: r for r in map(json.loads, open(results))} if os.path.exists(results) else {}
+    )  # finished runs
     if report:
         print(summary(list(done.values())))
         return draw(list(done.values()))
@@ -156,7 +203,7 @@ def main(argv):
     os.makedirs(os.path.dirname(results) or ".", exist_ok=True)
 
     def record(key, fn):
-        """The result of `key`, from the file, or computed now and appended (a finished run is never redone)."""
+        """The result of `key`, from the file, or computed now and appended (a finished run is not redone)."""
         if key not in done:
             rec = {"key": key, **fn()}
             with open(results, "a") as f:
@@ -170,7 +217,10 @@ def main(argv):
         def go():
             for d in (out, out + "_stage1"):  # what a killed run left: it starts again
                 shutil.rmtree(d, ignore_errors=True)
-            return {**sft(task, method, seed, lr, out), **(evaluate(task, method, out) if seed != tune_seed else {})}
+            return {
+                **sft(task, method, seed, lr, out),
+                **(evaluate(task, method, out) if seed != tune_seed else {}),
+            }
         return record(f"{task}/{method}/seed{seed}/lr{lr}", go), out
 
     for task in tasks.split(","):
@@ -184,7 +234,9 @@ def main(argv):
                 one(task, method, int(seed), best[method])
         if "grpo" not in methods:
             continue
-        step_s = one(task, "lvr", tune_seed, best["lvr"])[0]["cpu_s"] / max_iters  # per SFT step, all included
+        step_s = (
+            one(task, "lvr", tune_seed, best["lvr"])[0]["cpu_s"] / max_iters
+        )  # per SFT step, all included
 
         def grpo_run(seed, glr):
             _, lvr_out = one(task, "lvr", seed, best["lvr"])
@@ -194,10 +246,23 @@ def main(argv):
                     shutil.rmtree(d, ignore_errors=True)
                 rec, control = grpo(task, seed, glr, lvr_out, out, out + "_control", step_s, best["lvr"] / 10)
                 if seed == tune_seed:  # tuning: the validation split, as for SFT
-                    stdout, _ = run("eval.py", "--init_from", out, "--task", task, "--n_examples", eval_examples,
-                                    "--split", "eval")
+                    stdout, _ = run(
+                        "eval.py",
+                        "--init_from",
+                        out,
+                        "--task",
+                        task,
+                        "--n_examples",
+                        eval_examples,
+                        "--split",
+                        "eval",
+                    )
                     return {**rec, "val": table(stdout)[0]}
-                return {**rec, **evaluate(task, "lvr", out), "control": {**control, **evaluate(task, "lvr", out + "_control")}}
+                return {
+                    **rec,
+                    **evaluate(task, "lvr", out),
+                    "control": {**control, **evaluate(task, "lvr", out + "_control")},
+                }
             return record(f"{task}/grpo/seed{seed}/lr{glr}", go)
         trials = {float(g): grpo_run(tune_seed, float(g)) for g in grpo_lrs.split(",")}
         best_g = max(trials, key=lambda g: trials[g]["val"].get("with latents", {}).get("accuracy", 0.0))
@@ -220,7 +285,9 @@ def draw(recs):
     fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4.2 * max(1, len(names)), 3.4), squeeze=False)
     for ax, task in zip(axes[0], names):
         for method, colour in (("none", "tab:gray"), ("lvr", "tab:blue"), ("mirage", "tab:green")):
-            runs = [r for r in recs if r["key"].startswith(f"{task}/{method}/") and "test" in r and r["curve"]]
+            runs = [
+                r for r in recs if r["key"].startswith(f"{task}/{method}/") and "test" in r and r["curve"]
+            ]
             if not runs:
                 continue
             steps = [s for s, _ in runs[0]["curve"]]
@@ -234,8 +301,14 @@ def draw(recs):
                     for r in recs if r["key"].startswith(f"{task}/grpo/") and "test" in r]
             if vals:
                 m = sum(vals) / len(vals)  # (at the end of the SFT curves)
-                ax.errorbar([max_iters * (1.03 if key == "grpo" else 1.06)], [m], yerr=[[m - min(vals)], [max(vals) - m]],
-                            fmt="o", color=colour, label=NAMES[key] + " (test)")
+                ax.errorbar(
+                    [max_iters * (1.03 if key == "grpo" else 1.06)],
+                    [m],
+                    yerr=[[m - min(vals)], [max(vals) - m]],
+                    fmt="o",
+                    color=colour,
+                    label=NAMES[key] + " (test)",
+                )
         ax.set(title=task, xlabel="SFT steps (batch 16)", ylim=(0, 1.02))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("held-out accuracy")

@@ -74,7 +74,9 @@ def draw_shape(d, shape, box, fill):
     elif shape == "square":
         d.rectangle(box, fill=fill)
     elif shape == "diamond":
-        d.polygon([((x0 + x1) / 2, y0), (x1, (y0 + y1) / 2), ((x0 + x1) / 2, y1), (x0, (y0 + y1) / 2)], fill=fill)
+        d.polygon(
+            [((x0 + x1) / 2, y0), (x1, (y0 + y1) / 2), ((x0 + x1) / 2, y1), (x0, (y0 + y1) / 2)], fill=fill
+        )
     else:
         d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
 
@@ -93,7 +95,10 @@ def synthetic_example(seed, size=168, n_objects=5, obj=20, cell=28):
     d = ImageDraw.Draw(img)
     shape = rng.choice(SHAPES)
     objects = [(shape, rng.choice(list(COLOURS)))]
-    objects += [(rng.choice([s for s in SHAPES if s != shape]), rng.choice(list(COLOURS))) for _ in range(n_objects - 1)]
+    objects += [
+        (rng.choice([s for s in SHAPES if s != shape]), rng.choice(list(COLOURS)))
+        for _ in range(n_objects - 1)
+    ]
     boxes = []
     for (s, c), k in zip(objects, rng.sample(range(n * n), n_objects)):
         x, y = (k % n) * cell + (cell - obj) // 2, (k // n) * cell + (cell - obj) // 2
@@ -125,8 +130,14 @@ def zoom(img, box, size, pad=10):
 
 def example(img, question, answer, boxes, size, helper):
     """The example dict (data.py's format): one span per box, boxes normalised."""
-    return {"images": [img], "question": question, "assistant": "<lvr>\n" * len(boxes) + answer, "answer": answer,
-            "bboxes": [[v / size for v in b] for b in boxes], "helper": helper}
+    return {
+        "images": [img],
+        "question": question,
+        "assistant": "<lvr>\n" * len(boxes) + answer,
+        "answer": answer,
+        "bboxes": [[v / size for v in b] for b in boxes],
+        "helper": helper,
+    }
 
 
 def search_example(seed, size=336, n_objects=18):
@@ -138,13 +149,17 @@ def search_example(seed, size=336, n_objects=18):
     shape = rng.choice(shapes)
     colours = [c for c in COLOURS for _ in range(n_objects // len(COLOURS))]
     rng.shuffle(colours)
-    objects = [(shape, colours[0])] + [(rng.choice([s for s in shapes if s != shape]), c) for c in colours[1:]]
+    objects = [(shape, colours[0])] + [
+        (rng.choice([s for s in shapes if s != shape]), c) for c in colours[1:]
+    ]
     img = Image.new("RGB", (size, size), (235, 235, 235))
     d = ImageDraw.Draw(img)
     boxes = [cell_box(k, n) for k in rng.sample(range(n * n), n_objects)]
     for (s, c), box in zip(objects, boxes):
         draw_shape(d, s, box, COLOURS[c])
-    return example(img, f"What colour is the {shape}?", colours[0], boxes[:1], size, zoom(img, boxes[0], size))
+    return example(
+        img, f"What colour is the {shape}?", colours[0], boxes[:1], size, zoom(img, boxes[0], size)
+    )
 
 
 MOVES = {"right": (0, 1), "left": (0, -1), "above": (-1, 0), "below": (1, 0)}
@@ -173,8 +188,14 @@ def relation_example(seed, size=168, n_objects=7):
     where = "right of" if word == "right" else "left of" if word == "left" else word
     helper = zoom(img, (min(boxes[0][0], boxes[1][0]), min(boxes[0][1], boxes[1][1]),
                         max(boxes[0][2], boxes[1][2]), max(boxes[0][3], boxes[1][3])), size)
-    return example(img, f"What colour is the shape {where} the {anchor[1]} {anchor[0]}?", objects[1][1], boxes[:2],
-                   size, helper)
+    return example(
+        img,
+        f"What colour is the shape {where} the {anchor[1]} {anchor[0]}?",
+        objects[1][1],
+        boxes[:2],
+        size,
+        helper,
+    )
 
 
 def imagine_example(seed, size=168):
@@ -202,12 +223,22 @@ def imagine_example(seed, size=168):
     h = ImageDraw.Draw(helper)
     h.line([(cc * 28 + 14, rr * 28 + 14) for rr, cc in path], fill=(0, 0, 0), width=3)
     h.rectangle((c1 * 28, r1 * 28, c1 * 28 + 27, r1 * 28 + 27), outline=(0, 0, 0), width=3)
-    return example(img, f"Start at the dot and move {', '.join(moves)}. What colour is the cell where you stop?",
-                   grid[r1 * n + c1], [cell_box(r1 * n + c1, n)], size, helper.resize((112, 112), Image.BICUBIC))
+    return example(
+        img,
+        f"Start at the dot and move {', '.join(moves)}. What colour is the cell where you stop?",
+        grid[r1 * n + c1],
+        [cell_box(r1 * n + c1, n)],
+        size,
+        helper.resize((112, 112), Image.BICUBIC),
+    )
 
 
-TASKS = {"colour": (synthetic_example, 168), "search": (search_example, 336), "relation": (relation_example, 168),
-         "imagine": (imagine_example, 168)}  # the example function and its image side
+TASKS = {
+    "colour": (synthetic_example, 168),
+    "search": (search_example, 336),
+    "relation": (relation_example, 168),
+    "imagine": (imagine_example, 168),
+}  # the example function and its image side
 SPLITS = {"train": 0, "eval": 10 ** 9, "grpo": 2 * 10 ** 9, "test": 3 * 10 ** 9}  # disjoint seed ranges
 
 

@@ -41,13 +41,19 @@ method = "lvr"  # {lvr, mirage, none} none: plain SFT, the ablation
 stage = 1  # [1, 2] Mirage: 1 = reconstruct the helper image, 2 = text-only with its own latents fed back
 ce_weight = -1.0  # [0, inf) or -1 weight of the text cross-entropy (-1: the paper's, see resolve_defaults)
 latent_weight = -1.0  # [0, inf) or -1 weight of the latent loss (-1: the paper's)
-latent_loss = "auto"  # {auto, mse, cosine, l1} auto: official LVR mse, Mirage cosine; cosine on the tiny scratch model
-switch_weight = 0.1  # [0, inf) mode-switch loss: BCE on <|lvr_end|> at the in-span states, so spans end where trained
+latent_loss = (
+    "auto"  # {auto, mse, cosine, l1} auto: official LVR mse, Mirage cosine; cosine on the tiny scratch model
+)
+switch_weight = (
+    0.1  # [0, inf) mode-switch loss: BCE on <|lvr_end|> at the in-span states, so spans end where trained
+)
 max_latents = 0  # [0, inf) pool each ROI to at most this many latents (0 = all ROI tokens)
 mirage_k = 4  # [1, inf) Mirage: latents per helper image
 latent_head = False  # learn a head hidden -> latent (else identity)
 latent_end = False  # train the `latent` exit mode (<|lvr_latent_end|> after the latents)
-end_threshold = 0.1  # (0, inf) `latent` exit: recorded in the checkpoint (a distance where the zero vector is at 1)
+end_threshold = (
+    0.1  # (0, inf) `latent` exit: recorded in the checkpoint (a distance where the zero vector is at 1)
+)
 batch_size = 16  # [1, inf) examples per micro-batch per process
 grad_accum = 1  # [1, inf) micro-batches per optimizer step
 lr = -1.0  # (0, inf) or -1 peak learning rate (-1: 1e-5 from a checkpoint, official LVR; 1e-3 from scratch)
@@ -58,7 +64,7 @@ weight_decay = 0.0  # [0, inf) AdamW weight decay
 grad_clip = 1.0  # [0, inf) clip the gradient norm (0 = off)
 eval_interval = 500  # [1, inf) evaluate and checkpoint every this many steps
 eval_examples = 128  # [0, inf) held-out examples per evaluation (0: checkpoints only)
-task = "colour"  # {colour, search, relation, imagine} the synthetic task (tasks.py): the default, or a study task
+task = "colour"  # {colour, search, relation, imagine} the synthetic task (tasks.py)
 image_size = 0  # [0, inf) synthetic image side, a multiple of 28 (0: the task's own, 168; search 336)
 min_pixels = 0  # [0, inf) smallest image area after resizing (0: a data file's 128*28*28, as official LVR)
 max_pixels = 0  # [0, inf) largest image area (0: a data file's 5120*28*28; a synthetic image's own area)
@@ -108,7 +114,10 @@ def resolve_defaults(config, dev):
     config.update(zip(("image_size", "min_pixels", "max_pixels"), images))
     globals().update(zip(("image_size", "min_pixels", "max_pixels"), images))
     if int(os.environ.get("RANK", "0")) == 0:
-        print("resolved: " + " ".join(f"{k}={config[k]}" for k in [*auto, "image_size", "min_pixels", "max_pixels"]))
+        print(
+            "resolved: "
+            + " ".join(f"{k}={config[k]}" for k in [*auto, "image_size", "min_pixels", "max_pixels"])
+        )
 
 
 def build(tmp, dev):
@@ -119,7 +128,9 @@ def build(tmp, dev):
         path = out_dir
     elif init_from == "scratch":
         path = tmp
-        tok = tasks.build_tokenizer(os.path.join(tmp, "tokenizer.json"), special=qwen.SPECIAL + tasks.LATENT_SPECIAL)
+        tok = tasks.build_tokenizer(
+            os.path.join(tmp, "tokenizer.json"), special=qwen.SPECIAL + tasks.LATENT_SPECIAL
+        )
         cfg = qwen.Config.from_dict(tasks.tiny_config(tok, image_size))
         cfg.extra["lvr_head"] = latent_head
         torch.manual_seed(seed)
@@ -145,13 +156,19 @@ def build(tmp, dev):
                              f"--fsdp loads into its rows: add them first (train once without --fsdp)")
         # what the latents reconstruct, so that eval.py can build the same targets (its oracle row)
         model.cfg.extra["latent_targets"] = {"method": method, "max_latents": max_latents, "k": mirage_k}
-        if latent_end:  # the `latent` exit's distance: the one its embedding is trained with, and the threshold
+        if (
+            latent_end
+        ):  # the `latent` exit's distance: the one its embedding is trained with, and the threshold
             model.cfg.extra.update(latent_end_metric=latent_loss, latent_end_threshold=end_threshold)
         return ids
 
     if fsdp:
         def fix(name, w):  # the latent tokens' rows, on the full CPU tensor
-            return lvr.latent_rows(w, before, len(tok)) if name in ("model.embed_tokens.weight", "lm_head.weight") else w
+            return (
+                lvr.latent_rows(w, before, len(tok))
+                if name in ("model.embed_tokens.weight", "lm_head.weight")
+                else w
+            )
         box = []
         root, model = parallel.load_sharded(path, torch.float32, dev, lambda m: box.append(init(m)), fix)
         return root, model, tok, box[0]
@@ -159,7 +176,12 @@ def build(tmp, dev):
     ids = init(model)
     model.to(dev)
     root = parallel.Root(model)
-    return (torch.nn.parallel.DistributedDataParallel(root) if dist.is_initialized() else root), model, tok, ids
+    return (
+        (torch.nn.parallel.DistributedDataParallel(root) if dist.is_initialized() else root),
+        model,
+        tok,
+        ids,
+    )
 
 
 def examples(start, n, records, split="train"):
@@ -177,15 +199,22 @@ def examples(start, n, records, split="train"):
 
 def collated(exs, tok, ids):
     """Examples -> one padded SFT batch (data.collate's fields)."""
-    return data.collate([data.encode(e, tok, ids, method, max_latents, mirage_k, latent_end, min_pixels, max_pixels)
-                         for e in exs], tok.endoftext)
+    return data.collate(
+        [
+            data.encode(e, tok, ids, method, max_latents, mirage_k, latent_end, min_pixels, max_pixels)
+            for e in exs
+        ],
+        tok.endoftext,
+    )
 
 
 def get_lr(step):
     """Linear warmup, then a cosine from lr down to min_lr."""
     if step < warmup_iters:
         return lr * (step + 1) / warmup_iters
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * (step - warmup_iters) / max(1, max_iters - warmup_iters)))
+    return min_lr + 0.5 * (lr - min_lr) * (
+        1 + math.cos(math.pi * (step - warmup_iters) / max(1, max_iters - warmup_iters))
+    )
 
 
 class MicroBatches(torch.utils.data.Dataset):
@@ -249,7 +278,10 @@ def main(argv):
     model.grad_checkpointing = grad_checkpointing
     if latent_loss == "cosine" and method != "none" and stage == 1 and "latent_norm" not in model.cfg.extra:
         with parallel.gathered(root, fsdp):  # (FSDP: resharded after, so the optimizer gets the shards)
-            root(lvr.record_latent_norm, data.to_device(collated(examples(0, batch_size, records), tok, ids), dev))
+            root(
+                lvr.record_latent_norm,
+                data.to_device(collated(examples(0, batch_size, records), tok, ids), dev),
+            )
     # 3) optimizer, and the saved state when resuming
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
@@ -307,7 +339,9 @@ def main(argv):
             if stopping:
                 if rank == 0:
                     print(f"\nstopped: saved step {step} to {out_dir}")
-                raise SystemExit(128 + (signalled[0] if signalled else signal.SIGINT))  # 130 for Ctrl-C, 143 for SIGTERM
+                raise SystemExit(
+                    128 + (signalled[0] if signalled else signal.SIGINT)
+                )  # 130 for Ctrl-C, 143 for SIGTERM
     finally:
         bar.close()
         if SKIPPED and rank == 0:
@@ -331,16 +365,30 @@ def evaluate(root, model, tok, ids, records, held_out, dev, step):
         return
     rank, world = parallel.rank_world()
     model.eval()
-    budget = max(len(collated([e], tok, ids)["latent_slot"]) for e in exs) + 4  # the longest trained span, and then some
+    budget = (
+        max(len(collated([e], tok, ids)["latent_slot"]) for e in exs) + 4
+    )  # the longest trained span, and then some
     right = torch.zeros(1, device=dev)
     with parallel.gathered(root, fsdp), cli.out_of_memory("an evaluation", EVAL_OOM, out_dir):
         if exs[rank::world]:
-            r = evaluation.evaluate(model, tok, ids, exs[rank::world], batch_size, min_pixels, max_pixels, dev,
-                                    max_new_tokens=48,
-                                    # Mirage spans are always k long; LVR spans differ per row: the model ends them
-                                    decoding="latent" if latent_end else "steps" if method == "mirage" else "token",
-                                    lvr_steps=mirage_k, max_latent_steps=budget, force_end=True,
-                                    end_metric=latent_loss, end_threshold=end_threshold)
+            r = evaluation.evaluate(
+                model,
+                tok,
+                ids,
+                exs[rank::world],
+                batch_size,
+                min_pixels,
+                max_pixels,
+                dev,
+                max_new_tokens=48,
+                # Mirage spans are always k long; LVR spans differ per row: the model ends them
+                decoding="latent" if latent_end else "steps" if method == "mirage" else "token",
+                lvr_steps=mirage_k,
+                max_latent_steps=budget,
+                force_end=True,
+                end_metric=latent_loss,
+                end_threshold=end_threshold,
+            )
             right += sum(r["right"])
     right = parallel.all_reduce(right)
     if rank == 0:

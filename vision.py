@@ -81,7 +81,9 @@ def merged_tokens(grid_thw, merge_size=2):
     return int(grid_thw.prod(-1).sum()) // merge_size ** 2
 
 
-def preprocess(image, min_pixels=3136, max_pixels=12845056, patch_size=14, merge_size=2, temporal_patch_size=2):
+def preprocess(
+    image, min_pixels=3136, max_pixels=12845056, patch_size=14, merge_size=2, temporal_patch_size=2
+):
     """PIL image (or path) -> pixel_values float32 (gh*gw, 3*2*14*14), grid_thw int64 (1, 3)."""
     image = load_image(image) if not isinstance(image, Image.Image) else to_rgb(image)
     h, w = smart_resize(image.height, image.width, patch_size * merge_size, min_pixels, max_pixels)
@@ -252,7 +254,11 @@ class VisionTransformer(nn.Module):
             idx = torch.arange(t * gh * gw).view(t, gh, gw)
             ph, pw = win - gh % win, win - gw % win  # like the reference: a whole empty window when divisible
             idx = F.pad(idx, (0, pw, 0, ph), value=-1)
-            idx = idx.view(t, (gh + ph) // win, win, (gw + pw) // win, win).transpose(2, 3).reshape(-1, win * win)
+            idx = (
+                idx.view(t, (gh + ph) // win, win, (gw + pw) // win, win)
+                .transpose(2, 3)
+                .reshape(-1, win * win)
+            )
             lens = (idx >= 0).sum(1)
             index.append(idx[idx >= 0] + offset)
             cu += (cu[-1] + lens[lens > 0].cumsum(0) * m * m).tolist()  # empty windows dropped
@@ -260,7 +266,7 @@ class VisionTransformer(nn.Module):
         return torch.cat(index), torch.tensor(cu)
 
     def forward(self, pixel_values, grid_thw):
-        """(N, 1176) patches, (n_images, 3) grids -> (N/4, out_hidden_size) merged tokens, row-major per image."""
+        """(N, 1176) patches, (n_images, 3) grids -> (N/4, out_hidden_size) merged tokens, row-major."""
         unit = self.cfg.spatial_merge_size ** 2
         dev = pixel_values.device
         window_index, cu_window = self.windows(grid_thw)

@@ -44,7 +44,10 @@ def test_multiple_choice_loaders(tmp_path):
                         '2,"Which side, left or right?",(a) Left (b) Right,(b)\n')
     exs = data.load_multiple_choice(str(csv_path), str(imgs), 256)
     assert [e["answer"] for e in exs] == ["(a)", "(b)"]
-    assert "Which side, left or right?\n(a) Left (b) Right" in exs[1]["question"] and exs[1]["images"][0].size == (64, 48)
+    assert "Which side, left or right?\n(a) Left (b) Right" in exs[1]["question"] and exs[1]["images"][0].size == (
+        64,
+        48,
+    )
     jsonl = tmp_path / "vstar.jsonl"
     jsonl.write_text(json.dumps({"image": "2.jpg", "question": "What colour is the cup?",
                                  "options": ["red", "blue"], "answer": "B"}) + "\n")
@@ -93,8 +96,16 @@ def test_eval_on_an_lvr_json_file(tmp_path):
     for i in range(3):
         ex = tasks.synthetic_example(i, 112)
         ex["images"][0].save(imgs / f"{i}.png")
-        recs.append({"image": f"{i}.png", "bboxes": ex["bboxes"], "conversations": [
-            {"from": "human", "value": "<image>\n" + ex["question"]}, {"from": "gpt", "value": "<lvr>\n" + ex["answer"]}]})
+        recs.append(
+            {
+                "image": f"{i}.png",
+                "bboxes": ex["bboxes"],
+                "conversations": [
+                    {"from": "human", "value": "<image>\n" + ex["question"]},
+                    {"from": "gpt", "value": "<lvr>\n" + ex["answer"]},
+                ],
+            }
+        )
     (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     # a few steps: every training answer opens with <|lvr_start|>, so the greedy model does too
     r = run("train_sft.py", *SMALL, "--max_iters", "30", "--eval_interval", "30", "--lr", "3e-3", "--out_dir", out)
@@ -122,7 +133,9 @@ def test_diagnostics_replace_the_latent_inputs(tmp_path):
     exs = [tasks.synthetic("test", i, 0, 112) for i in range(3)]
     decode = dict(decoding="steps", lvr_steps=2, max_latent_steps=2, max_new_tokens=5, force_end=True,
                   end_metric="mse", end_threshold=0.1)
-    run = lambda feed=None: evaluation.evaluate(model, tok, ids, exs, 2, 3136, 12544, "cpu", feed, **decode)  # noqa: E731
+    run = lambda feed=None: evaluation.evaluate(
+        model, tok, ids, exs, 2, 3136, 12544, "cpu", feed, **decode
+    )  # noqa: E731
     own = run()
     assert [len(v) for v in own["latents"]] == [2, 2, 2]
     dummy = torch.randn(2, model.cfg.hidden_size)

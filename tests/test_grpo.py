@@ -117,9 +117,21 @@ def test_training_forward_equals_rollout_logprobs(tmp_path, decoding):
     assert is_lat.any() and not is_lat.all()
     # one prefill per prompt, its cache copied to G rows: the same rows as prefilling every copy
     one_ids, one_mask = qwen.left_pad(prompts, tok.endoftext)
-    shared = lvr.rollout(model, ids, one_ids, None, torch.cat(grids), one_mask, generator=torch.Generator().manual_seed(0),
-                         feats=torch.cat(feats[::G]), group_size=G, **kw)
-    assert torch.equal(shared.tokens, seqs) and torch.equal(shared.is_latent, is_lat) and torch.equal(shared.sampled, act)
+    shared = lvr.rollout(
+        model,
+        ids,
+        one_ids,
+        None,
+        torch.cat(grids),
+        one_mask,
+        generator=torch.Generator().manual_seed(0),
+        feats=torch.cat(feats[::G]),
+        group_size=G,
+        **kw,
+    )
+    assert (
+        torch.equal(shared.tokens, seqs) and torch.equal(shared.is_latent, is_lat) and torch.equal(shared.sampled, act)
+    )
     assert torch.allclose(shared.latents, lats, atol=1e-5) and torch.allclose(shared.logprobs, logp, atol=1e-5)
     T = input_ids.shape[1]
     attn = torch.cat([mask, torch.ones_like(seqs[:, T:])], 1)
@@ -216,15 +228,29 @@ def grpo_flags(sft):
 def test_train_grpo_end_to_end_and_resume(tmp_path, sft):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     common = grpo_flags(sft)
-    r = run("train_grpo.py", *common, "--max_iters", "4", "--out_dir", a, "--micro_batch_tokens", "200", "--ppo_epochs", "2")
+    r = run(
+        "train_grpo.py", *common, "--max_iters", "4", "--out_dir", a, "--micro_batch_tokens", "200", "--ppo_epochs", "2"
+    )
     assert r.returncode == 0, r.stderr
     assert "reward" in r.stdout and "flat_groups" in r.stdout and "rollout_tok_s" in r.stdout
     # Ctrl-C in step 2's second update (zero_grad call 4): the step finishes, is saved, and the run exits
     r = run("-c", SIGNALLED.format(script="train_grpo.py", at=4, rank=0, sigs=["SIGINT"], args=[
         *common, "--max_iters", "4", "--out_dir", b, "--micro_batch_tokens", "200", "--ppo_epochs", "2"]))
     assert r.returncode == 130 and f"stopped: saved step 2 to {b}" in r.stdout, r.stderr
-    r = run("train_grpo.py", *common, "--max_iters", "4", "--out_dir", b, "--micro_batch_tokens", "200", "--ppo_epochs", "2",
-            "--resume", "true")
+    r = run(
+        "train_grpo.py",
+        *common,
+        "--max_iters",
+        "4",
+        "--out_dir",
+        b,
+        "--micro_batch_tokens",
+        "200",
+        "--ppo_epochs",
+        "2",
+        "--resume",
+        "true",
+    )
     assert r.returncode == 0, r.stderr
     assert "resuming with changed settings" not in r.stdout  # the same flags as the interrupted run
     la = torch.load(os.path.join(a, "train_state.pt"), weights_only=True)["log"]
@@ -261,9 +287,34 @@ def test_filter_groups_trains_only_on_groups_with_signal(tmp_path, monkeypatch):
         for flag in ("true", "false"):
             trained.clear()
             out = tmp_path / f"g_{flag}"
-            train_grpo.main(["--init_from", str(sft), "--out_dir", str(out), "--batch_size", "4", "--group_size", "4",
-                             "--image_size", "112", "--max_pixels", "12544", "--max_new_tokens", "8", "--max_iters", "2",
-                             "--temperature", "2.0", "--filter_groups", flag, "--max_draws", "3", "--beta", "0"])
+            train_grpo.main(
+                [
+                    "--init_from",
+                    str(sft),
+                    "--out_dir",
+                    str(out),
+                    "--batch_size",
+                    "4",
+                    "--group_size",
+                    "4",
+                    "--image_size",
+                    "112",
+                    "--max_pixels",
+                    "12544",
+                    "--max_new_tokens",
+                    "8",
+                    "--max_iters",
+                    "2",
+                    "--temperature",
+                    "2.0",
+                    "--filter_groups",
+                    flag,
+                    "--max_draws",
+                    "3",
+                    "--beta",
+                    "0",
+                ]
+            )
             logs[flag] = torch.load(out / "train_state.pt", weights_only=True)
             for groups in (g for step in trained for g in step):
                 spread = groups.max(1).values != groups.min(1).values

@@ -31,7 +31,7 @@ def tiny_model(tmp_path, latent_head=False, seed=0):
 
 
 # -----------------------------------------------------------------------------
-# ROI maths, worked by hand (DESIGN 3.3)
+# ROI maths, worked by hand (docs/method.md, ROI)
 
 @pytest.mark.parametrize("bbox,grid,want", [
     ([0, 0, 1, 1], (1, 8, 8), list(range(16))),  # whole image: every merged token
@@ -233,9 +233,21 @@ def test_cached_rollout_equals_slow_oracle(tmp_path, decoding, force_end):
                         latent_end=tok.tok.token_to_id("<|lvr_latent_end|>"), end=end)
     prompts[2] = prompts[2] + [start]  # this row starts in latent mode
     input_ids, mask = qwen.left_pad(prompts, tok.endoftext)
-    run = lambda threshold, ids: lvr.rollout(model, ids, input_ids, torch.cat(pvs), torch.cat(grids), mask,  # noqa: E731
-                                             max_new_tokens=14, decoding=decoding, lvr_steps=3, max_latent_steps=4,
-                                             end_threshold=threshold, force_end=force_end, stop_ids=[-1])
+    run = lambda threshold, ids: lvr.rollout(
+        model,
+        ids,
+        input_ids,
+        torch.cat(pvs),
+        torch.cat(grids),
+        mask,  # noqa: E731
+        max_new_tokens=14,
+        decoding=decoding,
+        lvr_steps=3,
+        max_latent_steps=4,
+        end_threshold=threshold,
+        force_end=force_end,
+        stop_ids=[-1],
+    )
     threshold = 0.0
     if decoding == "latent":  # a threshold between the distances seen, so some rows exit early and some don't
         r = run(-1.0, ids)
@@ -345,9 +357,13 @@ def test_add_latent_tokens_grows_embedding(tmp_path):
     model, tok, _ = tiny_model(tmp_path)
     n = model.cfg.vocab_size
     before = model.model.embed_tokens.weight[:n].clone()
-    ids = lvr.add_latent_tokens(model, tok, {"start": "<|a|>", "latent": "<|b|>", "latent_end": "<|c|>", "end": "<|d|>"})
+    ids = lvr.add_latent_tokens(
+        model, tok, {"start": "<|a|>", "latent": "<|b|>", "latent_end": "<|c|>", "end": "<|d|>"}
+    )
     assert model.cfg.vocab_size == len(tok) == n + 4 and ids.end == n + 3
-    assert model.model.embed_tokens.weight.shape[0] == n + 4 and torch.equal(model.model.embed_tokens.weight[:n], before)
+    assert model.model.embed_tokens.weight.shape[0] == n + 4 and torch.equal(
+        model.model.embed_tokens.weight[:n], before
+    )
     assert model.lm_head.weight is model.model.embed_tokens.weight
     logits = model.lm_head(model(torch.tensor([[ids.start, ids.end]])))
     assert logits.shape[-1] == n + 4

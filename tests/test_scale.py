@@ -3,9 +3,6 @@ official one (helpers.real_shaped): the defaults it resolves, the latent tokens'
 on another device, FSDP2 loading without any rank holding the whole model, ranks that decode different
 lengths, and the failures a real run meets first (NaN from a masked position, out of memory)."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -95,7 +92,8 @@ qwen.Qwen2_5_VL.from_pretrained = lambda *a, **k: loaded.append(1)  # nobody loa
 tok = checkpoint.load_tokenizer({path!r})
 before, box = len(tok), []
 fix = lambda n, w: lvr.latent_rows(w, before, len(tok)) if n == "model.embed_tokens.weight" else w
-root, model = parallel.load_sharded({path!r}, torch.float32, dev, lambda m: box.append(lvr.add_latent_tokens(m, tok)), fix)
+add = lambda m: box.append(lvr.add_latent_tokens(m, tok))  # on the meta model, before sharding
+root, model = parallel.load_sharded({path!r}, torch.float32, dev, add, fix)
 assert not loaded
 full = real_load({path!r})
 lvr.add_latent_tokens(full, checkpoint.load_tokenizer({path!r}))

@@ -87,10 +87,26 @@ def test_task_reaches_every_script(tmp_path):
                   "--out_dir", out])
     assert r.returncode == 0 and "held-out accuracy" in r.stdout, r.stderr
     small = ["--image_size", "168", "--max_pixels", "28224"]
-    ev, gr = run_all(["eval.py", "--init_from", out, "--task", "search", "--n_examples", "4", *small,
-                      "--max_new_tokens", "6"],
-                     ["train_grpo.py", "--init_from", out, "--task", "imagine", "--batch_size", "2", "--group_size", "2",
-                      "--max_iters", "1", "--max_new_tokens", "6", "--out_dir", str(tmp_path / "g")])
+    ev, gr = run_all(
+        ["eval.py", "--init_from", out, "--task", "search", "--n_examples", "4", *small, "--max_new_tokens", "6"],
+        [
+            "train_grpo.py",
+            "--init_from",
+            out,
+            "--task",
+            "imagine",
+            "--batch_size",
+            "2",
+            "--group_size",
+            "2",
+            "--max_iters",
+            "1",
+            "--max_new_tokens",
+            "6",
+            "--out_dir",
+            str(tmp_path / "g"),
+        ],
+    )
     assert ev.returncode == 0 and "with latents" in ev.stdout, ev.stderr
     assert gr.returncode == 0 and "step 1:" in gr.stdout, gr.stderr
     saved = torch.load(str(tmp_path / "g" / "train_state.pt"), weights_only=True)["config"]

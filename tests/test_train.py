@@ -103,19 +103,32 @@ def record(bboxes, lvr_count=1, image="a.png"):
                               {"from": "gpt", "value": "<lvr>\n" * lvr_count + "<answer>red</answer>"}]}
 
 
-@pytest.mark.parametrize("rec,msg", [
-    (record([[0.1, 0.1, 0.3, 0.3]], lvr_count=2), "record 1: 2 <lvr> placeholders but 1 bboxes"),
-    (record([[0.1, 0.1, 1.3, -0.3]]), "record 1: bbox .* lies outside the image"),
-    (record([[0.3, 0.1, 0.3, 0.3]]), "record 1: bbox .* is empty or inverted"),
-    (record([[0.1, 0.1, 0.3, 0.3]], image="missing.png"), "record 1: image not found"),
-    (record([[0.1, 0.1, 0.3, 0.3]], image="../a.png"), "record 1: image path '../a.png' leaves --image_root"),
-    (record([[0.1, 0.1, 0.3, 0.3]], image="/etc/passwd"), "record 1: image path '/etc/passwd' leaves --image_root"),
-    (record([[0.1, 0.1, 0.3, 0.3]], image=["a.png", "a.png"]), "record 1: 2 images and 1 bboxes: 'bbox_images' must"),
-    ({**record([[0.1, 0.1, 0.3, 0.3]], image=["a.png", "a.png"]), "bbox_images": [2]}, "index of its image .* got \\[2\\]"),
-    ({**record([[0.1, 0.1, 0.3, 0.3]], image=["a.png", "a.png"]), "conversations": [{"from": "human", "value": "<image>\n "},
-                                                           {"from": "gpt", "value": "<lvr>\nred"}]},
-     "record 1: the question is empty"),
-])
+@pytest.mark.parametrize(
+    "rec,msg",
+    [
+        (record([[0.1, 0.1, 0.3, 0.3]], lvr_count=2), "record 1: 2 <lvr> placeholders but 1 bboxes"),
+        (record([[0.1, 0.1, 1.3, -0.3]]), "record 1: bbox .* lies outside the image"),
+        (record([[0.3, 0.1, 0.3, 0.3]]), "record 1: bbox .* is empty or inverted"),
+        (record([[0.1, 0.1, 0.3, 0.3]], image="missing.png"), "record 1: image not found"),
+        (record([[0.1, 0.1, 0.3, 0.3]], image="../a.png"), "record 1: image path '../a.png' leaves --image_root"),
+        (record([[0.1, 0.1, 0.3, 0.3]], image="/etc/passwd"), "record 1: image path '/etc/passwd' leaves --image_root"),
+        (
+            record([[0.1, 0.1, 0.3, 0.3]], image=["a.png", "a.png"]),
+            "record 1: 2 images and 1 bboxes: 'bbox_images' must",
+        ),
+        (
+            {**record([[0.1, 0.1, 0.3, 0.3]], image=["a.png", "a.png"]), "bbox_images": [2]},
+            "index of its image .* got \\[2\\]",
+        ),
+        (
+            {
+                **record([[0.1, 0.1, 0.3, 0.3]], image=["a.png", "a.png"]),
+                "conversations": [{"from": "human", "value": "<image>\n "}, {"from": "gpt", "value": "<lvr>\nred"}],
+            },
+            "record 1: the question is empty",
+        ),
+    ],
+)
 def test_dataset_errors_name_the_record(tmp_path, rec, msg):
     path = write_dataset(tmp_path, [record([[0.1, 0.1, 0.3, 0.3]]), rec])
     records = data.load_records(path)
@@ -199,10 +212,13 @@ def test_loss_defaults_follow_the_papers(monkeypatch, capsys):
     The learning rate: official LVR's from a checkpoint (1e-5, cosine to 0, 3% warmup), the tiny model's
     from scratch; bf16 autocast on CUDA; images: a file's within official LVR's bounds, synthetic unresized."""
     import train_sft
-    for init, method, given, want in [("ckpt", "lvr", {}, ("mse", 1.0, 0.1)), ("ckpt", "mirage", {}, ("cosine", 0.1, 1.0)),
-                                      ("scratch", "lvr", {}, ("cosine", 1.0, 0.1)),
-                                      ("scratch", "mirage", {}, ("cosine", 1.0, 0.1)),
-                                      ("ckpt", "lvr", {"latent_loss": "l1", "ce_weight": 0.5}, ("l1", 0.5, 0.1))]:
+    for init, method, given, want in [
+        ("ckpt", "lvr", {}, ("mse", 1.0, 0.1)),
+        ("ckpt", "mirage", {}, ("cosine", 0.1, 1.0)),
+        ("scratch", "lvr", {}, ("cosine", 1.0, 0.1)),
+        ("scratch", "mirage", {}, ("cosine", 1.0, 0.1)),
+        ("ckpt", "lvr", {"latent_loss": "l1", "ce_weight": 0.5}, ("l1", 0.5, 0.1)),
+    ]:
         config = {**AUTO, **given}
         for k, v in {**config, "init_from": init, "method": method}.items():
             monkeypatch.setattr(train_sft, k, v)
@@ -247,7 +263,10 @@ def test_ctrl_c_or_sigterm_saves_the_whole_step_and_resume_continues_the_same_lo
     common = [*SMALL, "--max_iters", "6", "--eval_interval", "4"]
 
     def signalled(out, at, *sigs):  # the signals arrive in the at-th zero_grad (step at - 1)
-        return ["-c", SIGNALLED.format(script="train_sft.py", at=at, rank=0, sigs=sigs, args=[*common, "--out_dir", out])]
+        return [
+            "-c",
+            SIGNALLED.format(script="train_sft.py", at=at, rank=0, sigs=sigs, args=[*common, "--out_dir", out]),
+        ]
     ra, rb, rc, rd = run_all(["train_sft.py", *common, "--out_dir", a],
                              signalled(b, 2, "SIGINT"),  # read at the next step's loss reduction: saved, exit
                              signalled(c, 2, "SIGTERM"),  # a scheduler's preemption: the same, exit 143
@@ -295,7 +314,9 @@ def test_a_save_killed_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
         time.sleep(rng.uniform(0.0, 0.4))
         p.send_signal(signal.SIGKILL)
         p.wait()
-        model, tok = checkpoint.load(out)  # the previous checkpoint, where it lies, if the kill fell between the renames
+        model, tok = checkpoint.load(
+            out
+        )  # the previous checkpoint, where it lies, if the kill fell between the renames
         step = checkpoint.load_train_state(out)["step"]
         assert step >= 1 and model.cfg.extra["lvr_token_ids"]
         last = step
@@ -319,7 +340,9 @@ def test_a_save_killed_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
     assert [d for d in os.listdir(tmp_path) if d.startswith(".")] == [], leftovers
 
 
-def test_a_save_killed_while_deleting_the_old_checkpoint_or_failing_on_a_full_disk_leaves_it_clean(tmp_path, monkeypatch):
+def test_a_save_killed_while_deleting_the_old_checkpoint_or_failing_on_a_full_disk_leaves_it_clean(
+    tmp_path, monkeypatch
+):
     from test_lvr import tiny_model
     model, tok, _ = tiny_model(tmp_path / "src")
     out = str(tmp_path / "out")
@@ -400,8 +423,13 @@ def test_resume_after_a_kill_and_untrusted_train_state(tmp_path):
     common = [*SMALL, "--max_iters", "12", "--eval_interval", "2"]  # room for a late kill: steps 2..10
     r = run("train_sft.py", *common, "--out_dir", a)
     assert r.returncode == 0, r.stderr
-    p = subprocess.Popen([sys.executable, "train_sft.py", *common, "--max_iters", "1000", "--out_dir", b], cwd=ROOT,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.Popen(
+        [sys.executable, "train_sft.py", *common, "--max_iters", "1000", "--out_dir", b],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.time() + 300
     while not os.path.exists(os.path.join(b, "train_state.pt")) and time.time() < deadline:
         time.sleep(0.1)
