@@ -38,13 +38,9 @@ repeats = 3  # [1, inf) timed rounds per measurement (the median is reported)
 decode_tokens = 32  # [2, inf) tokens per decode measurement
 small_image = 224  # [28, inf) side of the photo in the latent, GRPO and SFT prompts (64 image tokens)
 group_size = 8  # [1, inf) G rows per prompt in the GRPO rollout measurement
-sft_batch = (
-    2  # [1, inf) examples in the SFT step (on a GPU use more, e.g. 16, or MFU only measures launch overhead)
-)
+sft_batch = 2  # [1, inf) examples in the SFT step (on a GPU use more, e.g. 16, or MFU measures launches)
 reference = True  # also time transformers' implementation (when it is installed)
-peak_tflops = (
-    0.0  # [0, inf) the device's dense peak for `dtype` (e.g. 989 for H100 bf16): also report SFT MFU
-)
+peak_tflops = 0.0  # [0, inf) the device's dense peak for `dtype` (989 for H100 bf16): also report SFT MFU
 # -----------------------------------------------------------------------------
 
 LM = {

@@ -74,14 +74,14 @@ def settings(g):
 
 def usage(g, keys):
     """--help: each flag with its default and its comment (what it accepts, then what it does)."""
-    doc = (g.get("__doc__") or "").strip().splitlines()
+    doc = (g.get("__doc__") or "").strip().split("\n\n")[0].splitlines()  # its first paragraph
     comments = {}
     with open(g["__file__"], encoding="utf-8") as f:
         for line in f:
             m = re.match(r"^(\w+) = .*?  # (.*)$", line)
             if m:
                 comments[m.group(1)] = m.group(2)
-    lines = [doc[0] if doc else os.path.basename(g["__file__"]), "", "settings (--name value):"]
+    lines = [*(doc or [os.path.basename(g["__file__"])]), "", "settings (--name value):"]
     width = max(len(k) for k in keys) + 2
     for k, v in keys.items():
         default = str(v).lower() if isinstance(v, bool) else repr(v) if isinstance(v, str) else str(v)

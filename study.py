@@ -27,12 +27,8 @@ import torch
 import cli
 
 # -----------------------------------------------------------------------------
-tasks = (
-    "relation,imagine,colour,search"  # comma-separated: which tasks, in this order (search is the slowest)
-)
-methods = (
-    "none,lvr,mirage,grpo"  # comma-separated: none | lvr | mirage | grpo (LVR, then GRPO; with its control)
-)
+tasks = "relation,imagine,colour,search"  # comma-separated: which tasks, in this order (search: slowest)
+methods = "none,lvr,mirage,grpo"  # comma-separated: none | lvr | mirage | grpo (LVR, then GRPO + control)
 seeds = "1,2,3"  # comma-separated: the reported seeds
 tune_seed = 0  # [0, inf) the seed of the tuning runs (never reported)
 lrs = "1e-3,3e-3"  # comma-separated: the SFT learning rates each method tries

@@ -46,9 +46,7 @@ batch_size = 8  # [1, inf) prompts per step (B), over all processes
 group_size = 8  # [2, inf) completions per prompt (G): advantages are relative to the group
 temperature = 0.9  # (0, inf) sampling temperature; the loss divides logits by it too
 max_new_tokens = 32  # [1, inf) completion budget (latent steps included)
-decoding = (
-    "token"  # {token, steps, latent} latent exit: the model's own <|lvr_end|> | a count | the learned end
-)
+decoding = "token"  # {token, steps, latent} latent exit: own <|lvr_end|> | a count | the learned end
 lvr_steps = 8  # [1, inf) latent steps in `steps` mode
 max_latent_steps = 16  # [1, inf) latent budget in `token` / `latent` modes
 force_end = True  # force <|lvr_end|> after a span (false: the model's own next token, as the official code)
@@ -57,9 +55,7 @@ end_threshold = 0.0  # [0, inf) `latent` exit threshold (0 = the checkpoint's, e
 ppo_epochs = 1  # [1, inf) updates per rollout batch; > 1 makes the clip bite
 filter_groups = True  # keep only groups whose rewards differ (DAPO's dynamic sampling), drawing more prompts
 max_draws = 4  # [1, inf) with filter_groups: at most this many rounds of B prompts per step to find B groups
-micro_batch_tokens = (
-    0  # [0, inf) tokens (rows x padded length) per training forward/backward (0 = every row at once)
-)
+micro_batch_tokens = 0  # [0, inf) tokens (rows x padded length) per training forward (0: all rows at once)
 grad_checkpointing = False  # recompute decoder layers in backward to save memory
 clip_eps = 0.2  # (0, 1) PPO clip range
 beta = 0.04  # [0, inf) weight of the k3 KL to the reference (0 = no reference model is loaded)
@@ -80,9 +76,7 @@ max_pixels = 0  # [0, inf) largest image area (0: a data file's 5120*28*28; a sy
 dtype = "auto"  # {auto, float32, bfloat16} bfloat16: autocast, fp32 master weights (auto: bf16 on CUDA)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 fsdp = False  # under torchrun: shard policy and reference with FSDP2, for models one GPU can't hold
-freeze_vision = (
-    True  # the vision tower stays fixed (false: it trains; the reference keeps its own frozen tower)
-)
+freeze_vision = True  # the vision tower stays fixed (false: it trains; the reference keeps a frozen copy)
 out_dir = "out_grpo"  # checkpoint directory
 resume = False  # continue from out_dir/train_state.pt
 seed = 1337  # [0, inf) seeds the prompts and the sampling

@@ -41,19 +41,13 @@ method = "lvr"  # {lvr, mirage, none} none: plain SFT, the ablation
 stage = 1  # [1, 2] Mirage: 1 = reconstruct the helper image, 2 = text-only with its own latents fed back
 ce_weight = -1.0  # [0, inf) or -1 weight of the text cross-entropy (-1: the paper's, see resolve_defaults)
 latent_weight = -1.0  # [0, inf) or -1 weight of the latent loss (-1: the paper's)
-latent_loss = (
-    "auto"  # {auto, mse, cosine, l1} auto: official LVR mse, Mirage cosine; cosine on the tiny scratch model
-)
-switch_weight = (
-    0.1  # [0, inf) mode-switch loss: BCE on <|lvr_end|> at the in-span states, so spans end where trained
-)
+latent_loss = "auto"  # {auto, mse, cosine, l1} auto: official LVR mse, Mirage cosine; tiny model cosine
+switch_weight = 0.1  # [0, inf) mode-switch loss: BCE on <|lvr_end|> at in-span states (spans end as trained)
 max_latents = 0  # [0, inf) pool each ROI to at most this many latents (0 = all ROI tokens)
 mirage_k = 4  # [1, inf) Mirage: latents per helper image
 latent_head = False  # learn a head hidden -> latent (else identity)
 latent_end = False  # train the `latent` exit mode (<|lvr_latent_end|> after the latents)
-end_threshold = (
-    0.1  # (0, inf) `latent` exit: recorded in the checkpoint (a distance where the zero vector is at 1)
-)
+end_threshold = 0.1  # (0, inf) `latent` exit threshold, recorded in the checkpoint (zero vector at 1)
 batch_size = 16  # [1, inf) examples per micro-batch per process
 grad_accum = 1  # [1, inf) micro-batches per optimizer step
 lr = -1.0  # (0, inf) or -1 peak learning rate (-1: 1e-5 from a checkpoint, official LVR; 1e-3 from scratch)

@@ -75,3 +75,20 @@ def test_bad_values_end_to_end_are_one_line_errors():
         assert r.returncode == 1 and "Traceback" not in r.stderr, (script, args, r.stderr)
         assert r.stderr.strip() == f"error: {r.stderr.strip()[7:]}" and "\n" not in r.stderr.strip(), r.stderr
         assert msg in r.stderr, (script, args, r.stderr)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_lists_every_flag_and_a_misspelt_flag_names_the_nearest(script, capsys):
+    mod = importlib.import_module(script)
+    g = dict(vars(mod))
+    with pytest.raises(SystemExit) as e:
+        cli.configure(g, ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    flags = [k for k, v in cli.settings(g).items()]
+    assert flags and all(f"  --{k} " in out for k in flags), out
+    name = flags[1]
+    with pytest.raises(InputError, match=f"unknown flag --{name[:-1]}: did you mean --{name}"):
+        cli.configure(dict(vars(mod)), [f"--{name[:-1]}", "1"])
+    with pytest.raises(InputError, match="unknown flag --max_iter: did you mean --max_iters"):
+        cli.configure(dict(vars(importlib.import_module("train_sft"))), ["--max_iter", "3"])
