@@ -149,9 +149,8 @@ def bench_size(size, rows):
             ),
         )
     pv, grid, prompt = image_prompt(448)
-    kw = lambda p, g, i: dict(
-        pixel_values=p, image_grid_thw=g, mm_token_type_ids=(i == tok.image_pad).int()
-    )  # noqa: E731
+    def kw(p, g, i):  # the reference's image inputs
+        return dict(pixel_values=p, image_grid_thw=g, mm_token_type_ids=(i == tok.image_pad).int())
 
     def add(name, ours, theirs=None, unit="s", higher_better=False):
         ratio = "" if theirs is None else f"{(ours / theirs if higher_better else theirs / ours):.2f}x"
@@ -190,31 +189,24 @@ def bench_size(size, rows):
                 for n_, q in model.named_parameters()
                 if not n_.startswith("visual")
             )
-            a = torch.randn(
-                2**28, device=device
-            )  # 1 GiB: beyond any cache; written: untouched pages read one zero page
+            # 1 GiB: beyond any cache; written, since untouched pages all read one zero page
+            a = torch.randn(2**28, device=device)
             b = torch.randn_like(a)
-            floor = (
-                2 * a.numel() * 4 / timed(lambda: b.copy_(a), n=5) / lm_bytes
-            )  # copy bandwidth / bytes per step
+            # copy bandwidth / bytes a step
+            floor = 2 * a.numel() * 4 / timed(lambda: b.copy_(a), n=5) / lm_bytes
             rows.append(
                 (size, "decode batch 1 / bandwidth floor", ours / floor, floor, "frac, floor tok/s", "")
             )
     # latent steps vs text steps: the same rollout, all-latent (prompt ends in <|lvr_start|>) or all-text
     lat_prompt = torch.cat([prompt, torch.tensor([[ids.start]], device=device)], 1)
-    text_ids = lvr.LatentIds(
-        start=-5, latent=ids.latent, latent_end=ids.latent_end, end=ids.end
-    )  # never enters
+    # never enters
+    text_ids = lvr.LatentIds(start=-5, latent=ids.latent, latent_end=ids.latent_end, end=ids.end)
     def roll(p, n, ids_):
         return lambda: lvr.rollout(model, ids_, p, pv, grid, max_new_tokens=n, decoding="steps", lvr_steps=n,
                                    stop_ids=[-1])
-    t = timed(
-        roll(lat_prompt, n, ids),
-        roll(lat_prompt, 1, ids),
-        roll(prompt, n, text_ids),
-        roll(prompt, 1, text_ids),
-        n=max(repeats, 5),
-    )  # a ratio of two small differences: more rounds
+    # a ratio of two small differences: more rounds
+    t = timed(roll(lat_prompt, n, ids), roll(lat_prompt, 1, ids), roll(prompt, n, text_ids),
+              roll(prompt, 1, text_ids), n=max(repeats, 5))
     lat, txt = (n - 1) / (t[0] - t[1]), (n - 1) / (t[2] - t[3])
     add("latent steps/s vs text tokens/s", lat, txt, "step/s", True)
     # GRPO rollout at train_grpo's default B x G: one batched rollout (one prefill per prompt) vs one row

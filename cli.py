@@ -28,24 +28,25 @@ class InputError(ValueError):
     """Something the user gave us is wrong. Scripts print the message on one line and exit 1."""
 
 
+def comments(path):
+    """{name: comment} of a script's settings lines (`name = default  # comment`)."""
+    with open(path, encoding="utf-8") as f:
+        return dict(m.groups() for line in f if (m := re.match(r"^(\w+) = .*?  # (.*)$", line)))
+
+
 def declarations(path):
     """{name: (kind, spec)} from a script's settings lines: kind "range" (lo, hi, lo_open, hi_open, text,
     auto value or None) or "choices" (tuple of strings, text)."""
     out = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            m = re.match(r"^(\w+) = .*?  # (.*)$", line)
-            if not m:
-                continue
-            name, comment = m.groups()
-            r = re.match(r"^([\[(])\s*([-\w.+]+)\s*,\s*([-\w.+]+)\s*([\])])( or (-?[\d.]+))?", comment)
-            c = re.match(r"^\{([^}]*)\}", comment)
-            if r:  # a range, and maybe one value outside it that means "auto" (`[0, inf) or -1`)
-                lo, hi, extra = float(r.group(2)), float(r.group(3)), r.group(6)
-                out[name] = ("range", (lo, hi, r.group(1) == "(", r.group(4) == ")", r.group(0),
-                                       None if extra is None else float(extra)))
-            elif c:
-                out[name] = ("choices", (tuple(s.strip() for s in c.group(1).split(",")), c.group(0)))
+    for name, comment in comments(path).items():
+        r = re.match(r"^([\[(])\s*([-\w.+]+)\s*,\s*([-\w.+]+)\s*([\])])( or (-?[\d.]+))?", comment)
+        c = re.match(r"^\{([^}]*)\}", comment)
+        if r:  # a range, and maybe one value outside it that means "auto" (`[0, inf) or -1`)
+            lo, hi, extra = float(r.group(2)), float(r.group(3)), r.group(6)
+            out[name] = ("range", (lo, hi, r.group(1) == "(", r.group(4) == ")", r.group(0),
+                                   None if extra is None else float(extra)))
+        elif c:
+            out[name] = ("choices", (tuple(s.strip() for s in c.group(1).split(",")), c.group(0)))
     return out
 
 
@@ -75,17 +76,12 @@ def settings(g):
 def usage(g, keys):
     """--help: each flag with its default and its comment (what it accepts, then what it does)."""
     doc = (g.get("__doc__") or "").strip().split("\n\n")[0].splitlines()  # its first paragraph
-    comments = {}
-    with open(g["__file__"], encoding="utf-8") as f:
-        for line in f:
-            m = re.match(r"^(\w+) = .*?  # (.*)$", line)
-            if m:
-                comments[m.group(1)] = m.group(2)
+    said = comments(g["__file__"])
     lines = [*(doc or [os.path.basename(g["__file__"])]), "", "settings (--name value):"]
     width = max(len(k) for k in keys) + 2
     for k, v in keys.items():
         default = str(v).lower() if isinstance(v, bool) else repr(v) if isinstance(v, str) else str(v)
-        lines.append(f"  --{k:<{width}}{default:<14} {comments.get(k, '')}")
+        lines.append(f"  --{k:<{width}}{default:<14} {said.get(k, '')}")
     return "\n".join(lines)
 
 

@@ -1,8 +1,8 @@
 """
-Data: the LVR JSON and Mirage JSONL formats (and MMVP / V* for eval.py), and the batches made from
-examples: SFT batches
-(encode, collate: right-padded, with labels and latent slots) and prompt batches (left-padded,
-for the rollout). The synthetic tasks and the tiny tokenizer live in tasks.py.
+Data: the LVR JSON and Mirage JSONL formats (and MMVP / V* for eval.py), the image bounds, and the
+batches made from examples: SFT batches (encode, collate: right-padded, with labels and latent
+slots) and prompt batches (left-padded, for the rollout). The synthetic tasks and the tiny tokenizer
+live in tasks.py.
 
 An example is a dict: images (PIL), question, answer, and for training: assistant (text with one
 `<lvr>` placeholder per latent span), bboxes (one per `<lvr>`, normalised), bbox_images (each
@@ -153,22 +153,14 @@ def load_multiple_choice(path, root, limit):
                 raise InputError(
                     f"{path} row {i}: needs the columns Index (a number), Question, Options, Correct Answer"
                 )
-            out.append(
-                (
-                    f"{r['Index']}.jpg",
-                    f"{r['Question']}\n{r['Options']}",
-                    r["Correct Answer"],
-                    f"{path} row {i}",
-                    {"pair": (int(r["Index"]) - 1) // 2},
-                )
-            )
+            question = f"{r['Question']}\n{r['Options']}"
+            pair = {"pair": (int(r["Index"]) - 1) // 2}
+            out.append((f"{r['Index']}.jpg", question, r["Correct Answer"], f"{path} row {i}", pair))
     else:
         for i, r in enumerate(load_records(path)):
-            q, a, opts = (
-                r.get("question", r.get("text")),
-                r.get("answer", r.get("label")),
-                r.get("options", []),
-            )
+            q = r.get("question", r.get("text"))
+            a = r.get("answer", r.get("label"))
+            opts = r.get("options", [])
             if not isinstance(r.get("image"), str) or not isinstance(q, str) or not isinstance(a, str) \
                     or not isinstance(opts, list):
                 raise InputError(f"{path} record {i}: needs image, question (or text), answer (or label), "
@@ -255,11 +247,9 @@ def collate(encoded, pad_id):
     mirage = encoded[0]["helper"] is not None
     for b, e in enumerate(encoded):
         n = len(e["input_ids"])
-        input_ids[b, :n], labels[b, :n], mask[b, :n] = (
-            torch.tensor(e["input_ids"]),
-            torch.tensor(e["labels"]),
-            1,
-        )
+        input_ids[b, :n] = torch.tensor(e["input_ids"])
+        labels[b, :n] = torch.tensor(e["labels"])
+        mask[b, :n] = 1
         rows += [b] * len(e["latent_pos"])
         pos += e["latent_pos"]
         slot += e["latent_slot"]

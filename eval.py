@@ -96,18 +96,9 @@ def evaluate(model, tok, ids, exs, batch_size=32, min_pixels=3136, max_pixels=28
                 [v.float() for v in rows], batch_first=True
             ).to(device)
             given["n_in"] = torch.tensor([len(v) for v in rows], device=device)
-        r = lvr.rollout(
-            model,
-            ids,
-            p["input_ids"].to(device),
-            None,
-            p["grid_thw"],
-            p["attention_mask"].to(device),
-            stop_ids=stop,
-            feats=feats,
-            **given,
-            **decode,
-        )
+        r = lvr.rollout(model, ids, p["input_ids"].to(device), grid_thw=p["grid_thw"],
+                        attention_mask=p["attention_mask"].to(device), stop_ids=stop, feats=feats,
+                        **given, **decode)
         for b, (e, f) in enumerate(zip(chunk, feats.split(p["n_image_tokens"]))):
             row = r.tokens[b, p["input_ids"].shape[1]:].tolist()
             end = next((j + 1 for j, t in enumerate(row) if t in stop), len(row))
@@ -117,9 +108,8 @@ def evaluate(model, tok, ids, exs, batch_size=32, min_pixels=3136, max_pixels=28
             steps += int(r.is_latent[b].sum())
             spans.update(lvr.span_lengths(r.is_latent[b]))
             fed.append(r.latents[b, r.is_latent[b]].cpu())
-            if e[
-                "bboxes"
-            ]:  # the ROI tokens of every bbox, on its own image's tokens within the row's features
+            # the ROI tokens of every bbox, on its own image's tokens within the row's features
+            if e["bboxes"]:
                 grids = [g for _, g in p["images"][b]]
                 start = [sum(vision.merged_tokens(g) for g in grids[:k]) for k in range(len(grids))]
                 roi = [
@@ -145,12 +135,10 @@ def targets_of(model, tok, ids, exs, min_pixels=3136, max_pixels=28224, device="
         if how["method"] == "none" or not (e.get("helper") if how["method"] == "mirage" else e["bboxes"]):
             out.append(None)
             continue
-        row = data.encode(
-            e, tok, ids, how["method"], how["max_latents"], how["k"], False, min_pixels, max_pixels
-        )
-        out.append(
-            lvr.encode_images(model, data.to_device(data.collate([row], tok.endoftext), device))[1].cpu()
-        )
+        row = data.encode(e, tok, ids, how["method"], how["max_latents"], how["k"], False, min_pixels,
+                          max_pixels)
+        batch = data.to_device(data.collate([row], tok.endoftext), device)
+        out.append(lvr.encode_images(model, batch)[1].cpu())
     return out
 
 
@@ -172,9 +160,8 @@ def diagnostics(model, tok, ids, exs, decode, own):
     targets = targets_of(model, tok, ids, exs, min_pixels, max_pixels, device)
     if all(t is None for t in targets):
         return rows, None
-    rows.append(
-        ("oracle latents", run(feed=[t if t is not None else torch.zeros(0, mean.shape[0]) for t in targets]))
-    )
+    oracle = [t if t is not None else torch.zeros(0, mean.shape[0]) for t in targets]
+    rows.append(("oracle latents", run(feed=oracle)))
     target_norm = torch.cat([t for t in targets if t is not None]).norm(dim=-1).mean()
     return rows, float(torch.cat(lats).norm(dim=-1).mean() / target_norm)
 

@@ -158,12 +158,10 @@ def completion_logprobs(
     x = torch.cat([x, c], 1)
     pos = qwen.get_rope_index(prompt, grid_thw, attention_mask[:, :n_prompt], model.cfg.image_token_id)
     after = pos.amax(dim=(0, 2)) + 1  # completion positions count on like text, as in the rollout's cache
-    pos = torch.cat(
-        [pos, (after[:, None] + torch.arange(comp.shape[1], device=seqs.device)).expand(3, -1, -1)], 2
-    )
-    h = model(inputs_embeds=x, attention_mask=attention_mask, position_ids=pos)[
-        :, n_prompt - 1 : -1
-    ]  # t -> t + 1
+    text_pos = after[:, None] + torch.arange(comp.shape[1], device=seqs.device)  # (N, L)
+    pos = torch.cat([pos, text_pos.expand(3, -1, -1)], 2)
+    h = model(inputs_embeds=x, attention_mask=attention_mask, position_ids=pos)
+    h = h[:, n_prompt - 1:-1]  # (N, L, C): position t predicts t + 1
     rows = max(1, LOGIT_CHUNK // max(1, comp.shape[1]))
     out = []
     for i in range(0, len(comp), rows):

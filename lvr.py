@@ -38,17 +38,10 @@ import qwen
 from cli import InputError
 
 # in the order each official code adds them to its tokenizer, so our ids match theirs
-LVR_TOKENS = {
-    "start": "<|lvr_start|>",
-    "latent": "<|lvr|>",
-    "latent_end": "<|lvr_latent_end|>",
-    "end": "<|lvr_end|>",
-}
-MIRAGE_TOKENS = {
-    "latent": "<|latent_pad|>",
-    "start": "<|latent_start|>",
-    "end": "<|latent_end|>",
-}  # no latent-end
+LVR_TOKENS = {"start": "<|lvr_start|>", "latent": "<|lvr|>", "latent_end": "<|lvr_latent_end|>",
+              "end": "<|lvr_end|>"}
+# Mirage has no latent-end token
+MIRAGE_TOKENS = {"latent": "<|latent_pad|>", "start": "<|latent_start|>", "end": "<|latent_end|>"}
 
 
 @dataclass
@@ -69,9 +62,10 @@ def find_latent_ids(model, tok):
     """The latent tokens of a checkpoint: those its config names (ours), else the official LVR
     tokens, else Mirage's; None for a plain Qwen2.5-VL."""
     named = [model.cfg.extra["lvr_tokens"]] if "lvr_tokens" in model.cfg.extra else []
-    return next(
-        (ids for names in named + [LVR_TOKENS, MIRAGE_TOKENS] if (ids := latent_ids(tok, names))), None
-    )
+    for names in named + [LVR_TOKENS, MIRAGE_TOKENS]:
+        if (ids := latent_ids(tok, names)) is not None:
+            return ids
+    return None
 
 
 def add_latent_tokens(model, tok, names=LVR_TOKENS):
@@ -271,21 +265,15 @@ def sft_loss(
         lat = latent_distance(head(model, h[b, t - 1]), targets, latent_loss)
     else:  # no latent in this micro-batch: the head still takes part (a zero gradient), as DDP requires
         lat = head(model, h[:0, 0]).float().sum() * 0.0
-    eb, et = batch[
-        "latent_end_pos"
-    ]  # `latent` exit mode: the state before <|lvr_latent_end|> learns its embedding
+    eb, et = batch["latent_end_pos"]  # `latent` exit mode: the state before <|lvr_latent_end|> learns it
     if len(eb):
         end = model.token_embeds(ids[eb, et])
         lat = lat + latent_distance(head(model, h[eb, et - 1]), end, latent_loss)
     switch = ce.new_zeros(())
     if switch_weight and len(b):
         switch = switch_loss(model, h, b, t, batch["latent_slot"], model.cfg.extra["lvr_token_ids"]["end"])
-    return (
-        ce_weight * ce + latent_weight * lat + switch_weight * switch,
-        ce.detach(),
-        lat.detach(),
-        switch.detach(),
-    )
+    loss = ce_weight * ce + latent_weight * lat + switch_weight * switch
+    return loss, ce.detach(), lat.detach(), switch.detach()
 
 
 def mirage_stage2_loss(model, batch, freeze_vision=True, switch_weight=0.0):
@@ -320,9 +308,7 @@ class Rollout(NamedTuple):
     tokens: torch.Tensor  # (B, T + n) prompt and completion; <|lvr|> at latent steps
     latents: torch.Tensor  # (B, n, C) the vector fed at each latent step (zeros at text steps)
     is_latent: torch.Tensor  # (B, n) bool: a latent step
-    logprobs: (
-        torch.Tensor
-    )  # (B, n) log-prob of each sampled decision under softmax(logits / temperature), else 0
+    logprobs: torch.Tensor  # (B, n) log-prob of each sampled decision under softmax(logits / T), else 0
     sampled: torch.Tensor  # (B, n) bool: the policy drew this decision (GRPO's loss mask); False where forced
 
 
@@ -339,48 +325,47 @@ def continue_logprob(logits, exits):
     return logits[..., keep].logsumexp(-1) - logits.logsumexp(-1)
 
 
-def span_exit(
-    decoding,
-    ids,
-    tok,
-    vec,
-    in_lat,
-    n_lat,
-    budget,
-    force_end,
-    exits,
-    end_vec,
-    end_metric,
-    end_threshold,
-    scaled=True,
-):
-    """The exit rule (rollout's docstring), one step: which rows in a span leave it now and with which
-    token -> tok (B,), exit (B,) bool, forced (B,) bool: that token was not sampled, force (B,): the token
-    to force at the next step (-1: none)."""
+@dataclass
+class ExitRule:
+    """How a span ends (rollout's docstring), fixed for a whole rollout."""
+    decoding: str  # steps | latent | token
+    budget: int  # latent steps per span at most
+    force_end: bool  # force <|lvr_end|> after a span (else the model's own next token)
+    exits: list  # `token`: the tokens that end a span when the model emits them (exit_tokens)
+    end_vec: torch.Tensor = None  # `latent`: the end vector the hidden state is compared with
+    end_metric: str = "mse"  # `latent`: the distance
+    end_threshold: float = 0.1  # `latent`: leave below this distance
+    scaled: bool = True  # `latent`: the zero vector at distance 1 (False: official LVR's unscaled rule)
+
+
+class Exit(NamedTuple):
+    tok: torch.Tensor  # (B,) the token recorded at this step
+    leave: torch.Tensor  # (B,) bool: the row leaves its span now
+    forced: torch.Tensor  # (B,) bool: `tok` was not sampled
+    force_next: torch.Tensor  # (B,) the token to force at the next step (-1: none)
+
+
+def span_exit(rule, ids, tok, vec, in_lat, n_lat):
+    """The exit rule, one step: which rows in a span leave it now, and with which token -> Exit.
+    tok (B,): the sampled tokens; vec (B, C): the latent inputs; in_lat (B,): in a span; n_lat (B,): its
+    latent steps so far."""
     none = torch.full_like(tok, -1)
-    if decoding == "steps":  # the count: <|lvr_end|>, or (force_end=False) the model's own token
-        exit_ = in_lat & (n_lat >= budget)
-        forced = exit_ & force_end
-        return torch.where(forced, ids.end, tok), exit_, forced, none
-    if (
-        decoding == "latent"
-    ):  # close to the end embedding, or the budget: <|lvr_latent_end|>, then <|lvr_end|>
+    if rule.decoding == "steps":  # the count: <|lvr_end|>, or (force_end=False) the model's own token
+        leave = in_lat & (n_lat >= rule.budget)
+        forced = leave & rule.force_end
+        return Exit(torch.where(forced, ids.end, tok), leave, forced, none)
+    if rule.decoding == "latent":  # near the end vector, or the budget: <|lvr_latent_end|>, then <|lvr_end|>
         # (never before its first latent: every trained span has one, as under the `token` exit)
-        near = (end_distance(vec, end_vec, end_metric, scaled) < end_threshold) & (n_lat > 0)
-        exit_ = in_lat & (near | (n_lat >= budget))
-        return (
-            torch.where(exit_, ids.latent_end, tok),
-            exit_,
-            exit_,
-            torch.where(exit_ & force_end, ids.end, none),
-        )
+        distance = end_distance(vec, rule.end_vec, rule.end_metric, rule.scaled)
+        leave = in_lat & (((distance < rule.end_threshold) & (n_lat > 0)) | (n_lat >= rule.budget))
+        force_next = torch.where(leave & rule.force_end, ids.end, none)
+        return Exit(torch.where(leave, ids.latent_end, tok), leave, leave, force_next)
     # token: the model's own exit token once a latent step has been taken, or <|lvr_end|> at the budget
-    own = in_lat & torch.isin(tok, torch.tensor(exits, device=tok.device)) & (n_lat > 0)
-    forced = in_lat & ~own & (n_lat >= budget)
-    force = torch.where(
-        own & (tok != ids.end) & force_end, ids.end, none
-    )  # <|lvr_end|> after <|lvr_latent_end|>
-    return torch.where(forced, ids.end, tok), own | forced, forced, force
+    own = in_lat & torch.isin(tok, torch.tensor(rule.exits, device=tok.device)) & (n_lat > 0)
+    forced = in_lat & ~own & (n_lat >= rule.budget)
+    # <|lvr_end|> after an official checkpoint's <|lvr_latent_end|>
+    force_next = torch.where(own & (tok != ids.end) & rule.force_end, ids.end, none)
+    return Exit(torch.where(forced, ids.end, tok), own | forced, forced, force_next)
 
 
 @torch.no_grad()
@@ -415,12 +400,11 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
     stop = torch.tensor(list(stop_ids) or model.default_stop_ids(), device=dev)
     exits = exit_tokens(ids, decoding)
     emb = model.model.embed_tokens
-    end_vec = (
-        None  # the `latent` exit's end vector: the official checkpoint's learned one, or the token's row
-    )
+    official_end = getattr(model, "lvr_latent_end_emb", None)  # official LVR's learned end vector, if any
+    rule = ExitRule(decoding, lvr_steps if decoding == "steps" else max_latent_steps, force_end, exits,
+                    end_metric=end_metric, end_threshold=end_threshold, scaled=official_end is None)
     if decoding == "latent":
-        end_vec = getattr(model, "lvr_latent_end_emb", None)
-        end_vec = emb.weight[ids.latent_end] if end_vec is None else end_vec
+        rule.end_vec = emb.weight[ids.latent_end] if official_end is None else official_end
     # 1) prefill the prompts once; the last position's logits and hidden state start the loop
     autocast = torch.is_autocast_enabled(dev.type)  # (then the keys and values come out in its dtype)
     kv_dtype = torch.get_autocast_dtype(dev.type) if autocast else emb.weight.dtype
@@ -434,14 +418,11 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
         cache.repeat_rows(group_size)
         input_ids, h, logits = (t.repeat_interleave(group_size, 0) for t in (input_ids, h, logits))
         B = B * group_size
-    budget = lvr_steps if decoding == "steps" else max_latent_steps
     in_lat = input_ids[:, -1] == ids.start  # the mode flag (a prompt may end in <|lvr_start|>)
     n_lat = torch.zeros(B, dtype=torch.long, device=dev)  # latent steps taken in the current span
     force = torch.full((B,), -1, dtype=torch.long, device=dev)  # a token to force at the next step
     done = torch.zeros(B, dtype=torch.bool, device=dev)
-    k_lat = torch.zeros(
-        B, dtype=torch.long, device=dev
-    )  # latent steps taken in all spans (latents_in's index)
+    k_lat = torch.zeros(B, dtype=torch.long, device=dev)  # latent steps in all spans (latents_in's index)
     steps = []
     for i in range(max_new_tokens):
         # 3) every row samples; a token forced by the previous step replaces the sample
@@ -450,46 +431,27 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
         tok = torch.where(force >= 0, force, tok)
         vec = latent_input(model, h)  # (B, C) the latent input of rows that stay in their span
         # 4) which rows in a span leave it now, and with which token
-        tok, exit_, forced, force = span_exit(
-            decoding,
-            ids,
-            tok,
-            vec,
-            in_lat,
-            n_lat,
-            budget,
-            force_end,
-            exits,
-            end_vec,
-            end_metric,
-            end_threshold,
-            scaled=not hasattr(model, "lvr_latent_end_emb"),
-        )
+        out = span_exit(rule, ids, tok, vec, in_lat, n_lat)
+        tok, force = out.tok, out.force_next
         # 5) rows still in their span take a latent step: their own hidden state is the next input
-        latent_step = in_lat & ~exit_ & ~done
+        latent_step = in_lat & ~out.leave & ~done
         if latents_in is not None:  # (diagnostics: a given vector instead)
             given = latents_in[torch.arange(B, device=dev), k_lat.clamp(max=latents_in.shape[1] - 1)]
             vec = torch.where((k_lat < n_in)[:, None], given.to(vec.dtype), vec)
             k_lat = k_lat + latent_step
         tok = torch.where(latent_step, ids.latent, tok)
         tok = torch.where(done, stop[0], tok)
-        x = torch.where(
-            latent_step[:, None], vec.to(emb.weight.dtype), model.token_embeds(tok[:, None])[:, 0]
-        )
+        text = model.token_embeds(tok[:, None])[:, 0]  # (B, C) (official LVR: its own <|lvr_latent_end|>)
+        x = torch.where(latent_step[:, None], vec.to(emb.weight.dtype), text)
         # 6) record: a latent step is a sampled "continue" only under the token exit, past the first step
-        sampled = torch.where(latent_step, (decoding == "token") & (n_lat > 0), sampled & ~forced)
+        sampled = torch.where(latent_step, (decoding == "token") & (n_lat > 0), sampled & ~out.forced)
         lp = (logits.float() / (temperature or 1.0)).log_softmax(-1)
         lp = torch.where(latent_step, continue_logprob(lp, exits), lp.gather(1, tok[:, None])[:, 0])
-        record = (
-            tok,
-            torch.where(latent_step[:, None], vec, 0.0),
-            latent_step,
-            torch.where(sampled, lp, 0.0),
-            sampled,
-        )
+        fed = torch.where(latent_step[:, None], vec, 0.0)
+        record = (tok, fed, latent_step, torch.where(sampled, lp, 0.0), sampled)
         # 7) update the modes: leave, enter, finish
-        n_lat = torch.where(latent_step, n_lat + 1, torch.where(exit_, 0, n_lat))
-        in_lat = (in_lat & ~exit_) | (~in_lat & (tok == ids.start) & ~done)
+        n_lat = torch.where(latent_step, n_lat + 1, torch.where(out.leave, 0, n_lat))
+        in_lat = (in_lat & ~out.leave) | (~in_lat & (tok == ids.start) & ~done)
         done = done | (~latent_step & ~in_lat & torch.isin(tok, stop))
         steps.append(record + (done,))
         if i == max_new_tokens - 1 or (i % 16 == 15 and bool(done.all())):  # a host sync every 16 steps only
@@ -498,9 +460,8 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
         logits = model.lm_head(h)
     toks, lats, is_lats, logps, sampled, dones = (torch.stack(t, 1) for t in zip(*steps))
     n = min(int((~dones.all(0)).sum()) + 1, dones.shape[1])  # up to the step the last row stopped
-    return Rollout(
-        torch.cat([input_ids, toks[:, :n]], 1), lats[:, :n], is_lats[:, :n], logps[:, :n], sampled[:, :n]
-    )
+    tokens = torch.cat([input_ids, toks[:, :n]], 1)
+    return Rollout(tokens, lats[:, :n], is_lats[:, :n], logps[:, :n], sampled[:, :n])
 
 
 def nearest_cells(latents, feats):

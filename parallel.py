@@ -88,13 +88,13 @@ def load_sharded(path, dtype, device, init=None, fix=None):
     rank copies its rows of each weight from the memory-mapped safetensors, one tensor at a time.
     init(model): run on the meta model before sharding (add a latent head, the latent tokens); fix(name,
     full): edit a full tensor on the CPU before it is split (the latent tokens' rows). A latent head the
-    checkpoint lacks starts as qwen.latent_head's init, seeded alike on every rank. -> (Root, model)."""
+    checkpoint lacks starts as qwen.latent_head's init, seeded alike on every rank.
+    -> (the Root over the shards, the model, what init returned)."""
     rank, world = rank_world()
     cfg = qwen.read_config(path)
     with torch.device("meta"):
         model = qwen.Qwen2_5_VL(cfg)
-        if init is not None:
-            init(model)
+        made = init(model) if init is not None else None
     where = qwen.weight_index(path, cfg.tie_word_embeddings)
     new_head = {k for k in model.state_dict() if k.startswith("lvr_head.") and k not in where}
     qwen.check_keys(path, {k: v.shape for k, v in model.state_dict().items() if k not in new_head}, where)
@@ -103,18 +103,16 @@ def load_sharded(path, dtype, device, init=None, fix=None):
             torch.manual_seed(0)
             head = {f"lvr_head.{k}": v.detach() for k, v in qwen.latent_head(model.cfg).named_parameters()}
     root = shard(model)
-    swap = torch.__future__.get_swap_module_params_on_conversion()
-    torch.__future__.set_swap_module_params_on_conversion(True)  # the same Parameter objects, materialised:
-    model.to_empty(device=device)  # (else FSDP swaps in new ones at the first forward, behind the optimizer)
-    torch.__future__.set_swap_module_params_on_conversion(swap)
+    model.to_empty(device=device)
     for name, p in model.named_parameters():
-        full = head[name] if name in new_head else qwen.read_weight(where[name], torch.float32)  # (CPU)
+        # one full tensor at a time, on the CPU
+        full = head[name] if name in new_head else qwen.read_weights(where, [name], torch.float32)[name]
         full = (fix(name, full) if fix is not None else full).to(dtype)
         local = p.to_local()  # this rank's rows of dim 0: FSDP2 splits as torch.chunk does
         rows = -(-full.shape[0] // world)
         with torch.no_grad():
             local.copy_(full[rank * rows:rank * rows + local.shape[0]])
-    return root, model
+    return root, model, made
 
 
 @contextlib.contextmanager

@@ -26,15 +26,9 @@ from tokenizers import Tokenizer
 from cli import InputError
 from vision import MLP, RMSNorm, VisionConfig, VisionTransformer, cos_sin, rope
 
-SPECIAL = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]  # every Qwen2.5-VL tokenizer has these; the tiny one adds them in this order
+# every Qwen2.5-VL tokenizer has these; the tiny one adds them in this order
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+           "<|image_pad|>", "<|video_pad|>"]
 
 
 @dataclass
@@ -118,9 +112,8 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)  # False at padding
-        self.next_pos = torch.zeros(
-            batch, dtype=torch.long, device=device
-        )  # M-RoPE position of the next token
+        # M-RoPE position of the next token
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         # decoded tokens have text positions (equal rows), never past their slot: one table, (max_len, hd)
         cos, sin = mrope(cfg, torch.arange(max_len, device=device).expand(3, 1, -1), rope_dtype or dtype)
         self.cos, self.sin = cos[0, 0], sin[0, 0]
@@ -193,9 +186,8 @@ class Qwen2Model(nn.Module):
 def causal_mask(valid, start, T, device):
     """(B, S) key validity (False at padding) -> (B, 1, T, S) bool mask for T queries at positions
     start..start+T-1: each sees the valid keys up to itself, and always itself (no all -inf rows)."""
-    d = (
-        torch.arange(start + T, device=device)[None] - torch.arange(start, start + T, device=device)[:, None]
-    )  # (T, S)
+    keys, queries = torch.arange(start + T, device=device), torch.arange(start, start + T, device=device)
+    d = keys[None] - queries[:, None]  # (T, S)
     return (((d <= 0)[None] & valid[:, None]) | (d == 0)[None])[:, None]
 
 
@@ -367,10 +359,8 @@ class Qwen2_5_VL(nn.Module):
             pos = cache.next_pos[:, None] + torch.arange(T, device=x.device)  # (B, T)
             return cache.cos[pos][:, None], cache.sin[pos][:, None], pos[:, -1] + 1
         position_ids = position_ids.to(x.device)
-        return (
-            *mrope(self.cfg, position_ids, x.dtype),
-            position_ids.amax(dim=(0, 2)) + 1,
-        )  # padding sits at 0
+        cos, sin = mrope(self.cfg, position_ids, x.dtype)
+        return cos, sin, position_ids.amax(dim=(0, 2)) + 1  # (padding sits at 0)
 
     def generate(self, input_ids, pixel_values=None, grid_thw=None, attention_mask=None, max_new_tokens=16,
                  temperature=0.0, top_k=0, top_p=1.0, stop_ids=None, generator=None):
@@ -392,13 +382,11 @@ class Qwen2_5_VL(nn.Module):
                 out.append(tok)
                 done = done | torch.isin(tok, stop)
                 dones.append(done)
-                if i == max_new_tokens - 1 or (
-                    i % 16 == 15 and bool(done.all())
-                ):  # a host sync every 16 steps
+                # a host sync every 16 steps
+                if i == max_new_tokens - 1 or (i % 16 == 15 and bool(done.all())):
                     break
-                logits = self.lm_head(
-                    self(inputs_embeds=self.model.embed_tokens(tok[:, None]), cache=cache)[:, -1]
-                )
+                h = self(inputs_embeds=self.model.embed_tokens(tok[:, None]), cache=cache)
+                logits = self.lm_head(h[:, -1])
         n = min(int((~torch.stack(dones).all(1)).sum()) + 1, len(out))  # up to the step the last row stopped
         return torch.cat([input_ids, torch.stack(out[:n], 1)], 1)
 
@@ -420,7 +408,7 @@ class Qwen2_5_VL(nn.Module):
             model = cls(cfg)
         where = weight_index(path, cfg.tie_word_embeddings)
         check_keys(path, {k: v.shape for k, v in model.state_dict().items()}, where)
-        state = {name: read_weight(where[name], dtype, device) for name in model.state_dict()}
+        state = read_weights(where, model.state_dict(), dtype, device)
         model.load_state_dict(state, strict=True, assign=True)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight  # assign=True made two Parameters
@@ -457,16 +445,16 @@ def read_config(path):
 
 
 def weight_index(path, tied):
-    """Our parameter name -> (file, its key there), for every tensor of the checkpoint's safetensors: the
-    official keys, or transformers 5's `model.language_model.` / `model.visual.`; a tied head reads the
-    embedding (`tied`). Only the headers are read."""
+    """Our parameter name -> (file, its key there, its shape), for every tensor of the checkpoint's
+    safetensors: the official keys, or transformers 5's `model.language_model.` / `model.visual.`; a tied
+    head reads the embedding (`tied`). Only the headers are read."""
     where = {}
     for file in safetensors_files(path):
         try:
             with safe_open(file, framework="pt") as f:
                 for key in f.keys():
                     name = key.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
-                    where[name] = (file, key)
+                    where[name] = (file, key, tuple(f.get_slice(key).get_shape()))
         except (SafetensorError, OSError) as e:
             raise InputError(f"{file}: cannot read safetensors (truncated or corrupted?): {e}") from None
     if tied and "lm_head.weight" not in where and "model.embed_tokens.weight" in where:
@@ -481,24 +469,33 @@ def check_keys(path, expected, where):
     if bad:
         raise InputError(f"{path}: {bad[0]}")
     for name, shape in expected.items():
-        file, key = where[name]
-        with safe_open(file, framework="pt") as f:
-            got = f.get_slice(key).get_shape()
-        if tuple(got) != tuple(shape):
-            raise InputError(f"{path}: key {name} has shape {tuple(got)}, the config expects {tuple(shape)}")
+        if where[name][2] != tuple(shape):
+            got = where[name][2]
+            raise InputError(f"{path}: key {name} has shape {got}, the config expects {tuple(shape)}")
 
 
-def read_weight(at, dtype, device="cpu"):
-    """One tensor, (file, key) from weight_index, in `dtype` on `device`."""
-    file, key = at
-    try:
-        with safe_open(file, framework="pt", device=str(device)) as f:
-            t = f.get_tensor(key)
-    except (SafetensorError, OSError) as e:
-        raise InputError(f"{file}: cannot read safetensors (truncated or corrupted?): {e}") from None
-    if not t.is_floating_point():
-        raise InputError(f"{file}: {key} has dtype {t.dtype}, weights must be floats")
-    return t.to(dtype)
+def read_weights(where, names, dtype, device="cpu"):
+    """{name: tensor} for `names` (keys of weight_index's `where`), in `dtype` on `device`: each file
+    opened once, each stored tensor read once (a tied head shares the embedding's)."""
+    by_file, out = {}, {}
+    for name in names:
+        by_file.setdefault(where[name][0], []).append(name)
+    for file, file_names in by_file.items():
+        read = {}  # key -> tensor
+        try:
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                for name in file_names:
+                    key = where[name][1]
+                    if key not in read:
+                        read[key] = f.get_tensor(key)
+                        if not read[key].is_floating_point():
+                            dtype_ = read[key].dtype
+                            raise InputError(f"{file}: {key} has dtype {dtype_}, weights must be floats")
+                        read[key] = read[key].to(dtype)
+                    out[name] = read[key]
+        except (SafetensorError, OSError) as e:
+            raise InputError(f"{file}: cannot read safetensors (truncated or corrupted?): {e}") from None
+    return out
 
 
 def safetensors_files(path):

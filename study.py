@@ -187,9 +187,9 @@ def summary(recs):
 
 def main(argv):
     cli.configure(globals(), argv)
-    done = (
-        {r["key"]: r for r in map(json.loads, open(results))} if os.path.exists(results) else {}
-    )  # finished runs
+    done = {}  # finished runs
+    if os.path.exists(results):
+        done = {r["key"]: r for r in map(json.loads, open(results))}
     if report:
         print(summary(list(done.values())))
         return draw(list(done.values()))
@@ -230,9 +230,8 @@ def main(argv):
                 one(task, method, int(seed), best[method])
         if "grpo" not in methods:
             continue
-        step_s = (
-            one(task, "lvr", tune_seed, best["lvr"])[0]["cpu_s"] / max_iters
-        )  # per SFT step, all included
+        # per SFT step, all included
+        step_s = one(task, "lvr", tune_seed, best["lvr"])[0]["cpu_s"] / max_iters
 
         def grpo_run(seed, glr):
             _, lvr_out = one(task, "lvr", seed, best["lvr"])

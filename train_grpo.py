@@ -19,10 +19,12 @@ N processes (torchrun, parallel.py) give the one-process run: each rank rolls ou
 seeded by its place in the stream; what is global (kept groups, the normaliser, the gradient, the
 statistics) is summed over ranks. DDP's sum is by hand: ranks run different numbers of micro-batches.
 """
+import dataclasses
 import math
 import os
 import signal
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -92,9 +94,8 @@ def prompts(n, records, mine):
     draws, or the shuffled records) -> (examples, one generator per prompt, seeded by its place in the
     stream)."""
     index = range(n * batch_size, (n + 1) * batch_size)[mine]
-    gens = [
-        torch.Generator(device).manual_seed(((seed << 32) + i) % 2**64) for i in index
-    ]  # (seed, i) -> its own
+    # (seed, i): its own
+    gens = [torch.Generator(device).manual_seed(((seed << 32) + i) % 2**64) for i in index]
     if records is None:
         return [tasks.synthetic("grpo", i, seed, image_size, task) for i in index], gens
 
@@ -176,21 +177,13 @@ def main(argv):
             if stopping or step % eval_interval == 0 or step == max_iters:
                 if rank == 0:
                     tqdm.write(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in stats.items()))
-                parallel.save(
-                    model,
-                    tok,
-                    opt,
-                    out_dir,
-                    {"step": step, "log": log, "config": config, "drawn": drawn},
-                    fsdp,
-                    rank,
-                )
+                train_state = {"step": step, "log": log, "config": config, "drawn": drawn}
+                parallel.save(model, tok, opt, out_dir, train_state, fsdp, rank)
             if stopping:
                 if rank == 0:
                     print(f"\nstopped: saved step {step} to {out_dir}")
-                raise SystemExit(
-                    128 + (signalled[0] if signalled else signal.SIGINT)
-                )  # 130 for Ctrl-C, 143 for SIGTERM
+                # 130: Ctrl-C, 143: SIGTERM
+                raise SystemExit(128 + (signalled[0] if signalled else signal.SIGINT))
     finally:
         bar.close()
         if SKIPPED:
@@ -199,36 +192,55 @@ def main(argv):
             dist.destroy_process_group()
 
 
+@dataclass
+class Round:
+    """One round of this rank's rollouts, B prompts x G completions: what the update needs. Per row (B*G)
+    the tensors named in ROW_FIELDS; per prompt (B) the lists at the end."""
+    n_prompt: int  # T: the padded prompt length
+    seqs: torch.Tensor  # (B*G, T + L) prompt and completion tokens
+    attn: torch.Tensor  # (B*G, T + L) 1 on real tokens
+    latents: torch.Tensor  # (B*G, L, C) the vector fed at each latent step
+    is_latent: torch.Tensor  # (B*G, L)
+    sampled: torch.Tensor  # (B*G, L) the decisions the policy drew: what carries a log-prob
+    reward: torch.Tensor  # (B*G,) the weighted sum of the rewards
+    accuracy: torch.Tensor  # (B*G,) each reward function's score
+    format: torch.Tensor
+    lengths: torch.Tensor  # (B*G,) completion tokens up to the stop
+    latent_steps: torch.Tensor  # (B*G,)
+    rollout_s: float  # seconds the rollout took
+    feats: list  # per prompt: its merged image tokens, from the rollout's tower
+    n_tok: list  # per prompt: how many those are
+    pixel_values: list  # per prompt: its images, for a tower that trains
+    grids: list
+
+    ROW_FIELDS = ("seqs", "attn", "latents", "is_latent", "sampled", "reward", "accuracy", "format",
+                  "lengths", "latent_steps")
+
+    def groups(self, keep):
+        """The round restricted to the prompts (groups) in the bool mask `keep` (B,)."""
+        rows = keep.repeat_interleave(group_size)
+        per_row = {k: getattr(self, k)[rows.to(getattr(self, k).device)] for k in self.ROW_FIELDS}
+        per_prompt = {k: [x for x, kept in zip(getattr(self, k), keep.tolist()) if kept]
+                      for k in ("feats", "n_tok", "pixel_values", "grids")}
+        return dataclasses.replace(self, **per_row, **per_prompt)
+
+
 def rollout_round(policy, tok, ids, exs, gens, autocast):
-    """B prompts (this rank's), G sampled completions each, scored -> one `round`: what the update needs,
-    per row (B*G) or per prompt (B). 1) each image encoded once for its G rows; 2) the rollout: the B
-    prompts prefilled once, G rows each (both run through the policy's Root); 3) the rewards."""
+    """B prompts (this rank's), G sampled completions each, scored -> a Round. 1) each image encoded once
+    for its G rows; 2) the rollout: the B prompts prefilled once, G rows each (both run through the
+    policy's Root); 3) the rewards."""
     G, dev, model, stop = group_size, device, policy.model, [tok.im_end, tok.endoftext]
     p = data.prompt_batch(exs, tok, min_pixels, max_pixels)  # with all of each example's images
     metric, threshold = lvr.end_rule(model, end_metric, end_threshold)
 
     def encode_and_roll(m):
         feats = m.visual(p["pixel_values"].to(dev), p["grid_thw"])
-        return feats, lvr.rollout(
-            m,
-            ids,
-            p["input_ids"].to(dev),
-            None,
-            p["grid_thw"],
-            p["attention_mask"].to(dev),
-            max_new_tokens,
-            decoding,
-            lvr_steps,
-            force_end,
-            max_latent_steps,
-            threshold,
-            metric,
-            temperature,
-            stop_ids=stop,
-            generator=gens,
-            feats=feats,
-            group_size=G,
-        )
+        r = lvr.rollout(m, ids, p["input_ids"].to(dev), attention_mask=p["attention_mask"].to(dev),
+                        grid_thw=p["grid_thw"], feats=feats, max_new_tokens=max_new_tokens, decoding=decoding,
+                        lvr_steps=lvr_steps, force_end=force_end, max_latent_steps=max_latent_steps,
+                        end_threshold=threshold, end_metric=metric, temperature=temperature, stop_ids=stop,
+                        generator=gens, group_size=G)
+        return feats, r
     t0 = time.time()
     model.eval()
     with torch.no_grad(), autocast, parallel.gathered(policy, fsdp):  # (FSDP: ranks decode different lengths)
@@ -238,67 +250,35 @@ def rollout_round(policy, tok, ids, exs, gens, autocast):
     comp = r.tokens[:, T:]
     rows = [row[:next((j + 1 for j, t in enumerate(row) if t in stop), len(row))] for row in comp.tolist()]
     texts = [tok.decode(row) for row in rows]  # each completion up to its stop token, decoded once
-    scores = {
-        k: torch.tensor([fn(texts[i], row, exs[i // G]["answer"], ids, stop) for i, row in enumerate(rows)])
-        for k, fn in grpo.REWARDS.items()
-    }
-    return {
-        "T": T,
-        "seqs": r.tokens,
-        "latents": r.latents,
-        "is_latent": r.is_latent,
-        "act": r.sampled,
-        "attn": torch.cat([p["attention_mask"].repeat_interleave(G, 0).to(dev), torch.ones_like(comp)], 1),
-        "reward": accuracy_weight * scores["accuracy"] + format_weight * scores["format"],
-        **scores,
-        "lengths": torch.tensor([len(row) for row in rows]),
-        "latent_steps": r.is_latent.sum(1).cpu(),
-        "rollout_s": time.time() - t0,
-        "feats": list(feats.split(p["n_image_tokens"])),
-        "n_tok": p["n_image_tokens"],  # per prompt:
-        "pvs": [
-            torch.cat([pv for pv, _ in ims]) for ims in p["images"]
-        ],  # its images, for a tower that trains
-        "grids": [torch.cat([g for _, g in ims]) for ims in p["images"]],
-    }
-
-
-def keep_groups(rnd, keep):
-    """The round restricted to the groups (prompts) in the bool mask `keep` (B,)."""
-    rows = keep.repeat_interleave(group_size)
-    out = {
-        k: (v[rows.to(v.device)] if torch.is_tensor(v) and len(v) == len(rows) else v) for k, v in rnd.items()
-    }
-    out.update(
-        {k: [x for x, kept in zip(rnd[k], keep.tolist()) if kept] for k in ("feats", "n_tok", "pvs", "grids")}
-    )
-    return out
+    answers = [exs[i // G]["answer"] for i in range(len(rows))]
+    scores = {k: torch.tensor([fn(text, row, a, ids, stop) for text, row, a in zip(texts, rows, answers)])
+              for k, fn in grpo.REWARDS.items()}
+    prompt_mask = p["attention_mask"].repeat_interleave(G, 0).to(dev)
+    return Round(n_prompt=T, seqs=r.tokens, attn=torch.cat([prompt_mask, torch.ones_like(comp)], 1),
+                 latents=r.latents, is_latent=r.is_latent, sampled=r.sampled,
+                 reward=accuracy_weight * scores["accuracy"] + format_weight * scores["format"],
+                 accuracy=scores["accuracy"], format=scores["format"],
+                 lengths=torch.tensor([len(row) for row in rows]), latent_steps=r.is_latent.sum(1).cpu(),
+                 rollout_s=time.time() - t0, feats=list(feats.split(p["n_image_tokens"])),
+                 n_tok=p["n_image_tokens"],
+                 pixel_values=[torch.cat([pv for pv, _ in ims]) for ims in p["images"]],
+                 grids=[torch.cat([g for _, g in ims]) for ims in p["images"]])
 
 
 def decision_logprobs(m, r, rows, frozen, exits):
-    """(rows, L) log-probs of round r's decisions at `rows` under model m (run through its Root). frozen: the
-    rollout's image features; else m's own tower encodes the rows' prompts (a tower that trains, or the
-    reference's).
-    """
+    """(rows, L) log-probs of round r's decisions at `rows` under model m (run through its Root). frozen:
+    the rollout's image features; else m's own tower encodes the rows' prompts (a tower that trains, or
+    the reference's)."""
     of = (rows // group_size).tolist()  # each row's prompt
     if frozen:
-        f = r["feats"]
+        f = r.feats
     else:
         u = sorted(set(of))
-        f = m.visual(torch.cat([r["pvs"][i] for i in u]).to(device), torch.cat([r["grids"][i] for i in u]))
-        f = dict(zip(u, f.split([r["n_tok"][i] for i in u])))
-    return grpo.completion_logprobs(
-        m,
-        r["seqs"][rows],
-        r["attn"][rows],
-        r["T"],
-        torch.cat([r["grids"][i] for i in of]),
-        torch.cat([f[i] for i in of]),
-        r["latents"][rows],
-        r["is_latent"][rows],
-        temperature,
-        exits,
-    )
+        f = m.visual(torch.cat([r.pixel_values[i] for i in u]).to(device), torch.cat([r.grids[i] for i in u]))
+        f = dict(zip(u, f.split([r.n_tok[i] for i in u])))
+    grids, feats = torch.cat([r.grids[i] for i in of]), torch.cat([f[i] for i in of])
+    return grpo.completion_logprobs(m, r.seqs[rows], r.attn[rows], r.n_prompt, grids, feats, r.latents[rows],
+                                    r.is_latent[rows], temperature, exits)
 
 
 def update(policy, ref, ids, rounds, filler, opt, params, autocast):
@@ -307,26 +287,23 @@ def update(policy, ref, ids, rounds, filler, opt, params, autocast):
     normaliser is the step's, over every round and rank; `filler`: a round to pad FSDP's micro-batches with.
     """
     G, dev = group_size, device
-    exits = (
-        lvr.exit_tokens(ids, decoding) if decoding == "token" else []
-    )  # a sampled "continue" at latent steps
-    total = torch.tensor(
-        [float(sum(len(r["seqs"]) for r in rounds)), float(sum(int(r["act"].sum()) for r in rounds))]
-    )
-    n_rows, n_act = parallel.all_reduce(total.to(dev)).tolist()
+    # a sampled "continue" at latent steps
+    exits = lvr.exit_tokens(ids, decoding) if decoding == "token" else []
+    rows_here, sampled_here = sum(len(r.seqs) for r in rounds), sum(int(r.sampled.sum()) for r in rounds)
+    total = torch.tensor([float(rows_here), float(sampled_here)], device=dev)
+    n_rows, n_act = parallel.all_reduce(total).tolist()
     work = []  # (round, its advantages, its loss weights, a micro-batch of its rows)
     for r in rounds:
-        adv = grpo.group_advantages(r["reward"], G, scale_rewards).to(dev)
-        weights = grpo.loss_weights(r["act"], loss_norm, max_new_tokens, total=(n_rows, n_act))
-        rows = (
-            max(1, micro_batch_tokens // r["seqs"].shape[1]) if micro_batch_tokens else len(r["seqs"])
-        )  # a token budget
-        work += [(r, adv, weights, c) for c in torch.arange(len(r["seqs"]), device=dev).split(rows)]
-    if (
-        fsdp
-    ):  # each micro-batch's forward is a collective: every rank runs as many, the extra ones weigh nothing
+        adv = grpo.group_advantages(r.reward, G, scale_rewards).to(dev)
+        weights = grpo.loss_weights(r.sampled, loss_norm, max_new_tokens, total=(n_rows, n_act))
+        rows = len(r.seqs)  # per micro-batch: all, or a token budget's worth
+        if micro_batch_tokens:
+            rows = max(1, micro_batch_tokens // r.seqs.shape[1])
+        work += [(r, adv, weights, c) for c in torch.arange(len(r.seqs), device=dev).split(rows)]
+    # each micro-batch's forward is a collective: every rank runs as many, the extra ones weigh nothing
+    if fsdp:
         n = int(parallel.all_reduce(torch.tensor(len(work), device=dev), dist.ReduceOp.MAX))
-        nothing = (torch.zeros(len(filler["seqs"]), device=dev), torch.zeros(filler["act"].shape, device=dev))
+        nothing = (torch.zeros(len(filler.seqs), device=dev), torch.zeros(filler.sampled.shape, device=dev))
         work += [(filler, *nothing, torch.arange(1, device=dev))] * (n - len(work))
     ref_logp, old_logp = [None] * len(work), [None] * len(work)
     with torch.no_grad(), autocast:
@@ -358,9 +335,8 @@ def train_step(policy, ref, tok, ids, records, drawn, opt, params, autocast, sig
     spread, at most max_draws), then update on the kept groups -> (the step's statistics over all ranks,
     prompt rounds drawn so far, whether any rank was asked to stop)."""
     t0, (rank, world) = time.time(), parallel.rank_world()
-    mine = slice(
-        rank * batch_size // world, (rank + 1) * batch_size // world
-    )  # this rank's prompts of a round
+    # this rank's prompts of a round
+    mine = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
     rounds, seen, kept = [], [], 0
     while True:
         with cli.out_of_memory("a GRPO rollout", ROLLOUT_OOM, out_dir):
@@ -368,41 +344,34 @@ def train_step(policy, ref, tok, ids, records, drawn, opt, params, autocast, sig
         drawn += 1
         seen.append(rnd)
         spread = torch.zeros(batch_size, device=device)  # every rank's groups, in the stream's order
-        spread[mine] = torch.ne(*rnd["reward"].view(-1, group_size).aminmax(dim=1)).float().to(device)
+        lo, hi = rnd.reward.view(-1, group_size).aminmax(dim=1)
+        spread[mine] = (lo != hi).float().to(device)
         has = parallel.all_reduce(spread).cpu().bool()
         keep = has & (torch.cumsum(has, 0) <= batch_size - kept) if filter_groups else torch.ones_like(has)
         kept += int(keep.sum())
         if keep[mine].any():
-            rounds.append(keep_groups(rnd, keep[mine]))
+            rounds.append(rnd.groups(keep[mine]))
         if not filter_groups or kept >= batch_size or len(seen) == max_draws:
             break
     with cli.out_of_memory("a GRPO update", UPDATE_OOM, out_dir):
-        loss, kl, n_act = (
-            update(policy, ref, ids, rounds, seen[0], opt, params, autocast) if kept else (0.0, 0.0, 0)
-        )
+        loss, kl, n_act = 0.0, 0.0, 0
+        if kept:
+            loss, kl, n_act = update(policy, ref, ids, rounds, seen[0], opt, params, autocast)
     # 5) statistics: sums over this rank's rows, then over the ranks (with the stop flag)
-    means = ("reward", "accuracy", "format", "lengths", "latent_steps")
-    rows = [float(torch.cat([r[k] for r in seen]).double().sum()) for k in means]
-    flat = torch.cat([torch.eq(*r["reward"].view(-1, group_size).aminmax(dim=1)) for r in seen])
-    *rows, loss, kl, n_flat, n, secs, stopping = parallel.all_reduce(
-        torch.tensor(
-            [
-                *rows,
-                float(loss),
-                float(kl),
-                float(flat.sum()),
-                len(flat),
-                sum(r["rollout_s"] for r in seen),
-                len(signalled),
-            ],
-            dtype=torch.float64,
-            device=device,
-        )
-    ).tolist()
-    return {"loss": loss, **{k.replace("lengths", "length"): v / n / group_size for k, v in zip(means, rows)},
-            "flat_groups": n_flat / n, "kept_groups": kept, "draws": len(seen), "kl": kl / max(1, n_act),
-            "rollout_tok_s": rows[3] / (secs / world), "step_s": time.time() - t0}, drawn, stopping > 0
-
+    sums = {k: float(torch.cat([getattr(r, k) for r in seen]).double().sum())
+            for k in ("reward", "accuracy", "format", "lengths", "latent_steps")}
+    flat = torch.cat([torch.eq(*r.reward.view(-1, group_size).aminmax(dim=1)) for r in seen])
+    sums.update(loss=float(loss), kl=float(kl), flat=float(flat.sum()), groups=len(flat),
+                rollout_s=sum(r.rollout_s for r in seen), stopping=len(signalled))
+    reduced = parallel.all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64, device=device))
+    total = dict(zip(sums, reduced.tolist()))
+    n_rows = total["groups"] * group_size
+    per_row = {k: total[k] / n_rows for k in ("reward", "accuracy", "format", "latent_steps")}
+    stats = {"loss": total["loss"], **per_row, "length": total["lengths"] / n_rows,
+             "flat_groups": total["flat"] / total["groups"], "kept_groups": kept, "draws": len(seen),
+             "kl": total["kl"] / max(1, n_act), "step_s": time.time() - t0,
+             "rollout_tok_s": total["lengths"] / (total["rollout_s"] / world)}
+    return stats, drawn, total["stopping"] > 0
 
 if __name__ == "__main__":
     cli.run(main)

@@ -122,9 +122,8 @@ def build(tmp, dev):
         path = out_dir
     elif init_from == "scratch":
         path = tmp
-        tok = tasks.build_tokenizer(
-            os.path.join(tmp, "tokenizer.json"), special=qwen.SPECIAL + tasks.LATENT_SPECIAL
-        )
+        special = qwen.SPECIAL + tasks.LATENT_SPECIAL
+        tok = tasks.build_tokenizer(os.path.join(tmp, "tokenizer.json"), special=special)
         cfg = qwen.Config.from_dict(tasks.tiny_config(tok, image_size))
         cfg.extra["lvr_head"] = latent_head
         torch.manual_seed(seed)
@@ -150,32 +149,24 @@ def build(tmp, dev):
                              f"--fsdp loads into its rows: add them first (train once without --fsdp)")
         # what the latents reconstruct, so that eval.py can build the same targets (its oracle row)
         model.cfg.extra["latent_targets"] = {"method": method, "max_latents": max_latents, "k": mirage_k}
-        if (
-            latent_end
-        ):  # the `latent` exit's distance: the one its embedding is trained with, and the threshold
+        if latent_end:  # the `latent` exit's distance (the one its embedding is trained with) and threshold
             model.cfg.extra.update(latent_end_metric=latent_loss, latent_end_threshold=end_threshold)
         return ids
 
     if fsdp:
         def fix(name, w):  # the latent tokens' rows, on the full CPU tensor
-            return (
-                lvr.latent_rows(w, before, len(tok))
-                if name in ("model.embed_tokens.weight", "lm_head.weight")
-                else w
-            )
-        box = []
-        root, model = parallel.load_sharded(path, torch.float32, dev, lambda m: box.append(init(m)), fix)
-        return root, model, tok, box[0]
+            if name in ("model.embed_tokens.weight", "lm_head.weight"):
+                return lvr.latent_rows(w, before, len(tok))
+            return w
+        root, model, ids = parallel.load_sharded(path, torch.float32, dev, init, fix)
+        return root, model, tok, ids
     model = checkpoint.load(path)[0]
     ids = init(model)
     model.to(dev)
     root = parallel.Root(model)
-    return (
-        (torch.nn.parallel.DistributedDataParallel(root) if dist.is_initialized() else root),
-        model,
-        tok,
-        ids,
-    )
+    if dist.is_initialized():
+        root = torch.nn.parallel.DistributedDataParallel(root)
+    return root, model, tok, ids
 
 
 def examples(start, n, records, split="train"):
@@ -193,22 +184,17 @@ def examples(start, n, records, split="train"):
 
 def collated(exs, tok, ids):
     """Examples -> one padded SFT batch (data.collate's fields)."""
-    return data.collate(
-        [
-            data.encode(e, tok, ids, method, max_latents, mirage_k, latent_end, min_pixels, max_pixels)
-            for e in exs
-        ],
-        tok.endoftext,
-    )
+    rows = [data.encode(e, tok, ids, method, max_latents, mirage_k, latent_end, min_pixels, max_pixels)
+            for e in exs]
+    return data.collate(rows, tok.endoftext)
 
 
 def get_lr(step):
     """Linear warmup, then a cosine from lr down to min_lr."""
     if step < warmup_iters:
         return lr * (step + 1) / warmup_iters
-    return min_lr + 0.5 * (lr - min_lr) * (
-        1 + math.cos(math.pi * (step - warmup_iters) / max(1, max_iters - warmup_iters))
-    )
+    progress = (step - warmup_iters) / max(1, max_iters - warmup_iters)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
 class MicroBatches(torch.utils.data.Dataset):
@@ -272,10 +258,8 @@ def main(argv):
     model.grad_checkpointing = grad_checkpointing
     if latent_loss == "cosine" and method != "none" and stage == 1 and "latent_norm" not in model.cfg.extra:
         with parallel.gathered(root, fsdp):  # (FSDP: resharded after, so the optimizer gets the shards)
-            root(
-                lvr.record_latent_norm,
-                data.to_device(collated(examples(0, batch_size, records), tok, ids), dev),
-            )
+            first = data.to_device(collated(examples(0, batch_size, records), tok, ids), dev)
+            root(lvr.record_latent_norm, first)
     # 3) optimizer, and the saved state when resuming
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
@@ -333,9 +317,8 @@ def main(argv):
             if stopping:
                 if rank == 0:
                     print(f"\nstopped: saved step {step} to {out_dir}")
-                raise SystemExit(
-                    128 + (signalled[0] if signalled else signal.SIGINT)
-                )  # 130 for Ctrl-C, 143 for SIGTERM
+                # 130: Ctrl-C, 143: SIGTERM
+                raise SystemExit(128 + (signalled[0] if signalled else signal.SIGINT))
     finally:
         bar.close()
         if SKIPPED and rank == 0:
@@ -359,9 +342,7 @@ def evaluate(root, model, tok, ids, records, held_out, dev, step):
         return
     rank, world = parallel.rank_world()
     model.eval()
-    budget = (
-        max(len(collated([e], tok, ids)["latent_slot"]) for e in exs) + 4
-    )  # the longest trained span, and then some
+    budget = max(len(collated([e], tok, ids)["latent_slot"]) for e in exs) + 4  # the longest span, and some
     right = torch.zeros(1, device=dev)
     with parallel.gathered(root, fsdp), cli.out_of_memory("an evaluation", EVAL_OOM, out_dir):
         if exs[rank::world]:

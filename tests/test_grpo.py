@@ -279,7 +279,7 @@ def test_filter_groups_trains_only_on_groups_with_signal(tmp_path, monkeypatch):
     trained = []
     real_update = train_grpo.update
     monkeypatch.setattr(train_grpo, "update", lambda model, ref, ids, rounds, *a: (
-        trained.append([r["reward"].view(-1, train_grpo.group_size) for r in rounds]),
+        trained.append([r.reward.view(-1, train_grpo.group_size) for r in rounds]),
         real_update(model, ref, ids, rounds, *a))[1])
     saved = dict(vars(train_grpo))
     try:
@@ -340,7 +340,7 @@ def test_micro_batch_tokens_and_checkpointing_give_the_unsplit_gradient(tmp_path
     policy = parallel.Root(model)
     rnd = train_grpo.rollout_round(policy, tok, ids, exs, [torch.Generator().manual_seed(i) for i in range(2)],
                                    torch.autocast("cpu", enabled=False))
-    assert rnd["reward"].view(2, 4).std(1).max() > 0  # a reward with spread: a real gradient
+    assert rnd.reward.view(2, 4).std(1).max() > 0  # a reward with spread: a real gradient
     params = [p for p in model.parameters() if p.requires_grad]
 
     class Grads:  # an optimizer that keeps the gradient it is given
@@ -350,7 +350,7 @@ def test_micro_batch_tokens_and_checkpointing_give_the_unsplit_gradient(tmp_path
         def zero_grad(self, set_to_none=True):
             model.zero_grad(set_to_none=True)
     got = {}
-    for tokens, ckpt in ((0, False), (2 * rnd["seqs"].shape[1], False), (rnd["seqs"].shape[1], True)):
+    for tokens, ckpt in ((0, False), (2 * rnd.seqs.shape[1], False), (rnd.seqs.shape[1], True)):
         monkeypatch.setattr(train_grpo, "micro_batch_tokens", tokens)  # all rows; 2 rows; 1 row at a time
         model.grad_checkpointing = ckpt
         opt = Grads()

@@ -90,10 +90,10 @@ loaded = []
 real_load = qwen.Qwen2_5_VL.from_pretrained
 qwen.Qwen2_5_VL.from_pretrained = lambda *a, **k: loaded.append(1)  # nobody loads the whole model
 tok = checkpoint.load_tokenizer({path!r})
-before, box = len(tok), []
+before = len(tok)
 fix = lambda n, w: lvr.latent_rows(w, before, len(tok)) if n == "model.embed_tokens.weight" else w
-add = lambda m: box.append(lvr.add_latent_tokens(m, tok))  # on the meta model, before sharding
-root, model = parallel.load_sharded({path!r}, torch.float32, dev, add, fix)
+add = lambda m: lvr.add_latent_tokens(m, tok)  # on the meta model, before sharding
+root, model, ids = parallel.load_sharded({path!r}, torch.float32, dev, add, fix)
 assert not loaded
 full = real_load({path!r})
 lvr.add_latent_tokens(full, checkpoint.load_tokenizer({path!r}))
@@ -102,7 +102,6 @@ for (name, p), q in zip(model.named_parameters(), full.parameters()):
     assert local.shape[0] <= rows < q.shape[0] or q.shape[0] == 1, name  # this rank's rows only
     assert torch.equal(local, q.detach()[rank * rows:rank * rows + local.shape[0]]), name
 # ranks decode different numbers of steps with the weights gathered: no collective per step, no hang
-ids = box[0]
 prompt = torch.tensor([tok.prompt("What is left?") + [ids.start]])
 n = 3 + 5 * rank
 with torch.no_grad(), parallel.gathered(root, True):

@@ -314,9 +314,8 @@ def test_a_save_killed_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
         time.sleep(rng.uniform(0.0, 0.4))
         p.send_signal(signal.SIGKILL)
         p.wait()
-        model, tok = checkpoint.load(
-            out
-        )  # the previous checkpoint, where it lies, if the kill fell between the renames
+        # the previous checkpoint, where it lies, if the kill fell between the renames
+        model, tok = checkpoint.load(out)
         step = checkpoint.load_train_state(out)["step"]
         assert step >= 1 and model.cfg.extra["lvr_token_ids"]
         last = step
