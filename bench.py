@@ -11,6 +11,7 @@ GRPO step: train_grpo on 2 processes vs 1. Load memory: a fresh process reading 
 the file size. SFT FLOPs: 6 per LM weight per token (no embedding, no attention) + the tower's forward.
 """
 import importlib.util
+import json
 import os
 import shutil
 import statistics
@@ -103,24 +104,106 @@ def make_checkpoint(size, path):
     model.save_pretrained(path)
 
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def peak_rss(setup, work):
+    """Peak resident-memory growth (bytes) of the Python source `work` in a fresh process, once `setup`
+    has run: /proc's VmHWM, reset after setup (clear_refs 5), over the VmRSS then."""
+    code = "\n".join([
+        f"import re, sys; sys.path.insert(0, {ROOT!r})",
+        "def kb(k): return int(re.search(k + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1))",
+        setup,
+        "open('/proc/self/clear_refs', 'w').write('5'); base = kb('VmRSS')",
+        work,
+        "print((kb('VmHWM') - base) * 1024)"])
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if r.returncode:
+        raise cli.InputError(f"a memory measurement failed: {r.stderr.strip().splitlines()[-1]}")
+    return int(r.stdout.split()[-1])
+
+
 def peak_load_rss(path, ours):
     """Peak resident-memory growth (bytes) of a fresh process loading the checkpoint and reading every
-    weight once (a memory-mapped load costs nothing until the weights are touched). Read from
-    /proc (VmHWM is per process image; ru_maxrss would carry over the forking parent's peak)."""
-    load = (
-        "import qwen; m = qwen.Qwen2_5_VL.from_pretrained(p)"
-        if ours
-        else "from transformers import Qwen2_5_VLForConditionalGeneration as M; "
-        "m = M.from_pretrained(p, dtype='float32')"
-    )
-    code = (
-        f"import re, sys, torch; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
-        f"kb = lambda k: int(re.search(k + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1)); "
-        f"p = {path!r}; import transformers; base = kb('VmRSS'); "
-        f"{load}; sum(float(q.detach().sum()) for q in m.parameters()); print((kb('VmHWM') - base) * 1024)"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    return int(r.stdout.split()[-1]) if r.returncode == 0 else float("nan")
+    weight once (a memory-mapped load costs nothing until the weights are touched)."""
+    if ours:
+        load = "import qwen; m = qwen.Qwen2_5_VL.from_pretrained(p)"
+    else:
+        load = ("from transformers import Qwen2_5_VLForConditionalGeneration as M; "
+                "m = M.from_pretrained(p, dtype='float32')")
+    return peak_rss(f"import torch, transformers; p = {path!r}",
+                    f"{load}; sum(float(q.detach().sum()) for q in m.parameters())")
+
+
+# the GRPO step's memory, the rollout and the update's log-probs, before and after their fixes: the
+# rollout's KV cache in the autocast dtype (before: fp32), and the completion logits LOGIT_CHUNK
+# positions at a time, recomputed in backward (before: every position at once)
+ROLLOUT_SETUP = """
+import torch, qwen, lvr
+model, tok = qwen.load(P)
+ids = lvr.latent_ids(tok)
+prompt = torch.tensor([tok.prompt("What colour is the square?")] * 2)
+if BEFORE:  # the cache in the activations' dtype, as it was
+    real = qwen.KVCache
+    qwen.KVCache = lambda cfg, b, n, dev, dtype, rope_dtype=None: real(cfg, b, n, dev, rope_dtype or dtype)
+"""
+ROLLOUT_WORK = """
+with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+    lvr.rollout(model, ids, prompt, max_new_tokens=N, decoding="token", temperature=0.9, group_size=8,
+                stop_ids=[-1])
+"""
+LOGPROB_SETUP = """
+import torch, grpo
+torch.manual_seed(0)
+head = torch.nn.Linear(C, V, bias=False)
+h = torch.randn(ROWS, L, C, requires_grad=True)
+comp = torch.randint(0, V, (ROWS, L))
+latent = torch.zeros(ROWS, L, dtype=torch.bool)
+chunk = 10 ** 9 if BEFORE else grpo.LOGIT_CHUNK
+"""
+LOGPROB_WORK = """
+out = []
+rows = max(1, chunk // L)
+for i in range(0, ROWS, rows):
+    args = (head, h[i:i + rows], comp[i:i + rows], latent[i:i + rows], 0.9, [])
+    out.append(torch.utils.checkpoint.checkpoint(grpo.decision_logprobs, *args, use_reentrant=False)
+               if chunk < ROWS * L else grpo.decision_logprobs(*args))
+torch.cat(out).sum().backward()
+"""
+
+
+def grpo_memory(path, cfg):
+    """-> ((rollout before, after), (log-probs before, after)) peak bytes: a 16-row rollout of 64 tokens
+    under bf16 autocast on the checkpoint at `path`; the log-probs and their backward over 16 rows of 256
+    completion tokens at cfg's width and vocabulary (the part of the update the chunking changes)."""
+    rollout = [peak_rss(f"P, BEFORE, N = {path!r}, {before}, 64" + ROLLOUT_SETUP, ROLLOUT_WORK)
+               for before in (True, False)]
+    shape = f"C, V, ROWS, L = {cfg.hidden_size}, {cfg.vocab_size}, 16, 256"
+    logprobs = [peak_rss(f"{shape}; BEFORE = {before}" + LOGPROB_SETUP, LOGPROB_WORK) for before in (True, False)]
+    return rollout, logprobs
+
+
+def data_wait(path, workers, steps=6):
+    """The fraction of train_sft's step time spent waiting for data, from scratch on 1-megapixel photos
+    (batch 4 of 1000 x 1000, resized to the official LVR bounds), with `workers` DataLoader workers;
+    the first step (the workers' start) left out."""
+    records = []
+    for i in range(8):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (1000, 1000, 3), np.uint8)).save(
+            os.path.join(path, f"{i}.jpg"))
+        records.append({"image": f"{i}.jpg", "bboxes": [[0.4, 0.4, 0.45, 0.45]], "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "<lvr>\nred"}]})
+    with open(os.path.join(path, "d.json"), "w") as f:
+        json.dump(records, f)
+    out = os.path.join(path, f"out{workers}")
+    r = subprocess.run([sys.executable, "train_sft.py", "--data_path", os.path.join(path, "d.json"),
+                        "--image_root", path, "--batch_size", "4", "--max_iters", str(steps), "--eval_examples", "0",
+                        "--eval_interval", str(steps), "--data_workers", str(workers), "--out_dir", out],
+                       capture_output=True, text=True, cwd=ROOT)
+    if r.returncode:
+        raise cli.InputError(f"train_sft.py failed in the bench: {r.stderr.strip().splitlines()[-1]}")
+    times = torch.load(os.path.join(out, "train_state.pt"))["times"][1:]
+    return sum(d for _, d in times) / sum(s for s, _ in times)
 
 
 @torch.no_grad()
@@ -295,6 +378,13 @@ def bench_size(size, rows):
                      peak_load_rss(tmp, False) / file_bytes if ref is not None else None, "x file", ""))
     if size == "tiny" and (device == "cpu" or torch.cuda.device_count() > 1):  # GRPO on 2 processes vs 1
         add("GRPO step, 2 processes (reference: 1 process)", *grpo_step_seconds(tmp))
+    if size == "0.5b" and device == "cpu":  # (peak memory read from /proc: CPU only)
+        (cache_fp32, cache_bf16), (whole, chunked) = grpo_memory(tmp, model.cfg)
+        add("GRPO rollout 16 rows x 64: peak MB, bf16 cache (ref: fp32)", cache_bf16 / 1e6, cache_fp32 / 1e6, "MB")
+        add("GRPO log-probs 16 x 256 + bwd: peak MB, chunked (ref: whole)", chunked / 1e6, whole / 1e6, "MB")
+    if size == "tiny":  # SFT on 1-megapixel photos: the step's wait for data, with workers and without
+        wait = [data_wait(tmp, workers) for workers in (2, 0)]
+        add("SFT step waiting for data, 1 MP: 2 workers (ref: 0)", *wait, "of the step")
     shutil.rmtree(tmp)
 
 

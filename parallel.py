@@ -163,6 +163,12 @@ def load_optimizer(model, opt, state, fsdp):
     set_optimizer_state_dict(model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=fsdp))
 
 
+def report_memory(device, rank):
+    """On CUDA, this rank's peak allocated memory, one line (gpu_check.py reads it)."""
+    if device.startswith("cuda"):
+        print(f"peak GPU memory rank {rank}: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")
+
+
 def rank_world():
     """-> (this process's rank, the number of processes): (0, 1) without torchrun."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)

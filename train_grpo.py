@@ -184,6 +184,7 @@ def main(argv):
                     print(f"\nstopped: saved step {step} to {out_dir}")
                 # 130: Ctrl-C, 143: SIGTERM
                 raise SystemExit(128 + (signalled[0] if signalled else signal.SIGINT))
+        parallel.report_memory(dev, rank)
     finally:
         bar.close()
         if SKIPPED:

@@ -263,11 +263,11 @@ def main(argv):
     # 3) optimizer, and the saved state when resuming
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
-    step, losses = 0, []
+    step, losses, times = 0, [], []  # times: per step, (seconds, of which waiting for data)
     if resume:
         state = checkpoint.load_train_state(out_dir, config)
         parallel.load_optimizer(model, opt, state, fsdp)
-        step, losses = state["step"], state["losses"]
+        step, losses, times = state["step"], state["losses"], state.get("times", [])
         torch.set_rng_state(state["rng"])
     # 4) the loop
     autocast = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
@@ -305,6 +305,7 @@ def main(argv):
             opt.zero_grad(set_to_none=True)
             step += 1
             losses.append((ce_sum, lat_sum, sw_sum))
+            times.append((time.time() - t0, t_data))
             bar.update(1)
             bar.set_postfix(ce=f"{ce_sum:.4f}", latent=f"{lat_sum:.4f}", switch=f"{sw_sum:.4f}",
                             lr=f"{get_lr(step - 1):.1e}", ms=f"{1000 * (time.time() - t0):.0f}",
@@ -312,13 +313,15 @@ def main(argv):
             if stopping or step % eval_interval == 0 or step == max_iters:
                 if not stopping:  # (no evaluation on the way out)
                     evaluate(root, model, tok, ids, records, held_out, dev, step)
-                parallel.save(model, tok, opt, out_dir, {"step": step, "losses": losses, "config": config,
-                                                         "rng": torch.get_rng_state()}, fsdp, rank)
+                train_state = {"step": step, "losses": losses, "times": times, "config": config,
+                               "rng": torch.get_rng_state()}
+                parallel.save(model, tok, opt, out_dir, train_state, fsdp, rank)
             if stopping:
                 if rank == 0:
                     print(f"\nstopped: saved step {step} to {out_dir}")
                 # 130: Ctrl-C, 143: SIGTERM
                 raise SystemExit(128 + (signalled[0] if signalled else signal.SIGINT))
+        parallel.report_memory(dev, rank)
     finally:
         bar.close()
         if SKIPPED and rank == 0:

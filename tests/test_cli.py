@@ -9,7 +9,7 @@ import cli
 from cli import InputError
 from test_train import run_all
 
-SCRIPTS = ["train_sft", "train_grpo", "eval", "sample", "bench", "study"]
+SCRIPTS = ["train_sft", "train_grpo", "eval", "sample", "bench", "study", "gpu_check"]
 
 
 def bad_value(kind, spec):

@@ -256,3 +256,13 @@ def test_an_official_latent_end_checkpoint_loads_and_exits_by_its_own_vector(tmp
     assert lvr.span_lengths(r.is_latent[0])[0] == 1 and lvr.span_lengths(r.is_latent[1])[0] == 4
     model.save_pretrained(str(tmp_path / "b"))  # written back under its official name
     assert "lvr_latent_end_emb" in load_file(str(tmp_path / "b" / "model.safetensors"))
+
+
+def test_the_gpu_check_runs_every_path(tmp_path):
+    """gpu_check.py's own runs, on CPU at the tiny shape: SFT under DDP and FSDP2, a resume, GRPO, eval."""
+    r = run("gpu_check.py", "--size", "tiny", "--processes", "2", "--steps", "3", "--work_dir", str(tmp_path))
+    assert r.returncode == 0 and "FAILED" not in r.stdout, r.stdout + r.stderr
+    for name in ("SFT, DDP (3 steps)", "SFT, FSDP2 (3 steps)", "SFT, FSDP2 resumed (+2)", "GRPO, DDP (2 steps)"):
+        line = next(x for x in r.stdout.splitlines() if x.startswith(name))
+        assert "median step" in line and "median step -" not in line, line
+    assert state(str(tmp_path / "fsdp2"))["step"] == 5 and "eval.py (8 records)          ok" in r.stdout
