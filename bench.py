@@ -44,30 +44,15 @@ reference = True  # also time transformers' implementation (when it is installed
 peak_tflops = 0.0  # [0, inf) the device's dense peak for `dtype` (989 for H100 bf16): also report SFT MFU
 # -----------------------------------------------------------------------------
 
-LM = {
-    "0.5b": dict(
-        hidden_size=896,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        intermediate_size=4864,
-        vocab_size=151936,
-        rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]},
-    ),
-    "3b": dict(
-        hidden_size=2048,
-        num_hidden_layers=36,
-        num_attention_heads=16,
-        num_key_value_heads=2,
-        intermediate_size=11008,
-        vocab_size=151936,
-        rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
-    ),
-}
-VISION = {
-    "0.5b": dict(depth=8, fullatt_block_indexes=[3, 7]),
-    "3b": dict(depth=32, fullatt_block_indexes=[7, 15, 23, 31]),
-}
+# the language models' and towers' shapes (Qwen2.5-VL-3B's official config; 0.5B: Qwen2.5-0.5B's LM)
+LM = {"0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                   intermediate_size=4864, vocab_size=151936,
+                   rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]}),
+      "3b": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+                 intermediate_size=11008, vocab_size=151936,
+                 rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})}
+VISION = {"0.5b": dict(depth=8, fullatt_block_indexes=[3, 7]),
+          "3b": dict(depth=32, fullatt_block_indexes=[7, 15, 23, 31])}
 
 
 def timed(*fns, n=None, warmup=True):
@@ -89,9 +74,8 @@ def timed(*fns, n=None, warmup=True):
 
 def make_checkpoint(size, path):
     """A random checkpoint of the given shape (tiny tokenizer; the special-token ids come from it)."""
-    tok = tasks.build_tokenizer(
-        os.path.join(path, "tokenizer.json"), special=qwen.SPECIAL + tasks.LATENT_SPECIAL
-    )
+    special = qwen.SPECIAL + tasks.LATENT_SPECIAL
+    tok = tasks.build_tokenizer(os.path.join(path, "tokenizer.json"), special=special)
     d = tasks.tiny_config(tok, 448)
     if size != "tiny":
         d.update(LM[size], rope_theta=1e6, max_position_embeddings=32768)
@@ -179,7 +163,8 @@ def grpo_memory(path, cfg):
     rollout = [peak_rss(f"P, BEFORE, N = {path!r}, {before}, 64" + ROLLOUT_SETUP, ROLLOUT_WORK)
                for before in (True, False)]
     shape = f"C, V, ROWS, L = {cfg.hidden_size}, {cfg.vocab_size}, 16, 256"
-    logprobs = [peak_rss(f"{shape}; BEFORE = {before}" + LOGPROB_SETUP, LOGPROB_WORK) for before in (True, False)]
+    logprobs = [peak_rss(f"{shape}; BEFORE = {before}" + LOGPROB_SETUP, LOGPROB_WORK)
+                for before in (True, False)]
     return rollout, logprobs
 
 
@@ -191,15 +176,16 @@ def data_wait(path, workers, steps=6):
     for i in range(8):
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (1000, 1000, 3), np.uint8)).save(
             os.path.join(path, f"{i}.jpg"))
-        records.append({"image": f"{i}.jpg", "bboxes": [[0.4, 0.4, 0.45, 0.45]], "conversations": [
-            {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "<lvr>\nred"}]})
+        turns = [{"from": "human", "value": "<image>\nWhat colour is it?"},
+                 {"from": "gpt", "value": "<lvr>\nred"}]
+        records.append({"image": f"{i}.jpg", "bboxes": [[0.4, 0.4, 0.45, 0.45]], "conversations": turns})
     with open(os.path.join(path, "d.json"), "w") as f:
         json.dump(records, f)
     out = os.path.join(path, f"out{workers}")
-    r = subprocess.run([sys.executable, "train_sft.py", "--data_path", os.path.join(path, "d.json"),
-                        "--image_root", path, "--batch_size", "4", "--max_iters", str(steps), "--eval_examples", "0",
-                        "--eval_interval", str(steps), "--data_workers", str(workers), "--out_dir", out],
-                       capture_output=True, text=True, cwd=ROOT)
+    args = ["--data_path", os.path.join(path, "d.json"), "--image_root", path, "--batch_size", "4",
+            "--max_iters", str(steps), "--eval_examples", "0", "--eval_interval", str(steps),
+            "--data_workers", str(workers), "--out_dir", out]
+    r = subprocess.run([sys.executable, "train_sft.py", *args], capture_output=True, text=True, cwd=ROOT)
     if r.returncode:
         raise cli.InputError(f"train_sft.py failed in the bench: {r.stderr.strip().splitlines()[-1]}")
     times = torch.load(os.path.join(out, "train_state.pt"))["times"][1:]
@@ -221,16 +207,10 @@ def bench_size(size, rows):
         ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp, dtype=dt).to(device).eval()
 
     def image_prompt(side):  # a random side x side photo and a prompt around it
-        pv, grid = vision.preprocess(
-            Image.fromarray(np.random.default_rng(0).integers(0, 255, (side, side, 3), np.uint8))
-        )
-        return (
-            pv.to(device, dt),
-            grid,
-            torch.tensor(
-                [tok.prompt("What colour is the square?", [vision.merged_tokens(grid)])], device=device
-            ),
-        )
+        photo = np.random.default_rng(0).integers(0, 255, (side, side, 3), np.uint8)
+        pv, grid = vision.preprocess(Image.fromarray(photo))
+        prompt = tok.prompt("What colour is the square?", [vision.merged_tokens(grid)])
+        return pv.to(device, dt), grid, torch.tensor([prompt], device=device)
     pv, grid, prompt = image_prompt(448)
     def kw(p, g, i):  # the reference's image inputs
         return dict(pixel_values=p, image_grid_thw=g, mm_token_type_ids=(i == tok.image_pad).int())
@@ -243,10 +223,8 @@ def bench_size(size, rows):
         return timed(f, g) if ref is not None else (timed(f), None)
 
     # image encode and prefill at 448x448
-    add(
-        "image encode 448x448",
-        *both(lambda: model.visual(pv, grid), lambda: ref.model.visual(pv, grid_thw=grid)),
-    )
+    add("image encode 448x448",
+        *both(lambda: model.visual(pv, grid), lambda: ref.model.visual(pv, grid_thw=grid)))
     add(f"prefill ({prompt.shape[1]} tokens)", *both(lambda: model.lm_head(model(prompt, pv, grid)),
                                                      lambda: ref(input_ids=prompt, **kw(pv, grid, prompt))))
     # the rest on a small photo, so prefill does not drown the per-step times
@@ -267,19 +245,15 @@ def bench_size(size, rows):
         ours = B * (m - 1) / (t[0] - t[1])
         add(f"decode batch {B}", ours, ref and B * (m - 1) / (t[2] - t[3]), "tok/s", True)
         if B == 1 and size != "tiny":
-            lm_bytes = sum(
-                q.numel() * q.element_size()
-                for n_, q in model.named_parameters()
-                if not n_.startswith("visual")
-            )
+            lm_bytes = sum(q.numel() * q.element_size() for k, q in model.named_parameters()
+                           if not k.startswith("visual"))
             # 1 GiB: beyond any cache; written, since untouched pages all read one zero page
             a = torch.randn(2**28, device=device)
             b = torch.randn_like(a)
             # copy bandwidth / bytes a step
             floor = 2 * a.numel() * 4 / timed(lambda: b.copy_(a), n=5) / lm_bytes
-            rows.append(
-                (size, "decode batch 1 / bandwidth floor", ours / floor, floor, "frac, floor tok/s", "")
-            )
+            rows.append((size, "decode batch 1 / bandwidth floor", ours / floor, floor, "frac, floor tok/s",
+                         ""))
     # latent steps vs text steps: the same rollout, all-latent (prompt ends in <|lvr_start|>) or all-text
     lat_prompt = torch.cat([prompt, torch.tensor([[ids.start]], device=device)], 1)
     # never enters
@@ -298,49 +272,21 @@ def bench_size(size, rows):
     feats = model.visual(pv, grid)
     gen = torch.Generator(device).manual_seed(0)
     def grpo(rows_, g):
-        return lvr.rollout(
-            model,
-            ids,
-            prompt.repeat(rows_, 1),
-            None,
-            grid.repeat(rows_, 1),
-            max_new_tokens=n,
-            temperature=0.9,
-            generator=gen,
-            stop_ids=[-1],
-            feats=feats.repeat(rows_, 1),
-            group_size=g,
-        )
+        return lvr.rollout(model, ids, prompt.repeat(rows_, 1), grid_thw=grid.repeat(rows_, 1),
+                           feats=feats.repeat(rows_, 1), max_new_tokens=n, temperature=0.9, generator=gen,
+                           stop_ids=[-1], group_size=g)
     big = size != "tiny"  # one round, no warm-up (warm from above): these are the slowest measurements
-    t = timed(
-        lambda: grpo(B, G), lambda: [grpo(1, 1) for _ in range(few)], n=1 if big else None, warmup=not big
-    )
+    t = timed(lambda: grpo(B, G), lambda: [grpo(1, 1) for _ in range(few)], n=1 if big else None,
+              warmup=not big)
     batched, single = B * G * n / t[0], few * n / t[1]
     add(f"GRPO rollout {B}x{G} rows, {n} tokens: batched vs one at a time", batched, single, "tok/s", True)
     # one SFT step: forward + backward with the LVR loss vs the reference's forward + backward (CE)
     if size != "3b" or device != "cpu":
         with torch.enable_grad():
             model.train()
-            batch = data.to_device(
-                data.collate(
-                    [
-                        data.encode(
-                            tasks.synthetic_example(i, small_image),
-                            tok,
-                            ids,
-                            "lvr",
-                            0,
-                            4,
-                            False,
-                            3136,
-                            small_image**2,
-                        )
-                        for i in range(sft_batch)
-                    ],
-                    tok.endoftext,
-                ),
-                device,
-            )
+            examples = [tasks.synthetic_example(i, small_image) for i in range(sft_batch)]
+            encoded = [data.encode(e, tok, ids, "lvr", 0, 4, False, 3136, small_image ** 2) for e in examples]
+            batch = data.to_device(data.collate(encoded, tok.endoftext), device)
             batch["pixel_values"] = batch["pixel_values"].to(dt)
             def ours_step():
                 loss = lvr.sft_loss(model, batch, 1.0, 0.1, "mse", freeze_vision=True)[0]
@@ -365,13 +311,8 @@ def bench_size(size, rows):
             tflops = [None if x is None else flops / x / 1e12 for x in t]
             rows.append((size, "SFT step model TFLOP/s", *tflops, "TFLOP/s", ""))
             if peak_tflops > 0:
-                add(
-                    "SFT step MFU",
-                    tflops[0] / peak_tflops,
-                    tflops[1] and tflops[1] / peak_tflops,
-                    f"of {peak_tflops} TFLOP/s",
-                    True,
-                )
+                mfu = [tflops[0] / peak_tflops, tflops[1] and tflops[1] / peak_tflops]
+                add("SFT step MFU", *mfu, f"of {peak_tflops} TFLOP/s", True)
     # loading: resident memory growth over the file size
     if size != "tiny":  # (the tiny file is smaller than the resident-set granularity that matters)
         rows.append((size, "peak RSS growth loading / file size", peak_load_rss(tmp, True) / file_bytes,
@@ -380,7 +321,8 @@ def bench_size(size, rows):
         add("GRPO step, 2 processes (reference: 1 process)", *grpo_step_seconds(tmp))
     if size == "0.5b" and device == "cpu":  # (peak memory read from /proc: CPU only)
         (cache_fp32, cache_bf16), (whole, chunked) = grpo_memory(tmp, model.cfg)
-        add("GRPO rollout 16 rows x 64: peak MB, bf16 cache (ref: fp32)", cache_bf16 / 1e6, cache_fp32 / 1e6, "MB")
+        add("GRPO rollout 16 rows x 64: peak MB, bf16 cache (ref: fp32)", cache_bf16 / 1e6, cache_fp32 / 1e6,
+            "MB")
         add("GRPO log-probs 16 x 256 + bwd: peak MB, chunked (ref: whole)", chunked / 1e6, whole / 1e6, "MB")
     if size == "tiny":  # SFT on 1-megapixel photos: the step's wait for data, with workers and without
         wait = [data_wait(tmp, workers) for workers in (2, 0)]
@@ -395,44 +337,22 @@ def grpo_step_seconds(path):
     threads = {"OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // 2))}
     for launch, env in ((["-m", "torch.distributed.run", "--nproc_per_node", "2"], threads), ([], {})):
         d = os.path.join(tmp, str(len(launch)))
-        r = subprocess.run(
-            [
-                sys.executable,
-                *launch,
-                "train_grpo.py",
-                "--init_from",
-                path,
-                "--device",
-                device,
-                "--dtype",
-                dtype,
-                "--filter_groups",
-                "false",
-                "--max_iters",
-                str(repeats + 1),
-                "--out_dir",
-                d,
-            ],
-            capture_output=True,
-            text=True,
-            env={**os.environ, **env},
-            cwd=os.path.dirname(__file__) or ".",
-        )
+        args = ["--init_from", path, "--device", device, "--dtype", dtype, "--filter_groups", "false",
+                "--max_iters", str(repeats + 1), "--out_dir", d]
+        r = subprocess.run([sys.executable, *launch, "train_grpo.py", *args], capture_output=True, text=True,
+                           env={**os.environ, **env}, cwd=ROOT)
         if r.returncode:
             raise cli.InputError(f"train_grpo.py failed in the bench: {r.stderr.strip().splitlines()[-1]}")
-        out.append(
-            statistics.median(x["step_s"] for x in torch.load(os.path.join(d, "train_state.pt"))["log"][1:])
-        )
+        log = torch.load(os.path.join(d, "train_state.pt"))["log"]
+        out.append(statistics.median(x["step_s"] for x in log[1:]))
     shutil.rmtree(tmp)
     return out
 
 
 def main(argv):
     cli.configure(globals(), argv)
-    cli.require(
-        set(sizes.split(",")) <= {"tiny", "0.5b", "3b"},
-        f"--sizes must be a comma-separated list of tiny, 0.5b, 3b; got {sizes!r}",
-    )
+    cli.require(set(sizes.split(",")) <= {"tiny", "0.5b", "3b"},
+                f"--sizes must be a comma-separated list of tiny, 0.5b, 3b; got {sizes!r}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, {dtype}")
     rows = []
     for size in sizes.split(","):

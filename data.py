@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import random
+import re
 import sys
 
 import torch
@@ -225,7 +226,7 @@ def encode(ex, tok, ids, method="lvr", max_latents=0, k=4, latent_end=False, min
 
 
 def collate(encoded, pad_id):
-    """Right-pad a list of encoded examples into one SFT batch (lvr.sft_loss, lvr.mirage_stage2_loss):
+    """Right-pad a list of encoded examples into one SFT batch (lvr.sft_loss, lvr.own_latents_loss):
 
     input_ids       (B, T)     token ids, padded with pad_id (<|endoftext|>)
     attention_mask  (B, T)     1 for real tokens, 0 for padding
@@ -328,3 +329,42 @@ def grpo_example(rec, image_root, where):
     paths = paths if isinstance(paths, list) and paths else [paths]
     return {"images": [open_image(image_root, p, where) for p in paths], "question": rec["question"],
             "answer": rec["answer"]}
+
+
+# -----------------------------------------------------------------------------
+# answers: a completion scored against the gold answer (eval.py's accuracy, train_grpo.py's rewards)
+
+def is_lvr_format(tokens, ids, stop_ids, text):
+    """A completion (token list up to its stop) is <|lvr_start|> ... <|lvr_end|> (one span or more: the
+    relation task looks twice), then a non-empty answer (`text`: the decoded completion), then a stop token.
+    """
+    if not tokens or tokens[0] != ids.start or ids.end not in tokens or tokens[-1] not in stop_ids:
+        return False
+    after = tokens[len(tokens) - tokens[::-1].index(ids.end):-1]  # after the last <|lvr_end|>
+    return len(after) > 0 and ids.start not in after and bool(text.strip())
+
+
+def normalise(text):
+    """Lower case, no punctuation at the ends, single spaces: for exact-match scoring."""
+    return " ".join(text.lower().strip().strip(".!?,;:'\"").split())
+
+
+def answer_of(completion):
+    """The text inside <answer>...</answer> if present, else the whole completion; normalised."""
+    if "<answer>" in completion:
+        completion = completion.split("<answer>")[-1].split("</answer>")[0]
+    return normalise(completion)
+
+
+def letter_of(text):
+    """The multiple-choice letter a normalised answer starts with ("b", "(b) cat", "b. cat"), or None."""
+    m = re.match(r"^\(?([a-z])\)?(?:[.):]|\s|$)", text)
+    return m.group(1) if m else None
+
+
+def is_correct(completion, answer):
+    """Exact match after normalising; when the gold answer is a letter, the letters are compared."""
+    pred, gold = answer_of(completion), answer_of(answer)
+    if len(gold.strip("()")) == 1 and gold.strip("()").isalpha():
+        return letter_of(pred) == gold.strip("()")
+    return pred == gold

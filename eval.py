@@ -30,7 +30,6 @@ import torch
 import checkpoint
 import cli
 import data
-import grpo
 import lvr
 import parallel
 import tasks
@@ -75,6 +74,24 @@ def load_examples():
     return data.load_multiple_choice(data_path, image_root, n_examples)
 
 
+def latent_hits(latents, feats, roi):
+    """(n, C) latent vectors, (N, C) merged image tokens, ROI token indices -> how many hit the ROI."""
+    if len(latents) == 0:
+        return 0
+    return sum(c in set(roi) for c in lvr.nearest_cells(latents, feats).tolist())
+
+
+def span_lengths(is_latent):
+    """(n,) bool of one row -> the lengths of its runs of latent steps (one per span)."""
+    runs, n = [], 0
+    for x in is_latent.tolist() + [False]:
+        if x:
+            n += 1
+        elif n:
+            runs, n = runs + [n], 0
+    return runs
+
+
 @torch.no_grad()
 def evaluate(model, tok, ids, exs, batch_size=32, min_pixels=3136, max_pixels=28224, device="cpu", feed=None,
              **decode):
@@ -103,10 +120,10 @@ def evaluate(model, tok, ids, exs, batch_size=32, min_pixels=3136, max_pixels=28
             row = r.tokens[b, p["input_ids"].shape[1]:].tolist()
             end = next((j + 1 for j, t in enumerate(row) if t in stop), len(row))
             text = tok.decode(row[:end])
-            right.append(grpo.is_correct(text, e["answer"]))
-            fmt += grpo.is_lvr_format(row[:end], ids, stop, text)
+            right.append(data.is_correct(text, e["answer"]))
+            fmt += data.is_lvr_format(row[:end], ids, stop, text)
             steps += int(r.is_latent[b].sum())
-            spans.update(lvr.span_lengths(r.is_latent[b]))
+            spans.update(span_lengths(r.is_latent[b]))
             fed.append(r.latents[b, r.is_latent[b]].cpu())
             # the ROI tokens of every bbox, on its own image's tokens within the row's features
             if e["bboxes"]:
@@ -117,7 +134,7 @@ def evaluate(model, tok, ids, exs, batch_size=32, min_pixels=3136, max_pixels=28
                     for bb, k in zip(e["bboxes"], e.get("bbox_images", [0] * len(e["bboxes"])))
                     for j in lvr.roi_indices(bb, grids[k][0])
                 ]
-                hit += lvr.latent_hits(r.latents[b, r.is_latent[b]], f, roi)
+                hit += latent_hits(r.latents[b, r.is_latent[b]], f, roi)
                 n_lat += int(r.is_latent[b].sum())
     n = len(exs)
     return {"accuracy": sum(right) / n, "format": fmt / n, "latent_steps": steps / n,

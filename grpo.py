@@ -9,11 +9,13 @@ records them (Rollout.sampled). The official mask drops the whole span from <|lv
 span's length too. Latent vectors, forced tokens and a span's first step (never an exit) carry
 nothing. The old log-probs are the training forward's own (TRL's convention), not the sampler's.
 """
-import re
+import math
+from typing import NamedTuple
 
 import torch
 import torch.utils.checkpoint
 
+import data
 import lvr
 import qwen
 from cli import InputError
@@ -22,50 +24,14 @@ from cli import InputError
 # -----------------------------------------------------------------------------
 # rewards: named functions (text, tokens, answer, ids, stop_ids) -> float
 
-def is_lvr_format(tokens, ids, stop_ids, text):
-    """A completion (token list up to its stop) is <|lvr_start|> ... <|lvr_end|> (one span or more: the
-    relation task looks twice), then a non-empty answer (`text`: the decoded completion), then a stop token.
-    """
-    if not tokens or tokens[0] != ids.start or ids.end not in tokens or tokens[-1] not in stop_ids:
-        return False
-    after = tokens[len(tokens) - tokens[::-1].index(ids.end):-1]  # after the last <|lvr_end|>
-    return len(after) > 0 and ids.start not in after and bool(text.strip())
-
-
-def normalise(text):
-    """Lower case, no punctuation at the ends, single spaces: for exact-match scoring."""
-    return " ".join(text.lower().strip().strip(".!?,;:'\"").split())
-
-
-def answer_of(completion):
-    """The text inside <answer>...</answer> if present, else the whole completion; normalised."""
-    if "<answer>" in completion:
-        completion = completion.split("<answer>")[-1].split("</answer>")[0]
-    return normalise(completion)
-
-
-def letter_of(text):
-    """The multiple-choice letter a normalised answer starts with ("b", "(b) cat", "b. cat"), or None."""
-    m = re.match(r"^\(?([a-z])\)?(?:[.):]|\s|$)", text)
-    return m.group(1) if m else None
-
-
-def is_correct(completion, answer):
-    """Exact match after normalising; when the gold answer is a letter, the letters are compared."""
-    pred, gold = answer_of(completion), answer_of(answer)
-    if len(gold.strip("()")) == 1 and gold.strip("()").isalpha():
-        return letter_of(pred) == gold.strip("()")
-    return pred == gold
-
-
 def accuracy_reward(text, tokens, answer, ids, stop_ids):
-    """1 when the answer matches (is_correct), else 0."""
-    return float(is_correct(text, answer))
+    """1 when the answer matches (data.is_correct), else 0."""
+    return float(data.is_correct(text, answer))
 
 
 def format_reward(text, tokens, answer, ids, stop_ids):
-    """1 when the completion is an LVR span, then a non-empty answer, then a stop token (is_lvr_format)."""
-    return float(is_lvr_format(tokens, ids, stop_ids, text))
+    """1 when the completion is an LVR span, an answer, then a stop token (data.is_lvr_format)."""
+    return float(data.is_lvr_format(tokens, ids, stop_ids, text))
 
 
 REWARDS = {"accuracy": accuracy_reward, "format": format_reward}
@@ -106,22 +72,37 @@ def loss_weights(mask, norm="token", max_len=None, total=None):
     raise InputError(f"loss_norm must be token, sequence or fixed, got {norm!r}")
 
 
-def grpo_loss(logp, old_logp, adv, weights, ref_logp=None, clip_eps=0.2, beta=0.04):
-    """Per-token PPO-clip objective plus beta * k3 KL to the reference -> (loss, kl per token).
+def k3(logp, ref_logp, used):
+    """(N, L) the k3 estimate of KL(policy || reference) at each sampled token decision (`used`), else 0:
+    exp(ref - logp) - (ref - logp) - 1. Unused positions are zeroed before the exp: an overflow there
+    would give inf * 0 = NaN in the loss, and in the gradient even through torch.where."""
+    d = torch.where(used, ref_logp - logp, 0.0)
+    return torch.exp(d) - d - 1
 
-    logp, old_logp, ref_logp, weights: (N, L); adv: (N,). k3 = exp(ref - logp) - (ref - logp) - 1.
-    Positions of weight 0 (padding, forced tokens, latents) are set to 0 before any exp: an overflow
-    there would give inf * 0 = NaN in the loss, and in the gradient even through torch.where."""
+
+def gaussian_logprob(z, mu, sigma):
+    """(n, C) vectors z under N(mu, sigma^2 I), summed over the dimensions -> (n,)."""
+    norm = z.shape[-1] * math.log(sigma * math.sqrt(2 * math.pi))
+    return -0.5 * ((z.float() - mu.float()) ** 2).sum(-1) / sigma ** 2 - norm
+
+
+def gaussian_kl(mu, ref_mu, sigma):
+    """(n, C) -> (n,) KL(N(mu, sigma^2 I) || N(ref_mu, sigma^2 I)), the closed form for equal sigma."""
+    return ((mu.float() - ref_mu.float()) ** 2).sum(-1) / (2 * sigma ** 2)
+
+
+def grpo_loss(logp, old_logp, adv, weights, kl=None, clip_eps=0.2, beta=0.04):
+    """Per-decision PPO-clip objective plus beta * KL to the reference -> the loss.
+
+    logp, old_logp, weights, kl: (N, L); adv: (N,). Positions of weight 0 (padding, forced tokens) are set
+    to 0 before the exp, as in k3."""
     used = weights > 0
     ratio = torch.exp(torch.where(used, logp - old_logp, 0.0))
     a = adv[:, None]
     per_token = -torch.min(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
-    kl = torch.zeros_like(logp)
-    if ref_logp is not None:
-        d = torch.where(used, ref_logp - logp, 0.0)
-        kl = torch.exp(d) - d - 1
+    if kl is not None:
         per_token = per_token + beta * kl
-    return (per_token * weights).sum(), kl
+    return (per_token * weights).sum()
 
 
 def reference(model, dtype, keep_tower):
@@ -143,15 +124,23 @@ def reference(model, dtype, keep_tower):
 LOGIT_CHUNK = 2048
 
 
-def completion_logprobs(
-    model, seqs, attention_mask, n_prompt, grid_thw, feats, latents, is_latent, temperature=1.0, exits=()
-):
-    """One batched forward over prompt + completion -> (N, L) log-probs of the completion's decisions.
+class Decisions(NamedTuple):
+    """The training forward's log-probs of a rollout's decisions."""
+    token: torch.Tensor  # (N, L) each token's (or "continue"'s) log-prob
+    latent: torch.Tensor  # (N, L) each latent's Gaussian log-prob, log N(z; mu, sigma^2 I) (0: none)
+    mu: torch.Tensor  # (n_latent, C) the mean of each latent (latent_sigma > 0), else None
+
+
+def completion_logprobs(model, seqs, attention_mask, n_prompt, grid_thw, feats, latents, is_latent,
+                        temperature=1.0, exits=(), latent_sigma=0.0):
+    """One batched forward over prompt + completion -> Decisions.
 
     The recorded latent vectors (detached) sit at the latent positions, exactly as the rollout fed
     them; logits are divided by the sampling temperature, as in the rollout. At a latent step the
-    decision is "continue": log(1 - p(exits)) (only a `token`-exit rollout samples it). The head runs
-    on LOGIT_CHUNK positions at a time, recomputed in backward, so the logits never exist whole."""
+    token decision is "continue": log(1 - p(exits)) (only a `token`-exit rollout samples it). With
+    latent_sigma > 0 each latent z was sampled around mu = latent_input(the state that produced it), the
+    state at the position before it, as the rollout did: log N(z; mu, sigma^2 I) is its log-prob. The head
+    runs on LOGIT_CHUNK positions at a time, recomputed in backward, so the logits never exist whole."""
     prompt, comp = seqs[:, :n_prompt], seqs[:, n_prompt:]
     x = model.embed(prompt, grid_thw=grid_thw, feats=feats)  # (N, T, C) images only in the prompt,
     c = torch.where(is_latent[..., None], latents.detach().to(x.dtype), model.token_embeds(comp))  # (N, L, C)
@@ -161,21 +150,21 @@ def completion_logprobs(
     text_pos = after[:, None] + torch.arange(comp.shape[1], device=seqs.device)  # (N, L)
     pos = torch.cat([pos, text_pos.expand(3, -1, -1)], 2)
     h = model(inputs_embeds=x, attention_mask=attention_mask, position_ids=pos)
-    h = h[:, n_prompt - 1:-1]  # (N, L, C): position t predicts t + 1
+    h = h[:, n_prompt - 1:-1]  # (N, L, C): position t predicts t + 1, and produced the latent at t + 1
     rows = max(1, LOGIT_CHUNK // max(1, comp.shape[1]))
     out = []
     for i in range(0, len(comp), rows):
-        args = (
-            model.lm_head,
-            h[i : i + rows],
-            comp[i : i + rows],
-            is_latent[i : i + rows],
-            temperature,
-            list(exits),
-        )
+        chunk = slice(i, i + rows)
+        args = (model.lm_head, h[chunk], comp[chunk], is_latent[chunk], temperature, list(exits))
         out.append(torch.utils.checkpoint.checkpoint(decision_logprobs, *args, use_reentrant=False)
                    if torch.is_grad_enabled() else decision_logprobs(*args))
-    return torch.cat(out)
+    token = torch.cat(out)
+    if not latent_sigma:
+        return Decisions(token, torch.zeros_like(token), None)
+    mu = lvr.latent_input(model, h[is_latent])  # (n_latent, C)
+    latent = torch.zeros_like(token).index_put(is_latent.nonzero(as_tuple=True),
+                                               gaussian_logprob(latents[is_latent], mu, latent_sigma))
+    return Decisions(token, latent, mu)
 
 
 def decision_logprobs(lm_head, h, comp, is_latent, temperature, exits):

@@ -276,29 +276,38 @@ def sft_loss(
     return loss, ce.detach(), lat.detach(), switch.detach()
 
 
-def mirage_stage2_loss(model, batch, freeze_vision=True, switch_weight=0.0):
-    """Mirage stage 2: latent slots read the model's own hidden states, with gradients; CE (plus the
-    mode-switch loss) only -> (loss, ce, 0, switch).
+def own_latents_loss(model, batch, latent_weight=0.0, latent_loss="mse", freeze_vision=True,
+                     switch_weight=0.0):
+    """Stage 2: the latent slots read the model's own hidden states, with gradients through the chain, so
+    each latent is trained where it is used -> (loss, ce, latent, switch). The loss: CE, plus
+    latent_weight x the latent loss on every free-running prediction (LVR's stage 2; Mirage's has none),
+    plus the mode-switch loss.
 
-    k + 1 full passes: pass j fills latent slot j from pass j-1's hidden state at slot j-1.
-    """
+    n + 1 full passes for rows of at most n latents: pass j fills each row's j-th latent (counted over
+    all its spans, in order) from pass j-1's hidden state just before it. The last pass sees every slot
+    filled with the model's own latents, so its state before latent i is the prediction of target i the
+    model makes free-running, as at inference (a later span reads the earlier spans' own latents)."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    feats, _ = encode_images(model, batch, freeze_vision)
+    feats, targets = encode_images(model, batch, freeze_vision)
     x = model.embed(ids, grid_thw=batch["grid_thw"], feats=feats)
     pos = qwen.get_rope_index(ids, batch["grid_thw"], mask, model.cfg.image_token_id)
-    b, t = batch["latent_pos"]
-    slot = batch["latent_slot"]  # (L,) index of each latent within its span
-    n_pass = int(slot.max()) + 1 if len(slot) else 0
-    for j in range(n_pass):
+    b, t = batch["latent_pos"]  # (L,) each row's latents in order
+    counts = torch.bincount(b, minlength=len(ids))
+    k = torch.arange(len(b), device=b.device) - (torch.cumsum(counts, 0) - counts)[b]  # (L,) index in its row
+    for j in range(int(counts.max()) if len(b) else 0):
         h = model(inputs_embeds=x, attention_mask=mask, position_ids=pos)
-        sel = slot == j
+        sel = k == j
         x = x.index_put((b[sel], t[sel]), latent_input(model, h[b[sel], t[sel] - 1]).to(x.dtype))
     h = model(inputs_embeds=x, attention_mask=mask, position_ids=pos)
     ce = supervised_ce(model, h, labels)
+    slot = batch["latent_slot"]  # (L,) each latent's index within its span (the switch loss reads it)
+    lat = ce.new_zeros(())
+    if latent_weight and len(b):
+        lat = latent_distance(head(model, h[b, t - 1]), targets, latent_loss)
     switch = ce.new_zeros(())
     if switch_weight and len(b):
         switch = switch_loss(model, h, b, t, slot, model.cfg.extra["lvr_token_ids"]["end"])
-    return ce + switch_weight * switch, ce.detach(), ce.new_zeros(()), switch.detach()
+    return ce + latent_weight * lat + switch_weight * switch, ce.detach(), lat.detach(), switch.detach()
 
 
 # -----------------------------------------------------------------------------
@@ -308,8 +317,9 @@ class Rollout(NamedTuple):
     tokens: torch.Tensor  # (B, T + n) prompt and completion; <|lvr|> at latent steps
     latents: torch.Tensor  # (B, n, C) the vector fed at each latent step (zeros at text steps)
     is_latent: torch.Tensor  # (B, n) bool: a latent step
-    logprobs: torch.Tensor  # (B, n) log-prob of each sampled decision under softmax(logits / T), else 0
-    sampled: torch.Tensor  # (B, n) bool: the policy drew this decision (GRPO's loss mask); False where forced
+    logprobs: torch.Tensor  # (B, n) log-prob of the step's sampled decisions (token at temperature, latent)
+    sampled: torch.Tensor  # (B, n) bool: the policy drew this token decision; False where forced
+    # (with latent_sigma > 0 every latent step is a sampled latent decision too: is_latent says where)
 
 
 def exit_tokens(ids, decoding):
@@ -372,7 +382,7 @@ def span_exit(rule, ids, tok, vec, in_lat, n_lat):
 def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_mask=None, max_new_tokens=64,
             decoding="steps", lvr_steps=8, force_end=True, max_latent_steps=64, end_threshold=0.1,
             end_metric="mse", temperature=0.0, top_k=0, top_p=1.0, stop_ids=(), generator=None, feats=None,
-            group_size=1, latents_in=None, n_in=None):
+            group_size=1, latents_in=None, n_in=None, latent_sigma=0.0):
     """Generate with latent steps -> Rollout. `ids`: LatentIds. Prompts left-padded. `feats`: merged image
     tokens already computed (GRPO encodes each image once), instead of pixel_values. `group_size` G: the
     B prompts are prefilled once and their cache rows copied, giving B*G rows (row r samples prompt r // G).
@@ -389,6 +399,9 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
     budget, where nothing else ends the span). Stop tokens do not end a row while it is in latent mode.
     latents_in (B, K, C), n_in (B,): eval.py's diagnostics feed row b's latent step k (counted over its
     spans) latents_in[b, k] instead of its own while k < n_in[b]; the exits still follow the rule.
+    latent_sigma S > 0 (GRPO that explores latents): each latent fed is z = mu + S * eps, mu the latent
+    input it feeds otherwise, eps from the row's prompt's own generator; its log-prob log N(z; mu, S^2 I)
+    joins the step's, and every latent step is then a sampled decision (grpo.completion_logprobs).
     """
     if decoding not in ("steps", "latent", "token"):
         raise InputError(f"decoding must be steps, latent or token, got {decoding!r}")
@@ -435,6 +448,10 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
         tok, force = out.tok, out.force_next
         # 5) rows still in their span take a latent step: their own hidden state is the next input
         latent_step = in_lat & ~out.leave & ~done
+        if latent_sigma:  # z = mu + S * eps: log N(z; mu, S^2 I) = -|eps|^2 / 2 - C log(S sqrt(2 pi))
+            eps = latent_noise(vec.shape, generator, dev)
+            vec = vec + (latent_sigma * eps).to(vec.dtype)
+            z_lp = -0.5 * (eps ** 2).sum(-1) - vec.shape[1] * math.log(latent_sigma * math.sqrt(2 * math.pi))
         if latents_in is not None:  # (diagnostics: a given vector instead)
             given = latents_in[torch.arange(B, device=dev), k_lat.clamp(max=latents_in.shape[1] - 1)]
             vec = torch.where((k_lat < n_in)[:, None], given.to(vec.dtype), vec)
@@ -448,7 +465,10 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
         lp = (logits.float() / (temperature or 1.0)).log_softmax(-1)
         lp = torch.where(latent_step, continue_logprob(lp, exits), lp.gather(1, tok[:, None])[:, 0])
         fed = torch.where(latent_step[:, None], vec, 0.0)
-        record = (tok, fed, latent_step, torch.where(sampled, lp, 0.0), sampled)
+        lp = torch.where(sampled, lp, 0.0)
+        if latent_sigma:
+            lp = lp + torch.where(latent_step, z_lp, 0.0)
+        record = (tok, fed, latent_step, lp, sampled)
         # 7) update the modes: leave, enter, finish
         n_lat = torch.where(latent_step, n_lat + 1, torch.where(out.leave, 0, n_lat))
         in_lat = (in_lat & ~out.leave) | (~in_lat & (tok == ids.start) & ~done)
@@ -464,24 +484,15 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
     return Rollout(tokens, lats[:, :n], is_lats[:, :n], logps[:, :n], sampled[:, :n])
 
 
+def latent_noise(shape, generator, device):
+    """(B, C) standard normal noise for the latents: a list of generators (GRPO: one per prompt) draws its
+    block of rows each, so the process layout does not change a row's noise; else one generator (or none)."""
+    if isinstance(generator, list):
+        rows = shape[0] // len(generator)
+        return torch.cat([torch.randn(rows, shape[1], generator=g, device=device) for g in generator])
+    return torch.randn(shape, generator=generator, device=device)
+
+
 def nearest_cells(latents, feats):
     """For each latent vector, the index of the most cosine-similar merged image token."""
     return F.cosine_similarity(latents.float()[:, None], feats.float()[None], dim=-1).argmax(-1)
-
-
-def latent_hits(latents, feats, roi):
-    """(n, C) latent vectors, (N, C) merged image tokens, ROI token indices -> how many hit the ROI."""
-    if len(latents) == 0:
-        return 0
-    return sum(c in set(roi) for c in nearest_cells(latents, feats).tolist())
-
-
-def span_lengths(is_latent):
-    """(n,) bool of one row -> the lengths of its runs of latent steps (one per span)."""
-    runs, n = [], 0
-    for x in is_latent.tolist() + [False]:
-        if x:
-            n += 1
-        elif n:
-            runs, n = runs + [n], 0
-    return runs

@@ -42,7 +42,7 @@ grpo_iters = 60  # [1, inf) GRPO steps on top of LVR
 results = "assets/study.jsonl"  # one JSON line per finished run
 picture = "assets/study.png"  # held-out accuracy against steps, per task and method
 work_dir = "study_runs"  # checkpoints of the runs (large; not committed)
-quick = False  # a tiny version of everything, for CI
+quick = False  # a tiny version of everything, for CI (the flags in QUICK, before the ones given)
 report = False  # run nothing: print the results table (markdown, for the README) and draw the picture
 # -----------------------------------------------------------------------------
 
@@ -55,22 +55,16 @@ def run(script, *args):
     r = subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.abspath(__file__)))
     if r.returncode != 0:
-        raise cli.InputError(
-            f"{script} {' '.join(map(str, args))} failed: {r.stderr.strip().splitlines()[-1]}"
-        )
+        last = r.stderr.strip().splitlines()[-1]
+        raise cli.InputError(f"{script} {' '.join(map(str, args))} failed: {last}")
     c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     WALL.append(time.time() - t0)
     return r.stdout, (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
 
 
 WALL = []  # wall seconds of every script run, in order
-NAMES = {
-    "none": "plain SFT",
-    "lvr": "LVR",
-    "mirage": "Mirage",
-    "grpo": "LVR + GRPO",
-    "control": "LVR + SFT (control)",
-}
+NAMES = {"none": "plain SFT", "lvr": "LVR", "mirage": "Mirage", "grpo": "LVR + GRPO",
+         "control": "LVR + SFT (control)"}
 
 
 def curve(stdout):
@@ -90,41 +84,21 @@ def table(stdout):
 
 def sft(task, method, seed, lr, out):
     """One SFT run (Mirage: stage 1 then stage 2) -> record fields."""
-    common = [
-        "--task",
-        task,
-        "--batch_size",
-        batch_size,
-        "--eval_interval",
-        eval_interval,
-        "--eval_examples",
-        eval_examples,
-        "--seed",
-        seed,
-        "--lr",
-        lr,
-        "--min_lr",
-        lr / 10,
-        "--warmup_iters",
-        min(50, max_iters // 10),
-    ]
+    common = ["--task", task, "--batch_size", batch_size, "--eval_interval", eval_interval,
+              "--eval_examples", eval_examples, "--seed", seed, "--lr", lr, "--min_lr", lr / 10,
+              "--warmup_iters", min(50, max_iters // 10)]
     if method != "mirage":
-        stdout, cpu = run(
-            "train_sft.py", *common, "--method", method, "--max_iters", max_iters, "--out_dir", out
-        )
+        stdout, cpu = run("train_sft.py", *common, "--method", method, "--max_iters", max_iters,
+                          "--out_dir", out)
         return {"curve": curve(stdout), "cpu_s": cpu, "wall_s": WALL[-1]}
     n1 = max_iters * 3 // 4
-    s1, w1 = run(
-        "train_sft.py", *common, "--method", "mirage", "--max_iters", n1, "--out_dir", out + "_stage1"
-    )
+    s1, w1 = run("train_sft.py", *common, "--method", "mirage", "--max_iters", n1,
+                 "--out_dir", out + "_stage1")
     s2, w2 = run("train_sft.py", *common, "--method", "mirage", "--stage", 2, "--init_from", out + "_stage1",
                  "--latent_loss", "cosine", "--ce_weight", 1.0, "--latent_weight", 0.1, "--warmup_iters", 0,
                  "--max_iters", max_iters - n1, "--out_dir", out)
-    return {
-        "curve": curve(s1) + [[n1 + s, a] for s, a in curve(s2)],
-        "cpu_s": w1 + w2,
-        "wall_s": sum(WALL[-2:]),
-    }
+    both = curve(s1) + [[n1 + s, a] for s, a in curve(s2)]
+    return {"curve": both, "cpu_s": w1 + w2, "wall_s": sum(WALL[-2:])}
 
 
 def evaluate(task, method, out):
@@ -185,84 +159,83 @@ def summary(recs):
     return "\n".join(lines)
 
 
+# --quick true: every stage, tiny (one task, one seed, one learning rate, a few steps), as these flags
+QUICK = ["--tasks", "relation", "--max_iters", "4", "--eval_interval", "2", "--eval_examples", "4",
+         "--test_examples", "4", "--grpo_iters", "1", "--seeds", "1", "--lrs", "1e-3", "--grpo_lrs", "2e-5"]
+
+
+def record(done, key, fn):
+    """The result of `key`: from the file, or computed now by fn() and appended (a finished run is not
+    redone). `done`: every finished run, by key."""
+    if key not in done:
+        rec = {"key": key, **fn()}
+        with open(results, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        done[key] = rec
+        print(f"{key}: {json.dumps({k: v for k, v in rec.items() if k != 'key'})[:300]}", flush=True)
+    return done[key]
+
+
+def sft_run(done, task, method, seed, lr):
+    """One SFT run, recorded -> (its record, its checkpoint directory). The reported seeds are tested."""
+    out = os.path.join(work_dir, f"{task}_{method}_s{seed}_lr{lr}")
+
+    def fresh():
+        for d in (out, out + "_stage1"):  # what a killed run left: it starts again
+            shutil.rmtree(d, ignore_errors=True)
+        rec = sft(task, method, seed, lr, out)
+        return {**rec, **(evaluate(task, method, out) if seed != tune_seed else {})}
+    return record(done, f"{task}/{method}/seed{seed}/lr{lr}", fresh), out
+
+
+def grpo_run(done, task, seed, lr, lvr_lr, sft_step_s):
+    """GRPO (and its control) on the LVR run of `seed`, recorded. tune_seed: validation accuracy only."""
+    _, lvr_out = sft_run(done, task, "lvr", seed, lvr_lr)
+    out = os.path.join(work_dir, f"{task}_grpo_s{seed}_lr{lr}")
+
+    def fresh():
+        for d in (out, out + "_control"):
+            shutil.rmtree(d, ignore_errors=True)
+        rec, control = grpo(task, seed, lr, lvr_out, out, out + "_control", sft_step_s, lvr_lr / 10)
+        if seed == tune_seed:  # tuning: the validation split, as for SFT
+            stdout, _ = run("eval.py", "--init_from", out, "--task", task, "--n_examples", eval_examples,
+                            "--split", "eval")
+            return {**rec, "val": table(stdout)[0]}
+        control = {**control, **evaluate(task, "lvr", out + "_control")}
+        return {**rec, **evaluate(task, "lvr", out), "control": control}
+    return record(done, f"{task}/grpo/seed{seed}/lr{lr}", fresh)
+
+
 def main(argv):
+    if "--quick" in argv and argv[argv.index("--quick") + 1:][:1] == ["true"]:
+        argv = [*QUICK, *argv]
     cli.configure(globals(), argv)
-    done = {}  # finished runs
+    done = {}  # finished runs, by key
     if os.path.exists(results):
         done = {r["key"]: r for r in map(json.loads, open(results))}
     if report:
         print(summary(list(done.values())))
         return draw(list(done.values()))
-    if quick:  # every stage, tiny: one task, one seed, one learning rate, a few steps
-        globals().update(tasks="relation", max_iters=4, eval_interval=2, eval_examples=4, test_examples=4,
-                         grpo_iters=1, seeds="1", lrs="1e-3", grpo_lrs="2e-5")
     os.makedirs(os.path.dirname(results) or ".", exist_ok=True)
-
-    def record(key, fn):
-        """The result of `key`, from the file, or computed now and appended (a finished run is not redone)."""
-        if key not in done:
-            rec = {"key": key, **fn()}
-            with open(results, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            done[key] = rec
-            print(f"{key}: {json.dumps({k: v for k, v in rec.items() if k != 'key'})[:300]}", flush=True)
-        return done[key]
-
-    def one(task, method, seed, lr):
-        out = os.path.join(work_dir, f"{task}_{method}_s{seed}_lr{lr}")
-        def go():
-            for d in (out, out + "_stage1"):  # what a killed run left: it starts again
-                shutil.rmtree(d, ignore_errors=True)
-            return {
-                **sft(task, method, seed, lr, out),
-                **(evaluate(task, method, out) if seed != tune_seed else {}),
-            }
-        return record(f"{task}/{method}/seed{seed}/lr{lr}", go), out
-
     for task in tasks.split(","):
         sft_methods = [m for m in methods.split(",") if m != "grpo"] + (["lvr"] if "grpo" in methods else [])
         best = {}
         for method in dict.fromkeys(sft_methods):  # 1) tuning: every lr once, tune_seed, validation accuracy
-            trials = {float(lr): one(task, method, tune_seed, float(lr))[0] for lr in lrs.split(",")}
+            trials = {float(lr): sft_run(done, task, method, tune_seed, float(lr))[0]
+                      for lr in lrs.split(",")}
             best[method] = max(trials, key=lambda lr: (trials[lr]["curve"] or [[0, 0.0]])[-1][1])
         for method in dict.fromkeys(sft_methods):  # 2) the reported seeds at the tuned lr
             for seed in seeds.split(","):
-                one(task, method, int(seed), best[method])
+                sft_run(done, task, method, int(seed), best[method])
         if "grpo" not in methods:
             continue
-        # per SFT step, all included
-        step_s = one(task, "lvr", tune_seed, best["lvr"])[0]["cpu_s"] / max_iters
-
-        def grpo_run(seed, glr):
-            _, lvr_out = one(task, "lvr", seed, best["lvr"])
-            out = os.path.join(work_dir, f"{task}_grpo_s{seed}_lr{glr}")
-            def go():
-                for d in (out, out + "_control"):
-                    shutil.rmtree(d, ignore_errors=True)
-                rec, control = grpo(task, seed, glr, lvr_out, out, out + "_control", step_s, best["lvr"] / 10)
-                if seed == tune_seed:  # tuning: the validation split, as for SFT
-                    stdout, _ = run(
-                        "eval.py",
-                        "--init_from",
-                        out,
-                        "--task",
-                        task,
-                        "--n_examples",
-                        eval_examples,
-                        "--split",
-                        "eval",
-                    )
-                    return {**rec, "val": table(stdout)[0]}
-                return {
-                    **rec,
-                    **evaluate(task, "lvr", out),
-                    "control": {**control, **evaluate(task, "lvr", out + "_control")},
-                }
-            return record(f"{task}/grpo/seed{seed}/lr{glr}", go)
-        trials = {float(g): grpo_run(tune_seed, float(g)) for g in grpo_lrs.split(",")}
+        # 3) GRPO: its lr tuned on tune_seed's LVR run, then the reported seeds
+        step_s = sft_run(done, task, "lvr", tune_seed, best["lvr"])[0]["cpu_s"] / max_iters  # per SFT step
+        trials = {float(g): grpo_run(done, task, tune_seed, float(g), best["lvr"], step_s)
+                  for g in grpo_lrs.split(",")}
         best_g = max(trials, key=lambda g: trials[g]["val"].get("with latents", {}).get("accuracy", 0.0))
         for seed in seeds.split(","):
-            grpo_run(int(seed), best_g)
+            grpo_run(done, task, int(seed), best_g, best["lvr"], step_s)
         draw(list(done.values()))  # after every task: the picture so far
     draw(list(done.values()))
 

@@ -47,6 +47,7 @@ on_bad_record = "fail"  # {fail, skip} a record with a bad image or text stops t
 batch_size = 8  # [1, inf) prompts per step (B), over all processes
 group_size = 8  # [2, inf) completions per prompt (G): advantages are relative to the group
 temperature = 0.9  # (0, inf) sampling temperature; the loss divides logits by it too
+latent_sigma = 0.0  # [0, inf) explore latents: feed z = mu + sigma * eps, log N(z; mu) (0: GRPO_latent)
 max_new_tokens = 32  # [1, inf) completion budget (latent steps included)
 decoding = "token"  # {token, steps, latent} latent exit: own <|lvr_end|> | a count | the learned end
 lvr_steps = 8  # [1, inf) latent steps in `steps` mode
@@ -202,7 +203,7 @@ class Round:
     attn: torch.Tensor  # (B*G, T + L) 1 on real tokens
     latents: torch.Tensor  # (B*G, L, C) the vector fed at each latent step
     is_latent: torch.Tensor  # (B*G, L)
-    sampled: torch.Tensor  # (B*G, L) the decisions the policy drew: what carries a log-prob
+    sampled: torch.Tensor  # (B*G, L) the token decisions the policy drew (latent_sigma > 0: latents too)
     reward: torch.Tensor  # (B*G,) the weighted sum of the rewards
     accuracy: torch.Tensor  # (B*G,) each reward function's score
     format: torch.Tensor
@@ -240,7 +241,7 @@ def rollout_round(policy, tok, ids, exs, gens, autocast):
                         grid_thw=p["grid_thw"], feats=feats, max_new_tokens=max_new_tokens, decoding=decoding,
                         lvr_steps=lvr_steps, force_end=force_end, max_latent_steps=max_latent_steps,
                         end_threshold=threshold, end_metric=metric, temperature=temperature, stop_ids=stop,
-                        generator=gens, group_size=G)
+                        generator=gens, group_size=G, latent_sigma=latent_sigma)
         return feats, r
     t0 = time.time()
     model.eval()
@@ -279,7 +280,29 @@ def decision_logprobs(m, r, rows, frozen, exits):
         f = dict(zip(u, f.split([r.n_tok[i] for i in u])))
     grids, feats = torch.cat([r.grids[i] for i in of]), torch.cat([f[i] for i in of])
     return grpo.completion_logprobs(m, r.seqs[rows], r.attn[rows], r.n_prompt, grids, feats, r.latents[rows],
-                                    r.is_latent[rows], temperature, exits)
+                                    r.is_latent[rows], temperature, exits, latent_sigma)
+
+
+def decision_mask(r):
+    """(B*G, L) bool: every decision the policy drew in round r, what carries a log-prob: its sampled
+    tokens, and with latent_sigma > 0 every latent."""
+    return r.sampled | r.is_latent if latent_sigma else r.sampled
+
+
+def joint_logprob(d, r, c):
+    """(rows, L) the log-prob of the decisions drawn at each step of rows c: the token's, plus (latent_sigma
+    > 0) the latent's; a latent step's token part only where a "continue" was sampled."""
+    return torch.where(r.sampled[c], d.token, 0.0) + d.latent if latent_sigma else d.token
+
+
+def reference_kl(d, ref_d, r, c, used):
+    """(rows, L) KL to the reference at each drawn decision: k3 on the tokens; the closed form for two
+    Gaussians of equal sigma on the latents."""
+    kl = grpo.k3(d.token, ref_d.token, used & r.sampled[c] if latent_sigma else used)
+    if latent_sigma:
+        at = r.is_latent[c].nonzero(as_tuple=True)
+        kl = kl.index_put(at, kl[at] + grpo.gaussian_kl(d.mu, ref_d.mu, latent_sigma))
+    return kl
 
 
 def update(policy, ref, ids, rounds, filler, opt, params, autocast):
@@ -290,13 +313,14 @@ def update(policy, ref, ids, rounds, filler, opt, params, autocast):
     G, dev = group_size, device
     # a sampled "continue" at latent steps
     exits = lvr.exit_tokens(ids, decoding) if decoding == "token" else []
-    rows_here, sampled_here = sum(len(r.seqs) for r in rounds), sum(int(r.sampled.sum()) for r in rounds)
-    total = torch.tensor([float(rows_here), float(sampled_here)], device=dev)
+    rows_here = sum(len(r.seqs) for r in rounds)
+    drawn_here = sum(int(decision_mask(r).sum()) for r in rounds)
+    total = torch.tensor([float(rows_here), float(drawn_here)], device=dev)
     n_rows, n_act = parallel.all_reduce(total).tolist()
     work = []  # (round, its advantages, its loss weights, a micro-batch of its rows)
     for r in rounds:
         adv = grpo.group_advantages(r.reward, G, scale_rewards).to(dev)
-        weights = grpo.loss_weights(r.sampled, loss_norm, max_new_tokens, total=(n_rows, n_act))
+        weights = grpo.loss_weights(decision_mask(r), loss_norm, max_new_tokens, total=(n_rows, n_act))
         rows = len(r.seqs)  # per micro-batch: all, or a token budget's worth
         if micro_batch_tokens:
             rows = max(1, micro_batch_tokens // r.seqs.shape[1])
@@ -306,22 +330,26 @@ def update(policy, ref, ids, rounds, filler, opt, params, autocast):
         n = int(parallel.all_reduce(torch.tensor(len(work), device=dev), dist.ReduceOp.MAX))
         nothing = (torch.zeros(len(filler.seqs), device=dev), torch.zeros(filler.sampled.shape, device=dev))
         work += [(filler, *nothing, torch.arange(1, device=dev))] * (n - len(work))
-    ref_logp, old_logp = [None] * len(work), [None] * len(work)
+    refs, olds = [None] * len(work), [None] * len(work)
     with torch.no_grad(), autocast:
         if ref is not None:
-            ref_logp = [ref(decision_logprobs, r, c, freeze_vision, exits) for r, _, _, c in work]
+            refs = [ref(decision_logprobs, r, c, freeze_vision, exits) for r, _, _, c in work]
         if ppo_epochs > 1:  # the old policy of every epoch: this policy before its first update
-            old_logp = [policy(decision_logprobs, r, c, freeze_vision, exits) for r, _, _, c in work]
+            olds = [policy(decision_logprobs, r, c, freeze_vision, exits) for r, _, _, c in work]
     kl_sum, loss_sum = 0.0, 0.0  # become device tensors, read once at the end: no host sync per micro-batch
     for _ in range(ppo_epochs):
-        for (r, adv, weights, c), ref_lp, old_lp in zip(work, ref_logp, old_logp):
+        for (r, adv, weights, c), ref_d, old_d in zip(work, refs, olds):
             with autocast:
-                logp = policy(decision_logprobs, r, c, freeze_vision, exits)
-                old = logp.detach() if old_lp is None else old_lp  # one update: ratio exactly 1 (TRL)
-                loss, kl = grpo.grpo_loss(logp, old, adv[c], weights[c], ref_lp, clip_eps, beta)
+                d = policy(decision_logprobs, r, c, freeze_vision, exits)
+                logp = joint_logprob(d, r, c)
+                # one update: the ratio is exactly 1 (TRL's convention)
+                old = logp.detach() if old_d is None else joint_logprob(old_d, r, c)
+                kl = None if ref_d is None else reference_kl(d, ref_d, r, c, weights[c] > 0)
+                loss = grpo.grpo_loss(logp, old, adv[c], weights[c], kl, clip_eps, beta)
             loss.backward()
             loss_sum += loss.detach() / ppo_epochs
-            kl_sum += (kl.detach() * (weights[c] > 0)).sum() / ppo_epochs  # over the sampled decisions
+            if kl is not None:
+                kl_sum += (kl.detach() * (weights[c] > 0)).sum() / ppo_epochs  # over the sampled decisions
         if dist.is_initialized() and not fsdp:  # DDP: the gradient summed over the ranks, once per update
             parallel.all_reduce_grads(params)
         if grad_clip:

@@ -38,7 +38,7 @@ eval_data_path = ""  # held-out records (data_path's format) to evaluate on; "" 
 image_root = ""  # directory the dataset's image paths are relative to (they may not leave it)
 on_bad_record = "fail"  # {fail, skip} a record with a bad image, bbox or text stops the run, or is skipped
 method = "lvr"  # {lvr, mirage, none} none: plain SFT, the ablation
-stage = 1  # [1, 2] Mirage: 1 = reconstruct the helper image, 2 = text-only with its own latents fed back
+stage = 1  # [1, 2] 1: teacher-forced latents; 2: its own latents fed back (LVR: + their latent loss)
 ce_weight = -1.0  # [0, inf) or -1 weight of the text cross-entropy (-1: the paper's, see resolve_defaults)
 latent_weight = -1.0  # [0, inf) or -1 weight of the latent loss (-1: the paper's)
 latent_loss = "auto"  # {auto, mse, cosine, l1} auto: official LVR mse, Mirage cosine; tiny model cosine
@@ -80,8 +80,9 @@ EVAL_OOM = "lower --batch_size (the evaluation's rows per rollout) or --max_pixe
 
 def loss_of(model, batch):
     """One micro-batch's (loss, ce, latent, switch): run through parallel.Root, so DDP and FSDP see it."""
-    if method == "mirage" and stage == 2:
-        return lvr.mirage_stage2_loss(model, batch, freeze_vision, switch_weight)
+    if stage == 2:  # the model's own latents, with gradients through the chain (Mirage: text only)
+        weight = latent_weight if method == "lvr" else 0.0
+        return lvr.own_latents_loss(model, batch, weight, latent_loss, freeze_vision, switch_weight)
     return lvr.sft_loss(model, batch, ce_weight, latent_weight, latent_loss, freeze_vision, switch_weight)
 
 
@@ -241,8 +242,9 @@ def main(argv):
     rank, world, dev, ddp = parallel.setup(device, fsdp)
     cli.require(not (latent_end and method == "mirage"),
                 "--latent_end true needs a latent-end token, and Mirage's tokens have none")
-    cli.require(not (method == "mirage" and stage == 2 and init_from == "scratch"),
-                "--stage 2 continues a Mirage stage-1 checkpoint: give it with --init_from")
+    cli.require(not (stage == 2 and init_from == "scratch"),
+                "--stage 2 continues a stage-1 checkpoint (LVR or Mirage): give it with --init_from")
+    cli.require(not (stage == 2 and method == "none"), "--stage 2 trains latents: --method none has none")
     resolve_defaults(config, dev)
     cli.require(min_lr <= lr, f"--min_lr {min_lr} is above --lr {lr}")
     checkpoint.check_out_dir(out_dir, fresh=not resume)

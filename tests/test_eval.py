@@ -4,7 +4,6 @@ import json
 import torch
 
 import data
-import grpo
 import lvr
 import eval as evaluation
 import tasks
@@ -18,20 +17,20 @@ def test_latent_hits_by_hand():
     feats = torch.eye(4)  # four merged image tokens, orthogonal
     latents = torch.tensor([[0.1, 2.0, 0.0, 0.3],  # nearest token 1: inside the ROI
                             [0.0, 0.2, 0.0, 1.0]])  # nearest token 3: outside
-    assert lvr.latent_hits(latents, feats, [1, 2]) == 1
-    assert lvr.latent_hits(latents, feats, [0]) == 0
-    assert lvr.latent_hits(latents[:0], feats, [1]) == 0
+    assert evaluation.latent_hits(latents, feats, [1, 2]) == 1
+    assert evaluation.latent_hits(latents, feats, [0]) == 0
+    assert evaluation.latent_hits(latents[:0], feats, [1]) == 0
 
 
 def test_scoring_and_format():
-    assert grpo.is_correct("(B)", "(b)") and grpo.is_correct("B. a cat", "B")
-    assert not grpo.is_correct("(C)", "(b)")  # a wrong letter
-    assert not grpo.is_correct("blue", "(b)")  # a word is not the letter b
-    assert grpo.is_correct("<answer> Red </answer>", "red") and not grpo.is_correct("red", "green")
+    assert data.is_correct("(B)", "(b)") and data.is_correct("B. a cat", "B")
+    assert not data.is_correct("(C)", "(b)")  # a wrong letter
+    assert not data.is_correct("blue", "(b)")  # a word is not the letter b
+    assert data.is_correct("<answer> Red </answer>", "red") and not data.is_correct("red", "green")
     s, lat, e = IDS.start, IDS.latent, IDS.end
-    assert grpo.is_lvr_format([s, lat, lat, e, 20, IM_END], IDS, [IM_END], "\nred")
-    assert not grpo.is_lvr_format([s, lat, e, IM_END], IDS, [IM_END], "")  # no answer
-    assert not grpo.is_lvr_format([20, IM_END], IDS, [IM_END], "red")  # no latent span
+    assert data.is_lvr_format([s, lat, lat, e, 20, IM_END], IDS, [IM_END], "\nred")
+    assert not data.is_lvr_format([s, lat, e, IM_END], IDS, [IM_END], "")  # no answer
+    assert not data.is_lvr_format([20, IM_END], IDS, [IM_END], "red")  # no latent span
 
 
 def test_multiple_choice_loaders(tmp_path):

@@ -63,30 +63,33 @@ def test_grpo_loss_and_gradient_sign(norm, want):
     adv = torch.tensor([1.0, -1.0])
     old = torch.log(torch.tensor([[0.5, 0.2, 0.3], [0.4, 0.4, 0.2]]))
     logp = old.clone().requires_grad_()
-    loss, kl = grpo.grpo_loss(logp, old, adv, grpo.loss_weights(mask, norm, max_len=4))
+    w = grpo.loss_weights(mask, norm, max_len=4)
+    loss = grpo.grpo_loss(logp, old, adv, w)
     # ratio 1: each text token contributes -A; rows [1, 1] and [-1]
     assert math.isclose(float(loss.detach()), want, abs_tol=1e-6)
     loss.backward()
     g = logp.grad
     assert g[0, 0] < 0 and g[0, 1] < 0 and g[1, 0] > 0  # raise good tokens, lower bad ones
     assert torch.equal(g[~mask], torch.zeros(3))  # masked tokens get nothing
-    assert torch.equal(kl, torch.zeros_like(kl))
+    kl = grpo.k3(logp.detach(), logp.detach(), mask)  # a reference equal to the policy: KL 0, the same loss
+    assert torch.equal(kl, torch.zeros_like(kl)) and torch.equal(grpo.grpo_loss(logp, old, adv, w, kl), loss)
 
 
 def test_grpo_clip_and_k3():
     old = torch.zeros(1, 2)
     logp = torch.tensor([[math.log(1.5), math.log(0.5)]], requires_grad=True)
     w = grpo.loss_weights(torch.ones(1, 2, dtype=torch.bool), "token")
-    loss, _ = grpo.grpo_loss(logp, old, torch.tensor([1.0]), w, clip_eps=0.2)
+    loss = grpo.grpo_loss(logp, old, torch.tensor([1.0]), w, clip_eps=0.2)
     # token 0: min(1.5, 1.2) * 1 = 1.2, clipped, no gradient; token 1: min(0.5, 0.8) = 0.5, gradient flows
     assert math.isclose(float(loss.detach()), -(1.2 + 0.5) / 2, rel_tol=1e-6)
     loss.backward()
     assert logp.grad[0, 0] == 0 and logp.grad[0, 1] < 0
     # k3 is zero when policy equals reference, and e^d - d - 1 otherwise (d = ref - logp)
-    _, kl = grpo.grpo_loss(logp.detach(), old, torch.tensor([0.0]), w, ref_logp=logp.detach(), beta=0.04)
+    kl = grpo.k3(logp.detach(), logp.detach(), w > 0)
     assert torch.equal(kl, torch.zeros_like(kl))
     ref = logp.detach() + 0.5
-    loss, kl = grpo.grpo_loss(logp.detach(), logp.detach(), torch.tensor([0.0]), w, ref_logp=ref, beta=0.04)
+    kl = grpo.k3(logp.detach(), ref, w > 0)
+    loss = grpo.grpo_loss(logp.detach(), logp.detach(), torch.tensor([0.0]), w, kl, beta=0.04)
     assert torch.allclose(kl, torch.full((1, 2), math.exp(0.5) - 1.5))
     assert math.isclose(float(loss), 0.04 * (math.exp(0.5) - 1.5), rel_tol=1e-6)
 
@@ -137,7 +140,7 @@ def test_training_forward_equals_rollout_logprobs(tmp_path, decoding):
     attn = torch.cat([mask, torch.ones_like(seqs[:, T:])], 1)
     exits = lvr.exit_tokens(ids, decoding) if decoding == "token" else []
     with torch.no_grad():
-        got = grpo.completion_logprobs(model, seqs, attn, T, grid, torch.cat(feats), lats, is_lat, 0.7, exits)
+        got = grpo.completion_logprobs(model, seqs, attn, T, grid, torch.cat(feats), lats, is_lat, 0.7, exits).token
     assert act.sum() > 6
     assert torch.allclose(got[act], logp[act], atol=1e-4), (got[act] - logp[act]).abs().max()
     # latent steps: none sampled under `steps`; under `token` every one but a span's first is a "continue"
@@ -145,8 +148,67 @@ def test_training_forward_equals_rollout_logprobs(tmp_path, decoding):
     assert n_continue == (0 if decoding == "steps" else int(is_lat.sum()) - len(seqs))
     # and the temperature matters: at 1.0 they differ
     with torch.no_grad():
-        other = grpo.completion_logprobs(model, seqs, attn, T, grid, torch.cat(feats), lats, is_lat, 1.0, exits)
+        other = grpo.completion_logprobs(model, seqs, attn, T, grid, torch.cat(feats), lats, is_lat, 1.0,
+                                         exits).token
     assert not torch.allclose(other[act], logp[act], atol=1e-3)
+
+
+@pytest.mark.parametrize("decoding", ["steps", "token"])
+def test_latent_sigma_samples_latents_with_the_training_forwards_logprob(tmp_path, decoding, monkeypatch):
+    """--latent_sigma S > 0: the rollout feeds z = mu + S * eps and records z; the training forward's
+    log-prob of the step's decisions (its token's, where one was sampled, plus log N(z; mu', S^2 I), mu' from
+    the state that produced z) equals the rollout's, so the ratio is 1 at the first update. S = 0 draws no
+    noise at all: the rollout is the one without the option."""
+    import train_grpo
+    model, tok, ids = tiny_model(tmp_path)
+    prompts = [tok.prompt("What colour is the square?" + " yes" * i) + [ids.start] for i in range(2)]
+    input_ids, mask = qwen.left_pad(prompts, tok.endoftext)
+    kw = dict(max_new_tokens=8, decoding=decoding, lvr_steps=3, max_latent_steps=3, temperature=0.7,
+              stop_ids=[tok.im_end], group_size=3)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    r = lvr.rollout(model, ids, input_ids, attention_mask=mask, generator=gens, latent_sigma=0.5, **kw)
+    mu = lvr.rollout(model, ids, input_ids, attention_mask=mask, generator=[torch.Generator().manual_seed(i)
+                                                                             for i in range(2)], **kw)
+    assert r.is_latent.sum() >= 6 and not torch.allclose(r.latents[r.is_latent][:2], mu.latents[mu.is_latent][:2])
+    seqs, mask_g = r.tokens, mask.repeat_interleave(3, 0)
+    attn = torch.cat([mask_g, torch.ones_like(seqs[:, input_ids.shape[1]:])], 1)
+    exits = lvr.exit_tokens(ids, decoding) if decoding == "token" else []
+    with torch.no_grad():
+        d = grpo.completion_logprobs(model, seqs, attn, input_ids.shape[1], None, None, r.latents, r.is_latent,
+                                     0.7, exits, latent_sigma=0.5)
+    monkeypatch.setattr(train_grpo, "latent_sigma", 0.5)
+    rows = torch.arange(len(seqs))
+    joint = train_grpo.joint_logprob(d, r, rows)
+    drawn = r.sampled | r.is_latent
+    assert torch.allclose(joint[drawn], r.logprobs[drawn], atol=1e-4), (joint[drawn] - r.logprobs[drawn]).abs().max()
+    assert torch.equal(joint[~drawn], torch.zeros_like(joint[~drawn]))
+    # the reference equal to the policy: KL 0 at every decision, latents included (the closed form)
+    kl = train_grpo.reference_kl(d, d, r, rows, drawn)
+    assert torch.equal(kl, torch.zeros_like(kl))
+    # S = 0: no noise drawn, the same rollout as before the option
+    monkeypatch.setattr(lvr, "latent_noise", lambda *a: (_ for _ in ()).throw(AssertionError("noise at S = 0")))
+    again = lvr.rollout(model, ids, input_ids, attention_mask=mask, generator=[torch.Generator().manual_seed(i)
+                                                                                for i in range(2)], **kw)
+    assert torch.equal(again.tokens, mu.tokens) and torch.equal(again.logprobs, mu.logprobs)
+
+
+def test_the_latent_gradient_points_along_advantage_times_the_noise():
+    """d(loss)/d(mu') under the clipped objective: descending it moves mu' along A * (z - mu'); the KL between
+    two Gaussians of equal sigma is the closed form."""
+    torch.manual_seed(0)
+    z, sigma = torch.randn(1, 5), 0.3
+    for a in (1.0, -2.0):
+        mu = torch.randn(1, 5, requires_grad=True)
+        lp = grpo.gaussian_logprob(z, mu, sigma)[None]  # (1, 1): one latent decision
+        loss = grpo.grpo_loss(lp, lp.detach(), torch.tensor([a]), torch.ones(1, 1))
+        loss.backward()
+        step = -mu.grad[0]
+        want = a * (z - mu.detach())[0]
+        assert torch.allclose(step, want / sigma ** 2, atol=1e-5)
+    p, q = torch.randn(3, 5), torch.randn(3, 5)
+    normal = torch.distributions.Normal
+    exact = torch.distributions.kl_divergence(normal(p, sigma), normal(q, sigma))
+    assert torch.allclose(grpo.gaussian_kl(p, q, sigma), exact.sum(-1), atol=1e-5)
 
 
 def test_grpo_first_update_ratio_one_kl_zero_and_the_tower_trains(tmp_path, monkeypatch):
@@ -159,9 +221,9 @@ def test_grpo_first_update_ratio_one_kl_zero_and_the_tower_trains(tmp_path, monk
     seen = []
     real_loss = grpo.grpo_loss
 
-    def spy(logp, old, adv, w, ref, *a):
-        seen.append((logp.detach(), old, ref, adv))
-        return real_loss(logp, old, adv, w, ref, *a)
+    def spy(logp, old, adv, w, kl, *a):
+        seen.append((logp.detach(), old, kl, adv))
+        return real_loss(logp, old, adv, w, kl, *a)
     monkeypatch.setattr(grpo, "grpo_loss", spy)
     # a reward with spread on a random model: the parity of the first completion token
     monkeypatch.setitem(grpo.REWARDS, "accuracy", lambda text, tokens, *a: float(tokens[0] % 2 if tokens else 0))
@@ -183,8 +245,8 @@ def test_grpo_first_update_ratio_one_kl_zero_and_the_tower_trains(tmp_path, monk
             assert len(seen) % epochs == 0 and len(seen) // epochs > 1
             assert sum(len(x[0]) for x in seen) == 8 * epochs
             first = seen[:len(seen) // epochs]
-            for logp, old, ref, adv in first:
-                assert torch.equal(logp, old) and torch.equal(ref, logp), dtype  # ratio exactly 1, KL exactly 0
+            for logp, old, kl, adv in first:
+                assert torch.equal(logp, old) and torch.equal(kl, torch.zeros_like(kl)), dtype  # ratio 1, KL 0
             for logp, old, ref, adv in seen[len(first):]:  # a second epoch: the same old log-probs, a moved policy
                 assert not torch.equal(logp, old) and any(torch.equal(old, o) for _, o, _, _ in first)
             assert any(a.abs().sum() > 0 for *_, a in seen)  # the reward had spread: a real update
@@ -227,30 +289,17 @@ def grpo_flags(sft):
 
 def test_train_grpo_end_to_end_and_resume(tmp_path, sft):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    common = grpo_flags(sft)
-    r = run(
-        "train_grpo.py", *common, "--max_iters", "4", "--out_dir", a, "--micro_batch_tokens", "200", "--ppo_epochs", "2"
-    )
+    common = [*grpo_flags(sft), "--latent_sigma", "0.2"]  # (latents explored: their noise resumes too)
+    r = run("train_grpo.py", *common, "--max_iters", "4", "--out_dir", a, "--micro_batch_tokens", "200",
+            "--ppo_epochs", "2")
     assert r.returncode == 0, r.stderr
     assert "reward" in r.stdout and "flat_groups" in r.stdout and "rollout_tok_s" in r.stdout
     # Ctrl-C in step 2's second update (zero_grad call 4): the step finishes, is saved, and the run exits
     r = run("-c", SIGNALLED.format(script="train_grpo.py", at=4, rank=0, sigs=["SIGINT"], args=[
         *common, "--max_iters", "4", "--out_dir", b, "--micro_batch_tokens", "200", "--ppo_epochs", "2"]))
     assert r.returncode == 130 and f"stopped: saved step 2 to {b}" in r.stdout, r.stderr
-    r = run(
-        "train_grpo.py",
-        *common,
-        "--max_iters",
-        "4",
-        "--out_dir",
-        b,
-        "--micro_batch_tokens",
-        "200",
-        "--ppo_epochs",
-        "2",
-        "--resume",
-        "true",
-    )
+    r = run("train_grpo.py", *common, "--max_iters", "4", "--out_dir", b, "--micro_batch_tokens", "200",
+            "--ppo_epochs", "2", "--resume", "true")
     assert r.returncode == 0, r.stderr
     assert "resuming with changed settings" not in r.stdout  # the same flags as the interrupted run
     la = torch.load(os.path.join(a, "train_state.pt"), weights_only=True)["log"]

@@ -155,14 +155,59 @@ def test_mirage_stage2_gradients_reach_latent_chain(tmp_path):
     enc = [data.encode(tasks.synthetic_example(s), tok, ids, "mirage", k=3, max_pixels=50176) for s in (3, 4)]
     batch = data.collate(enc, tok.endoftext)
     assert batch["latent_slot"].tolist() == [0, 1, 2, 0, 1, 2]
-    loss, _, _, _ = lvr.mirage_stage2_loss(model, batch)
+    loss, _, _, _ = lvr.own_latents_loss(model, batch)
     loss.backward()
     # the head is used only to feed hidden states back into latent slots: it gets gradient only via the chain
     assert model.lvr_head.mlp[0].weight.grad is not None and model.lvr_head.mlp[0].weight.grad.abs().sum() > 0
-    loss2, ce, _, switch = lvr.mirage_stage2_loss(model, batch, switch_weight=0.5)
+    loss2, ce, _, switch = lvr.own_latents_loss(model, batch, switch_weight=0.5)
     assert switch > 0 and torch.allclose(loss2, ce + 0.5 * switch)
     s1, _, lat, _ = lvr.sft_loss(model, batch, 0.1, 1.0, "cosine")
     assert lat > 0 and torch.isfinite(s1)
+
+
+def test_lvr_stage2_trains_every_latent_where_it_is_used(tmp_path):
+    """LVR stage 2: the latent loss on the free-running predictions; its gradient reaches every latent slot
+    through the chain, and equals a slow one-example recomputation that feeds the latents one by one."""
+    model, tok, ids = tiny_model(tmp_path)
+    ex = tasks.relation_example(5, 112)  # two spans: slots 0 of each, one latent per span
+    e = data.encode(ex, tok, ids, "lvr", max_latents=2, max_pixels=12544)
+    batch = data.collate([e], tok.endoftext)
+    loss, ce, lat, switch = lvr.own_latents_loss(model, batch, 0.1, "mse", switch_weight=0.1)
+    assert lat > 0 and torch.allclose(loss, ce + 0.1 * lat + 0.1 * switch)
+    inputs = []  # each slot's input, kept to read its gradient
+    real_input = lvr.latent_input
+
+    def kept(m, h):
+        v = real_input(m, h)
+        v.retain_grad()
+        inputs.append(v)
+        return v
+    lvr.latent_input = kept
+    try:
+        lvr.own_latents_loss(model, batch, 0.1, "mse")[0].backward()
+    finally:
+        lvr.latent_input = real_input
+    assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in inputs)  # every slot gets gradient
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    # the slow oracle: one position at a time, the whole sequence recomputed for every latent
+    model.zero_grad()
+    b, t = batch["latent_pos"]
+    feats, targets = lvr.encode_images(model, batch)
+    x = model.embed(batch["input_ids"], grid_thw=batch["grid_thw"], feats=feats)[0]
+    pos = qwen.get_rope_index(batch["input_ids"], batch["grid_thw"], None, model.cfg.image_token_id)
+    preds = []
+    for i in range(len(t)):
+        h = model(inputs_embeds=x[None], position_ids=pos)[0]
+        preds.append(h[t[i] - 1])
+        x = torch.cat([x[:t[i]], lvr.latent_input(model, h[t[i] - 1])[None], x[t[i] + 1:]])
+    h = model(inputs_embeds=x[None], position_ids=pos)
+    ce_slow = lvr.supervised_ce(model, h, batch["labels"])
+    lat_slow = lvr.latent_distance(torch.stack(preds), targets, "mse")
+    assert torch.allclose(lat_slow, lat, atol=1e-6) and torch.allclose(ce_slow, ce, atol=1e-6)
+    (ce_slow + 0.1 * lat_slow).backward()
+    for n, p in model.named_parameters():
+        if n in got:
+            assert torch.allclose(got[n], p.grad, atol=2e-5, rtol=1e-4), (n, (got[n] - p.grad).abs().max())
 
 
 # -----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 import checkpoint
 import cli
 import data
+import eval as evaluation
 import grpo
 import lvr
 import qwen
@@ -124,7 +125,8 @@ def test_a_masked_position_never_makes_the_loss_nan():
     logp = torch.tensor([[-1.0, -2.0, -1e4]], requires_grad=True)  # the last position: padding, weight 0
     ref = torch.tensor([[-1.1, -2.1, 0.0]])  # exp(ref - logp) overflows there
     w = torch.tensor([[0.5, 0.5, 0.0]])
-    loss, kl = grpo.grpo_loss(logp, logp.detach(), torch.tensor([1.0]), w, ref, beta=0.04)
+    kl = grpo.k3(logp, ref, w > 0)
+    loss = grpo.grpo_loss(logp, logp.detach(), torch.tensor([1.0]), w, kl, beta=0.04)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logp.grad).all() and logp.grad[0, 2] == 0
     d = ref[0, :2] - logp[0, :2].detach()
@@ -150,7 +152,7 @@ def test_the_latent_exit_takes_at_least_one_latent():
     prompt = torch.tensor([tok.prompt("What colour is the square?") + [ids.start]])
     r = lvr.rollout(model, ids, prompt, max_new_tokens=6, decoding="latent", max_latent_steps=4, end_threshold=1e9,
                     stop_ids=[-1])  # every hidden state is "near" the end: only the guard keeps the first latent
-    assert lvr.span_lengths(r.is_latent[0])[0] == 1
+    assert evaluation.span_lengths(r.is_latent[0])[0] == 1
     assert r.tokens[0, prompt.shape[1] + 1] == ids.latent_end
 
 
@@ -191,7 +193,7 @@ def test_chunked_completion_logprobs_equal_the_whole_ones(monkeypatch):
         monkeypatch.setattr(grpo, "LOGIT_CHUNK", chunk)
         model.zero_grad()
         lp = grpo.completion_logprobs(model, seqs, torch.ones(N, T + L, dtype=torch.long), T,
-                                      None, None, latents, is_latent, 0.9, [ids.end])
+                                      None, None, latents, is_latent, 0.9, [ids.end]).token
         lp.sum().backward()
         grads.append((lp.detach(), model.lm_head.weight.grad.clone()))
     assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
@@ -253,7 +255,7 @@ def test_an_official_latent_end_checkpoint_loads_and_exits_by_its_own_vector(tmp
     with torch.no_grad():
         r = lvr.rollout(model, ids, prompt, max_new_tokens=8, decoding="latent", max_latent_steps=4,
                         end_threshold=1e-6, end_metric="mse", stop_ids=[-1])
-    assert lvr.span_lengths(r.is_latent[0])[0] == 1 and lvr.span_lengths(r.is_latent[1])[0] == 4
+    assert evaluation.span_lengths(r.is_latent[0])[0] == 1 and evaluation.span_lengths(r.is_latent[1])[0] == 4
     model.save_pretrained(str(tmp_path / "b"))  # written back under its official name
     assert "lvr_latent_end_emb" in load_file(str(tmp_path / "b" / "model.safetensors"))
 
