@@ -168,12 +168,13 @@ def grpo_memory(path, cfg):
     return rollout, logprobs
 
 
-def data_wait(path, workers, steps=6):
+def data_wait(path, workers):
     """The fraction of train_sft's step time spent waiting for data, from scratch on 1-megapixel photos
     (batch 4 of 1000 x 1000, resized to the official LVR bounds), with `workers` DataLoader workers;
-    the first step (the workers' start) left out."""
+    the first step (the workers' start) left out; `repeats` + 1 steps measured."""
+    steps = repeats + 2
     records = []
-    for i in range(8):
+    for i in range(4):
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (1000, 1000, 3), np.uint8)).save(
             os.path.join(path, f"{i}.jpg"))
         turns = [{"from": "human", "value": "<image>\nWhat colour is it?"},

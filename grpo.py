@@ -6,8 +6,16 @@ What carries a log-prob: every decision the policy sampled, and nothing else, as
 records them (Rollout.sampled). The official mask drops the whole span from <|lvr_start|>; we keep
 <|lvr_start|> (a sampled token: the choice to look) and, under the `token` exit, each in-span
 "continue" (the sample was not an exit token, probability 1 - p(exit)), so the reward reaches the
-span's length too. Latent vectors, forced tokens and a span's first step (never an exit) carry
-nothing. The old log-probs are the training forward's own (TRL's convention), not the sampler's.
+span's length too. Forced tokens and a span's first step (never an exit) carry nothing. The old
+log-probs are the training forward's own (TRL's convention), not the sampler's.
+
+Latents carry nothing either, unless the rollout explores them (--latent_sigma S > 0): then each latent
+fed is z = mu + S * eps, and its log-prob log N(z; mu', S^2 I) sits in the same clipped ratio as a
+token's, mu' = latent_input of the hidden state at the position that *produced* z; the KL to the
+reference on it is the closed form for two Gaussians of equal S. This departs from Monet's VLPO
+(arXiv 2511.21395) twice: VLPO's rollout adds no noise (z = mu, so on-policy the latent's gradient,
+along A (z - mu'), is about zero), and it compares z with the output at the position that reads it,
+one step late, rather than the one that produced it.
 """
 import math
 from typing import NamedTuple

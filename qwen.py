@@ -390,6 +390,17 @@ class Qwen2_5_VL(nn.Module):
         n = min(int((~torch.stack(dones).all(1)).sum()) + 1, len(out))  # up to the step the last row stopped
         return torch.cat([input_ids, torch.stack(out[:n], 1)], 1)
 
+    def macs(self, tokens, head_positions=0, patches=0):
+        """Multiply-accumulates of one forward (a deterministic measure of compute): `tokens` through the
+        decoder layers, `head_positions` through lm_head, `patches` through the vision tower. Attention's
+        own products are left out, as is usual; a backward costs about twice its forward."""
+        if not hasattr(self, "_sizes"):  # (counted once: DTensor shards count as their whole)
+            layers = sum(p.numel() for p in self.model.layers.parameters())
+            tower = sum(p.numel() for p in self.visual.parameters()) if hasattr(self, "visual") else 0
+            self._sizes = (layers, self.lm_head.weight.numel(), tower)
+        layers, head, tower = self._sizes
+        return tokens * layers + head_positions * head + patches * tower
+
     def default_stop_ids(self):
         return (
             list(self.cfg.eos_token_id)

@@ -69,6 +69,7 @@ format_weight = 0.2  # [0, inf) reward: an LVR span followed by an answer, then 
 lr = 2e-5  # (0, inf) learning rate (constant after warmup)
 warmup_iters = 5  # [1, inf) linear warmup steps
 max_iters = 60  # [1, inf) optimizer steps (each on a fresh rollout batch)
+max_macs = 0.0  # [0, inf) also stop once the run's compute reaches this many multiply-accumulates (0: off)
 weight_decay = 0.0  # [0, inf) AdamW weight decay
 grad_clip = 1.0  # [0, inf) clip the gradient norm (0 = off)
 eval_interval = 20  # [1, inf) checkpoint every this many steps
@@ -149,17 +150,18 @@ def main(argv):
     # 3) optimizer, and the saved state when resuming
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
-    step, log, drawn = 0, [], 0  # drawn: rounds of B prompts taken from the stream so far
+    step, log, drawn, macs = 0, [], 0, 0.0  # drawn: rounds of B prompts taken from the stream so far
     if resume:
         state = checkpoint.load_train_state(out_dir, config)
         parallel.load_optimizer(model, opt, state, fsdp)
         step, log, drawn = state["step"], state["log"], state.get("drawn", state["step"])
+    macs = sum(x.get("macs", 0.0) for x in log)  # the run's compute so far, over all processes
     # 4) the loop
     autocast = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
     bar = tqdm(total=max_iters, initial=step, disable=rank != 0, dynamic_ncols=True)
     signalled = cli.stop_flag()  # Ctrl-C / SIGTERM on any rank: every rank finishes the step, saves it, exits
     try:
-        while step < max_iters:
+        while step < max_iters and not (max_macs and macs >= max_macs):
             for g in opt.param_groups:
                 g["lr"] = lr * min(1.0, (step + 1) / warmup_iters)  # linear warmup, then constant
             stats, drawn, stopping = train_step(
@@ -169,13 +171,15 @@ def main(argv):
                 raise InputError(
                     f"loss is not finite at step {step}; stopped, {out_dir} keeps the last good checkpoint"
                 )
+            macs += stats["macs"]
             step += 1
             log.append(stats)
             bar.update(1)
             bar.set_postfix(
                 reward=f"{stats['reward']:.3f}", acc=f"{stats['accuracy']:.2f}", kl=f"{stats['kl']:.4f}"
             )
-            if stopping or step % eval_interval == 0 or step == max_iters:
+            spent = max_macs and macs >= max_macs
+            if stopping or step % eval_interval == 0 or step == max_iters or spent:
                 if rank == 0:
                     tqdm.write(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in stats.items()))
                 train_state = {"step": step, "log": log, "config": config, "drawn": drawn}
@@ -210,6 +214,7 @@ class Round:
     lengths: torch.Tensor  # (B*G,) completion tokens up to the stop
     latent_steps: torch.Tensor  # (B*G,)
     rollout_s: float  # seconds the rollout took
+    rollout_macs: float  # its compute: the prefill, the image encode, every decode step of every row
     feats: list  # per prompt: its merged image tokens, from the rollout's tower
     n_tok: list  # per prompt: how many those are
     pixel_values: list  # per prompt: its images, for a tower that trains
@@ -262,6 +267,8 @@ def rollout_round(policy, tok, ids, exs, gens, autocast):
                  accuracy=scores["accuracy"], format=scores["format"],
                  lengths=torch.tensor([len(row) for row in rows]), latent_steps=r.is_latent.sum(1).cpu(),
                  rollout_s=time.time() - t0, feats=list(feats.split(p["n_image_tokens"])),
+                 rollout_macs=float(model.macs(int(p["attention_mask"].sum()), 0, p["pixel_values"].shape[0])
+                                    + model.macs(comp.numel(), comp.numel())),
                  n_tok=p["n_image_tokens"],
                  pixel_values=[torch.cat([pv for pv, _ in ims]) for ims in p["images"]],
                  grids=[torch.cat([g for _, g in ims]) for ims in p["images"]])
@@ -307,9 +314,9 @@ def reference_kl(d, ref_d, r, c, used):
 
 def update(policy, ref, ids, rounds, filler, opt, params, autocast):
     """4) the training forward over this rank's kept groups of every round, micro-batch by micro-batch, one
-    optimizer step per PPO epoch -> (this rank's loss, its KL sum, the step's sampled decisions). The
-    normaliser is the step's, over every round and rank; `filler`: a round to pad FSDP's micro-batches with.
-    """
+    optimizer step per PPO epoch -> (this rank's loss, its KL sum, the step's sampled decisions, this
+    rank's compute in multiply-accumulates). The normaliser is the step's, over every round and rank;
+    `filler`: a round to pad FSDP's micro-batches with."""
     G, dev = group_size, device
     # a sampled "continue" at latent steps
     exits = lvr.exit_tokens(ids, decoding) if decoding == "token" else []
@@ -337,6 +344,11 @@ def update(policy, ref, ids, rounds, filler, opt, params, autocast):
         if ppo_epochs > 1:  # the old policy of every epoch: this policy before its first update
             olds = [policy(decision_logprobs, r, c, freeze_vision, exits) for r, _, _, c in work]
     kl_sum, loss_sum = 0.0, 0.0  # become device tensors, read once at the end: no host sync per micro-batch
+    # compute: the policy's forward and backward (3x a forward) per epoch, the reference's and the old
+    # policy's forwards; the head at the completion positions (the tower's re-encode is not counted)
+    forwards = 3 * ppo_epochs + (ref is not None) + (ppo_epochs > 1)
+    model = policy.model
+    macs = sum(model.macs(r.seqs[c].numel(), (r.seqs.shape[1] - r.n_prompt) * len(c)) for r, _, _, c in work)
     for _ in range(ppo_epochs):
         for (r, adv, weights, c), ref_d, old_d in zip(work, refs, olds):
             with autocast:
@@ -356,7 +368,7 @@ def update(policy, ref, ids, rounds, filler, opt, params, autocast):
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return loss_sum, kl_sum, n_act
+    return loss_sum, kl_sum, n_act, float(forwards * macs)
 
 
 def train_step(policy, ref, tok, ids, records, drawn, opt, params, autocast, signalled):
@@ -383,14 +395,15 @@ def train_step(policy, ref, tok, ids, records, drawn, opt, params, autocast, sig
         if not filter_groups or kept >= batch_size or len(seen) == max_draws:
             break
     with cli.out_of_memory("a GRPO update", UPDATE_OOM, out_dir):
-        loss, kl, n_act = 0.0, 0.0, 0
+        loss, kl, n_act, update_macs = 0.0, 0.0, 0, 0.0
         if kept:
-            loss, kl, n_act = update(policy, ref, ids, rounds, seen[0], opt, params, autocast)
+            loss, kl, n_act, update_macs = update(policy, ref, ids, rounds, seen[0], opt, params, autocast)
     # 5) statistics: sums over this rank's rows, then over the ranks (with the stop flag)
     sums = {k: float(torch.cat([getattr(r, k) for r in seen]).double().sum())
             for k in ("reward", "accuracy", "format", "lengths", "latent_steps")}
     flat = torch.cat([torch.eq(*r.reward.view(-1, group_size).aminmax(dim=1)) for r in seen])
-    sums.update(loss=float(loss), kl=float(kl), flat=float(flat.sum()), groups=len(flat),
+    macs = update_macs + sum(r.rollout_macs for r in seen)
+    sums.update(loss=float(loss), kl=float(kl), flat=float(flat.sum()), groups=len(flat), macs=macs,
                 rollout_s=sum(r.rollout_s for r in seen), stopping=len(signalled))
     reduced = parallel.all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64, device=device))
     total = dict(zip(sums, reduced.tolist()))
@@ -398,7 +411,7 @@ def train_step(policy, ref, tok, ids, records, drawn, opt, params, autocast, sig
     per_row = {k: total[k] / n_rows for k in ("reward", "accuracy", "format", "latent_steps")}
     stats = {"loss": total["loss"], **per_row, "length": total["lengths"] / n_rows,
              "flat_groups": total["flat"] / total["groups"], "kept_groups": kept, "draws": len(seen),
-             "kl": total["kl"] / max(1, n_act), "step_s": time.time() - t0,
+             "kl": total["kl"] / max(1, n_act), "macs": total["macs"], "step_s": time.time() - t0,
              "rollout_tok_s": total["lengths"] / (total["rollout_s"] / world)}
     return stats, drawn, total["stopping"] > 0
 

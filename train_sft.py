@@ -29,6 +29,7 @@ import lvr
 import parallel
 import qwen
 import tasks
+import vision
 from cli import InputError
 
 # -----------------------------------------------------------------------------
@@ -54,6 +55,7 @@ lr = -1.0  # (0, inf) or -1 peak learning rate (-1: 1e-5 from a checkpoint, offi
 min_lr = -1.0  # [0, inf) or -1 learning rate at the end of the cosine (-1: 0 from a checkpoint; 1e-4)
 warmup_iters = -1  # [0, inf) or -1 linear warmup steps (-1: 3% of max_iters from a checkpoint; 50)
 max_iters = 2000  # [1, inf) optimizer steps
+max_macs = 0.0  # [0, inf) also stop once the run's compute reaches this many multiply-accumulates (0: off)
 weight_decay = 0.0  # [0, inf) AdamW weight decay
 grad_clip = 1.0  # [0, inf) clip the gradient norm (0 = off)
 eval_interval = 500  # [1, inf) evaluate and checkpoint every this many steps
@@ -221,6 +223,20 @@ def as_is(item):
     return item
 
 
+def sft_macs(model, batch):
+    """A micro-batch's compute (multiply-accumulates, counted as qwen's Qwen2_5_VL.macs counts them): the
+    forward and backward (3x a forward) of every pass through the LM (stage 2: one per latent of the
+    longest row, and one more), lm_head at the supervised positions, the tower's forward on the images
+    (3x when it trains) and on Mirage's helper images."""
+    tokens = int(batch["attention_mask"].sum())
+    heads = int((batch["labels"] != -100).sum())
+    rows = batch["latent_pos"][0]
+    passes = int(torch.bincount(rows).max()) + 1 if stage == 2 and len(rows) else 1
+    patches = batch["pixel_values"].shape[0] * (1 if freeze_vision else 3)
+    patches += batch["helper_pixel_values"].shape[0] if "helper_pixel_values" in batch else 0
+    return 3 * passes * model.macs(tokens) + 3 * model.macs(0, heads) + model.macs(0, 0, patches)
+
+
 def train_step(root, batches, dev, ddp, autocast):
     """Forward and backward over the step's grad_accum micro-batches -> the summed (ce, latent, switch)
     losses on the device (read once per step: no host sync per micro-batch)."""
@@ -258,6 +274,10 @@ def main(argv):
         root, model, tok, ids = build(tmp, dev)
     model.train()
     model.grad_checkpointing = grad_checkpointing
+    if rank == 0:  # what the image bounds make of the data: the first example's images, as encoded
+        sizes = [vision.merged_tokens(vision.preprocess(im, min_pixels, max_pixels)[1])
+                 for im in examples(0, 1, records)[0]["images"]]
+        print(f"first example: {len(sizes)} image(s) of {', '.join(map(str, sizes))} merged tokens")
     if latent_loss == "cosine" and method != "none" and stage == 1 and "latent_norm" not in model.cfg.extra:
         with parallel.gathered(root, fsdp):  # (FSDP: resharded after, so the optimizer gets the shards)
             first = data.to_device(collated(examples(0, batch_size, records), tok, ids), dev)
@@ -266,10 +286,12 @@ def main(argv):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     step, losses, times = 0, [], []  # times: per step, (seconds, of which waiting for data)
+    macs = 0.0  # the run's compute so far, over all processes (qwen.Qwen2_5_VL.macs)
     if resume:
         state = checkpoint.load_train_state(out_dir, config)
         parallel.load_optimizer(model, opt, state, fsdp)
         step, losses, times = state["step"], state["losses"], state.get("times", [])
+        macs = state.get("macs", 0.0)
         torch.set_rng_state(state["rng"])
     # 4) the loop
     autocast = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
@@ -281,7 +303,7 @@ def main(argv):
     bar = tqdm(total=max_iters, initial=step, disable=rank != 0, dynamic_ncols=True)
     signalled = cli.stop_flag()  # Ctrl-C / SIGTERM: finish the step, save it, exit
     try:
-        while step < max_iters:
+        while step < max_iters and not (max_macs and macs >= max_macs):
             t0 = time.time()
             for g in opt.param_groups:
                 g["lr"] = get_lr(step)
@@ -293,11 +315,13 @@ def main(argv):
             t_data = time.time() - t0
             with cli.out_of_memory("an SFT step", SFT_OOM, out_dir):
                 sums = train_step(root, batches, dev, ddp, autocast)
-            stats = torch.cat([sums, torch.tensor([float(len(signalled))], device=dev)])
+            step_macs = float(sum(sft_macs(model, b) for b in batches))
+            stats = torch.cat([sums, torch.tensor([float(len(signalled)), step_macs], device=dev)])
             if ddp:  # the global mean losses, and whether any rank was asked to stop (so all stop together)
                 dist.all_reduce(stats)
                 stats = stats / world
-            ce_sum, lat_sum, sw_sum, stopping = stats.tolist()
+            ce_sum, lat_sum, sw_sum, stopping, mean_macs = stats.tolist()
+            macs += mean_macs * world
             if not (math.isfinite(ce_sum) and math.isfinite(lat_sum)):
                 raise InputError(f"loss is not finite at step {step} (ce {ce_sum}, latent {lat_sum}); "
                                  f"stopped, {out_dir} keeps the last good checkpoint")
@@ -312,10 +336,11 @@ def main(argv):
             bar.set_postfix(ce=f"{ce_sum:.4f}", latent=f"{lat_sum:.4f}", switch=f"{sw_sum:.4f}",
                             lr=f"{get_lr(step - 1):.1e}", ms=f"{1000 * (time.time() - t0):.0f}",
                             data_ms=f"{1000 * t_data:.0f}")
-            if stopping or step % eval_interval == 0 or step == max_iters:
+            spent = max_macs and macs >= max_macs
+            if stopping or step % eval_interval == 0 or step == max_iters or spent:
                 if not stopping:  # (no evaluation on the way out)
                     evaluate(root, model, tok, ids, records, held_out, dev, step)
-                train_state = {"step": step, "losses": losses, "times": times, "config": config,
+                train_state = {"step": step, "losses": losses, "times": times, "macs": macs, "config": config,
                                "rng": torch.get_rng_state()}
                 parallel.save(model, tok, opt, out_dir, train_state, fsdp, rank)
             if stopping:

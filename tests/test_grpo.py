@@ -287,6 +287,22 @@ def grpo_flags(sft):
             "--decoding", "steps", "--lvr_steps", "2", "--temperature", "1.5"]
 
 
+def test_compute_is_counted_and_bounds_the_run(tmp_path, sft):
+    """Each step's multiply-accumulates are logged (the rollout's and the update's, over the ranks), and
+    --max_macs stops the run at the step that reaches them, saved."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    r = run("train_grpo.py", *grpo_flags(sft), "--max_iters", "3", "--filter_groups", "false", "--out_dir", a)
+    assert r.returncode == 0, r.stderr
+    log = torch.load(os.path.join(a, "train_state.pt"), weights_only=True)["log"]
+    assert all(x["macs"] > 0 for x in log)
+    budget = log[0]["macs"] + 0.5 * log[1]["macs"]  # reached during step 2
+    r = run("train_grpo.py", *grpo_flags(sft), "--max_iters", "3", "--filter_groups", "false", "--out_dir", b,
+            "--max_macs", str(budget))
+    assert r.returncode == 0, r.stderr
+    log_b = torch.load(os.path.join(b, "train_state.pt"), weights_only=True)
+    assert log_b["step"] == 2 and [x["macs"] for x in log_b["log"]] == [x["macs"] for x in log[:2]]
+
+
 def test_train_grpo_end_to_end_and_resume(tmp_path, sft):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     common = [*grpo_flags(sft), "--latent_sigma", "0.2"]  # (latents explored: their noise resumes too)

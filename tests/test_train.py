@@ -462,3 +462,22 @@ def test_bench_tiny_runs():
     for row in rows:
         nums = [float(x) for x in row if x.replace(".", "", 1).replace("e-", "", 1).replace("e+", "", 1).isdigit()]
         assert nums and all(math.isfinite(x) and x > 0 for x in nums), row
+
+
+def test_sft_compute_is_counted_and_bounds_the_run(tmp_path):
+    """The run's multiply-accumulates, summed step by step from its own batches (train_sft.sft_macs, on
+    qwen's count), are in train_state.pt; --max_macs stops at the step that reaches them, saved."""
+    import train_sft
+    out, out2 = str(tmp_path / "a"), str(tmp_path / "b")
+    args = [*SMALL, "--max_iters", "3", "--eval_interval", "3", "--eval_examples", "0", "--data_workers", "0"]
+    train_sft.main([*args, "--out_dir", out])
+    model, tok = qwen.load(out)
+    ids = lvr.find_latent_ids(model, tok)
+    batches = train_sft.MicroBatches(tok, ids, None, 0, 1)
+    per_step = [train_sft.sft_macs(model, batches[k][0]) for k in range(3)]
+    one = model.macs(1)  # one token through the decoder layers: every layer's weights once
+    assert one == sum(p.numel() for p in model.model.layers.parameters())
+    tokens = int(batches[0][0]["attention_mask"].sum())  # forward and backward: 3x a forward, at least
+    assert math.isclose(state(out)["macs"], sum(per_step)) and per_step[0] >= 3 * one * tokens
+    train_sft.main([*args, "--out_dir", out2, "--max_macs", str(per_step[0] + per_step[1] / 2)])
+    assert state(out2)["step"] == 2 and math.isclose(state(out2)["macs"], per_step[0] + per_step[1])
