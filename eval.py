@@ -23,7 +23,10 @@ LVR paper's 71.67 is per question, its Table 2's 55.8 per pair), V* per category
 synthetic examples are tasks.py's test split: never seen by train_sft or train_grpo.
 """
 import collections
+import dataclasses
 import functools
+import json
+from dataclasses import dataclass
 
 import torch
 
@@ -57,6 +60,8 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "auto"  # {auto, float32, bfloat16} the weights' dtype (auto: bfloat16 on CUDA)
 seed = 1337  # [0, inf) the synthetic held-out set
 split = "test"  # {test, eval} the synthetic split: test, or eval (the validation split study.py tunes on)
+diagnostics = True  # also the rows that replace the latents (disabled, dummy, swapped, oracle)
+save = ""  # also write the rows, each with every example's correctness, to this JSON file ("": print only)
 # -----------------------------------------------------------------------------
 
 
@@ -159,14 +164,32 @@ def targets_of(model, tok, ids, exs, min_pixels=3136, max_pixels=28224, device="
     return out
 
 
-def diagnostics(model, tok, ids, exs, decode, own):
+@dataclass
+class Geometry:
+    """Where a model's own latents lie against their targets (None where there are no targets)."""
+    norm_ratio: float  # mean latent norm / mean target norm (the norm-regime gap)
+    distance: float  # mean ||latent_j - target_j|| over the steps both have, in order
+    target_norm: float  # mean ||target||: the scale the distance is on
+
+
+def geometry(own, targets):
+    """Own latents ((n, C) per example) against the targets ((L, C) or None) -> Geometry, or None."""
+    pairs = [(v, t) for v, t in zip(own["latents"], targets) if t is not None and len(v)]
+    if not pairs:
+        return None
+    lats, tgts = torch.cat([v for v, _ in pairs]), torch.cat([t for _, t in pairs])
+    dist = torch.cat([(v[:len(t)] - t[:len(v)]).norm(dim=-1) for v, t in pairs])
+    norm = float(tgts.norm(dim=-1).mean())
+    return Geometry(float(lats.norm(dim=-1).mean()) / norm, float(dist.mean()), norm)
+
+
+def replaced_rows(model, tok, ids, exs, decode, own, targets):
     """The rows that say whether a model reasons through its latents, each with every latent input replaced:
     dummy (one fixed vector, the mean of its own latents: the right scale, no content), swapped (each row
-    gets the next example's own latents), oracle (the training targets: what a latent could carry at best);
-    and the norm of its own latents over the targets' (the norm-regime gap)."""
+    gets the next example's own latents), oracle (the training targets: what a latent could carry at best)."""
     rows, lats = [], [v for v in own["latents"] if len(v)]
     if not lats:
-        return rows, None
+        return rows
     budget = max(decode["lvr_steps"], decode["max_latent_steps"])
     mean = torch.cat(lats).mean(0)
     run = functools.partial(
@@ -174,13 +197,11 @@ def diagnostics(model, tok, ids, exs, decode, own):
     )
     rows.append(("dummy latents", run(feed=[mean.expand(budget, -1)] * len(exs))))
     rows.append(("swapped latents", run(feed=own["latents"][1:] + own["latents"][:1])))
-    targets = targets_of(model, tok, ids, exs, min_pixels, max_pixels, device)
     if all(t is None for t in targets):
-        return rows, None
+        return rows
     oracle = [t if t is not None else torch.zeros(0, mean.shape[0]) for t in targets]
     rows.append(("oracle latents", run(feed=oracle)))
-    target_norm = torch.cat([t for t in targets if t is not None]).norm(dim=-1).mean()
-    return rows, float(torch.cat(lats).norm(dim=-1).mean() / target_norm)
+    return rows
 
 
 def by_group(exs, right, key):
@@ -217,10 +238,13 @@ def main(argv):
         end_threshold=threshold,
     )
     disabled = {**decode, "decoding": "steps", "lvr_steps": 0, "force_end": True}  # <|lvr_end|> at once
+    ways = (("with latents", decode), ("latents disabled", disabled))[:2 if diagnostics else 1]
     rows = [(name, evaluate(model, tok, ids, exs, batch_size, min_pixels, max_pixels, device, **d))
-            for name, d in (("with latents", decode), ("latents disabled", disabled))]
-    more, norm_ratio = diagnostics(model, tok, ids, exs, decode, rows[0][1])
-    rows += more
+            for name, d in ways]
+    targets = targets_of(model, tok, ids, exs, min_pixels, max_pixels, device)
+    if diagnostics:
+        rows += replaced_rows(model, tok, ids, exs, decode, rows[0][1], targets)
+    geo = geometry(rows[0][1], targets)
     print(
         f"{init_from} on {len(exs)} "
         f"{'held-out synthetic' if data_path == 'synthetic' else data_path} examples"
@@ -229,8 +253,16 @@ def main(argv):
     for name, r in rows:
         hr = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
         print(f"{name:18}{r['accuracy']:>10.3f}{r['format']:>9.3f}{r['latent_steps']:>14.2f}{hr:>10}")
-    if norm_ratio is not None:
-        print(f"latent norm / target norm (own latents): {norm_ratio:.3f}")
+    if geo is not None:
+        print(f"latent norm / target norm (own latents): {geo.norm_ratio:.3f}")
+        print(f"latent distance to its target (own latents): {geo.distance:.3f} "
+              f"(target norm {geo.target_norm:.3f})")
+    if save:  # (what study.py reads: the paired comparisons need each example's correctness)
+        keep = ("accuracy", "format", "latent_steps", "hit_rate", "right")
+        out = {"rows": {name: {k: r[k] for k in keep} for name, r in rows},
+               "geometry": None if geo is None else dataclasses.asdict(geo)}
+        with open(save, "w") as f:
+            json.dump(out, f)
     on = rows[0][1]
     budget = lvr_steps if decoding == "steps" else max_latent_steps
     print(

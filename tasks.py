@@ -6,8 +6,9 @@ through exactly the same code as an official one.
 
 The tokenizer is trained in a fraction of a second on a small corpus, so it can encode any text;
 it holds every Qwen special token, and the checkpoint code looks them up by string exactly as it
-does for the real tokenizer. Seeds: each split (train, eval, grpo, test) draws from its own range,
-so held-out examples never meet training ones.
+does for the real tokenizer. Seeds: each split (train, eval, grpo, test) and each seed within it
+draws from its own block of ids, so held-out examples never meet training ones and two seeds never
+share an example.
 """
 import random
 
@@ -16,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import lvr
 import qwen
+from cli import InputError
 
 LATENT_SPECIAL = list(lvr.LVR_TOKENS.values()) + list(lvr.MIRAGE_TOKENS.values())
 
@@ -239,11 +241,21 @@ TASKS = {
     "relation": (relation_example, 168),
     "imagine": (imagine_example, 168),
 }  # the example function and its image side
-SPLITS = {"train": 0, "eval": 10 ** 9, "grpo": 2 * 10 ** 9, "test": 3 * 10 ** 9}  # disjoint seed ranges
+STREAM = 10 ** 6  # examples a seed can draw from each split: seeds own disjoint blocks of example ids
+SPLITS = {"train": 0, "eval": 10 ** 12, "grpo": 2 * 10 ** 12, "test": 3 * 10 ** 12}  # disjoint id ranges
+
+
+def example_id(split, i, seed):
+    """The id (the PIL drawing's random seed) of example i of a seed's stream in a split. Every (split, seed)
+    owns its block of STREAM ids, so two seeds, or two splits, never draw the same example."""
+    if not 0 <= i < STREAM or not 0 <= seed < 10 ** 12 // STREAM:
+        raise InputError(f"synthetic example {i} of seed {seed}: a seed draws examples 0 to {STREAM - 1} "
+                         f"of each split, and seeds run from 0 to {10 ** 12 // STREAM - 1}")
+    return SPLITS[split] + seed * STREAM + i
 
 
 def synthetic(split, i, seed, size=0, task="colour"):
     """Example i of a task's split: train (train_sft), eval (its periodic accuracy), grpo (train_grpo's
     prompts), test (eval.py). size 0: the task's own image side."""
     fn, own = TASKS[task]
-    return fn(seed * 7919 + SPLITS[split] + i, size or own)
+    return fn(example_id(split, i, seed), size or own)

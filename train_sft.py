@@ -258,8 +258,9 @@ def main(argv):
     rank, world, dev, ddp = parallel.setup(device, fsdp)
     cli.require(not (latent_end and method == "mirage"),
                 "--latent_end true needs a latent-end token, and Mirage's tokens have none")
-    cli.require(not (stage == 2 and init_from == "scratch"),
-                "--stage 2 continues a stage-1 checkpoint (LVR or Mirage): give it with --init_from")
+    cli.require(not (stage == 2 and init_from == "scratch" and not resume),
+                "--stage 2 continues a stage-1 checkpoint (LVR or Mirage): give it with --init_from "
+                "(or --resume true on a copy of its run, to keep its optimizer and data stream)")
     cli.require(not (stage == 2 and method == "none"), "--stage 2 trains latents: --method none has none")
     resolve_defaults(config, dev)
     cli.require(min_lr <= lr, f"--min_lr {min_lr} is above --lr {lr}")

@@ -151,3 +151,30 @@ def test_diagnostics_replace_the_latent_inputs(tmp_path):
         assert torch.allclose(t, feats[lvr.roi_indices(e["bboxes"][0], grid[0])].mean(0, keepdim=True), atol=1e-5)
     oracle = run(targets)["latents"]
     assert all(torch.allclose(v[:len(t)], t, atol=1e-6) for v, t in zip(oracle, targets))
+
+
+def test_geometry_by_hand():
+    """Norm ratio and the in-order distance between own latents and targets, on the steps both have."""
+    own = {"latents": [torch.tensor([[3.0, 4.0], [0.0, 0.0]]), torch.zeros(0, 2), torch.tensor([[1.0, 0.0]])]}
+    targets = [torch.tensor([[0.0, 4.0]]), torch.tensor([[1.0, 1.0]]), None]
+    g = evaluation.geometry(own, targets)
+    assert g.distance == 3.0 and g.target_norm == 4.0 and g.norm_ratio == (5.0 + 0.0) / 2 / 4.0
+    assert evaluation.geometry(own, [None, None, None]) is None
+
+
+def test_eval_saves_every_example_and_can_skip_the_diagnostics(tmp_path):
+    out = str(tmp_path / "out")
+    r = run("train_sft.py", *SMALL, "--max_iters", "2", "--eval_interval", "2", "--out_dir", out)
+    assert r.returncode == 0, r.stderr
+    common = ["eval.py", "--init_from", out, "--n_examples", "5", "--image_size", "112", "--max_pixels", "12544",
+              "--max_new_tokens", "6", "--max_latent_steps", "2"]
+    r = run(*common, "--save", str(tmp_path / "all.json"))
+    assert r.returncode == 0, r.stderr
+    full = json.load(open(tmp_path / "all.json"))
+    assert {"with latents", "latents disabled"} <= set(full["rows"])
+    for row in full["rows"].values():
+        assert len(row["right"]) == 5 and row["accuracy"] == sum(row["right"]) / 5
+    r = run(*common, "--diagnostics", "false", "--save", str(tmp_path / "own.json"))
+    assert r.returncode == 0 and "latents disabled" not in r.stdout, r.stderr
+    own = json.load(open(tmp_path / "own.json"))
+    assert list(own["rows"]) == ["with latents"] and own["rows"]["with latents"] == full["rows"]["with latents"]

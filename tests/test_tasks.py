@@ -111,3 +111,26 @@ def test_task_reaches_every_script(tmp_path):
     assert gr.returncode == 0 and "step 1:" in gr.stdout, gr.stderr
     saved = torch.load(str(tmp_path / "g" / "train_state.pt"), weights_only=True)["config"]
     assert (saved["image_size"], saved["max_pixels"]) == (168, 28224)  # 0: imagine's own side, unresized
+
+
+def test_no_example_is_drawn_by_two_seeds_or_two_splits(monkeypatch):
+    """The study's seeds (0 to 5) draw a run's stream and more (the first and last of each seed's block, and
+    examples on the way): every id drawn is drawn by one (split, seed) alone; past the block is an error."""
+    seen = {}
+
+    def record(example_id, size):
+        seen.setdefault(example_id, set()).add(owner)
+        return example_id
+    monkeypatch.setitem(tasks.TASKS, "colour", (record, 168))
+    for split in tasks.SPLITS:
+        for seed in [*range(6), 1337]:
+            owner = (split, seed)
+            for i in [*range(0, 40_000, 7), tasks.STREAM - 1]:
+                tasks.synthetic(split, i, seed)
+    assert all(len(owners) == 1 for owners in seen.values())
+    assert len({o for owners in seen.values() for o in owners}) == len(tasks.SPLITS) * 7
+    with pytest.raises(Exception, match="draws examples 0 to 999999"):
+        tasks.synthetic("train", tasks.STREAM, 0)
+    a, b = tasks.synthetic_example(tasks.example_id("train", 0, 1)), tasks.synthetic_example(
+        tasks.example_id("train", 0, 2))  # (the real drawing: neighbouring seeds differ)
+    assert not np.array_equal(np.asarray(a["images"][0]), np.asarray(b["images"][0]))
