@@ -54,3 +54,23 @@ def test_bootstrap_interval_covers_the_paired_difference():
     e = {s: [0] * 100 for s in range(6)}
     _, low, high = study.bootstrap(d, e, 2000)
     assert high - low > 0.3
+
+
+def test_the_committed_study_matched_every_control_on_compute():
+    """In assets/study.jsonl, every control and stage-2 run spent within 5% of the compute of the explored
+    GRPO run of its task and seed."""
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "assets", "study.jsonl")
+    recs = {x["key"]: x for x in map(json.loads, open(path))}
+    explored = {}  # (task, seed) -> the explored GRPO run (latent_sigma > 0) of a reported seed
+    for key, x in recs.items():
+        task, name, seed = key.split("/")[:3]
+        if name == "grpo" and x["latent_sigma"] > 0 and "test" in x:
+            explored[task, seed] = x
+    matched = 0
+    for key, x in recs.items():
+        task, name, seed = key.split("/")[:3]
+        if name in ("control", "stage2") and seed != "seed0":
+            assert abs(x["macs"] / explored[task, seed]["macs"] - 1) < 0.05, key
+            matched += 1
+    assert matched == 2 * len(explored) > 0
