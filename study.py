@@ -60,10 +60,11 @@ work_dir = "study_runs"  # checkpoints of the runs (large; not committed)
 quick = False  # a tiny version of everything, for CI (the flags in QUICK, before the ones given)
 report = False  # run nothing: print the tables (markdown, for the docs) and draw the picture
 # -----------------------------------------------------------------------------
-# --quick true: every stage, tiny (one task, one seed, a few steps), as these flags
-QUICK = ["--tasks", "relation", "--max_iters", "4", "--batch_size", "2", "--eval_interval", "2",
-         "--eval_examples", "4", "--val_examples", "4", "--test_examples", "4", "--seeds", "1",
-         "--mirage_ks", "4", "--grpo_lrs", "2e-5", "--sigmas", "1", "--budget", "8", "--resamples", "200"]
+# --quick true: every stage but plain SFT (tested on its own), tiny (one task, one seed, a few steps)
+QUICK = ["--tasks", "relation", "--methods", "lvr,mirage,stage2,grpo", "--max_iters", "4",
+         "--batch_size", "2", "--eval_interval", "2", "--eval_examples", "4", "--val_examples", "4",
+         "--test_examples", "4", "--seeds", "1", "--mirage_ks", "4", "--grpo_lrs", "2e-5", "--sigmas", "1",
+         "--budget", "8", "--resamples", "200"]
 NAMES = {"none": "plain SFT", "lvr": "LVR", "mirage": "Mirage",
          "control": "LVR + teacher-forced (control)", "stage2": "LVR + stage 2",
          "grpo0": "LVR + GRPO_latent (sigma 0)", "grpo": "LVR + GRPO (sigma tuned)"}

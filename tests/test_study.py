@@ -12,9 +12,9 @@ def test_study_quick_runs_every_stage_and_resumes(tmp_path):
     r = run(*args)
     assert r.returncode == 0, r.stderr
     recs = {x["key"]: x for x in map(json.loads, open(tmp_path / "r.jsonl"))}
-    tuned = {"relation/none/seed0/lr0.001", "relation/lvr/seed0/lr0.001", "relation/mirage/seed0/lr0.001/k4",
+    tuned = {"relation/lvr/seed0/lr0.001", "relation/mirage/seed0/lr0.001/k4",
              "relation/grpo/seed0/lr2e-05/sigma0", "relation/grpo/seed0/lr2e-05/sigma1"}
-    shown = {"relation/none/seed1/lr0.001", "relation/lvr/seed1/lr0.001", "relation/mirage/seed1/lr0.001/k4",
+    shown = {"relation/lvr/seed1/lr0.001", "relation/mirage/seed1/lr0.001/k4",
              "relation/grpo/seed1/lr2e-05/sigma0", "relation/grpo/seed1/lr2e-05/sigma1", "relation/control/seed1",
              "relation/stage2/seed1"}
     assert set(recs) == tuned | shown
