@@ -238,11 +238,11 @@ def main(argv):
         end_threshold=threshold,
     )
     disabled = {**decode, "decoding": "steps", "lvr_steps": 0, "force_end": True}  # <|lvr_end|> at once
-    ways = (("with latents", decode), ("latents disabled", disabled))[:2 if diagnostics else 1]
-    rows = [(name, evaluate(model, tok, ids, exs, batch_size, min_pixels, max_pixels, device, **d))
-            for name, d in ways]
-    targets = targets_of(model, tok, ids, exs, min_pixels, max_pixels, device)
+    run = functools.partial(evaluate, model, tok, ids, exs, batch_size, min_pixels, max_pixels, device)
+    rows = [("with latents", run(**decode))]
+    targets = targets_of(model, tok, ids, exs, min_pixels, max_pixels, device)  # (the geometry needs them)
     if diagnostics:
+        rows.append(("latents disabled", run(**disabled)))
         rows += replaced_rows(model, tok, ids, exs, decode, rows[0][1], targets)
     geo = geometry(rows[0][1], targets)
     print(

@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -295,8 +296,8 @@ def summary(recs):
             if not runs:
                 continue
             acc = [r["test"]["rows"]["with latents"]["accuracy"] for r in runs.values()]
-            mean = sum(acc) / len(acc)
-            sd = (sum((x - mean) ** 2 for x in acc) / max(1, len(acc) - 1)) ** 0.5
+            mean = statistics.mean(acc)
+            sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
             hits = [r["test"]["rows"]["with latents"]["hit_rate"] for r in runs.values()]
             dist = [r["test"]["geometry"]["distance"] for r in runs.values() if r["test"].get("geometry")]
             oracle = [r["test"]["rows"]["oracle latents"]["accuracy"] for r in runs.values()
