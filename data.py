@@ -91,17 +91,28 @@ def record_example(rec, image_root, where):
     """One LVR or Mirage record -> an example. `where` names the record in errors."""
     def image(p):
         return open_image(image_root, p, where)
+    if "map_desc" in rec and "image_output" not in rec:  # a Mirage VSP test record: a prompt and its map
+        if not isinstance(rec.get("text_input"), str) or not isinstance(rec.get("image_input"), str):
+            raise InputError(f"{where}: a VSP record needs string fields 'text_input' and 'image_input'")
+        return {"images": [image(rec["image_input"])], "question": rec["text_input"], "answer": "",
+                "bboxes": [], "map_desc": vsp_map(rec["map_desc"], where)}
     if "image_output" in rec:  # Mirage: the helper image is the latent target
         for k in ("text_input", "text_output", "image_input"):
             if not isinstance(rec.get(k), str):
                 raise InputError(f"{where}: Mirage record needs a string field {k!r}")
+        out = rec["text_output"]
+        if out.count("<output_image>") > 1 or rec["text_input"].count("<image>") > 1:
+            raise InputError(f"{where}: a Mirage record has one <image> and at most one <output_image>")
+        # official Mirage: the latent span where <output_image> stands (else at the start of the answer), the
+        # input image where <image> stands in the question (tok.prompt; else before it), both texts verbatim
         return {
             "images": [image(rec["image_input"])],
-            "question": rec["text_input"].replace("<image>", "").strip(),
-            "assistant": "<lvr>\n" + rec["text_output"],
-            "answer": rec["text_output"],
+            "question": rec["text_input"],
+            "assistant": out.replace("<output_image>", "<lvr>") if "<output_image>" in out else "<lvr>" + out,
+            "answer": out.replace("<output_image>", ""),
             "bboxes": [],
             "helper": image(rec["image_output"]),
+            **({"map_desc": vsp_map(rec["map_desc"], where)} if "map_desc" in rec else {}),
         }
     conv = rec.get("conversations")
     if (
@@ -139,6 +150,18 @@ def record_example(rec, image_root, where):
         "bbox_images": on or [],
         "helper": None,
     }
+
+
+def vsp_map(desc, where):
+    """A Mirage map_desc, checked: a square grid of 1 (start), 2 (goal), -1 (hole), 0 (ice); one start, one
+    goal."""
+    rows = isinstance(desc, list) and all(isinstance(r, list) for r in desc)
+    flat = [v for row in desc for v in row] if rows else []
+    if (not flat or any(len(r) != len(desc) for r in desc) or not set(flat) <= {0, 1, 2, -1}
+            or flat.count(1) != 1 or flat.count(2) != 1):
+        raise InputError(f"{where}: map_desc must be a square grid of 1 (start), 2 (goal), -1 (hole) and "
+                         f"0 (ice), one start and one goal")
+    return desc
 
 
 def load_multiple_choice(path, root, limit):
@@ -190,12 +213,11 @@ def encode(ex, tok, ids, method="lvr", max_latents=0, k=4, latent_end=False, min
         raise InputError("latent_end needs a latent-end token, and these latent tokens have none")
     helper = vision.preprocess(ex["helper"], min_pixels, max_pixels) if method == "mirage" else None
     seq, pos, slot, groups, end_pos = list(prompt), [], [], [], []
-    # Mirage imagines one helper image: one span, however many looks the LVR answer has
-    assistant = (
-        "<lvr>\n" + ex["assistant"].replace("<lvr>", "").lstrip("\n")
-        if method == "mirage"
-        else ex["assistant"]
-    )
+    # Mirage imagines one helper image: one span where the example puts it (a Mirage record: at its
+    # <output_image>), and at the start when an LVR answer looks several times
+    assistant = ex["assistant"]
+    if method == "mirage" and assistant.count("<lvr>") != 1:
+        assistant = "<lvr>\n" + assistant.replace("<lvr>", "").lstrip("\n")
     for i, text in enumerate(assistant.split("<lvr>")):
         if i > 0 and method != "none":  # a latent span, for the <lvr> before this piece of text
             if method == "mirage":
@@ -277,17 +299,27 @@ def collate(encoded, pad_id):
 
 
 # the official LVR training scripts' image bounds (128 to 5120 merged tokens of 28 x 28 pixels), and
-# the Qwen2.5-VL processor's own (what its eval and chat use)
+# the Qwen2.5-VL processor's own (what its eval and chat use, and official Mirage trains with)
 LVR_PIXELS = (128 * 28 * 28, 5120 * 28 * 28)
 PROCESSOR_PIXELS = (56 * 56, 28 * 28 * 16384)
 
 
+def trained_pixels(path, fallback):
+    """The image bounds the checkpoint at `path` was trained with (train_sft records them in its config as
+    lvr_image_pixels), so that a model is evaluated on images the size it was trained on; `fallback` for a
+    checkpoint that records none (an official one, or "scratch")."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return fallback
+    return tuple(qwen.read_config(path).extra.get("lvr_image_pixels", fallback))
+
+
 def image_settings(task, image_size, min_pixels, max_pixels, synthetic, bounds):
     """--image_size, --min_pixels, --max_pixels, where 0 means auto -> (image_size, min_pixels, max_pixels).
-    Synthetic data: the task's own image side, never resized. A data file: `bounds` (LVR_PIXELS for
-    training, PROCESSOR_PIXELS for eval); an auto min_pixels never above max_pixels. Checked here."""
+    Synthetic data: the task's own image side, never resized; VSP's maps (drawn by gymnasium at their own
+    size) at the processor's bounds, as a Mirage file's. A data file: `bounds` (the checkpoint's, else
+    LVR_PIXELS for training, PROCESSOR_PIXELS for eval); an auto min_pixels never above max_pixels."""
     size = image_size or tasks.TASKS[task][1]
-    lo, hi = (3136, size * size) if synthetic else bounds
+    lo, hi = (PROCESSOR_PIXELS if not size else (3136, size * size)) if synthetic else bounds
     hi = max_pixels or hi
     lo = min_pixels or min(lo, hi)
     cli.require(lo <= hi, f"--min_pixels {lo} is above --max_pixels {hi}")
@@ -318,9 +350,9 @@ def to_device(batch, device):
 
 
 def grpo_example(rec, image_root, where):
-    """A GRPO record {image (a path or a list), question, answer} (or an LVR JSON record) -> an example
-    without targets."""
-    if "conversations" in rec:
+    """A GRPO record {image (a path or a list), question, answer} (or an LVR JSON record, or a Mirage VSP
+    record: its map judges the plans) -> an example without targets."""
+    if "conversations" in rec or "map_desc" in rec:  # (an LVR record, or a Mirage VSP map)
         return record_example(rec, image_root, where)
     for k in ("question", "answer"):
         if not isinstance(rec.get(k), str) or not rec[k].strip():
@@ -350,9 +382,12 @@ def normalise(text):
 
 
 def answer_of(completion):
-    """The text inside <answer>...</answer> if present, else the whole completion; normalised."""
+    """The text inside <answer>...</answer> or \\boxed{...} (Mirage's) if present, else the whole
+    completion; normalised."""
     if "<answer>" in completion:
         completion = completion.split("<answer>")[-1].split("</answer>")[0]
+    elif "\\boxed{" in completion:
+        completion = completion.split("\\boxed{")[-1].split("}")[0]
     return normalise(completion)
 
 
@@ -362,8 +397,11 @@ def letter_of(text):
     return m.group(1) if m else None
 
 
-def is_correct(completion, answer):
-    """Exact match after normalising; when the gold answer is a letter, the letters are compared."""
+def is_correct(completion, answer, map_desc=None):
+    """Exact match after normalising; when the gold answer is a letter, the letters are compared. A VSP
+    plan (the example has a map_desc) is judged by simulation on its map: any plan that reaches the goal."""
+    if map_desc is not None:
+        return tasks.solves(map_desc, answer_of(completion))
     pred, gold = answer_of(completion), answer_of(answer)
     if len(gold.strip("()")) == 1 and gold.strip("()").isalpha():
         return letter_of(pred) == gold.strip("()")

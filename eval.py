@@ -44,7 +44,8 @@ init_from = "out"  # checkpoint directory
 data_path = "synthetic"  # synthetic | an LVR JSON/JSONL with bboxes | an MMVP-style CSV | a V*-style JSONL
 image_root = ""  # directory the dataset's images are in (MMVP: the folder of <Index>.jpg)
 n_examples = 256  # [1, inf) held-out synthetic examples (or at most this many from a file)
-task = "colour"  # {colour, search, relation, imagine} the synthetic task (tasks.py)
+task = "colour"  # {colour, search, relation, imagine, vsp} the synthetic task (tasks.py)
+level = "3"  # VSP's map size: 3 to 6 cells a side, a list (3,4) or a range (3-6) to mix them
 image_size = 0  # [0, inf) synthetic image side, a multiple of 28 (0: the task's own, 168; search 336)
 batch_size = 32  # [1, inf) rows per batched rollout
 decoding = "token"  # {token, steps, latent} latent exit
@@ -54,8 +55,8 @@ force_end = True  # force <|lvr_end|> after a span (false: the model's own next 
 end_metric = "checkpoint"  # {checkpoint, mse, cosine, l1} `latent` exit distance (checkpoint: as trained)
 end_threshold = 0.0  # [0, inf) `latent` exit threshold (0 = the checkpoint's, else 0.1)
 max_new_tokens = 32  # [1, inf) completion budget
-min_pixels = 0  # [0, inf) smallest image area after resizing (0: the Qwen2.5-VL processor's, 56*56)
-max_pixels = 0  # [0, inf) largest image area (0: the processor's 12845056; a synthetic image's own area)
+min_pixels = 0  # [0, inf) smallest image area after resizing (0: as the checkpoint trained, else 56*56)
+max_pixels = 0  # [0, inf) largest image area (0: as trained, else 12845056; a synthetic image's own area)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "auto"  # {auto, float32, bfloat16} the weights' dtype (auto: bfloat16 on CUDA)
 seed = 1337  # [0, inf) the synthetic held-out set
@@ -65,13 +66,15 @@ save = ""  # also write the rows, each with every example's correctness, to this
 # -----------------------------------------------------------------------------
 
 
-def load_examples():
-    """The evaluation set: held-out synthetic examples, an LVR JSON file (with bboxes), or MMVP / V*."""
+def load_examples(how):
+    """The evaluation set: held-out synthetic examples, an LVR JSON file (with bboxes), or MMVP / V*. `how`:
+    the checkpoint's latent_targets."""
     if data_path == "synthetic":
-        return [tasks.synthetic(split, i, seed, image_size, task) for i in range(n_examples)]
+        targets = how.get("vsp", tasks.VSP_TARGETS[0])  # (VSP: the targets it was trained on, for the oracle)
+        return [tasks.synthetic(split, i, seed, image_size, task, level, targets) for i in range(n_examples)]
     if data_path.endswith((".json", ".jsonl")):
         records = data.load_records(data_path)
-        if "conversations" in records[0] or "image_output" in records[0]:
+        if {"conversations", "image_output", "map_desc"} & set(records[0]):  # LVR, Mirage, Mirage's VSP maps
             return [
                 data.record_example(r, image_root, f"{data_path} record {i}")
                 for i, r in enumerate(records[:n_examples])
@@ -125,7 +128,7 @@ def evaluate(model, tok, ids, exs, batch_size=32, min_pixels=3136, max_pixels=28
             row = r.tokens[b, p["input_ids"].shape[1]:].tolist()
             end = next((j + 1 for j, t in enumerate(row) if t in stop), len(row))
             text = tok.decode(row[:end])
-            right.append(data.is_correct(text, e["answer"]))
+            right.append(data.is_correct(text, e["answer"], e.get("map_desc")))
             fmt += data.is_lvr_format(row[:end], ids, stop, text)
             steps += int(r.is_latent[b].sum())
             spans.update(span_lengths(r.is_latent[b]))
@@ -188,18 +191,17 @@ def replaced_rows(model, tok, ids, exs, decode, own, targets):
     dummy (one fixed vector, the mean of its own latents: the right scale, no content), swapped (each row
     gets the next example's own latents), oracle (the training targets: what a latent could carry at best)."""
     rows, lats = [], [v for v in own["latents"] if len(v)]
-    if not lats:
-        return rows
-    budget = max(decode["lvr_steps"], decode["max_latent_steps"])
-    mean = torch.cat(lats).mean(0)
     run = functools.partial(
         evaluate, model, tok, ids, exs, batch_size, min_pixels, max_pixels, device, **decode
     )
-    rows.append(("dummy latents", run(feed=[mean.expand(budget, -1)] * len(exs))))
-    rows.append(("swapped latents", run(feed=own["latents"][1:] + own["latents"][:1])))
+    if lats:  # (dummy and swapped are made of its own latents: a model that makes none has neither row)
+        budget = max(decode["lvr_steps"], decode["max_latent_steps"])
+        mean = torch.cat(lats).mean(0)
+        rows.append(("dummy latents", run(feed=[mean.expand(budget, -1)] * len(exs))))
+        rows.append(("swapped latents", run(feed=own["latents"][1:] + own["latents"][:1])))
     if all(t is None for t in targets):
         return rows
-    oracle = [t if t is not None else torch.zeros(0, mean.shape[0]) for t in targets]
+    oracle = [t if t is not None else torch.zeros(0, model.cfg.hidden_size) for t in targets]
     rows.append(("oracle latents", run(feed=oracle)))
     return rows
 
@@ -215,8 +217,8 @@ def by_group(exs, right, key):
 
 def main(argv):
     cli.configure(globals(), argv)
-    images = data.image_settings(task, image_size, min_pixels, max_pixels, data_path == "synthetic",
-                                 data.PROCESSOR_PIXELS)  # 0: auto
+    bounds = data.trained_pixels(init_from, data.PROCESSOR_PIXELS)  # as trained (else the processor's)
+    images = data.image_settings(task, image_size, min_pixels, max_pixels, data_path == "synthetic", bounds)
     globals().update(zip(("image_size", "min_pixels", "max_pixels"), images))
     globals()["dtype"] = parallel.autocast_dtype(dtype, device)
     print(f"resolved: dtype={dtype} image_size={image_size} min_pixels={min_pixels} max_pixels={max_pixels}")
@@ -226,7 +228,7 @@ def main(argv):
         raise InputError(
             f"{init_from} has no latent tokens: evaluate it with sample.py, or train it with train_sft.py"
         )
-    exs = load_examples()
+    exs = load_examples(model.cfg.extra.get("latent_targets", {}))
     metric, threshold = lvr.end_rule(model, end_metric, end_threshold)
     decode = dict(
         decoding=decoding,

@@ -30,14 +30,14 @@ from cli import InputError
 
 
 # -----------------------------------------------------------------------------
-# rewards: named functions (text, tokens, answer, ids, stop_ids) -> float
+# rewards: named functions (text, tokens, answer, ids, stop_ids, map_desc) -> float
 
-def accuracy_reward(text, tokens, answer, ids, stop_ids):
-    """1 when the answer matches (data.is_correct), else 0."""
-    return float(data.is_correct(text, answer))
+def accuracy_reward(text, tokens, answer, ids, stop_ids, map_desc=None):
+    """1 when the answer matches (data.is_correct: a VSP plan when it reaches the goal), else 0."""
+    return float(data.is_correct(text, answer, map_desc))
 
 
-def format_reward(text, tokens, answer, ids, stop_ids):
+def format_reward(text, tokens, answer, ids, stop_ids, map_desc=None):
     """1 when the completion is an LVR span, an answer, then a stop token (data.is_lvr_format)."""
     return float(data.is_lvr_format(tokens, ids, stop_ids, text))
 

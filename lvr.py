@@ -471,7 +471,9 @@ def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_m
         record = (tok, fed, latent_step, lp, sampled)
         # 7) update the modes: leave, enter, finish
         n_lat = torch.where(latent_step, n_lat + 1, torch.where(out.leave, 0, n_lat))
-        in_lat = (in_lat & ~out.leave) | (~in_lat & (tok == ids.start) & ~done)
+        # (a <|lvr_start|> the model emits as it leaves, under steps without force_end, opens the next span
+        # at once, as the official decoding does)
+        in_lat = (in_lat & ~out.leave) | ((~in_lat | out.leave) & (tok == ids.start) & ~done)
         done = done | (~latent_step & ~in_lat & torch.isin(tok, stop))
         steps.append(record + (done,))
         if i == max_new_tokens - 1 or (i % 16 == 15 and bool(done.all())):  # a host sync every 16 steps only

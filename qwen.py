@@ -31,6 +31,16 @@ SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<
            "<|image_pad|>", "<|video_pad|>"]
 
 
+# the fields that have no default: the model's shape
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads")
+
+
+def set_fields(*layers):
+    """Config dicts merged, a later one over an earlier one, without their nulls (a null: not set here)."""
+    return {k: v for layer in layers for k, v in layer.items() if v is not None}
+
+
 @dataclass
 class Config:
     vocab_size: int = 151936
@@ -55,11 +65,16 @@ class Config:
 
     @classmethod
     def from_dict(cls, d):
-        """Official flat layout (LM fields on top, rope_scaling) or nested (text_config, rope_parameters)."""
-        d = dict(d)
-        text = {**d, **d.pop("text_config", {})}
+        """Every layout a Qwen2.5-VL config.json is written in: the official flat one (LM fields on top,
+        rope_scaling), transformers 4.54's (LM fields on top and again in text_config, where the image and
+        video token ids are null) and 5.x's (text_config, rope_parameters). A null means "not set here":
+        it never overrides a value set elsewhere. A shape field set nowhere is an error naming it."""
+        text = set_fields(d, d.get("text_config") or {})
         rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
-        v = d.get("vision_config", {})
+        v = set_fields(d.get("vision_config") or {})
+        for name in REQUIRED:
+            if name not in text:
+                raise InputError(f"config.json: {name} is missing (set neither on top nor in text_config)")
         if "hidden_size" not in v:
             raise InputError("config.json: vision_config.hidden_size is missing")
         vision = VisionConfig(**{k: v[k] for k in VisionConfig.__dataclass_fields__ if k in v})
@@ -74,7 +89,7 @@ class Config:
         cfg = cls(**{k: text[k] for k in names if k in text}, vision=vision)
         cfg.rope_theta = rope.get("rope_theta", text.get("rope_theta", cfg.rope_theta))
         cfg.mrope_section = list(rope.get("mrope_section", cfg.mrope_section))
-        cfg.tie_word_embeddings = d.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+        cfg.tie_word_embeddings = set_fields(text, d).get("tie_word_embeddings", False)  # (the top level's)
         cfg.extra = {k: d[k] for k in d if k.startswith("lvr_") or k.startswith("latent_")}
         return cfg
 
@@ -581,12 +596,17 @@ class QwenTokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def prompt(self, question, n_image_tokens=(), system="You are a helpful assistant."):
-        """Token ids of one user turn (images first, then the question) and the assistant header."""
+        """Token ids of one user turn and the assistant header. The images stand where the question has one
+        `<image>` per image (as Mirage's records place them), else before the question (the chat
+        template's order for an image-then-text turn)."""
         ids = [self.im_start] + self.encode(f"system\n{system}") + [self.im_end] + self.encode("\n")
         ids += [self.im_start] + self.encode("user\n")
-        for n in n_image_tokens:
+        placed = question.count("<image>") == len(n_image_tokens) > 0
+        texts = question.split("<image>") if placed else ["", question]
+        for i, n in enumerate(n_image_tokens):
+            ids += self.encode(texts[i]) if placed else []
             ids += [self.vision_start] + [self.image_pad] * n + [self.vision_end]
-        ids += self.encode(question) + [self.im_end] + self.encode("\n")
+        ids += self.encode(texts[-1]) + [self.im_end] + self.encode("\n")
         return ids + [self.im_start] + self.encode("assistant\n")
 
 

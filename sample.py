@@ -13,6 +13,7 @@ from PIL import ImageDraw
 
 import checkpoint
 import cli
+import data
 import lvr
 import vision
 from cli import InputError
@@ -26,8 +27,8 @@ temperature = 0.0  # [0, inf) 0 means greedy
 top_k = 0  # [0, inf) keep the k most likely tokens (0 = off)
 top_p = 1.0  # (0, 1] nucleus sampling mass (1.0 = off)
 seed = 1337  # [0, inf) sampling seed
-min_pixels = 3136  # [1, inf) smallest image area after resizing
-max_pixels = 12845056  # [1, inf) largest image area after resizing (fewer pixels = fewer image tokens)
+min_pixels = 0  # [0, inf) smallest image area after resizing (0: as the checkpoint trained, else 56*56)
+max_pixels = 0  # [0, inf) largest image area (0: the checkpoint's, else 12845056; fewer pixels, fewer tokens)
 device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu, cuda, cuda:1, mps
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # {float32, bfloat16, float16}
 decoding = "token"  # {token, steps, latent} latent exit: own <|lvr_end|> | a count (official) | near the end
@@ -41,6 +42,9 @@ viz = ""  # write the image with each latent step's nearest cell drawn on it to 
 
 def main(argv):
     cli.configure(globals(), argv)
+    lo, hi = data.trained_pixels(init_from, data.PROCESSOR_PIXELS)  # the sizes the model was trained on
+    globals().update(min_pixels=min_pixels or min(lo, max_pixels or hi), max_pixels=max_pixels or hi)
+    print(f"resolved: min_pixels={min_pixels} max_pixels={max_pixels}")
     cli.require(min_pixels <= max_pixels, f"--min_pixels {min_pixels} is above --max_pixels {max_pixels}")
     if not q.strip():
         raise InputError("--q is empty: ask a question")

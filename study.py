@@ -32,47 +32,54 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 
 import cli
 
 # -----------------------------------------------------------------------------
-tasks = "relation,search"  # comma-separated: which tasks, in this order
-methods = "none,lvr,mirage,stage2,grpo"  # comma-separated: none | lvr | mirage; LVR continued: stage2 | grpo
+tasks = "vsp"  # comma-separated: which tasks, in this order (v2: relation,search)
+level = "3"  # VSP's map size (train_sft's --level): 3 to 6, a list or a range
+methods = "none,lvr,mirage,grpo"  # comma-separated: none | lvr | mirage, then continued: grpo | stage2 (LVR)
 seeds = "1,2,3,4,5"  # comma-separated: the reported seeds
 tune_seed = 0  # [0, inf) the seed of every tuning run (never reported)
 lrs = "1e-3"  # comma-separated: the SFT learning rates each SFT method tries
-mirage_ks = "4,16"  # comma-separated: Mirage's latents per helper image tried (16: one per helper token)
+mirage_ks = "16"  # comma-separated: Mirage's latents per helper image tried (v2: 4,16)
+lvr_regions = "box,moves"  # comma-separated: VSP's LVR regions tried (tasks.vsp_example)
+mirage_helpers = "goal,path"  # comma-separated: VSP's Mirage helper images tried (tasks.vsp_example)
 grpo_lrs = "2e-5,1e-4"  # comma-separated: the GRPO learning rates tried (at latent_sigma 0)
-sigmas = "0.5,1,2"  # comma-separated: latent_sigma tried, times the per-dimension latent-target distance
+sigmas = ""  # comma-separated: LVR's latent_sigma tried, times the latent-target distance (v2: 0.5,1,2)
 max_iters = 1000  # [2, inf) SFT steps per run (Mirage: three quarters stage 1, a quarter stage 2)
 batch_size = 16  # [1, inf) examples per SFT step
 eval_interval = 500  # [1, inf) points on the learning curve (validation accuracy)
 eval_examples = 128  # [1, inf) validation examples per learning-curve point
 val_examples = 512  # [1, inf) validation examples behind every tuning choice
 test_examples = 256  # [1, inf) test examples for the reported runs
-budget = 0.25  # (0, inf) every continuation's compute, as a fraction of the LVR run's
+budget = 0.25  # (0, inf) every continuation's compute, as a fraction of the SFT run it continues
 grpo_iters = 10000  # [1, inf) a cap on GRPO steps (the compute budget ends the run first)
 resamples = 10000  # [100, inf) bootstrap resamples per interval
-results = "assets/study.jsonl"  # one JSON line per finished run
-picture = "assets/study.png"  # held-out accuracy against compute, per task and method
+results = "assets/study_vsp.jsonl"  # one JSON line per finished run (v2: assets/study.jsonl)
+picture = "assets/study_vsp.png"  # held-out accuracy against compute, per task and method
 work_dir = "study_runs"  # checkpoints of the runs (large; not committed)
 quick = False  # a tiny version, for CI (the flags in QUICK, before the ones given)
 report = False  # run nothing: print the tables (markdown, for the docs) and draw the picture
 # -----------------------------------------------------------------------------
-# --quick true: LVR and its continuations (plain SFT and Mirage are tested on their own), tiny: one task,
-# one seed, a few steps
-QUICK = ["--tasks", "relation", "--methods", "lvr,stage2,grpo", "--max_iters", "4",
+# --quick true: Mirage on VSP (stage 1 and 2), its GRPO continuation and control (plain SFT, LVR and its
+# stage 2 are the same functions with other flags, tested on their own), tiny: one seed, a few steps
+QUICK = ["--tasks", "vsp", "--methods", "mirage,grpo", "--max_iters", "4",
          "--batch_size", "2", "--eval_interval", "2", "--eval_examples", "4", "--val_examples", "4",
-         "--test_examples", "4", "--seeds", "1", "--grpo_lrs", "2e-5", "--sigmas", "1",
-         "--budget", "8", "--resamples", "200"]
-NAMES = {"none": "plain SFT", "lvr": "LVR", "mirage": "Mirage",
-         "control": "LVR + teacher-forced (control)", "stage2": "LVR + stage 2",
-         "grpo0": "LVR + GRPO_latent (sigma 0)", "grpo": "LVR + GRPO (sigma tuned)"}
-COMPARISONS = [("lvr", "none"), ("mirage", "lvr"), ("stage2", "control"), ("grpo", "control"),
-               ("grpo0", "control"), ("grpo", "grpo0"), ("stage2", "lvr"), ("grpo", "lvr"),
-               ("control", "lvr")]  # (a, b): a - b
+         "--test_examples", "4", "--seeds", "1", "--grpo_lrs", "2e-5", "--lvr_regions", "box",
+         "--mirage_helpers", "goal", "--mirage_ks", "4", "--budget", "8", "--resamples", "200"]
+BASES = {"none": "plain SFT", "lvr": "LVR", "mirage": "Mirage"}
+CONTINUED = {"control": "teacher-forced (control)", "stage2": "stage 2", "grpo0": "GRPO_latent (sigma 0)",
+             "grpo": "GRPO (sigma tuned)"}
+NAMES = {**BASES, **{f"{b}+{c}": f"{n} + {cn}" for b, n in BASES.items() for c, cn in CONTINUED.items()}}
+COMPARISONS = [("lvr", "none"), ("mirage", "none"), ("mirage", "lvr")] + [
+    pair for b in BASES for pair in [(f"{b}+grpo0", f"{b}+control"), (f"{b}+grpo", f"{b}+control"),
+                                     (f"{b}+stage2", f"{b}+control"), (f"{b}+grpo", f"{b}+grpo0"),
+                                     (f"{b}+grpo0", b), (f"{b}+stage2", b), (f"{b}+grpo", b),
+                                     (f"{b}+control", b)]]  # (a, b): a - b
 
 
 def run(script, *args):
@@ -99,21 +106,18 @@ def macs_of(out):
 def evaluate(task, out, split, n, diagnostics, k=0):
     """eval.py on a checkpoint -> {"rows": {name: {accuracy, ..., right}}, "geometry": ...}."""
     path = f"{out}.{split}.json"  # (beside the checkpoint: a checkpoint directory holds only its own files)
-    run("eval.py", "--init_from", out, "--task", task, "--n_examples", n, "--split", split,
+    run("eval.py", "--init_from", out, "--task", task, "--level", level, "--n_examples", n, "--split", split,
         "--diagnostics", diagnostics, "--save", path,
         *(["--decoding", "steps", "--lvr_steps", k] if k else []))  # (Mirage: its k steps)
     with open(path) as f:
         return json.load(f)
 
 
-def tested(task, out, k=0, diagnostics=True):
-    """A reported run's test-split evaluation fields."""
+def checked(task, out, seed, k=0, diagnostics=False):
+    """A run's evaluation fields: a tuning run's on the validation split, a reported run's on the test one."""
+    if seed == tune_seed:
+        return {"val": evaluate(task, out, "eval", val_examples, diagnostics, k)}
     return {"test": evaluate(task, out, "test", test_examples, diagnostics, k)}
-
-
-def validated(task, out, k=0, diagnostics=False):
-    """A tuning run's validation-split evaluation fields."""
-    return {"val": evaluate(task, out, "eval", val_examples, diagnostics, k)}
 
 
 def record(done, key, fn):
@@ -137,17 +141,40 @@ def fresh(*dirs):
         shutil.rmtree(d, ignore_errors=True)
 
 
-def sft(done, task, method, seed, lr, k=4):
+class Trial(NamedTuple):
+    """An SFT method's settings: its learning rate, VSP's targets (tasks.vsp_example) and Mirage's k."""
+    lr: float
+    targets: str = ""
+    k: int = 4
+
+
+def trials(task, method):
+    """The settings an SFT method tries on tune_seed: each lr, and on VSP each LVR region or Mirage helper
+    (Mirage: with each k)."""
+    ks = [int(k) for k in mirage_ks.split(",")] if method == "mirage" else [4]
+    targets = [""]
+    if task == "vsp" and method == "lvr":
+        targets = [f"{r}+goal" for r in lvr_regions.split(",")]
+    if task == "vsp" and method == "mirage":
+        targets = [f"box+{h}" for h in mirage_helpers.split(",")]
+    return [Trial(float(lr), t, k) for lr in lrs.split(",") for t in targets for k in ks]
+
+
+def sft(done, task, method, seed, trial):
     """One SFT run (Mirage: stage 1 then 2), recorded -> (record, checkpoint directory). Tuning runs are
-    validated, reported ones tested."""
-    out = os.path.join(work_dir, f"{task}_{method}_s{seed}_lr{lr}" + (f"_k{k}" if method == "mirage" else ""))
-    key = f"{task}/{method}/seed{seed}/lr{lr}" + (f"/k{k}" if method == "mirage" else "")
+    validated (LVR and Mirage with every diagnostic row: their oracle rows choose), reported ones tested."""
+    lr, targets, k = trial
+    tag = (f"_t{targets}" if targets else "") + (f"_k{k}" if method == "mirage" else "")
+    out = os.path.join(work_dir, f"{task}_{method}_s{seed}_lr{lr}{tag}")
+    key = f"{task}/{method}/seed{seed}/lr{lr}" + (f"/t{targets}" if targets else "") + (
+        f"/k{k}" if method == "mirage" else "")
 
     def go():
         fresh(out, out + "_stage1")
-        common = ["--task", task, "--batch_size", batch_size, "--eval_interval", eval_interval,
-                  "--eval_examples", eval_examples, "--seed", seed, "--lr", lr, "--min_lr", lr / 10,
-                  "--warmup_iters", min(50, max_iters // 10)]
+        common = ["--task", task, "--level", level, "--batch_size", batch_size, "--eval_interval",
+                  eval_interval, "--eval_examples", eval_examples, "--seed", seed, "--lr", lr,
+                  "--min_lr", lr / 10, "--warmup_iters", min(50, max_iters // 10),
+                  *(["--vsp_targets", targets] if targets else [])]
         if method != "mirage":
             stdout = run("train_sft.py", *common, "--method", method, "--max_iters", max_iters,
                          "--out_dir", out)
@@ -162,50 +189,51 @@ def sft(done, task, method, seed, lr, k=4):
                      "--out_dir", out)
             rec = {"curve": curve(s1) + [[n1 + s, a] for s, a in curve(s2)],
                    "macs": macs_of(out + "_stage1") + macs_of(out)}
-        lvr_k = k if method == "mirage" else 0
-        if seed == tune_seed:  # Mirage is chosen by its oracle row: the validation table in full
-            return {**rec, **validated(task, out, lvr_k, diagnostics=method == "mirage")}
-        return {**rec, **tested(task, out, lvr_k, diagnostics=method != "none")}
+        diagnostics = method != "none" and (seed != tune_seed or method == "mirage" or task == "vsp")
+        return {**rec, **checked(task, out, seed, k if method == "mirage" else 0, diagnostics)}
     return record(done, key, go), out
 
 
-def continued(done, task, name, seed, base, lvr_lr, target_macs):
-    """The LVR run `base` continued under --resume (its optimizer, its data stream, the schedule's final
+def continued(done, task, base_method, name, seed, base, trial, target_macs):
+    """The SFT run `base` continued under --resume (its optimizer, its data stream, the schedule's final
     learning rate) until it has spent target_macs more: teacher-forced (control) or on its own latents
-    (stage2), recorded."""
-    out = os.path.join(work_dir, f"{task}_{name}_s{seed}")
+    (stage2), recorded. (v2's LVR continuations are keyed without the base: relation/control/seed1.)"""
+    out = os.path.join(work_dir, f"{task}_{base_method}+{name}_s{seed}")
+    key = f"{task}/{name}/seed{seed}" if task != "vsp" else f"{task}/{base_method}+{name}/seed{seed}"
 
     def go():
         fresh(out)
         shutil.copytree(base, out)
         base_macs = macs_of(base)
-        final = lvr_lr / 10  # (sft's --min_lr)
+        final = trial.lr / 10  # (sft's --min_lr)
+        k = trial.k if base_method == "mirage" else 0
         run("train_sft.py", "--resume", "true", "--out_dir", out, "--stage", 2 if name == "stage2" else 1,
-            "--task", task, "--method", "lvr", "--batch_size", batch_size, "--seed", seed,
+            "--task", task, "--level", level, "--method", base_method, "--batch_size", batch_size,
+            "--seed", seed,
             "--lr", final, "--min_lr", final, "--warmup_iters", 0, "--max_iters", 100 * max_iters,
-            "--max_macs", base_macs + target_macs, "--eval_examples", 0, "--eval_interval", 100 * max_iters)
-        rec = {"macs": macs_of(out) - base_macs, "lr": final}
-        checked = validated(task, out) if seed == tune_seed else tested(task, out, diagnostics=False)
-        return {**rec, **checked}
-    return record(done, f"{task}/{name}/seed{seed}", go)
+            "--max_macs", base_macs + target_macs, "--eval_examples", 0, "--eval_interval", 100 * max_iters,
+            *(["--vsp_targets", trial.targets] if trial.targets else []), *(["--mirage_k", k] if k else []))
+        return {"macs": macs_of(out) - base_macs, "lr": final, **checked(task, out, seed, k)}
+    return record(done, key, go)
 
 
-def grpo(done, task, seed, base, lr, sigma, macs, sigma_name):
-    """GRPO on the LVR run `base` for `macs` of compute, recorded (tuning runs validated)."""
-    out = os.path.join(work_dir, f"{task}_grpo_s{seed}_lr{lr}_sigma{sigma_name}")
+def grpo(done, task, base_method, seed, base, lr, sigma, macs, sigma_name, k=0):
+    """GRPO on the SFT run `base` for `macs` of compute, recorded (tuning runs validated)."""
+    prefix = "" if task != "vsp" else f"{base_method}+"
+    out = os.path.join(work_dir, f"{task}_{prefix}grpo_s{seed}_lr{lr}_sigma{sigma_name}")
 
     def go():
         fresh(out)
-        run("train_grpo.py", "--init_from", base, "--task", task, "--seed", seed, "--lr", lr,
-            "--latent_sigma", sigma, "--max_iters", grpo_iters, "--max_macs", macs,
-            "--eval_interval", grpo_iters, "--out_dir", out)
+        run("train_grpo.py", "--init_from", base, "--task", task, "--level", level, "--seed", seed,
+            "--lr", lr, "--latent_sigma", sigma, "--max_iters", grpo_iters, "--max_macs", macs,
+            "--eval_interval", grpo_iters, "--out_dir", out,
+            *(["--decoding", "steps", "--lvr_steps", k] if k else []))  # (Mirage: its k steps)
         log = torch.load(os.path.join(out, "train_state.pt"), weights_only=True)["log"]
         rec = {"macs": macs_of(out), "latent_sigma": sigma, "steps": len(log),
                "grpo_log": [{k: x[k] for k in ("reward", "flat_groups", "kept_groups", "draws", "kl")}
                             for x in log]}
-        checked = validated(task, out) if seed == tune_seed else tested(task, out, diagnostics=False)
-        return {**rec, **checked}
-    return record(done, f"{task}/grpo/seed{seed}/lr{lr}/sigma{sigma_name}", go)
+        return {**rec, **checked(task, out, seed, k)}
+    return record(done, f"{task}/{prefix}grpo/seed{seed}/lr{lr}/sigma{sigma_name}", go)
 
 
 def val_accuracy(rec, row="with latents"):
@@ -213,55 +241,60 @@ def val_accuracy(rec, row="with latents"):
 
 
 def study(done, task):
-    """Every run of one task, in order: 1) SFT tuning and the reported SFT seeds, 2) the continuations."""
+    """Every run of one task, in order: 1) each SFT method's trials on tune_seed, chosen by the oracle row
+    (plain SFT: its own row); 2) GRPO's learning rate for each SFT method, on its tune_seed run; 3) seed by
+    seed, each SFT method's reported run and its continuations (GRPO, its compute-matched control, LVR's
+    stage 2), so that a study stopped early has every method on the same seeds."""
     wanted = methods.split(",")
-    continuing = {"stage2", "grpo"} & set(wanted)
-    sft_methods = [m for m in ("none", "lvr", "mirage") if m in wanted or m == "lvr" and continuing]
-    chosen = {}  # method -> (lr, k)
-    for method in sft_methods:  # 1) tuning, then the reported seeds
-        ks = [int(k) for k in mirage_ks.split(",")] if method == "mirage" else [4]
-        trials = {(float(lr), k): sft(done, task, method, tune_seed, float(lr), k)[0]
-                  for lr in lrs.split(",") for k in ks}
-        row = "oracle latents" if method == "mirage" else "with latents"
-        chosen[method] = max(trials, key=lambda t: (val_accuracy(trials[t], row), val_accuracy(trials[t])))
-        for seed in map(int, seeds.split(",")):
-            sft(done, task, method, seed, *chosen[method])
-    if not continuing:
-        return
-    # 2) the continuations of each LVR run: the GRPO settings chosen on tune_seed's, then every seed
-    lvr_lr = chosen["lvr"][0]
-    base0_rec, base0 = sft(done, task, "lvr", tune_seed, lvr_lr)
-    geo = base0_rec["val"]["geometry"]
-    with open(os.path.join(base0, "config.json")) as f:
-        hidden = json.load(f)["hidden_size"]
-    unit = geo["distance"] / hidden ** 0.5 if geo else 1.0  # the typical latent-target distance, per dim
-    lr_trials = {float(g): grpo(done, task, tune_seed, base0, float(g), 0.0, budget * base0_rec["macs"], "0")
-                 for g in grpo_lrs.split(",")}
-    g_best = max(lr_trials, key=lambda g: val_accuracy(lr_trials[g]))
-    s_trials = {m: grpo(done, task, tune_seed, base0, g_best, float(m) * unit, budget * base0_rec["macs"], m)
-                for m in sigmas.split(",")}
-    s_best = max(s_trials, key=lambda m: val_accuracy(s_trials[m]))
-    for seed in map(int, seeds.split(",")):
-        base_rec, base = sft(done, task, "lvr", seed, lvr_lr)
-        target = budget * base_rec["macs"]
-        explored = grpo(done, task, seed, base, g_best, float(s_best) * unit, target, s_best)
-        grpo(done, task, seed, base, g_best, 0.0, target, "0")
-        continued(done, task, "control", seed, base, lvr_lr, explored["macs"])
-        if "stage2" in wanted:
-            continued(done, task, "stage2", seed, base, lvr_lr, explored["macs"])
+    sft_methods = [m for m in BASES if m in wanted or m == "lvr" and "stage2" in wanted]
+    chosen = {}
+    for method in sft_methods:  # 1) tuning
+        runs = {t: sft(done, task, method, tune_seed, t)[0] for t in trials(task, method)}
+        row = "with latents" if method == "none" else "oracle latents"
+        chosen[method] = max(runs, key=lambda t: (val_accuracy(runs[t], row), val_accuracy(runs[t])))
+    g_best, unit, s_best = {}, 1.0, None
+    for method in sft_methods if "grpo" in wanted else []:  # 2) GRPO's lr, for each base
+        base_rec, base = sft(done, task, method, tune_seed, chosen[method])
+        k = chosen[method].k if method == "mirage" else 0
+        lr_trials = {float(g): grpo(done, task, method, tune_seed, base, float(g), 0.0,
+                                    budget * base_rec["macs"], "0", k) for g in grpo_lrs.split(",")}
+        g_best[method] = max(lr_trials, key=lambda g: val_accuracy(lr_trials[g]))
+        if method == "lvr" and sigmas:  # exploring LVR's latents: sigma in latent-target distances
+            geo = base_rec["val"]["geometry"]
+            unit = geo["distance"] / json.load(open(os.path.join(base, "config.json")))["hidden_size"] ** 0.5
+            s_trials = {m: grpo(done, task, method, tune_seed, base, g_best[method], float(m) * unit,
+                                budget * base_rec["macs"], m) for m in sigmas.split(",")}
+            s_best = max(s_trials, key=lambda m: val_accuracy(s_trials[m]))
+    for seed in map(int, seeds.split(",")):  # 3) the reported seeds
+        for method in sft_methods:
+            base_rec, base = sft(done, task, method, seed, chosen[method])
+            target = budget * base_rec["macs"]
+            k = chosen[method].k if method == "mirage" else 0
+            matched = target  # (the control and stage 2 get what the GRPO run spent)
+            if method in g_best:
+                matched = grpo(done, task, method, seed, base, g_best[method], 0.0, target, "0", k)["macs"]
+                if method == "lvr" and s_best is not None:  # (v2: matched to the explored run)
+                    matched = grpo(done, task, method, seed, base, g_best[method], float(s_best) * unit,
+                                   target, s_best)["macs"]
+                continued(done, task, method, "control", seed, base, chosen[method], matched)
+            if method == "lvr" and "stage2" in wanted:
+                continued(done, task, method, "stage2", seed, base, chosen[method], matched)
 
 
 def reported(recs, task, method):
-    """The reported runs of a method (the table's rows: control, stage2, grpo0, grpo too), by seed."""
+    """The reported runs of a method (NAMES: an SFT method, or base+continuation), by seed."""
     out = {}
     for r in recs:
         parts = r["key"].split("/")
         if parts[0] != task or "test" not in r:
             continue
-        name = parts[1]
+        base, _, name = parts[1].rpartition("+")
+        if name in ("none", "lvr", "mirage"):
+            base, name = name, ""
         if name == "grpo":
             name = "grpo0" if parts[4] == "sigma0" else "grpo"
-        if name == method:
+        full = (base or "lvr") + "+" + name if name else base  # (v2's continuations are LVR's, keyed bare)
+        if full == method:
             out[int(parts[2][4:])] = r
     return dict(sorted(out.items()))
 
@@ -366,14 +399,17 @@ def draw(recs):
             low = [min(a[i] for a in accs) for i in range(len(steps))]
             high = [max(a[i] for a in accs) for i in range(len(steps))]
             ax.fill_between(steps, low, high, color=colours[method], alpha=0.2)
-        for j, method in enumerate(("lvr", "control", "stage2", "grpo0", "grpo")):
+        markers = [m for m in NAMES if "+" in m and reported(recs, task, m)]
+        for j, method in enumerate([m.split("+")[0] for m in markers[:1]] + markers):
             runs = reported(recs, task, method)
-            if not runs or method == "lvr" and not reported(recs, task, "control"):  # (LVR: where continued)
+            if not runs:
                 continue
             vals = [r["test"]["rows"]["with latents"]["accuracy"] for r in runs.values()]
             m = sum(vals) / len(vals)
-            x = max_iters * (1 + (budget if method != "lvr" else 0) + 0.02 * j)  # (the compute, in SFT steps)
-            ax.errorbar([x], [m], yerr=[[m - min(vals)], [max(vals) - m]], fmt="o", color=colours[method],
+            x = max_iters * (1 + (budget if "+" in method else 0) + 0.02 * j)  # (the compute, in SFT steps)
+            colour = colours[method.split("+")[-1]] if "+" in method else colours[method]
+            ax.errorbar([x], [m], yerr=[[m - min(vals)], [max(vals) - m]], color=colour,
+                        fmt={"none": "s", "lvr": "o", "mirage": "D"}[method.split("+")[0]],
                         label=NAMES[method] + " (test)")
         ax.set(title=task, xlabel=f"compute, in LVR SFT steps (batch {batch_size})", ylim=(0, 1.02))
         ax.grid(alpha=0.3)

@@ -10,6 +10,7 @@ does for the real tokenizer. Seeds: each split (train, eval, grpo, test) and eac
 draws from its own block of ids, so held-out examples never meet training ones and two seeds never
 share an example.
 """
+import os
 import random
 
 from PIL import Image, ImageDraw
@@ -235,12 +236,149 @@ def imagine_example(seed, size=168):
     )
 
 
+# -----------------------------------------------------------------------------
+# VSP spatial planning, Mirage's own task: FrozenLake maps drawn by gymnasium, plans judged by walking them
+
+# how many holes Mirage's 400 test maps have at each level (n x n cells), as weights: maps are drawn from it
+VSP_HOLES = {3: {0: 30, 1: 31, 2: 27, 3: 11, 4: 1},
+             4: {0: 4, 1: 20, 2: 27, 3: 27, 4: 14, 5: 6, 6: 2},
+             5: {1: 2, 2: 10, 3: 20, 4: 25, 5: 17, 6: 13, 7: 10, 8: 1, 9: 1, 13: 1},
+             6: {2: 1, 3: 10, 4: 6, 5: 17, 6: 21, 7: 13, 8: 14, 9: 12, 10: 4, 12: 1, 13: 1}}
+VSP_MOVES = {"U": (-1, 0), "D": (1, 0), "L": (0, -1), "R": (0, 1)}
+START, GOAL, HOLE, ICE = 1, 2, -1, 0  # Mirage's map_desc values
+VSP_QUESTION = "Plan the moves from the elf to the gift without falling into a hole: U, D, L or R."
+VSP_INSTALL = 'pip install "gymnasium[toy-text]==0.29.1"'
+
+
+def find(desc, value):
+    """(row, col) of the first cell of `value` in a map (rows of START, GOAL, HOLE, ICE)."""
+    return next((r, c) for r, row in enumerate(desc) for c, v in enumerate(row) if v == value)
+
+
+def walk(desc, plan):
+    """The cells a plan visits, by Mirage's rule (its simulate_vsp): every U/D/L/R of the upper-cased plan
+    in order, anything else skipped; a move off the edge is ignored; entering a hole ends the walk there."""
+    (r, c), cells = find(desc, START), []
+    for move in plan.upper():
+        if move not in VSP_MOVES:
+            continue
+        dr, dc = VSP_MOVES[move]
+        if 0 <= r + dr < len(desc) and 0 <= c + dc < len(desc[0]):
+            r, c = r + dr, c + dc
+            cells.append((r, c))
+            if desc[r][c] == HOLE:
+                break
+    return cells
+
+
+def solves(desc, plan):
+    """Mirage's judgement of a plan: it never enters a hole and it ends on the goal."""
+    cells = walk(desc, plan) or [find(desc, START)]
+    return desc[cells[-1][0]][cells[-1][1]] == GOAL
+
+
+def shortest_plan(desc):
+    """A shortest plan (breadth-first, moves tried in U D L R order), or None when the goal is cut off."""
+    n, start = len(desc), find(desc, START)
+    came = {start: ""}
+    frontier = [start]
+    for r, c in frontier:
+        if desc[r][c] == GOAL:
+            return came[(r, c)]
+        for move, (dr, dc) in VSP_MOVES.items():
+            nxt = (r + dr, c + dc)
+            if 0 <= nxt[0] < n and 0 <= nxt[1] < n and nxt not in came and desc[nxt[0]][nxt[1]] != HOLE:
+                came[nxt] = came[(r, c)] + move
+                frontier.append(nxt)
+    return None
+
+
+def vsp_map(rng, n):
+    """A random solvable n x n map: start, goal, and a hole count drawn as Mirage's test maps have them."""
+    while True:
+        holes = rng.choices(list(VSP_HOLES[n]), weights=list(VSP_HOLES[n].values()))[0]
+        start, goal, *pits = rng.sample(range(n * n), holes + 2)
+        desc = [[ICE] * n for _ in range(n)]
+        desc[start // n][start % n], desc[goal // n][goal % n] = START, GOAL
+        for k in pits:
+            desc[k // n][k % n] = HOLE
+        if shortest_plan(desc) is not None:
+            return desc
+
+
+def draw_map(desc, player=None):
+    """The map as Mirage's images show it: gymnasium 0.29.1's FrozenLake `rgb_array` render, 64 px a cell,
+    the elf at `player` (row, col; default the start). gymnasium is imported here only."""
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # (pygame draws off screen, and quietly)
+    os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+    try:
+        from gymnasium.envs.toy_text.frozen_lake import FrozenLakeEnv
+        letters = {START: "S", GOAL: "G", HOLE: "H", ICE: "F"}
+        env = FrozenLakeEnv(desc=["".join(letters[v] for v in row) for row in desc], render_mode="rgb_array")
+        env.reset(seed=0)
+        r, c = player or find(desc, START)
+        env.unwrapped.s = r * len(desc) + c
+        img = Image.fromarray(env.render())
+        env.close()
+    except ImportError:  # (gymnasium, or its pygame: DependencyNotInstalled is an ImportError)
+        raise InputError(f"--task vsp draws its maps with gymnasium: {VSP_INSTALL}") from None
+    return img
+
+
+def draw_path(desc, plan):
+    """A Mirage helper candidate: the map with the plan drawn on it (a line through the cells it walks)."""
+    img = draw_map(desc)
+    cells = [find(desc, START)] + walk(desc, plan)
+    ImageDraw.Draw(img).line([(c * 64 + 32, r * 64 + 32) for r, c in cells], fill=(200, 30, 30), width=8)
+    return img
+
+
+VSP_TARGETS = ("box+goal", "box+path", "moves+goal", "moves+path")  # LVR's regions + Mirage's helper
+
+
+def vsp_example(seed, level=3, targets=VSP_TARGETS[0]):
+    """A VSP map of `level` x `level` cells, drawn at 64 px a cell (192 px at level 3), and a shortest plan.
+    The answer is the plan ("R D D"), judged by simulation against map_desc, so any plan that reaches the
+    goal is right. `targets` (LVR's regions + Mirage's helper): box, one span over the box around the cells
+    the plan walks through (its start and goal included), or moves, one span per move over the cell it enters;
+    goal, the map with the elf moved to the goal, or path, the map with the plan drawn on it."""
+    rng = random.Random(seed)
+    desc = vsp_map(rng, level)
+    plan = shortest_plan(desc)
+    regions, helper = targets.split("+")
+    cells = [find(desc, START)] + walk(desc, plan)
+    answer = " ".join(plan)
+    if regions == "box":
+        rows, cols = [r for r, _ in cells], [c for _, c in cells]
+        boxes = [[min(cols) / level, min(rows) / level, (max(cols) + 1) / level, (max(rows) + 1) / level]]
+        assistant = "<lvr>\n" + answer
+    else:  # one look per move, at the cell it enters, before the move is written
+        boxes = [[c / level, r / level, (c + 1) / level, (r + 1) / level] for r, c in cells[1:]]
+        assistant = " ".join(f"<lvr>{m}" for m in plan)
+    return {"images": [draw_map(desc)], "question": VSP_QUESTION, "assistant": assistant, "answer": answer,
+            "bboxes": boxes, "map_desc": desc,
+            "helper": draw_map(desc, find(desc, GOAL)) if helper == "goal" else draw_path(desc, plan)}
+
+
+def vsp_levels(levels):
+    """--level "3", "3,4" or "3-6" -> the list of levels a VSP example draws from."""
+    try:
+        lo, _, hi = levels.partition("-")
+        out = list(range(int(lo), int(hi) + 1)) if hi else [int(v) for v in levels.split(",")]
+    except ValueError:
+        out = []
+    if not out or not set(out) <= set(VSP_HOLES):
+        raise InputError(f"--level {levels!r}: VSP levels are 3 to 6: one (3), a list (3,4) or a range (3-6)")
+    return out
+
+
 TASKS = {
     "colour": (synthetic_example, 168),
     "search": (search_example, 336),
     "relation": (relation_example, 168),
     "imagine": (imagine_example, 168),
-}  # the example function and its image side
+    "vsp": (vsp_example, 0),
+}  # the example function and its image side (0: drawn by a library at its own size, resized as a file's)
 STREAM = 10 ** 6  # examples a seed can draw from each split: seeds own disjoint blocks of example ids
 SPLITS = {"train": 0, "eval": 10 ** 12, "grpo": 2 * 10 ** 12, "test": 3 * 10 ** 12}  # disjoint id ranges
 
@@ -254,8 +392,12 @@ def example_id(split, i, seed):
     return SPLITS[split] + seed * STREAM + i
 
 
-def synthetic(split, i, seed, size=0, task="colour"):
+def synthetic(split, i, seed, size=0, task="colour", level="3", targets=VSP_TARGETS[0]):
     """Example i of a task's split: train (train_sft), eval (its periodic accuracy), grpo (train_grpo's
-    prompts), test (eval.py). size 0: the task's own image side."""
+    prompts), test (eval.py). size 0: the task's own image side. VSP: `level` (vsp_levels) and `targets`
+    (vsp_example) instead."""
     fn, own = TASKS[task]
+    if task == "vsp":  # (each example draws its level from the list, by its own id)
+        levels = vsp_levels(level)
+        return fn(example_id(split, i, seed), levels[example_id(split, i, seed) % len(levels)], targets)
     return fn(example_id(split, i, seed), size or own)

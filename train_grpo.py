@@ -73,10 +73,11 @@ max_macs = 0.0  # [0, inf) also stop once the run's compute reaches this many mu
 weight_decay = 0.0  # [0, inf) AdamW weight decay
 grad_clip = 1.0  # [0, inf) clip the gradient norm (0 = off)
 eval_interval = 20  # [1, inf) checkpoint every this many steps
-task = "colour"  # {colour, search, relation, imagine} the synthetic task (tasks.py)
+task = "colour"  # {colour, search, relation, imagine, vsp} the synthetic task (tasks.py)
+level = "3"  # VSP's map size: 3 to 6 cells a side, a list (3,4) or a range (3-6) to mix them
 image_size = 0  # [0, inf) synthetic image side, a multiple of 28 (0: the task's own, 168; search 336)
-min_pixels = 0  # [0, inf) smallest image area after resizing (0: a data file's 128*28*28, as official LVR)
-max_pixels = 0  # [0, inf) largest image area (0: a data file's 5120*28*28; a synthetic image's own area)
+min_pixels = 0  # [0, inf) smallest image area after resizing (0: as the checkpoint trained, else 128*28*28)
+max_pixels = 0  # [0, inf) largest image area (0: as trained, else 5120*28*28; a synthetic image's own area)
 dtype = "auto"  # {auto, float32, bfloat16} bfloat16: autocast, fp32 master weights (auto: bf16 on CUDA)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 fsdp = False  # under torchrun: shard policy and reference with FSDP2, for models one GPU can't hold
@@ -99,7 +100,7 @@ def prompts(n, records, mine):
     # (seed, i): its own
     gens = [torch.Generator(device).manual_seed(((seed << 32) + i) % 2**64) for i in index]
     if records is None:
-        return [tasks.synthetic("grpo", i, seed, image_size, task) for i in index], gens
+        return [tasks.synthetic("grpo", i, seed, image_size, task, level) for i in index], gens
 
     def convert(rec, where):
         return data.grpo_example(rec, image_root, where)
@@ -115,8 +116,8 @@ def main(argv):
     cli.require(
         batch_size % world == 0, f"--batch_size {batch_size} is not a multiple of the {world} processes"
     )
-    images = data.image_settings(task, image_size, min_pixels, max_pixels, data_path == "synthetic",
-                                 data.LVR_PIXELS)  # 0: auto
+    bounds = data.trained_pixels(out_dir if resume else init_from, data.LVR_PIXELS)  # as the policy trained
+    images = data.image_settings(task, image_size, min_pixels, max_pixels, data_path == "synthetic", bounds)
     globals().update(zip(("image_size", "min_pixels", "max_pixels"), images))
     config.update(zip(("image_size", "min_pixels", "max_pixels"), images))
     cli.require(
@@ -257,8 +258,9 @@ def rollout_round(policy, tok, ids, exs, gens, autocast):
     comp = r.tokens[:, T:]
     rows = [row[:next((j + 1 for j, t in enumerate(row) if t in stop), len(row))] for row in comp.tolist()]
     texts = [tok.decode(row) for row in rows]  # each completion up to its stop token, decoded once
-    answers = [exs[i // G]["answer"] for i in range(len(rows))]
-    scores = {k: torch.tensor([fn(text, row, a, ids, stop) for text, row, a in zip(texts, rows, answers)])
+    golds = [exs[i // G] for i in range(len(rows))]
+    scores = {k: torch.tensor([fn(text, row, e["answer"], ids, stop, e.get("map_desc"))
+                               for text, row, e in zip(texts, rows, golds)])
               for k, fn in grpo.REWARDS.items()}
     prompt_mask = p["attention_mask"].repeat_interleave(G, 0).to(dev)
     return Round(n_prompt=T, seqs=r.tokens, attn=torch.cat([prompt_mask, torch.ones_like(comp)], 1),

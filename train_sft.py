@@ -60,10 +60,12 @@ weight_decay = 0.0  # [0, inf) AdamW weight decay
 grad_clip = 1.0  # [0, inf) clip the gradient norm (0 = off)
 eval_interval = 500  # [1, inf) evaluate and checkpoint every this many steps
 eval_examples = 128  # [0, inf) held-out examples per evaluation (0: checkpoints only)
-task = "colour"  # {colour, search, relation, imagine} the synthetic task (tasks.py)
+task = "colour"  # {colour, search, relation, imagine, vsp} the synthetic task (tasks.py)
+level = "3"  # VSP's map size: 3 to 6 cells a side, a list (3,4) or a range (3-6) to mix them
+vsp_targets = "box+goal"  # {box+goal, box+path, moves+goal, moves+path} VSP: LVR's regions + Mirage's helper
 image_size = 0  # [0, inf) synthetic image side, a multiple of 28 (0: the task's own, 168; search 336)
-min_pixels = 0  # [0, inf) smallest image area after resizing (0: a data file's 128*28*28, as official LVR)
-max_pixels = 0  # [0, inf) largest image area (0: a data file's 5120*28*28; a synthetic image's own area)
+min_pixels = 0  # [0, inf) smallest image area after resizing (0: as --init_from trained, else 128*28*28)
+max_pixels = 0  # [0, inf) largest image area (0: as --init_from trained, else 5120*28*28; synthetic: own)
 dtype = "auto"  # {auto, float32, bfloat16} bfloat16: autocast, fp32 master weights (auto: bf16 on CUDA)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 grad_checkpointing = False  # recompute decoder layers in backward to save memory
@@ -106,8 +108,10 @@ def resolve_defaults(config, dev):
     for k, v in auto.items():
         if config[k] in ("auto", -1, -1.0):
             config[k] = globals()[k] = v
-    images = data.image_settings(task, image_size, min_pixels, max_pixels, data_path == "synthetic",
-                                 data.LVR_PIXELS)
+    # a data file's images: as the checkpoint trained, else official LVR's bounds (Mirage: the processor's)
+    start = out_dir if resume else init_from
+    bounds = data.trained_pixels(start, data.PROCESSOR_PIXELS if method == "mirage" else data.LVR_PIXELS)
+    images = data.image_settings(task, image_size, min_pixels, max_pixels, data_path == "synthetic", bounds)
     config.update(zip(("image_size", "min_pixels", "max_pixels"), images))
     globals().update(zip(("image_size", "min_pixels", "max_pixels"), images))
     if int(os.environ.get("RANK", "0")) == 0:
@@ -151,7 +155,9 @@ def build(tmp, dev):
             raise InputError(f"{path}: the embedding has {vocab} rows, too few for the latent tokens; "
                              f"--fsdp loads into its rows: add them first (train once without --fsdp)")
         # what the latents reconstruct, so that eval.py can build the same targets (its oracle row)
-        model.cfg.extra["latent_targets"] = {"method": method, "max_latents": max_latents, "k": mirage_k}
+        model.cfg.extra["latent_targets"] = {"method": method, "max_latents": max_latents, "k": mirage_k,
+                                             "vsp": vsp_targets}
+        model.cfg.extra["lvr_image_pixels"] = [min_pixels, max_pixels]  # the image sizes eval.py uses
         if latent_end:  # the `latent` exit's distance (the one its embedding is trained with) and threshold
             model.cfg.extra.update(latent_end_metric=latent_loss, latent_end_threshold=end_threshold)
         return ids
@@ -176,7 +182,8 @@ def examples(start, n, records, split="train"):
     """Examples [start, start + n) of the training stream, or of the held-out one (split "eval": synthetic
     seeds training never draws, or the records of --eval_data_path)."""
     if records is None:
-        return [tasks.synthetic(split, i, seed, image_size, task) for i in range(start, start + n)]
+        return [tasks.synthetic(split, i, seed, image_size, task, level, vsp_targets)
+                for i in range(start, start + n)]
 
     def convert(rec, where):
         return data.record_example(rec, image_root, where)

@@ -105,3 +105,26 @@ def real_shaped(path, extra_rows=40):
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(d, f)
     return tok.get_vocab_size()
+
+
+def config_as_454(path):
+    """Rewrite config.json as transformers 4.54 (the official LVR pin) writes it: the LM fields on top
+    (rope_scaling's rope_type "default"), and again in a nested text_config whose image_token_id and
+    video_token_id are null; vision_config whole, with in_channels. (Read off 4.54's save_pretrained.)"""
+    with open(os.path.join(path, "config.json")) as f:
+        d = json.load(f)
+    text = d.pop("text_config")
+    rope = text.pop("rope_parameters")
+    scaling = {"mrope_section": rope["mrope_section"], "rope_type": "default", "type": "default"}
+    text.update(rope_theta=rope["rope_theta"], rope_scaling=scaling, image_token_id=None, video_token_id=None,
+                model_type="qwen2_5_vl_text")
+    shape = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "num_key_value_heads",
+             "vocab_size")
+    top = {"architectures": d["architectures"], **{k: text[k] for k in shape}, "image_token_id": d["image_token_id"],
+           "model_type": "qwen2_5_vl", "rope_scaling": scaling, "text_config": text, "torch_dtype": "float32",
+           "transformers_version": "4.54.0", "video_token_id": d["video_token_id"],
+           "vision_start_token_id": d["vision_start_token_id"], "vision_end_token_id": d["vision_end_token_id"],
+           "tie_word_embeddings": d["tie_word_embeddings"],
+           "vision_config": {**d["vision_config"], "in_channels": 3, "model_type": "qwen2_5_vl"}}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(top, f)

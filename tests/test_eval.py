@@ -110,8 +110,9 @@ def test_eval_on_an_lvr_json_file(tmp_path):
     r = run("train_sft.py", *SMALL, "--max_iters", "30", "--eval_interval", "30", "--lr", "3e-3", "--out_dir", out)
     assert r.returncode == 0, r.stderr
     r = run("eval.py", "--init_from", out, "--data_path", str(tmp_path / "val.jsonl"), "--image_root", str(imgs),
-            "--max_pixels", "12544", "--max_new_tokens", "8", "--max_latent_steps", "3")
+            "--max_new_tokens", "8", "--max_latent_steps", "3")
     assert r.returncode == 0, r.stderr
+    assert "min_pixels=3136 max_pixels=12544" in r.stdout  # a data file's images at the sizes it trained on
     on = next(x for x in r.stdout.splitlines() if x.startswith("with latents")).split()
     assert 0 <= float(on[2]) <= 1 and float(on[4]) > 0 and 0 <= float(on[5]) <= 1, r.stdout  # steps, hit rate
     spans = next(x for x in r.stdout.splitlines() if x.startswith("latent steps per span"))

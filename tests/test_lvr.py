@@ -141,6 +141,15 @@ def test_sft_loss_against_hand_computation(tmp_path):
     assert torch.allclose(ce, want_ce, rtol=1e-4) and torch.allclose(lat, want_lat, rtol=1e-4)
     assert torch.allclose(switch, want_sw, rtol=1e-4)
     assert torch.allclose(loss, 0.7 * want_ce + 0.3 * want_lat + 0.2 * want_sw, rtol=1e-4)
+    # and the same gradients (the side-by-side run with the official code compared these too)
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    (0.7 * want_ce + 0.3 * want_lat + 0.2 * want_sw).backward()
+    assert len(got) > 10
+    for n, p in model.named_parameters():
+        if n in got:
+            assert torch.allclose(got[n], p.grad, rtol=1e-3, atol=1e-6), n
 
 
 def test_latent_losses():
@@ -249,7 +258,7 @@ def slow_rollout(model, ids, prompt, pv, grid, max_new, decoding, lvr_steps, bud
         else:
             if in_lat:
                 in_lat, n_lat = False, 0
-            elif tok == ids.start:
+            if tok == ids.start:  # (also the model's own token as it leaves a span: the next span opens)
                 in_lat = True
             x = torch.cat([x, model.model.embed_tokens.weight[tok][None]])
         seq.append(tok)
@@ -323,6 +332,29 @@ def test_cached_rollout_equals_slow_oracle(tmp_path, decoding, force_end):
         assert len(set(first_latent)) > 1  # rows really entered latent mode at different steps
     if decoding == "token":
         assert (out == ids.latent_end).any()
+
+
+@pytest.mark.parametrize("decoding", ["steps", "token", "latent"])
+def test_span_reopens_at_once_without_force_end(tmp_path, decoding):
+    """force_end=False: a <|lvr_start|> emitted right after a span opens the next one (official decoding),
+    in every exit mode; the cached rollout equals the one-row oracle on a model whose start logit is raised."""
+    model, tok, ids = tiny_model(tmp_path)
+    model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.cfg.vocab_size))
+    with torch.no_grad():
+        model.lm_head.bias[ids.start] = 1e3  # every token the model chooses is <|lvr_start|>
+    pv, grid = vision.preprocess(tasks.synthetic_example(0)["images"][0], max_pixels=30000)
+    prompt = tok.prompt("What colour is the circle?", [int(grid.prod()) // 4])
+    r = lvr.rollout(model, ids, torch.tensor([prompt]), pv, grid, max_new_tokens=12, decoding=decoding,
+                    lvr_steps=2, max_latent_steps=2, end_threshold=1e-9, force_end=False, stop_ids=[-1])
+    with torch.no_grad():
+        seq, latents = slow_rollout(model, ids, prompt, pv, grid, 12, decoding, 2, 2, 1e-9, False)
+    got = r.tokens[0, len(prompt):].tolist()
+    assert got == seq[len(prompt):]
+    assert len(latents) == int(r.is_latent.sum())
+    spans = sum(1 for a, b in zip(got, got[1:]) if a == ids.start and b == ids.latent)
+    assert spans >= 3 and len(latents) == 2 * spans  # several spans, each of its 2 latents
+    if decoding == "steps":  # the leaving step's own token is <|lvr_start|>: it opens the next span
+        assert got[:7] == [ids.start, ids.latent, ids.latent, ids.start, ids.latent, ids.latent, ids.start]
 
 
 def test_latent_input_rescales_only_cosine_trained_latents(tmp_path):

@@ -166,6 +166,38 @@ def test_flat_config_sharded_renamed_keys(ckpt, tmp_path):
     assert torch.equal(qwen.Qwen2_5_VL.from_pretrained(str(tmp_path)).lm_head.weight, model.lm_head.weight)
 
 
+@pytest.mark.parametrize("layout", ["4.54", "current"])
+def test_config_as_each_transformers_writes_it(ckpt, tmp_path, layout):
+    """transformers 4.54 (the official LVR pin: nested text_config with null token ids under the top level's)
+    and the current reference (nested, rope_parameters) both load and give the reference's logits."""
+    path, ref = ckpt(True)
+    for f in ("tokenizer.json", "config.json", "model.safetensors"):
+        shutil.copy(os.path.join(path, f), tmp_path)
+    if layout == "4.54":
+        helpers.config_as_454(str(tmp_path))
+        with open(tmp_path / "config.json") as f:
+            assert json.load(f)["text_config"]["image_token_id"] is None
+    cfg = qwen.read_config(str(tmp_path))
+    assert cfg.image_token_id == ref.config.image_token_id and cfg.tie_word_embeddings
+    assert cfg.rms_norm_eps == 1e-6 and cfg.mrope_section == [2, 3, 3]
+    a, b = ours_and_ref_logits(str(tmp_path), ref, [helpers.photo(200, 150, 5)])
+    assert rel_err(a, b) < 1e-4
+
+
+def test_config_nulls_and_missing_fields():
+    """A null never overrides a value set elsewhere; a shape field set nowhere is one line naming it."""
+    base = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vision_config": {"hidden_size": 32}}
+    cfg = qwen.Config.from_dict({**base, "image_token_id": None, "text_config": {"image_token_id": 7,
+                                                                                 "hidden_size": None}})
+    assert cfg.image_token_id == 7 and cfg.hidden_size == 64
+    cfg = qwen.Config.from_dict({**base, "image_token_id": 9, "text_config": {"image_token_id": None}})
+    assert cfg.image_token_id == 9
+    with pytest.raises(InputError, match="num_key_value_heads is missing"):
+        qwen.Config.from_dict({**{k: v for k, v in base.items() if k != "num_key_value_heads"},
+                               "text_config": {"num_key_value_heads": None}})
+
+
 def test_get_rope_index_matches_reference(ckpt):
     path, ref = ckpt(True)
     tok = qwen.QwenTokenizer(path)

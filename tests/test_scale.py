@@ -62,7 +62,9 @@ def test_a_real_checkpoint_resolves_the_official_settings_and_keeps_the_images_l
     r = run("eval.py", "--init_from", out, "--data_path", str(real / "d.json"), "--image_root", str(real),
             "--max_new_tokens", "4", "--max_latent_steps", "2")
     assert r.returncode == 0, r.stderr
-    assert "min_pixels=3136 max_pixels=12845056" in r.stdout, r.stdout  # the processor's own bounds: unshrunk
+    assert "min_pixels=100352 max_pixels=4014080" in r.stdout, r.stdout  # the bounds it was trained with
+    # an official checkpoint records none: evaluated at the processor's own bounds (the official inference)
+    assert data.trained_pixels(str(real / "ckpt"), data.PROCESSOR_PIXELS) == data.PROCESSOR_PIXELS
 
 
 def test_latent_tokens_take_the_spare_rows_at_the_mean_embedding(real):

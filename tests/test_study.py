@@ -12,33 +12,41 @@ def test_study_quick_runs_every_stage_and_resumes(tmp_path, capsys):
     r = run(*args)
     assert r.returncode == 0, r.stderr
     recs = {x["key"]: x for x in map(json.loads, open(tmp_path / "r.jsonl"))}
-    tuned = {"relation/lvr/seed0/lr0.001",
-             "relation/grpo/seed0/lr2e-05/sigma0", "relation/grpo/seed0/lr2e-05/sigma1"}
-    shown = {"relation/lvr/seed1/lr0.001",
-             "relation/grpo/seed1/lr2e-05/sigma0", "relation/grpo/seed1/lr2e-05/sigma1", "relation/control/seed1",
-             "relation/stage2/seed1"}
+    mirage = "vsp/mirage/seed{}/lr0.001/tbox+goal/k4"
+    tuned = {mirage.format(0), "vsp/mirage+grpo/seed0/lr2e-05/sigma0"}
+    shown = {mirage.format(1), "vsp/mirage+grpo/seed1/lr2e-05/sigma0", "vsp/mirage+control/seed1"}
     assert set(recs) == tuned | shown
     assert all("val" in recs[k] and "test" not in recs[k] for k in tuned)  # tuning never sees the test split
     assert all(len(recs[k]["test"]["rows"]["with latents"]["right"]) == 4 for k in shown)
-    # the reported SFT runs get the diagnostics (a 4-step model makes no latents to swap: those rows need them)
-    assert "latents disabled" in recs["relation/lvr/seed1/lr0.001"]["test"]["rows"]
-    assert set(recs["relation/control/seed1"]["test"]["rows"]) == {"with latents"}
-    # the control and stage 2 continue the LVR run up to the explored GRPO run's compute, within 5%
-    explored = recs["relation/grpo/seed1/lr2e-05/sigma1"]
-    assert explored["latent_sigma"] > 0 and explored["steps"] >= 2 and explored["grpo_log"]
-    for name in ("control", "stage2"):
-        assert abs(recs[f"relation/{name}/seed1"]["macs"] / explored["macs"] - 1) < 0.05
-    assert recs["relation/grpo/seed1/lr2e-05/sigma0"]["latent_sigma"] == 0.0
+    # Mirage's tuning runs get the oracle row (it chooses between its helpers), the reported run every row
+    assert "oracle latents" in recs[mirage.format(0)]["val"]["rows"]
+    assert "latents disabled" in recs[mirage.format(1)]["test"]["rows"]
+    assert set(recs["vsp/mirage+control/seed1"]["test"]["rows"]) == {"with latents"}
+    # the control continues the SFT run (stage 2's checkpoint) up to its GRPO run's compute, within 5%
+    spent = recs["vsp/mirage+grpo/seed1/lr2e-05/sigma0"]
+    assert spent["latent_sigma"] == 0.0 and spent["steps"] >= 2 and spent["grpo_log"]
+    assert abs(recs["vsp/mirage+control/seed1"]["macs"] / spent["macs"] - 1) < 0.05
     assert (tmp_path / "s.png").stat().st_size > 0
     study.main(args[1:])  # resumes (in this process: no new one to start): every run is in the file already
     assert len(open(tmp_path / "r.jsonl").readlines()) == len(recs)
     capsys.readouterr()
     study.main([*args[1:], "--report", "true"])  # the tables, from the file alone
     out = capsys.readouterr().out
-    assert "| relation | LVR + stage 2 - LVR + teacher-forced (control) | 1 |" in out
-    row = next(x for x in out.splitlines() if x.startswith("| relation | LVR |"))
-    acc = recs["relation/lvr/seed1/lr0.001"]["test"]["rows"]["with latents"]["accuracy"]
+    assert "| vsp | Mirage + GRPO_latent (sigma 0) - Mirage + teacher-forced (control) | 1 |" in out
+    row = next(x for x in out.splitlines() if x.startswith("| vsp | Mirage |"))
+    acc = recs[mirage.format(1)]["test"]["rows"]["with latents"]["accuracy"]
     assert f"{acc:.3f} ± 0.000 ({acc:.3f})" in row
+
+
+def test_reported_names_every_run_by_its_base_and_continuation():
+    """v3's keys name the SFT method a continuation starts from; v2's LVR continuations are keyed bare."""
+    recs = [{"key": k, "test": {}} for k in ("vsp/lvr/seed1/lr0.001/tbox+goal", "vsp/none+control/seed2",
+                                             "vsp/lvr+grpo/seed1/lr2e-05/sigma0", "vsp/lvr+stage2/seed3",
+                                             "relation/control/seed4", "relation/grpo/seed5/lr2e-05/sigma1")]
+    found = {m: list(study.reported(recs, t, m)) for t in ("vsp", "relation") for m in study.NAMES
+             if study.reported(recs, t, m)}
+    assert found == {"lvr": [1], "none+control": [2], "lvr+grpo0": [1], "lvr+stage2": [3], "lvr+control": [4],
+                     "lvr+grpo": [5]}
 
 
 def test_bootstrap_interval_covers_the_paired_difference():

@@ -134,3 +134,111 @@ def test_no_example_is_drawn_by_two_seeds_or_two_splits(monkeypatch):
     a, b = tasks.synthetic_example(tasks.example_id("train", 0, 1)), tasks.synthetic_example(
         tasks.example_id("train", 0, 2))  # (the real drawing: neighbouring seeds differ)
     assert not np.array_equal(np.asarray(a["images"][0]), np.asarray(b["images"][0]))
+
+
+# -----------------------------------------------------------------------------
+# VSP spatial planning
+
+MAP = [[1, 0, -1],
+       [0, 0, 0],
+       [-1, 0, 2]]  # start top left, goal bottom right, holes at (0, 2) and (2, 0)
+
+
+def test_vsp_plans_are_judged_by_simulation_as_mirage_judges_them():
+    assert tasks.solves(MAP, "R D R D") and tasks.solves(MAP, "D R D R")  # two shortest plans, both right
+    assert tasks.solves(MAP, "U L R D R D")  # moves off the edge are ignored
+    assert not tasks.solves(MAP, "R R D D")  # (0, 2) is a hole: the walk ends there
+    assert not tasks.solves(MAP, "D D R R")  # so is (2, 0)
+    assert tasks.walk(MAP, "R R D D") == [(0, 1), (0, 2)]
+    assert tasks.solves(MAP, "R D R D R")  # a move after the goal, off the edge: still on the goal
+    assert not tasks.solves(MAP, "R D R D U")  # passes the goal and leaves it: not there at the end
+    assert tasks.solves(MAP, "r, d; r -> d") and tasks.solves(MAP, "RIGHT DOWN RIGHT DOWN")  # case, separators
+    assert not tasks.solves(MAP, "") and not tasks.solves(MAP, "no plan")  # "no plan": N O P L A N -> L
+    assert tasks.shortest_plan(MAP) == "DRDR"  # breadth first, moves tried in U D L R order
+    # everywhere an answer is judged: eval's rows and GRPO's accuracy reward credit a plan that is not the gold one
+    assert data.is_correct("<answer>R D R D</answer>", "D R D R", MAP) and not data.is_correct("D R", "D R", MAP)
+    assert data.is_correct("The plan is \\boxed{R, D, R, D}.", "D R D R", MAP)
+    import grpo
+    assert grpo.accuracy_reward("R D R D", [], "D R D R", None, [], MAP) == 1.0
+    assert grpo.accuracy_reward("R R D D", [], "D R D R", None, [], MAP) == 0.0
+
+
+@pytest.mark.parametrize("level", [3, 4, 5, 6])
+def test_vsp_maps_are_seeded_solvable_and_hold_mirages_hole_counts(level):
+    import random
+    holes = []
+    for s in range(300):
+        desc = tasks.vsp_map(random.Random(s), level)
+        assert desc == tasks.vsp_map(random.Random(s), level)  # seeded
+        flat = [v for row in desc for v in row]
+        assert len(desc) == level and flat.count(1) == 1 and flat.count(2) == 1
+        plan = tasks.shortest_plan(desc)
+        assert plan and tasks.solves(desc, plan)  # always solvable, by its gold plan
+        holes.append(flat.count(-1))
+    table = tasks.VSP_HOLES[level]
+    assert min(table) <= min(holes) and max(holes) <= max(table)
+    want = sum(k * w for k, w in table.items()) / sum(table.values())  # Mirage's: 1.2, 2.5, 4.5, 6.4
+    assert abs(sum(holes) / len(holes) - want) < 0.35
+    e = tasks.synthetic("train", 0, 1, task="vsp", level=str(level))
+    assert e["images"][0].size == (64 * level, 64 * level) and tasks.solves(e["map_desc"], e["answer"])
+    x0, y0, x1, y1 = e["bboxes"][0]  # the box around every cell the plan walks through
+    cells = [tasks.find(e["map_desc"], 1)] + tasks.walk(e["map_desc"], e["answer"])
+    assert all(x0 * level <= c < x1 * level and y0 * level <= r < y1 * level for r, c in cells)
+
+
+def test_vsp_maps_are_gymnasiums_own_render():
+    from gymnasium.envs.toy_text.frozen_lake import FrozenLakeEnv
+    for s in range(3):
+        e = tasks.synthetic("test", s, 0, task="vsp", level="3-6")
+        desc = ["".join({1: "S", 2: "G", -1: "H", 0: "F"}[v] for v in row) for row in e["map_desc"]]
+        env = FrozenLakeEnv(desc=desc, render_mode="rgb_array")
+        env.reset(seed=0)
+        assert np.array_equal(np.asarray(e["images"][0]), env.render())  # the elf at the start
+        env.unwrapped.s = [k for k, ch in enumerate("".join(desc)) if ch == "G"][0]
+        assert np.array_equal(np.asarray(e["helper"]), env.render())  # Mirage's helper: the elf on the gift
+        env.close()
+
+
+def test_vsp_without_gymnasium_is_one_line_naming_the_install(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "gymnasium.envs.toy_text.frozen_lake", None)
+    with pytest.raises(data.InputError, match=r'pip install "gymnasium\[toy-text\]==0.29.1"'):
+        tasks.synthetic("train", 0, 0, task="vsp")
+    with pytest.raises(data.InputError, match="VSP levels are 3 to 6"):
+        tasks.synthetic("train", 0, 0, task="vsp", level="7")
+
+
+def test_vsp_reaches_every_script_and_a_mirage_file_of_its_maps_scores_alike(tmp_path):
+    """--task vsp trains (LVR), evaluates and runs GRPO; the same maps written as a Mirage VSP file (PNG images,
+    text_input with <image>, map_desc) make the same prompts, pixels and judgements, so eval.py scores the file
+    as it scores the built-in maps."""
+    import json
+    exs = [tasks.synthetic("test", i, 1337, task="vsp") for i in range(4)]
+    for i, e in enumerate(exs):
+        e["images"][0].save(tmp_path / f"{i}.png")
+    path = tmp_path / "vsp_test.jsonl"
+    path.write_text("".join(json.dumps({"text_input": "<image>" + e["question"], "image_input": f"{i}.png",
+                                        "map_desc": e["map_desc"]}) + "\n" for i, e in enumerate(exs)))
+    read = [data.record_example(r, str(tmp_path), "r") for r in data.load_records(str(path))]
+    _, tok, _ = tiny_model(tmp_path / "m")
+    a, b = data.prompt_batch(exs, tok), data.prompt_batch(read, tok)
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
+    for plan in ["U D L R", exs[0]["answer"], "R R", "D D L"]:
+        assert [data.is_correct(plan, e["answer"], e["map_desc"]) for e in exs] == \
+               [data.is_correct(plan, r["answer"], r["map_desc"]) for r in read]
+    out = str(tmp_path / "out")
+    r, = run_all(["train_sft.py", "--task", "vsp", "--batch_size", "2", "--max_iters", "2", "--eval_interval", "2",
+                  "--eval_examples", "2", "--warmup_iters", "1", "--max_latents", "2", "--out_dir", out])
+    assert r.returncode == 0 and "held-out accuracy" in r.stdout, r.stderr
+    assert "first example: 1 image(s) of 49 merged tokens" in r.stdout  # 192 px -> 196: the processor's resize
+    common = ["--n_examples", "4", "--max_new_tokens", "8", "--diagnostics", "false"]
+    built, filed, gr = run_all(
+        ["eval.py", "--init_from", out, "--task", "vsp", *common, "--save", str(tmp_path / "a.json")],
+        ["eval.py", "--init_from", out, "--data_path", str(path), "--image_root", str(tmp_path), *common,
+         "--save", str(tmp_path / "b.json")],
+        ["train_grpo.py", "--init_from", out, "--task", "vsp", "--batch_size", "2", "--group_size", "2",
+         "--max_iters", "1", "--max_new_tokens", "6", "--out_dir", str(tmp_path / "g")])
+    assert built.returncode == 0 and filed.returncode == 0, built.stderr + filed.stderr
+    rows = [json.loads((tmp_path / f).read_text())["rows"]["with latents"] for f in ("a.json", "b.json")]
+    assert rows[0] == rows[1]
+    assert gr.returncode == 0 and "step 1:" in gr.stdout, gr.stderr

@@ -11,9 +11,11 @@ import torch
 
 import checkpoint
 import data
+import helpers
 import lvr
 import qwen
 import tasks
+import vision
 from cli import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,6 +156,64 @@ def test_bboxes_name_their_image(tmp_path):
         "images"][1].size == (112, 112)  # a GRPO prompt carries every image
 
 
+def test_roi_indices_of_official_shaped_records(tmp_path):
+    """Pinned by hand (what the side-by-side run with the official LVR code found equal): a pixel bbox on a
+    resized image, normalised by the original size, covering several merged tokens; a second bbox on a
+    second image, offset by the first image's tokens."""
+    import test_lvr
+    model, tok, ids = test_lvr.tiny_model(tmp_path / "m")
+    helpers.photo(300, 200).save(tmp_path / "a.png")
+    tasks.synthetic_example(1, 112)["images"][0].save(tmp_path / "b.png")
+    rec = {"image": ["a.png", "b.png"], "bboxes": [[30, 20, 150, 110], [0.5, 0.5, 1.0, 1.0]], "bbox_images": [0, 1],
+           "conversations": [{"from": "human", "value": "<image>\nWhere?"},
+                             {"from": "gpt", "value": "<lvr>\nand <lvr>\n<answer>red</answer>"}]}
+    ex = data.record_example(rec, str(tmp_path), "r")
+    assert ex["bboxes"][0] == [0.1, 0.1, 0.5, 0.55]  # pixels / the original 300 x 200
+    e = data.encode(ex, tok, ids, "lvr", min_pixels=3136, max_pixels=50176)
+    # 300 x 200 -> 252 x 168 px: 18 x 12 patches, 9 x 6 merged tokens; x: floor(0.1 * 18) = 1 .. ceil(0.5 * 18)
+    # = 9 -> merged cols 0..4; y: floor(0.1 * 12) = 1 .. ceil(0.55 * 12) = 7 -> merged rows 0..3
+    assert e["grid_thw"].tolist() == [[1, 12, 18], [1, 8, 8]]
+    first = [[r * 9 + c] for r in range(4) for c in range(5)]
+    # 112 x 112: 4 x 4 merged; cols and rows 2..3, after the first image's 54 tokens
+    second = [[54 + r * 4 + c] for r in (2, 3) for c in (2, 3)]
+    assert e["latent_groups"] == first + second
+    assert e["latent_slot"] == list(range(20)) + list(range(4))
+
+
+def test_mirage_records_train_on_mirages_sequence(tmp_path):
+    """A record shaped like Mirage's data/examples/sample.jsonl: the input image where <image> stands in the
+    question, the latent span where <output_image> stands (after the first </think>), both texts verbatim, no
+    placeholder in any target; a 196-px map at the processor's bounds, 49 merged tokens, as official Mirage."""
+    import test_lvr
+    model, tok, ids = test_lvr.tiny_model(tmp_path / "m")
+    mirage = lvr.add_latent_tokens(model, tok, lvr.MIRAGE_TOKENS)
+    tasks.synthetic_example(0, 196)["images"][0].save(tmp_path / "map.png")
+    tasks.synthetic_example(1, 196)["images"][0].save(tmp_path / "step.png")
+    rec = {"text_input": "\nPlan a path.\n\nHere is the map: <image>\n\nPlease answer in \\boxed{}.",
+           "image_input": "map.png", "image_output": "step.png",
+           "text_output": "<think> Moving to [(1,2),Ice] is safe. </think><output_image><think> Then the goal. "
+                          "</think>The answer is \\boxed{A}."}
+    ex = data.record_example(rec, str(tmp_path), "r")
+    lo, hi = data.PROCESSOR_PIXELS
+    e = data.encode(ex, tok, mirage, "mirage", k=4, min_pixels=lo, max_pixels=hi)
+    seq, a = e["input_ids"], e["n_prompt"]
+    v0, v1 = seq.index(tok.vision_start), seq.index(tok.vision_end)
+    assert v1 - v0 - 1 == 49 and vision.merged_tokens(e["helper"][1]) == 49  # 196 px: 7 x 7, not 144
+    user = seq.index(tok.im_start, 1)
+    assert tok.decode(seq[user + 1:v0]) == "user\n\nPlan a path.\n\nHere is the map: "
+    assert tok.decode(seq[v1 + 1:a]).startswith("\n\nPlease answer in \\boxed{}.")
+    s = seq.index(mirage.start)
+    assert tok.decode(seq[a:s]) == "<think> Moving to [(1,2),Ice] is safe. </think>"
+    assert seq[s + 1:s + 5] == [mirage.latent] * 4 and seq[s + 5] == mirage.end and seq[-1] == tok.im_end
+    assert tok.decode(seq[s + 6:-1]) == "<think> Then the goal. </think>The answer is \\boxed{A}."
+    targets = tok.decode([t for t in e["labels"] if t != -100], skip_special_tokens=False)
+    assert "<output_image>" not in targets and "<image>" not in targets
+    assert data.is_correct("The answer is \\boxed{A}.", ex["answer"]) and not data.is_correct("\\boxed{B}", ex["answer"])
+    no_placeholder = data.record_example({**rec, "text_output": "The answer is \\boxed{A}."}, str(tmp_path), "r")
+    e = data.encode(no_placeholder, tok, mirage, "mirage", k=4, min_pixels=lo, max_pixels=hi)
+    assert e["input_ids"][e["n_prompt"]] == mirage.start  # no <output_image>: the span opens the answer
+
+
 def test_train_on_a_file_then_sample_with_latents(tmp_path):
     """An LVR JSONL file trains; sample.py decodes with latents and draws them."""
     path = write_dataset(tmp_path, [record([[0.1, 0.1, 0.3, 0.3]]), record([[10, 20, 60, 90]])])
@@ -167,11 +227,13 @@ def test_train_on_a_file_then_sample_with_latents(tmp_path):
     assert "step 2: held-out accuracy" in r.stdout and "on 1 examples" in r.stdout
     viz = str(tmp_path / "viz.png")
     r = run("sample.py", "--init_from", out, "--image", str(tmp_path / "a.png"), "--q", "What colour is the circle?",
-            "--max_new_tokens", "12", "--lvr_steps", "2", "--viz", viz, "--max_pixels", "12544")
+            "--max_new_tokens", "12", "--lvr_steps", "2", "--viz", viz)
     assert r.returncode == 0, r.stderr
+    assert "resolved: min_pixels=12544 max_pixels=12544" in r.stdout  # the image bounds it was trained with
     assert os.path.isfile(viz)
     model, tok = qwen.load(out)
     assert hasattr(model, "lvr_head") and model.cfg.extra["lvr_tokens"] == lvr.LVR_TOKENS
+    assert model.cfg.extra["lvr_image_pixels"] == [12544, 12544]
     r = run("train_sft.py", *SMALL, "--data_path", str(tmp_path / "nope.json"), "--out_dir", str(tmp_path / "o2"))
     assert r.returncode == 1 and "Traceback" not in r.stderr and "cannot read dataset" in r.stderr
 
@@ -210,7 +272,8 @@ def test_loss_defaults_follow_the_papers(monkeypatch, capsys):
     """From a real checkpoint LVR is mse with CE 1 / latent 0.1, Mirage cosine with CE 0.1 / latent 1; the
     tiny scratch model keeps cosine, CE 1 / latent 0.1; a flag given explicitly wins; the resolved values print.
     The learning rate: official LVR's from a checkpoint (1e-5, cosine to 0, 3% warmup), the tiny model's
-    from scratch; bf16 autocast on CUDA; images: a file's within official LVR's bounds, synthetic unresized."""
+    from scratch; bf16 autocast on CUDA; images: a file's within official LVR's bounds (Mirage's: the processor's,
+    as official Mirage), synthetic unresized."""
     import train_sft
     for init, method, given, want in [
         ("ckpt", "lvr", {}, ("mse", 1.0, 0.1)),
@@ -231,9 +294,10 @@ def test_loss_defaults_follow_the_papers(monkeypatch, capsys):
     for dev, data_path, given, want in [("cuda", "d.json", {}, ("bfloat16", 100352, 4014080)),
                                         ("cpu", "synthetic", {}, ("float32", 3136, 28224)),
                                         ("cuda", "d.json", {"dtype": "float32", "max_pixels": 50000, "lr": 3e-4},
-                                         ("float32", 50000, 50000))]:
-        config = {**AUTO, "data_path": data_path, **given}
-        for k, v in {**config, "init_from": "ckpt", "method": "lvr"}.items():
+                                         ("float32", 50000, 50000)),
+                                        ("cpu", "d.jsonl", {"method": "mirage"}, ("float32", *data.PROCESSOR_PIXELS))]:
+        config = {**AUTO, "data_path": data_path, "method": "lvr", **given}
+        for k, v in {**config, "init_from": "ckpt"}.items():
             monkeypatch.setattr(train_sft, k, v)
         train_sft.resolve_defaults(config, dev)
         assert (config["dtype"], config["min_pixels"], config["max_pixels"]) == want
