@@ -180,6 +180,25 @@ def test_roi_indices_of_official_shaped_records(tmp_path):
     assert e["latent_slot"] == list(range(20)) + list(range(4))
 
 
+def test_a_checkpoint_is_evaluated_on_images_the_size_it_trained_on(tmp_path):
+    """128-px images with a bbox of 2 x 2 merged tokens at official LVR's training bounds (12 x 12 = 144 tokens):
+    4 latents a span. At the processor's bounds the same image is 5 x 5 tokens: the model was evaluated on
+    images it never saw at that size. The checkpoint records its bounds and eval.py uses them."""
+    import test_lvr
+    model, tok, ids = test_lvr.tiny_model(tmp_path / "m")
+    helpers.photo(128, 128).save(tmp_path / "a.png")
+    rec = record([[3 / 12, 3 / 12, 5 / 12, 5 / 12]])
+    ex = data.record_example(rec, str(tmp_path), "r")
+    trained = data.encode(ex, tok, ids, "lvr", min_pixels=data.LVR_PIXELS[0], max_pixels=data.LVR_PIXELS[1])
+    other = data.encode(ex, tok, ids, "lvr", min_pixels=data.PROCESSOR_PIXELS[0], max_pixels=data.PROCESSOR_PIXELS[1])
+    assert (trained["n_feat"], len(trained["latent_pos"])) == (144, 4)
+    assert other["n_feat"] == 25  # the box covers 2 x 2 of 5 x 5 tokens there: a third of the image, not a ninth
+    model.cfg.extra["lvr_image_pixels"] = list(data.LVR_PIXELS)  # (what train_sft.py records)
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    assert data.trained_pixels(str(tmp_path / "ckpt"), data.PROCESSOR_PIXELS) == data.LVR_PIXELS
+    assert data.trained_pixels(str(tmp_path / "m"), data.PROCESSOR_PIXELS) == data.PROCESSOR_PIXELS  # records none
+
+
 def test_mirage_records_train_on_mirages_sequence(tmp_path):
     """A record shaped like Mirage's data/examples/sample.jsonl: the input image where <image> stands in the
     question, the latent span where <output_image> stands (after the first </think>), both texts verbatim, no
