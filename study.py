@@ -46,7 +46,7 @@ seeds = "1,2,3,4,5"  # comma-separated: the reported seeds
 tune_seed = 0  # [0, inf) the seed of every tuning run (never reported)
 lrs = "1e-3"  # comma-separated: the SFT learning rates each SFT method tries
 mirage_ks = "16"  # comma-separated: Mirage's latents per helper image tried (v2: 4,16)
-lvr_regions = "box,moves"  # comma-separated: VSP's LVR regions tried (tasks.vsp_example)
+lvr_regions = "box:16,moves:1"  # comma-separated: VSP's LVR regions tried (tasks.vsp_example):max_latents
 mirage_helpers = "goal,path"  # comma-separated: VSP's Mirage helper images tried (tasks.vsp_example)
 grpo_lrs = "2e-5,1e-4"  # comma-separated: the GRPO learning rates tried (at latent_sigma 0)
 sigmas = ""  # comma-separated: LVR's latent_sigma tried, times the latent-target distance (v2: 0.5,1,2)
@@ -142,39 +142,43 @@ def fresh(*dirs):
 
 
 class Trial(NamedTuple):
-    """An SFT method's settings: its learning rate, VSP's targets (tasks.vsp_example) and Mirage's k."""
+    """An SFT method's settings: its learning rate, VSP's targets (tasks.vsp_example), Mirage's k and LVR's
+    max_latents."""
     lr: float
     targets: str = ""
     k: int = 4
+    max_latents: int = 0
 
 
 def trials(task, method):
     """The settings an SFT method tries on tune_seed: each lr, and on VSP each LVR region or Mirage helper
     (Mirage: with each k)."""
     ks = [int(k) for k in mirage_ks.split(",")] if method == "mirage" else [4]
-    targets = [""]
+    targets = [("", 0)]
     if task == "vsp" and method == "lvr":
-        targets = [f"{r}+goal" for r in lvr_regions.split(",")]
+        targets = [(f"{r.split(':')[0]}+goal", int(r.split(":")[1])) for r in lvr_regions.split(",")]
     if task == "vsp" and method == "mirage":
-        targets = [f"box+{h}" for h in mirage_helpers.split(",")]
-    return [Trial(float(lr), t, k) for lr in lrs.split(",") for t in targets for k in ks]
+        targets = [(f"box+{h}", 0) for h in mirage_helpers.split(",")]
+    return [Trial(float(lr), t, k, m) for lr in lrs.split(",") for t, m in targets for k in ks]
 
 
 def sft(done, task, method, seed, trial):
     """One SFT run (Mirage: stage 1 then 2), recorded -> (record, checkpoint directory). Tuning runs are
     validated (LVR and Mirage with every diagnostic row: their oracle rows choose), reported ones tested."""
-    lr, targets, k = trial
-    tag = (f"_t{targets}" if targets else "") + (f"_k{k}" if method == "mirage" else "")
+    lr, targets, k, max_latents = trial
+    tag = (f"_t{targets}" if targets else "") + (f"_k{k}" if method == "mirage" else "") + (
+        f"_m{max_latents}" if max_latents else "")
     out = os.path.join(work_dir, f"{task}_{method}_s{seed}_lr{lr}{tag}")
     key = f"{task}/{method}/seed{seed}/lr{lr}" + (f"/t{targets}" if targets else "") + (
-        f"/k{k}" if method == "mirage" else "")
+        f"/k{k}" if method == "mirage" else "") + (f"/m{max_latents}" if max_latents else "")
 
     def go():
         fresh(out, out + "_stage1")
         common = ["--task", task, "--level", level, "--batch_size", batch_size, "--eval_interval",
                   eval_interval, "--eval_examples", eval_examples, "--seed", seed, "--lr", lr,
                   "--min_lr", lr / 10, "--warmup_iters", min(50, max_iters // 10),
-                  *(["--vsp_targets", targets] if targets else [])]
+                  *(["--vsp_targets", targets] if targets else []),
+                  *(["--max_latents", max_latents] if max_latents else [])]
         if method != "mirage":
             stdout = run("train_sft.py", *common, "--method", method, "--max_iters", max_iters,
                          "--out_dir", out)
@@ -212,7 +216,8 @@ def continued(done, task, base_method, name, seed, base, trial, target_macs):
             "--seed", seed,
             "--lr", final, "--min_lr", final, "--warmup_iters", 0, "--max_iters", 100 * max_iters,
             "--max_macs", base_macs + target_macs, "--eval_examples", 0, "--eval_interval", 100 * max_iters,
-            *(["--vsp_targets", trial.targets] if trial.targets else []), *(["--mirage_k", k] if k else []))
+            *(["--vsp_targets", trial.targets] if trial.targets else []), *(["--mirage_k", k] if k else []),
+            *(["--max_latents", trial.max_latents] if trial.max_latents else []))
         return {"macs": macs_of(out) - base_macs, "lr": final, **checked(task, out, seed, k)}
     return record(done, key, go)
 
