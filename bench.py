@@ -133,8 +133,8 @@ if BEFORE:  # the cache in the activations' dtype, as it was
 """
 ROLLOUT_WORK = """
 with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
-    lvr.rollout(model, ids, prompt, max_new_tokens=N, decoding="token", temperature=0.9, group_size=8,
-                stop_ids=[-1])
+    lvr.rollout(model, ids, lvr.Prompt(prompt), lvr.Decode("token", max_new_tokens=N),
+                lvr.Sampling(0.9, stop_ids=[-1]), group_size=8)
 """
 LOGPROB_SETUP = """
 import torch, grpo
@@ -260,8 +260,8 @@ def bench_size(size, rows):
     # never enters
     text_ids = lvr.LatentIds(start=-5, latent=ids.latent, latent_end=ids.latent_end, end=ids.end)
     def roll(p, n, ids_):
-        return lambda: lvr.rollout(model, ids_, p, pv, grid, max_new_tokens=n, decoding="steps", lvr_steps=n,
-                                   stop_ids=[-1])
+        return lambda: lvr.rollout(model, ids_, lvr.Prompt(p, None, pv, grid), lvr.Decode("steps", n, max_new_tokens=n),
+                                   lvr.Sampling(stop_ids=[-1]))
     # a ratio of two small differences: more rounds
     t = timed(roll(lat_prompt, n, ids), roll(lat_prompt, 1, ids), roll(prompt, n, text_ids),
               roll(prompt, 1, text_ids), n=max(repeats, 5))
@@ -273,9 +273,9 @@ def bench_size(size, rows):
     feats = model.visual(pv, grid)
     gen = torch.Generator(device).manual_seed(0)
     def grpo(rows_, g):
-        return lvr.rollout(model, ids, prompt.repeat(rows_, 1), grid_thw=grid.repeat(rows_, 1),
-                           feats=feats.repeat(rows_, 1), max_new_tokens=n, temperature=0.9, generator=gen,
-                           stop_ids=[-1], group_size=g)
+        prompts = lvr.Prompt(prompt.repeat(rows_, 1), grid_thw=grid.repeat(rows_, 1), feats=feats.repeat(rows_, 1))
+        return lvr.rollout(model, ids, prompts, lvr.Decode("steps", max_new_tokens=n),
+                           lvr.Sampling(0.9, generator=gen, stop_ids=[-1]), group_size=g)
     big = size != "tiny"  # one round, no warm-up (warm from above): these are the slowest measurements
     t = timed(lambda: grpo(B, G), lambda: [grpo(1, 1) for _ in range(few)], n=1 if big else None,
               warmup=not big)

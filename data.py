@@ -224,10 +224,9 @@ def encode(ex, tok, ids, method="lvr", max_latents=0, k=4, latent_end=False, min
                 span = lvr.chunk_groups(vision.merged_tokens(helper[1]), k)
             else:  # indices into the example's features: its images' merged tokens, one image after another
                 im = ex.get("bbox_images", [0] * i)[i - 1]
-                span = [
-                    [sum(n_tok[:im]) + j for j in g]
-                    for g in lvr.roi_groups(ex["bboxes"][i - 1], grids[im][0], max_latents)
-                ]
+                start = vision.token_offsets(grids)[im]
+                pooled = lvr.roi_groups(ex["bboxes"][i - 1], grids[im][0], max_latents)
+                span = [[start + j for j in g] for g in pooled]
             seq.append(ids.start)
             pos += range(len(seq), len(seq) + len(span))
             slot += range(len(span))
@@ -374,6 +373,11 @@ def is_lvr_format(tokens, ids, stop_ids, text):
         return False
     after = tokens[len(tokens) - tokens[::-1].index(ids.end):-1]  # after the last <|lvr_end|>
     return len(after) > 0 and ids.start not in after and bool(text.strip())
+
+
+def until_stop(tokens, stop_ids):
+    """A completion's tokens up to and including its first stop token (all of them if it never stopped)."""
+    return tokens[:next((j + 1 for j, t in enumerate(tokens) if t in stop_ids), len(tokens))]
 
 
 def normalise(text):

@@ -101,42 +101,37 @@ def span_lengths(is_latent):
 
 
 @torch.no_grad()
-def evaluate(model, tok, ids, exs, batch_size=32, min_pixels=3136, max_pixels=28224, device="cpu", feed=None,
-             **decode):
+def evaluate(model, tok, ids, exs, decode, pixels=(3136, 28224), batch_size=32, feed=None):
     """-> dict of accuracy, format, latent_steps, hit_rate (None without bboxes), the span lengths
     (a Counter), per-example correctness, and per example the latents fed ((n, C) each). `decode`:
-    lvr.rollout's settings (decoding, lvr_steps, max_latent_steps, max_new_tokens, force_end, end_metric,
-    end_threshold). `feed`: per example, vectors to feed at its latent steps instead of its own (the
-    diagnostics). train_sft.py's periodic accuracy is this too."""
-    stop = [tok.im_end, tok.endoftext]
+    lvr.Decode; `pixels`: the images' (min_pixels, max_pixels). `feed`: per example, vectors to feed at its
+    latent steps instead of its own (the diagnostics). train_sft.py's periodic accuracy is this too."""
+    stop, device = [tok.im_end, tok.endoftext], model.lm_head.weight.device
     right, fmt, steps, hit, n_lat, spans, fed = [], 0, 0, 0, 0, collections.Counter(), []
     for i in range(0, len(exs), batch_size):
         chunk = exs[i:i + batch_size]
-        p = data.prompt_batch(chunk, tok, min_pixels, max_pixels)
+        p = data.prompt_batch(chunk, tok, *pixels)
         feats = model.visual(p["pixel_values"].to(device), p["grid_thw"])
-        given = {}
+        given = None
         if feed is not None:  # (B, K, C) and (B,): each row's vectors, zero-padded
-            rows = [feed[i + b] for b in range(len(chunk))]
-            given["latents_in"] = torch.nn.utils.rnn.pad_sequence(
-                [v.float() for v in rows], batch_first=True
-            ).to(device)
-            given["n_in"] = torch.tensor([len(v) for v in rows], device=device)
-        r = lvr.rollout(model, ids, p["input_ids"].to(device), grid_thw=p["grid_thw"],
-                        attention_mask=p["attention_mask"].to(device), stop_ids=stop, feats=feats,
-                        **given, **decode)
+            rows = [feed[i + b].float() for b in range(len(chunk))]
+            given = lvr.Feed(torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(device),
+                             torch.tensor([len(v) for v in rows], device=device))
+        prompt = lvr.Prompt(p["input_ids"].to(device), p["attention_mask"].to(device), grid_thw=p["grid_thw"],
+                            feats=feats)
+        r = lvr.rollout(model, ids, prompt, decode, lvr.Sampling(stop_ids=stop), feed=given)
         for b, (e, f) in enumerate(zip(chunk, feats.split(p["n_image_tokens"]))):
-            row = r.tokens[b, p["input_ids"].shape[1]:].tolist()
-            end = next((j + 1 for j, t in enumerate(row) if t in stop), len(row))
-            text = tok.decode(row[:end])
+            row = data.until_stop(r.tokens[b, p["input_ids"].shape[1]:].tolist(), stop)
+            text = tok.decode(row)
             right.append(data.is_correct(text, e["answer"], e.get("map_desc")))
-            fmt += data.is_lvr_format(row[:end], ids, stop, text)
+            fmt += data.is_lvr_format(row, ids, stop, text)
             steps += int(r.is_latent[b].sum())
             spans.update(span_lengths(r.is_latent[b]))
             fed.append(r.latents[b, r.is_latent[b]].cpu())
             # the ROI tokens of every bbox, on its own image's tokens within the row's features
             if e["bboxes"]:
                 grids = [g for _, g in p["images"][b]]
-                start = [sum(vision.merged_tokens(g) for g in grids[:k]) for k in range(len(grids))]
+                start = vision.token_offsets(grids)
                 roi = [
                     start[k] + j
                     for bb, k in zip(e["bboxes"], e.get("bbox_images", [0] * len(e["bboxes"])))
@@ -191,11 +186,9 @@ def replaced_rows(model, tok, ids, exs, decode, own, targets):
     dummy (one fixed vector, the mean of its own latents: the right scale, no content), swapped (each row
     gets the next example's own latents), oracle (the training targets: what a latent could carry at best)."""
     rows, lats = [], [v for v in own["latents"] if len(v)]
-    run = functools.partial(
-        evaluate, model, tok, ids, exs, batch_size, min_pixels, max_pixels, device, **decode
-    )
+    run = functools.partial(evaluate, model, tok, ids, exs, decode, (min_pixels, max_pixels), batch_size)
     if lats:  # (dummy and swapped are made of its own latents: a model that makes none has neither row)
-        budget = max(decode["lvr_steps"], decode["max_latent_steps"])
+        budget = max(decode.lvr_steps, decode.max_latent_steps)
         mean = torch.cat(lats).mean(0)
         rows.append(("dummy latents", run(feed=[mean.expand(budget, -1)] * len(exs))))
         rows.append(("swapped latents", run(feed=own["latents"][1:] + own["latents"][:1])))
@@ -230,21 +223,13 @@ def main(argv):
         )
     exs = load_examples(model.cfg.extra.get("latent_targets", {}))
     metric, threshold = lvr.end_rule(model, end_metric, end_threshold)
-    decode = dict(
-        decoding=decoding,
-        lvr_steps=lvr_steps,
-        max_latent_steps=max_latent_steps,
-        max_new_tokens=max_new_tokens,
-        force_end=force_end,
-        end_metric=metric,
-        end_threshold=threshold,
-    )
-    disabled = {**decode, "decoding": "steps", "lvr_steps": 0, "force_end": True}  # <|lvr_end|> at once
-    run = functools.partial(evaluate, model, tok, ids, exs, batch_size, min_pixels, max_pixels, device)
-    rows = [("with latents", run(**decode))]
+    decode = lvr.Decode(decoding, lvr_steps, max_latent_steps, force_end, metric, threshold, max_new_tokens)
+    disabled = dataclasses.replace(decode, decoding="steps", lvr_steps=0, force_end=True)  # <|lvr_end|> at once
+    run = functools.partial(evaluate, model, tok, ids, exs, pixels=(min_pixels, max_pixels), batch_size=batch_size)
+    rows = [("with latents", run(decode))]
     targets = targets_of(model, tok, ids, exs, min_pixels, max_pixels, device)  # (the geometry needs them)
     if diagnostics:
-        rows.append(("latents disabled", run(**disabled)))
+        rows.append(("latents disabled", run(disabled)))
         rows += replaced_rows(model, tok, ids, exs, decode, rows[0][1], targets)
     geo = geometry(rows[0][1], targets)
     print(

@@ -88,12 +88,6 @@ def k3(logp, ref_logp, used):
     return torch.exp(d) - d - 1
 
 
-def gaussian_logprob(z, mu, sigma):
-    """(n, C) vectors z under N(mu, sigma^2 I), summed over the dimensions -> (n,)."""
-    norm = z.shape[-1] * math.log(sigma * math.sqrt(2 * math.pi))
-    return -0.5 * ((z.float() - mu.float()) ** 2).sum(-1) / sigma ** 2 - norm
-
-
 def gaussian_kl(mu, ref_mu, sigma):
     """(n, C) -> (n,) KL(N(mu, sigma^2 I) || N(ref_mu, sigma^2 I)), the closed form for equal sigma."""
     return ((mu.float() - ref_mu.float()) ** 2).sum(-1) / (2 * sigma ** 2)
@@ -171,7 +165,7 @@ def completion_logprobs(model, seqs, attention_mask, n_prompt, grid_thw, feats, 
         return Decisions(token, torch.zeros_like(token), None)
     mu = lvr.latent_input(model, h[is_latent])  # (n_latent, C)
     latent = torch.zeros_like(token).index_put(is_latent.nonzero(as_tuple=True),
-                                               gaussian_logprob(latents[is_latent], mu, latent_sigma))
+                                               lvr.gaussian_logprob(latents[is_latent], mu, latent_sigma))
     return Decisions(token, latent, mu)
 
 

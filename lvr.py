@@ -322,6 +322,57 @@ class Rollout(NamedTuple):
     # (with latent_sigma > 0 every latent step is a sampled latent decision too: is_latent says where)
 
 
+class Step(NamedTuple):
+    """What the rollout records at one step, for every row (the Rollout's fields, one column of each)."""
+    tok: torch.Tensor  # (B,) the token recorded (<|lvr|> at a latent step)
+    fed: torch.Tensor  # (B, C) the latent fed (zeros at a text step)
+    is_latent: torch.Tensor  # (B,) bool
+    logprob: torch.Tensor  # (B,) log-prob of the sampled decisions
+    sampled: torch.Tensor  # (B,) bool
+    done: torch.Tensor  # (B,) bool: the row has stopped
+
+
+@dataclass
+class Prompt:
+    """The rollout's input: left-padded prompts and their images (data.prompt_batch makes them)."""
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor = None  # (B, T); None: no padding
+    pixel_values: torch.Tensor = None  # (P, 1176) every image's patches
+    grid_thw: torch.Tensor = None  # (N, 3)
+    feats: torch.Tensor = None  # merged image tokens already computed (GRPO encodes each image once)
+
+
+@dataclass
+class Decode:
+    """How a span ends (rollout's docstring) and how long a completion may run."""
+    decoding: str = "steps"  # steps | latent | token
+    lvr_steps: int = 8  # `steps`: the latents of every span
+    max_latent_steps: int = 64  # `token` / `latent`: a span's budget
+    force_end: bool = True  # force <|lvr_end|> after a span (False: the model's own next token, as official)
+    end_metric: str = "mse"  # `latent`: the distance to the end embedding
+    end_threshold: float = 0.1  # `latent`: leave below this distance
+    max_new_tokens: int = 64  # the completion's budget, latent steps included
+
+
+@dataclass
+class Sampling:
+    """How each row draws its decisions."""
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # keep the k most likely tokens (0: off)
+    top_p: float = 1.0  # nucleus mass (1: off)
+    generator: object = None  # a torch.Generator, or a list of them, one per prompt (latent_noise)
+    stop_ids: tuple = ()  # tokens that end a row (none given: the model's own)
+    latent_sigma: float = 0.0  # > 0: explore the latents, z = mu + sigma * eps (GRPO; explore)
+
+
+@dataclass
+class Feed:
+    """eval.py's diagnostics: row b's latent step k (counted over its spans) reads latents[b, k] instead of
+    its own while k < n[b]; the exits still follow the rule."""
+    latents: torch.Tensor  # (B, K, C)
+    n: torch.Tensor  # (B,)
+
+
 def exit_tokens(ids, decoding):
     """The tokens that end a span when the model emits them: <|lvr_end|>, and <|lvr_latent_end|>, which
     official LVR checkpoints emit after their last latent (`token` exit only)."""
@@ -378,112 +429,28 @@ def span_exit(rule, ids, tok, vec, in_lat, n_lat):
     return Exit(torch.where(forced, ids.end, tok), own | forced, forced, force_next)
 
 
-@torch.no_grad()
-def rollout(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_mask=None, max_new_tokens=64,
-            decoding="steps", lvr_steps=8, force_end=True, max_latent_steps=64, end_threshold=0.1,
-            end_metric="mse", temperature=0.0, top_k=0, top_p=1.0, stop_ids=(), generator=None, feats=None,
-            group_size=1, latents_in=None, n_in=None, latent_sigma=0.0):
-    """Generate with latent steps -> Rollout. `ids`: LatentIds. Prompts left-padded. `feats`: merged image
-    tokens already computed (GRPO encodes each image once), instead of pixel_values. `group_size` G: the
-    B prompts are prefilled once and their cache rows copied, giving B*G rows (row r samples prompt r // G).
-
-    A row enters latent mode after it emits <|lvr_start|>. In latent mode its input is its previous
-    last hidden state (through the latent head) and the recorded token is <|lvr|>. A span ends:
-      steps:  after `lvr_steps` latents;
-      latent: when end_distance(hidden, embedding of <|lvr_latent_end|>, end_metric) < end_threshold,
-              or at the budget; <|lvr_latent_end|> is fed first, as in training;
-      token:  when the model emits <|lvr_end|> or <|lvr_latent_end|>, after at least one latent (every
-              trained span has one), or at the budget;
-    `max_latent_steps` is the budget of latent and token. After a span <|lvr_end|> is forced; with
-    force_end=False (the official code) the model's own next token follows instead (except at a token
-    budget, where nothing else ends the span). Stop tokens do not end a row while it is in latent mode.
-    latents_in (B, K, C), n_in (B,): eval.py's diagnostics feed row b's latent step k (counted over its
-    spans) latents_in[b, k] instead of its own while k < n_in[b]; the exits still follow the rule.
-    latent_sigma S > 0 (GRPO that explores latents): each latent fed is z = mu + S * eps, mu the latent
-    input it feeds otherwise, eps from the row's prompt's own generator; its log-prob log N(z; mu, S^2 I)
-    joins the step's, and every latent step is then a sampled decision (grpo.completion_logprobs).
-    """
-    if decoding not in ("steps", "latent", "token"):
-        raise InputError(f"decoding must be steps, latent or token, got {decoding!r}")
-    if decoding == "latent" and ids.latent_end is None:
+def exit_rule(model, ids, decode):
+    """Decode, checked and resolved for this model -> the ExitRule the loop applies."""
+    if decode.decoding not in ("steps", "latent", "token"):
+        raise InputError(f"decoding must be steps, latent or token, got {decode.decoding!r}")
+    if decode.decoding == "latent" and ids.latent_end is None:
         raise InputError("the `latent` exit needs a latent-end token, and these latent tokens have none "
                          "(Mirage's three): decode with token or steps")
-    B, T = input_ids.shape
-    dev = input_ids.device
-    stop = torch.tensor(list(stop_ids) or model.default_stop_ids(), device=dev)
-    exits = exit_tokens(ids, decoding)
-    emb = model.model.embed_tokens
     official_end = getattr(model, "lvr_latent_end_emb", None)  # official LVR's learned end vector, if any
-    rule = ExitRule(decoding, lvr_steps if decoding == "steps" else max_latent_steps, force_end, exits,
-                    end_metric=end_metric, end_threshold=end_threshold, scaled=official_end is None)
-    if decoding == "latent":
-        rule.end_vec = emb.weight[ids.latent_end] if official_end is None else official_end
-    # 1) prefill the prompts once; the last position's logits and hidden state start the loop
-    autocast = torch.is_autocast_enabled(dev.type)  # (then the keys and values come out in its dtype)
-    kv_dtype = torch.get_autocast_dtype(dev.type) if autocast else emb.weight.dtype
-    cache = qwen.KVCache(model.cfg, B, T + max_new_tokens, dev, kv_dtype, emb.weight.dtype)
-    x = model.embed(input_ids, pixel_values, grid_thw, feats)
-    h = model(input_ids, grid_thw=grid_thw, inputs_embeds=x, attention_mask=attention_mask, cache=cache)
-    h = h[:, -1]
-    logits = model.lm_head(h)  # only the last position's: lm_head over the whole prompt is wasted
-    # 2) copy each prompt's prefilled state to its G rows
-    if group_size > 1:
-        cache.repeat_rows(group_size)
-        input_ids, h, logits = (t.repeat_interleave(group_size, 0) for t in (input_ids, h, logits))
-        B = B * group_size
-    in_lat = input_ids[:, -1] == ids.start  # the mode flag (a prompt may end in <|lvr_start|>)
-    n_lat = torch.zeros(B, dtype=torch.long, device=dev)  # latent steps taken in the current span
-    force = torch.full((B,), -1, dtype=torch.long, device=dev)  # a token to force at the next step
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-    k_lat = torch.zeros(B, dtype=torch.long, device=dev)  # latent steps in all spans (latents_in's index)
-    steps = []
-    for i in range(max_new_tokens):
-        # 3) every row samples; a token forced by the previous step replaces the sample
-        tok = qwen.sample(logits, temperature, top_k, top_p, generator)
-        sampled = ~done & (force < 0)
-        tok = torch.where(force >= 0, force, tok)
-        vec = latent_input(model, h)  # (B, C) the latent input of rows that stay in their span
-        # 4) which rows in a span leave it now, and with which token
-        out = span_exit(rule, ids, tok, vec, in_lat, n_lat)
-        tok, force = out.tok, out.force_next
-        # 5) rows still in their span take a latent step: their own hidden state is the next input
-        latent_step = in_lat & ~out.leave & ~done
-        if latent_sigma:  # z = mu + S * eps: log N(z; mu, S^2 I) = -|eps|^2 / 2 - C log(S sqrt(2 pi))
-            eps = latent_noise(vec.shape, generator, dev)
-            vec = vec + (latent_sigma * eps).to(vec.dtype)
-            z_lp = -0.5 * (eps ** 2).sum(-1) - vec.shape[1] * math.log(latent_sigma * math.sqrt(2 * math.pi))
-        if latents_in is not None:  # (diagnostics: a given vector instead)
-            given = latents_in[torch.arange(B, device=dev), k_lat.clamp(max=latents_in.shape[1] - 1)]
-            vec = torch.where((k_lat < n_in)[:, None], given.to(vec.dtype), vec)
-            k_lat = k_lat + latent_step
-        tok = torch.where(latent_step, ids.latent, tok)
-        tok = torch.where(done, stop[0], tok)
-        text = model.token_embeds(tok[:, None])[:, 0]  # (B, C) (official LVR: its own <|lvr_latent_end|>)
-        x = torch.where(latent_step[:, None], vec.to(emb.weight.dtype), text)
-        # 6) record: a latent step is a sampled "continue" only under the token exit, past the first step
-        sampled = torch.where(latent_step, (decoding == "token") & (n_lat > 0), sampled & ~out.forced)
-        lp = (logits.float() / (temperature or 1.0)).log_softmax(-1)
-        lp = torch.where(latent_step, continue_logprob(lp, exits), lp.gather(1, tok[:, None])[:, 0])
-        fed = torch.where(latent_step[:, None], vec, 0.0)
-        lp = torch.where(sampled, lp, 0.0)
-        if latent_sigma:
-            lp = lp + torch.where(latent_step, z_lp, 0.0)
-        record = (tok, fed, latent_step, lp, sampled)
-        # 7) update the modes: leave, enter, finish
-        n_lat = torch.where(latent_step, n_lat + 1, torch.where(out.leave, 0, n_lat))
-        # (a <|lvr_start|> the model emits as it leaves, under steps without force_end, opens the next span
-        # at once, as the official decoding does)
-        in_lat = (in_lat & ~out.leave) | ((~in_lat | out.leave) & (tok == ids.start) & ~done)
-        done = done | (~latent_step & ~in_lat & torch.isin(tok, stop))
-        steps.append(record + (done,))
-        if i == max_new_tokens - 1 or (i % 16 == 15 and bool(done.all())):  # a host sync every 16 steps only
-            break
-        h = model(inputs_embeds=x[:, None], cache=cache)[:, -1]
-        logits = model.lm_head(h)
-    toks, lats, is_lats, logps, sampled, dones = (torch.stack(t, 1) for t in zip(*steps))
-    n = min(int((~dones.all(0)).sum()) + 1, dones.shape[1])  # up to the step the last row stopped
-    tokens = torch.cat([input_ids, toks[:, :n]], 1)
-    return Rollout(tokens, lats[:, :n], is_lats[:, :n], logps[:, :n], sampled[:, :n])
+    budget = decode.lvr_steps if decode.decoding == "steps" else decode.max_latent_steps
+    rule = ExitRule(decode.decoding, budget, decode.force_end, exit_tokens(ids, decode.decoding),
+                    end_metric=decode.end_metric, end_threshold=decode.end_threshold,
+                    scaled=official_end is None)
+    if decode.decoding == "latent":
+        emb = model.model.embed_tokens.weight[ids.latent_end]
+        rule.end_vec = emb if official_end is None else official_end
+    return rule
+
+
+def gaussian_logprob(z, mu, sigma):
+    """(n, C) vectors z under N(mu, sigma^2 I), summed over the dimensions -> (n,)."""
+    norm = z.shape[-1] * math.log(sigma * math.sqrt(2 * math.pi))
+    return -0.5 * ((z.float() - mu.float()) ** 2).sum(-1) / sigma ** 2 - norm
 
 
 def latent_noise(shape, generator, device):
@@ -493,6 +460,119 @@ def latent_noise(shape, generator, device):
         rows = shape[0] // len(generator)
         return torch.cat([torch.randn(rows, shape[1], generator=g, device=device) for g in generator])
     return torch.randn(shape, generator=generator, device=device)
+
+
+def explore(vec, sampling, device):
+    """GRPO that explores latents: (B, C) mu -> (z = mu + sigma * eps, log N(z; mu, sigma^2 I) (B,))."""
+    eps = latent_noise(vec.shape, sampling.generator, device)
+    z = vec + (sampling.latent_sigma * eps).to(vec.dtype)
+    return z, gaussian_logprob(z, vec, sampling.latent_sigma)
+
+
+def substitute(vec, feed, k_lat):
+    """The diagnostics: (B, C) latent inputs -> each row's given vector instead while it has one left."""
+    rows = torch.arange(len(vec), device=vec.device)
+    given = feed.latents[rows, k_lat.clamp(max=feed.latents.shape[1] - 1)]
+    return torch.where((k_lat < feed.n)[:, None], given.to(vec.dtype), vec)
+
+
+def prefill(model, prompt, max_new_tokens, group_size):
+    """The rollout's phases 1 and 2: run the prompts once into a fresh KV cache, then copy each prompt's rows
+    to its G rows -> (cache, input_ids (B*G, T), the last hidden states (B*G, C), their logits)."""
+    (B, T), dev, emb = prompt.input_ids.shape, prompt.input_ids.device, model.model.embed_tokens
+    autocast = torch.is_autocast_enabled(dev.type)  # (then the keys and values come out in its dtype)
+    kv_dtype = torch.get_autocast_dtype(dev.type) if autocast else emb.weight.dtype
+    cache = qwen.KVCache(model.cfg, B, T + max_new_tokens, dev, kv_dtype, emb.weight.dtype)
+    x = model.embed(prompt.input_ids, prompt.pixel_values, prompt.grid_thw, prompt.feats)
+    h = model(prompt.input_ids, grid_thw=prompt.grid_thw, inputs_embeds=x,
+              attention_mask=prompt.attention_mask, cache=cache)[:, -1]
+    logits = model.lm_head(h)  # only the last position's: lm_head over the whole prompt is wasted
+    input_ids = prompt.input_ids
+    if group_size > 1:
+        cache.repeat_rows(group_size)
+        input_ids, h, logits = (t.repeat_interleave(group_size, 0) for t in (input_ids, h, logits))
+    return cache, input_ids, h, logits
+
+
+def step_logprob(logits, tok, latent_step, sampled, exits, temperature):
+    """(B,) the log-prob of each row's sampled decision at this step, 0 where it sampled none: its token at
+    the temperature, or at a latent step the "continue" of the `token` exit (continue_logprob)."""
+    lp = (logits.float() / (temperature or 1.0)).log_softmax(-1)
+    lp = torch.where(latent_step, continue_logprob(lp, exits), lp.gather(1, tok[:, None])[:, 0])
+    return torch.where(sampled, lp, 0.0)
+
+
+@torch.no_grad()
+def rollout(model, ids, prompt, decode=Decode(), sampling=Sampling(), group_size=1, feed=None):
+    """Generate with latent steps -> Rollout. `ids`: LatentIds; `prompt`: Prompt (left-padded); `group_size`
+    G: B prompts give B*G rows (row r samples prompt r // G). Its one-row twin, which recomputes everything
+    at every step, is tests/test_lvr.py's slow_rollout, the oracle of the tests: read it first.
+
+    A row enters latent mode after it emits <|lvr_start|>. In latent mode its input is its previous
+    last hidden state (through the latent head) and the recorded token is <|lvr|>. A span ends (Decode):
+      steps:  after `lvr_steps` latents;
+      latent: when end_distance(hidden, embedding of <|lvr_latent_end|>, end_metric) < end_threshold,
+              or at the budget; <|lvr_latent_end|> is fed first, as in training;
+      token:  when the model emits <|lvr_end|> or <|lvr_latent_end|>, after at least one latent (every
+              trained span has one), or at the budget;
+    `max_latent_steps` is the budget of latent and token. After a span <|lvr_end|> is forced; with
+    force_end=False (the official code) the model's own next token follows instead (except at a token
+    budget, where nothing else ends the span), and a <|lvr_start|> there opens the next span at once.
+    Stop tokens do not end a row while it is in latent mode. `feed`: eval.py's diagnostics (substitute).
+    Sampling.latent_sigma > 0: each latent fed is explored (explore), its log-prob joins the step's, and
+    every latent step is then a sampled decision (grpo.completion_logprobs)."""
+    rule = exit_rule(model, ids, decode)
+    dev = prompt.input_ids.device
+    stop = torch.tensor(list(sampling.stop_ids) or model.default_stop_ids(), device=dev)
+    emb = model.model.embed_tokens
+    # 1) prefill the prompts once, 2) copy each prompt's state to its G rows
+    cache, input_ids, h, logits = prefill(model, prompt, decode.max_new_tokens, group_size)
+    B = len(input_ids)
+    in_lat = input_ids[:, -1] == ids.start  # the mode flag (a prompt may end in <|lvr_start|>)
+    n_lat = torch.zeros(B, dtype=torch.long, device=dev)  # latent steps taken in the current span
+    force = torch.full((B,), -1, dtype=torch.long, device=dev)  # a token to force at the next step
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    k_lat = torch.zeros(B, dtype=torch.long, device=dev)  # latent steps in all spans (the feed's index)
+    steps = []
+    for i in range(decode.max_new_tokens):
+        # 3) every row samples; a token forced by the previous step replaces the sample
+        tok = qwen.sample(logits, sampling.temperature, sampling.top_k, sampling.top_p, sampling.generator)
+        sampled = ~done & (force < 0)
+        tok = torch.where(force >= 0, force, tok)
+        vec = latent_input(model, h)  # (B, C) the latent input of rows that stay in their span
+        # 4) which rows in a span leave it now, and with which token
+        out = span_exit(rule, ids, tok, vec, in_lat, n_lat)
+        tok, force = out.tok, out.force_next
+        # 5) rows still in their span take a latent step: their own hidden state is the next input
+        latent_step = in_lat & ~out.leave & ~done
+        if sampling.latent_sigma:
+            vec, z_lp = explore(vec, sampling, dev)
+        if feed is not None:
+            vec = substitute(vec, feed, k_lat)
+            k_lat = k_lat + latent_step
+        tok = torch.where(latent_step, ids.latent, tok)
+        tok = torch.where(done, stop[0], tok)
+        text = model.token_embeds(tok[:, None])[:, 0]  # (B, C) (official LVR: its own <|lvr_latent_end|>)
+        x = torch.where(latent_step[:, None], vec.to(emb.weight.dtype), text)
+        # 6) record: a latent step is a sampled "continue" only under the token exit, past the first step
+        sampled = torch.where(latent_step, (rule.decoding == "token") & (n_lat > 0), sampled & ~out.forced)
+        lp = step_logprob(logits, tok, latent_step, sampled, rule.exits, sampling.temperature)
+        if sampling.latent_sigma:
+            lp = lp + torch.where(latent_step, z_lp, 0.0)
+        fed = torch.where(latent_step[:, None], vec, 0.0)
+        # 7) update the modes: leave, enter (also as it leaves: the next span opens at once), finish
+        n_lat = torch.where(latent_step, n_lat + 1, torch.where(out.leave, 0, n_lat))
+        in_lat = (in_lat & ~out.leave) | ((~in_lat | out.leave) & (tok == ids.start) & ~done)
+        done = done | (~latent_step & ~in_lat & torch.isin(tok, stop))
+        steps.append(Step(tok, fed, latent_step, lp, sampled, done))
+        if i == decode.max_new_tokens - 1 or (i % 16 == 15 and bool(done.all())):  # (a sync every 16 steps)
+            break
+        h = model(inputs_embeds=x[:, None], cache=cache)[:, -1]
+        logits = model.lm_head(h)
+    run = Step(*(torch.stack(column, 1) for column in zip(*steps)))  # (B, n) each, (B, n, C) fed
+    n = min(int((~run.done.all(0)).sum()) + 1, run.done.shape[1])  # up to the step the last row stopped
+    return Rollout(torch.cat([input_ids, run.tok[:, :n]], 1), run.fed[:, :n], run.is_latent[:, :n],
+                   run.logprob[:, :n], run.sampled[:, :n])
 
 
 def nearest_cells(latents, feats):

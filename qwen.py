@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from cli import InputError
-from vision import MLP, RMSNorm, VisionConfig, VisionTransformer, cos_sin, rope
+from vision import MLP, RMSNorm, VisionConfig, VisionTransformer, cos_sin, merged_tokens, rope
 
 # every Qwen2.5-VL tokenizer has these; the tiny one adds them in this order
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -326,7 +326,7 @@ class Qwen2_5_VL(nn.Module):
             if n_tok:
                 raise InputError(f"the prompt has {n_tok} <|image_pad|> tokens but no image was given")
             return x
-        n_feat = int(grid_thw.prod(-1).sum()) // self.cfg.vision.spatial_merge_size ** 2
+        n_feat = merged_tokens(grid_thw, self.cfg.vision.spatial_merge_size)
         if n_tok != n_feat:
             raise InputError(f"image tokens and image features do not match: {n_tok} <|image_pad|> tokens, "
                              f"{n_feat} features from grid_thw {grid_thw.tolist()}")

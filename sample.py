@@ -52,7 +52,7 @@ def main(argv):
     images = [vision.preprocess(path, min_pixels, max_pixels) for path in image.split(",") if path]
     pixel_values = torch.cat([p for p, _ in images]).to(device) if images else None
     grid_thw = torch.cat([g for _, g in images]) if images else None
-    n_tokens = [int(g.prod()) // model.cfg.vision.spatial_merge_size ** 2 for _, g in images]
+    n_tokens = [vision.merged_tokens(g, model.cfg.vision.spatial_merge_size) for _, g in images]
     ids = tok.prompt(q, n_tokens)
     if len(ids) + max_new_tokens > model.cfg.max_position_embeddings:
         raise InputError(
@@ -69,28 +69,29 @@ def main(argv):
         print(tok.decode(out[0, len(ids):].tolist()))
         return
     metric, threshold = lvr.end_rule(model, end_metric, end_threshold)
-    out, latents, is_latent, _, _ = lvr.rollout(
-        model, latent, input_ids, pixel_values, grid_thw, max_new_tokens=max_new_tokens, decoding=decoding,
-        lvr_steps=lvr_steps, force_end=force_end, max_latent_steps=lvr_steps,
-        end_metric=metric, end_threshold=threshold, **sampling)
-    print(tok.decode(out[0, len(ids):].tolist()))
-    print(f"latent steps: {int(is_latent[0].sum())}")
+    r = lvr.rollout(model, latent, lvr.Prompt(input_ids, None, pixel_values, grid_thw),
+                    lvr.Decode(decoding, lvr_steps, lvr_steps, force_end, metric, threshold, max_new_tokens),
+                    lvr.Sampling(**sampling))
+    print(tok.decode(r.tokens[0, len(ids):].tolist()))
+    print(f"latent steps: {int(r.is_latent[0].sum())}")
     if not images:
         return
     with torch.no_grad():  # the first image's merged tokens, row-major
         feats = model.visual(pixel_values, grid_thw)[:n_tokens[0]]
-    gw = int(grid_thw[0, 2]) // 2
-    cells = lvr.nearest_cells(latents[0, is_latent[0]], feats).tolist()
+    merge = model.cfg.vision.spatial_merge_size
+    side = model.cfg.vision.patch_size * merge  # one merged cell: 28 x 28 px
+    gw = int(grid_thw[0, 2]) // merge
+    cells = lvr.nearest_cells(r.latents[0, r.is_latent[0]], feats).tolist()
     for i, c in enumerate(cells):
         print(f"latent {i}: nearest image cell row {c // gw}, col {c % gw}")
     if viz:
         im = vision.load_image(image.split(",")[0])
-        h, w = int(grid_thw[0, 1]) * 14, int(grid_thw[0, 2]) * 14
-        im = im.resize((w, h))  # the model's view of the image: one cell is 28x28 px
+        h, w = (int(n) * model.cfg.vision.patch_size for n in grid_thw[0, 1:])
+        im = im.resize((w, h))  # the model's view of the image
         d = ImageDraw.Draw(im)
         for i, c in enumerate(cells):
-            x, y = (c % gw) * 28, (c // gw) * 28
-            d.rectangle((x, y, x + 27, y + 27), outline=(255, 0, 0), width=2)
+            x, y = (c % gw) * side, (c // gw) * side
+            d.rectangle((x, y, x + side - 1, y + side - 1), outline=(255, 0, 0), width=2)
             d.text((x + 3, y + 2), str(i), fill=(255, 0, 0))
         im.save(viz)
         print(f"wrote {viz}")

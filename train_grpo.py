@@ -243,11 +243,11 @@ def rollout_round(policy, tok, ids, exs, gens, autocast):
 
     def encode_and_roll(m):
         feats = m.visual(p["pixel_values"].to(dev), p["grid_thw"])
-        r = lvr.rollout(m, ids, p["input_ids"].to(dev), attention_mask=p["attention_mask"].to(dev),
-                        grid_thw=p["grid_thw"], feats=feats, max_new_tokens=max_new_tokens, decoding=decoding,
-                        lvr_steps=lvr_steps, force_end=force_end, max_latent_steps=max_latent_steps,
-                        end_threshold=threshold, end_metric=metric, temperature=temperature, stop_ids=stop,
-                        generator=gens, group_size=G, latent_sigma=latent_sigma)
+        prompt = lvr.Prompt(p["input_ids"].to(dev), p["attention_mask"].to(dev), grid_thw=p["grid_thw"],
+                            feats=feats)
+        decode = lvr.Decode(decoding, lvr_steps, max_latent_steps, force_end, metric, threshold, max_new_tokens)
+        sampling = lvr.Sampling(temperature, generator=gens, stop_ids=stop, latent_sigma=latent_sigma)
+        r = lvr.rollout(m, ids, prompt, decode, sampling, group_size=G)
         return feats, r
     t0 = time.time()
     model.eval()
@@ -256,7 +256,7 @@ def rollout_round(policy, tok, ids, exs, gens, autocast):
     model.train()
     T = p["input_ids"].shape[1]
     comp = r.tokens[:, T:]
-    rows = [row[:next((j + 1 for j, t in enumerate(row) if t in stop), len(row))] for row in comp.tolist()]
+    rows = [data.until_stop(row, stop) for row in comp.tolist()]
     texts = [tok.decode(row) for row in rows]  # each completion up to its stop token, decoded once
     golds = [exs[i // G] for i in range(len(rows))]
     scores = {k: torch.tensor([fn(text, row, e["answer"], ids, stop, e.get("map_desc"))
@@ -276,7 +276,7 @@ def rollout_round(policy, tok, ids, exs, gens, autocast):
                  grids=[torch.cat([g for _, g in ims]) for ims in p["images"]])
 
 
-def decision_logprobs(m, r, rows, frozen, exits):
+def round_logprobs(m, r, rows, frozen, exits):
     """(rows, L) log-probs of round r's decisions at `rows` under model m (run through its Root). frozen:
     the rollout's image features; else m's own tower encodes the rows' prompts (a tower that trains, or
     the reference's)."""
@@ -342,9 +342,9 @@ def update(policy, ref, ids, rounds, filler, opt, params, autocast):
     refs, olds = [None] * len(work), [None] * len(work)
     with torch.no_grad(), autocast:
         if ref is not None:
-            refs = [ref(decision_logprobs, r, c, freeze_vision, exits) for r, _, _, c in work]
+            refs = [ref(round_logprobs, r, c, freeze_vision, exits) for r, _, _, c in work]
         if ppo_epochs > 1:  # the old policy of every epoch: this policy before its first update
-            olds = [policy(decision_logprobs, r, c, freeze_vision, exits) for r, _, _, c in work]
+            olds = [policy(round_logprobs, r, c, freeze_vision, exits) for r, _, _, c in work]
     kl_sum, loss_sum = 0.0, 0.0  # become device tensors, read once at the end: no host sync per micro-batch
     # compute: the policy's forward and backward (3x a forward) per epoch, the reference's and the old
     # policy's forwards; the head at the completion positions (the tower's re-encode is not counted)
@@ -354,7 +354,7 @@ def update(policy, ref, ids, rounds, filler, opt, params, autocast):
     for _ in range(ppo_epochs):
         for (r, adv, weights, c), ref_d, old_d in zip(work, refs, olds):
             with autocast:
-                d = policy(decision_logprobs, r, c, freeze_vision, exits)
+                d = policy(round_logprobs, r, c, freeze_vision, exits)
                 logp = joint_logprob(d, r, c)
                 # one update: the ratio is exactly 1 (TRL's convention)
                 old = logp.detach() if old_d is None else joint_logprob(old_d, r, c)

@@ -384,24 +384,11 @@ def evaluate(root, model, tok, ids, records, held_out, dev, step):
     right = torch.zeros(1, device=dev)
     with parallel.gathered(root, fsdp), cli.out_of_memory("an evaluation", EVAL_OOM, out_dir):
         if exs[rank::world]:
-            r = evaluation.evaluate(
-                model,
-                tok,
-                ids,
-                exs[rank::world],
-                batch_size,
-                min_pixels,
-                max_pixels,
-                dev,
-                max_new_tokens=48,
-                # Mirage spans are always k long; LVR spans differ per row: the model ends them
-                decoding="latent" if latent_end else "steps" if method == "mirage" else "token",
-                lvr_steps=mirage_k,
-                max_latent_steps=budget,
-                force_end=True,
-                end_metric=latent_loss,
-                end_threshold=end_threshold,
-            )
+            # Mirage spans are always k long; LVR spans differ per row: the model ends them
+            how = "latent" if latent_end else "steps" if method == "mirage" else "token"
+            decode = lvr.Decode(how, mirage_k, budget, True, latent_loss, end_threshold, max_new_tokens=48)
+            r = evaluation.evaluate(model, tok, ids, exs[rank::world], decode, (min_pixels, max_pixels),
+                                    batch_size)
             right += sum(r["right"])
     right = parallel.all_reduce(right)
     if rank == 0:

@@ -81,6 +81,13 @@ def merged_tokens(grid_thw, merge_size=2):
     return int(grid_thw.prod(-1).sum()) // merge_size ** 2
 
 
+def token_offsets(grids):
+    """An example's images' grids -> where each image's merged tokens start among the example's (its images'
+    tokens one image after another): a bbox's region tokens are offset by its image's start."""
+    sizes = [merged_tokens(g) for g in grids]
+    return [sum(sizes[:k]) for k in range(len(sizes))]
+
+
 def preprocess(
     image, min_pixels=3136, max_pixels=12845056, patch_size=14, merge_size=2, temporal_patch_size=2
 ):

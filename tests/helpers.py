@@ -128,3 +128,17 @@ def config_as_454(path):
            "vision_config": {**d["vision_config"], "in_channels": 3, "model_type": "qwen2_5_vl"}}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(top, f)
+
+
+def roll(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_mask=None, feats=None, group_size=1,
+         latents_in=None, n_in=None, **settings):
+    """lvr.rollout with its settings given flat, as keywords: each goes to the Decode or the Sampling field of
+    its name (the tests' shorthand)."""
+    import dataclasses
+    import lvr
+    names = {f.name for f in dataclasses.fields(lvr.Decode)}
+    decode = lvr.Decode(**{k: v for k, v in settings.items() if k in names})
+    sampling = lvr.Sampling(**{k: v for k, v in settings.items() if k not in names})
+    feed = lvr.Feed(latents_in, n_in) if latents_in is not None else None
+    return lvr.rollout(model, ids, lvr.Prompt(input_ids, attention_mask, pixel_values, grid_thw, feats), decode,
+                       sampling, group_size, feed)

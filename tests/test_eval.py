@@ -131,10 +131,10 @@ def test_diagnostics_replace_the_latent_inputs(tmp_path):
     prompt = tok.prompt
     tok.prompt = lambda q, n=(): prompt(q, n) + [ids.start]  # every row opens its span at once
     exs = [tasks.synthetic("test", i, 0, 112) for i in range(3)]
-    decode = dict(decoding="steps", lvr_steps=2, max_latent_steps=2, max_new_tokens=5, force_end=True,
-                  end_metric="mse", end_threshold=0.1)
+    decode = lvr.Decode(decoding="steps", lvr_steps=2, max_latent_steps=2, max_new_tokens=5, force_end=True,
+                        end_metric="mse", end_threshold=0.1)
     def run(feed=None):
-        return evaluation.evaluate(model, tok, ids, exs, 2, 3136, 12544, "cpu", feed, **decode)
+        return evaluation.evaluate(model, tok, ids, exs, decode, (3136, 12544), 2, feed)
     own = run()
     assert [len(v) for v in own["latents"]] == [2, 2, 2]
     dummy = torch.randn(2, model.cfg.hidden_size)

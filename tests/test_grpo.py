@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import grpo
+import helpers
 import lvr
 import parallel
 import qwen
@@ -41,7 +42,7 @@ def test_loss_mask_is_the_rollouts_record_of_sampled_decisions(tmp_path):
         g = model.generate(prompt, max_new_tokens=8, stop_ids=[-1])[0, prompt.shape[1]:].tolist()
     k = next(i for i in range(2, 8) if g[i] not in g[:i])
     ids = lvr.LatentIds(start=g[k], latent=ids.latent, end=g[0], latent_end=ids.latent_end)  # g[0]: a stray end
-    r = lvr.rollout(model, ids, prompt, max_new_tokens=k + 6, decoding="steps", lvr_steps=2, stop_ids=[-1])
+    r = helpers.roll(model, ids, prompt, max_new_tokens=k + 6, decoding="steps", lvr_steps=2, stop_ids=[-1])
     comp = r.tokens[0, prompt.shape[1]:].tolist()
     assert comp[:k + 1] == g[:k + 1] and comp[0] == ids.end and comp[k] == ids.start
     assert comp[k + 1:k + 4] == [ids.latent, ids.latent, ids.end]  # two latents, then the forced end
@@ -53,7 +54,7 @@ def test_loss_mask_is_the_rollouts_record_of_sampled_decisions(tmp_path):
     assert torch.equal(w[0] > 0, r.sampled[0]) and math.isclose(float(w.sum()), 1.0, rel_tol=1e-6)
     # stop tokens: the first one is sampled and counts, the padding after it does not
     stop = comp[k + 4]
-    r = lvr.rollout(model, ids, prompt, max_new_tokens=k + 6, decoding="steps", lvr_steps=2, stop_ids=[stop])
+    r = helpers.roll(model, ids, prompt, max_new_tokens=k + 6, decoding="steps", lvr_steps=2, stop_ids=[stop])
     assert r.sampled[0].tolist()[k + 4] and not r.sampled[0, k + 5:].any()
 
 
@@ -115,12 +116,12 @@ def test_training_forward_equals_rollout_logprobs(tmp_path, decoding):
     gen = torch.Generator().manual_seed(0)
     kw = dict(max_new_tokens=10, decoding=decoding, lvr_steps=3, max_latent_steps=3, temperature=0.7,
               stop_ids=[tok.im_end])
-    seqs, lats, is_lat, logp, act = lvr.rollout(model, ids, input_ids, None, grid, mask, generator=gen,
+    seqs, lats, is_lat, logp, act = helpers.roll(model, ids, input_ids, None, grid, mask, generator=gen,
                                                 feats=torch.cat(feats), **kw)
     assert is_lat.any() and not is_lat.all()
     # one prefill per prompt, its cache copied to G rows: the same rows as prefilling every copy
     one_ids, one_mask = qwen.left_pad(prompts, tok.endoftext)
-    shared = lvr.rollout(
+    shared = helpers.roll(
         model,
         ids,
         one_ids,
@@ -166,8 +167,8 @@ def test_latent_sigma_samples_latents_with_the_training_forwards_logprob(tmp_pat
     kw = dict(max_new_tokens=8, decoding=decoding, lvr_steps=3, max_latent_steps=3, temperature=0.7,
               stop_ids=[tok.im_end], group_size=3)
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
-    r = lvr.rollout(model, ids, input_ids, attention_mask=mask, generator=gens, latent_sigma=0.5, **kw)
-    mu = lvr.rollout(model, ids, input_ids, attention_mask=mask, generator=[torch.Generator().manual_seed(i)
+    r = helpers.roll(model, ids, input_ids, attention_mask=mask, generator=gens, latent_sigma=0.5, **kw)
+    mu = helpers.roll(model, ids, input_ids, attention_mask=mask, generator=[torch.Generator().manual_seed(i)
                                                                              for i in range(2)], **kw)
     assert r.is_latent.sum() >= 6 and not torch.allclose(r.latents[r.is_latent][:2], mu.latents[mu.is_latent][:2])
     seqs, mask_g = r.tokens, mask.repeat_interleave(3, 0)
@@ -187,7 +188,7 @@ def test_latent_sigma_samples_latents_with_the_training_forwards_logprob(tmp_pat
     assert torch.equal(kl, torch.zeros_like(kl))
     # S = 0: no noise drawn, the same rollout as before the option
     monkeypatch.setattr(lvr, "latent_noise", lambda *a: (_ for _ in ()).throw(AssertionError("noise at S = 0")))
-    again = lvr.rollout(model, ids, input_ids, attention_mask=mask, generator=[torch.Generator().manual_seed(i)
+    again = helpers.roll(model, ids, input_ids, attention_mask=mask, generator=[torch.Generator().manual_seed(i)
                                                                                 for i in range(2)], **kw)
     assert torch.equal(again.tokens, mu.tokens) and torch.equal(again.logprobs, mu.logprobs)
 
@@ -199,7 +200,7 @@ def test_the_latent_gradient_points_along_advantage_times_the_noise():
     z, sigma = torch.randn(1, 5), 0.3
     for a in (1.0, -2.0):
         mu = torch.randn(1, 5, requires_grad=True)
-        lp = grpo.gaussian_logprob(z, mu, sigma)[None]  # (1, 1): one latent decision
+        lp = lvr.gaussian_logprob(z, mu, sigma)[None]  # (1, 1): one latent decision
         loss = grpo.grpo_loss(lp, lp.detach(), torch.tensor([a]), torch.ones(1, 1))
         loss.backward()
         step = -mu.grad[0]
@@ -435,8 +436,9 @@ import lvr, train_grpo
 seen, rollout = [], lvr.rollout
 def recorded(*a, **k):  # every rollout's completions, cut at their stop token
     r = rollout(*a, **k)
-    seen.append([row[:next((j + 1 for j, t in enumerate(row) if t in k["stop_ids"]), len(row))]
-                 for row in r.tokens[:, a[2].shape[1]:].tolist()])
+    stop = a[4].stop_ids  # (model, ids, prompt, decode, sampling, ...)
+    seen.append([row[:next((j + 1 for j, t in enumerate(row) if t in stop), len(row))]
+                 for row in r.tokens[:, a[2].input_ids.shape[1]:].tolist()])
     return r
 lvr.rollout = recorded
 try:

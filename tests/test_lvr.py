@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import helpers
 import lvr
 import qwen
 import tasks
@@ -287,7 +288,7 @@ def test_cached_rollout_equals_slow_oracle(tmp_path, decoding, force_end):
                         latent_end=tok.tok.token_to_id("<|lvr_latent_end|>"), end=end)
     prompts[2] = prompts[2] + [start]  # this row starts in latent mode
     input_ids, mask = qwen.left_pad(prompts, tok.endoftext)
-    run = lambda threshold, ids: lvr.rollout(
+    run = lambda threshold, ids: helpers.roll(
         model,
         ids,
         input_ids,
@@ -344,7 +345,7 @@ def test_span_reopens_at_once_without_force_end(tmp_path, decoding):
         model.lm_head.bias[ids.start] = 1e3  # every token the model chooses is <|lvr_start|>
     pv, grid = vision.preprocess(tasks.synthetic_example(0)["images"][0], max_pixels=30000)
     prompt = tok.prompt("What colour is the circle?", [int(grid.prod()) // 4])
-    r = lvr.rollout(model, ids, torch.tensor([prompt]), pv, grid, max_new_tokens=12, decoding=decoding,
+    r = helpers.roll(model, ids, torch.tensor([prompt]), pv, grid, max_new_tokens=12, decoding=decoding,
                     lvr_steps=2, max_latent_steps=2, end_threshold=1e-9, force_end=False, stop_ids=[-1])
     with torch.no_grad():
         seq, latents = slow_rollout(model, ids, prompt, pv, grid, 12, decoding, 2, 2, 1e-9, False)
@@ -373,7 +374,7 @@ def test_teacher_forced_positions_equal_rollout(tmp_path):
     model, tok, ids = tiny_model(tmp_path)
     pv, grid = vision.preprocess(tasks.synthetic_example(0)["images"][0], max_pixels=30000)
     prompt = tok.prompt("What colour is the square?", [int(grid.prod()) // 4]) + [ids.start]
-    out, lats, is_lat, _, _ = lvr.rollout(model, ids, torch.tensor([prompt]), pv, grid, max_new_tokens=10,
+    out, lats, is_lat, _, _ = helpers.roll(model, ids, torch.tensor([prompt]), pv, grid, max_new_tokens=10,
                                           decoding="steps", lvr_steps=4, stop_ids=[-1])
     T = len(prompt)
     assert is_lat[0, :4].all() and out[0, T + 4] == ids.end
@@ -396,7 +397,7 @@ def test_token_exit_takes_a_latent_first(tmp_path):
     prompt = torch.tensor([tok.prompt("What colour is the square?") + [ids.start]])
     first = int(model.lm_head(model(prompt))[0, -1].argmax())  # the model's own token after <|lvr_start|>
     ids = dataclasses.replace(ids, end=first)
-    _, _, is_lat, _, _ = lvr.rollout(model, ids, prompt, max_new_tokens=4, decoding="token", max_latent_steps=3,
+    _, _, is_lat, _, _ = helpers.roll(model, ids, prompt, max_new_tokens=4, decoding="token", max_latent_steps=3,
                                   stop_ids=[-1])
     assert is_lat[0, 0]
 
@@ -407,7 +408,7 @@ def test_rollout_stops_when_every_row_has(tmp_path):
     model, tok, ids = tiny_model(tmp_path)
     prompts = [tok.prompt("What colour is the square?"), tok.prompt("What colour is the small circle?")]
     input_ids, mask = qwen.left_pad(prompts, tok.endoftext)
-    run = lambda stop: lvr.rollout(model, ids, input_ids, attention_mask=mask, max_new_tokens=40,  # noqa: E731
+    run = lambda stop: helpers.roll(model, ids, input_ids, attention_mask=mask, max_new_tokens=40,  # noqa: E731
                                    stop_ids=stop)[0][:, input_ids.shape[1]:]
     free = run([-1])
     stop = [int(free[0, 2]), int(free[1, 5])]  # pretend these are stop tokens: row 0 stops by step 2, row 1 by 5
@@ -452,7 +453,7 @@ def test_sequence_longer_than_the_context_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="11 tokens exceed the model's context of 10"):
         model(torch.zeros(1, 11, dtype=torch.long))
     with pytest.raises(InputError, match="exceed the model's context"):  # also when the cache grows past it
-        lvr.rollout(model, ids, torch.zeros(1, 8, dtype=torch.long), max_new_tokens=5, stop_ids=[-1])
+        helpers.roll(model, ids, torch.zeros(1, 8, dtype=torch.long), max_new_tokens=5, stop_ids=[-1])
 
 
 # -----------------------------------------------------------------------------
@@ -517,7 +518,7 @@ def test_official_lvr_checkpoint_loads_and_decodes_as_lvr(tmp_path, head_type):
     # decoding: a span through the head; <|lvr_latent_end|> (what its checkpoints emit) ends it, then <|lvr_end|>
     prompt = torch.tensor([tok.prompt("What colour is the square?") + [ids.start]])
     with torch.no_grad():
-        r = lvr.rollout(model, ids, prompt, max_new_tokens=4, decoding="steps", lvr_steps=1, stop_ids=[-1])
+        r = helpers.roll(model, ids, prompt, max_new_tokens=4, decoding="steps", lvr_steps=1, stop_ids=[-1])
         assert torch.allclose(r.latents[0, 0], head(model(prompt)[0, -1]), atol=1e-5)
 
 
@@ -528,8 +529,8 @@ def test_official_mirage_tokenizer_runs_as_mirage(tmp_path):
     ids = lvr.find_latent_ids(model, tok)
     assert ids == lvr.LatentIds(start=base + 1, latent=base, end=base + 2, latent_end=None)
     prompt = torch.tensor([tok.prompt("What colour is the square?") + [ids.start]])
-    r = lvr.rollout(model, ids, prompt, max_new_tokens=6, decoding="token", max_latent_steps=4, stop_ids=[-1])
+    r = helpers.roll(model, ids, prompt, max_new_tokens=6, decoding="token", max_latent_steps=4, stop_ids=[-1])
     comp = r.tokens[0, prompt.shape[1]:].tolist()
     assert comp[0] == ids.latent and ids.end in comp  # a Mirage span: <|latent_pad|> steps, then <|latent_end|>
     with pytest.raises(InputError, match="the `latent` exit needs a latent-end token"):
-        lvr.rollout(model, ids, prompt, max_new_tokens=6, decoding="latent", stop_ids=[-1])
+        helpers.roll(model, ids, prompt, max_new_tokens=6, decoding="latent", stop_ids=[-1])

@@ -16,6 +16,7 @@ import cli
 import data
 import eval as evaluation
 import grpo
+import helpers
 import lvr
 import qwen
 import tasks
@@ -97,8 +98,8 @@ def test_a_state_saved_on_a_gpu_resumes_on_the_cpu(tmp_path, monkeypatch):
 
 SHARDED = """
 import os, sys, torch
-sys.path[:0] = [{root!r}]
-import lvr, parallel, qwen, checkpoint
+sys.path[:0] = [{root!r}, {root!r} + "/tests"]
+import helpers, lvr, parallel, qwen, checkpoint
 rank, world, dev, _ = parallel.setup("cpu", True)
 loaded = []
 real_load = qwen.Qwen2_5_VL.from_pretrained
@@ -119,9 +120,9 @@ for (name, p), q in zip(model.named_parameters(), full.parameters()):
 prompt = torch.tensor([tok.prompt("What is left?") + [ids.start]])
 n = 3 + 5 * rank
 with torch.no_grad(), parallel.gathered(root, True):
-    got = root(lambda m: lvr.rollout(m, ids, prompt, max_new_tokens=n, decoding="token", max_latent_steps=2,
+    got = root(lambda m: helpers.roll(m, ids, prompt, max_new_tokens=n, decoding="token", max_latent_steps=2,
                                      stop_ids=[-1]).tokens)
-    want = lvr.rollout(full, ids, prompt, max_new_tokens=n, decoding="token", max_latent_steps=2, stop_ids=[-1])
+    want = helpers.roll(full, ids, prompt, max_new_tokens=n, decoding="token", max_latent_steps=2, stop_ids=[-1])
 assert got.shape[1] == prompt.shape[1] + n and torch.equal(got, want.tokens), (got, want.tokens)
 print("rank", rank, "ok")
 """
@@ -163,7 +164,7 @@ def tiny_lvr(seed=0, head=False):
 def test_the_latent_exit_takes_at_least_one_latent():
     model, tok, ids = tiny_lvr()
     prompt = torch.tensor([tok.prompt("What colour is the square?") + [ids.start]])
-    r = lvr.rollout(model, ids, prompt, max_new_tokens=6, decoding="latent", max_latent_steps=4, end_threshold=1e9,
+    r = helpers.roll(model, ids, prompt, max_new_tokens=6, decoding="latent", max_latent_steps=4, end_threshold=1e9,
                     stop_ids=[-1])  # every hidden state is "near" the end: only the guard keeps the first latent
     assert evaluation.span_lengths(r.is_latent[0])[0] == 1
     assert r.tokens[0, prompt.shape[1] + 1] == ids.latent_end
@@ -187,9 +188,9 @@ def test_the_rollout_cache_is_in_the_autocast_dtype(monkeypatch):
     monkeypatch.setattr(qwen, "KVCache", lambda *a, **k: made.append(real_cache(*a, **k)) or made[-1])
     prompt = torch.tensor([tok.prompt("What colour is the square?")])
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
-        lvr.rollout(model, ids, prompt, max_new_tokens=3, decoding="token", stop_ids=[-1])
+        helpers.roll(model, ids, prompt, max_new_tokens=3, decoding="token", stop_ids=[-1])
     assert made[0].k[0].dtype == torch.bfloat16 and made[0].cos.dtype == torch.float32
-    lvr.rollout(model, ids, prompt, max_new_tokens=3, decoding="token", stop_ids=[-1])
+    helpers.roll(model, ids, prompt, max_new_tokens=3, decoding="token", stop_ids=[-1])
     assert made[1].k[0].dtype == torch.float32
 
 
@@ -254,7 +255,7 @@ def test_an_official_latent_end_checkpoint_loads_and_exits_by_its_own_vector(tmp
     model, tok = qwen.load(str(path))
     prompt = torch.tensor([tok.prompt("What is left?") + [ids.start]] * 2)
     with torch.no_grad():  # the end vector: row 0's first latent, so row 0 (only) is at distance 0 after one step
-        first = lvr.rollout(model, ids, prompt, max_new_tokens=3, decoding="steps", lvr_steps=2, stop_ids=[-1])
+        first = helpers.roll(model, ids, prompt, max_new_tokens=3, decoding="steps", lvr_steps=2, stop_ids=[-1])
         end = first.latents[0, 1].clone()  # (the state after the first latent: the one the exit tests)
     weights = load_file(str(path / "model.safetensors"))
     weights["lvr_latent_end_emb"] = end
@@ -266,7 +267,7 @@ def test_an_official_latent_end_checkpoint_loads_and_exits_by_its_own_vector(tmp
     prompt = torch.cat([prompt[:1], prompt[:1] + 0], 0)
     prompt[1, -3] = tok.encode("x")[0]  # row 1: another question, another hidden state
     with torch.no_grad():
-        r = lvr.rollout(model, ids, prompt, max_new_tokens=8, decoding="latent", max_latent_steps=4,
+        r = helpers.roll(model, ids, prompt, max_new_tokens=8, decoding="latent", max_latent_steps=4,
                         end_threshold=1e-6, end_metric="mse", stop_ids=[-1])
     assert evaluation.span_lengths(r.is_latent[0])[0] == 1 and evaluation.span_lengths(r.is_latent[1])[0] == 4
     model.save_pretrained(str(tmp_path / "b"))  # written back under its official name
