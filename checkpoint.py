@@ -1,6 +1,11 @@
 """
 The checkpoint directory, crash-safe. A checkpoint is a Hugging Face Qwen2.5-VL directory (config.json,
-model.safetensors, tokenizer.json) plus train_state.pt (optimizer, step, RNG, config, log).
+model.safetensors, tokenizer.json) plus train_state.pt (what resuming needs: optimizer, step, RNG, config)
+and log.jsonl, the run's history: one JSON line per step and per evaluation, as the Hugging Face Trainer
+keeps log_history, readable without torch:
+
+    history = [json.loads(line) for line in open("out/log.jsonl")]
+    plt.plot([x["step"] for x in history if "ce" in x], [x["ce"] for x in history if "ce" in x])
 
 The save protocol, the one writer: write everything to a fresh `.tmp-<name>-*` dir beside out_dir and
 fsync it; move the old checkpoint into a fresh `.old-<name>-*` dir; rename the new one to out_dir;
@@ -8,8 +13,9 @@ delete the old. A kill at any moment leaves a loadable checkpoint: before the fi
 one is untouched; between the two renames the old one lies in `.old-<name>-*/ckpt`, where readers
 (resolve()) find it and the next save moves it back; whatever a kill leaves half-deleted sits
 under a `.tmp-` name, which nothing reads. A save replaces out_dir whole, so out_dir may hold
-nothing but these four files (check_out_dir), checked before a run starts and at every save.
+nothing but these five files (check_out_dir), checked before a run starts and at every save.
 """
+import json
 import os
 import shutil
 import tempfile
@@ -19,7 +25,7 @@ import torch
 import qwen
 from cli import InputError
 
-CHECKPOINT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "train_state.pt"}
+CHECKPOINT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "train_state.pt", "log.jsonl"}
 
 
 def check_out_dir(out_dir, fresh):
@@ -41,9 +47,10 @@ def check_out_dir(out_dir, fresh):
         )
 
 
-def save(model, tok, out_dir, train_state, weights=None):
-    """Write model + tokenizer + train_state.pt to out_dir atomically: a temp dir beside it,
-    fsync, then rename over the old one, so a kill at any moment leaves a loadable checkpoint."""
+def save(model, tok, out_dir, train_state, weights=None, history=()):
+    """Write model + tokenizer + train_state.pt + log.jsonl (`history`, a list of dicts) to out_dir
+    atomically: a temp dir beside it, fsync, then rename over the old one, so a kill at any moment leaves a
+    loadable checkpoint."""
     parent, name = os.path.split(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     prev = resolve(out_dir)  # undo saves killed part-way: the previous checkpoint back in place,
@@ -58,6 +65,8 @@ def save(model, tok, out_dir, train_state, weights=None):
         model.save_pretrained(tmp, weights)
         tok.tok.save(os.path.join(tmp, "tokenizer.json"))
         torch.save(train_state, os.path.join(tmp, "train_state.pt"))
+        with open(os.path.join(tmp, "log.jsonl"), "w") as f:
+            f.writelines(json.dumps(x) + "\n" for x in history)
         for f in os.listdir(tmp):
             with open(os.path.join(tmp, f), "rb") as fh:
                 os.fsync(fh.fileno())
@@ -90,6 +99,15 @@ def load_train_state(out_dir, config=None):
     if changed:  # allowed (more steps, a lower lr), but the run is then not the one it was
         print("resuming with changed settings: " + ", ".join(changed))
     return state
+
+
+def read_log(out_dir):
+    """A run's history (log.jsonl) -> a list of dicts; [] for a checkpoint that has none."""
+    path = os.path.join(resolve(out_dir), "log.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def resolve(path):

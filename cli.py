@@ -6,6 +6,10 @@ start of its comment, on the same line as the default:
     lr = 1e-3  # (0, inf) peak learning rate            a range: [ ] closed, ( ) open, inf unbounded
     method = "lvr"  # {lvr, mirage, none} what to train  a set of choices
     out_dir = "out"  # checkpoint directory              no declaration: any string (a bool: true/false)
+    lr = Auto(float)  # (0, inf) peak lr (auto: 1e-5 ...)  a placeholder the script resolves, or a number
+
+A placeholder is spelled `auto` on the command line and in --help; its comment says what it resolves to,
+and the script prints the resolved values on a `resolved:` line.
 
 configure() reads the declarations from the script's own source and checks every value, the
 defaults included, before any work starts; require() states a rule between two settings. A wrong
@@ -26,6 +30,28 @@ import torch
 
 class InputError(ValueError):
     """Something the user gave us is wrong. Scripts print the message on one line and exit 1."""
+
+
+class Auto:
+    """A setting's typed placeholder: `--name auto` (the default) leaves it to the script, which resolves it
+    (its comment says to what); `--name 3e-4` gives a `kind` value, checked against the declared range."""
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def __repr__(self):
+        return "auto"
+
+    def __eq__(self, other):
+        return isinstance(other, Auto) and other.kind is self.kind
+
+    def __hash__(self):
+        return hash(("auto", self.kind))
+
+
+def given(value):
+    """A setting's value, or None where it is left at auto."""
+    return None if isinstance(value, Auto) else value
 
 
 def comments(path):
@@ -55,7 +81,7 @@ def check(name, value, decl):
     kind, spec = decl
     if kind == "choices" and str(value) not in spec[0]:
         raise InputError(f"--{name} must be one of {', '.join(spec[0])}; got {value!r}")
-    if kind == "range" and value != spec[5]:
+    if kind == "range" and value != spec[5] and not isinstance(value, Auto):
         lo, hi, lo_open, hi_open, text, _ = spec
         if (
             math.isnan(value)
@@ -70,7 +96,7 @@ def check(name, value, decl):
 def settings(g):
     """The script's flags: every simple lower-case global of its settings block, in order."""
     return {k: v for k, v in g.items()
-            if not k.startswith("_") and k.islower() and isinstance(v, (bool, int, float, str))}
+            if not k.startswith("_") and k.islower() and isinstance(v, (bool, int, float, str, Auto))}
 
 
 def usage(g, keys):
@@ -86,8 +112,10 @@ def usage(g, keys):
 
 
 def parse(flag, value, default):
-    """One --flag value, typed like its default."""
-    kind = type(default)
+    """One --flag value, typed like its default (a placeholder: `auto`, or its kind)."""
+    if isinstance(default, Auto) and value == "auto":
+        return default
+    kind = default.kind if isinstance(default, Auto) else type(default)
     try:
         if kind is bool and value.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise ValueError
@@ -114,13 +142,13 @@ def configure(g, argv):
         keys[name] = g[name] = parse(flag, value, keys[name])
     decl = declarations(g["__file__"])
     for name, value in keys.items():
-        if type(value) in (int, float) and name not in decl:
+        if (type(value) in (int, float) or isinstance(value, Auto)) and name not in decl:
             raise TypeError(f"{g['__file__']}: setting {name} declares no range")  # a bug in the script
         if name in decl:
             check(name, value, decl[name])
     if os.environ.get("RANK", "0") == "0":  # (under torchrun: once)
         print("config: " + " ".join(f"{k}={v}" for k, v in keys.items()))
-    return keys
+    return {k: "auto" if isinstance(v, Auto) else v for k, v in keys.items()}  # (plain values: it is saved)
 
 
 def require(ok, message):
@@ -157,6 +185,13 @@ def stop_flag():
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, handler)
     return flag
+
+
+def stop_saved(signalled, step, out_dir, rank):
+    """The end of a run a signal stopped, once its last step is saved: say so, exit 130 (Ctrl-C) or 143."""
+    if rank == 0:
+        print(f"\nstopped: saved step {step} to {out_dir}")
+    raise SystemExit(128 + (signalled[0] if signalled else signal.SIGINT))
 
 
 def run(main):

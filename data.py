@@ -1,12 +1,10 @@
 """
-Data: the LVR JSON and Mirage JSONL formats (and MMVP / V* for eval.py), the image bounds, and the
+Data: the LVR JSON and Mirage JSONL formats (and MMVP / V* for evaluate.py), the image bounds, and the
 batches made from examples: SFT batches (encode, collate: right-padded, with labels and latent
 slots) and prompt batches (left-padded, for the rollout). The synthetic tasks and the tiny tokenizer
 live in tasks.py.
 
-An example is a dict: images (PIL), question, answer, and for training: assistant (text with one
-`<lvr>` placeholder per latent span), bboxes (one per `<lvr>`, normalised), bbox_images (each
-bbox's image index), helper (Mirage's helper image or None).
+An example is a dict (tasks.py's docstring says what each field is).
 """
 
 import csv
@@ -27,7 +25,7 @@ import vision
 from cli import InputError
 
 # -----------------------------------------------------------------------------
-# files: LVR JSON / JSONL (LLaVA conversations + bboxes), Mirage JSONL, MMVP / V* (eval.py)
+# files: LVR JSON / JSONL (LLaVA conversations + bboxes), Mirage JSONL, MMVP / V* (evaluate.py)
 
 def load_records(path):
     """A JSON list or a JSONL file -> list of dicts."""
@@ -199,19 +197,19 @@ def load_multiple_choice(path, root, limit):
 # -----------------------------------------------------------------------------
 # encoding and collation
 
-def encode(ex, tok, ids, method="lvr", max_latents=0, k=4, latent_end=False, min_pixels=3136,
-           max_pixels=12845056):
+def encode(ex, tok, ids, method="lvr", max_latents=0, k=4, latent_end=False, pixels=(3136, 12845056)):
     """Example -> one row of an SFT batch, unpadded: input_ids, labels, n_prompt, pixel_values, grid_thw,
     helper, n_feat, and the latent slots (collate's fields, per row: positions, not (row, position)).
 
-    method none drops the latent spans (plain SFT); mirage takes the k targets from the helper image.
+    method none drops the latent spans (plain SFT); mirage takes the k targets from the helper image. pixels:
+    the images' (min_pixels, max_pixels).
     """
-    pvs, grids = zip(*[vision.preprocess(im, min_pixels, max_pixels) for im in ex["images"]])
+    pvs, grids = zip(*[vision.preprocess(im, *pixels) for im in ex["images"]])
     n_tok = [vision.merged_tokens(g) for g in grids]
     prompt = tok.prompt(ex["question"], n_tok)
     if latent_end and ids.latent_end is None:
         raise InputError("latent_end needs a latent-end token, and these latent tokens have none")
-    helper = vision.preprocess(ex["helper"], min_pixels, max_pixels) if method == "mirage" else None
+    helper = vision.preprocess(ex["helper"], *pixels) if method == "mirage" else None
     seq, pos, slot, groups, end_pos = list(prompt), [], [], [], []
     # Mirage imagines one helper image: one span where the example puts it (a Mirage record: at its
     # <output_image>), and at the start when an LVR answer looks several times
@@ -313,14 +311,14 @@ def trained_pixels(path, fallback):
 
 
 def image_settings(task, image_size, min_pixels, max_pixels, synthetic, bounds):
-    """--image_size, --min_pixels, --max_pixels, where 0 means auto -> (image_size, min_pixels, max_pixels).
+    """--image_size, --min_pixels, --max_pixels (numbers or auto) -> (image_size, min_pixels, max_pixels).
     Synthetic data: the task's own image side, never resized; VSP's maps (drawn by gymnasium at their own
     size) at the processor's bounds, as a Mirage file's. A data file: `bounds` (the checkpoint's, else
     LVR_PIXELS for training, PROCESSOR_PIXELS for eval); an auto min_pixels never above max_pixels."""
-    size = image_size or tasks.TASKS[task][1]
+    size = cli.given(image_size) or tasks.TASKS[task][1]
     lo, hi = (PROCESSOR_PIXELS if not size else (3136, size * size)) if synthetic else bounds
-    hi = max_pixels or hi
-    lo = min_pixels or min(lo, hi)
+    hi = cli.given(max_pixels) or hi
+    lo = cli.given(min_pixels) or min(lo, hi)
     cli.require(lo <= hi, f"--min_pixels {lo} is above --max_pixels {hi}")
     cli.require(size % 28 == 0, f"--image_size {size} is not a multiple of 28 (one merged image token)")
     return size, lo, hi
@@ -363,7 +361,7 @@ def grpo_example(rec, image_root, where):
 
 
 # -----------------------------------------------------------------------------
-# answers: a completion scored against the gold answer (eval.py's accuracy, train_grpo.py's rewards)
+# answers: a completion scored against the gold answer (evaluate.py's accuracy, train_grpo.py's rewards)
 
 def is_lvr_format(tokens, ids, stop_ids, text):
     """A completion (token list up to its stop) is <|lvr_start|> ... <|lvr_end|> (one span or more: the

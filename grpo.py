@@ -133,6 +133,7 @@ class Decisions(NamedTuple):
     mu: torch.Tensor  # (n_latent, C) the mean of each latent (latent_sigma > 0), else None
 
 
+# long: a rollout's recorded fields as it returned them, and the sampling that drew them
 def completion_logprobs(model, seqs, attention_mask, n_prompt, grid_thw, feats, latents, is_latent,
                         temperature=1.0, exits=(), latent_sigma=0.0):
     """One batched forward over prompt + completion -> Decisions.

@@ -13,19 +13,8 @@ target 1 only at the last latent (`switch_weight`, 0.1 as in the official code; 
 for LVR and Mirage). Without it only the state after the last latent has a label, and spans
 longer than one latent end at random under the `token` exit.
 
-Where we depart from the official code, and why:
-- <|lvr_latent_end|> is inserted only when the `latent` exit mode is trained (the official code
-  always inserts it, so its released checkpoints emit it: the `token` exit treats it as the end
-  of the span too);
-- the `latent` exit compares the hidden state with the embedding of <|lvr_latent_end|>, by the
-  distance it was trained with, on a scale where the zero vector is at 1 (the official code
-  learns a separate vector and always tests mse < 0.1, whatever its loss was);
-- pixel bboxes are normalised by the original image size (the official non-packed path divides
-  by the resized size);
-- `max_latents` pools the ROI grid, so training length can match inference budgets;
-- the latent head, when used, is applied at every latent step including the first;
-- cosine-trained latents are fed back at the targets' mean norm (latent_input).
-The rollout records which decisions it sampled; grpo.py trains on exactly those.
+Where this departs from the official code and why, and where the official code is wrong:
+docs/method.md. The rollout records which decisions it sampled; grpo.py trains on exactly those.
 """
 import math
 from dataclasses import dataclass
@@ -212,10 +201,10 @@ def end_distance(vec, end_vec, kind, scaled=True):
     return d / latent_distance(0 * end_vec[None], end_vec[None], kind, True) if scaled else d
 
 
-def end_rule(model, metric="checkpoint", threshold=0.0):
+def end_rule(model, metric="checkpoint", threshold=None):
     """The `latent` exit's metric and threshold: the flags', else the checkpoint's, else mse and 0.1."""
     return (metric if metric != "checkpoint" else model.cfg.extra.get("latent_end_metric", "mse"),
-            threshold or model.cfg.extra.get("latent_end_threshold", 0.1))
+            threshold if threshold is not None else model.cfg.extra.get("latent_end_threshold", 0.1))
 
 
 def switch_loss(model, h, b, t, slot, end_id):
@@ -367,8 +356,8 @@ class Sampling:
 
 @dataclass
 class Feed:
-    """eval.py's diagnostics: row b's latent step k (counted over its spans) reads latents[b, k] instead of
-    its own while k < n[b]; the exits still follow the rule."""
+    """evaluate.py's diagnostics: row b's latent step k (counted over its spans) reads latents[b, k]
+    instead of its own while k < n[b]; the exits still follow the rule."""
     latents: torch.Tensor  # (B, K, C)
     n: torch.Tensor  # (B,)
 
@@ -518,7 +507,7 @@ def rollout(model, ids, prompt, decode=Decode(), sampling=Sampling(), group_size
     `max_latent_steps` is the budget of latent and token. After a span <|lvr_end|> is forced; with
     force_end=False (the official code) the model's own next token follows instead (except at a token
     budget, where nothing else ends the span), and a <|lvr_start|> there opens the next span at once.
-    Stop tokens do not end a row while it is in latent mode. `feed`: eval.py's diagnostics (substitute).
+    Stop tokens do not end a row while it is in latent mode. `feed`: evaluate.py's diagnostics (substitute).
     Sampling.latent_sigma > 0: each latent fed is explored (explore), its log-prob joins the step's, and
     every latent step is then a sampled decision (grpo.completion_logprobs)."""
     rule = exit_rule(model, ids, decode)

@@ -145,15 +145,15 @@ def all_reduce_grads(params):
         w.wait()
 
 
-def save(model, tok, opt, out_dir, train_state, fsdp, rank):
-    """Write out_dir atomically (checkpoint.save). Every rank calls this (FSDP gathers the full state
-    collectively); rank 0 writes. The optimizer state is keyed by parameter name, so FSDP, DDP and
-    one-process runs resume each other at any world size."""
+def save(model, tok, opt, out_dir, train_state, history, fsdp, rank):
+    """Write out_dir atomically (checkpoint.save), with the run's history. Every rank calls this (FSDP gathers
+    the full state collectively); rank 0 writes. The optimizer state is keyed by parameter name, so FSDP,
+    DDP and one-process runs resume each other at any world size."""
     opts = StateDictOptions(full_state_dict=fsdp, cpu_offload=fsdp)
     weights = get_model_state_dict(model, options=opts) if fsdp else None
     opt_state = get_optimizer_state_dict(model, opt, options=opts)
     if rank == 0:
-        checkpoint.save(model, tok, out_dir, {**train_state, "optimizer": opt_state}, weights)
+        checkpoint.save(model, tok, out_dir, {**train_state, "optimizer": opt_state}, weights, history)
     if dist.is_initialized():  # no rank reads or moves on before it is written
         dist.barrier()
 
@@ -164,9 +164,21 @@ def load_optimizer(model, opt, state, fsdp):
 
 
 def report_memory(device, rank):
-    """On CUDA, this rank's peak allocated memory, one line (gpu_check.py reads it)."""
+    """On CUDA, this rank's peak allocated memory, one line (tools/gpu_check.py reads it)."""
     if device.startswith("cuda"):
         print(f"peak GPU memory rank {rank}: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")
+
+
+@contextlib.contextmanager
+def finishing(ddp, skipped, data_path, rank):
+    """Around a training loop, however it ends: then the bad records it skipped, and the process group."""
+    try:
+        yield
+    finally:
+        if skipped and rank == 0:
+            print(f"skipped {len(skipped)} bad records of {data_path}: {sorted(skipped)}")
+        if ddp:
+            dist.destroy_process_group()
 
 
 def rank_world():

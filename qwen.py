@@ -200,7 +200,12 @@ class Qwen2Model(nn.Module):
 
 def causal_mask(valid, start, T, device):
     """(B, S) key validity (False at padding) -> (B, 1, T, S) bool mask for T queries at positions
-    start..start+T-1: each sees the valid keys up to itself, and always itself (no all -inf rows)."""
+    start..start+T-1: each sees the valid keys up to itself, and always itself (no all -inf rows).
+
+    Prompts are left-padded, so a row's first real token sits at a different column in each row: the
+    causal triangle alone would let a real token attend to the padding before it, and `valid` takes those
+    keys away. A padding query has no valid key at all; SDPA would turn its all -inf row into NaN, which
+    then spreads through the batch, so every query also sees itself (its output is never used)."""
     keys, queries = torch.arange(start + T, device=device), torch.arange(start, start + T, device=device)
     d = keys[None] - queries[:, None]  # (T, S)
     return (((d <= 0)[None] & valid[:, None]) | (d == 0)[None])[:, None]
@@ -217,7 +222,14 @@ def rope_tables(hd, theta, section, device):
 
 def mrope(cfg, position_ids, dtype):
     """(3, B, T) positions -> cos, sin (B, 1, T, head_dim) for vision.rope: frequency slots split
-    over t/h/w rows."""
+    over t/h/w rows.
+
+    M-RoPE (multimodal rotary embedding) gives each token three positions instead of one: a time row t, a
+    height row h and a width row w (get_rope_index). A text token has t = h = w, so for text this is plain
+    RoPE; the merged image token at (r, c) of an image starting at s has (s, s + r, s + c), so attention
+    sees the image as a 2-D grid. Each head's rotary frequencies are shared out between the rows:
+    mrope_section (16, 24, 24 for the real model, in frequency pairs) says how many of the head's
+    frequency slots read t, then h, then w."""
     inv_freq, rows = rope_tables(cfg.hidden_size // cfg.num_attention_heads, cfg.rope_theta,
                                  tuple(cfg.mrope_section), position_ids.device)
     freqs = position_ids[rows].permute(1, 2, 0).float() * inv_freq  # (B, T, hd/2), slot j uses row rows[j]
@@ -377,6 +389,7 @@ class Qwen2_5_VL(nn.Module):
         cos, sin = mrope(self.cfg, position_ids, x.dtype)
         return cos, sin, position_ids.amax(dim=(0, 2)) + 1  # (padding sits at 0)
 
+    # long: the reference's sampling arguments, each its own, as transformers' generate takes them
     def generate(self, input_ids, pixel_values=None, grid_thw=None, attention_mask=None, max_new_tokens=16,
                  temperature=0.0, top_k=0, top_p=1.0, stop_ids=None, generator=None):
         """Batched KV-cached sampling; prompts left-padded. -> (B, T + n) tokens, prompt included.

@@ -16,7 +16,7 @@ import cli
 import data
 import lvr
 import vision
-from cli import InputError
+from cli import Auto, InputError
 
 # -----------------------------------------------------------------------------
 init_from = "out"  # checkpoint directory (Hugging Face Qwen2.5-VL layout)
@@ -27,15 +27,15 @@ temperature = 0.0  # [0, inf) 0 means greedy
 top_k = 0  # [0, inf) keep the k most likely tokens (0 = off)
 top_p = 1.0  # (0, 1] nucleus sampling mass (1.0 = off)
 seed = 1337  # [0, inf) sampling seed
-min_pixels = 0  # [0, inf) smallest image area after resizing (0: as the checkpoint trained, else 56*56)
-max_pixels = 0  # [0, inf) largest image area (0: the checkpoint's, else 12845056; fewer pixels, fewer tokens)
+min_pixels = Auto(int)  # [1, inf) smallest image area after resizing (auto: as trained, else 3136)
+max_pixels = Auto(int)  # [1, inf) largest image area (auto: as trained, else 12845056)
 device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu, cuda, cuda:1, mps
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # {float32, bfloat16, float16}
 decoding = "token"  # {token, steps, latent} latent exit: own <|lvr_end|> | a count (official) | near the end
 lvr_steps = 8  # [0, inf) latent steps in `steps` mode, and the budget in the other modes
 force_end = True  # force <|lvr_end|> after a span (false: the model's own next token, as the official code)
 end_metric = "checkpoint"  # {checkpoint, mse, cosine, l1} `latent` exit distance (checkpoint: as trained)
-end_threshold = 0.0  # [0, inf) `latent` exit threshold (0 = the checkpoint's, else 0.1)
+end_threshold = Auto(float)  # (0, inf) `latent` exit threshold (auto: the checkpoint's, else 0.1)
 viz = ""  # write the image with each latent step's nearest cell drawn on it to this file (png)
 # -----------------------------------------------------------------------------
 
@@ -43,7 +43,8 @@ viz = ""  # write the image with each latent step's nearest cell drawn on it to 
 def main(argv):
     cli.configure(globals(), argv)
     lo, hi = data.trained_pixels(init_from, data.PROCESSOR_PIXELS)  # the sizes the model was trained on
-    globals().update(min_pixels=min_pixels or min(lo, max_pixels or hi), max_pixels=max_pixels or hi)
+    hi = cli.given(max_pixels) or hi
+    globals().update(min_pixels=cli.given(min_pixels) or min(lo, hi), max_pixels=hi)
     print(f"resolved: min_pixels={min_pixels} max_pixels={max_pixels}")
     cli.require(min_pixels <= max_pixels, f"--min_pixels {min_pixels} is above --max_pixels {max_pixels}")
     if not q.strip():
@@ -68,7 +69,7 @@ def main(argv):
         out = model.generate(input_ids, pixel_values, grid_thw, max_new_tokens=max_new_tokens, **sampling)
         print(tok.decode(out[0, len(ids):].tolist()))
         return
-    metric, threshold = lvr.end_rule(model, end_metric, end_threshold)
+    metric, threshold = lvr.end_rule(model, end_metric, cli.given(end_threshold))
     r = lvr.rollout(model, latent, lvr.Prompt(input_ids, None, pixel_values, grid_thw),
                     lvr.Decode(decoding, lvr_steps, lvr_steps, force_end, metric, threshold, max_new_tokens),
                     lvr.Sampling(**sampling))

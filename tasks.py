@@ -1,6 +1,13 @@
 """
-The built-in synthetic world, so nothing is ever downloaded: seeded tasks drawn with PIL (each
-example with the bboxes LVR needs and the helper image Mirage needs), and a tiny byte-level BPE
+What an example is, and the built-in world that makes them, so nothing is ever downloaded.
+
+An example is a dict: images (PIL), question, answer, and for training: assistant (the answer with one
+`<lvr>` placeholder per latent span, where the latent steps go), bboxes (one per `<lvr>`, normalised
+[x0, y0, x1, y1]: the image region each span reconstructs, LVR's targets), bbox_images (each bbox's
+image index, with several images) and helper (the helper image Mirage's latents reconstruct). A VSP
+example also has map_desc, the map its plans are judged on.
+
+Here: seeded tasks drawn with PIL (and VSP's maps, drawn by gymnasium), then a tiny byte-level BPE
 tokenizer and Qwen2.5-VL-shaped config, written as a real checkpoint so the default run loads
 through exactly the same code as an official one.
 
@@ -21,46 +28,6 @@ import qwen
 from cli import InputError
 
 LATENT_SPECIAL = list(lvr.LVR_TOKENS.values()) + list(lvr.MIRAGE_TOKENS.values())
-
-CORPUS = [
-    "system\nYou are a helpful assistant.", "user\n", "assistant\n",
-    "What colour is the small circle? red green blue yellow purple orange white black",
-    "What shape is left of the square? circle square triangle star cross diamond",
-    "Which object is above, below, left of, right of the other one? The answer is: yes no",
-    "What shape is the red object? What colour is the triangle?",
-    "<answer> </answer> 0 1 2 3 4 5 6 7 8 9 A B C D a b c d e f g h i j k l m n o p q r s t u v w x y z",
-]
-
-
-def build_tokenizer(path=None, vocab_size=512, special=qwen.SPECIAL, corpus=CORPUS):
-    """Byte-level BPE with the given special tokens; written to `path` (tokenizer.json) if given."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus, trainer)
-    if path:
-        tok.save(path)
-    return tok
-
-
-def tiny_config(tok, image_size=224):
-    """A Qwen2.5-VL-shaped config small enough to train on a CPU in minutes."""
-    sid = tok.token_to_id
-    return {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
-            "vocab_size": tok.get_vocab_size(), "hidden_size": 128, "intermediate_size": 384,
-            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
-            "rope_theta": 10000.0, "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]},
-            "max_position_embeddings": 4096, "tie_word_embeddings": True, "hidden_act": "silu",
-            "image_token_id": sid("<|image_pad|>"), "video_token_id": sid("<|video_pad|>"),
-            "vision_start_token_id": sid("<|vision_start|>"), "vision_end_token_id": sid("<|vision_end|>"),
-            "bos_token_id": sid("<|endoftext|>"), "eos_token_id": sid("<|im_end|>"),
-            "vision_config": {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4,
-                              "out_hidden_size": 128, "fullatt_block_indexes": [1], "window_size": 112,
-                              "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
-                              "in_chans": 3, "hidden_act": "silu"}}
-
 
 # -----------------------------------------------------------------------------
 # the synthetic task: one small object among distractors, a question about it, its bbox
@@ -102,20 +69,12 @@ def synthetic_example(seed, size=168, n_objects=5, obj=20, cell=28):
         (rng.choice([s for s in SHAPES if s != shape]), rng.choice(list(COLOURS)))
         for _ in range(n_objects - 1)
     ]
-    boxes = []
-    for (s, c), k in zip(objects, rng.sample(range(n * n), n_objects)):
-        x, y = (k % n) * cell + (cell - obj) // 2, (k // n) * cell + (cell - obj) // 2
-        boxes.append((x, y, x + obj, y + obj))
-        draw_shape(d, s, boxes[-1], COLOURS[c])
-    x0, y0, x1, y1 = boxes[0]
-    pad = obj // 2
-    helper = img.crop((max(0, x0 - pad), max(0, y0 - pad), min(size, x1 + pad), min(size, y1 + pad)))
+    boxes = [cell_box(k, n, cell, obj) for k in rng.sample(range(n * n), n_objects)]
+    for (s, c), box in zip(objects, boxes):
+        draw_shape(d, s, box, COLOURS[c])
     colour = objects[0][1]
-    return {"images": [img], "question": f"What colour is the {shape}?", "assistant": "<lvr>\n" + colour,
-            "answer": colour, "bboxes": [[x0 / size, y0 / size, x1 / size, y1 / size]],
-            "helper": helper.resize((112, 112), Image.BICUBIC)}
-
-
+    helper = zoom(img, boxes[0], size, obj // 2)
+    return example(img, f"What colour is the {shape}?", colour, boxes[:1], size, helper)
 
 
 def cell_box(k, n, cell=28, obj=20):
@@ -394,10 +353,53 @@ def example_id(split, i, seed):
 
 def synthetic(split, i, seed, size=0, task="colour", level="3", targets=VSP_TARGETS[0]):
     """Example i of a task's split: train (train_sft), eval (its periodic accuracy), grpo (train_grpo's
-    prompts), test (eval.py). size 0: the task's own image side. VSP: `level` (vsp_levels) and `targets`
+    prompts), test (evaluate.py). size 0: the task's own image side. VSP: `level` (vsp_levels) and `targets`
     (vsp_example) instead."""
     fn, own = TASKS[task]
     if task == "vsp":  # (each example draws its level from the list, by its own id)
         levels = vsp_levels(level)
         return fn(example_id(split, i, seed), levels[example_id(split, i, seed) % len(levels)], targets)
     return fn(example_id(split, i, seed), size or own)
+
+
+# -----------------------------------------------------------------------------
+# the tiny tokenizer and model config (the default run's scratch checkpoint)
+
+CORPUS = [
+    "system\nYou are a helpful assistant.", "user\n", "assistant\n",
+    "What colour is the small circle? red green blue yellow purple orange white black",
+    "What shape is left of the square? circle square triangle star cross diamond",
+    "Which object is above, below, left of, right of the other one? The answer is: yes no",
+    "What shape is the red object? What colour is the triangle?",
+    "<answer> </answer> 0 1 2 3 4 5 6 7 8 9 A B C D a b c d e f g h i j k l m n o p q r s t u v w x y z",
+]
+
+
+def build_tokenizer(path=None, vocab_size=512, special=qwen.SPECIAL, corpus=CORPUS):
+    """Byte-level BPE with the given special tokens; written to `path` (tokenizer.json) if given."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    if path:
+        tok.save(path)
+    return tok
+
+
+def tiny_config(tok, image_size=224):
+    """A Qwen2.5-VL-shaped config small enough to train on a CPU in minutes."""
+    sid = tok.token_to_id
+    return {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+            "vocab_size": tok.get_vocab_size(), "hidden_size": 128, "intermediate_size": 384,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0, "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]},
+            "max_position_embeddings": 4096, "tie_word_embeddings": True, "hidden_act": "silu",
+            "image_token_id": sid("<|image_pad|>"), "video_token_id": sid("<|video_pad|>"),
+            "vision_start_token_id": sid("<|vision_start|>"), "vision_end_token_id": sid("<|vision_end|>"),
+            "bos_token_id": sid("<|endoftext|>"), "eos_token_id": sid("<|im_end|>"),
+            "vision_config": {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4,
+                              "out_hidden_size": 128, "fullatt_block_indexes": [1], "window_size": 112,
+                              "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                              "in_chans": 3, "hidden_act": "silu"}}

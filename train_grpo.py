@@ -22,7 +22,6 @@ statistics) is summed over ranks. DDP's sum is by hand: ranks run different numb
 import dataclasses
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass
 
@@ -37,7 +36,7 @@ import grpo
 import lvr
 import parallel
 import tasks
-from cli import InputError
+from cli import Auto, InputError
 
 # -----------------------------------------------------------------------------
 init_from = "out"  # the SFT checkpoint to start from (also the frozen KL reference)
@@ -54,7 +53,7 @@ lvr_steps = 8  # [1, inf) latent steps in `steps` mode
 max_latent_steps = 16  # [1, inf) latent budget in `token` / `latent` modes
 force_end = True  # force <|lvr_end|> after a span (false: the model's own next token, as the official code)
 end_metric = "checkpoint"  # {checkpoint, mse, cosine, l1} `latent` exit distance (checkpoint: as trained)
-end_threshold = 0.0  # [0, inf) `latent` exit threshold (0 = the checkpoint's, else 0.1)
+end_threshold = Auto(float)  # (0, inf) `latent` exit threshold (auto: the checkpoint's, else 0.1)
 ppo_epochs = 1  # [1, inf) updates per rollout batch; > 1 makes the clip bite
 filter_groups = True  # keep only groups whose rewards differ (DAPO's dynamic sampling), drawing more prompts
 max_draws = 4  # [1, inf) with filter_groups: at most this many rounds of B prompts per step to find B groups
@@ -75,9 +74,9 @@ grad_clip = 1.0  # [0, inf) clip the gradient norm (0 = off)
 eval_interval = 20  # [1, inf) checkpoint every this many steps
 task = "colour"  # {colour, search, relation, imagine, vsp} the synthetic task (tasks.py)
 level = "3"  # VSP's map size: 3 to 6 cells a side, a list (3,4) or a range (3-6) to mix them
-image_size = 0  # [0, inf) synthetic image side, a multiple of 28 (0: the task's own, 168; search 336)
-min_pixels = 0  # [0, inf) smallest image area after resizing (0: as the checkpoint trained, else 128*28*28)
-max_pixels = 0  # [0, inf) largest image area (0: as trained, else 5120*28*28; a synthetic image's own area)
+image_size = Auto(int)  # [28, inf) synthetic image side, a multiple of 28 (auto: the task's, 168; search 336)
+min_pixels = Auto(int)  # [1, inf) smallest image area after resizing (auto: as trained, else 100352)
+max_pixels = Auto(int)  # [1, inf) largest image area (auto: as trained, else 4014080; synthetic: its own)
 dtype = "auto"  # {auto, float32, bfloat16} bfloat16: autocast, fp32 master weights (auto: bf16 on CUDA)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 fsdp = False  # under torchrun: shard policy and reference with FSDP2, for models one GPU can't hold
@@ -107,96 +106,6 @@ def prompts(n, records, mine):
     return [
         data.stream_example(records, i, seed, convert, data_path, on_bad_record, SKIPPED) for i in index
     ], gens
-
-
-def main(argv):
-    # 1) settings, checked before any work
-    config = cli.configure(globals(), argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cli.require(
-        batch_size % world == 0, f"--batch_size {batch_size} is not a multiple of the {world} processes"
-    )
-    bounds = data.trained_pixels(out_dir if resume else init_from, data.LVR_PIXELS)  # as the policy trained
-    images = data.image_settings(task, image_size, min_pixels, max_pixels, data_path == "synthetic", bounds)
-    globals().update(zip(("image_size", "min_pixels", "max_pixels"), images))
-    config.update(zip(("image_size", "min_pixels", "max_pixels"), images))
-    cli.require(
-        accuracy_weight + format_weight > 0, "--accuracy_weight and --format_weight are both 0: no reward"
-    )
-    checkpoint.check_out_dir(out_dir, fresh=not resume)
-    # 2) processes, data, the policy and its frozen reference
-    rank, world, dev, ddp = parallel.setup(device, fsdp)
-    globals()["device"] = dev  # this rank's
-    config["dtype"] = globals()["dtype"] = parallel.autocast_dtype(dtype, dev)
-    if rank == 0:
-        print(
-            "resolved: "
-            + " ".join(f"{k}={config[k]}" for k in ("dtype", "image_size", "min_pixels", "max_pixels"))
-        )
-    records = None if data_path == "synthetic" else data.load_records(data_path)
-    model, tok = checkpoint.load(out_dir if resume else init_from, device=dev)
-    ids = lvr.find_latent_ids(model, tok)  # the tokens it was trained with
-    if ids is None:
-        raise InputError(f"{init_from} has no latent tokens: train it with train_sft.py first")
-    ref = None
-    if beta > 0:  # the frozen reference: always the SFT checkpoint, also when resuming
-        ref = grpo.reference(
-            checkpoint.load(init_from, device=dev)[0], getattr(torch, dtype), not freeze_vision
-        )
-        ref = parallel.shard(ref) if fsdp else parallel.Root(ref)
-    model.train()
-    model.grad_checkpointing = grad_checkpointing
-    model.visual.requires_grad_(not freeze_vision)
-    policy = parallel.shard(model, sum_grads=True) if fsdp else parallel.Root(model)
-    # 3) optimizer, and the saved state when resuming
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
-    step, log, drawn, macs = 0, [], 0, 0.0  # drawn: rounds of B prompts taken from the stream so far
-    if resume:
-        state = checkpoint.load_train_state(out_dir, config)
-        parallel.load_optimizer(model, opt, state, fsdp)
-        step, log, drawn = state["step"], state["log"], state.get("drawn", state["step"])
-    macs = sum(x.get("macs", 0.0) for x in log)  # the run's compute so far, over all processes
-    # 4) the loop
-    autocast = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
-    bar = tqdm(total=max_iters, initial=step, disable=rank != 0, dynamic_ncols=True)
-    signalled = cli.stop_flag()  # Ctrl-C / SIGTERM on any rank: every rank finishes the step, saves it, exits
-    try:
-        while step < max_iters and not (max_macs and macs >= max_macs):
-            for g in opt.param_groups:
-                g["lr"] = lr * min(1.0, (step + 1) / warmup_iters)  # linear warmup, then constant
-            stats, drawn, stopping = train_step(
-                policy, ref, tok, ids, records, drawn, opt, params, autocast, signalled
-            )
-            if not math.isfinite(stats["loss"]):
-                raise InputError(
-                    f"loss is not finite at step {step}; stopped, {out_dir} keeps the last good checkpoint"
-                )
-            macs += stats["macs"]
-            step += 1
-            log.append(stats)
-            bar.update(1)
-            bar.set_postfix(
-                reward=f"{stats['reward']:.3f}", acc=f"{stats['accuracy']:.2f}", kl=f"{stats['kl']:.4f}"
-            )
-            spent = max_macs and macs >= max_macs
-            if stopping or step % eval_interval == 0 or step == max_iters or spent:
-                if rank == 0:
-                    tqdm.write(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in stats.items()))
-                train_state = {"step": step, "log": log, "config": config, "drawn": drawn}
-                parallel.save(model, tok, opt, out_dir, train_state, fsdp, rank)
-            if stopping:
-                if rank == 0:
-                    print(f"\nstopped: saved step {step} to {out_dir}")
-                # 130: Ctrl-C, 143: SIGTERM
-                raise SystemExit(128 + (signalled[0] if signalled else signal.SIGINT))
-        parallel.report_memory(dev, rank)
-    finally:
-        bar.close()
-        if SKIPPED:
-            print(f"skipped {len(SKIPPED)} bad records of {data_path}: {sorted(SKIPPED)}")
-        if ddp:
-            dist.destroy_process_group()
 
 
 @dataclass
@@ -239,13 +148,14 @@ def rollout_round(policy, tok, ids, exs, gens, autocast):
     policy's Root); 3) the rewards."""
     G, dev, model, stop = group_size, device, policy.model, [tok.im_end, tok.endoftext]
     p = data.prompt_batch(exs, tok, min_pixels, max_pixels)  # with all of each example's images
-    metric, threshold = lvr.end_rule(model, end_metric, end_threshold)
+    metric, threshold = lvr.end_rule(model, end_metric, cli.given(end_threshold))
 
     def encode_and_roll(m):
         feats = m.visual(p["pixel_values"].to(dev), p["grid_thw"])
         prompt = lvr.Prompt(p["input_ids"].to(dev), p["attention_mask"].to(dev), grid_thw=p["grid_thw"],
                             feats=feats)
-        decode = lvr.Decode(decoding, lvr_steps, max_latent_steps, force_end, metric, threshold, max_new_tokens)
+        decode = lvr.Decode(decoding, lvr_steps, max_latent_steps, force_end, metric, threshold,
+                            max_new_tokens)
         sampling = lvr.Sampling(temperature, generator=gens, stop_ids=stop, latent_sigma=latent_sigma)
         r = lvr.rollout(m, ids, prompt, decode, sampling, group_size=G)
         return feats, r
@@ -373,6 +283,7 @@ def update(policy, ref, ids, rounds, filler, opt, params, autocast):
     return loss_sum, kl_sum, n_act, float(forwards * macs)
 
 
+# long: the step's state, passed in rather than read as globals
 def train_step(policy, ref, tok, ids, records, drawn, opt, params, autocast, signalled):
     """Roll out rounds of B prompts (one, or with filter_groups until B groups over all ranks have reward
     spread, at most max_draws), then update on the kept groups -> (the step's statistics over all ranks,
@@ -416,6 +327,88 @@ def train_step(policy, ref, tok, ids, records, drawn, opt, params, autocast, sig
              "kl": total["kl"] / max(1, n_act), "macs": total["macs"], "step_s": time.time() - t0,
              "rollout_tok_s": total["lengths"] / (total["rollout_s"] / world)}
     return stats, drawn, total["stopping"] > 0
+
+# long: the script's phases, top to bottom, as nanoGPT's train.py reads
+def main(argv):
+    # 1) settings, checked before any work
+    config = cli.configure(globals(), argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cli.require(
+        batch_size % world == 0, f"--batch_size {batch_size} is not a multiple of the {world} processes"
+    )
+    bounds = data.trained_pixels(out_dir if resume else init_from, data.LVR_PIXELS)  # as the policy trained
+    images = data.image_settings(task, image_size, min_pixels, max_pixels, data_path == "synthetic", bounds)
+    globals().update(zip(("image_size", "min_pixels", "max_pixels"), images))
+    config.update(zip(("image_size", "min_pixels", "max_pixels"), images))
+    cli.require(
+        accuracy_weight + format_weight > 0, "--accuracy_weight and --format_weight are both 0: no reward"
+    )
+    checkpoint.check_out_dir(out_dir, fresh=not resume)
+    # 2) processes, data, the policy and its frozen reference
+    rank, world, dev, ddp = parallel.setup(device, fsdp)
+    globals()["device"] = dev  # this rank's
+    config["dtype"] = globals()["dtype"] = parallel.autocast_dtype(dtype, dev)
+    if rank == 0:
+        print(
+            "resolved: "
+            + " ".join(f"{k}={config[k]}" for k in ("dtype", "image_size", "min_pixels", "max_pixels"))
+        )
+    records = None if data_path == "synthetic" else data.load_records(data_path)
+    model, tok = checkpoint.load(out_dir if resume else init_from, device=dev)
+    ids = lvr.find_latent_ids(model, tok)  # the tokens it was trained with
+    if ids is None:
+        raise InputError(f"{init_from} has no latent tokens: train it with train_sft.py first")
+    ref = None
+    if beta > 0:  # the frozen reference: always the SFT checkpoint, also when resuming
+        ref = grpo.reference(
+            checkpoint.load(init_from, device=dev)[0], getattr(torch, dtype), not freeze_vision
+        )
+        ref = parallel.shard(ref) if fsdp else parallel.Root(ref)
+    model.train()
+    model.grad_checkpointing = grad_checkpointing
+    model.visual.requires_grad_(not freeze_vision)
+    policy = parallel.shard(model, sum_grads=True) if fsdp else parallel.Root(model)
+    # 3) optimizer, and the saved state when resuming
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
+    step, history, drawn = 0, [], 0  # history: log.jsonl's lines; drawn: rounds of B prompts taken so far
+    if resume:
+        state = checkpoint.load_train_state(out_dir, config)
+        parallel.load_optimizer(model, opt, state, fsdp)
+        step, history, drawn = state["step"], checkpoint.read_log(out_dir), state.get("drawn", state["step"])
+    macs = sum(x.get("macs", 0.0) for x in history)  # the run's compute so far, over all processes
+    # 4) the loop
+    autocast = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
+    signalled = cli.stop_flag()  # Ctrl-C / SIGTERM on any rank: every rank ends the step, saves it, exits
+    bar = tqdm(total=max_iters, initial=step, disable=rank != 0, dynamic_ncols=True)
+    with parallel.finishing(ddp, SKIPPED, data_path, rank), bar:
+        while step < max_iters and not (max_macs and macs >= max_macs):
+            for g in opt.param_groups:
+                g["lr"] = lr * min(1.0, (step + 1) / warmup_iters)  # linear warmup, then constant
+            stats, drawn, stopping = train_step(
+                policy, ref, tok, ids, records, drawn, opt, params, autocast, signalled
+            )
+            if not math.isfinite(stats["loss"]):
+                raise InputError(
+                    f"loss is not finite at step {step}; stopped, {out_dir} keeps the last good checkpoint"
+                )
+            macs += stats["macs"]
+            step += 1
+            history.append({"step": step, **stats})
+            bar.update(1)
+            bar.set_postfix(
+                reward=f"{stats['reward']:.3f}", acc=f"{stats['accuracy']:.2f}", kl=f"{stats['kl']:.4f}"
+            )
+            spent = max_macs and macs >= max_macs
+            if stopping or step % eval_interval == 0 or step == max_iters or spent:
+                if rank == 0:
+                    tqdm.write(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in stats.items()))
+                train_state = {"step": step, "config": config, "drawn": drawn}
+                parallel.save(model, tok, opt, out_dir, train_state, history, fsdp, rank)
+            if stopping:
+                cli.stop_saved(signalled, step, out_dir, rank)
+        parallel.report_memory(dev, rank)
+
 
 if __name__ == "__main__":
     cli.run(main)

@@ -13,7 +13,6 @@ Checkpoints are Hugging Face Qwen2.5-VL directories plus train_state.pt, written
 import contextlib
 import math
 import os
-import signal
 import tempfile
 import time
 
@@ -24,13 +23,13 @@ from tqdm import tqdm
 import checkpoint
 import cli
 import data
-import eval as evaluation
+import evaluate
 import lvr
 import parallel
 import qwen
 import tasks
 import vision
-from cli import InputError
+from cli import Auto, InputError
 
 # -----------------------------------------------------------------------------
 init_from = "scratch"  # "scratch" (tiny model + tiny tokenizer) or a Qwen2.5-VL checkpoint directory
@@ -40,8 +39,8 @@ image_root = ""  # directory the dataset's image paths are relative to (they may
 on_bad_record = "fail"  # {fail, skip} a record with a bad image, bbox or text stops the run, or is skipped
 method = "lvr"  # {lvr, mirage, none} none: plain SFT, the ablation
 stage = 1  # [1, 2] 1: teacher-forced latents; 2: its own latents fed back (LVR: + their latent loss)
-ce_weight = -1.0  # [0, inf) or -1 weight of the text cross-entropy (-1: the paper's, see resolve_defaults)
-latent_weight = -1.0  # [0, inf) or -1 weight of the latent loss (-1: the paper's)
+ce_weight = Auto(float)  # [0, inf) weight of the text CE (auto: Mirage from a checkpoint 0.1, else 1)
+latent_weight = Auto(float)  # [0, inf) weight of the latent loss (auto: Mirage from a checkpoint 1, else 0.1)
 latent_loss = "auto"  # {auto, mse, cosine, l1} auto: official LVR mse, Mirage cosine; tiny model cosine
 switch_weight = 0.1  # [0, inf) mode-switch loss: BCE on <|lvr_end|> at in-span states (spans end as trained)
 max_latents = 0  # [0, inf) pool each ROI to at most this many latents (0 = all ROI tokens)
@@ -51,9 +50,9 @@ latent_end = False  # train the `latent` exit mode (<|lvr_latent_end|> after the
 end_threshold = 0.1  # (0, inf) `latent` exit threshold, recorded in the checkpoint (zero vector at 1)
 batch_size = 16  # [1, inf) examples per micro-batch per process
 grad_accum = 1  # [1, inf) micro-batches per optimizer step
-lr = -1.0  # (0, inf) or -1 peak learning rate (-1: 1e-5 from a checkpoint, official LVR; 1e-3 from scratch)
-min_lr = -1.0  # [0, inf) or -1 learning rate at the end of the cosine (-1: 0 from a checkpoint; 1e-4)
-warmup_iters = -1  # [0, inf) or -1 linear warmup steps (-1: 3% of max_iters from a checkpoint; 50)
+lr = Auto(float)  # (0, inf) peak learning rate (auto: 1e-5 from a checkpoint, official LVR; scratch 1e-3)
+min_lr = Auto(float)  # [0, inf) learning rate at the end of the cosine (auto: 0 from a checkpoint; 1e-4)
+warmup_iters = Auto(int)  # [0, inf) linear warmup steps (auto: 3% of max_iters from a checkpoint; 50)
 max_iters = 2000  # [1, inf) optimizer steps
 max_macs = 0.0  # [0, inf) also stop once the run's compute reaches this many multiply-accumulates (0: off)
 weight_decay = 0.0  # [0, inf) AdamW weight decay
@@ -63,9 +62,9 @@ eval_examples = 128  # [0, inf) held-out examples per evaluation (0: checkpoints
 task = "colour"  # {colour, search, relation, imagine, vsp} the synthetic task (tasks.py)
 level = "3"  # VSP's map size: 3 to 6 cells a side, a list (3,4) or a range (3-6) to mix them
 vsp_targets = "box+goal"  # {box+goal, box+path, moves+goal, moves+path} VSP: LVR's regions + Mirage's helper
-image_size = 0  # [0, inf) synthetic image side, a multiple of 28 (0: the task's own, 168; search 336)
-min_pixels = 0  # [0, inf) smallest image area after resizing (0: as --init_from trained, else 128*28*28)
-max_pixels = 0  # [0, inf) largest image area (0: as --init_from trained, else 5120*28*28; synthetic: own)
+image_size = Auto(int)  # [28, inf) synthetic image side, a multiple of 28 (auto: the task's, 168; search 336)
+min_pixels = Auto(int)  # [1, inf) smallest image area after resizing (auto: as trained, else 100352)
+max_pixels = Auto(int)  # [1, inf) largest image area (auto: as trained, else 4014080; synthetic: its own)
 dtype = "auto"  # {auto, float32, bfloat16} bfloat16: autocast, fp32 master weights (auto: bf16 on CUDA)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 grad_checkpointing = False  # recompute decoder layers in backward to save memory
@@ -91,7 +90,7 @@ def loss_of(model, batch):
 
 
 def resolve_defaults(config, dev):
-    """The settings left at auto (-1, 0, "auto"), resolved and printed on one line. From a real checkpoint,
+    """The settings left at auto, resolved and printed on one line. From a real checkpoint,
     the official recipes: LVR mse with CE 1 / latent 0.1 (official LVR), Mirage cosine with CE 0.1 / latent 1
     (official Mirage); lr 1e-5 with a cosine to 0 after 3% warmup (official LVR SFT). The tiny scratch model
     keeps what trains it in minutes (cosine, CE 1 / latent 0.1, lr 1e-3 to 1e-4 after 50 steps: see the
@@ -106,7 +105,7 @@ def resolve_defaults(config, dev):
             "warmup_iters": round(0.03 * max_iters) if real else 50,
             "dtype": parallel.autocast_dtype(dtype, dev)}
     for k, v in auto.items():
-        if config[k] in ("auto", -1, -1.0):
+        if isinstance(config[k], Auto) or config[k] == "auto":
             config[k] = globals()[k] = v
     # a data file's images: as the checkpoint trained, else official LVR's bounds (Mirage: the processor's)
     start = out_dir if resume else init_from
@@ -143,7 +142,7 @@ def build(tmp, dev):
     before = len(tok)  # the tokenizer's tokens before the latent ones: their rows start at the mean of these
     names = lvr.MIRAGE_TOKENS if method == "mirage" else lvr.LVR_TOKENS
 
-    def init(model):  # the latent head and tokens, and what eval.py needs to know of the training
+    def init(model):  # the latent head and tokens, and what evaluate.py needs to know of the training
         if freeze_vision:  # (before DDP or FSDP wrap the model: they keep what trains)
             model.visual.requires_grad_(False)
         if latent_head and not hasattr(model, "lvr_head"):
@@ -154,10 +153,10 @@ def build(tmp, dev):
         if fsdp and len(tok) > vocab:
             raise InputError(f"{path}: the embedding has {vocab} rows, too few for the latent tokens; "
                              f"--fsdp loads into its rows: add them first (train once without --fsdp)")
-        # what the latents reconstruct, so that eval.py can build the same targets (its oracle row)
+        # what the latents reconstruct, so that evaluate.py can build the same targets (its oracle row)
         model.cfg.extra["latent_targets"] = {"method": method, "max_latents": max_latents, "k": mirage_k,
                                              "vsp": vsp_targets}
-        model.cfg.extra["lvr_image_pixels"] = [min_pixels, max_pixels]  # the image sizes eval.py uses
+        model.cfg.extra["lvr_image_pixels"] = [min_pixels, max_pixels]  # the image sizes evaluate.py uses
         if latent_end:  # the `latent` exit's distance (the one its embedding is trained with) and threshold
             model.cfg.extra.update(latent_end_metric=latent_loss, latent_end_threshold=end_threshold)
         return ids
@@ -194,7 +193,7 @@ def examples(start, n, records, split="train"):
 
 def collated(exs, tok, ids):
     """Examples -> one padded SFT batch (data.collate's fields)."""
-    rows = [data.encode(e, tok, ids, method, max_latents, mirage_k, latent_end, min_pixels, max_pixels)
+    rows = [data.encode(e, tok, ids, method, max_latents, mirage_k, latent_end, (min_pixels, max_pixels))
             for e in exs]
     return data.collate(rows, tok.endoftext)
 
@@ -259,6 +258,7 @@ def train_step(root, batches, dev, ddp, autocast):
     return sums
 
 
+# long: the script's phases, top to bottom, as nanoGPT's train.py reads
 def main(argv):
     # 1) settings, checked before any work
     config = cli.configure(globals(), argv)
@@ -293,13 +293,12 @@ def main(argv):
     # 3) optimizer, and the saved state when resuming
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
-    step, losses, times = 0, [], []  # times: per step, (seconds, of which waiting for data)
+    step, history = 0, []  # log.jsonl's lines: each step's losses, lr, times and compute; each evaluation
     macs = 0.0  # the run's compute so far, over all processes (qwen.Qwen2_5_VL.macs)
     if resume:
         state = checkpoint.load_train_state(out_dir, config)
         parallel.load_optimizer(model, opt, state, fsdp)
-        step, losses, times = state["step"], state["losses"], state.get("times", [])
-        macs = state.get("macs", 0.0)
+        step, history, macs = state["step"], checkpoint.read_log(out_dir), state.get("macs", 0.0)
         torch.set_rng_state(state["rng"])
     # 4) the loop
     autocast = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
@@ -308,9 +307,9 @@ def main(argv):
                                          num_workers=data_workers, generator=torch.Generator(),
                                          collate_fn=as_is)
     stream = iter(loader)
-    bar = tqdm(total=max_iters, initial=step, disable=rank != 0, dynamic_ncols=True)
     signalled = cli.stop_flag()  # Ctrl-C / SIGTERM: finish the step, save it, exit
-    try:
+    bar = tqdm(total=max_iters, initial=step, disable=rank != 0, dynamic_ncols=True)
+    with parallel.finishing(ddp, SKIPPED, data_path, rank), bar:
         while step < max_iters and not (max_macs and macs >= max_macs):
             t0 = time.time()
             for g in opt.param_groups:
@@ -338,8 +337,9 @@ def main(argv):
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            losses.append((ce_sum, lat_sum, sw_sum))
-            times.append((time.time() - t0, t_data))
+            history.append({"step": step, "ce": ce_sum, "latent": lat_sum, "switch": sw_sum,
+                            "lr": get_lr(step - 1), "step_s": time.time() - t0, "data_s": t_data,
+                            "macs": macs})
             bar.update(1)
             bar.set_postfix(ce=f"{ce_sum:.4f}", latent=f"{lat_sum:.4f}", switch=f"{sw_sum:.4f}",
                             lr=f"{get_lr(step - 1):.1e}", ms=f"{1000 * (time.time() - t0):.0f}",
@@ -347,29 +347,21 @@ def main(argv):
             spent = max_macs and macs >= max_macs
             if stopping or step % eval_interval == 0 or step == max_iters or spent:
                 if not stopping:  # (no evaluation on the way out)
-                    evaluate(root, model, tok, ids, records, held_out, dev, step)
-                train_state = {"step": step, "losses": losses, "times": times, "macs": macs, "config": config,
-                               "rng": torch.get_rng_state()}
-                parallel.save(model, tok, opt, out_dir, train_state, fsdp, rank)
+                    acc, n = held_out_accuracy(root, model, tok, ids, records, held_out, dev, step)
+                    history += [{"step": step, "eval_accuracy": acc, "eval_examples": n}] if n else []
+                train_state = {"step": step, "macs": macs, "config": config, "rng": torch.get_rng_state()}
+                parallel.save(model, tok, opt, out_dir, train_state, history, fsdp, rank)
             if stopping:
-                if rank == 0:
-                    print(f"\nstopped: saved step {step} to {out_dir}")
-                # 130: Ctrl-C, 143: SIGTERM
-                raise SystemExit(128 + (signalled[0] if signalled else signal.SIGINT))
+                cli.stop_saved(signalled, step, out_dir, rank)
         parallel.report_memory(dev, rank)
-    finally:
-        bar.close()
-        if SKIPPED and rank == 0:
-            print(f"skipped {len(SKIPPED)} bad records of {data_path}: {sorted(SKIPPED)}")
-        if ddp:
-            dist.destroy_process_group()
 
 
-def evaluate(root, model, tok, ids, records, held_out, dev, step):
-    """eval.py's accuracy with the latent rollout on held-out examples: --eval_data_path's, or the synthetic
-    task's (seeds training never draws). A data file without --eval_data_path is scored on its first
+def held_out_accuracy(root, model, tok, ids, records, held_out, dev, step):
+    """evaluate.py's accuracy with the latent rollout on held-out examples: --eval_data_path's, or the
+    synthetic task's (seeds training never draws). A data file without --eval_data_path is scored on its first
     training examples, and the print says so: that measures fit, not generalisation. Under torchrun each
-    rank decodes its share (FSDP: with the full weights gathered, since ranks decode different lengths)."""
+    rank decodes its share (FSDP: with the full weights gathered, since ranks decode different lengths).
+    -> (accuracy, examples scored)."""
     if held_out is not None:
         exs, what = held_out, "held-out"
     elif records is None:
@@ -377,7 +369,7 @@ def evaluate(root, model, tok, ids, records, held_out, dev, step):
     else:
         exs, what = examples(0, min(eval_examples, len(records)), records), "training-set"
     if not exs:  # --eval_examples 0: checkpoints only
-        return
+        return 0.0, 0
     rank, world = parallel.rank_world()
     model.eval()
     budget = max(len(collated([e], tok, ids)["latent_slot"]) for e in exs) + 4  # the longest span, and some
@@ -387,13 +379,14 @@ def evaluate(root, model, tok, ids, records, held_out, dev, step):
             # Mirage spans are always k long; LVR spans differ per row: the model ends them
             how = "latent" if latent_end else "steps" if method == "mirage" else "token"
             decode = lvr.Decode(how, mirage_k, budget, True, latent_loss, end_threshold, max_new_tokens=48)
-            r = evaluation.evaluate(model, tok, ids, exs[rank::world], decode, (min_pixels, max_pixels),
-                                    batch_size)
+            pixels = (min_pixels, max_pixels)
+            r = evaluate.evaluate(model, tok, ids, exs[rank::world], decode, pixels, batch_size)
             right += sum(r["right"])
     right = parallel.all_reduce(right)
     if rank == 0:
         print(f"\nstep {step}: {what} accuracy {float(right) / len(exs):.3f} on {len(exs)} examples")
     model.train()
+    return float(right) / len(exs), len(exs)
 
 
 if __name__ == "__main__":

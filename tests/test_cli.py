@@ -9,7 +9,7 @@ import cli
 from cli import InputError
 from test_train import run_all
 
-SCRIPTS = ["train_sft", "train_grpo", "eval", "sample", "bench", "study", "gpu_check"]
+SCRIPTS = ["train_sft", "train_grpo", "evaluate", "sample", "tools.bench", "tools.study", "tools.gpu_check"]
 
 
 def bad_value(kind, spec):
@@ -27,16 +27,15 @@ def bad_value(kind, spec):
 def test_every_flag_declares_and_checks_its_values(script):
     mod = importlib.import_module(script)
     decl = cli.declarations(mod.__file__)
-    flags = {k: v for k, v in vars(mod).items() if k.islower() and not k.startswith("_")
-             and isinstance(v, (bool, int, float, str))}
-    numbers = [k for k, v in flags.items() if type(v) in (int, float)]
+    flags = cli.settings(vars(mod))
+    numbers = [k for k, v in flags.items() if type(v) in (int, float) or isinstance(v, cli.Auto)]
     assert numbers and all(k in decl for k in numbers), [k for k in numbers if k not in decl]  # a range each
     assert set(decl) <= set(flags)  # no declaration for a flag that does not exist
     for name, d in decl.items():
         g = dict(vars(mod))
         cli.check(name, g[name], d)  # every default is accepted
         value = bad_value(*d)
-        kind = type(g[name])
+        kind = g[name].kind if isinstance(g[name], cli.Auto) else type(g[name])  # (a placeholder: its kind)
         with pytest.raises(InputError) as e:
             cli.configure(g, [f"--{name}", str(kind(value) if kind is not str else value)])
         assert str(e.value).startswith(f"--{name} must be") and "\n" not in str(e.value)
@@ -65,11 +64,11 @@ def test_bad_values_end_to_end_are_one_line_errors():
              ("sample.py", ["--max_new_tokens", "0"], "--max_new_tokens must be in [1, inf)"),
              ("sample.py", ["--temperature", "-1"], "--temperature must be in [0, inf)"),
              ("sample.py", ["--top_p", "2"], "--top_p must be in (0, 1]"),
-             ("eval.py", ["--n_examples", "-5"], "--n_examples must be in [1, inf)"),
-             ("eval.py", ["--batch_size", "0"], "--batch_size must be in [1, inf)"),
+             ("evaluate.py", ["--n_examples", "-5"], "--n_examples must be in [1, inf)"),
+             ("evaluate.py", ["--batch_size", "0"], "--batch_size must be in [1, inf)"),
              ("train_grpo.py", ["--batch_size", "0"], "--batch_size must be in [1, inf)"),
              ("train_grpo.py", ["--temperature", "0"], "--temperature must be in (0, inf)"),
-             ("bench.py", ["--sizes", "tiny,7b"], "--sizes must be a comma-separated list")]
+             ("-m", ["tools.bench", "--sizes", "tiny,7b"], "--sizes must be a comma-separated list")]
     for (script, args, msg), r in zip(cases, run_all(*[[s, *a, "--out_dir", "/nonexistent/x"] if s.startswith("train")
                                                         else [s, *a] for s, a, _ in cases])):
         assert r.returncode == 1 and "Traceback" not in r.stderr, (script, args, r.stderr)
@@ -92,3 +91,17 @@ def test_help_lists_every_flag_and_a_misspelt_flag_names_the_nearest(script, cap
         cli.configure(dict(vars(mod)), [f"--{name[:-1]}", "1"])
     with pytest.raises(InputError, match="unknown flag --max_iter: did you mean --max_iters"):
         cli.configure(dict(vars(importlib.import_module("train_sft"))), ["--max_iter", "3"])
+
+
+def test_auto_is_a_typed_placeholder():
+    """`--lr auto` leaves the placeholder for the script to resolve, `--lr 3e-4` is a float, checked against
+    the declared range; the config a run saves holds plain values ("auto")."""
+    import train_sft
+    g = dict(vars(train_sft))
+    config = cli.configure(g, ["--lr", "auto", "--warmup_iters", "7"])
+    assert isinstance(g["lr"], cli.Auto) and config["lr"] == "auto" and g["warmup_iters"] == 7
+    assert cli.given(g["lr"]) is None and cli.given(g["warmup_iters"]) == 7
+    g = dict(vars(train_sft))
+    assert cli.configure(g, ["--lr", "3e-4"])["lr"] == 3e-4 and g["lr"] == 3e-4
+    with pytest.raises(InputError, match="--warmup_iters expects int"):
+        cli.configure(dict(vars(train_sft)), ["--warmup_iters", "0.5"])

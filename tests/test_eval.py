@@ -1,11 +1,11 @@
-"""eval.py: the metrics on hand-made cases, the MMVP / V* loaders, and the script end to end."""
+"""evaluate.py: the metrics on hand-made cases, the MMVP / V* loaders, and the script end to end."""
 import json
 
 import torch
 
 import data
 import lvr
-import eval as evaluation
+import evaluate as evaluation
 import tasks
 from cli import InputError
 from test_grpo import IDS, IM_END
@@ -78,7 +78,7 @@ def test_eval_script_end_to_end(tmp_path):
     out = str(tmp_path / "out")
     r = run("train_sft.py", *SMALL, "--max_iters", "2", "--eval_interval", "2", "--out_dir", out)
     assert r.returncode == 0, r.stderr
-    r = run("eval.py", "--init_from", out, "--n_examples", "6", "--image_size", "112", "--max_pixels", "12544",
+    r = run("evaluate.py", "--init_from", out, "--n_examples", "6", "--image_size", "112", "--max_pixels", "12544",
             "--max_new_tokens", "8", "--max_latent_steps", "3")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
@@ -88,7 +88,7 @@ def test_eval_script_end_to_end(tmp_path):
 
 
 def test_eval_on_an_lvr_json_file(tmp_path):
-    """eval.py on an LVR JSON file: accuracy, latent steps per example and per span, hit rate on its bboxes."""
+    """evaluate.py on an LVR JSON file: accuracy, latent steps per example and per span, hit rate on its bboxes."""
     out, imgs = str(tmp_path / "out"), tmp_path / "imgs"
     imgs.mkdir()
     recs = []
@@ -109,7 +109,7 @@ def test_eval_on_an_lvr_json_file(tmp_path):
     # a few steps: every training answer opens with <|lvr_start|>, so the greedy model does too
     r = run("train_sft.py", *SMALL, "--max_iters", "30", "--eval_interval", "30", "--lr", "3e-3", "--out_dir", out)
     assert r.returncode == 0, r.stderr
-    r = run("eval.py", "--init_from", out, "--data_path", str(tmp_path / "val.jsonl"), "--image_root", str(imgs),
+    r = run("evaluate.py", "--init_from", out, "--data_path", str(tmp_path / "val.jsonl"), "--image_root", str(imgs),
             "--max_new_tokens", "8", "--max_latent_steps", "3")
     assert r.returncode == 0, r.stderr
     assert "min_pixels=3136 max_pixels=12544" in r.stdout  # a data file's images at the sizes it trained on
@@ -164,11 +164,11 @@ def test_geometry_by_hand():
 
 
 def test_eval_saves_every_example_and_can_skip_the_diagnostics(tmp_path):
-    out = str(tmp_path / "out")  # (a checkpoint of no training: what is checked is what eval.py writes)
+    out = str(tmp_path / "out")  # (a checkpoint of no training: what is checked is what evaluate.py writes)
     r = run("train_sft.py", *SMALL, "--max_iters", "1", "--eval_interval", "1", "--eval_examples", "0",
             "--data_workers", "0", "--out_dir", out)
     assert r.returncode == 0, r.stderr
-    common = ["eval.py", "--init_from", out, "--n_examples", "5", "--image_size", "112", "--max_pixels", "12544",
+    common = ["evaluate.py", "--init_from", out, "--n_examples", "5", "--image_size", "112", "--max_pixels", "12544",
               "--max_new_tokens", "6", "--max_latent_steps", "2"]
     r = run(*common, "--save", str(tmp_path / "all.json"))
     assert r.returncode == 0, r.stderr

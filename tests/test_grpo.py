@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import checkpoint
 import grpo
 import helpers
 import lvr
@@ -294,14 +295,14 @@ def test_compute_is_counted_and_bounds_the_run(tmp_path, sft):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     r = run("train_grpo.py", *grpo_flags(sft), "--max_iters", "3", "--filter_groups", "false", "--out_dir", a)
     assert r.returncode == 0, r.stderr
-    log = torch.load(os.path.join(a, "train_state.pt"), weights_only=True)["log"]
+    log = checkpoint.read_log(a)
     assert all(x["macs"] > 0 for x in log)
     budget = log[0]["macs"] + 0.5 * log[1]["macs"]  # reached during step 2
     r = run("train_grpo.py", *grpo_flags(sft), "--max_iters", "3", "--filter_groups", "false", "--out_dir", b,
             "--max_macs", str(budget))
     assert r.returncode == 0, r.stderr
     log_b = torch.load(os.path.join(b, "train_state.pt"), weights_only=True)
-    assert log_b["step"] == 2 and [x["macs"] for x in log_b["log"]] == [x["macs"] for x in log[:2]]
+    assert log_b["step"] == 2 and [x["macs"] for x in checkpoint.read_log(b)] == [x["macs"] for x in log[:2]]
 
 
 def test_train_grpo_end_to_end_and_resume(tmp_path, sft):
@@ -319,8 +320,8 @@ def test_train_grpo_end_to_end_and_resume(tmp_path, sft):
             "--ppo_epochs", "2", "--resume", "true")
     assert r.returncode == 0, r.stderr
     assert "resuming with changed settings" not in r.stdout  # the same flags as the interrupted run
-    la = torch.load(os.path.join(a, "train_state.pt"), weights_only=True)["log"]
-    lb = torch.load(os.path.join(b, "train_state.pt"), weights_only=True)["log"]
+    la = checkpoint.read_log(a)
+    lb = checkpoint.read_log(b)
     assert len(la) == len(lb) == 4
     for x, y in zip(la, lb):
         assert math.isclose(x["loss"], y["loss"], rel_tol=1e-4, abs_tol=1e-7) and x["reward"] == y["reward"]
@@ -381,7 +382,7 @@ def test_filter_groups_trains_only_on_groups_with_signal(tmp_path, monkeypatch):
                     "0",
                 ]
             )
-            logs[flag] = torch.load(out / "train_state.pt", weights_only=True)
+            logs[flag] = {**torch.load(out / "train_state.pt", weights_only=True), "log": checkpoint.read_log(out)}
             for groups in (g for step in trained for g in step):
                 spread = groups.max(1).values != groups.min(1).values
                 assert spread.all() if flag == "true" else len(groups) == 4  # only signal / every group
@@ -464,14 +465,14 @@ def test_grpo_two_processes_match_one(tmp_path, sft):
     one, two, three = (str(tmp_path / x) for x in ("one", "two", "three"))
     r, rows1 = launch(one, 1, None)
     assert r.returncode == 0, r.stderr
-    log1 = torch.load(os.path.join(one, "train_state.pt"), weights_only=True)["log"]
+    log1 = checkpoint.read_log(one)
     assert sum(x["draws"] for x in log1) > 3 and sum(x["kept_groups"] for x in log1) > 0  # rounds filtered, kept
     m1 = qwen.Qwen2_5_VL.from_pretrained(one)
     for out, port, extra in ((two, "29541", []), (three, "29542", ["--fsdp", "true"])):
         r, rows = launch(out, 2, port, *extra)
         assert r.returncode == 0, r.stderr
         assert rows == rows1, out  # the same completions, token for token
-        log = torch.load(os.path.join(out, "train_state.pt"), weights_only=True)["log"]
+        log = checkpoint.read_log(out)
         for x, y in zip(log1, log, strict=True):
             assert {k: x[k] for k in ("accuracy", "kept_groups", "draws", "length")} == \
                    {k: y[k] for k in ("accuracy", "kept_groups", "draws", "length")}
@@ -492,6 +493,6 @@ def test_grpo_two_processes_match_one(tmp_path, sft):
     assert f"stopped: saved step 2 to {four}" in r.stdout and state["step"] == 2, r.stderr
     r = run("train_grpo.py", *common, "--out_dir", four, "--resume", "true")
     assert r.returncode == 0, r.stderr
-    log4 = torch.load(os.path.join(four, "train_state.pt"), weights_only=True)["log"]
+    log4 = checkpoint.read_log(four)
     assert all(math.isclose(x["reward"], y["reward"], rel_tol=1e-9) for x, y in zip(log1, log4, strict=True))
     assert all(math.isclose(x["loss"], y["loss"], rel_tol=1e-4, abs_tol=1e-6) for x, y in zip(log1, log4))

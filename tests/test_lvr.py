@@ -88,7 +88,7 @@ def test_chunk_groups():
 def test_encode_sequence_and_labels(tmp_path):
     model, tok, ids = tiny_model(tmp_path)
     ex = tasks.synthetic_example(5)
-    e = data.encode(ex, tok, ids, "lvr", max_pixels=50176)
+    e = data.encode(ex, tok, ids, "lvr", pixels=(3136, 50176))
     seq, labels = e["input_ids"], e["labels"]
     n = len(e["latent_pos"])
     a = e["n_prompt"]
@@ -98,9 +98,9 @@ def test_encode_sequence_and_labels(tmp_path):
     assert labels[:a] == [-100] * a  # the prompt is not supervised
     assert labels[a] == ids.start and labels[a + 1:a + 1 + n] == [-100] * n and labels[a + 1 + n] == ids.end
     assert e["latent_pos"] == list(range(a + 1, a + 1 + n)) and e["latent_slot"] == list(range(n))
-    none = data.encode(ex, tok, ids, "none", max_pixels=50176)
+    none = data.encode(ex, tok, ids, "none", pixels=(3136, 50176))
     assert none["latent_pos"] == [] and tok.decode(none["input_ids"][none["n_prompt"]:]) == ex["answer"]
-    with_end = data.encode(ex, tok, ids, "lvr", latent_end=True, max_pixels=50176)
+    with_end = data.encode(ex, tok, ids, "lvr", latent_end=True, pixels=(3136, 50176))
     t = with_end["latent_end_pos"][0]
     assert with_end["input_ids"][t:t + 2] == [ids.latent_end, ids.end] and with_end["labels"][t] == -100
 
@@ -111,7 +111,7 @@ def test_sft_loss_against_hand_computation(tmp_path):
     exs = [tasks.synthetic_example(s) for s in (1, 2)]
     exs[0]["bboxes"] = [[0.1, 0.1, 0.6, 0.5]]  # 2 latents after pooling
     exs[1].update(assistant="<lvr> then <lvr>\nred", bboxes=[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 0.7, 0.7]])  # two spans
-    enc = [data.encode(e, tok, ids, "lvr", max_latents=2, max_pixels=50176) for e in exs]
+    enc = [data.encode(e, tok, ids, "lvr", max_latents=2, pixels=(3136, 50176)) for e in exs]
     batch = data.collate(enc, tok.endoftext)
     loss, ce, lat, switch = lvr.sft_loss(model, batch, ce_weight=0.7, latent_weight=0.3, switch_weight=0.2)
     # independent recomputation, one example at a time
@@ -162,7 +162,7 @@ def test_latent_losses():
 
 def test_mirage_stage2_gradients_reach_latent_chain(tmp_path):
     model, tok, ids = tiny_model(tmp_path, latent_head=True)
-    enc = [data.encode(tasks.synthetic_example(s), tok, ids, "mirage", k=3, max_pixels=50176) for s in (3, 4)]
+    enc = [data.encode(tasks.synthetic_example(s), tok, ids, "mirage", k=3, pixels=(3136, 50176)) for s in (3, 4)]
     batch = data.collate(enc, tok.endoftext)
     assert batch["latent_slot"].tolist() == [0, 1, 2, 0, 1, 2]
     loss, _, _, _ = lvr.own_latents_loss(model, batch)
@@ -180,7 +180,7 @@ def test_lvr_stage2_trains_every_latent_where_it_is_used(tmp_path):
     through the chain, and equals a slow one-example recomputation that feeds the latents one by one."""
     model, tok, ids = tiny_model(tmp_path)
     ex = tasks.relation_example(5, 112)  # two spans: slots 0 of each, one latent per span
-    e = data.encode(ex, tok, ids, "lvr", max_latents=2, max_pixels=12544)
+    e = data.encode(ex, tok, ids, "lvr", max_latents=2, pixels=(3136, 12544))
     batch = data.collate([e], tok.endoftext)
     loss, ce, lat, switch = lvr.own_latents_loss(model, batch, 0.1, "mse", switch_weight=0.1)
     assert lat > 0 and torch.allclose(loss, ce + 0.1 * lat + 0.1 * switch)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import checkpoint
 import cli
 import data
-import eval as evaluation
+import evaluate as evaluation
 import grpo
 import helpers
 import lvr
@@ -60,7 +60,7 @@ def test_a_real_checkpoint_resolves_the_official_settings_and_keeps_the_images_l
     r = run("train_sft.py", "--init_from", str(real / "ckpt"), "--data_path", str(real / "d.json"), "--image_root",
             str(real), "--max_iters", "1", "--batch_size", "1", "--eval_examples", "1", "--out_dir", out)
     assert r.returncode == 0, r.stderr
-    r = run("eval.py", "--init_from", out, "--data_path", str(real / "d.json"), "--image_root", str(real),
+    r = run("evaluate.py", "--init_from", out, "--data_path", str(real / "d.json"), "--image_root", str(real),
             "--max_new_tokens", "4", "--max_latent_steps", "2")
     assert r.returncode == 0, r.stderr
     assert "min_pixels=100352 max_pixels=4014080" in r.stdout, r.stdout  # the bounds it was trained with
@@ -175,7 +175,7 @@ def test_the_latent_head_takes_part_in_a_micro_batch_without_latents():
     model, tok, ids = tiny_lvr(head=True)
     model.train()
     ex = tasks.synthetic("train", 0, 0, 112)
-    batch = data.collate([data.encode(ex, tok, ids, "none", max_pixels=12544)], tok.endoftext)  # no latent slot
+    batch = data.collate([data.encode(ex, tok, ids, "none", pixels=(3136, 12544))], tok.endoftext)  # no latent slot
     loss, *_ = lvr.sft_loss(model, batch)
     loss.backward()
     assert all(p.grad is not None for p in model.lvr_head.parameters())
@@ -276,12 +276,12 @@ def test_an_official_latent_end_checkpoint_loads_and_exits_by_its_own_vector(tmp
 
 def test_the_gpu_check_runs_every_path(tmp_path):
     """gpu_check.py's own runs, on CPU at the tiny shape: SFT under DDP and FSDP2, a resume, GRPO, eval."""
-    r = run("gpu_check.py", "--size", "tiny", "--processes", "2", "--steps", "2", "--work_dir", str(tmp_path))
+    r = run("-m", "tools.gpu_check", "--size", "tiny", "--processes", "2", "--steps", "2", "--work_dir", str(tmp_path))
     assert r.returncode == 0 and "FAILED" not in r.stdout, r.stdout + r.stderr
     for name in ("SFT, DDP (2 steps)", "SFT, FSDP2 (2 steps)", "SFT, FSDP2 resumed (+2)", "GRPO, DDP (2 steps)"):
         line = next(x for x in r.stdout.splitlines() if x.startswith(name))
         assert "median step" in line and "median step -" not in line, line
-    assert state(str(tmp_path / "fsdp2"))["step"] == 4 and "eval.py (8 records)          ok" in r.stdout
+    assert state(str(tmp_path / "fsdp2"))["step"] == 4 and "evaluate.py (8 records)      ok" in r.stdout
 
 
 def test_the_process_group_outwaits_a_big_checkpoint(monkeypatch):

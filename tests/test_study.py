@@ -2,12 +2,12 @@
 compute, a rerun redoes nothing, and the tables come from the file alone."""
 import json
 
-import study
+from tools import study
 from test_train import run
 
 
 def test_study_quick_runs_every_stage_and_resumes(tmp_path, capsys):
-    args = ["study.py", "--quick", "true", "--results", str(tmp_path / "r.jsonl"), "--picture", str(tmp_path / "s.png"),
+    args = ["-m", "tools.study", "--quick", "true", "--results", str(tmp_path / "r.jsonl"), "--picture", str(tmp_path / "s.png"),
             "--work_dir", str(tmp_path / "runs")]
     r = run(*args)
     assert r.returncode == 0, r.stderr
@@ -27,10 +27,10 @@ def test_study_quick_runs_every_stage_and_resumes(tmp_path, capsys):
     assert spent["latent_sigma"] == 0.0 and spent["steps"] >= 2 and spent["grpo_log"]
     assert abs(recs["vsp/mirage+control/seed1"]["macs"] / spent["macs"] - 1) < 0.05
     assert (tmp_path / "s.png").stat().st_size > 0
-    study.main(args[1:])  # resumes (in this process: no new one to start): every run is in the file already
+    study.main(args[2:])  # resumes (in this process: no new one to start): every run is in the file already
     assert len(open(tmp_path / "r.jsonl").readlines()) == len(recs)
     capsys.readouterr()
-    study.main([*args[1:], "--report", "true"])  # the tables, from the file alone
+    study.main([*args[2:], "--report", "true"])  # the tables, from the file alone
     out = capsys.readouterr().out
     assert "| vsp | Mirage + GRPO_latent (sigma 0) - Mirage + teacher-forced (control) | 1 |" in out
     row = next(x for x in out.splitlines() if x.startswith("| vsp | Mirage |"))

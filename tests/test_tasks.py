@@ -54,8 +54,8 @@ def test_relation_bboxes_are_the_anchor_then_its_neighbour(tmp_path):
         assert (pixels == tasks.COLOURS[e["answer"]]).all(1).any()  # the target wears the answer's colour
         assert e["assistant"].count("<lvr>") == 2
     model, tok, ids = tiny_model(tmp_path)
-    lvr_rows = data.encode(e, tok, ids, "lvr", max_pixels=28224)
-    mirage_rows = data.encode(e, tok, ids, "mirage", k=3, max_pixels=28224)
+    lvr_rows = data.encode(e, tok, ids, "lvr", pixels=(3136, 28224))
+    mirage_rows = data.encode(e, tok, ids, "mirage", k=3, pixels=(3136, 28224))
     assert lvr_rows["latent_slot"] == [0, 0] and mirage_rows["latent_slot"] == [0, 1, 2]  # two looks; one imagining
 
 
@@ -88,7 +88,7 @@ def test_task_reaches_every_script(tmp_path):
     assert r.returncode == 0 and "held-out accuracy" in r.stdout, r.stderr
     small = ["--image_size", "168", "--max_pixels", "28224"]
     ev, gr = run_all(
-        ["eval.py", "--init_from", out, "--task", "search", "--n_examples", "4", *small, "--max_new_tokens", "6"],
+        ["evaluate.py", "--init_from", out, "--task", "search", "--n_examples", "4", *small, "--max_new_tokens", "6"],
         [
             "train_grpo.py",
             "--init_from",
@@ -210,7 +210,7 @@ def test_vsp_without_gymnasium_is_one_line_naming_the_install(monkeypatch):
 
 def test_vsp_reaches_every_script_and_a_mirage_file_of_its_maps_scores_alike(tmp_path):
     """--task vsp trains (LVR), evaluates and runs GRPO; the same maps written as a Mirage VSP file (PNG images,
-    text_input with <image>, map_desc) make the same prompts, pixels and judgements, so eval.py scores the file
+    text_input with <image>, map_desc) make the same prompts, pixels and judgements, so evaluate.py scores the file
     as it scores the built-in maps."""
     import json
     exs = [tasks.synthetic("test", i, 1337, task="vsp") for i in range(4)]
@@ -233,8 +233,8 @@ def test_vsp_reaches_every_script_and_a_mirage_file_of_its_maps_scores_alike(tmp
     assert "first example: 1 image(s) of 49 merged tokens" in r.stdout  # 192 px -> 196: the processor's resize
     common = ["--n_examples", "4", "--max_new_tokens", "8", "--diagnostics", "false"]
     built, filed, gr = run_all(
-        ["eval.py", "--init_from", out, "--task", "vsp", *common, "--save", str(tmp_path / "a.json")],
-        ["eval.py", "--init_from", out, "--data_path", str(path), "--image_root", str(tmp_path), *common,
+        ["evaluate.py", "--init_from", out, "--task", "vsp", *common, "--save", str(tmp_path / "a.json")],
+        ["evaluate.py", "--init_from", out, "--data_path", str(path), "--image_root", str(tmp_path), *common,
          "--save", str(tmp_path / "b.json")],
         ["train_grpo.py", "--init_from", out, "--task", "vsp", "--batch_size", "2", "--group_size", "2",
          "--max_iters", "1", "--max_new_tokens", "6", "--out_dir", str(tmp_path / "g")])

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import checkpoint
+import cli
 import data
 import helpers
 import lvr
@@ -42,6 +43,11 @@ def state(out):
     return torch.load(os.path.join(out, "train_state.pt"), weights_only=True)
 
 
+def losses(out):
+    """A run's (ce, latent, switch) at every step, from its history (log.jsonl)."""
+    return [(x["ce"], x["latent"], x["switch"]) for x in checkpoint.read_log(out) if "ce" in x]
+
+
 def test_ddp_and_fsdp_two_processes_match_one(tmp_path):
     one, two, three = str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "three")
     common = [*SMALL, "--batch_size", "2", "--max_iters", "3", "--eval_interval", "3"]
@@ -51,7 +57,7 @@ def test_ddp_and_fsdp_two_processes_match_one(tmp_path):
         r = run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, "train_sft.py",
                 *common, *extra, "--out_dir", out)
         assert r.returncode == 0, r.stderr
-        assert torch.allclose(torch.tensor(state(one)["losses"]), torch.tensor(state(out)["losses"]), rtol=1e-4)
+        assert torch.allclose(torch.tensor(losses(one)), torch.tensor(losses(out)), rtol=1e-4)
         m1, m2 = qwen.Qwen2_5_VL.from_pretrained(one), qwen.Qwen2_5_VL.from_pretrained(out)
         for (k, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
             assert torch.allclose(p1, p2, atol=1e-5), (out, k)
@@ -65,7 +71,7 @@ def test_ddp_and_fsdp_two_processes_match_one(tmp_path):
     assert f"stopped: saved step 2 to {four}" in r.stdout and state(four)["step"] == 2, r.stderr
     r = run("train_sft.py", *common, "--grad_accum", "2", "--out_dir", four, "--resume", "true")
     assert r.returncode == 0, r.stderr
-    assert torch.allclose(torch.tensor(state(one)["losses"]), torch.tensor(state(four)["losses"]), rtol=1e-4)
+    assert torch.allclose(torch.tensor(losses(one)), torch.tensor(losses(four)), rtol=1e-4)
 
 
 def test_fsdp_needs_torchrun():
@@ -148,7 +154,7 @@ def test_bboxes_name_their_image(tmp_path):
     tasks.synthetic_example(1, 112)["images"][0].save(tmp_path / "b.png")
     rec = {**record([[0.1, 0.1, 0.3, 0.3]], image=["a.png", "b.png"]), "bbox_images": [1]}
     ex = data.record_example(rec, str(tmp_path), "r")
-    e = data.encode(ex, tok, ids, "lvr", max_pixels=12544)
+    e = data.encode(ex, tok, ids, "lvr", pixels=(3136, 12544))
     n0 = int(e["grid_thw"][0].prod()) // 4
     want = lvr.roi_indices(ex["bboxes"][0], e["grid_thw"][1])
     assert e["latent_groups"] == [[n0 + j] for j in want] and len(e["grid_thw"]) == 2
@@ -169,7 +175,7 @@ def test_roi_indices_of_official_shaped_records(tmp_path):
                              {"from": "gpt", "value": "<lvr>\nand <lvr>\n<answer>red</answer>"}]}
     ex = data.record_example(rec, str(tmp_path), "r")
     assert ex["bboxes"][0] == [0.1, 0.1, 0.5, 0.55]  # pixels / the original 300 x 200
-    e = data.encode(ex, tok, ids, "lvr", min_pixels=3136, max_pixels=50176)
+    e = data.encode(ex, tok, ids, "lvr", pixels=(3136, 50176))
     # 300 x 200 -> 252 x 168 px: 18 x 12 patches, 9 x 6 merged tokens; x: floor(0.1 * 18) = 1 .. ceil(0.5 * 18)
     # = 9 -> merged cols 0..4; y: floor(0.1 * 12) = 1 .. ceil(0.55 * 12) = 7 -> merged rows 0..3
     assert e["grid_thw"].tolist() == [[1, 12, 18], [1, 8, 8]]
@@ -183,14 +189,14 @@ def test_roi_indices_of_official_shaped_records(tmp_path):
 def test_a_checkpoint_is_evaluated_on_images_the_size_it_trained_on(tmp_path):
     """128-px images with a bbox of 2 x 2 merged tokens at official LVR's training bounds (12 x 12 = 144 tokens):
     4 latents a span. At the processor's bounds the same image is 5 x 5 tokens: the model was evaluated on
-    images it never saw at that size. The checkpoint records its bounds and eval.py uses them."""
+    images it never saw at that size. The checkpoint records its bounds and evaluate.py uses them."""
     import test_lvr
     model, tok, ids = test_lvr.tiny_model(tmp_path / "m")
     helpers.photo(128, 128).save(tmp_path / "a.png")
     rec = record([[3 / 12, 3 / 12, 5 / 12, 5 / 12]])
     ex = data.record_example(rec, str(tmp_path), "r")
-    trained = data.encode(ex, tok, ids, "lvr", min_pixels=data.LVR_PIXELS[0], max_pixels=data.LVR_PIXELS[1])
-    other = data.encode(ex, tok, ids, "lvr", min_pixels=data.PROCESSOR_PIXELS[0], max_pixels=data.PROCESSOR_PIXELS[1])
+    trained = data.encode(ex, tok, ids, "lvr", pixels=(data.LVR_PIXELS[0], data.LVR_PIXELS[1]))
+    other = data.encode(ex, tok, ids, "lvr", pixels=(data.PROCESSOR_PIXELS[0], data.PROCESSOR_PIXELS[1]))
     assert (trained["n_feat"], len(trained["latent_pos"])) == (144, 4)
     assert other["n_feat"] == 25  # the box covers 2 x 2 of 5 x 5 tokens there: a third of the image, not a ninth
     model.cfg.extra["lvr_image_pixels"] = list(data.LVR_PIXELS)  # (what train_sft.py records)
@@ -214,7 +220,7 @@ def test_mirage_records_train_on_mirages_sequence(tmp_path):
                           "</think>The answer is \\boxed{A}."}
     ex = data.record_example(rec, str(tmp_path), "r")
     lo, hi = data.PROCESSOR_PIXELS
-    e = data.encode(ex, tok, mirage, "mirage", k=4, min_pixels=lo, max_pixels=hi)
+    e = data.encode(ex, tok, mirage, "mirage", k=4, pixels=(lo, hi))
     seq, a = e["input_ids"], e["n_prompt"]
     v0, v1 = seq.index(tok.vision_start), seq.index(tok.vision_end)
     assert v1 - v0 - 1 == 49 and vision.merged_tokens(e["helper"][1]) == 49  # 196 px: 7 x 7, not 144
@@ -229,7 +235,7 @@ def test_mirage_records_train_on_mirages_sequence(tmp_path):
     assert "<output_image>" not in targets and "<image>" not in targets
     assert data.is_correct("The answer is \\boxed{A}.", ex["answer"]) and not data.is_correct("\\boxed{B}", ex["answer"])
     no_placeholder = data.record_example({**rec, "text_output": "The answer is \\boxed{A}."}, str(tmp_path), "r")
-    e = data.encode(no_placeholder, tok, mirage, "mirage", k=4, min_pixels=lo, max_pixels=hi)
+    e = data.encode(no_placeholder, tok, mirage, "mirage", k=4, pixels=(lo, hi))
     assert e["input_ids"][e["n_prompt"]] == mirage.start  # no <output_image>: the span opens the answer
 
 
@@ -268,12 +274,12 @@ def test_other_methods_run(tmp_path, method, extra):
     assert "held-out accuracy" in r.stdout
     extra_cfg = qwen.Qwen2_5_VL.from_pretrained(out).cfg.extra
     if method != "none":  # the mode-switch loss is on by default for LVR and Mirage
-        assert state(out)["losses"][0][2] > 0
+        assert losses(out)[0][2] > 0
         assert 0 < extra_cfg["latent_norm"] < 5  # cosine-trained: the targets' mean norm is recorded
     else:
         assert "latent_norm" not in extra_cfg
     if "--latent_end" in extra:  # trained the latent exit: a latent loss term for the end embedding exists,
-        assert state(out)["losses"][0][1] > 0  # and its distance and threshold are in the checkpoint's config
+        assert losses(out)[0][1] > 0  # and its distance and threshold are in the checkpoint's config
         assert (extra_cfg["latent_end_metric"], extra_cfg["latent_end_threshold"]) == ("cosine", 0.1)
     if method == "mirage":
         r = run("train_sft.py", *SMALL, "--max_iters", "2", "--eval_interval", "2", "--method", "mirage",
@@ -282,9 +288,10 @@ def test_other_methods_run(tmp_path, method, extra):
         assert state(str(tmp_path / "s2"))["step"] == 2
 
 
-AUTO = {"latent_loss": "auto", "ce_weight": -1.0, "latent_weight": -1.0, "lr": -1.0, "min_lr": -1.0,
-        "warmup_iters": -1, "dtype": "auto", "image_size": 0, "min_pixels": 0, "max_pixels": 0, "max_iters": 1000,
-        "data_path": "synthetic", "task": "colour"}
+AUTO = {"latent_loss": "auto", "ce_weight": cli.Auto(float), "latent_weight": cli.Auto(float), "lr": cli.Auto(float),
+        "min_lr": cli.Auto(float), "warmup_iters": cli.Auto(int), "dtype": "auto", "image_size": cli.Auto(int),
+        "min_pixels": cli.Auto(int), "max_pixels": cli.Auto(int), "max_iters": 1000, "data_path": "synthetic",
+        "task": "colour"}
 
 
 def test_loss_defaults_follow_the_papers(monkeypatch, capsys):
@@ -357,14 +364,14 @@ def test_ctrl_c_or_sigterm_saves_the_whole_step_and_resume_continues_the_same_lo
     assert ra.returncode == 0, ra.stderr
     assert rb.returncode == 130 and "Traceback" not in rb.stderr, rb.stderr
     assert f"stopped: saved step 3 to {b}" in rb.stdout
-    assert state(b)["step"] == len(state(b)["losses"]) == 3
+    assert state(b)["step"] == len(losses(b)) == 3
     assert rc.returncode == 143 and state(c)["step"] == 3, rc.stderr
     assert rd.returncode == 130 and "Traceback" not in rd.stderr and "stopped" not in rd.stdout, rd.stderr
     assert state(d)["step"] == 4  # the step-4 checkpoint stays
     qwen.load(d)
     r = run("train_sft.py", *common, "--out_dir", b, "--resume", "true")  # the same curve as the unbroken run
     assert r.returncode == 0, r.stderr
-    la, lb = state(a)["losses"], state(b)["losses"]
+    la, lb = losses(a), losses(b)
     assert len(la) == len(lb) == 6 and torch.allclose(torch.tensor(la), torch.tensor(lb), rtol=1e-5, atol=1e-6)
     assert la[0][1] > 0  # the latent loss is really trained and logged
 
@@ -521,7 +528,7 @@ def test_resume_after_a_kill_and_untrusted_train_state(tmp_path):
     r = run("train_sft.py", *common, "--out_dir", b, "--resume", "true")
     assert r.returncode == 0, r.stderr
     assert "resuming with changed settings: max_iters 1000 -> 12\n" in r.stdout
-    assert torch.allclose(torch.tensor(state(a)["losses"]), torch.tensor(state(b)["losses"]), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(torch.tensor(losses(a)), torch.tensor(losses(b)), rtol=1e-5, atol=1e-6)
 
     class Evil:  # a pickle that would run code when loaded
         def __reduce__(self):
@@ -535,7 +542,7 @@ def test_resume_after_a_kill_and_untrusted_train_state(tmp_path):
 
 def test_bench_tiny_runs():
     """bench.py on the tiny size: every row printed, every number finite and positive (no timing asserts)."""
-    r = run("bench.py", "--sizes", "tiny", "--repeats", "1", "--decode_tokens", "8")
+    r = run("-m", "tools.bench", "--sizes", "tiny", "--repeats", "1", "--decode_tokens", "8")
     assert r.returncode == 0, r.stderr
     rows = [line.split() for line in r.stdout.splitlines() if line.startswith("tiny ")]
     names = " ".join(" ".join(row) for row in rows)

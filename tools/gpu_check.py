@@ -3,14 +3,14 @@ The GPU check: a 3B-shaped random Qwen2.5-VL through the paths a real fine-tune 
 GPU, in a few minutes; it prints each run's peak memory per GPU and its step time, beside the README's
 memory table.
 
-    python gpu_check.py                 # a machine with one or more GPUs
-    python gpu_check.py --size 0.5b     # a smaller GPU
-    python gpu_check.py --size tiny --processes 2   # CPU: the check itself checked (tests/test_scale.py)
+    python -m tools.gpu_check                 # a machine with one or more GPUs
+    python -m tools.gpu_check --size 0.5b     # a smaller GPU
+    python -m tools.gpu_check --size tiny --processes 2   # CPU: the check checked (tests/test_scale.py)
 
 Nothing is downloaded: the checkpoint is random (bench.make_checkpoint), the data eight random photos.
 Each run is `torchrun --nproc_per_node <GPUs>`: LVR SFT for `steps` steps under DDP, then under FSDP2,
 both in bf16 autocast; the FSDP2 run resumed for two more steps; GRPO_latent for two steps from the
-SFT checkpoint; then eval.py on the eight records (one process). A run that fails prints its last
+SFT checkpoint; then evaluate.py on the eight records (one process). A run that fails prints its last
 lines and the check goes on to the next.
 """
 import json
@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-import bench
+from tools import bench
+import checkpoint
 import cli
 
 # -----------------------------------------------------------------------------
@@ -36,7 +37,7 @@ steps = 10  # [2, inf) SFT steps per run
 batch_size = 2  # [1, inf) SFT examples per GPU per step
 work_dir = ""  # where the checkpoint and the runs go ("": a temporary directory, removed at the end)
 # -----------------------------------------------------------------------------
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 # the README's memory table, per GPU before activations (GRPO; SFT holds no reference and no rollout)
 EXPECTED = {"3b": "GRPO 3B: 59 GB under DDP, 22 GB under FSDP2 x 8 (README)"}
 
@@ -62,16 +63,16 @@ def launch(script, *args, gpus=1):
     return r.returncode == 0, r.stdout + r.stderr
 
 
-def report(name, ok, out, state_path, key):
-    """One line: the run's per-GPU peak memory (printed by the scripts) and its median step time."""
+def report(name, ok, out, out_dir):
+    """One line: the run's per-GPU peak memory (printed by the scripts) and its median step time (its history,
+    log.jsonl)."""
     if not ok:
         print(f"{name:28} FAILED:\n" + "\n".join(out.strip().splitlines()[-8:]))
         return
     peaks = [float(x) for x in re.findall(r"peak GPU memory rank \d+: ([\d.]+) GiB", out)]
     step_s = "-"
-    if os.path.isfile(state_path):
-        log = torch.load(state_path, weights_only=True)[key]
-        seconds = [t[0] for t in log] if key == "times" else [x["step_s"] for x in log]
+    seconds = [x["step_s"] for x in checkpoint.read_log(out_dir) if "step_s" in x]
+    if seconds:
         step_s = f"{statistics.median(seconds[1:] or seconds):.2f} s"
     peak = f"{max(peaks):.1f} GiB (of {len(peaks)} GPUs)" if peaks else "-"
     print(f"{name:28} peak memory {peak:24} median step {step_s}")
@@ -80,7 +81,7 @@ def report(name, ok, out, state_path, key):
 def main(argv):
     cli.configure(globals(), argv)
     gpus = processes or torch.cuda.device_count()
-    cli.require(gpus > 0, "gpu_check.py needs a GPU: torch sees none (--size tiny --processes 2 runs on CPU)")
+    cli.require(gpus > 0, "the GPU check needs a GPU: torch sees none (--size tiny --processes 2: on CPU)")
     work = work_dir or tempfile.mkdtemp(prefix="gpu-check-")
     os.makedirs(work, exist_ok=True)
     where = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU processes"
@@ -97,14 +98,14 @@ def main(argv):
         out_dir = os.path.join(work, name.split(", ")[1].lower())
         shutil.rmtree(out_dir, ignore_errors=True)
         ok, out = launch("train_sft.py", *common, *extra, "--out_dir", out_dir, gpus=gpus)
-        report(f"{name} ({steps} steps)", ok, out, os.path.join(out_dir, "train_state.pt"), "times")
+        report(f"{name} ({steps} steps)", ok, out, out_dir)
         sft[name] = ok
     fsdp_dir = os.path.join(work, "fsdp2")
     if sft["SFT, FSDP2"]:
         resumed = [*common[:-6], "--max_iters", str(steps + 2), "--eval_interval", str(steps + 2),
                    "--eval_examples", "0", "--fsdp", "true", "--out_dir", fsdp_dir, "--resume", "true"]
         ok, out = launch("train_sft.py", *resumed, gpus=gpus)
-        report("SFT, FSDP2 resumed (+2)", ok, out, os.path.join(fsdp_dir, "train_state.pt"), "times")
+        report("SFT, FSDP2 resumed (+2)", ok, out, fsdp_dir)
     if sft["SFT, DDP"]:
         grpo_dir = os.path.join(work, "grpo")
         shutil.rmtree(grpo_dir, ignore_errors=True)
@@ -113,10 +114,10 @@ def main(argv):
                          "--max_new_tokens", "16", "--max_iters", "2", "--eval_interval", "2",
                          "--filter_groups", "false", "--grad_checkpointing", "true", "--out_dir", grpo_dir,
                          gpus=gpus)
-        report("GRPO, DDP (2 steps)", ok, out, os.path.join(grpo_dir, "train_state.pt"), "log")
-        ok, out = launch("eval.py", "--init_from", os.path.join(work, "ddp"), "--data_path", data,
+        report("GRPO, DDP (2 steps)", ok, out, grpo_dir)
+        ok, out = launch("evaluate.py", "--init_from", os.path.join(work, "ddp"), "--data_path", data,
                          "--image_root", work, "--n_examples", "8", "--max_new_tokens", "8")
-        print(f"{'eval.py (8 records)':28} {'ok' if ok else 'FAILED:'}"
+        print(f"{'evaluate.py (8 records)':28} {'ok' if ok else 'FAILED:'}"
               + ("" if ok else "\n" + "\n".join(out.strip().splitlines()[-8:])))
     if size in EXPECTED:
         print(f"expected: {EXPECTED[size]}")

@@ -1,8 +1,8 @@
 """
 Speed and memory: ours vs the reference transformers Qwen2.5-VL, same random weights.
 
-    python bench.py                                  # tiny + 0.5B-shaped, CPU fp32 (~6 min on 2 cores)
-    python bench.py --sizes 3b --device cuda --dtype bfloat16 --peak_tflops 989 --sft_batch 16  # 3B, a GPU
+    python -m tools.bench                                  # tiny + 0.5B-shaped, CPU fp32 (~6 min on 2 cores)
+    python -m tools.bench --sizes 3b --device cuda --dtype bfloat16 --peak_tflops 989 --sft_batch 16  # a GPU
 Random checkpoints written by our save_pretrained (nothing is downloaded). A time is the median of
 `repeats` rounds after a warm-up, ours and the reference's taking turns; a ratio is our speed over
 its (> 1: faster). Decode tok/s = (time for n tokens - for 1) / (n - 1): no prefill; its floor is the
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import checkpoint
 import cli
 import data
 import lvr
@@ -88,7 +89,7 @@ def make_checkpoint(size, path):
     model.save_pretrained(path)
 
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 
 def peak_rss(setup, work):
@@ -189,11 +190,12 @@ def data_wait(path, workers):
     r = subprocess.run([sys.executable, "train_sft.py", *args], capture_output=True, text=True, cwd=ROOT)
     if r.returncode:
         raise cli.InputError(f"train_sft.py failed in the bench: {r.stderr.strip().splitlines()[-1]}")
-    times = torch.load(os.path.join(out, "train_state.pt"))["times"][1:]
-    return sum(d for _, d in times) / sum(s for s, _ in times)
+    steps = [x for x in checkpoint.read_log(out) if "ce" in x][1:]  # (the run's history, log.jsonl)
+    return sum(x["data_s"] for x in steps) / sum(x["step_s"] for x in steps)
 
 
 @torch.no_grad()
+# long: one measured row after another, each a few lines, in the order docs/speed.md prints them
 def bench_size(size, rows):
     tmp = tempfile.mkdtemp(prefix="bench-")
     make_checkpoint(size, tmp)
@@ -260,8 +262,8 @@ def bench_size(size, rows):
     # never enters
     text_ids = lvr.LatentIds(start=-5, latent=ids.latent, latent_end=ids.latent_end, end=ids.end)
     def roll(p, n, ids_):
-        return lambda: lvr.rollout(model, ids_, lvr.Prompt(p, None, pv, grid), lvr.Decode("steps", n, max_new_tokens=n),
-                                   lvr.Sampling(stop_ids=[-1]))
+        return lambda: lvr.rollout(model, ids_, lvr.Prompt(p, None, pv, grid),
+                                   lvr.Decode("steps", n, max_new_tokens=n), lvr.Sampling(stop_ids=[-1]))
     # a ratio of two small differences: more rounds
     t = timed(roll(lat_prompt, n, ids), roll(lat_prompt, 1, ids), roll(prompt, n, text_ids),
               roll(prompt, 1, text_ids), n=max(repeats, 5))
@@ -273,7 +275,8 @@ def bench_size(size, rows):
     feats = model.visual(pv, grid)
     gen = torch.Generator(device).manual_seed(0)
     def grpo(rows_, g):
-        prompts = lvr.Prompt(prompt.repeat(rows_, 1), grid_thw=grid.repeat(rows_, 1), feats=feats.repeat(rows_, 1))
+        prompts = lvr.Prompt(prompt.repeat(rows_, 1), grid_thw=grid.repeat(rows_, 1),
+                             feats=feats.repeat(rows_, 1))
         return lvr.rollout(model, ids, prompts, lvr.Decode("steps", max_new_tokens=n),
                            lvr.Sampling(0.9, generator=gen, stop_ids=[-1]), group_size=g)
     big = size != "tiny"  # one round, no warm-up (warm from above): these are the slowest measurements
@@ -286,7 +289,7 @@ def bench_size(size, rows):
         with torch.enable_grad():
             model.train()
             examples = [tasks.synthetic_example(i, small_image) for i in range(sft_batch)]
-            encoded = [data.encode(e, tok, ids, "lvr", 0, 4, False, 3136, small_image ** 2) for e in examples]
+            encoded = [data.encode(e, tok, ids, pixels=(3136, small_image ** 2)) for e in examples]
             batch = data.to_device(data.collate(encoded, tok.endoftext), device)
             batch["pixel_values"] = batch["pixel_values"].to(dt)
             def ours_step():
@@ -344,8 +347,7 @@ def grpo_step_seconds(path):
                            env={**os.environ, **env}, cwd=ROOT)
         if r.returncode:
             raise cli.InputError(f"train_grpo.py failed in the bench: {r.stderr.strip().splitlines()[-1]}")
-        log = torch.load(os.path.join(d, "train_state.pt"))["log"]
-        out.append(statistics.median(x["step_s"] for x in log[1:]))
+        out.append(statistics.median(x["step_s"] for x in checkpoint.read_log(d)[1:]))
     shutil.rmtree(tmp)
     return out
 

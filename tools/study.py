@@ -4,9 +4,9 @@ then three ways to continue each LVR run at equal compute: LVR stage 2 (trained 
 GRPO_latent (latent_sigma 0) and GRPO that explores its latents (latent_sigma tuned), against a control
 that continues the same run under teacher forcing.
 
-    python study.py                    # the whole study: hours on 2 CPU cores, resumable, results as it goes
-    python study.py --quick true       # a tiny version: CI's smoke test (no accuracy asserted)
-    python study.py --report true      # run nothing: the tables (markdown) and the picture, from the file
+    python -m tools.study                 # the whole study: hours on 2 cores, resumable, results as it goes
+    python -m tools.study --quick true    # a tiny version: CI's smoke test (no accuracy asserted)
+    python -m tools.study --report true   # run nothing: the tables (markdown) and the picture, from the file
 
 Protocol (one tuning budget for all; docs/study.md says it in full):
 - seeds: every (split, seed) draws its own examples (tasks.example_id), so no two seeds share one;
@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 import torch
 
+import checkpoint
 import cli
 
 # -----------------------------------------------------------------------------
@@ -85,7 +86,7 @@ COMPARISONS = [("lvr", "none"), ("mirage", "none"), ("mirage", "lvr")] + [
 def run(script, *args):
     """Run a script -> its stdout; a failure stops the study with its error."""
     r = subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True,
-                       cwd=os.path.dirname(os.path.abspath(__file__)))
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # (the repository)
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["(no error output)"])[-1]
         raise cli.InputError(f"{script} {' '.join(map(str, args))} failed: {last}")
@@ -98,15 +99,17 @@ def curve(stdout):
 
 
 def macs_of(out):
-    """The compute a run directory has recorded: train_sft's running total, or the sum of GRPO's steps."""
-    state = torch.load(os.path.join(out, "train_state.pt"), weights_only=True)
-    return state["macs"] if "macs" in state else sum(x["macs"] for x in state["log"])
+    """The compute a run has recorded in its history (log.jsonl): train_sft's running total at its last step,
+    or the sum of GRPO's steps."""
+    steps = [x for x in checkpoint.read_log(out) if "macs" in x]
+    return steps[-1]["macs"] if "ce" in steps[-1] else sum(x["macs"] for x in steps)
 
 
-def evaluate(task, out, split, n, diagnostics, k=0):
-    """eval.py on a checkpoint -> {"rows": {name: {accuracy, ..., right}}, "geometry": ...}."""
+def evaluated(task, out, split, n, diagnostics, k=0):
+    """evaluate.py on a checkpoint -> {"rows": {name: {accuracy, ..., right}}, "geometry": ...}."""
     path = f"{out}.{split}.json"  # (beside the checkpoint: a checkpoint directory holds only its own files)
-    run("eval.py", "--init_from", out, "--task", task, "--level", level, "--n_examples", n, "--split", split,
+    run("evaluate.py", "--init_from", out, "--task", task, "--level", level, "--n_examples", n,
+        "--split", split,
         "--diagnostics", diagnostics, "--save", path,
         *(["--decoding", "steps", "--lvr_steps", k] if k else []))  # (Mirage: its k steps)
     with open(path) as f:
@@ -116,8 +119,8 @@ def evaluate(task, out, split, n, diagnostics, k=0):
 def checked(task, out, seed, k=0, diagnostics=False):
     """A run's evaluation fields: a tuning run's on the validation split, a reported run's on the test one."""
     if seed == tune_seed:
-        return {"val": evaluate(task, out, "eval", val_examples, diagnostics, k)}
-    return {"test": evaluate(task, out, "test", test_examples, diagnostics, k)}
+        return {"val": evaluated(task, out, "eval", val_examples, diagnostics, k)}
+    return {"test": evaluated(task, out, "test", test_examples, diagnostics, k)}
 
 
 def record(done, key, fn):
@@ -222,7 +225,8 @@ def continued(done, task, base_method, name, seed, base, trial, target_macs):
     return record(done, key, go)
 
 
-def grpo(done, task, base_method, seed, base, lr, sigma, macs, sigma_name, k=0):
+# long: a run's identity (task, base, seed, lr, sigma) and its budget, each named in its key
+def grpo_run(done, task, base_method, seed, base, lr, sigma, macs, sigma_name, k=0):
     """GRPO on the SFT run `base` for `macs` of compute, recorded (tuning runs validated)."""
     prefix = "" if task != "vsp" else f"{base_method}+"
     out = os.path.join(work_dir, f"{task}_{prefix}grpo_s{seed}_lr{lr}_sigma{sigma_name}")
@@ -233,7 +237,7 @@ def grpo(done, task, base_method, seed, base, lr, sigma, macs, sigma_name, k=0):
             "--lr", lr, "--latent_sigma", sigma, "--max_iters", grpo_iters, "--max_macs", macs,
             "--eval_interval", grpo_iters, "--out_dir", out,
             *(["--decoding", "steps", "--lvr_steps", k] if k else []))  # (Mirage: its k steps)
-        log = torch.load(os.path.join(out, "train_state.pt"), weights_only=True)["log"]
+        log = checkpoint.read_log(out)
         rec = {"macs": macs_of(out), "latent_sigma": sigma, "steps": len(log),
                "grpo_log": [{k: x[k] for k in ("reward", "flat_groups", "kept_groups", "draws", "kl")}
                             for x in log]}
@@ -261,14 +265,14 @@ def study(done, task):
     for method in sft_methods if "grpo" in wanted else []:  # 2) GRPO's lr, for each base
         base_rec, base = sft(done, task, method, tune_seed, chosen[method])
         k = chosen[method].k if method == "mirage" else 0
-        lr_trials = {float(g): grpo(done, task, method, tune_seed, base, float(g), 0.0,
+        lr_trials = {float(g): grpo_run(done, task, method, tune_seed, base, float(g), 0.0,
                                     budget * base_rec["macs"], "0", k) for g in grpo_lrs.split(",")}
         g_best[method] = max(lr_trials, key=lambda g: val_accuracy(lr_trials[g]))
         if method == "lvr" and sigmas:  # exploring LVR's latents: sigma in latent-target distances
             geo = base_rec["val"]["geometry"]
             unit = geo["distance"] / json.load(open(os.path.join(base, "config.json")))["hidden_size"] ** 0.5
-            s_trials = {m: grpo(done, task, method, tune_seed, base, g_best[method], float(m) * unit,
-                                budget * base_rec["macs"], m) for m in sigmas.split(",")}
+            s_trials = {m: grpo_run(done, task, method, tune_seed, base, g_best[method], float(m) * unit,
+                                    budget * base_rec["macs"], m) for m in sigmas.split(",")}
             s_best = max(s_trials, key=lambda m: val_accuracy(s_trials[m]))
     for seed in map(int, seeds.split(",")):  # 3) the reported seeds
         for method in sft_methods:
@@ -277,10 +281,11 @@ def study(done, task):
             k = chosen[method].k if method == "mirage" else 0
             matched = target  # (the control and stage 2 get what the GRPO run spent)
             if method in g_best:
-                matched = grpo(done, task, method, seed, base, g_best[method], 0.0, target, "0", k)["macs"]
+                g = g_best[method]
+                matched = grpo_run(done, task, method, seed, base, g, 0.0, target, "0", k)["macs"]
                 if method == "lvr" and s_best is not None:  # (v2: matched to the explored run)
-                    matched = grpo(done, task, method, seed, base, g_best[method], float(s_best) * unit,
-                                   target, s_best)["macs"]
+                    matched = grpo_run(done, task, method, seed, base, g, float(s_best) * unit, target,
+                                       s_best)["macs"]
                 continued(done, task, method, "control", seed, base, chosen[method], matched)
             if method == "lvr" and "stage2" in wanted:
                 continued(done, task, method, "stage2", seed, base, chosen[method], matched)

@@ -2,11 +2,11 @@
 Evaluate a checkpoint: accuracy, format rate, latent steps and latent hit rate, with the latents
 on and with them disabled, side by side.
 
-    python eval.py                                   # out/ on held-out synthetic examples
-    python eval.py --init_from out_grpo --n_examples 512
-    python eval.py --data_path val.jsonl --image_root imgs/                          # LVR JSON with bboxes
-    python eval.py --data_path MMVP/Questions.csv --image_root "MMVP/MMVP Images"   # MMVP layout
-    python eval.py --data_path vstar/test_questions.jsonl --image_root vstar/        # V* layout
+    python evaluate.py                                   # out/ on held-out synthetic examples
+    python evaluate.py --init_from out_grpo --n_examples 512
+    python evaluate.py --data_path val.jsonl --image_root imgs/                      # LVR JSON with bboxes
+    python evaluate.py --data_path MMVP/Questions.csv --image_root "MMVP/MMVP Images"   # MMVP layout
+    python evaluate.py --data_path vstar/test_questions.jsonl --image_root vstar/        # V* layout
 
 Does the model reason through its latents? One row per way of feeding them (LVR checkpoints,
 on synthetic tasks and LVR JSON files; Mirage on synthetic tasks):
@@ -37,7 +37,7 @@ import lvr
 import parallel
 import tasks
 import vision
-from cli import InputError
+from cli import Auto, InputError
 
 # -----------------------------------------------------------------------------
 init_from = "out"  # checkpoint directory
@@ -46,21 +46,21 @@ image_root = ""  # directory the dataset's images are in (MMVP: the folder of <I
 n_examples = 256  # [1, inf) held-out synthetic examples (or at most this many from a file)
 task = "colour"  # {colour, search, relation, imagine, vsp} the synthetic task (tasks.py)
 level = "3"  # VSP's map size: 3 to 6 cells a side, a list (3,4) or a range (3-6) to mix them
-image_size = 0  # [0, inf) synthetic image side, a multiple of 28 (0: the task's own, 168; search 336)
+image_size = Auto(int)  # [28, inf) synthetic image side, a multiple of 28 (auto: the task's, 168; search 336)
 batch_size = 32  # [1, inf) rows per batched rollout
 decoding = "token"  # {token, steps, latent} latent exit
 lvr_steps = 8  # [0, inf) latent steps in `steps` mode
 max_latent_steps = 16  # [0, inf) latent budget in `token` / `latent` modes
 force_end = True  # force <|lvr_end|> after a span (false: the model's own next token, as the official code)
 end_metric = "checkpoint"  # {checkpoint, mse, cosine, l1} `latent` exit distance (checkpoint: as trained)
-end_threshold = 0.0  # [0, inf) `latent` exit threshold (0 = the checkpoint's, else 0.1)
+end_threshold = Auto(float)  # (0, inf) `latent` exit threshold (auto: the checkpoint's, else 0.1)
 max_new_tokens = 32  # [1, inf) completion budget
-min_pixels = 0  # [0, inf) smallest image area after resizing (0: as the checkpoint trained, else 56*56)
-max_pixels = 0  # [0, inf) largest image area (0: as trained, else 12845056; a synthetic image's own area)
+min_pixels = Auto(int)  # [1, inf) smallest image area after resizing (auto: as trained, else 3136)
+max_pixels = Auto(int)  # [1, inf) largest image area (auto: as trained, else 12845056; synthetic: its own)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "auto"  # {auto, float32, bfloat16} the weights' dtype (auto: bfloat16 on CUDA)
 seed = 1337  # [0, inf) the synthetic held-out set
-split = "test"  # {test, eval} the synthetic split: test, or eval (the validation split study.py tunes on)
+split = "test"  # {test, eval} the synthetic split: test, or eval (the validation split the study tunes on)
 diagnostics = True  # also the rows that replace the latents (disabled, dummy, swapped, oracle)
 save = ""  # also write the rows, each with every example's correctness, to this JSON file ("": print only)
 # -----------------------------------------------------------------------------
@@ -155,8 +155,8 @@ def targets_of(model, tok, ids, exs, min_pixels=3136, max_pixels=28224, device="
         if how["method"] == "none" or not (e.get("helper") if how["method"] == "mirage" else e["bboxes"]):
             out.append(None)
             continue
-        row = data.encode(e, tok, ids, how["method"], how["max_latents"], how["k"], False, min_pixels,
-                          max_pixels)
+        pixels = (min_pixels, max_pixels)
+        row = data.encode(e, tok, ids, how["method"], how["max_latents"], how["k"], False, pixels)
         batch = data.to_device(data.collate([row], tok.endoftext), device)
         out.append(lvr.encode_images(model, batch)[1].cpu())
     return out
@@ -222,10 +222,11 @@ def main(argv):
             f"{init_from} has no latent tokens: evaluate it with sample.py, or train it with train_sft.py"
         )
     exs = load_examples(model.cfg.extra.get("latent_targets", {}))
-    metric, threshold = lvr.end_rule(model, end_metric, end_threshold)
+    metric, threshold = lvr.end_rule(model, end_metric, cli.given(end_threshold))
     decode = lvr.Decode(decoding, lvr_steps, max_latent_steps, force_end, metric, threshold, max_new_tokens)
-    disabled = dataclasses.replace(decode, decoding="steps", lvr_steps=0, force_end=True)  # <|lvr_end|> at once
-    run = functools.partial(evaluate, model, tok, ids, exs, pixels=(min_pixels, max_pixels), batch_size=batch_size)
+    disabled = dataclasses.replace(decode, decoding="steps", lvr_steps=0, force_end=True)  # end at once
+    run = functools.partial(evaluate, model, tok, ids, exs, pixels=(min_pixels, max_pixels),
+                            batch_size=batch_size)
     rows = [("with latents", run(decode))]
     targets = targets_of(model, tok, ids, exs, min_pixels, max_pixels, device)  # (the geometry needs them)
     if diagnostics:
@@ -244,7 +245,7 @@ def main(argv):
         print(f"latent norm / target norm (own latents): {geo.norm_ratio:.3f}")
         print(f"latent distance to its target (own latents): {geo.distance:.3f} "
               f"(target norm {geo.target_norm:.3f})")
-    if save:  # (what study.py reads: the paired comparisons need each example's correctness)
+    if save:  # (what tools/study.py reads: the paired comparisons need each example's correctness)
         keep = ("accuracy", "format", "latent_steps", "hit_rate", "right")
         out = {"rows": {name: {k: r[k] for k in keep} for name, r in rows},
                "geometry": None if geo is None else dataclasses.asdict(geo)}
