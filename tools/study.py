@@ -326,6 +326,17 @@ def bootstrap(a, b, n, seed=0):
     return float(d.mean()), low, high
 
 
+def tuning(recs):
+    """The tuning runs' table, markdown: each tune_seed run's validation rows (accuracy), in the file's order."""
+    names = ["with latents", "latents disabled", "dummy latents", "swapped latents", "oracle latents"]
+    lines = ["| run (validation) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for r in recs:
+        if r["key"].split("/")[0] in tasks.split(",") and "val" in r:
+            acc = [r["val"]["rows"].get(n, {}).get("accuracy") for n in names]
+            lines.append(f"| {r['key']} | " + " | ".join("-" if a is None else f"{a:.3f}" for a in acc) + " |")
+    return "\n".join(lines)
+
+
 def summary(recs):
     """The tables, markdown: 1) per task and method, test accuracy over the reported seeds and the latent
     diagnostics; 2) the paired comparisons, each with its 95% interval."""
@@ -376,7 +387,7 @@ def main(argv):
     if os.path.exists(results):
         done = {r["key"]: r for r in map(json.loads, open(results))}
     if report:
-        print(summary(list(done.values())))
+        print(tuning(list(done.values())) + "\n\n" + summary(list(done.values())))
         return draw(list(done.values()))
     os.makedirs(os.path.dirname(results) or ".", exist_ok=True)
     for task in tasks.split(","):
