@@ -251,9 +251,9 @@ def collate(encoded, pad_id):
     attention_mask  (B, T)     1 for real tokens, 0 for padding
     labels          (B, T)     the next-token CE targets; -100 on the prompt, latent slots and padding
     pixel_values    (P, 1176)  every image's patches, example by example; grid_thw (N, 3) their grids
-    latent_pos      ((L,), (L,))  (row, position) of every latent slot, spans in order
+    latent_pos      (2, L)     (row, position) of every latent slot, spans in order
     latent_slot     (L,)       each latent's index within its span (0 opens a span)
-    latent_end_pos  ((E,), (E,))  (row, position) of every <|lvr_latent_end|> (the `latent` exit trained)
+    latent_end_pos  (2, E)     (row, position) of every <|lvr_latent_end|> (the `latent` exit trained)
     target_avg      (L, F)     targets = target_avg @ features: row i averages the merged image tokens
                                (of the prompt images, or Mirage's helper images) that latent i reconstructs
     helper_pixel_values, helper_grid_thw   Mirage only: the helper images
@@ -284,9 +284,9 @@ def collate(encoded, pad_id):
         "labels": labels,
         "pixel_values": torch.cat([e["pixel_values"] for e in encoded]),
         "grid_thw": torch.cat([e["grid_thw"] for e in encoded]),
-        "latent_pos": (long(rows), long(pos)),
+        "latent_pos": long([rows, pos]),
         "latent_slot": long(slot),
-        "latent_end_pos": (long(end_rows), long(end_pos)),
+        "latent_end_pos": long([end_rows, end_pos]),
         "target_avg": lvr.averaging_matrix(groups, offset),
     }
     if mirage:
@@ -340,10 +340,7 @@ def prompt_batch(exs, tok, min_pixels=3136, max_pixels=12845056):
 
 
 def to_device(batch, device):
-    return {
-        k: (tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.to(device))
-        for k, v in batch.items()
-    }
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def grpo_example(rec, image_root, where):

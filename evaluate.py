@@ -185,17 +185,17 @@ def replaced_rows(model, tok, ids, exs, decode, own, targets):
     """The rows that say whether a model reasons through its latents, each with every latent input replaced:
     dummy (one fixed vector, the mean of its own latents: the right scale, no content), swapped (each row
     gets the next example's own latents), oracle (the training targets: what a latent could carry at best)."""
-    rows, lats = [], [v for v in own["latents"] if len(v)]
+    rows, lats = {}, [v for v in own["latents"] if len(v)]
     run = functools.partial(evaluate, model, tok, ids, exs, decode, (min_pixels, max_pixels), batch_size)
     if lats:  # (dummy and swapped are made of its own latents: a model that makes none has neither row)
         budget = max(decode.lvr_steps, decode.max_latent_steps)
         mean = torch.cat(lats).mean(0)
-        rows.append(("dummy latents", run(feed=[mean.expand(budget, -1)] * len(exs))))
-        rows.append(("swapped latents", run(feed=own["latents"][1:] + own["latents"][:1])))
+        rows["dummy latents"] = run(feed=[mean.expand(budget, -1)] * len(exs))
+        rows["swapped latents"] = run(feed=own["latents"][1:] + own["latents"][:1])
     if all(t is None for t in targets):
         return rows
     oracle = [t if t is not None else torch.zeros(0, model.cfg.hidden_size) for t in targets]
-    rows.append(("oracle latents", run(feed=oracle)))
+    rows["oracle latents"] = run(feed=oracle)
     return rows
 
 
@@ -227,18 +227,18 @@ def main(argv):
     disabled = dataclasses.replace(decode, decoding="steps", lvr_steps=0, force_end=True)  # end at once
     run = functools.partial(evaluate, model, tok, ids, exs, pixels=(min_pixels, max_pixels),
                             batch_size=batch_size)
-    rows = [("with latents", run(decode))]
+    rows = {"with latents": run(decode)}  # each row's name -> evaluate's result
     targets = targets_of(model, tok, ids, exs, min_pixels, max_pixels, device)  # (the geometry needs them)
     if diagnostics:
-        rows.append(("latents disabled", run(disabled)))
-        rows += replaced_rows(model, tok, ids, exs, decode, rows[0][1], targets)
-    geo = geometry(rows[0][1], targets)
+        rows["latents disabled"] = run(disabled)
+        rows.update(replaced_rows(model, tok, ids, exs, decode, rows["with latents"], targets))
+    geo = geometry(rows["with latents"], targets)
     print(
         f"{init_from} on {len(exs)} "
         f"{'held-out synthetic' if data_path == 'synthetic' else data_path} examples"
     )
     print(f"{'':18}{'accuracy':>10}{'format':>9}{'latent steps':>14}{'hit rate':>10}")
-    for name, r in rows:
+    for name, r in rows.items():
         hr = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
         print(f"{name:18}{r['accuracy']:>10.3f}{r['format']:>9.3f}{r['latent_steps']:>14.2f}{hr:>10}")
     if geo is not None:
@@ -247,11 +247,11 @@ def main(argv):
               f"(target norm {geo.target_norm:.3f})")
     if save:  # (what tools/study.py reads: the paired comparisons need each example's correctness)
         keep = ("accuracy", "format", "latent_steps", "hit_rate", "right")
-        out = {"rows": {name: {k: r[k] for k in keep} for name, r in rows},
+        out = {"rows": {name: {k: r[k] for k in keep} for name, r in rows.items()},
                "geometry": None if geo is None else dataclasses.asdict(geo)}
         with open(save, "w") as f:
             json.dump(out, f)
-    on = rows[0][1]
+    on = rows["with latents"]
     budget = lvr_steps if decoding == "steps" else max_latent_steps
     print(
         "latent steps per span (with latents): "

@@ -24,6 +24,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -224,6 +225,14 @@ def reference_kl(d, ref_d, r, c, used):
     return kl
 
 
+class Chunk(NamedTuple):
+    """One micro-batch of the update: rows `rows` of round `r`, with the round's advantages and weights."""
+    r: "Round"
+    adv: torch.Tensor  # (B*G,) the round's group-relative advantages
+    weights: torch.Tensor  # (B*G, L) the round's loss weights (grpo.loss_weights)
+    rows: torch.Tensor  # (n,) the micro-batch's rows
+
+
 def update(policy, ref, ids, rounds, filler, opt, params, autocast):
     """4) the training forward over this rank's kept groups of every round, micro-batch by micro-batch, one
     optimizer step per PPO epoch -> (this rank's loss, its KL sum, the step's sampled decisions, this
@@ -236,33 +245,34 @@ def update(policy, ref, ids, rounds, filler, opt, params, autocast):
     drawn_here = sum(int(decision_mask(r).sum()) for r in rounds)
     total = torch.tensor([float(rows_here), float(drawn_here)], device=dev)
     n_rows, n_act = parallel.all_reduce(total).tolist()
-    work = []  # (round, its advantages, its loss weights, a micro-batch of its rows)
+    work = []  # Chunks: every round's micro-batches
     for r in rounds:
         adv = grpo.group_advantages(r.reward, G, scale_rewards).to(dev)
         weights = grpo.loss_weights(decision_mask(r), loss_norm, max_new_tokens, total=(n_rows, n_act))
         rows = len(r.seqs)  # per micro-batch: all, or a token budget's worth
         if micro_batch_tokens:
             rows = max(1, micro_batch_tokens // r.seqs.shape[1])
-        work += [(r, adv, weights, c) for c in torch.arange(len(r.seqs), device=dev).split(rows)]
+        work += [Chunk(r, adv, weights, c) for c in torch.arange(len(r.seqs), device=dev).split(rows)]
     # each micro-batch's forward is a collective: every rank runs as many, the extra ones weigh nothing
     if fsdp:
         n = int(parallel.all_reduce(torch.tensor(len(work), device=dev), dist.ReduceOp.MAX))
         nothing = (torch.zeros(len(filler.seqs), device=dev), torch.zeros(filler.sampled.shape, device=dev))
-        work += [(filler, *nothing, torch.arange(1, device=dev))] * (n - len(work))
+        work += [Chunk(filler, *nothing, torch.arange(1, device=dev))] * (n - len(work))
     refs, olds = [None] * len(work), [None] * len(work)
     with torch.no_grad(), autocast:
         if ref is not None:
-            refs = [ref(round_logprobs, r, c, freeze_vision, exits) for r, _, _, c in work]
+            refs = [ref(round_logprobs, w.r, w.rows, freeze_vision, exits) for w in work]
         if ppo_epochs > 1:  # the old policy of every epoch: this policy before its first update
-            olds = [policy(round_logprobs, r, c, freeze_vision, exits) for r, _, _, c in work]
+            olds = [policy(round_logprobs, w.r, w.rows, freeze_vision, exits) for w in work]
     kl_sum, loss_sum = 0.0, 0.0  # become device tensors, read once at the end: no host sync per micro-batch
     # compute: the policy's forward and backward (3x a forward) per epoch, the reference's and the old
     # policy's forwards; the head at the completion positions (the tower's re-encode is not counted)
     forwards = 3 * ppo_epochs + (ref is not None) + (ppo_epochs > 1)
     model = policy.model
-    macs = sum(model.macs(r.seqs[c].numel(), (r.seqs.shape[1] - r.n_prompt) * len(c)) for r, _, _, c in work)
+    macs = sum(model.macs(w.r.seqs[w.rows].numel(), (w.r.seqs.shape[1] - w.r.n_prompt) * len(w.rows))
+               for w in work)
     for _ in range(ppo_epochs):
-        for (r, adv, weights, c), ref_d, old_d in zip(work, refs, olds):
+        for (r, adv, weights, c), ref_d, old_d in zip(work, refs, olds):  # (each Chunk's fields)
             with autocast:
                 d = policy(round_logprobs, r, c, freeze_vision, exits)
                 logp = joint_logprob(d, r, c)

@@ -43,7 +43,7 @@ ce_weight = Auto(float)  # [0, inf) weight of the text CE (auto: Mirage from a c
 latent_weight = Auto(float)  # [0, inf) weight of the latent loss (auto: Mirage from a checkpoint 1, else 0.1)
 latent_loss = "auto"  # {auto, mse, cosine, l1} auto: official LVR mse, Mirage cosine; tiny model cosine
 switch_weight = 0.1  # [0, inf) mode-switch loss: BCE on <|lvr_end|> at in-span states (spans end as trained)
-max_latents = 0  # [0, inf) pool each ROI to at most this many latents (0 = all ROI tokens)
+max_latents = Auto(int)  # [0, inf) pool each ROI to at most this many latents, 0: all (auto: VSP 16, else 0)
 mirage_k = 4  # [1, inf) Mirage: latents per helper image
 latent_head = False  # learn a head hidden -> latent (else identity)
 latent_end = False  # train the `latent` exit mode (<|lvr_latent_end|> after the latents)
@@ -103,6 +103,7 @@ def resolve_defaults(config, dev):
             "lr": 1e-5 if real else 1e-3,
             "min_lr": 0.0 if real else 1e-4,
             "warmup_iters": round(0.03 * max_iters) if real else 50,
+            "max_latents": 16 if task == "vsp" and data_path == "synthetic" else 0,  # (VSP: the study's)
             "dtype": parallel.autocast_dtype(dtype, dev)}
     for k, v in auto.items():
         if isinstance(config[k], Auto) or config[k] == "auto":
@@ -327,8 +328,9 @@ def main(argv):
             if ddp:  # the global mean losses, and whether any rank was asked to stop (so all stop together)
                 dist.all_reduce(stats)
                 stats = stats / world
-            ce_sum, lat_sum, sw_sum, stopping, mean_macs = stats.tolist()
-            macs += mean_macs * world
+            got = dict(zip(("ce", "latent", "switch", "stopping", "macs"), stats.tolist()))  # (the means)
+            ce_sum, lat_sum, sw_sum, stopping = got["ce"], got["latent"], got["switch"], got["stopping"]
+            macs += got["macs"] * world
             if not (math.isfinite(ce_sum) and math.isfinite(lat_sum)):
                 raise InputError(f"loss is not finite at step {step} (ce {ce_sum}, latent {lat_sum}); "
                                  f"stopped, {out_dir} keeps the last good checkpoint")

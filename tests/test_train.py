@@ -290,7 +290,8 @@ def test_other_methods_run(tmp_path, method, extra):
 
 AUTO = {"latent_loss": "auto", "ce_weight": cli.Auto(float), "latent_weight": cli.Auto(float), "lr": cli.Auto(float),
         "min_lr": cli.Auto(float), "warmup_iters": cli.Auto(int), "dtype": "auto", "image_size": cli.Auto(int),
-        "min_pixels": cli.Auto(int), "max_pixels": cli.Auto(int), "max_iters": 1000, "data_path": "synthetic",
+        "min_pixels": cli.Auto(int), "max_pixels": cli.Auto(int), "max_latents": cli.Auto(int), "max_iters": 1000,
+        "data_path": "synthetic",
         "task": "colour"}
 
 

@@ -327,13 +327,14 @@ def bootstrap(a, b, n, seed=0):
 
 
 def tuning(recs):
-    """The tuning runs' table, markdown: each tune_seed run's validation rows (accuracy), in the file's order."""
+    """The tuning runs' table, markdown: each tune_seed run's validation rows (accuracy), in file order."""
     names = ["with latents", "latents disabled", "dummy latents", "swapped latents", "oracle latents"]
     lines = ["| run (validation) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for r in recs:
         if r["key"].split("/")[0] in tasks.split(",") and "val" in r:
             acc = [r["val"]["rows"].get(n, {}).get("accuracy") for n in names]
-            lines.append(f"| {r['key']} | " + " | ".join("-" if a is None else f"{a:.3f}" for a in acc) + " |")
+            cells = ["-" if a is None else f"{a:.3f}" for a in acc]
+            lines.append(f"| {r['key']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
