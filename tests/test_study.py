@@ -84,3 +84,20 @@ def test_the_committed_study_matched_every_control_on_compute():
             assert abs(x["macs"] / explored[task, seed]["macs"] - 1) < 0.05, key
             matched += 1
     assert matched == 2 * len(explored) > 0
+
+
+def test_a_resumed_study_trains_again_only_the_checkpoints_it_still_needs(tmp_path, monkeypatch):
+    """On a machine without the run directories, a recorded SFT run is trained again (not recorded again)
+    only when a continuation of it is not in the file yet."""
+    monkeypatch.setattr(study, "work_dir", str(tmp_path))
+    trained = []
+    monkeypatch.setattr(study, "run", lambda script, *a: trained.append(script) or "")
+    monkeypatch.setattr(study, "macs_of", lambda out: 1.0)
+    monkeypatch.setattr(study, "checked", lambda *a, **k: {})
+    trial = study.Trial(1e-3, "box+goal", 4, 16)
+    key = "vsp/lvr/seed1/lr0.001/tbox+goal/m16"
+    done = {key: {"key": key, "macs": 5.0}}
+    rec, out = study.sft(done, "vsp", "lvr", 1, trial, need=set())
+    assert rec["macs"] == 5.0 and trained == []  # every continuation recorded: nothing to train
+    rec, out = study.sft(done, "vsp", "lvr", 1, trial, need={"vsp/lvr+control/seed1"})
+    assert rec["macs"] == 5.0 and trained == ["train_sft.py"] and len(done) == 1  # trained again, not recorded

@@ -165,9 +165,11 @@ def trials(task, method):
     return [Trial(float(lr), t, k, m) for lr in lrs.split(",") for t, m in targets for k in ks]
 
 
-def sft(done, task, method, seed, trial):
+def sft(done, task, method, seed, trial, need=False):
     """One SFT run (Mirage: stage 1 then 2), recorded -> (record, checkpoint directory). Tuning runs are
-    validated (LVR and Mirage with every diagnostic row: their oracle rows choose), reported ones tested."""
+    validated (LVR and Mirage with every diagnostic row: their oracle rows choose), reported ones tested.
+    A run recorded in the file whose checkpoint is gone (a study resumed on another machine) is trained
+    again, unrecorded, when a continuation needs it (`need`): the same seed and settings, the same run."""
     lr, targets, k, max_latents = trial
     tag = (f"_t{targets}" if targets else "") + (f"_k{k}" if method == "mirage" else "") + (
         f"_m{max_latents}" if max_latents else "")
@@ -198,7 +200,20 @@ def sft(done, task, method, seed, trial):
                    "macs": macs_of(out + "_stage1") + macs_of(out)}
         diagnostics = method != "none" and (seed != tune_seed or method == "mirage" or task == "vsp")
         return {**rec, **checked(task, out, seed, k if method == "mirage" else 0, diagnostics)}
+    if need and key in done and not os.path.isdir(out):
+        go()  # (its record stays the file's)
     return record(done, key, go), out
+
+
+def continued_key(task, base_method, name, seed):
+    """A continuation's key in the results file (v2's LVR continuations: relation/control/seed1)."""
+    return f"{task}/{name}/seed{seed}" if task != "vsp" else f"{task}/{base_method}+{name}/seed{seed}"
+
+
+def grpo_key(task, base_method, seed, lr, sigma_name):
+    """A GRPO run's key in the results file (v2's, of LVR runs: relation/grpo/seed1/lr2e-05/sigma0)."""
+    prefix = "" if task != "vsp" else f"{base_method}+"
+    return f"{task}/{prefix}grpo/seed{seed}/lr{lr}/sigma{sigma_name}"
 
 
 def continued(done, task, base_method, name, seed, base, trial, target_macs):
@@ -206,7 +221,7 @@ def continued(done, task, base_method, name, seed, base, trial, target_macs):
     learning rate) until it has spent target_macs more: teacher-forced (control) or on its own latents
     (stage2), recorded. (v2's LVR continuations are keyed without the base: relation/control/seed1.)"""
     out = os.path.join(work_dir, f"{task}_{base_method}+{name}_s{seed}")
-    key = f"{task}/{name}/seed{seed}" if task != "vsp" else f"{task}/{base_method}+{name}/seed{seed}"
+    key = continued_key(task, base_method, name, seed)
 
     def go():
         fresh(out)
@@ -242,7 +257,7 @@ def grpo_run(done, task, base_method, seed, base, lr, sigma, macs, sigma_name, k
                "grpo_log": [{k: x[k] for k in ("reward", "flat_groups", "kept_groups", "draws", "kl")}
                             for x in log]}
         return {**rec, **checked(task, out, seed, k)}
-    return record(done, f"{task}/{prefix}grpo/seed{seed}/lr{lr}/sigma{sigma_name}", go)
+    return record(done, grpo_key(task, base_method, seed, lr, sigma_name), go)
 
 
 def val_accuracy(rec, row="with latents"):
@@ -263,7 +278,8 @@ def study(done, task):
         chosen[method] = max(runs, key=lambda t: (val_accuracy(runs[t], row), val_accuracy(runs[t])))
     g_best, unit, s_best = {}, 1.0, None
     for method in sft_methods if "grpo" in wanted else []:  # 2) GRPO's lr, for each base
-        base_rec, base = sft(done, task, method, tune_seed, chosen[method])
+        pending = [grpo_key(task, method, tune_seed, float(g), "0") for g in grpo_lrs.split(",")]
+        base_rec, base = sft(done, task, method, tune_seed, chosen[method], need=set(pending) - set(done))
         k = chosen[method].k if method == "mirage" else 0
         lr_trials = {float(g): grpo_run(done, task, method, tune_seed, base, float(g), 0.0,
                                     budget * base_rec["macs"], "0", k) for g in grpo_lrs.split(",")}
@@ -276,7 +292,13 @@ def study(done, task):
             s_best = max(s_trials, key=lambda m: val_accuracy(s_trials[m]))
     for seed in map(int, seeds.split(",")):  # 3) the reported seeds
         for method in sft_methods:
-            base_rec, base = sft(done, task, method, seed, chosen[method])
+            pending = []  # (its continuations not in the file yet)
+            if method in g_best:
+                pending += [grpo_key(task, method, seed, g_best[method], "0"),
+                            continued_key(task, method, "control", seed)]
+            if method == "lvr" and "stage2" in wanted:
+                pending += [continued_key(task, method, "stage2", seed)]
+            base_rec, base = sft(done, task, method, seed, chosen[method], need=set(pending) - set(done))
             target = budget * base_rec["macs"]
             k = chosen[method].k if method == "mirage" else 0
             matched = target  # (the control and stage 2 get what the GRPO run spent)
