@@ -259,6 +259,39 @@ def train_step(root, batches, dev, ddp, autocast):
     return sums
 
 
+def held_out_accuracy(root, model, tok, ids, records, held_out, dev, step):
+    """evaluate.py's accuracy with the latent rollout on held-out examples: --eval_data_path's, or the
+    synthetic task's (seeds training never draws). A data file without --eval_data_path is scored on its first
+    training examples, and the print says so: that measures fit, not generalisation. Under torchrun each
+    rank decodes its share (FSDP: with the full weights gathered, since ranks decode different lengths).
+    -> (accuracy, examples scored)."""
+    if held_out is not None:
+        exs, what = held_out, "held-out"
+    elif records is None:
+        exs, what = examples(0, eval_examples, None, "eval"), "held-out"
+    else:
+        exs, what = examples(0, min(eval_examples, len(records)), records), "training-set"
+    if not exs:  # --eval_examples 0: checkpoints only
+        return 0.0, 0
+    rank, world = parallel.rank_world()
+    model.eval()
+    budget = max(len(collated([e], tok, ids)["latent_slot"]) for e in exs) + 4  # the longest span, and some
+    right = torch.zeros(1, device=dev)
+    with parallel.gathered(root, fsdp), cli.out_of_memory("an evaluation", EVAL_OOM, out_dir):
+        if exs[rank::world]:
+            # Mirage spans are always k long; LVR spans differ per row: the model ends them
+            how = "latent" if latent_end else "steps" if method == "mirage" else "token"
+            decode = lvr.Decode(how, mirage_k, budget, True, latent_loss, end_threshold, max_new_tokens=48)
+            pixels = (min_pixels, max_pixels)
+            r = evaluate.evaluate(model, tok, ids, exs[rank::world], decode, pixels, batch_size)
+            right += sum(r["right"])
+    right = parallel.all_reduce(right)
+    if rank == 0:
+        print(f"\nstep {step}: {what} accuracy {float(right) / len(exs):.3f} on {len(exs)} examples")
+    model.train()
+    return float(right) / len(exs), len(exs)
+
+
 # long: the script's phases, top to bottom, as nanoGPT's train.py reads
 def main(argv):
     # 1) settings, checked before any work
@@ -356,39 +389,6 @@ def main(argv):
             if stopping:
                 cli.stop_saved(signalled, step, out_dir, rank)
         parallel.report_memory(dev, rank)
-
-
-def held_out_accuracy(root, model, tok, ids, records, held_out, dev, step):
-    """evaluate.py's accuracy with the latent rollout on held-out examples: --eval_data_path's, or the
-    synthetic task's (seeds training never draws). A data file without --eval_data_path is scored on its first
-    training examples, and the print says so: that measures fit, not generalisation. Under torchrun each
-    rank decodes its share (FSDP: with the full weights gathered, since ranks decode different lengths).
-    -> (accuracy, examples scored)."""
-    if held_out is not None:
-        exs, what = held_out, "held-out"
-    elif records is None:
-        exs, what = examples(0, eval_examples, None, "eval"), "held-out"
-    else:
-        exs, what = examples(0, min(eval_examples, len(records)), records), "training-set"
-    if not exs:  # --eval_examples 0: checkpoints only
-        return 0.0, 0
-    rank, world = parallel.rank_world()
-    model.eval()
-    budget = max(len(collated([e], tok, ids)["latent_slot"]) for e in exs) + 4  # the longest span, and some
-    right = torch.zeros(1, device=dev)
-    with parallel.gathered(root, fsdp), cli.out_of_memory("an evaluation", EVAL_OOM, out_dir):
-        if exs[rank::world]:
-            # Mirage spans are always k long; LVR spans differ per row: the model ends them
-            how = "latent" if latent_end else "steps" if method == "mirage" else "token"
-            decode = lvr.Decode(how, mirage_k, budget, True, latent_loss, end_threshold, max_new_tokens=48)
-            pixels = (min_pixels, max_pixels)
-            r = evaluate.evaluate(model, tok, ids, exs[rank::world], decode, pixels, batch_size)
-            right += sum(r["right"])
-    right = parallel.all_reduce(right)
-    if rank == 0:
-        print(f"\nstep {step}: {what} accuracy {float(right) / len(exs):.3f} on {len(exs)} examples")
-    model.train()
-    return float(right) / len(exs), len(exs)
 
 
 if __name__ == "__main__":
