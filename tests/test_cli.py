@@ -105,3 +105,22 @@ def test_auto_is_a_typed_placeholder():
     assert cli.configure(g, ["--lr", "3e-4"])["lr"] == 3e-4 and g["lr"] == 3e-4
     with pytest.raises(InputError, match="--warmup_iters expects int"):
         cli.configure(dict(vars(train_sft)), ["--warmup_iters", "0.5"])
+
+
+def test_the_readers_path_reads_front_to_back():
+    """The README's reading order: each file imports only files read before it, the plumbing (cli,
+    checkpoint, parallel) and vision.py, and the names the README says to take on trust (tasks.py's special
+    tokens from qwen and lvr; evaluate.evaluate in train_sft.py)."""
+    import ast
+    import os
+    order = ["tasks", "qwen", "lvr", "data", "train_sft", "evaluate", "grpo", "train_grpo"]
+    skippable = {"cli", "checkpoint", "parallel", "vision"}
+    on_trust = {"tasks": {"lvr", "qwen"}, "train_sft": {"evaluate"}}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ours = {f[:-3] for f in os.listdir(root) if f.endswith(".py")}
+    for i, name in enumerate(order):
+        tree = ast.parse(open(os.path.join(root, name + ".py")).read())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        later = (imported & ours) - set(order[:i]) - skippable - on_trust.get(name, set())
+        assert not later, (name, later)
