@@ -12,29 +12,29 @@ def test_study_quick_runs_every_stage_and_resumes(tmp_path, capsys):
     r = run(*args)
     assert r.returncode == 0, r.stderr
     recs = {x["key"]: x for x in map(json.loads, open(tmp_path / "r.jsonl"))}
-    mirage = "vsp/mirage/seed{}/lr0.001/tbox+goal/k4"
-    tuned = {mirage.format(0), "vsp/mirage+grpo/seed0/lr2e-05/sigma0"}
-    shown = {mirage.format(1), "vsp/mirage+grpo/seed1/lr2e-05/sigma0", "vsp/mirage+control/seed1"}
+    lvr = "vsp/lvr/seed{}/lr0.001/tbox+goal/m2"
+    tuned = {lvr.format(0), "vsp/lvr+grpo/seed0/lr2e-05/sigma0"}
+    shown = {lvr.format(1), "vsp/lvr+grpo/seed1/lr2e-05/sigma0", "vsp/lvr+control/seed1"}
     assert set(recs) == tuned | shown
     assert all("val" in recs[k] and "test" not in recs[k] for k in tuned)  # tuning never sees the test split
     assert all(len(recs[k]["test"]["rows"]["with latents"]["right"]) == 4 for k in shown)
-    # Mirage's tuning runs get the oracle row (it chooses between its helpers), the reported run every row
-    assert "oracle latents" in recs[mirage.format(0)]["val"]["rows"]
-    assert "latents disabled" in recs[mirage.format(1)]["test"]["rows"]
-    assert set(recs["vsp/mirage+control/seed1"]["test"]["rows"]) == {"with latents"}
-    # the control continues the SFT run (stage 2's checkpoint) up to its GRPO run's compute, within 5%
-    spent = recs["vsp/mirage+grpo/seed1/lr2e-05/sigma0"]
+    # LVR's tuning run gets the oracle row (it chooses between the regions), the reported run every row
+    assert "oracle latents" in recs[lvr.format(0)]["val"]["rows"]
+    assert "latents disabled" in recs[lvr.format(1)]["test"]["rows"]
+    assert set(recs["vsp/lvr+control/seed1"]["test"]["rows"]) == {"with latents"}
+    # the control continues the SFT run up to its GRPO run's compute, within 5%
+    spent = recs["vsp/lvr+grpo/seed1/lr2e-05/sigma0"]
     assert spent["latent_sigma"] == 0.0 and spent["steps"] >= 2 and spent["grpo_log"]
-    assert abs(recs["vsp/mirage+control/seed1"]["macs"] / spent["macs"] - 1) < 0.05
+    assert abs(recs["vsp/lvr+control/seed1"]["macs"] / spent["macs"] - 1) < 0.05
     assert (tmp_path / "s.png").stat().st_size > 0
     study.main(args[2:])  # resumes (in this process: no new one to start): every run is in the file already
     assert len(open(tmp_path / "r.jsonl").readlines()) == len(recs)
     capsys.readouterr()
     study.main([*args[2:], "--report", "true"])  # the tables, from the file alone
     out = capsys.readouterr().out
-    assert "| vsp | Mirage + GRPO_latent (sigma 0) - Mirage + teacher-forced (control) | 1 |" in out
-    row = next(x for x in out.splitlines() if x.startswith("| vsp | Mirage |"))
-    acc = recs[mirage.format(1)]["test"]["rows"]["with latents"]["accuracy"]
+    assert "| vsp | LVR + GRPO_latent (sigma 0) - LVR + teacher-forced (control) | 1 |" in out
+    row = next(x for x in out.splitlines() if x.startswith("| vsp | LVR |"))
+    acc = recs[lvr.format(1)]["test"]["rows"]["with latents"]["accuracy"]
     assert f"{acc:.3f} ± 0.000 ({acc:.3f})" in row
 
 

@@ -66,12 +66,12 @@ work_dir = "study_runs"  # checkpoints of the runs (large; not committed)
 quick = False  # a tiny version, for CI (the flags in QUICK, before the ones given)
 report = False  # run nothing: print the tables (markdown, for the docs) and draw the picture
 # -----------------------------------------------------------------------------
-# --quick true: Mirage on VSP (stage 1 and 2), its GRPO continuation and control (plain SFT, LVR and its
-# stage 2 are the same functions with other flags, tested on their own), tiny: one seed, a few steps
-QUICK = ["--tasks", "vsp", "--methods", "mirage,grpo", "--max_iters", "4",
-         "--batch_size", "2", "--eval_interval", "2", "--eval_examples", "4", "--val_examples", "4",
-         "--test_examples", "4", "--seeds", "1", "--grpo_lrs", "2e-5", "--lvr_regions", "box",
-         "--mirage_helpers", "goal", "--mirage_ks", "4", "--budget", "8", "--resamples", "200"]
+# --quick true: LVR on VSP, its GRPO continuation and control (plain SFT and Mirage are the same functions
+# with other flags, tested on their own), tiny: one seed, a few steps, one trial
+QUICK = ["--tasks", "vsp", "--methods", "lvr,grpo", "--max_iters", "4",
+         "--batch_size", "2", "--eval_interval", "4", "--eval_examples", "4", "--val_examples", "4",
+         "--test_examples", "4", "--seeds", "1", "--grpo_lrs", "2e-5", "--lvr_regions", "box:2",
+         "--mirage_helpers", "goal", "--mirage_ks", "4", "--budget", "16", "--resamples", "200"]
 BASES = {"none": "plain SFT", "lvr": "LVR", "mirage": "Mirage"}
 CONTINUED = {"control": "teacher-forced (control)", "stage2": "stage 2", "grpo0": "GRPO_latent (sigma 0)",
              "grpo": "GRPO (sigma tuned)"}
