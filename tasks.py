@@ -356,10 +356,11 @@ def synthetic(split, i, seed, size=0, task="colour", level="3", targets=VSP_TARG
     prompts), test (evaluate.py). size 0: the task's own image side. VSP: `level` (vsp_levels) and `targets`
     (vsp_example) instead."""
     fn, own = TASKS[task]
+    k = example_id(split, i, seed)
     if task == "vsp":  # (each example draws its level from the list, by its own id)
         levels = vsp_levels(level)
-        return fn(example_id(split, i, seed), levels[example_id(split, i, seed) % len(levels)], targets)
-    return fn(example_id(split, i, seed), size or own)
+        return fn(k, levels[k % len(levels)], targets)
+    return fn(k, size or own)
 
 
 # -----------------------------------------------------------------------------

@@ -362,7 +362,8 @@ def main(argv):
                 dist.all_reduce(stats)
                 stats = stats / world
             got = dict(zip(("ce", "latent", "switch", "stopping", "macs"), stats.tolist()))  # (the means)
-            ce_sum, lat_sum, sw_sum, stopping = got["ce"], got["latent"], got["switch"], got["stopping"]
+            ce_sum, lat_sum, sw_sum = got["ce"], got["latent"], got["switch"]
+            stopping = got["stopping"]
             macs += got["macs"] * world
             if not (math.isfinite(ce_sum) and math.isfinite(lat_sum)):
                 raise InputError(f"loss is not finite at step {step} (ce {ce_sum}, latent {lat_sum}); "
