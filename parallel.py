@@ -170,11 +170,13 @@ def report_memory(device, rank):
 
 
 @contextlib.contextmanager
-def finishing(ddp, skipped, data_path, rank):
-    """Around a training loop, however it ends: then the bad records it skipped, and the process group."""
+def finishing(ddp, skipped, data_path, device, rank):
+    """Around a training loop, however it ends (out of memory included): then the peak memory, the bad
+    records it skipped, and the process group."""
     try:
         yield
     finally:
+        report_memory(device, rank)
         if skipped and rank == 0:
             print(f"skipped {len(skipped)} bad records of {data_path}: {sorted(skipped)}")
         if ddp:

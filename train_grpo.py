@@ -391,7 +391,7 @@ def main(argv):
     autocast = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
     signalled = cli.stop_flag()  # Ctrl-C / SIGTERM on any rank: every rank ends the step, saves it, exits
     bar = tqdm(total=max_iters, initial=step, disable=rank != 0, dynamic_ncols=True)
-    with parallel.finishing(ddp, SKIPPED, data_path, rank), bar:
+    with parallel.finishing(ddp, SKIPPED, data_path, dev, rank), bar:
         while step < max_iters and not (max_macs and macs >= max_macs):
             for g in opt.param_groups:
                 g["lr"] = lr * min(1.0, (step + 1) / warmup_iters)  # linear warmup, then constant
@@ -417,7 +417,6 @@ def main(argv):
                 parallel.save(model, tok, opt, out_dir, train_state, history, fsdp, rank)
             if stopping:
                 cli.stop_saved(signalled, step, out_dir, rank)
-        parallel.report_memory(dev, rank)
 
 
 if __name__ == "__main__":

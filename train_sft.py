@@ -343,7 +343,7 @@ def main(argv):
     stream = iter(loader)
     signalled = cli.stop_flag()  # Ctrl-C / SIGTERM: finish the step, save it, exit
     bar = tqdm(total=max_iters, initial=step, disable=rank != 0, dynamic_ncols=True)
-    with parallel.finishing(ddp, SKIPPED, data_path, rank), bar:
+    with parallel.finishing(ddp, SKIPPED, data_path, dev, rank), bar:
         while step < max_iters and not (max_macs and macs >= max_macs):
             t0 = time.time()
             for g in opt.param_groups:
@@ -389,7 +389,6 @@ def main(argv):
                 parallel.save(model, tok, opt, out_dir, train_state, history, fsdp, rank)
             if stopping:
                 cli.stop_saved(signalled, step, out_dir, rank)
-        parallel.report_memory(dev, rank)
 
 
 if __name__ == "__main__":
