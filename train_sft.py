@@ -44,7 +44,7 @@ latent_weight = Auto(float)  # [0, inf) weight of the latent loss (auto: Mirage 
 latent_loss = "auto"  # {auto, mse, cosine, l1} auto: official LVR mse, Mirage cosine; tiny model cosine
 switch_weight = 0.1  # [0, inf) mode-switch loss: BCE on <|lvr_end|> at in-span states (spans end as trained)
 max_latents = Auto(int)  # [0, inf) pool each ROI to at most this many latents, 0: all (auto: VSP 16, else 0)
-mirage_k = 4  # [1, inf) Mirage: latents per helper image
+mirage_k = Auto(int)  # [1, inf) Mirage: latents per helper image (auto: VSP 16, else 4)
 latent_head = False  # learn a head hidden -> latent (else identity)
 latent_end = False  # train the `latent` exit mode (<|lvr_latent_end|> after the latents)
 end_threshold = 0.1  # (0, inf) `latent` exit threshold, recorded in the checkpoint (zero vector at 1)
@@ -104,6 +104,7 @@ def resolve_defaults(config, dev):
             "min_lr": 0.0 if real else 1e-4,
             "warmup_iters": round(0.03 * max_iters) if real else 50,
             "max_latents": 16 if task == "vsp" and data_path == "synthetic" else 0,  # (VSP: the study's)
+            "mirage_k": 16 if task == "vsp" and data_path == "synthetic" else 4,
             "dtype": parallel.autocast_dtype(dtype, dev)}
     for k, v in auto.items():
         if isinstance(config[k], Auto) or config[k] == "auto":

@@ -291,7 +291,7 @@ def test_other_methods_run(tmp_path, method, extra):
 AUTO = {"latent_loss": "auto", "ce_weight": cli.Auto(float), "latent_weight": cli.Auto(float), "lr": cli.Auto(float),
         "min_lr": cli.Auto(float), "warmup_iters": cli.Auto(int), "dtype": "auto", "image_size": cli.Auto(int),
         "min_pixels": cli.Auto(int), "max_pixels": cli.Auto(int), "max_latents": cli.Auto(int), "max_iters": 1000,
-        "data_path": "synthetic",
+        "mirage_k": cli.Auto(int), "data_path": "synthetic",
         "task": "colour"}
 
 
@@ -329,6 +329,14 @@ def test_loss_defaults_follow_the_papers(monkeypatch, capsys):
         train_sft.resolve_defaults(config, dev)
         assert (config["dtype"], config["min_pixels"], config["max_pixels"]) == want
         assert config["lr"] == given.get("lr", 1e-5)
+    # VSP's latents: what its study chose (LVR's box pooled to 16, Mirage's k 16); elsewhere all, and k 4
+    for task, data_path, want in [("vsp", "synthetic", (16, 16)), ("colour", "synthetic", (0, 4)),
+                                  ("vsp", "d.jsonl", (0, 4))]:
+        config = {**AUTO, "data_path": data_path, "task": task, "method": "mirage"}
+        for k, v in {**config, "init_from": "scratch"}.items():
+            monkeypatch.setattr(train_sft, k, v)
+        train_sft.resolve_defaults(config, "cpu")
+        assert (config["max_latents"], config["mirage_k"]) == want
     r = run("train_sft.py", "--method", "mirage", "--latent_end", "true")
     assert r.returncode == 1 and "Mirage's tokens have none" in r.stderr and "Traceback" not in r.stderr
 
