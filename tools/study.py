@@ -420,7 +420,8 @@ def main(argv):
 
 def draw(recs):
     """Validation accuracy against SFT steps (mean over the reported seeds, min-max shaded), one panel per
-    task; the continuations as markers (test accuracy, mean and min-max) at the compute they spent."""
+    task; each SFT method's test accuracy at its last step and each continuation's past it, at the compute
+    it spent as a fraction of its run's (markers: mean and min-max over the seeds)."""
     try:
         import matplotlib.pyplot as plt
         plt.switch_backend("Agg")
@@ -443,8 +444,8 @@ def draw(recs):
             low = [min(a[i] for a in accs) for i in range(len(steps))]
             high = [max(a[i] for a in accs) for i in range(len(steps))]
             ax.fill_between(steps, low, high, color=colours[method], alpha=0.2)
-        markers = [m for m in NAMES if "+" in m and reported(recs, task, m)]
-        for j, method in enumerate([m.split("+")[0] for m in markers[:1]] + markers):
+        markers = [m for m in NAMES if reported(recs, task, m)]  # (SFT methods first, then continuations)
+        for j, method in enumerate(markers):
             runs = reported(recs, task, method)
             if not runs:
                 continue
@@ -455,13 +456,14 @@ def draw(recs):
             ax.errorbar([x], [m], yerr=[[m - min(vals)], [max(vals) - m]], color=colour,
                         fmt={"none": "s", "lvr": "o", "mirage": "D"}[method.split("+")[0]],
                         label=NAMES[method] + " (test)")
-        ax.set(title=task, xlabel=f"compute, in LVR SFT steps (batch {batch_size})", ylim=(0, 1.02))
+        ax.set(title=task, xlabel=f"SFT steps (batch {batch_size}); continuations: +{budget:g} of their run's "
+               "compute", ylim=(0, 1.02))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy")
-    axes[0][0].legend(fontsize=6, loc="upper left")
+    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))  # (beside the panels)
     fig.tight_layout()
     os.makedirs(os.path.dirname(picture) or ".", exist_ok=True)
-    fig.savefig(picture, dpi=110)
+    fig.savefig(picture, dpi=110, bbox_inches="tight")
     print(f"wrote {picture}")
 
 
