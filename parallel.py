@@ -17,13 +17,6 @@ import os
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
-
 import checkpoint
 import qwen
 from cli import InputError
@@ -149,9 +142,10 @@ def save(model, tok, opt, out_dir, train_state, history, fsdp, rank):
     """Write out_dir atomically (checkpoint.save), with the run's history. Every rank calls this (FSDP gathers
     the full state collectively); rank 0 writes. The optimizer state is keyed by parameter name, so FSDP,
     DDP and one-process runs resume each other at any world size."""
-    opts = StateDictOptions(full_state_dict=fsdp, cpu_offload=fsdp)
-    weights = get_model_state_dict(model, options=opts) if fsdp else None
-    opt_state = get_optimizer_state_dict(model, opt, options=opts)
+    from torch.distributed.checkpoint import state_dict as dcp  # (here: importing it costs every start 1 s)
+    opts = dcp.StateDictOptions(full_state_dict=fsdp, cpu_offload=fsdp)
+    weights = dcp.get_model_state_dict(model, options=opts) if fsdp else None
+    opt_state = dcp.get_optimizer_state_dict(model, opt, options=opts)
     if rank == 0:
         checkpoint.save(model, tok, out_dir, {**train_state, "optimizer": opt_state}, weights, history)
     if dist.is_initialized():  # no rank reads or moves on before it is written
@@ -160,7 +154,9 @@ def save(model, tok, opt, out_dir, train_state, history, fsdp, rank):
 
 def load_optimizer(model, opt, state, fsdp):
     """The saved optimizer state (by parameter name) into `opt`, sharded as the model is."""
-    set_optimizer_state_dict(model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=fsdp))
+    from torch.distributed.checkpoint import state_dict as dcp
+    opts = dcp.StateDictOptions(full_state_dict=fsdp)
+    dcp.set_optimizer_state_dict(model, opt, state["optimizer"], options=opts)
 
 
 def report_memory(device, rank):

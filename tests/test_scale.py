@@ -20,7 +20,6 @@ import helpers
 import lvr
 import qwen
 import tasks
-import vision
 from cli import InputError
 from helpers import photo, real_shaped
 from test_train import ROOT, run, state
@@ -131,7 +130,7 @@ print("rank", rank, "ok")
 def test_fsdp_loads_each_rank_its_part_and_ranks_decode_different_lengths(real, tmp_path):
     script = tmp_path / "sharded.py"
     script.write_text(SHARDED.format(root=ROOT, path=str(real / "ckpt")))
-    r = run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541", str(script))
+    r = run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29544", str(script))
     assert r.returncode == 0 and "rank 0 ok" in r.stdout and "rank 1 ok" in r.stdout, r.stderr[-3000:]
 
 
@@ -272,16 +271,6 @@ def test_an_official_latent_end_checkpoint_loads_and_exits_by_its_own_vector(tmp
     assert evaluation.span_lengths(r.is_latent[0])[0] == 1 and evaluation.span_lengths(r.is_latent[1])[0] == 4
     model.save_pretrained(str(tmp_path / "b"))  # written back under its official name
     assert "lvr_latent_end_emb" in load_file(str(tmp_path / "b" / "model.safetensors"))
-
-
-def test_the_gpu_check_runs_every_path(tmp_path):
-    """gpu_check.py's own runs, on CPU at the tiny shape: SFT under DDP and FSDP2, a resume, GRPO, eval."""
-    r = run("-m", "tools.gpu_check", "--size", "tiny", "--processes", "2", "--steps", "2", "--work_dir", str(tmp_path))
-    assert r.returncode == 0 and "FAILED" not in r.stdout, r.stdout + r.stderr
-    for name in ("SFT, DDP (2 steps)", "SFT, FSDP2 (2 steps)", "SFT, FSDP2 resumed (+2)", "GRPO, DDP (2 steps)"):
-        line = next(x for x in r.stdout.splitlines() if x.startswith(name))
-        assert "median step" in line and "median step -" not in line, line
-    assert state(str(tmp_path / "fsdp2"))["step"] == 4 and "evaluate.py (8 records)      ok" in r.stdout
 
 
 def test_the_process_group_outwaits_a_big_checkpoint(monkeypatch):

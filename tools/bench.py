@@ -339,7 +339,8 @@ def grpo_step_seconds(path):
     checkpoint at `path`: 2 processes (torchrun; CPU: the cores shared out; GPU: two), then 1."""
     out, tmp = [], tempfile.mkdtemp(prefix="bench-grpo-")
     threads = {"OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // 2))}
-    for launch, env in ((["-m", "torch.distributed.run", "--nproc_per_node", "2"], threads), ([], {})):
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # (a free port)
+    for launch, env in ((torchrun, threads), ([], {})):
         d = os.path.join(tmp, str(len(launch)))
         args = ["--init_from", path, "--device", device, "--dtype", dtype, "--filter_groups", "false",
                 "--max_iters", str(repeats + 1), "--out_dir", d]

@@ -57,8 +57,8 @@ def photos(path):
 
 
 def launch(script, *args, gpus=1):
-    """Run a script (under torchrun when gpus > 1) -> (ok, stdout + stderr)."""
-    head = ["-m", "torch.distributed.run", "--nproc_per_node", str(gpus)] if gpus > 1 else []
+    """Run a script (under torchrun when gpus > 1, on a free port) -> (ok, stdout + stderr)."""
+    head = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus)] if gpus > 1 else []
     r = subprocess.run([sys.executable, *head, script, *args], capture_output=True, text=True, cwd=ROOT)
     return r.returncode == 0, r.stdout + r.stderr
 

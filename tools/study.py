@@ -456,8 +456,8 @@ def draw(recs):
             ax.errorbar([x], [m], yerr=[[m - min(vals)], [max(vals) - m]], color=colour,
                         fmt={"none": "s", "lvr": "o", "mirage": "D"}[method.split("+")[0]],
                         label=NAMES[method] + " (test)")
-        ax.set(title=task, xlabel=f"SFT steps (batch {batch_size}); continuations: +{budget:g} of their run's "
-               "compute", ylim=(0, 1.02))
+        xlabel = f"SFT steps (batch {batch_size}); continuations: +{budget:g} of their run's compute"
+        ax.set(title=task, xlabel=xlabel, ylim=(0, 1.02))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy")
     axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))  # (beside the panels)
