@@ -159,12 +159,6 @@ def load_optimizer(model, opt, state, fsdp):
     dcp.set_optimizer_state_dict(model, opt, state["optimizer"], options=opts)
 
 
-def report_memory(device, rank):
-    """On CUDA, this rank's peak allocated memory, one line (tools/gpu_check.py reads it)."""
-    if device.startswith("cuda"):
-        print(f"peak GPU memory rank {rank}: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")
-
-
 @contextlib.contextmanager
 def finishing(ddp, skipped, data_path, device, rank):
     """Around a training loop, however it ends (out of memory included): then the peak memory, the bad
@@ -172,7 +166,8 @@ def finishing(ddp, skipped, data_path, device, rank):
     try:
         yield
     finally:
-        report_memory(device, rank)
+        if device.startswith("cuda"):  # this rank's peak (tools/gpu_check.py reads the line)
+            print(f"peak GPU memory rank {rank}: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")
         if skipped and rank == 0:
             print(f"skipped {len(skipped)} bad records of {data_path}: {sorted(skipped)}")
         if ddp:

@@ -97,14 +97,15 @@ def resolve_defaults(config, dev):
     README). Images: a data file's between the official LVR bounds, a synthetic task's at its own size.
     dtype: bf16 autocast on CUDA."""
     real = init_from != "scratch"
+    vsp = task == "vsp" and data_path == "synthetic"  # (its latents: what VSP's study chose)
     auto = {"latent_loss": "cosine" if method == "mirage" or not real else "mse",
             "ce_weight": 0.1 if method == "mirage" and real else 1.0,
             "latent_weight": 1.0 if method == "mirage" and real else 0.1,
             "lr": 1e-5 if real else 1e-3,
             "min_lr": 0.0 if real else 1e-4,
             "warmup_iters": round(0.03 * max_iters) if real else 50,
-            "max_latents": 16 if task == "vsp" and data_path == "synthetic" else 0,  # (VSP: the study's)
-            "mirage_k": 16 if task == "vsp" and data_path == "synthetic" else 4,
+            "max_latents": 16 if vsp else 0,
+            "mirage_k": 16 if vsp else 4,
             "dtype": parallel.autocast_dtype(dtype, dev)}
     for k, v in auto.items():
         if isinstance(config[k], Auto) or config[k] == "auto":
