@@ -7,7 +7,7 @@ import pytest
 
 import cli
 from cli import InputError
-from test_train import run_all
+from test_train import run_here
 
 SCRIPTS = ["train_sft", "train_grpo", "evaluate", "sample", "tools.bench", "tools.study", "tools.gpu_check"]
 
@@ -69,8 +69,8 @@ def test_bad_values_end_to_end_are_one_line_errors():
              ("train_grpo.py", ["--batch_size", "0"], "--batch_size must be in [1, inf)"),
              ("train_grpo.py", ["--temperature", "0"], "--temperature must be in (0, inf)"),
              ("-m", ["tools.bench", "--sizes", "tiny,7b"], "--sizes must be a comma-separated list")]
-    for (script, args, msg), r in zip(cases, run_all(*[[s, *a, "--out_dir", "/nonexistent/x"] if s.startswith("train")
-                                                        else [s, *a] for s, a, _ in cases])):
+    for script, args, msg in cases:
+        r = run_here(script, *args, *(["--out_dir", "/nonexistent/x"] if script.startswith("train") else []))
         assert r.returncode == 1 and "Traceback" not in r.stderr, (script, args, r.stderr)
         assert r.stderr.strip() == f"error: {r.stderr.strip()[7:]}" and "\n" not in r.stderr.strip(), r.stderr
         assert msg in r.stderr, (script, args, r.stderr)

@@ -9,7 +9,7 @@ import evaluate as evaluation
 import tasks
 from cli import InputError
 from test_grpo import IDS, IM_END
-from test_train import SMALL, run
+from test_train import SMALL, run_here
 from helpers import photo
 
 
@@ -76,10 +76,10 @@ def test_multiple_choice_loaders(tmp_path):
 
 def test_eval_script_end_to_end(tmp_path):
     out = str(tmp_path / "out")
-    r = run("train_sft.py", *SMALL, "--max_iters", "2", "--eval_interval", "2", "--out_dir", out)
+    r = run_here("train_sft.py", *SMALL, "--max_iters", "2", "--eval_interval", "2", "--out_dir", out)
     assert r.returncode == 0, r.stderr
-    r = run("evaluate.py", "--init_from", out, "--n_examples", "6", "--image_size", "112", "--max_pixels", "12544",
-            "--max_new_tokens", "8", "--max_latent_steps", "3")
+    r = run_here("evaluate.py", "--init_from", out, "--n_examples", "6", "--image_size", "112",
+                 "--max_pixels", "12544", "--max_new_tokens", "8", "--max_latent_steps", "3")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     on = next(x for x in lines if x.startswith("with latents")).split()
@@ -107,10 +107,11 @@ def test_eval_on_an_lvr_json_file(tmp_path):
         )
     (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     # a few steps: every training answer opens with <|lvr_start|>, so the greedy model does too
-    r = run("train_sft.py", *SMALL, "--max_iters", "30", "--eval_interval", "30", "--lr", "3e-3", "--out_dir", out)
+    r = run_here("train_sft.py", *SMALL, "--max_iters", "30", "--eval_interval", "30", "--lr", "3e-3",
+                 "--out_dir", out)
     assert r.returncode == 0, r.stderr
-    r = run("evaluate.py", "--init_from", out, "--data_path", str(tmp_path / "val.jsonl"), "--image_root", str(imgs),
-            "--max_new_tokens", "8", "--max_latent_steps", "3")
+    r = run_here("evaluate.py", "--init_from", out, "--data_path", str(tmp_path / "val.jsonl"),
+                 "--image_root", str(imgs), "--max_new_tokens", "8", "--max_latent_steps", "3")
     assert r.returncode == 0, r.stderr
     assert "min_pixels=3136 max_pixels=12544" in r.stdout  # a data file's images at the sizes it trained on
     on = next(x for x in r.stdout.splitlines() if x.startswith("with latents")).split()
@@ -165,18 +166,18 @@ def test_geometry_by_hand():
 
 def test_eval_saves_every_example_and_can_skip_the_diagnostics(tmp_path):
     out = str(tmp_path / "out")  # (a checkpoint of no training: what is checked is what evaluate.py writes)
-    r = run("train_sft.py", *SMALL, "--max_iters", "1", "--eval_interval", "1", "--eval_examples", "0",
-            "--data_workers", "0", "--out_dir", out)
+    r = run_here("train_sft.py", *SMALL, "--max_iters", "1", "--eval_interval", "1", "--eval_examples", "0",
+                 "--data_workers", "0", "--out_dir", out)
     assert r.returncode == 0, r.stderr
     common = ["evaluate.py", "--init_from", out, "--n_examples", "5", "--image_size", "112", "--max_pixels", "12544",
               "--max_new_tokens", "6", "--max_latent_steps", "2"]
-    r = run(*common, "--save", str(tmp_path / "all.json"))
+    r = run_here(*common, "--save", str(tmp_path / "all.json"))
     assert r.returncode == 0, r.stderr
     full = json.load(open(tmp_path / "all.json"))
     assert {"with latents", "latents disabled"} <= set(full["rows"])
     for row in full["rows"].values():
         assert len(row["right"]) == 5 and row["accuracy"] == sum(row["right"]) / 5
-    r = run(*common, "--diagnostics", "false", "--save", str(tmp_path / "own.json"))
+    r = run_here(*common, "--diagnostics", "false", "--save", str(tmp_path / "own.json"))
     assert r.returncode == 0 and "latents disabled" not in r.stdout, r.stderr
     own = json.load(open(tmp_path / "own.json"))
     assert list(own["rows"]) == ["with latents"] and own["rows"]["with latents"] == full["rows"]["with latents"]

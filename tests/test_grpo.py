@@ -16,7 +16,7 @@ import qwen
 import tasks
 import vision
 from test_lvr import tiny_model
-from test_train import SIGNALLED, SMALL, run
+from test_train import SIGNALLED, SMALL, run, run_here
 
 IDS = lvr.LatentIds(start=100, latent=101, latent_end=102, end=103)
 IM_END, PAD = 7, 8
@@ -278,7 +278,8 @@ def test_rewards():
 def sft(tmp_path_factory):
     """Enough SFT that sampled completions sometimes have the format, so groups carry a signal."""
     out = str(tmp_path_factory.mktemp("grpo") / "sft")
-    r = run("train_sft.py", *SMALL, "--max_iters", "60", "--eval_interval", "60", "--lr", "3e-3", "--out_dir", out)
+    r = run_here("train_sft.py", *SMALL, "--max_iters", "60", "--eval_interval", "60", "--lr", "3e-3",
+                 "--out_dir", out)
     assert r.returncode == 0, r.stderr
     return out
 
@@ -293,13 +294,14 @@ def test_compute_is_counted_and_bounds_the_run(tmp_path, sft):
     """Each step's multiply-accumulates are logged (the rollout's and the update's, over the ranks), and
     --max_macs stops the run at the step that reaches them, saved."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    r = run("train_grpo.py", *grpo_flags(sft), "--max_iters", "3", "--filter_groups", "false", "--out_dir", a)
+    r = run_here("train_grpo.py", *grpo_flags(sft), "--max_iters", "3", "--filter_groups", "false",
+                 "--out_dir", a)
     assert r.returncode == 0, r.stderr
     log = checkpoint.read_log(a)
     assert all(x["macs"] > 0 for x in log)
     budget = log[0]["macs"] + 0.5 * log[1]["macs"]  # reached during step 2
-    r = run("train_grpo.py", *grpo_flags(sft), "--max_iters", "3", "--filter_groups", "false", "--out_dir", b,
-            "--max_macs", str(budget))
+    r = run_here("train_grpo.py", *grpo_flags(sft), "--max_iters", "3", "--filter_groups", "false",
+                 "--out_dir", b, "--max_macs", str(budget))
     assert r.returncode == 0, r.stderr
     log_b = torch.load(os.path.join(b, "train_state.pt"), weights_only=True)
     assert log_b["step"] == 2 and [x["macs"] for x in checkpoint.read_log(b)] == [x["macs"] for x in log[:2]]
@@ -308,16 +310,16 @@ def test_compute_is_counted_and_bounds_the_run(tmp_path, sft):
 def test_train_grpo_end_to_end_and_resume(tmp_path, sft):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     common = [*grpo_flags(sft), "--latent_sigma", "0.2"]  # (latents explored: their noise resumes too)
-    r = run("train_grpo.py", *common, "--max_iters", "4", "--out_dir", a, "--micro_batch_tokens", "200",
-            "--ppo_epochs", "2")
+    r = run_here("train_grpo.py", *common, "--max_iters", "4", "--out_dir", a, "--micro_batch_tokens", "200",
+                 "--ppo_epochs", "2")
     assert r.returncode == 0, r.stderr
     assert "reward" in r.stdout and "flat_groups" in r.stdout and "rollout_tok_s" in r.stdout
     # Ctrl-C in step 2's second update (zero_grad call 4): the step finishes, is saved, and the run exits
     r = run("-c", SIGNALLED.format(script="train_grpo.py", at=4, rank=0, sigs=["SIGINT"], args=[
         *common, "--max_iters", "4", "--out_dir", b, "--micro_batch_tokens", "200", "--ppo_epochs", "2"]))
     assert r.returncode == 130 and f"stopped: saved step 2 to {b}" in r.stdout, r.stderr
-    r = run("train_grpo.py", *common, "--max_iters", "4", "--out_dir", b, "--micro_batch_tokens", "200",
-            "--ppo_epochs", "2", "--resume", "true")
+    r = run_here("train_grpo.py", *common, "--max_iters", "4", "--out_dir", b, "--micro_batch_tokens", "200",
+                 "--ppo_epochs", "2", "--resume", "true")
     assert r.returncode == 0, r.stderr
     assert "resuming with changed settings" not in r.stdout  # the same flags as the interrupted run
     la = checkpoint.read_log(a)
@@ -491,7 +493,7 @@ def test_grpo_two_processes_match_one(tmp_path, sft):
     r = run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543", str(script))
     state = torch.load(os.path.join(four, "train_state.pt"), weights_only=True)
     assert f"stopped: saved step 2 to {four}" in r.stdout and state["step"] == 2, r.stderr
-    r = run("train_grpo.py", *common, "--out_dir", four, "--resume", "true")
+    r = run_here("train_grpo.py", *common, "--out_dir", four, "--resume", "true")
     assert r.returncode == 0, r.stderr
     log4 = checkpoint.read_log(four)
     assert all(math.isclose(x["reward"], y["reward"], rel_tol=1e-9) for x, y in zip(log1, log4, strict=True))

@@ -2,8 +2,6 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,11 +14,11 @@ import qwen
 import tasks
 import vision
 from cli import InputError
+from test_train import run_here
 
 transformers = pytest.importorskip("transformers")
 from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -458,15 +456,11 @@ def test_image_token_count_mismatch(ckpt):
         model(ids)
 
 
-def run_script(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-
-
 def test_sample_script(ckpt, tmp_path):
     path, ref = ckpt(True)
     helpers.photo(240, 160, 12).save(tmp_path / "x.jpg")
-    r = run_script("sample.py", "--init_from", path, "--image", str(tmp_path / "x.jpg"), "--q", "What colour?",
-                   "--max_new_tokens", "5")
+    r = run_here("sample.py", "--init_from", path, "--image", str(tmp_path / "x.jpg"), "--q", "What colour?",
+                 "--max_new_tokens", "5")
     assert r.returncode == 0, r.stderr
     model, tok = qwen.load(path)
     ids, pv, grid, _ = helpers.reference_inputs(tok, [Image.open(tmp_path / "x.jpg")], "What colour?",
@@ -479,12 +473,10 @@ def test_sample_script(ckpt, tmp_path):
              (["--init_from", str(tmp_path)], "no config.json"),
              (["--q", "  "], "--q is empty"),
              (["--max_new_tokens", "200000"], "exceeds the context")]
-    procs = [(subprocess.Popen([sys.executable, "sample.py", "--init_from", path, *args], cwd=ROOT, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE), msg) for args, msg in cases]
-    for p, msg in procs:  # all at once: each is mostly interpreter start-up
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 1 and "Traceback" not in err
-        assert err.strip().count("\n") == 0 and msg in err
+    for args, msg in cases:
+        r = run_here("sample.py", "--init_from", path, *args)
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        assert r.stderr.strip().count("\n") == 0 and msg in r.stderr, r.stderr
 
 
 def test_decompression_bomb_is_a_clear_error(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ import qwen
 import tasks
 from cli import InputError
 from helpers import photo, real_shaped
-from test_train import ROOT, run, state
+from test_train import ROOT, run, run_here, state
 
 SMALL = ["--batch_size", "4", "--eval_examples", "4", "--image_size", "112", "--max_pixels", "12544",
          "--warmup_iters", "2"]
@@ -56,11 +56,12 @@ def test_a_real_checkpoint_resolves_the_official_settings_and_keeps_the_images_l
     assert "dtype=float32" in line  # (CPU; bfloat16 on CUDA: test_train.test_loss_defaults_follow_the_papers)
     assert lines[-1].strip() == "first example: 1 image(s) of 391 merged tokens"  # 23 x 17, not 6 x 6 (168 px)
     out = str(real / "out1")
-    r = run("train_sft.py", "--init_from", str(real / "ckpt"), "--data_path", str(real / "d.json"), "--image_root",
-            str(real), "--max_iters", "1", "--batch_size", "1", "--eval_examples", "1", "--out_dir", out)
+    r = run_here("train_sft.py", "--init_from", str(real / "ckpt"), "--data_path", str(real / "d.json"),
+                 "--image_root", str(real), "--max_iters", "1", "--batch_size", "1", "--eval_examples", "1",
+                 "--out_dir", out)
     assert r.returncode == 0, r.stderr
-    r = run("evaluate.py", "--init_from", out, "--data_path", str(real / "d.json"), "--image_root", str(real),
-            "--max_new_tokens", "4", "--max_latent_steps", "2")
+    r = run_here("evaluate.py", "--init_from", out, "--data_path", str(real / "d.json"), "--image_root",
+                 str(real), "--max_new_tokens", "4", "--max_latent_steps", "2")
     assert r.returncode == 0, r.stderr
     assert "min_pixels=100352 max_pixels=4014080" in r.stdout, r.stdout  # the bounds it was trained with
     # an official checkpoint records none: evaluated at the processor's own bounds (the official inference)

@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 import data
 import tasks
 from test_lvr import tiny_model
-from test_train import SMALL, run_all
+from test_train import SMALL, run_here
 
 SEEDS = range(12)
 
@@ -83,30 +83,15 @@ def test_imagine_bbox_is_where_the_moves_end_and_the_helper_draws_the_path():
 
 def test_task_reaches_every_script(tmp_path):
     out = str(tmp_path / "out")
-    r, = run_all(["train_sft.py", *SMALL, "--task", "relation", "--max_iters", "2", "--eval_interval", "2",
-                  "--out_dir", out])
+    r = run_here("train_sft.py", *SMALL, "--task", "relation", "--max_iters", "2", "--eval_interval", "2",
+                 "--out_dir", out)
     assert r.returncode == 0 and "held-out accuracy" in r.stdout, r.stderr
     small = ["--image_size", "168", "--max_pixels", "28224"]
-    ev, gr = run_all(
-        ["evaluate.py", "--init_from", out, "--task", "search", "--n_examples", "4", *small, "--max_new_tokens", "6"],
-        [
-            "train_grpo.py",
-            "--init_from",
-            out,
-            "--task",
-            "imagine",
-            "--batch_size",
-            "2",
-            "--group_size",
-            "2",
-            "--max_iters",
-            "1",
-            "--max_new_tokens",
-            "6",
-            "--out_dir",
-            str(tmp_path / "g"),
-        ],
-    )
+    ev = run_here("evaluate.py", "--init_from", out, "--task", "search", "--n_examples", "4", *small,
+                  "--max_new_tokens", "6")
+    gr = run_here("train_grpo.py", "--init_from", out, "--task", "imagine", "--batch_size", "2",
+                  "--group_size", "2", "--max_iters", "1", "--max_new_tokens", "6", "--out_dir",
+                  str(tmp_path / "g"))
     assert ev.returncode == 0 and "with latents" in ev.stdout, ev.stderr
     assert gr.returncode == 0 and "step 1:" in gr.stdout, gr.stderr
     saved = torch.load(str(tmp_path / "g" / "train_state.pt"), weights_only=True)["config"]
@@ -227,17 +212,17 @@ def test_vsp_reaches_every_script_and_a_mirage_file_of_its_maps_scores_alike(tmp
         assert [data.is_correct(plan, e["answer"], e["map_desc"]) for e in exs] == \
                [data.is_correct(plan, r["answer"], r["map_desc"]) for r in read]
     out = str(tmp_path / "out")
-    r, = run_all(["train_sft.py", "--task", "vsp", "--batch_size", "2", "--max_iters", "2", "--eval_interval", "2",
-                  "--eval_examples", "2", "--warmup_iters", "1", "--max_latents", "2", "--out_dir", out])
+    r = run_here("train_sft.py", "--task", "vsp", "--batch_size", "2", "--max_iters", "2", "--eval_interval",
+                 "2", "--eval_examples", "2", "--warmup_iters", "1", "--max_latents", "2", "--out_dir", out)
     assert r.returncode == 0 and "held-out accuracy" in r.stdout, r.stderr
     assert "first example: 1 image(s) of 49 merged tokens" in r.stdout  # 192 px -> 196: the processor's resize
     common = ["--n_examples", "4", "--max_new_tokens", "8", "--diagnostics", "false"]
-    built, filed, gr = run_all(
+    built, filed, gr = (run_here(*argv) for argv in (
         ["evaluate.py", "--init_from", out, "--task", "vsp", *common, "--save", str(tmp_path / "a.json")],
         ["evaluate.py", "--init_from", out, "--data_path", str(path), "--image_root", str(tmp_path), *common,
          "--save", str(tmp_path / "b.json")],
         ["train_grpo.py", "--init_from", out, "--task", "vsp", "--batch_size", "2", "--group_size", "2",
-         "--max_iters", "1", "--max_new_tokens", "6", "--out_dir", str(tmp_path / "g")])
+         "--max_iters", "1", "--max_new_tokens", "6", "--out_dir", str(tmp_path / "g")]))
     assert built.returncode == 0 and filed.returncode == 0, built.stderr + filed.stderr
     rows = [json.loads((tmp_path / f).read_text())["rows"]["with latents"] for f in ("a.json", "b.json")]
     assert rows[0] == rows[1]

@@ -1,10 +1,16 @@
 """train_sft.py end to end: resume, DDP vs one process, NaN stop, dataset errors, then sample.py."""
+import contextlib
+import importlib.util
+import io
 import json
 import math
 import os
+import runpy
 import shutil
+import signal
 import subprocess
 import sys
+import traceback
 
 import pytest
 import torch
@@ -22,12 +28,47 @@ from cli import InputError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--batch_size", "4", "--eval_examples", "4", "--image_size", "112", "--max_pixels", "12544",
          "--warmup_iters", "2"]
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # the handlers a training script installs (cli.stop_flag)
 
 
 def run(*args, env=None):
+    """`python args` in its own process: for a test of the process itself (torchrun, a signal, a kill)."""
     r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     return r
+
+
+def run_here(*args):
+    """`python args` run in this process, as the interpreter would run it: the script (or `-m module`)
+    with fresh globals as `__main__`; its exit code, stdout and stderr (an uncaught exception: 1 and its
+    traceback); one thread, as `run` gives it. No new process: each saves the suite 2.5 s of importing
+    torch."""
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.argv, os.getcwd(), torch.get_num_threads(), [signal.getsignal(s) for s in STOP_SIGNALS]
+    module = args[1] if args[0] == "-m" else None
+    path = importlib.util.find_spec(module).origin if module else os.path.join(ROOT, args[0])
+    sys.argv = [path, *args[2 if module else 1:]]
+    os.chdir(ROOT)
+    torch.set_num_threads(1)
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(path, run_name="__main__")
+            except SystemExit as e:  # (as the interpreter: None is 0, a message is printed and is 1)
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                if code == 1 and not isinstance(e.code, int):
+                    print(e.code, file=sys.stderr)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv = saved[0]
+        os.chdir(saved[1])
+        torch.set_num_threads(saved[2])
+        for s, handler in zip(STOP_SIGNALS, saved[3]):
+            signal.signal(s, handler)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def run_all(*argvs):
@@ -51,7 +92,7 @@ def losses(out):
 def test_ddp_and_fsdp_two_processes_match_one(tmp_path):
     one, two, three = str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "three")
     common = [*SMALL, "--batch_size", "2", "--max_iters", "3", "--eval_interval", "3"]
-    r = run("train_sft.py", *common, "--grad_accum", "2", "--out_dir", one)
+    r = run_here("train_sft.py", *common, "--grad_accum", "2", "--out_dir", one)
     assert r.returncode == 0, r.stderr
     for out, port, extra in [(two, "29533", []), (three, "29534", ["--fsdp", "true"])]:
         r = run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, "train_sft.py",
@@ -69,13 +110,13 @@ def test_ddp_and_fsdp_two_processes_match_one(tmp_path):
         *common, "--fsdp", "true", "--out_dir", four]))
     r = run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535", str(script))
     assert f"stopped: saved step 2 to {four}" in r.stdout and state(four)["step"] == 2, r.stderr
-    r = run("train_sft.py", *common, "--grad_accum", "2", "--out_dir", four, "--resume", "true")
+    r = run_here("train_sft.py", *common, "--grad_accum", "2", "--out_dir", four, "--resume", "true")
     assert r.returncode == 0, r.stderr
     assert torch.allclose(torch.tensor(losses(one)), torch.tensor(losses(four)), rtol=1e-4)
 
 
 def test_fsdp_needs_torchrun():
-    r = run("train_sft.py", *SMALL, "--fsdp", "true")
+    r = run_here("train_sft.py", *SMALL, "--fsdp", "true")
     assert r.returncode == 1 and "torchrun" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -245,21 +286,22 @@ def test_train_on_a_file_then_sample_with_latents(tmp_path):
     out = str(tmp_path / "out")
     held_out = tmp_path / "held_out.jsonl"
     held_out.write_text(json.dumps(record([[0.5, 0.5, 0.9, 0.7]])))
-    r = run("train_sft.py", *SMALL, "--max_iters", "2", "--eval_interval", "2", "--data_path", path,
-            "--image_root", str(tmp_path), "--out_dir", out, "--max_latents", "2", "--latent_head", "true",
-            "--eval_data_path", str(held_out))
+    r = run_here("train_sft.py", *SMALL, "--max_iters", "2", "--eval_interval", "2", "--data_path", path,
+                 "--image_root", str(tmp_path), "--out_dir", out, "--max_latents", "2", "--latent_head",
+                 "true", "--eval_data_path", str(held_out))
     assert r.returncode == 0, r.stderr
     assert "step 2: held-out accuracy" in r.stdout and "on 1 examples" in r.stdout
     viz = str(tmp_path / "viz.png")
-    r = run("sample.py", "--init_from", out, "--image", str(tmp_path / "a.png"), "--q", "What colour is the circle?",
-            "--max_new_tokens", "12", "--lvr_steps", "2", "--viz", viz)
+    r = run_here("sample.py", "--init_from", out, "--image", str(tmp_path / "a.png"), "--q",
+                 "What colour is the circle?", "--max_new_tokens", "12", "--lvr_steps", "2", "--viz", viz)
     assert r.returncode == 0, r.stderr
     assert "resolved: min_pixels=12544 max_pixels=12544" in r.stdout  # the image bounds it was trained with
     assert os.path.isfile(viz)
     model, tok = qwen.load(out)
     assert hasattr(model, "lvr_head") and model.cfg.extra["lvr_tokens"] == lvr.LVR_TOKENS
     assert model.cfg.extra["lvr_image_pixels"] == [12544, 12544]
-    r = run("train_sft.py", *SMALL, "--data_path", str(tmp_path / "nope.json"), "--out_dir", str(tmp_path / "o2"))
+    r = run_here("train_sft.py", *SMALL, "--data_path", str(tmp_path / "nope.json"), "--out_dir",
+                 str(tmp_path / "o2"))
     assert r.returncode == 1 and "Traceback" not in r.stderr and "cannot read dataset" in r.stderr
 
 
@@ -268,8 +310,8 @@ def test_train_on_a_file_then_sample_with_latents(tmp_path):
                                          ("lvr", ["--latent_end", "true", "--max_latents", "2"])])
 def test_other_methods_run(tmp_path, method, extra):
     out = str(tmp_path / "out")
-    r = run("train_sft.py", *SMALL, "--max_iters", "2", "--eval_interval", "2", "--method", method, *extra,
-            "--out_dir", out)
+    r = run_here("train_sft.py", *SMALL, "--max_iters", "2", "--eval_interval", "2", "--method", method,
+                 *extra, "--out_dir", out)
     assert r.returncode == 0, r.stderr
     assert "held-out accuracy" in r.stdout
     extra_cfg = qwen.Qwen2_5_VL.from_pretrained(out).cfg.extra
@@ -282,8 +324,9 @@ def test_other_methods_run(tmp_path, method, extra):
         assert losses(out)[0][1] > 0  # and its distance and threshold are in the checkpoint's config
         assert (extra_cfg["latent_end_metric"], extra_cfg["latent_end_threshold"]) == ("cosine", 0.1)
     if method == "mirage":
-        r = run("train_sft.py", *SMALL, "--max_iters", "2", "--eval_interval", "2", "--method", "mirage",
-                "--stage", "2", "--init_from", out, "--out_dir", str(tmp_path / "s2"), "--eval_examples", "0")
+        r = run_here("train_sft.py", *SMALL, "--max_iters", "2", "--eval_interval", "2", "--method",
+                     "mirage", "--stage", "2", "--init_from", out, "--out_dir", str(tmp_path / "s2"),
+                     "--eval_examples", "0")
         assert r.returncode == 0 and "accuracy" not in r.stdout, r.stderr  # no evaluation: checkpoints only
         assert state(str(tmp_path / "s2"))["step"] == 2
 
@@ -337,7 +380,7 @@ def test_loss_defaults_follow_the_papers(monkeypatch, capsys):
             monkeypatch.setattr(train_sft, k, v)
         train_sft.resolve_defaults(config, "cpu")
         assert (config["max_latents"], config["mirage_k"]) == want
-    r = run("train_sft.py", "--method", "mirage", "--latent_end", "true")
+    r = run_here("train_sft.py", "--method", "mirage", "--latent_end", "true")
     assert r.returncode == 1 and "Mirage's tokens have none" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -378,7 +421,8 @@ def test_ctrl_c_or_sigterm_saves_the_whole_step_and_resume_continues_the_same_lo
     assert rd.returncode == 130 and "Traceback" not in rd.stderr and "stopped" not in rd.stdout, rd.stderr
     assert state(d)["step"] == 4  # the step-4 checkpoint stays
     qwen.load(d)
-    r = run("train_sft.py", *common, "--out_dir", b, "--resume", "true")  # the same curve as the unbroken run
+    r = run_here("train_sft.py", *common, "--out_dir", b, "--resume",
+                 "true")  # the same curve as the unbroken run
     assert r.returncode == 0, r.stderr
     la, lb = losses(a), losses(b)
     assert len(la) == len(lb) == 6 and torch.allclose(torch.tensor(la), torch.tensor(lb), rtol=1e-5, atol=1e-6)
@@ -401,7 +445,7 @@ def test_a_save_killed_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
     import signal
     import time
     src, out = str(tmp_path / "src"), str(tmp_path / "out")
-    r = run("train_sft.py", *SMALL, "--max_iters", "1", "--eval_interval", "1", "--out_dir", src)
+    r = run_here("train_sft.py", *SMALL, "--max_iters", "1", "--eval_interval", "1", "--out_dir", src)
     assert r.returncode == 0, r.stderr
     rng = random.Random(0)
     last = 0
@@ -476,7 +520,7 @@ def test_out_dir_is_never_a_directory_a_save_would_wipe(tmp_path):
     cases = [([script, *extra, "--out_dir", out], msg) for script, extra in scripts.items()
              for out, msg in ((ckpt, "already holds a checkpoint"),  # a fresh run into a finished run's checkpoint
                               (str(mine), "notes.txt, sub, which saving"))]
-    for r, (_, msg) in zip(run_all(*[argv for argv, _ in cases]), cases):
+    for r, (_, msg) in zip([run_here(*argv) for argv, _ in cases], cases):
         assert r.returncode == 1 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert state(ckpt)["step"] == 7 and (mine / "notes.txt").read_text() == "mine"
     os.remove(os.path.join(ckpt, "train_state.pt"))  # a model saved without a run (the --init_from one, say)
@@ -497,9 +541,9 @@ def test_on_bad_record_skip_reports_and_goes_on(tmp_path):
     out = str(tmp_path / "out")
     common = [*SMALL, "--max_iters", "2", "--eval_interval", "2", "--data_path", path, "--image_root", str(tmp_path),
               "--out_dir", out]
-    r = run("train_sft.py", *common)
+    r = run_here("train_sft.py", *common)
     assert r.returncode == 1 and "record 1: bbox" in r.stderr and "Traceback" not in r.stderr
-    r = run("train_sft.py", *common, "--on_bad_record", "skip")
+    r = run_here("train_sft.py", *common, "--on_bad_record", "skip")
     assert r.returncode == 0, r.stderr
     assert "step 2: training-set accuracy" in r.stdout  # no --eval_data_path: the print says what it measured
     assert "skipping" in r.stderr and "record 1: bbox" in r.stderr and "record 3: image not found" in r.stderr
@@ -519,7 +563,7 @@ def test_resume_after_a_kill_and_untrusted_train_state(tmp_path):
     import time
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     common = [*SMALL, "--max_iters", "12", "--eval_interval", "2"]  # room for a late kill: steps 2..10
-    r = run("train_sft.py", *common, "--out_dir", a)
+    r = run_here("train_sft.py", *common, "--out_dir", a)
     assert r.returncode == 0, r.stderr
     p = subprocess.Popen(
         [sys.executable, "train_sft.py", *common, "--max_iters", "1000", "--out_dir", b],
@@ -534,7 +578,7 @@ def test_resume_after_a_kill_and_untrusted_train_state(tmp_path):
     p.send_signal(signal.SIGKILL)  # no chance to save: the last checkpoint (step 2, 4, ...) is what is left
     p.wait()
     assert state(b)["step"] < 12
-    r = run("train_sft.py", *common, "--out_dir", b, "--resume", "true")
+    r = run_here("train_sft.py", *common, "--out_dir", b, "--resume", "true")
     assert r.returncode == 0, r.stderr
     assert "resuming with changed settings: max_iters 1000 -> 12\n" in r.stdout
     assert torch.allclose(torch.tensor(losses(a)), torch.tensor(losses(b)), rtol=1e-5, atol=1e-6)
@@ -544,7 +588,7 @@ def test_resume_after_a_kill_and_untrusted_train_state(tmp_path):
             return (os.system, ("touch " + str(tmp_path / "pwned"),))
     with open(os.path.join(b, "train_state.pt"), "wb") as f:
         pickle.dump({"step": Evil()}, f)
-    r = run("train_sft.py", *common, "--out_dir", b, "--resume", "true")
+    r = run_here("train_sft.py", *common, "--out_dir", b, "--resume", "true")
     assert r.returncode == 1 and "cannot resume from" in r.stderr and "Traceback" not in r.stderr
     assert not os.path.exists(tmp_path / "pwned")
 

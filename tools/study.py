@@ -59,6 +59,8 @@ val_examples = 512  # [1, inf) validation examples behind every tuning choice
 test_examples = 256  # [1, inf) test examples for the reported runs
 budget = 0.25  # (0, inf) every continuation's compute, as a fraction of the SFT run it continues
 grpo_iters = 10000  # [1, inf) a cap on GRPO steps (the compute budget ends the run first)
+grpo_batch_size = 8  # [1, inf) prompts per GRPO step (train_grpo's --batch_size)
+group_size = 8  # [2, inf) completions per prompt (train_grpo's --group_size)
 resamples = 10000  # [100, inf) bootstrap resamples per interval
 results = "assets/study_vsp.jsonl"  # one JSON line per finished run (v2: assets/study.jsonl)
 picture = "assets/study_vsp.png"  # held-out accuracy against compute, per task and method
@@ -71,7 +73,8 @@ report = False  # run nothing: print the tables (markdown, for the docs) and dra
 QUICK = ["--tasks", "vsp", "--methods", "lvr,grpo", "--max_iters", "4",
          "--batch_size", "2", "--eval_interval", "4", "--eval_examples", "4", "--val_examples", "4",
          "--test_examples", "4", "--seeds", "1", "--grpo_lrs", "2e-5", "--lvr_regions", "box:2",
-         "--mirage_helpers", "goal", "--mirage_ks", "4", "--budget", "16", "--resamples", "200"]
+         "--mirage_helpers", "goal", "--mirage_ks", "4", "--budget", "4", "--grpo_batch_size", "2",
+         "--group_size", "4", "--resamples", "200"]
 BASES = {"none": "plain SFT", "lvr": "LVR", "mirage": "Mirage"}
 CONTINUED = {"control": "teacher-forced (control)", "stage2": "stage 2", "grpo0": "GRPO_latent (sigma 0)",
              "grpo": "GRPO (sigma tuned)"}
@@ -250,7 +253,8 @@ def grpo_run(done, task, base_method, seed, base, lr, sigma, macs, sigma_name, k
         fresh(out)
         run("train_grpo.py", "--init_from", base, "--task", task, "--level", level, "--seed", seed,
             "--lr", lr, "--latent_sigma", sigma, "--max_iters", grpo_iters, "--max_macs", macs,
-            "--eval_interval", grpo_iters, "--out_dir", out,
+            "--batch_size", grpo_batch_size, "--group_size", group_size, "--eval_interval", grpo_iters,
+            "--out_dir", out,
             *(["--decoding", "steps", "--lvr_steps", k] if k else []))  # (Mirage: its k steps)
         log = checkpoint.read_log(out)
         rec = {"macs": macs_of(out), "latent_sigma": sigma, "steps": len(log),
