@@ -17,7 +17,6 @@ reference on it is the closed form for two Gaussians of equal S. This departs fr
 along A (z - mu'), is about zero), and it compares z with the output at the position that reads it,
 one step late, rather than the one that produced it.
 """
-import math
 from typing import NamedTuple
 
 import torch
