@@ -16,7 +16,7 @@ import qwen
 import tasks
 import vision
 from test_lvr import tiny_model
-from test_train import SIGNALLED, SMALL, run, run_here
+from test_train import SIGNALLED, SMALL, run, run_here, run_signalled
 
 IDS = lvr.LatentIds(start=100, latent=101, latent_end=102, end=103)
 IM_END, PAD = 7, 8
@@ -315,8 +315,8 @@ def test_train_grpo_end_to_end_and_resume(tmp_path, sft):
     assert r.returncode == 0, r.stderr
     assert "reward" in r.stdout and "flat_groups" in r.stdout and "rollout_tok_s" in r.stdout
     # Ctrl-C in step 2's second update (zero_grad call 4): the step finishes, is saved, and the run exits
-    r = run("-c", SIGNALLED.format(script="train_grpo.py", at=4, rank=0, sigs=["SIGINT"], args=[
-        *common, "--max_iters", "4", "--out_dir", b, "--micro_batch_tokens", "200", "--ppo_epochs", "2"]))
+    r = run_signalled(tmp_path, "train_grpo.py", 4, 0, ["SIGINT"], [
+        *common, "--max_iters", "4", "--out_dir", b, "--micro_batch_tokens", "200", "--ppo_epochs", "2"])
     assert r.returncode == 130 and f"stopped: saved step 2 to {b}" in r.stdout, r.stderr
     r = run_here("train_grpo.py", *common, "--max_iters", "4", "--out_dir", b, "--micro_batch_tokens", "200",
                  "--ppo_epochs", "2", "--resume", "true")
@@ -433,9 +433,9 @@ def test_micro_batch_tokens_and_checkpointing_give_the_unsplit_gradient(tmp_path
 
 
 RECORDED = """
-import os, sys, torch
+import atexit, os, sys, torch
 sys.path.insert(0, os.getcwd())
-import lvr, train_grpo
+import lvr
 seen, rollout = [], lvr.rollout
 def recorded(*a, **k):  # every rollout's completions, cut at their stop token
     r = rollout(*a, **k)
@@ -444,57 +444,53 @@ def recorded(*a, **k):  # every rollout's completions, cut at their stop token
                  for row in r.tokens[:, a[2].input_ids.shape[1]:].tolist()])
     return r
 lvr.rollout = recorded
-try:
-    train_grpo.main({args!r})
-finally:
-    torch.save(seen, {out!r} + ".rank" + os.environ.get("RANK", "0"))
+atexit.register(lambda: torch.save(seen, {out!r} + ".rank" + os.environ.get("RANK", "0")))
 """
 
 
 def test_grpo_two_processes_match_one(tmp_path, sft):
-    """torchrun with 2 processes (DDP, then FSDP2) gives the 1-process run: the same completions, rewards,
-    kept groups, losses and weights; Ctrl-C on one rank stops both after the same step, saved together,
-    and that checkpoint resumes in 1 process onto the 1-process curve."""
+    """torchrun with 2 processes gives the 1-process run: the same completions, rewards, kept groups, losses
+    and weights, under DDP to the end; under FSDP2 until Ctrl-C reaches rank 1 in its second update: the flag
+    is summed with the statistics, so both ranks stop after step 2 and save it together (a collective), and
+    that checkpoint resumes in 1 process onto the 1-process curve and weights."""
     common = [*grpo_flags(sft), "--max_iters", "3", "--eval_interval", "3", "--micro_batch_tokens", "120"]
 
-    def launch(out, procs, port, *extra):
+    def launch(out, procs, port, *extra, sigs=()):  # (the signal: in rank 1's 2nd zero_grad)
         script = tmp_path / f"{os.path.basename(out)}.py"
-        script.write_text(RECORDED.format(args=[*common, *extra, "--out_dir", out], out=out))
+        script.write_text(RECORDED.format(out=out) + SIGNALLED.format(
+            script="train_grpo.py", at=2, rank=1, sigs=list(sigs), args=[*common, *extra, "--out_dir", out]))
         r = (run(str(script)) if procs == 1 else
              run("-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", port, str(script)))
         rounds = [torch.load(f"{out}.rank{i}", weights_only=True) for i in range(procs)]
         return r, [sum(rows, []) for rows in zip(*rounds)]  # per round: every prompt's rows, in stream order
-    one, two, three = (str(tmp_path / x) for x in ("one", "two", "three"))
-    r, rows1 = launch(one, 1, None)
-    assert r.returncode == 0, r.stderr
-    log1 = checkpoint.read_log(one)
-    assert sum(x["draws"] for x in log1) > 3 and sum(x["kept_groups"] for x in log1) > 0  # rounds filtered, kept
-    m1 = qwen.Qwen2_5_VL.from_pretrained(one)
-    for out, port, extra in ((two, "29541", []), (three, "29542", ["--fsdp", "true"])):
-        r, rows = launch(out, 2, port, *extra)
-        assert r.returncode == 0, r.stderr
-        assert rows == rows1, out  # the same completions, token for token
-        log = checkpoint.read_log(out)
+
+    def same(log, log1):
         for x, y in zip(log1, log, strict=True):
             assert {k: x[k] for k in ("accuracy", "kept_groups", "draws", "length")} == \
                    {k: y[k] for k in ("accuracy", "kept_groups", "draws", "length")}
             assert math.isclose(x["reward"], y["reward"], rel_tol=1e-9)
             assert math.isclose(x["loss"], y["loss"], rel_tol=1e-4, abs_tol=1e-6)
             assert math.isclose(x["kl"], y["kl"], rel_tol=1e-3, abs_tol=1e-7)
-        m2 = qwen.Qwen2_5_VL.from_pretrained(out)
-        for (k, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
+
+    def weights_same(out):
+        for (k, p1), p2 in zip(m1.state_dict().items(), qwen.Qwen2_5_VL.from_pretrained(out).state_dict().values()):
             assert torch.allclose(p1, p2, atol=1e-5), (out, k)
-    # Ctrl-C reaching rank 1 only, in its second update: the flag is summed with the statistics, so both
-    # ranks stop after step 2 and save it together (a collective under FSDP); it resumes in one process
-    four = str(tmp_path / "four")
-    script = tmp_path / "signalled.py"
-    script.write_text(SIGNALLED.format(script="train_grpo.py", at=2, rank=1, sigs=["SIGINT"], args=[
-        *common, "--fsdp", "true", "--out_dir", four]))
-    r = run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543", str(script))
+    one, two, four = (str(tmp_path / x) for x in ("one", "two", "four"))
+    r, rows1 = launch(one, 1, None)
+    assert r.returncode == 0, r.stderr
+    log1 = checkpoint.read_log(one)
+    assert sum(x["draws"] for x in log1) > 3 and sum(x["kept_groups"] for x in log1) > 0  # rounds filtered, kept
+    m1 = qwen.Qwen2_5_VL.from_pretrained(one)
+    r, rows = launch(two, 2, "29541")
+    assert r.returncode == 0, r.stderr
+    assert rows == rows1  # the same completions, token for token
+    same(checkpoint.read_log(two), log1)
+    weights_same(two)
+    r, rows = launch(four, 2, "29543", "--fsdp", "true", sigs=["SIGINT"])
     state = torch.load(os.path.join(four, "train_state.pt"), weights_only=True)
     assert f"stopped: saved step 2 to {four}" in r.stdout and state["step"] == 2, r.stderr
+    assert rows == rows1[:sum(x["draws"] for x in log1[:2])]  # (a round per draw) steps 1 and 2's
     r = run_here("train_grpo.py", *common, "--out_dir", four, "--resume", "true")
     assert r.returncode == 0, r.stderr
-    log4 = checkpoint.read_log(four)
-    assert all(math.isclose(x["reward"], y["reward"], rel_tol=1e-9) for x, y in zip(log1, log4, strict=True))
-    assert all(math.isclose(x["loss"], y["loss"], rel_tol=1e-4, abs_tol=1e-6) for x, y in zip(log1, log4))
+    same(checkpoint.read_log(four), log1)
+    weights_same(four)

@@ -90,29 +90,31 @@ def losses(out):
 
 
 def test_ddp_and_fsdp_two_processes_match_one(tmp_path):
-    one, two, three = str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "three")
+    """2 processes (DDP; FSDP2 stopped and resumed) train as 1 process with 2 micro-batches: the same losses
+    and weights. (FSDP2's evaluation and normal end: tools/gpu_check.py's run, in test_study.py.)"""
+    one, two, four = str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "four")
     common = [*SMALL, "--batch_size", "2", "--max_iters", "3", "--eval_interval", "3"]
     r = run_here("train_sft.py", *common, "--grad_accum", "2", "--out_dir", one)
     assert r.returncode == 0, r.stderr
-    for out, port, extra in [(two, "29533", []), (three, "29534", ["--fsdp", "true"])]:
-        r = run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, "train_sft.py",
-                *common, *extra, "--out_dir", out)
-        assert r.returncode == 0, r.stderr
+    m1 = qwen.Qwen2_5_VL.from_pretrained(one)
+
+    def same_as_one(out):
         assert torch.allclose(torch.tensor(losses(one)), torch.tensor(losses(out)), rtol=1e-4)
-        m1, m2 = qwen.Qwen2_5_VL.from_pretrained(one), qwen.Qwen2_5_VL.from_pretrained(out)
-        for (k, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
+        for (k, p1), p2 in zip(m1.state_dict().items(), qwen.Qwen2_5_VL.from_pretrained(out).state_dict().values()):
             assert torch.allclose(p1, p2, atol=1e-5), (out, k)
-    # Ctrl-C reaching one rank only: the flag is summed with the losses, so both ranks stop after the same
-    # step and save it together (a collective under FSDP); the optimizer state is keyed by parameter name,
-    # so that FSDP checkpoint resumes in one process onto `one`'s curve
-    four, script = str(tmp_path / "four"), tmp_path / "signalled.py"
-    script.write_text(SIGNALLED.format(script="train_sft.py", at=1, rank=1, sigs=["SIGINT"], args=[
-        *common, "--fsdp", "true", "--out_dir", four]))
-    r = run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535", str(script))
+    r = run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "train_sft.py",
+            *common, "--out_dir", two)
+    assert r.returncode == 0, r.stderr
+    same_as_one(two)
+    # FSDP2, Ctrl-C reaching one rank only: the flag is summed with the losses, so both ranks stop after the
+    # same step and save it together (a collective); the optimizer state is keyed by parameter name, so that
+    # checkpoint resumes in one process onto `one`'s curve and weights
+    r = run_signalled(tmp_path, "train_sft.py", 1, 1, ["SIGINT"], [*common, "--fsdp", "true", "--out_dir", four],
+                      procs=2, port="29535")
     assert f"stopped: saved step 2 to {four}" in r.stdout and state(four)["step"] == 2, r.stderr
     r = run_here("train_sft.py", *common, "--grad_accum", "2", "--out_dir", four, "--resume", "true")
     assert r.returncode == 0, r.stderr
-    assert torch.allclose(torch.tensor(losses(one)), torch.tensor(losses(four)), rtol=1e-4)
+    same_as_one(four)
 
 
 def test_fsdp_needs_torchrun():
@@ -396,8 +398,21 @@ def signalled(self, *a, **k):  # the worst moment for a KeyboardInterrupt: updat
     return zero_grad(self, *a, **k)
 torch.optim.Optimizer.zero_grad = signalled
 sys.argv = [{script!r}, *{args!r}]
-runpy.run_path({script!r}, run_name="__main__")
+try:
+    runpy.run_path({script!r}, run_name="__main__")
+finally:  # (run in the test's own process: put back what was patched)
+    torch.optim.Optimizer.zero_grad = zero_grad
 """
+
+
+def run_signalled(tmp_path, script, at, rank, sigs, args, procs=1, port=None):
+    """`script args`, signalled `sigs` from inside its `at`-th zero_grad (on rank `rank`): in this process,
+    or under torchrun with `procs` processes."""
+    path = tmp_path / f"signalled_{len(list(tmp_path.glob('signalled_*')))}.py"
+    path.write_text(SIGNALLED.format(script=script, at=at, rank=rank, sigs=sigs, args=args))
+    if procs == 1:
+        return run_here(str(path))
+    return run("-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", port, str(path))
 
 
 def test_ctrl_c_or_sigterm_saves_the_whole_step_and_resume_continues_the_same_loss_curve(tmp_path):
@@ -405,14 +420,11 @@ def test_ctrl_c_or_sigterm_saves_the_whole_step_and_resume_continues_the_same_lo
     common = [*SMALL, "--max_iters", "6", "--eval_interval", "4"]
 
     def signalled(out, at, *sigs):  # the signals arrive in the at-th zero_grad (step at - 1)
-        return [
-            "-c",
-            SIGNALLED.format(script="train_sft.py", at=at, rank=0, sigs=sigs, args=[*common, "--out_dir", out]),
-        ]
-    ra, rb, rc, rd = run_all(["train_sft.py", *common, "--out_dir", a],
-                             signalled(b, 2, "SIGINT"),  # read at the next step's loss reduction: saved, exit
-                             signalled(c, 2, "SIGTERM"),  # a scheduler's preemption: the same, exit 143
-                             signalled(d, 5, "SIGINT", "SIGINT"))  # twice: stop at once, no save
+        return run_signalled(tmp_path, "train_sft.py", at, 0, sigs, [*common, "--out_dir", out])
+    ra = run_here("train_sft.py", *common, "--out_dir", a)
+    rb = signalled(b, 2, "SIGINT")  # read at the next step's loss reduction: saved, exit
+    rc = signalled(c, 2, "SIGTERM")  # a scheduler's preemption: the same, exit 143
+    rd = signalled(d, 5, "SIGINT", "SIGINT")  # twice: stop at once, no save
     assert ra.returncode == 0, ra.stderr
     assert rb.returncode == 130 and "Traceback" not in rb.stderr, rb.stderr
     assert f"stopped: saved step 3 to {b}" in rb.stdout
@@ -421,8 +433,7 @@ def test_ctrl_c_or_sigterm_saves_the_whole_step_and_resume_continues_the_same_lo
     assert rd.returncode == 130 and "Traceback" not in rd.stderr and "stopped" not in rd.stdout, rd.stderr
     assert state(d)["step"] == 4  # the step-4 checkpoint stays
     qwen.load(d)
-    r = run_here("train_sft.py", *common, "--out_dir", b, "--resume",
-                 "true")  # the same curve as the unbroken run
+    r = run_here("train_sft.py", *common, "--out_dir", b, "--resume", "true")  # the unbroken run's curve
     assert r.returncode == 0, r.stderr
     la, lb = losses(a), losses(b)
     assert len(la) == len(lb) == 6 and torch.allclose(torch.tensor(la), torch.tensor(lb), rtol=1e-5, atol=1e-6)
