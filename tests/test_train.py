@@ -568,6 +568,7 @@ def test_on_bad_record_skip_reports_and_goes_on(tmp_path):
     assert a == b and sorted(skipped) == [1, 3]
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # (the untrusted file, written here)
 def test_resume_after_a_kill_and_untrusted_train_state(tmp_path):
     import pickle
     import signal
