@@ -364,24 +364,22 @@ def main(argv):
                 dist.all_reduce(stats)
                 stats = stats / world
             got = dict(zip(("ce", "latent", "switch", "stopping", "macs"), stats.tolist()))  # (the means)
-            ce_sum, lat_sum, sw_sum = got["ce"], got["latent"], got["switch"]
+            loss = {k: got[k] for k in ("ce", "latent", "switch")}
             stopping = got["stopping"]
             macs += got["macs"] * world
-            if not (math.isfinite(ce_sum) and math.isfinite(lat_sum)):
-                raise InputError(f"loss is not finite at step {step} (ce {ce_sum}, latent {lat_sum}); "
-                                 f"stopped, {out_dir} keeps the last good checkpoint")
+            if not (math.isfinite(loss["ce"]) and math.isfinite(loss["latent"])):
+                raise InputError(f"loss is not finite at step {step} (ce {loss['ce']}, latent "
+                                 f"{loss['latent']}); stopped, {out_dir} keeps the last good checkpoint")
             if grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            history.append({"step": step, "ce": ce_sum, "latent": lat_sum, "switch": sw_sum,
-                            "lr": get_lr(step - 1), "step_s": time.time() - t0, "data_s": t_data,
-                            "macs": macs})
+            history.append({"step": step, **loss, "lr": get_lr(step - 1), "step_s": time.time() - t0,
+                            "data_s": t_data, "macs": macs})
             bar.update(1)
-            bar.set_postfix(ce=f"{ce_sum:.4f}", latent=f"{lat_sum:.4f}", switch=f"{sw_sum:.4f}",
-                            lr=f"{get_lr(step - 1):.1e}", ms=f"{1000 * (time.time() - t0):.0f}",
-                            data_ms=f"{1000 * t_data:.0f}")
+            bar.set_postfix(**{k: f"{v:.4f}" for k, v in loss.items()}, lr=f"{get_lr(step - 1):.1e}",
+                            ms=f"{1000 * (time.time() - t0):.0f}", data_ms=f"{1000 * t_data:.0f}")
             spent = max_macs and macs >= max_macs
             if stopping or step % eval_interval == 0 or step == max_iters or spent:
                 if not stopping:  # (no evaluation on the way out)
