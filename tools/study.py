@@ -73,8 +73,7 @@ report = False  # run nothing: print the tables (markdown, for the docs) and dra
 QUICK = ["--tasks", "vsp", "--methods", "lvr,grpo", "--max_iters", "4",
          "--batch_size", "2", "--eval_interval", "4", "--eval_examples", "4", "--val_examples", "4",
          "--test_examples", "4", "--seeds", "1", "--grpo_lrs", "2e-5", "--lvr_regions", "box:2",
-         "--mirage_helpers", "goal", "--mirage_ks", "4", "--budget", "4", "--grpo_batch_size", "2",
-         "--group_size", "4", "--resamples", "200"]
+         "--budget", "4", "--grpo_batch_size", "2", "--group_size", "4", "--resamples", "200"]
 BASES = {"none": "plain SFT", "lvr": "LVR", "mirage": "Mirage"}
 CONTINUED = {"control": "teacher-forced (control)", "stage2": "stage 2", "grpo0": "GRPO_latent (sigma 0)",
              "grpo": "GRPO (sigma tuned)"}
