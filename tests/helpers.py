@@ -6,7 +6,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+import qwen
 import tasks
+
+
+def assert_same_weights(model, out, atol=1e-5):
+    """Every weight of `model` within `atol` of the checkpoint at `out`'s (a failure names the weight)."""
+    theirs = qwen.Qwen2_5_VL.from_pretrained(out).state_dict()
+    for k, p in model.state_dict().items():
+        assert torch.allclose(p, theirs[k], atol=atol), (out, k)
 
 
 def photo(w, h, seed=0):

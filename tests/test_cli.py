@@ -7,7 +7,7 @@ import pytest
 
 import cli
 from cli import InputError
-from test_train import run_here
+from launch import run_here
 
 SCRIPTS = ["train_sft", "train_grpo", "evaluate", "sample", "tools.bench", "tools.study", "tools.gpu_check"]
 

@@ -9,7 +9,8 @@ import evaluate as evaluation
 import tasks
 from cli import InputError
 from test_grpo import IDS, IM_END
-from test_train import SMALL, run_here
+from launch import run_here
+from test_train import SMALL
 from helpers import photo
 
 

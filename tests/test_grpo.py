@@ -16,7 +16,8 @@ import qwen
 import tasks
 import vision
 from test_lvr import tiny_model
-from test_train import SIGNALLED, SMALL, run, run_here, run_signalled
+from launch import SIGNALLED, run, run_here, run_signalled
+from test_train import SMALL
 
 IDS = lvr.LatentIds(start=100, latent=101, latent_end=102, end=103)
 IM_END, PAD = 7, 8
@@ -327,9 +328,8 @@ def test_train_grpo_end_to_end_and_resume(tmp_path, sft):
     assert len(la) == len(lb) == 4
     for x, y in zip(la, lb):
         assert math.isclose(x["loss"], y["loss"], rel_tol=1e-4, abs_tol=1e-7) and x["reward"] == y["reward"]
-    m1, m2 = qwen.Qwen2_5_VL.from_pretrained(a), qwen.Qwen2_5_VL.from_pretrained(b)
-    for (k, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
-        assert torch.allclose(p1, p2, atol=1e-5), k
+    m1 = qwen.Qwen2_5_VL.from_pretrained(a)
+    helpers.assert_same_weights(m1, b)
     assert min(x["flat_groups"] for x in la) < 1 and max(x["kl"] for x in la) > 0
     m0 = qwen.Qwen2_5_VL.from_pretrained(sft)
     assert not torch.equal(m0.model.layers[0].mlp.up_proj.weight, m1.model.layers[0].mlp.up_proj.weight)
@@ -472,9 +472,6 @@ def test_grpo_two_processes_match_one(tmp_path, sft):
             assert math.isclose(x["loss"], y["loss"], rel_tol=1e-4, abs_tol=1e-6)
             assert math.isclose(x["kl"], y["kl"], rel_tol=1e-3, abs_tol=1e-7)
 
-    def weights_same(out):
-        for (k, p1), p2 in zip(m1.state_dict().items(), qwen.Qwen2_5_VL.from_pretrained(out).state_dict().values()):
-            assert torch.allclose(p1, p2, atol=1e-5), (out, k)
     one, two, four = (str(tmp_path / x) for x in ("one", "two", "four"))
     r, rows1 = launch(one, 1, None)
     assert r.returncode == 0, r.stderr
@@ -485,7 +482,7 @@ def test_grpo_two_processes_match_one(tmp_path, sft):
     assert r.returncode == 0, r.stderr
     assert rows == rows1  # the same completions, token for token
     same(checkpoint.read_log(two), log1)
-    weights_same(two)
+    helpers.assert_same_weights(m1, two)
     r, rows = launch(four, 2, "29543", "--fsdp", "true", sigs=["SIGINT"])
     state = torch.load(os.path.join(four, "train_state.pt"), weights_only=True)
     assert f"stopped: saved step 2 to {four}" in r.stdout and state["step"] == 2, r.stderr
@@ -493,4 +490,4 @@ def test_grpo_two_processes_match_one(tmp_path, sft):
     r = run_here("train_grpo.py", *common, "--out_dir", four, "--resume", "true")
     assert r.returncode == 0, r.stderr
     same(checkpoint.read_log(four), log1)
-    weights_same(four)
+    helpers.assert_same_weights(m1, four)

@@ -14,7 +14,7 @@ import qwen
 import tasks
 import vision
 from cli import InputError
-from test_train import run_here
+from launch import run_here
 
 transformers = pytest.importorskip("transformers")
 from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: E402

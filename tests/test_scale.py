@@ -22,7 +22,8 @@ import qwen
 import tasks
 from cli import InputError
 from helpers import photo, real_shaped
-from test_train import ROOT, run, run_here, state
+from launch import ROOT, run, run_here
+from test_train import state
 
 SMALL = ["--batch_size", "4", "--eval_examples", "4", "--image_size", "112", "--max_pixels", "12544",
          "--warmup_iters", "2"]

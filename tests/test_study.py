@@ -4,7 +4,8 @@ import json
 import math
 
 from tools import study
-from test_train import run_all, state
+from launch import run_all
+from test_train import state
 
 
 def test_the_tools_run_side_by_side(tmp_path, capsys):

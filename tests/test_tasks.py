@@ -10,7 +10,8 @@ from PIL import Image, ImageDraw
 import data
 import tasks
 from test_lvr import tiny_model
-from test_train import SMALL, run_here
+from launch import run_here
+from test_train import SMALL
 
 SEEDS = range(12)
 

@@ -1,16 +1,10 @@
 """train_sft.py end to end: resume, DDP vs one process, NaN stop, dataset errors, then sample.py."""
-import contextlib
-import importlib.util
-import io
 import json
 import math
 import os
-import runpy
 import shutil
-import signal
 import subprocess
 import sys
-import traceback
 
 import pytest
 import torch
@@ -24,60 +18,10 @@ import qwen
 import tasks
 import vision
 from cli import InputError
+from launch import ROOT, run, run_here, run_signalled
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--batch_size", "4", "--eval_examples", "4", "--image_size", "112", "--max_pixels", "12544",
          "--warmup_iters", "2"]
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # the handlers a training script installs (cli.stop_flag)
-
-
-def run(*args, env=None):
-    """`python args` in its own process: for a test of the process itself (torchrun, a signal, a kill)."""
-    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    return r
-
-
-def run_here(*args):
-    """`python args` run in this process, as the interpreter would run it: the script (or `-m module`)
-    with fresh globals as `__main__`; its exit code, stdout and stderr (an uncaught exception: 1 and its
-    traceback); one thread, as `run` gives it. No new process: each saves the suite 2.5 s of importing
-    torch."""
-    out, err = io.StringIO(), io.StringIO()
-    saved = sys.argv, os.getcwd(), torch.get_num_threads(), [signal.getsignal(s) for s in STOP_SIGNALS]
-    module = args[1] if args[0] == "-m" else None
-    path = importlib.util.find_spec(module).origin if module else os.path.join(ROOT, args[0])
-    sys.argv = [path, *args[2 if module else 1:]]
-    os.chdir(ROOT)
-    torch.set_num_threads(1)
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                runpy.run_path(path, run_name="__main__")
-            except SystemExit as e:  # (as the interpreter: None is 0, a message is printed and is 1)
-                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-                if code == 1 and not isinstance(e.code, int):
-                    print(e.code, file=sys.stderr)
-            except Exception:
-                traceback.print_exc()
-                code = 1
-    finally:
-        sys.argv = saved[0]
-        os.chdir(saved[1])
-        torch.set_num_threads(saved[2])
-        for s, handler in zip(STOP_SIGNALS, saved[3]):
-            signal.signal(s, handler)
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
-
-
-def run_all(*argvs):
-    """Several independent runs at once (each is one thread): their CompletedProcess results, in order."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, *a], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env) for a in argvs]
-    outs = [p.communicate(timeout=600) for p in procs]
-    return [subprocess.CompletedProcess(p.args, p.returncode, *o) for p, o in zip(procs, outs)]
 
 
 def state(out):
@@ -100,8 +44,7 @@ def test_ddp_and_fsdp_two_processes_match_one(tmp_path):
 
     def same_as_one(out):
         assert torch.allclose(torch.tensor(losses(one)), torch.tensor(losses(out)), rtol=1e-4)
-        for (k, p1), p2 in zip(m1.state_dict().items(), qwen.Qwen2_5_VL.from_pretrained(out).state_dict().values()):
-            assert torch.allclose(p1, p2, atol=1e-5), (out, k)
+        helpers.assert_same_weights(m1, out)
     r = run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "train_sft.py",
             *common, "--out_dir", two)
     assert r.returncode == 0, r.stderr
@@ -384,35 +327,6 @@ def test_loss_defaults_follow_the_papers(monkeypatch, capsys):
         assert (config["max_latents"], config["mirage_k"]) == want
     r = run_here("train_sft.py", "--method", "mirage", "--latent_end", "true")
     assert r.returncode == 1 and "Mirage's tokens have none" in r.stderr and "Traceback" not in r.stderr
-
-
-SIGNALLED = """
-import os, runpy, signal, sys, torch
-sys.path.insert(0, os.getcwd())  # the repository (run as a file under torchrun, the script's dir comes first)
-zero_grad, calls = torch.optim.Optimizer.zero_grad, []
-def signalled(self, *a, **k):  # the worst moment for a KeyboardInterrupt: updated, but the step not yet counted
-    calls.append(1)
-    if len(calls) == {at} and os.environ.get("RANK", "0") == "{rank}":  # (under torchrun: one rank only)
-        for sig in {sigs!r}:
-            os.kill(os.getpid(), getattr(signal, sig))
-    return zero_grad(self, *a, **k)
-torch.optim.Optimizer.zero_grad = signalled
-sys.argv = [{script!r}, *{args!r}]
-try:
-    runpy.run_path({script!r}, run_name="__main__")
-finally:  # (run in the test's own process: put back what was patched)
-    torch.optim.Optimizer.zero_grad = zero_grad
-"""
-
-
-def run_signalled(tmp_path, script, at, rank, sigs, args, procs=1, port=None):
-    """`script args`, signalled `sigs` from inside its `at`-th zero_grad (on rank `rank`): in this process,
-    or under torchrun with `procs` processes."""
-    path = tmp_path / f"signalled_{len(list(tmp_path.glob('signalled_*')))}.py"
-    path.write_text(SIGNALLED.format(script=script, at=at, rank=rank, sigs=sigs, args=args))
-    if procs == 1:
-        return run_here(str(path))
-    return run("-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", port, str(path))
 
 
 def test_ctrl_c_or_sigterm_saves_the_whole_step_and_resume_continues_the_same_loss_curve(tmp_path):
