@@ -1,6 +1,6 @@
-"""Running the project's scripts from a test: in the test's own process (run_here, what most tests use: a new
-process spends 2.5 s importing torch), in a new one (run: torchrun, a kill), several new ones at once (run_all),
-or with Ctrl-C / SIGTERM arriving mid-step (run_signalled)."""
+"""Running the project's scripts from a test: in the test's own process (run_here, what most tests use: a
+new process spends 2.5 s importing torch), in a new one (run: torchrun, a kill), several new ones at once
+(run_all), or with Ctrl-C / SIGTERM arriving mid-step (run_signalled)."""
 import contextlib
 import importlib.util
 import io
@@ -73,9 +73,9 @@ def run_all(*argvs):
 
 SIGNALLED = """
 import os, runpy, signal, sys, torch
-sys.path.insert(0, os.getcwd())  # the repository (run as a file under torchrun, the script's dir comes first)
+sys.path.insert(0, os.getcwd())  # the repository (a file run under torchrun: its own dir comes first)
 zero_grad, calls = torch.optim.Optimizer.zero_grad, []
-def signalled(self, *a, **k):  # the worst moment for a KeyboardInterrupt: updated, but the step not yet counted
+def signalled(self, *a, **k):  # the worst moment: updated, the step not yet counted
     calls.append(1)
     if len(calls) == {at} and os.environ.get("RANK", "0") == "{rank}":  # (under torchrun: one rank only)
         for sig in {sigs!r}:
@@ -97,4 +97,5 @@ def run_signalled(tmp_path, script, at, rank, sigs, args, procs=1, port=None):
     path.write_text(SIGNALLED.format(script=script, at=at, rank=rank, sigs=sigs, args=args))
     if procs == 1:
         return run_here(str(path))
-    return run("-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", port, str(path))
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", port]
+    return run(*torchrun, str(path))
