@@ -201,8 +201,9 @@ def encode(ex, tok, ids, method="lvr", max_latents=0, k=4, latent_end=False, pix
     """Example -> one row of an SFT batch, unpadded: input_ids, labels, n_prompt, pixel_values, grid_thw,
     helper, n_feat, and the latent slots (collate's fields, per row: positions, not (row, position)).
 
-    method none drops the latent spans (plain SFT); mirage takes the k targets from the helper image. pixels:
-    the images' (min_pixels, max_pixels).
+    method none drops the latent spans (plain SFT); mirage takes the k targets from the helper image; pause
+    (the control) gives every span max_latents slots and no targets. pixels: the images' (min_pixels,
+    max_pixels).
     """
     pvs, grids = zip(*[vision.preprocess(im, *pixels) for im in ex["images"]])
     n_tok = [vision.merged_tokens(g) for g in grids]
@@ -220,6 +221,8 @@ def encode(ex, tok, ids, method="lvr", max_latents=0, k=4, latent_end=False, pix
         if i > 0 and method != "none":  # a latent span, for the <lvr> before this piece of text
             if method == "mirage":
                 span = lvr.chunk_groups(vision.merged_tokens(helper[1]), k)
+            elif method == "pause":  # a fixed count, so that the rollout can end its spans by count
+                span = [[]] * max_latents
             else:  # indices into the example's features: its images' merged tokens, one image after another
                 im = ex.get("bbox_images", [0] * i)[i - 1]
                 start = vision.token_offsets(grids)[im]

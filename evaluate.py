@@ -15,6 +15,8 @@ on synthetic tasks and LVR JSON files; Mirage on synthetic tasks):
   dummy latents     every latent input one fixed vector (the mean of its own: their scale, no content);
   swapped latents   each example fed the next example's own latents;
   oracle latents    the training targets (ROI tokens, helper-image chunks): what a latent can carry.
+A pause checkpoint (train_sft --method pause, the control) has the first two rows: its slots read one
+learned vector, so dummy and swapped latents would be its own, and it has no targets.
 Latent hit rate: the fraction of the fed latents whose nearest merged image token (cosine) lies
 inside one of the example's bboxes: do they look where they should? The latent norm over the
 target norm shows the norm-regime gap (arXiv 2605.12374). Multiple choice (data.py reads the
@@ -48,8 +50,8 @@ task = "colour"  # {colour, search, relation, imagine, vsp} the synthetic task (
 level = "3"  # VSP's map size: 3 to 6 cells a side, a list (3,4) or a range (3-6) to mix them
 image_size = Auto(int)  # [28, inf) synthetic image side, a multiple of 28 (auto: the task's, 168; search 336)
 batch_size = 32  # [1, inf) rows per batched rollout
-decoding = "token"  # {token, steps, latent} latent exit
-lvr_steps = 8  # [0, inf) latent steps in `steps` mode
+decoding = "auto"  # {auto, token, steps, latent} latent exit (auto: a pause checkpoint's steps, else token)
+lvr_steps = Auto(int)  # [0, inf) latent steps in `steps` mode (auto: a pause checkpoint's count, else 8)
 max_latent_steps = 16  # [0, inf) latent budget in `token` / `latent` modes
 force_end = True  # force <|lvr_end|> after a span (false: the model's own next token, as the official code)
 end_metric = "checkpoint"  # {checkpoint, mse, cosine, l1} `latent` exit distance (checkpoint: as trained)
@@ -129,7 +131,7 @@ def evaluate(model, tok, ids, exs, decode, pixels=(3136, 28224), batch_size=32, 
             spans.update(span_lengths(r.is_latent[b]))
             fed.append(r.latents[b, r.is_latent[b]].cpu())
             # the ROI tokens of every bbox, on its own image's tokens within the row's features
-            if e["bboxes"]:
+            if e["bboxes"] and not lvr.is_pause(model):  # (a pause slot's input is one learned vector)
                 grids = [g for _, g in p["images"][b]]
                 start = vision.token_offsets(grids)
                 roi = [
@@ -152,7 +154,8 @@ def targets_of(model, tok, ids, exs, min_pixels=3136, max_pixels=28224, device="
     how = model.cfg.extra.get("latent_targets", {"method": "lvr", "max_latents": 0, "k": 4})
     out = []
     for e in exs:
-        if how["method"] == "none" or not (e.get("helper") if how["method"] == "mirage" else e["bboxes"]):
+        if how["method"] in ("none", "pause") or not (e.get("helper") if how["method"] == "mirage"
+                                                      else e["bboxes"]):
             out.append(None)
             continue
         pixels = (min_pixels, max_pixels)
@@ -187,7 +190,9 @@ def replaced_rows(model, tok, ids, exs, decode, own, targets):
     gets the next example's own latents), oracle (the training targets: what a latent could carry at best)."""
     rows, lats = {}, [v for v in own["latents"] if len(v)]
     run = functools.partial(evaluate, model, tok, ids, exs, decode, (min_pixels, max_pixels), batch_size)
-    if lats:  # (dummy and swapped are made of its own latents: a model that makes none has neither row)
+    # (dummy and swapped are made of its own latents: a model that makes none has neither row, and the pause
+    # control's are all one vector, so both would be its own row again)
+    if lats and not lvr.is_pause(model):
         budget = max(decode.lvr_steps, decode.max_latent_steps)
         mean = torch.cat(lats).mean(0)
         rows["dummy latents"] = run(feed=[mean.expand(budget, -1)] * len(exs))
@@ -222,6 +227,8 @@ def main(argv):
             f"{init_from} has no latent tokens: evaluate it with sample.py, or train it with train_sft.py"
         )
     exs = load_examples(model.cfg.extra.get("latent_targets", {}))
+    globals().update(zip(("decoding", "lvr_steps"), lvr.span_count(model, decoding, cli.given(lvr_steps))))
+    print(f"resolved: decoding={decoding} lvr_steps={lvr_steps}")
     metric, threshold = lvr.end_rule(model, end_metric, cli.given(end_threshold))
     decode = lvr.Decode(decoding, lvr_steps, max_latent_steps, force_end, metric, threshold, max_new_tokens)
     disabled = dataclasses.replace(decode, decoding="steps", lvr_steps=0, force_end=True)  # end at once
@@ -237,6 +244,10 @@ def main(argv):
         f"{init_from} on {len(exs)} "
         f"{'held-out synthetic' if data_path == 'synthetic' else data_path} examples"
     )
+    maps = [e["map_desc"] for e in exs if e.get("map_desc")]
+    if maps:  # (the built-in VSP task trains on the maps tasks.map_split puts in its train split)
+        seen = sum(tasks.map_split(m) == "train" for m in maps)
+        print(f"VSP maps: {seen} of {len(maps)} are maps the built-in task trains on")
     print(f"{'':18}{'accuracy':>10}{'format':>9}{'latent steps':>14}{'hit rate':>10}")
     for name, r in rows.items():
         hr = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"

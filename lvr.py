@@ -145,10 +145,12 @@ def chunk_groups(n_tokens, k=4):
 
 
 def averaging_matrix(groups, n_feat):
-    """(L, n_feat) matrix whose row i averages the features in groups[i]: targets = W @ feats."""
+    """(L, n_feat) matrix whose row i averages the features in groups[i]: targets = W @ feats (an empty
+    group, a pause slot's: a zero row)."""
     W = torch.zeros(len(groups), n_feat)
     for i, g in enumerate(groups):
-        W[i, g] = 1.0 / len(g)
+        if g:
+            W[i, g] = 1.0 / len(g)
     return W
 
 
@@ -160,12 +162,21 @@ def head(model, h):
     return model.lvr_head(h) if hasattr(model, "lvr_head") else h
 
 
+def is_pause(model):
+    """Whether the model was trained as the pause-token control (train_sft --method pause)."""
+    return model.cfg.extra.get("latent_targets", {}).get("method") == "pause"
+
+
 def latent_input(model, h):
     """What a latent step feeds back: head(h), and, when the latents were trained with a cosine loss
     (the config records the targets' mean norm, `latent_norm`), rescaled to that norm. Cosine trains
     only the direction, so the hidden state keeps the LM's scale (RMS ~1 vs ~0.05 for the merged image
     tokens of a random tower): fed back as it is, every state after the first latent reads an input it
-    never saw in training, and a span longer than one latent runs past its end."""
+    never saw in training, and a span longer than one latent runs past its end.
+    The pause control feeds no hidden state: every slot reads the <|lvr|> token's learned embedding."""
+    if is_pause(model):
+        latent = torch.tensor([model.cfg.extra["lvr_token_ids"]["latent"]], device=h.device)
+        return model.token_embeds(latent)[0].expand_as(h).to(h.dtype)
     v = head(model, h)
     n = model.cfg.extra.get("latent_norm")
     return v * (n / v.float().norm(dim=-1, keepdim=True).clamp(min=1e-6)).to(v.dtype) if n else v
@@ -238,19 +249,36 @@ def supervised_ce(model, h, labels):
     return F.cross_entropy(model.lm_head(h[:, :-1][sel]).float(), labels[:, 1:][sel])
 
 
-def sft_loss(
-    model, batch, ce_weight=1.0, latent_weight=0.1, latent_loss="mse", freeze_vision=True, switch_weight=0.0
-):
-    """-> (loss, ce, latent, switch) for one padded batch (see data.collate for the fields)."""
+def blind_positions(batch, image_token_id):
+    """LIVR's bottleneck: (B, T) bool, the positions that may not attend to the image tokens: every real
+    token but the image's own and the latent slots, so what the answer learns of the image passes through
+    the slots (the question's tokens are blind too: they would carry the image past the slots)."""
+    ids = batch["input_ids"]
+    blind = batch["attention_mask"].bool() & (ids != image_token_id)
+    b, t = batch["latent_pos"]
+    return blind.index_put((b, t), torch.zeros((), dtype=torch.bool, device=ids.device))
+
+
+# long: the loss's weights, each its own flag in train_sft.py
+def sft_loss(model, batch, ce_weight=1.0, latent_weight=0.1, latent_loss="mse", freeze_vision=True,
+             switch_weight=0.0, bottleneck=False):
+    """-> (loss, ce, latent, switch) for one padded batch (see data.collate for the fields). The pause
+    control (is_pause) keeps its slots' token, <|lvr|>, whose embedding learns; it has no latent loss.
+    bottleneck: LIVR's attention mask (blind_positions)."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     feats, targets = encode_images(model, batch, freeze_vision)
     x = model.embed(ids, grid_thw=batch["grid_thw"], feats=feats)  # (B, T, C)
     b, t = batch["latent_pos"]  # (L,), (L,): where the latent slots are
-    x = x.index_put((b, t), targets.to(x.dtype))  # teacher forcing: the slots read their targets
+    pause = is_pause(model)
+    if not pause:
+        x = x.index_put((b, t), targets.to(x.dtype))  # teacher forcing: the slots read their targets
     pos = qwen.get_rope_index(ids, batch["grid_thw"], mask, model.cfg.image_token_id)
-    h = model(inputs_embeds=x, attention_mask=mask, position_ids=pos)
+    blind = blind_positions(batch, model.cfg.image_token_id) if bottleneck else None
+    h = model(ids, inputs_embeds=x, attention_mask=mask, position_ids=pos, blind=blind)
     ce = supervised_ce(model, h, labels)
-    if len(b):
+    if pause:  # (no targets: nothing to reconstruct)
+        lat = ce.new_zeros(())
+    elif len(b):
         lat = latent_distance(head(model, h[b, t - 1]), targets, latent_loss)
     else:  # no latent in this micro-batch: the head still takes part (a zero gradient), as DDP requires
         lat = head(model, h[:0, 0]).float().sum() * 0.0
@@ -434,6 +462,16 @@ def exit_rule(model, ids, decode):
         emb = model.model.embed_tokens.weight[ids.latent_end]
         rule.end_vec = emb if official_end is None else official_end
     return rule
+
+
+def span_count(model, decoding, lvr_steps):
+    """--decoding and --lvr_steps, where left at auto (None) -> (decoding, lvr_steps): a pause checkpoint
+    ends its spans by the count it was trained with (`steps`); any other by its own token (`token`),
+    `steps` counting official LVR's 8."""
+    pause = is_pause(model)
+    count = model.cfg.extra["latent_targets"]["max_latents"] if pause else 8
+    return ("steps" if pause else "token") if decoding == "auto" else decoding, (
+        count if lvr_steps is None else lvr_steps)
 
 
 def gaussian_logprob(z, mu, sigma):

@@ -198,9 +198,11 @@ class Qwen2Model(nn.Module):
         return self.norm(x)
 
 
-def causal_mask(valid, start, T, device):
+def causal_mask(valid, start, T, device, blind=None, image=None):
     """(B, S) key validity (False at padding) -> (B, 1, T, S) bool mask for T queries at positions
     start..start+T-1: each sees the valid keys up to itself, and always itself (no all -inf rows).
+    LIVR's bottleneck: a `blind` query (B, T) sees no `image` key (B, S) (the image's own tokens are
+    never blind, so every query still sees itself).
 
     Prompts are left-padded, so a row's first real token sits at a different column in each row: the
     causal triangle alone would let a real token attend to the padding before it, and `valid` takes those
@@ -208,7 +210,10 @@ def causal_mask(valid, start, T, device):
     then spreads through the batch, so every query also sees itself (its output is never used)."""
     keys, queries = torch.arange(start + T, device=device), torch.arange(start, start + T, device=device)
     d = keys[None] - queries[:, None]  # (T, S)
-    return (((d <= 0)[None] & valid[:, None]) | (d == 0)[None])[:, None]
+    see = (d <= 0)[None] & valid[:, None]  # (B, T, S)
+    if blind is not None:
+        see = see & ~(blind[:, :, None] & image[:, None, :])
+    return (see | (d == 0)[None])[:, None]
 
 
 @functools.lru_cache(maxsize=16)
@@ -346,9 +351,11 @@ class Qwen2_5_VL(nn.Module):
         return x.masked_scatter(is_img[..., None], feats.to(x.dtype))
 
     def forward(self, input_ids=None, pixel_values=None, grid_thw=None, attention_mask=None,
-                inputs_embeds=None, position_ids=None, cache=None):
+                inputs_embeds=None, position_ids=None, cache=None, blind=None):
         """-> final-norm hidden states (B, T, C). Callers apply lm_head only where they need logits (it is the
         costliest matmul, V ~ 152k). attention_mask (B, T): 1 real, 0 padding; with a cache, the new tokens'.
+        blind (B, T) bool: LIVR's bottleneck, in training (no cache): these positions may not attend to the
+        image tokens (input_ids' <|image_pad|>).
         """
         x = self.embed(input_ids, pixel_values, grid_thw) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
@@ -366,7 +373,12 @@ class Qwen2_5_VL(nn.Module):
                 cache.valid[:, start:start + T] = valid
                 cache.padded = cache.padded or not bool(valid.all())  # a host sync, but only with a mask
             valid = cache.valid[:, :start + T] if cache.padded or (start > 0 and T > 1) else None
-        mask = None if valid is None else causal_mask(valid, start, T, x.device)
+        if blind is not None:  # (then a mask for every row, padded or not)
+            valid = torch.ones(B, T, dtype=torch.bool, device=x.device) if valid is None else valid
+            image = input_ids == self.cfg.image_token_id
+            mask = causal_mask(valid, start, T, x.device, blind, image)
+        else:
+            mask = None if valid is None else causal_mask(valid, start, T, x.device)
         h = self.model(
             x, cos, sin, mask, cache, self.grad_checkpointing and self.training and torch.is_grad_enabled()
         )

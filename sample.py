@@ -31,8 +31,8 @@ min_pixels = Auto(int)  # [1, inf) smallest image area after resizing (auto: as 
 max_pixels = Auto(int)  # [1, inf) largest image area (auto: as trained, else 12845056)
 device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu, cuda, cuda:1, mps
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # {float32, bfloat16, float16}
-decoding = "token"  # {token, steps, latent} latent exit: own <|lvr_end|> | a count (official) | near the end
-lvr_steps = 8  # [0, inf) latent steps in `steps` mode, and the budget in the other modes
+decoding = "auto"  # {auto, token, steps, latent} latent exit (auto: a pause checkpoint's steps, else token)
+lvr_steps = Auto(int)  # [0, inf) `steps`: latents a span; else the budget (auto: a pause checkpoint's count, 8)
 force_end = True  # force <|lvr_end|> after a span (false: the model's own next token, as the official code)
 end_metric = "checkpoint"  # {checkpoint, mse, cosine, l1} `latent` exit distance (checkpoint: as trained)
 end_threshold = Auto(float)  # (0, inf) `latent` exit threshold (auto: the checkpoint's, else 0.1)
@@ -70,8 +70,9 @@ def main(argv):
         print(tok.decode(out[0, len(ids):].tolist()))
         return
     metric, threshold = lvr.end_rule(model, end_metric, cli.given(end_threshold))
+    how, steps = lvr.span_count(model, decoding, cli.given(lvr_steps))
     r = lvr.rollout(model, latent, lvr.Prompt(input_ids, None, pixel_values, grid_thw),
-                    lvr.Decode(decoding, lvr_steps, lvr_steps, force_end, metric, threshold, max_new_tokens),
+                    lvr.Decode(how, steps, steps, force_end, metric, threshold, max_new_tokens),
                     lvr.Sampling(**sampling))
     print(tok.decode(r.tokens[0, len(ids):].tolist()))
     print(f"latent steps: {int(r.is_latent[0].sum())}")

@@ -17,6 +17,7 @@ does for the real tokenizer. Seeds: each split (train, eval, grpo, test) and eac
 draws from its own block of ids, so held-out examples never meet training ones and two seeds never
 share an example.
 """
+import hashlib
 import os
 import random
 
@@ -252,8 +253,19 @@ def shortest_plan(desc):
     return None
 
 
-def vsp_map(rng, n):
-    """A random solvable n x n map: start, goal, and a hole count drawn as Mirage's test maps have them."""
+def map_split(desc):
+    """The split a map belongs to, from its description alone: test or eval (a tenth each) or train (GRPO's
+    prompts too). Level 3 has about 3,100 distinct solvable maps, so a training stream drawn from all of
+    them holds most of any test set; split by identity, no eval or test map is ever trained on."""
+    key = ";".join(",".join(map(str, row)) for row in desc)
+    bucket = int(hashlib.sha256(key.encode()).hexdigest(), 16) % 10
+    return {0: "test", 1: "eval"}.get(bucket, "train")
+
+
+def vsp_map(rng, n, split="train"):
+    """A random solvable n x n map of a split (map_split; grpo draws training maps): start, goal, and a hole
+    count drawn as Mirage's test maps have them."""
+    want = "train" if split == "grpo" else split
     while True:
         holes = rng.choices(list(VSP_HOLES[n]), weights=list(VSP_HOLES[n].values()))[0]
         start, goal, *pits = rng.sample(range(n * n), holes + 2)
@@ -261,7 +273,7 @@ def vsp_map(rng, n):
         desc[start // n][start % n], desc[goal // n][goal % n] = START, GOAL
         for k in pits:
             desc[k // n][k % n] = HOLE
-        if shortest_plan(desc) is not None:
+        if shortest_plan(desc) is not None and map_split(desc) == want:
             return desc
 
 
@@ -295,14 +307,15 @@ def draw_path(desc, plan):
 VSP_TARGETS = ("box+goal", "box+path", "moves+goal", "moves+path")  # LVR's regions + Mirage's helper
 
 
-def vsp_example(seed, level=3, targets=VSP_TARGETS[0]):
+def vsp_example(seed, level=3, targets=VSP_TARGETS[0], split="train"):
     """A VSP map of `level` x `level` cells, drawn at 64 px a cell (192 px at level 3), and a shortest plan.
     The answer is the plan ("R D D"), judged by simulation against map_desc, so any plan that reaches the
     goal is right. `targets` (LVR's regions + Mirage's helper): box, one span over the box around the cells
     the plan walks through (its start and goal included), or moves, one span per move over the cell it enters;
-    goal, the map with the elf moved to the goal, or path, the map with the plan drawn on it."""
+    goal, the map with the elf moved to the goal, or path, the map with the plan drawn on it. `split`: the
+    example's, whose maps it draws from (map_split)."""
     rng = random.Random(seed)
-    desc = vsp_map(rng, level)
+    desc = vsp_map(rng, level, split)
     plan = shortest_plan(desc)
     regions, helper = targets.split("+")
     cells = [find(desc, START)] + walk(desc, plan)
@@ -359,7 +372,7 @@ def synthetic(split, i, seed, size=0, task="colour", level="3", targets=VSP_TARG
     k = example_id(split, i, seed)
     if task == "vsp":  # (each example draws its level from the list, by its own id)
         levels = vsp_levels(level)
-        return fn(k, levels[k % len(levels)], targets)
+        return fn(k, levels[k % len(levels)], targets, split)
     return fn(k, size or own)
 
 

@@ -49,8 +49,8 @@ group_size = 8  # [2, inf) completions per prompt (G): advantages are relative t
 temperature = 0.9  # (0, inf) sampling temperature; the loss divides logits by it too
 latent_sigma = 0.0  # [0, inf) explore latents: feed z = mu + sigma * eps, log N(z; mu) (0: GRPO_latent)
 max_new_tokens = 32  # [1, inf) completion budget (latent steps included)
-decoding = "token"  # {token, steps, latent} latent exit: own <|lvr_end|> | a count | the learned end
-lvr_steps = 8  # [1, inf) latent steps in `steps` mode
+decoding = "auto"  # {auto, token, steps, latent} latent exit (auto: a pause checkpoint's steps, else token)
+lvr_steps = Auto(int)  # [1, inf) latent steps in `steps` mode (auto: a pause checkpoint's count, else 8)
 max_latent_steps = 16  # [1, inf) latent budget in `token` / `latent` modes
 force_end = True  # force <|lvr_end|> after a span (false: the model's own next token, as the official code)
 end_metric = "checkpoint"  # {checkpoint, mse, cosine, l1} `latent` exit distance (checkpoint: as trained)
@@ -368,6 +368,11 @@ def main(argv):
     ids = lvr.find_latent_ids(model, tok)  # the tokens it was trained with
     if ids is None:
         raise InputError(f"{init_from} has no latent tokens: train it with train_sft.py first")
+    spans = lvr.span_count(model, decoding, cli.given(lvr_steps))
+    globals().update(zip(("decoding", "lvr_steps"), spans))
+    config.update(zip(("decoding", "lvr_steps"), spans))
+    if rank == 0:
+        print(f"resolved: decoding={decoding} lvr_steps={lvr_steps}")
     ref = None
     if beta > 0:  # the frozen reference: always the SFT checkpoint, also when resuming
         ref = grpo.reference(

@@ -1,5 +1,5 @@
 """
-Supervised training of latent visual reasoning: LVR, Mirage stage 1 and 2, or plain SFT.
+Supervised training of latent visual reasoning: LVR, Mirage stage 1 and 2, plain SFT, or the controls.
 
     python train_sft.py                                   # tiny model from scratch, synthetic task, CPU
     python train_sft.py --init_from Qwen2.5-VL-3B-Instruct --data lvr.json --image_root imgs/
@@ -37,17 +37,19 @@ data_path = "synthetic"  # "synthetic" or an LVR JSON/JSONL or Mirage JSONL file
 eval_data_path = ""  # held-out records (data_path's format) to evaluate on; "" with a file: its first records
 image_root = ""  # directory the dataset's image paths are relative to (they may not leave it)
 on_bad_record = "fail"  # {fail, skip} a record with a bad image, bbox or text stops the run, or is skipped
-method = "lvr"  # {lvr, mirage, none} none: plain SFT, the ablation
+method = "lvr"  # {lvr, mirage, none, pause} none: plain SFT; pause: LVR's slots fed one learned vector
 stage = 1  # [1, 2] 1: teacher-forced latents; 2: its own latents fed back (LVR: + their latent loss)
 ce_weight = Auto(float)  # [0, inf) weight of the text CE (auto: Mirage from a checkpoint 0.1, else 1)
 latent_weight = Auto(float)  # [0, inf) weight of the latent loss (auto: Mirage from a checkpoint 1, else 0.1)
 latent_loss = "auto"  # {auto, mse, cosine, l1} auto: official LVR mse, Mirage cosine; tiny model cosine
 switch_weight = 0.1  # [0, inf) mode-switch loss: BCE on <|lvr_end|> at in-span states (spans end as trained)
-max_latents = Auto(int)  # [0, inf) pool each ROI to at most this many latents, 0: all (auto: VSP 16, else 0)
+max_latents = Auto(int)  # [0, inf) latents per ROI, 0: all; pause: per span (auto: VSP 16, else 0; pause 1)
 mirage_k = Auto(int)  # [1, inf) Mirage: latents per helper image (auto: VSP 16, else 4)
 latent_head = False  # learn a head hidden -> latent (else identity)
 latent_end = False  # train the `latent` exit mode (<|lvr_latent_end|> after the latents)
 end_threshold = 0.1  # (0, inf) `latent` exit threshold, recorded in the checkpoint (zero vector at 1)
+bottleneck = False  # LIVR: tokens after the image but the latent slots cannot see it, then normal attention
+bottleneck_share = 0.5  # (0, 1) with --bottleneck: the share of max_iters under it (the first steps)
 batch_size = 16  # [1, inf) examples per micro-batch per process
 grad_accum = 1  # [1, inf) micro-batches per optimizer step
 lr = Auto(float)  # (0, inf) peak learning rate (auto: 1e-5 from a checkpoint, official LVR; scratch 1e-3)
@@ -81,12 +83,20 @@ SFT_OOM = ("lower --batch_size (raise --grad_accum to keep the batch), --max_pix
 EVAL_OOM = "lower --batch_size (the evaluation's rows per rollout) or --max_pixels"
 
 
-def loss_of(model, batch):
-    """One micro-batch's (loss, ce, latent, switch): run through parallel.Root, so DDP and FSDP see it."""
+def loss_of(model, batch, blinded=False):
+    """One micro-batch's (loss, ce, latent, switch): run through parallel.Root, so DDP and FSDP see it.
+    blinded: under LIVR's bottleneck (lvr.blind_positions)."""
     if stage == 2:  # the model's own latents, with gradients through the chain (Mirage: text only)
         weight = latent_weight if method == "lvr" else 0.0
         return lvr.own_latents_loss(model, batch, weight, latent_loss, freeze_vision, switch_weight)
-    return lvr.sft_loss(model, batch, ce_weight, latent_weight, latent_loss, freeze_vision, switch_weight)
+    switch = 0.0 if method == "pause" else switch_weight  # (pause spans end by count)
+    return lvr.sft_loss(model, batch, ce_weight, latent_weight, latent_loss, freeze_vision, switch,
+                        bottleneck=blinded)
+
+
+def blinded_steps():
+    """The steps trained under the bottleneck: the first bottleneck_share of max_iters (0 without it)."""
+    return round(bottleneck_share * max_iters) if bottleneck else 0
 
 
 def resolve_defaults(config, dev):
@@ -104,7 +114,7 @@ def resolve_defaults(config, dev):
             "lr": 1e-5 if real else 1e-3,
             "min_lr": 0.0 if real else 1e-4,
             "warmup_iters": round(0.03 * max_iters) if real else 50,
-            "max_latents": 16 if vsp else 0,
+            "max_latents": 16 if vsp else 1 if method == "pause" else 0,
             "mirage_k": 16 if vsp else 4,
             "dtype": parallel.autocast_dtype(dtype, dev)}
     for k, v in auto.items():
@@ -246,16 +256,16 @@ def sft_macs(model, batch):
     return 3 * passes * model.macs(tokens) + 3 * model.macs(0, heads) + model.macs(0, 0, patches)
 
 
-def train_step(root, batches, dev, ddp, autocast):
+def train_step(root, batches, dev, ddp, autocast, blinded=False):
     """Forward and backward over the step's grad_accum micro-batches -> the summed (ce, latent, switch)
-    losses on the device (read once per step: no host sync per micro-batch)."""
+    losses on the device (read once per step: no host sync per micro-batch). blinded: LIVR's bottleneck."""
     sums = torch.zeros(3, device=dev)
     for micro, batch in enumerate(batches):
         batch = data.to_device(batch, dev)
         # DDP all-reduces once, after the last micro-batch (FSDP reduce-scatters every one)
         sync = contextlib.nullcontext() if not ddp or fsdp or micro == grad_accum - 1 else root.no_sync()
         with sync, autocast:
-            loss, ce, lat, sw = root(loss_of, batch)
+            loss, ce, lat, sw = root(loss_of, batch, blinded)
             (loss / grad_accum).backward()
         sums += torch.stack([ce, lat, sw]).float() / grad_accum
     return sums
@@ -281,9 +291,11 @@ def held_out_accuracy(root, model, tok, ids, records, held_out, dev, step):
     right = torch.zeros(1, device=dev)
     with parallel.gathered(root, fsdp), cli.out_of_memory("an evaluation", EVAL_OOM, out_dir):
         if exs[rank::world]:
-            # Mirage spans are always k long; LVR spans differ per row: the model ends them
-            how = "latent" if latent_end else "steps" if method == "mirage" else "token"
-            decode = lvr.Decode(how, mirage_k, budget, True, latent_loss, end_threshold, max_new_tokens=48)
+            # Mirage spans are always k long, pause spans max_latents; LVR spans differ per row: the model
+            # ends them
+            how = "latent" if latent_end else "steps" if method in ("mirage", "pause") else "token"
+            count = max_latents if method == "pause" else mirage_k
+            decode = lvr.Decode(how, count, budget, True, latent_loss, end_threshold, max_new_tokens=48)
             pixels = (min_pixels, max_pixels)
             r = evaluate.evaluate(model, tok, ids, exs[rank::world], decode, pixels, batch_size)
             right += sum(r["right"])
@@ -304,9 +316,17 @@ def main(argv):
     cli.require(not (stage == 2 and init_from == "scratch" and not resume),
                 "--stage 2 continues a stage-1 checkpoint (LVR or Mirage): give it with --init_from "
                 "(or --resume true on a copy of its run, to keep its optimizer and data stream)")
-    cli.require(not (stage == 2 and method == "none"), "--stage 2 trains latents: --method none has none")
+    cli.require(not (stage == 2 and method in ("none", "pause")),
+                f"--stage 2 trains latents: --method {method} has none")
+    cli.require(not (bottleneck and (method == "none" or stage == 2)),
+                "--bottleneck true needs latent slots to pass the image through, in stage 1 "
+                "(--method lvr, mirage or pause)")
+    cli.require(not (method == "pause" and (latent_head or latent_end)),
+                "--method pause feeds one learned vector: it has no latent head and no `latent` exit")
     resolve_defaults(config, dev)
     cli.require(min_lr <= lr, f"--min_lr {min_lr} is above --lr {lr}")
+    cli.require(method != "pause" or max_latents > 0,
+                "--method pause ends its spans by count: --max_latents 1 or more")
     checkpoint.check_out_dir(out_dir, fresh=not resume)
     # 2) processes, data, model
     records = None if data_path == "synthetic" else data.load_records(data_path)
@@ -322,7 +342,8 @@ def main(argv):
         sizes = [vision.merged_tokens(vision.preprocess(im, min_pixels, max_pixels)[1])
                  for im in examples(0, 1, records)[0]["images"]]
         print(f"first example: {len(sizes)} image(s) of {', '.join(map(str, sizes))} merged tokens")
-    if latent_loss == "cosine" and method != "none" and stage == 1 and "latent_norm" not in model.cfg.extra:
+    if (latent_loss == "cosine" and method not in ("none", "pause") and stage == 1
+            and "latent_norm" not in model.cfg.extra):
         with parallel.gathered(root, fsdp):  # (FSDP: resharded after, so the optimizer gets the shards)
             first = data.to_device(collated(examples(0, batch_size, records), tok, ids), dev)
             root(lvr.record_latent_norm, first)
@@ -357,7 +378,7 @@ def main(argv):
                 SKIPPED.update(skipped)
             t_data = time.time() - t0
             with cli.out_of_memory("an SFT step", SFT_OOM, out_dir):
-                sums = train_step(root, batches, dev, ddp, autocast)
+                sums = train_step(root, batches, dev, ddp, autocast, blinded=step < blinded_steps())
             step_macs = float(sum(sft_macs(model, b) for b in batches))
             stats = torch.cat([sums, torch.tensor([float(len(signalled)), step_macs], device=dev)])
             if ddp:  # the global mean losses, and whether any rank was asked to stop (so all stop together)

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import lvr
 import qwen
 import tasks
 
@@ -150,3 +151,20 @@ def roll(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_mask
     feed = lvr.Feed(latents_in, n_in) if latents_in is not None else None
     return lvr.rollout(model, ids, lvr.Prompt(input_ids, attention_mask, pixel_values, grid_thw, feats), decode,
                        sampling, group_size, feed)
+
+
+def tiny_model(tmp_path, latent_head=False, seed=0):
+    """A 2-layer tiny Qwen2.5-VL with LVR's tokens, weights drawn large enough to matter -> (model, tok, ids)."""
+    os.makedirs(tmp_path, exist_ok=True)
+    tok = tasks.build_tokenizer(str(tmp_path / "tokenizer.json"), special=qwen.SPECIAL + tasks.LATENT_SPECIAL)
+    cfg = qwen.Config.from_dict(tasks.tiny_config(tok))
+    cfg.num_hidden_layers = 2
+    cfg.extra["lvr_head"] = latent_head
+    torch.manual_seed(seed)
+    model = qwen.Qwen2_5_VL(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.2 if p.ndim > 1 else 0.05).add_(1.0 if "norm" in name or "ln_q" in name else 0.0)
+    model.save_pretrained(str(tmp_path))
+    model, tok = qwen.load(str(tmp_path))
+    return model, tok, lvr.add_latent_tokens(model, tok)

@@ -128,7 +128,7 @@ def test_diagnostics_replace_the_latent_inputs(tmp_path):
     fed vector changes); the oracle's vectors are the training targets, the ROI's merged image tokens."""
     import tasks
     import vision
-    from test_lvr import tiny_model
+    from helpers import tiny_model
     model, tok, ids = tiny_model(tmp_path)
     prompt = tok.prompt
     tok.prompt = lambda q, n=(): prompt(q, n) + [ids.start]  # every row opens its span at once

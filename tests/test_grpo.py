@@ -15,7 +15,7 @@ import parallel
 import qwen
 import tasks
 import vision
-from test_lvr import tiny_model
+from helpers import tiny_model
 from launch import SIGNALLED, run, run_here, run_signalled
 from test_train import SMALL
 
@@ -404,7 +404,7 @@ def test_micro_batch_tokens_and_checkpointing_give_the_unsplit_gradient(tmp_path
     monkeypatch.setitem(grpo.REWARDS, "accuracy", lambda text, tokens, *a: float(tokens[0] % 2 if tokens else 0))
     exs = [tasks.synthetic("grpo", i, 0, 112) for i in range(2)]
     for k, v in dict(group_size=4, batch_size=2, max_new_tokens=6, temperature=1.5, min_pixels=3136,
-                     max_pixels=12544, beta=0.0).items():
+                     max_pixels=12544, beta=0.0, decoding="token", lvr_steps=8).items():  # (main resolves auto)
         monkeypatch.setattr(train_grpo, k, v)
     policy = parallel.Root(model)
     rnd = train_grpo.rollout_round(policy, tok, ids, exs, [torch.Generator().manual_seed(i) for i in range(2)],

@@ -8,27 +8,12 @@ import torch.nn.functional as F
 
 import data
 import helpers
+from helpers import tiny_model
 import lvr
 import qwen
 import tasks
 import vision
 from cli import InputError
-
-
-def tiny_model(tmp_path, latent_head=False, seed=0):
-    os.makedirs(tmp_path, exist_ok=True)
-    tok = tasks.build_tokenizer(str(tmp_path / "tokenizer.json"), special=qwen.SPECIAL + tasks.LATENT_SPECIAL)
-    cfg = qwen.Config.from_dict(tasks.tiny_config(tok))
-    cfg.num_hidden_layers = 2
-    cfg.extra["lvr_head"] = latent_head
-    torch.manual_seed(seed)
-    model = qwen.Qwen2_5_VL(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0, 0.2 if p.ndim > 1 else 0.05).add_(1.0 if "norm" in name or "ln_q" in name else 0.0)
-    model.save_pretrained(str(tmp_path))
-    model, tok = qwen.load(str(tmp_path))
-    return model, tok, lvr.add_latent_tokens(model, tok)
 
 
 # -----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw
 
 import data
 import tasks
-from test_lvr import tiny_model
+from helpers import tiny_model
 from launch import run_here
 from test_train import SMALL
 

@@ -134,8 +134,7 @@ def test_dataset_errors_name_the_record(tmp_path, rec, msg):
 def test_bboxes_name_their_image(tmp_path):
     """With several images each bbox names its image (bbox_images): its ROI tokens are that image's, offset
     by the tokens of the images before it, so the targets are image 1's features, not image 0's."""
-    import test_lvr
-    model, tok, ids = test_lvr.tiny_model(tmp_path / "m")
+    model, tok, ids = helpers.tiny_model(tmp_path / "m")
     write_dataset(tmp_path, [])
     tasks.synthetic_example(1, 112)["images"][0].save(tmp_path / "b.png")
     rec = {**record([[0.1, 0.1, 0.3, 0.3]], image=["a.png", "b.png"]), "bbox_images": [1]}
@@ -152,8 +151,7 @@ def test_roi_indices_of_official_shaped_records(tmp_path):
     """Pinned by hand (what the side-by-side run with the official LVR code found equal): a pixel bbox on a
     resized image, normalised by the original size, covering several merged tokens; a second bbox on a
     second image, offset by the first image's tokens."""
-    import test_lvr
-    model, tok, ids = test_lvr.tiny_model(tmp_path / "m")
+    model, tok, ids = helpers.tiny_model(tmp_path / "m")
     helpers.photo(300, 200).save(tmp_path / "a.png")
     tasks.synthetic_example(1, 112)["images"][0].save(tmp_path / "b.png")
     rec = {"image": ["a.png", "b.png"], "bboxes": [[30, 20, 150, 110], [0.5, 0.5, 1.0, 1.0]], "bbox_images": [0, 1],
@@ -176,8 +174,7 @@ def test_a_checkpoint_is_evaluated_on_images_the_size_it_trained_on(tmp_path):
     """128-px images with a bbox of 2 x 2 merged tokens at official LVR's training bounds (12 x 12 = 144 tokens):
     4 latents a span. At the processor's bounds the same image is 5 x 5 tokens: the model was evaluated on
     images it never saw at that size. The checkpoint records its bounds and evaluate.py uses them."""
-    import test_lvr
-    model, tok, ids = test_lvr.tiny_model(tmp_path / "m")
+    model, tok, ids = helpers.tiny_model(tmp_path / "m")
     helpers.photo(128, 128).save(tmp_path / "a.png")
     rec = record([[3 / 12, 3 / 12, 5 / 12, 5 / 12]])
     ex = data.record_example(rec, str(tmp_path), "r")
@@ -195,8 +192,7 @@ def test_mirage_records_train_on_mirages_sequence(tmp_path):
     """A record shaped like Mirage's data/examples/sample.jsonl: the input image where <image> stands in the
     question, the latent span where <output_image> stands (after the first </think>), both texts verbatim, no
     placeholder in any target; a 196-px map at the processor's bounds, 49 merged tokens, as official Mirage."""
-    import test_lvr
-    model, tok, ids = test_lvr.tiny_model(tmp_path / "m")
+    model, tok, ids = helpers.tiny_model(tmp_path / "m")
     mirage = lvr.add_latent_tokens(model, tok, lvr.MIRAGE_TOKENS)
     tasks.synthetic_example(0, 196)["images"][0].save(tmp_path / "map.png")
     tasks.synthetic_example(1, 196)["images"][0].save(tmp_path / "step.png")
@@ -410,7 +406,7 @@ def test_a_save_killed_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
 def test_a_save_killed_while_deleting_the_old_checkpoint_or_failing_on_a_full_disk_leaves_it_clean(
     tmp_path, monkeypatch
 ):
-    from test_lvr import tiny_model
+    from helpers import tiny_model
     model, tok, _ = tiny_model(tmp_path / "src")
     out = str(tmp_path / "out")
     checkpoint.save(model, tok, out, {"step": 1})
@@ -435,7 +431,7 @@ def test_a_save_killed_while_deleting_the_old_checkpoint_or_failing_on_a_full_di
 
 def test_out_dir_is_never_a_directory_a_save_would_wipe(tmp_path):
     """A save replaces out_dir whole: a fresh run may not replace a checkpoint, and nothing else is replaced."""
-    from test_lvr import tiny_model
+    from helpers import tiny_model
     model, tok, _ = tiny_model(tmp_path / "src")
     ckpt, mine = str(tmp_path / "ckpt"), tmp_path / "mine"
     checkpoint.save(model, tok, ckpt, {"step": 7})

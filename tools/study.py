@@ -1,6 +1,8 @@
 """
-The study: what closes the gap between a model's own latents and its oracle? Plain SFT, LVR and Mirage,
-then three ways to continue each LVR run at equal compute: LVR stage 2 (trained on its own latents),
+The study: where does latent reasoning pay, and is it the latents' content or the extra positions? Plain
+SFT, LVR and Mirage against the controls: pause tokens (LVR's slots, one learned input: extra positions
+without content) and LIVR (pause tokens under the bottleneck, then normal attention), and LVR under the
+bottleneck. Then ways to continue each run at equal compute: LVR stage 2 (trained on its own latents),
 GRPO_latent (latent_sigma 0) and GRPO that explores its latents (latent_sigma tuned), against a control
 that continues the same run under teacher forcing.
 
@@ -13,7 +15,8 @@ Protocol (one tuning budget for all; docs/study.md says it in full):
   `tune_seed` makes every choice, on `val_examples` of the validation split; `seeds` are reported, on the
   test split, and never choose anything.
 - SFT methods try each learning rate in `lrs` (Mirage: with each k in `mirage_ks`, chosen by its oracle
-  row, since a k whose targets cannot carry the answer cannot be rescued by the model).
+  row, since a k whose targets cannot carry the answer cannot be rescued by the model). A method with one
+  candidate has nothing to choose: no tuning run.
 - compute is counted in multiply-accumulates (qwen's Qwen2_5_VL.macs), never in seconds. Every
   continuation starts from the LVR run of its seed and gets `budget` times that run's compute. The control
   and stage 2 continue the run itself (train_sft --resume on a copy: its AdamW state, its data stream where
@@ -40,14 +43,14 @@ import checkpoint
 import cli
 
 # -----------------------------------------------------------------------------
-tasks = "vsp"  # comma-separated: which tasks, in this order (v2: relation,search)
+tasks = "search,vsp"  # comma-separated: which tasks, in this order (v2: relation,search; v3: vsp)
 level = "3"  # VSP's map size (train_sft's --level): 3 to 6, a list or a range
-methods = "none,lvr,mirage,grpo"  # comma-separated: none | lvr | mirage, then continued: grpo | stage2 (LVR)
+methods = "none,lvr,pause,livr"  # comma-separated: SFT (BASES), then continued: grpo | stage2 (LVR)
 seeds = "1,2,3,4,5"  # comma-separated: the reported seeds
 tune_seed = 0  # [0, inf) the seed of every tuning run (never reported)
 lrs = "1e-3"  # comma-separated: the SFT learning rates each SFT method tries
 mirage_ks = "16"  # comma-separated: Mirage's latents per helper image tried (v2: 4,16)
-lvr_regions = "box:16,moves:1"  # comma-separated: VSP's LVR regions tried (tasks.vsp_example):max_latents
+lvr_regions = "box:16"  # comma-separated: VSP's LVR regions tried, region:max_latents (v3: box:16,moves:1)
 mirage_helpers = "goal,path"  # comma-separated: VSP's Mirage helper images tried (tasks.vsp_example)
 grpo_lrs = "2e-5,1e-4"  # comma-separated: the GRPO learning rates tried (at latent_sigma 0)
 sigmas = ""  # comma-separated: LVR's latent_sigma tried, times the latent-target distance (v2: 0.5,1,2)
@@ -62,8 +65,8 @@ grpo_iters = 10000  # [1, inf) a cap on GRPO steps (the compute budget ends the 
 grpo_batch_size = 8  # [1, inf) prompts per GRPO step (train_grpo's --batch_size)
 group_size = 8  # [2, inf) completions per prompt (train_grpo's --group_size)
 resamples = 10000  # [100, inf) bootstrap resamples per interval
-results = "assets/study_vsp.jsonl"  # one JSON line per finished run (v2: assets/study.jsonl)
-picture = "assets/study_vsp.png"  # held-out accuracy against compute, per task and method
+results = "assets/study_v4.jsonl"  # one JSON line per finished run (v2: assets/study.jsonl, v3: study_vsp)
+picture = "assets/study_v4.png"  # held-out accuracy against compute, per task and method
 work_dir = "study_runs"  # checkpoints of the runs (large; not committed)
 quick = False  # a tiny version, for CI (the flags in QUICK, before the ones given)
 report = False  # run nothing: print the tables (markdown, for the docs) and draw the picture
@@ -74,11 +77,16 @@ QUICK = ["--tasks", "vsp", "--methods", "lvr,grpo", "--max_iters", "4",
          "--batch_size", "2", "--eval_interval", "4", "--eval_examples", "4", "--val_examples", "4",
          "--test_examples", "4", "--seeds", "1", "--grpo_lrs", "2e-5", "--lvr_regions", "box:2",
          "--budget", "4", "--grpo_batch_size", "2", "--group_size", "4", "--resamples", "200"]
-BASES = {"none": "plain SFT", "lvr": "LVR", "mirage": "Mirage"}
+BASES = {"none": "plain SFT", "lvr": "LVR", "mirage": "Mirage", "pause": "pause tokens",
+         "livr": "pause + bottleneck (LIVR)", "lvrbn": "LVR + bottleneck"}
+FLAGS = {"livr": ["--method", "pause", "--bottleneck", "true"],
+         "lvrbn": ["--method", "lvr", "--bottleneck", "true"]}  # (the others: --method itself)
 CONTINUED = {"control": "teacher-forced (control)", "stage2": "stage 2", "grpo0": "GRPO_latent (sigma 0)",
              "grpo": "GRPO (sigma tuned)"}
 NAMES = {**BASES, **{f"{b}+{c}": f"{n} + {cn}" for b, n in BASES.items() for c, cn in CONTINUED.items()}}
-COMPARISONS = [("lvr", "none"), ("mirage", "none"), ("mirage", "lvr")] + [
+COMPARISONS = [("lvr", "none"), ("mirage", "none"), ("mirage", "lvr"), ("pause", "none"),
+               ("livr", "none"), ("lvrbn", "none"), ("lvr", "pause"), ("mirage", "pause"),
+               ("livr", "pause"), ("lvrbn", "pause"), ("lvrbn", "lvr")] + [
     pair for b in BASES for pair in [(f"{b}+grpo0", f"{b}+control"), (f"{b}+grpo", f"{b}+control"),
                                      (f"{b}+stage2", f"{b}+control"), (f"{b}+grpo", f"{b}+grpo0"),
                                      (f"{b}+grpo0", b), (f"{b}+stage2", b), (f"{b}+grpo", b),
@@ -160,7 +168,7 @@ def trials(task, method):
     (Mirage: with each k)."""
     ks = [int(k) for k in mirage_ks.split(",")] if method == "mirage" else [4]
     targets = [("", 0)]
-    if task == "vsp" and method == "lvr":
+    if task == "vsp" and method in ("lvr", "lvrbn"):
         targets = [(f"{r.split(':')[0]}+goal", int(r.split(":")[1])) for r in lvr_regions.split(",")]
     if task == "vsp" and method == "mirage":
         targets = [(f"box+{h}", 0) for h in mirage_helpers.split(",")]
@@ -187,8 +195,8 @@ def sft(done, task, method, seed, trial, need=False):
                   *(["--vsp_targets", targets] if targets else []),
                   *(["--max_latents", max_latents] if max_latents else [])]
         if method != "mirage":
-            stdout = run("train_sft.py", *common, "--method", method, "--max_iters", max_iters,
-                         "--out_dir", out)
+            stdout = run("train_sft.py", *common, *FLAGS.get(method, ["--method", method]), "--max_iters",
+                         max_iters, "--out_dir", out)
             rec = {"curve": curve(stdout), "macs": macs_of(out)}
         else:
             n1 = max_iters * 3 // 4
@@ -275,9 +283,12 @@ def study(done, task):
     wanted = methods.split(",")
     sft_methods = [m for m in BASES if m in wanted or m == "lvr" and "stage2" in wanted]
     chosen = {}
-    for method in sft_methods:  # 1) tuning
+    for method in sft_methods:  # 1) tuning (one candidate: nothing to choose)
+        if len(trials(task, method)) == 1:
+            chosen[method] = trials(task, method)[0]
+            continue
         runs = {t: sft(done, task, method, tune_seed, t)[0] for t in trials(task, method)}
-        row = "with latents" if method == "none" else "oracle latents"
+        row = "with latents" if method in ("none", "pause", "livr") else "oracle latents"
         chosen[method] = max(runs, key=lambda t: (val_accuracy(runs[t], row), val_accuracy(runs[t])))
     g_best, unit, s_best = {}, 1.0, None
     for method in sft_methods if "grpo" in wanted else []:  # 2) GRPO's lr, for each base
@@ -324,7 +335,7 @@ def reported(recs, task, method):
         if parts[0] != task or "test" not in r:
             continue
         base, _, name = parts[1].rpartition("+")
-        if name in ("none", "lvr", "mirage"):
+        if name in BASES:
             base, name = name, ""
         if name == "grpo":
             name = "grpo0" if parts[4] == "sigma0" else "grpo"
@@ -434,9 +445,10 @@ def draw(recs):
     names = [t for t in tasks.split(",") if any(r["key"].startswith(t + "/") for r in recs)]
     fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4.6 * max(1, len(names)), 3.6), squeeze=False)
     colours = {"none": "tab:gray", "lvr": "tab:blue", "mirage": "tab:green", "control": "tab:orange",
-               "stage2": "tab:purple", "grpo0": "tab:brown", "grpo": "tab:red"}
+               "stage2": "tab:purple", "grpo0": "tab:brown", "grpo": "tab:red", "pause": "tab:olive",
+               "livr": "tab:cyan", "lvrbn": "tab:pink"}
     for ax, task in zip(axes[0], names):
-        for method in ("none", "lvr", "mirage"):
+        for method in BASES:
             runs = [r for r in reported(recs, task, method).values() if r["curve"]]
             if not runs:
                 continue
@@ -457,7 +469,8 @@ def draw(recs):
             x = max_iters * (1 + (budget if "+" in method else 0) + 0.02 * j)  # (the compute, in SFT steps)
             colour = colours[method.split("+")[-1]] if "+" in method else colours[method]
             ax.errorbar([x], [m], yerr=[[m - min(vals)], [max(vals) - m]], color=colour,
-                        fmt={"none": "s", "lvr": "o", "mirage": "D"}[method.split("+")[0]],
+                        fmt={"none": "s", "lvr": "o", "mirage": "D", "pause": "v", "livr": "^",
+                             "lvrbn": "P"}[method.split("+")[0]],
                         label=NAMES[method] + " (test)")
         xlabel = f"SFT steps (batch {batch_size}); continuations: +{budget:g} of their run's compute"
         ax.set(title=task, xlabel=xlabel, ylim=(0, 1.02))
