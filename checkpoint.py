@@ -17,6 +17,7 @@ nothing but these five files (check_out_dir), checked before a run starts and at
 """
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -129,6 +130,43 @@ def discard(path, name):
     trash = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=os.path.dirname(path))
     os.rename(path, os.path.join(trash, "x"))
     shutil.rmtree(trash, ignore_errors=True)
+
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")  # ORG/NAME, or ORG/NAME@REVISION
+HUB_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
+             "*.safetensors", "*.safetensors.index.json"]  # what loading reads (and the processor's bounds)
+HUB_INSTALL = "pip install huggingface_hub"
+
+
+def locate(name):
+    """--init_from -> a checkpoint directory: `name` itself when it is a directory (a local directory always
+    wins over a hub id), else a Hugging Face hub id ORG/NAME[@REVISION] resolved through huggingface_hub
+    (optional, imported here only): the files loading reads, from its cache, downloaded if missing, under
+    HF_HOME, HF_HUB_OFFLINE and HF_TOKEN as every Hugging Face tool reads them. Anything else: unchanged
+    (loading then says what is missing)."""
+    if os.path.isdir(name) or not HUB_ID.match(name):
+        return name
+    repo, _, revision = name.partition("@")
+    try:
+        import huggingface_hub
+        from huggingface_hub import errors
+    except ImportError:
+        raise InputError(f"{name} is not a directory; to load it from the Hugging Face hub: {HUB_INSTALL} "
+                         f"(or: hf download {repo} --local-dir DIR, then --init_from DIR)") from None
+    try:
+        return huggingface_hub.snapshot_download(repo, revision=revision or None, allow_patterns=HUB_FILES)
+    except errors.GatedRepoError:
+        cause = "a gated model: accept its licence on the hub and set HF_TOKEN"
+    except errors.RepositoryNotFoundError:
+        cause = "no such model on the hub (or a private one: set HF_TOKEN)"
+    except errors.RevisionNotFoundError:
+        cause = f"no revision {revision!r}"
+    except errors.LocalEntryNotFoundError:
+        cause = ("not in the Hugging Face cache, and the hub cannot be reached"
+                 + (" (HF_HUB_OFFLINE is set)" if huggingface_hub.constants.is_offline_mode() else ""))
+    except (errors.HfHubHTTPError, OSError, ValueError) as e:
+        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise InputError(f"--init_from {name}: not a local directory, and from the Hugging Face hub: {cause}")
 
 
 def load(path, dtype=torch.float32, device="cpu"):

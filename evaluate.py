@@ -42,7 +42,7 @@ import vision
 from cli import Auto, InputError
 
 # -----------------------------------------------------------------------------
-init_from = "out"  # checkpoint directory
+init_from = "out"  # checkpoint directory, or a Hugging Face hub id ORG/NAME[@REVISION]
 data_path = "synthetic"  # synthetic | an LVR JSON/JSONL with bboxes | an MMVP-style CSV | a V*-style JSONL
 image_root = ""  # directory the dataset's images are in (MMVP: the folder of <Index>.jpg)
 n_examples = 256  # [1, inf) held-out synthetic examples (or at most this many from a file)
@@ -215,11 +215,13 @@ def by_group(exs, right, key):
 
 def main(argv):
     cli.configure(globals(), argv)
+    globals()["init_from"] = checkpoint.locate(init_from)  # (a hub id: its snapshot in the cache)
     bounds = data.trained_pixels(init_from, data.PROCESSOR_PIXELS)  # as trained (else the processor's)
     images = data.image_settings(task, image_size, min_pixels, max_pixels, data_path == "synthetic", bounds)
     globals().update(zip(("image_size", "min_pixels", "max_pixels"), images))
     globals()["dtype"] = parallel.autocast_dtype(dtype, device)
-    print(f"resolved: dtype={dtype} image_size={image_size} min_pixels={min_pixels} max_pixels={max_pixels}")
+    print(f"resolved: dtype={dtype} image_size={image_size} min_pixels={min_pixels} max_pixels={max_pixels} "
+          f"init_from={init_from}")
     model, tok = checkpoint.load(init_from, getattr(torch, dtype), device)  # (in eval mode)
     ids = lvr.find_latent_ids(model, tok)  # the tokens it was trained with
     if ids is None:

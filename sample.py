@@ -19,7 +19,7 @@ import vision
 from cli import Auto, InputError
 
 # -----------------------------------------------------------------------------
-init_from = "out"  # checkpoint directory (Hugging Face Qwen2.5-VL layout)
+init_from = "out"  # checkpoint directory (Hugging Face Qwen2.5-VL layout), or a hub id ORG/NAME[@REVISION]
 image = ""  # image file(s), comma-separated, placed before the question in this order
 q = "What is in the image?"  # the question
 max_new_tokens = 64  # [1, inf) generate at most this many tokens
@@ -32,7 +32,7 @@ max_pixels = Auto(int)  # [1, inf) largest image area (auto: as trained, else 12
 device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu, cuda, cuda:1, mps
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # {float32, bfloat16, float16}
 decoding = "auto"  # {auto, token, steps, latent} latent exit (auto: a pause checkpoint's steps, else token)
-lvr_steps = Auto(int)  # [0, inf) `steps`: latents a span; else the budget (auto: a pause checkpoint's count, 8)
+lvr_steps = Auto(int)  # [0, inf) `steps`: latents a span, else the budget (auto: a pause model's count, 8)
 force_end = True  # force <|lvr_end|> after a span (false: the model's own next token, as the official code)
 end_metric = "checkpoint"  # {checkpoint, mse, cosine, l1} `latent` exit distance (checkpoint: as trained)
 end_threshold = Auto(float)  # (0, inf) `latent` exit threshold (auto: the checkpoint's, else 0.1)
@@ -42,10 +42,11 @@ viz = ""  # write the image with each latent step's nearest cell drawn on it to 
 
 def main(argv):
     cli.configure(globals(), argv)
+    globals()["init_from"] = checkpoint.locate(init_from)  # (a hub id: its snapshot in the cache)
     lo, hi = data.trained_pixels(init_from, data.PROCESSOR_PIXELS)  # the sizes the model was trained on
     hi = cli.given(max_pixels) or hi
     globals().update(min_pixels=cli.given(min_pixels) or min(lo, hi), max_pixels=hi)
-    print(f"resolved: min_pixels={min_pixels} max_pixels={max_pixels}")
+    print(f"resolved: min_pixels={min_pixels} max_pixels={max_pixels} init_from={init_from}")
     cli.require(min_pixels <= max_pixels, f"--min_pixels {min_pixels} is above --max_pixels {max_pixels}")
     if not q.strip():
         raise InputError("--q is empty: ask a question")

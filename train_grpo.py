@@ -40,7 +40,7 @@ import tasks
 from cli import Auto, InputError
 
 # -----------------------------------------------------------------------------
-init_from = "out"  # the SFT checkpoint to start from (also the frozen KL reference)
+init_from = "out"  # the SFT checkpoint to start from (also the frozen KL reference): a directory or ORG/NAME
 data_path = "synthetic"  # "synthetic" or a JSON/JSONL of {image, question, answer}
 image_root = ""  # directory the dataset's image paths are relative to (they may not leave it)
 on_bad_record = "fail"  # {fail, skip} a record with a bad image or text stops the run, or is skipped
@@ -342,6 +342,7 @@ def train_step(policy, ref, tok, ids, records, drawn, opt, params, autocast, sig
 def main(argv):
     # 1) settings, checked before any work
     config = cli.configure(globals(), argv)
+    config["init_from"] = globals()["init_from"] = checkpoint.locate(init_from)  # (a hub id: its snapshot)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cli.require(
         batch_size % world == 0, f"--batch_size {batch_size} is not a multiple of the {world} processes"
@@ -361,7 +362,8 @@ def main(argv):
     if rank == 0:
         print(
             "resolved: "
-            + " ".join(f"{k}={config[k]}" for k in ("dtype", "image_size", "min_pixels", "max_pixels"))
+            + " ".join(f"{k}={config[k]}" for k in ("dtype", "image_size", "min_pixels", "max_pixels",
+                                                     "init_from"))
         )
     records = None if data_path == "synthetic" else data.load_records(data_path)
     model, tok = checkpoint.load(out_dir if resume else init_from, device=dev)

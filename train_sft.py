@@ -2,7 +2,7 @@
 Supervised training of latent visual reasoning: LVR, Mirage stage 1 and 2, plain SFT, or the controls.
 
     python train_sft.py                                   # tiny model from scratch, synthetic task, CPU
-    python train_sft.py --init_from Qwen2.5-VL-3B-Instruct --data lvr.json --image_root imgs/
+    python train_sft.py --init_from Qwen/Qwen2.5-VL-3B-Instruct --data_path lvr.json --image_root imgs/
     torchrun --nproc_per_node 8 train_sft.py --init_from ... # DDP; --fsdp true: FSDP2 (parallel.py)
 
 Every setting below is a `--name value` flag. The global batch of one optimizer step is
@@ -32,7 +32,7 @@ import vision
 from cli import Auto, InputError
 
 # -----------------------------------------------------------------------------
-init_from = "scratch"  # "scratch" (tiny model + tiny tokenizer) or a Qwen2.5-VL checkpoint directory
+init_from = "scratch"  # "scratch" (tiny model + tokenizer), a checkpoint directory or a hub id ORG/NAME[@REV]
 data_path = "synthetic"  # "synthetic" or an LVR JSON/JSONL or Mirage JSONL file
 eval_data_path = ""  # held-out records (data_path's format) to evaluate on; "" with a file: its first records
 image_root = ""  # directory the dataset's image paths are relative to (they may not leave it)
@@ -130,6 +130,7 @@ def resolve_defaults(config, dev):
         print(
             "resolved: "
             + " ".join(f"{k}={config[k]}" for k in [*auto, "image_size", "min_pixels", "max_pixels"])
+            + (f" init_from={init_from}" if real else "")
         )
 
 
@@ -310,6 +311,8 @@ def held_out_accuracy(root, model, tok, ids, records, held_out, dev, step):
 def main(argv):
     # 1) settings, checked before any work
     config = cli.configure(globals(), argv)
+    if init_from != "scratch":  # a hub id: its snapshot in the Hugging Face cache
+        config["init_from"] = globals()["init_from"] = checkpoint.locate(init_from)
     rank, world, dev, ddp = parallel.setup(device, fsdp)
     cli.require(not (latent_end and method == "mirage"),
                 "--latent_end true needs a latent-end token, and Mirage's tokens have none")

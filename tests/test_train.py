@@ -58,6 +58,16 @@ def test_ddp_and_fsdp_two_processes_match_one(tmp_path):
     r = run_here("train_sft.py", *common, "--grad_accum", "2", "--out_dir", four, "--resume", "true")
     assert r.returncode == 0, r.stderr
     same_as_one(four)
+    # stage 2 (each slot fed the previous pass's hidden state) on `one`: FSDP2 with gradient checkpointing in
+    # 2 processes trains as 1 process without it
+    stage2 = ["--init_from", one, "--stage", "2", *common[:-4], "--max_iters", "2", "--eval_interval", "2"]
+    r = run_here("train_sft.py", *stage2, "--grad_accum", "2", "--out_dir", str(tmp_path / "s1"))
+    assert r.returncode == 0, r.stderr
+    r = run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537", "train_sft.py",
+            *stage2, "--fsdp", "true", "--grad_checkpointing", "true", "--out_dir", str(tmp_path / "s2"))
+    assert r.returncode == 0, r.stderr
+    assert torch.allclose(torch.tensor(losses(tmp_path / "s1")), torch.tensor(losses(tmp_path / "s2")), rtol=1e-4)
+    helpers.assert_same_weights(qwen.Qwen2_5_VL.from_pretrained(str(tmp_path / "s1")), str(tmp_path / "s2"))
 
 
 def test_fsdp_needs_torchrun():
