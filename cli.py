@@ -8,8 +8,8 @@ start of its comment, on the same line as the default:
     out_dir = "out"  # checkpoint directory              no declaration: any string (a bool: true/false)
     lr = Auto(float)  # (0, inf) peak lr (auto: 1e-5 ...)  a placeholder the script resolves, or a number
 
-A placeholder is spelled `auto` on the command line and in --help; its comment says what it resolves to,
-and the script prints the resolved values on a `resolved:` line.
+A placeholder is spelled `auto` on the command line and in --help; its comment says what it resolves
+to, and the script prints the resolved values on a `resolved:` line.
 
 configure() reads the declarations from the script's own source and checks every value, the
 defaults included, before any work starts; require() states a rule between two settings. A wrong
@@ -17,6 +17,7 @@ value is one line `error: --name ...` and exit 1 (run()). A number without a dec
 bug in the script: configure() refuses it, so a new flag cannot skip its check.
 Also here: InputError, the one exception a user ever sees, and the training loops' stop flag.
 """
+
 import contextlib
 import difflib
 import math
@@ -33,8 +34,9 @@ class InputError(ValueError):
 
 
 class Auto:
-    """A setting's typed placeholder: `--name auto` (the default) leaves it to the script, which resolves it
-    (its comment says to what); `--name 3e-4` gives a `kind` value, checked against the declared range."""
+    """A setting's typed placeholder: `--name auto` (the default) leaves it to the script, which
+    resolves it (its comment says to what); `--name 3e-4` gives a `kind` value, checked against the
+    declared range."""
 
     def __init__(self, kind):
         self.kind = kind
@@ -61,8 +63,8 @@ def comments(path):
 
 
 def declarations(path):
-    """{name: (kind, spec)} from a script's settings lines: kind "range" (lo, hi, lo_open, hi_open, text,
-    auto value or None) or "choices" (tuple of strings, text)."""
+    """{name: (kind, spec)} from a script's settings lines: kind "range" (lo, hi, lo_open, hi_open,
+    text, auto value or None) or "choices" (tuple of strings, text)."""
     out = {}
     for name, comment in comments(path).items():
         r = re.match(r"^([\[(])\s*([-\w.+]+)\s*,\s*([-\w.+]+)\s*([\])])( or (-?[\d.]+))?", comment)
@@ -95,8 +97,11 @@ def check(name, value, decl):
 
 def settings(g):
     """The script's flags: every simple lower-case global of its settings block, in order."""
-    return {k: v for k, v in g.items()
-            if not k.startswith("_") and k.islower() and isinstance(v, (bool, int, float, str, Auto))}
+    return {
+        k: v
+        for k, v in g.items()
+        if not k.startswith("_") and k.islower() and isinstance(v, (bool, int, float, str, Auto))
+    }
 
 
 def usage(g, keys):
@@ -106,7 +111,9 @@ def usage(g, keys):
     lines = [*(doc or [os.path.basename(g["__file__"])]), "", "settings (--name value):"]
     width = max(len(k) for k in keys) + 2
     for k, v in keys.items():
-        default = str(v).lower() if isinstance(v, bool) else repr(v) if isinstance(v, str) else str(v)
+        default = (
+            str(v).lower() if isinstance(v, bool) else repr(v) if isinstance(v, str) else str(v)
+        )
         lines.append(f"  --{k:<{width}}{default:<14} {said.get(k, '')}")
     return "\n".join(lines)
 
@@ -125,14 +132,17 @@ def parse(flag, value, default):
 
 
 def configure(g, argv):
-    """Override the script globals `g` from `--name value` pairs, typed like the defaults, check every
-    setting against its declaration, print them; return them as a dict. --help prints them and exits."""
+    """Override the script globals `g` from `--name value` pairs, typed like the defaults, check
+    every setting against its declaration, print them; return them as a dict. --help prints them and
+    exits."""
     keys = settings(g)
     if "--help" in argv or "-h" in argv:
         print(usage(g, keys))
         raise SystemExit(0)
     if len(argv) % 2 or any(not a.startswith("--") for a in argv[::2]):
-        raise InputError(f"arguments must be --name value pairs, got: {' '.join(argv)} (--help lists them)")
+        raise InputError(
+            f"arguments must be --name value pairs, got: {' '.join(argv)} (--help lists them)"
+        )
     for flag, value in zip(argv[::2], argv[1::2]):
         name = flag[2:]
         if name not in keys:
@@ -143,12 +153,14 @@ def configure(g, argv):
     decl = declarations(g["__file__"])
     for name, value in keys.items():
         if (type(value) in (int, float) or isinstance(value, Auto)) and name not in decl:
-            raise TypeError(f"{g['__file__']}: setting {name} declares no range")  # a bug in the script
+            # a bug in the script
+            raise TypeError(f"{g['__file__']}: setting {name} declares no range")
         if name in decl:
             check(name, value, decl[name])
     if os.environ.get("RANK", "0") == "0":  # (under torchrun: once)
         print("config: " + " ".join(f"{k}={v}" for k, v in keys.items()))
-    return {k: "auto" if isinstance(v, Auto) else v for k, v in keys.items()}  # (plain values: it is saved)
+    # (plain values: it is saved)
+    return {k: "auto" if isinstance(v, Auto) else v for k, v in keys.items()}
 
 
 def require(ok, message):
@@ -159,18 +171,21 @@ def require(ok, message):
 
 @contextlib.contextmanager
 def out_of_memory(where, advice, out_dir):
-    """Out of memory inside the block -> one line that says where, what lowers memory there, and that
-    the last checkpoint on disk is intact (nothing is saved on the way out)."""
+    """Out of memory inside the block -> one line that says where, what lowers memory there, and
+    that the last checkpoint on disk is intact (nothing is saved on the way out)."""
     try:
         yield
     except torch.OutOfMemoryError:
-        raise InputError(f"out of memory in {where}: {advice}. {out_dir} keeps its last checkpoint") from None
+        raise InputError(
+            f"out of memory in {where}: {advice}. {out_dir} keeps its last checkpoint"
+        ) from None
 
 
 def stop_flag():
-    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) -> a list a training loop reads between steps,
-    so what it saves on the way out is one whole step (a KeyboardInterrupt can land inside opt.step()).
-    A second signal stops at once, without saving: the last checkpoint on disk stays as it was."""
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) -> a list a training loop reads
+    between steps, so what it saves on the way out is one whole step (a KeyboardInterrupt can land
+    inside opt.step()). A second signal stops at once, without saving: the last checkpoint on disk
+    stays as it was."""
     flag = []
 
     def handler(sig, frame):
@@ -188,7 +203,8 @@ def stop_flag():
 
 
 def stop_saved(signalled, step, out_dir, rank):
-    """The end of a run a signal stopped, once its last step is saved: say so, exit 130 (Ctrl-C) or 143."""
+    """The end of a run a signal stopped, once its last step is saved: say so, exit 130 (Ctrl-C) or
+    143."""
     if rank == 0:
         print(f"\nstopped: saved step {step} to {out_dir}")
     raise SystemExit(128 + (signalled[0] if signalled else signal.SIGINT))

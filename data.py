@@ -1,6 +1,6 @@
 """
-Data: the LVR JSON and Mirage JSONL formats (and MMVP / V* for evaluate.py), the image bounds, and the
-batches made from examples: SFT batches (encode, collate: right-padded, with labels and latent
+Data: the LVR JSON and Mirage JSONL formats (and MMVP / V* for evaluate.py), the image bounds, and
+the batches made from examples: SFT batches (encode, collate: right-padded, with labels and latent
 slots) and prompt batches (left-padded, for the rollout). The synthetic tasks and the tiny tokenizer
 live in tasks.py.
 
@@ -47,7 +47,8 @@ def load_records(path):
 
 
 def open_image(root, path, where):
-    """A dataset's image, `path` relative to `root`; with a root given, the path may not leave it."""
+    """A dataset's image, `path` relative to `root`; with a root given, the path may not leave
+    it."""
     if not isinstance(path, str) or not path:
         raise InputError(f"{where}: image path must be a non-empty string, got {path!r}")
     full = os.path.realpath(os.path.join(root, path))
@@ -89,9 +90,14 @@ def record_example(rec, image_root, where):
     """One LVR or Mirage record -> an example. `where` names the record in errors."""
     def image(p):
         return open_image(image_root, p, where)
-    if "map_desc" in rec and "image_output" not in rec:  # a Mirage VSP test record: a prompt and its map
-        if not isinstance(rec.get("text_input"), str) or not isinstance(rec.get("image_input"), str):
-            raise InputError(f"{where}: a VSP record needs string fields 'text_input' and 'image_input'")
+    # a Mirage VSP test record: a prompt and its map
+    if "map_desc" in rec and "image_output" not in rec:
+        if not isinstance(rec.get("text_input"), str) or not isinstance(
+            rec.get("image_input"), str
+        ):
+            raise InputError(
+                f"{where}: a VSP record needs string fields 'text_input' and 'image_input'"
+            )
         return {"images": [image(rec["image_input"])], "question": rec["text_input"], "answer": "",
                 "bboxes": [], "map_desc": vsp_map(rec["map_desc"], where)}
     if "image_output" in rec:  # Mirage: the helper image is the latent target
@@ -100,13 +106,19 @@ def record_example(rec, image_root, where):
                 raise InputError(f"{where}: Mirage record needs a string field {k!r}")
         out = rec["text_output"]
         if out.count("<output_image>") > 1 or rec["text_input"].count("<image>") > 1:
-            raise InputError(f"{where}: a Mirage record has one <image> and at most one <output_image>")
-        # official Mirage: the latent span where <output_image> stands (else at the start of the answer), the
-        # input image where <image> stands in the question (tok.prompt; else before it), both texts verbatim
+            raise InputError(
+                f"{where}: a Mirage record has one <image> and at most one <output_image>"
+            )
+        # official Mirage: the latent span where <output_image> stands (else at the start of the
+        # answer), the
+        # input image where <image> stands in the question (tok.prompt; else before it), both texts
+        # verbatim
         return {
             "images": [image(rec["image_input"])],
             "question": rec["text_input"],
-            "assistant": out.replace("<output_image>", "<lvr>") if "<output_image>" in out else "<lvr>" + out,
+            "assistant": (
+                out.replace("<output_image>", "<lvr>") if "<output_image>" in out else "<lvr>" + out
+            ),
             "answer": out.replace("<output_image>", ""),
             "bboxes": [],
             "helper": image(rec["image_output"]),
@@ -151,59 +163,85 @@ def record_example(rec, image_root, where):
 
 
 def vsp_map(desc, where):
-    """A Mirage map_desc, checked: a square grid of 1 (start), 2 (goal), -1 (hole), 0 (ice); one start, one
-    goal."""
+    """A Mirage map_desc, checked: a square grid of 1 (start), 2 (goal), -1 (hole), 0 (ice); one
+    start, one goal."""
     rows = isinstance(desc, list) and all(isinstance(r, list) for r in desc)
     flat = [v for row in desc for v in row] if rows else []
     if (not flat or any(len(r) != len(desc) for r in desc) or not set(flat) <= {0, 1, 2, -1}
             or flat.count(1) != 1 or flat.count(2) != 1):
-        raise InputError(f"{where}: map_desc must be a square grid of 1 (start), 2 (goal), -1 (hole) and "
-                         f"0 (ice), one start and one goal")
+        raise InputError(
+            f"{where}: map_desc must be a square grid of 1 (start), 2 (goal), -1 (hole) and "
+            f"0 (ice), one start and one goal"
+        )
     return desc
 
 
 def load_multiple_choice(path, root, limit):
-    """MMVP (CSV: Index, Question, Options, Correct Answer; images <Index>.jpg; questions 2k-1 and 2k are a
-    pair) or V* (JSONL: image, question or text, answer or label, options optional, category optional:
-    else the image's folder) -> its first `limit` examples, with the options in the question."""
+    """MMVP (CSV: Index, Question, Options, Correct Answer; images <Index>.jpg; questions 2k-1 and
+    2k are a pair) or V* (JSONL: image, question or text, answer or label, options optional,
+    category optional: else the image's folder) -> its first `limit` examples, with the options in
+    the question."""
     out = []
     if path.endswith(".csv"):
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
         for i, r in enumerate(rows):
-            if not {"Index", "Question", "Options", "Correct Answer"} <= set(r) or not r["Index"].isdigit():
+            if (
+                not {"Index", "Question", "Options", "Correct Answer"} <= set(r)
+                or not r["Index"].isdigit()
+            ):
                 raise InputError(
                     f"{path} row {i}: needs the columns Index (a number), Question, Options, Correct Answer"
                 )
             question = f"{r['Question']}\n{r['Options']}"
             pair = {"pair": (int(r["Index"]) - 1) // 2}
-            out.append((f"{r['Index']}.jpg", question, r["Correct Answer"], f"{path} row {i}", pair))
+            out.append(
+                (f"{r['Index']}.jpg", question, r["Correct Answer"], f"{path} row {i}", pair)
+            )
     else:
         for i, r in enumerate(load_records(path)):
             q = r.get("question", r.get("text"))
             a = r.get("answer", r.get("label"))
             opts = r.get("options", [])
-            if not isinstance(r.get("image"), str) or not isinstance(q, str) or not isinstance(a, str) \
-                    or not isinstance(opts, list):
-                raise InputError(f"{path} record {i}: needs image, question (or text), answer (or label), "
-                                 f"and options, when given, as a list")
+            if (
+                not isinstance(r.get("image"), str)
+                or not isinstance(q, str)
+                or not isinstance(a, str)
+                or not isinstance(opts, list)
+            ):
+                raise InputError(
+                    f"{path} record {i}: needs image, question (or text), answer (or label), "
+                    f"and options, when given, as a list"
+                )
             letters = "".join(f"\n({chr(65 + j)}) {o}" for j, o in enumerate(opts))
             category = r.get("category") or (os.path.dirname(r["image"]) or None)
             out.append((r["image"], q + letters, a, f"{path} record {i}", {"category": category}))
-    return [{"images": [open_image(root, img, where)], "question": q + "\nAnswer with the option's letter.",
-             "answer": a, "bboxes": [], **extra} for img, q, a, where, extra in out[:limit]]
+    return [
+        {
+            "images": [open_image(root, img, where)],
+            "question": q + "\nAnswer with the option's letter.",
+            "answer": a,
+            "bboxes": [],
+            **extra,
+        }
+        for img, q, a, where, extra in out[:limit]
+    ]
 
 
 # -----------------------------------------------------------------------------
 # encoding and collation
 
-def encode(ex, tok, ids, method="lvr", max_latents=0, k=4, latent_end=False, pixels=(3136, 12845056)):
-    """Example -> one row of an SFT batch, unpadded: input_ids, labels, n_prompt, pixel_values, grid_thw,
-    helper, n_feat, and the latent slots (collate's fields, per row: positions, not (row, position)).
 
-    method none drops the latent spans (plain SFT); mirage takes the k targets from the helper image; pause
-    (the control) gives every span max_latents slots and no targets. pixels: the images' (min_pixels,
-    max_pixels).
+def encode(
+    ex, tok, ids, method="lvr", max_latents=0, k=4, latent_end=False, pixels=(3136, 12845056)
+):
+    """Example -> one row of an SFT batch, unpadded: input_ids, labels, n_prompt, pixel_values,
+    grid_thw, helper, n_feat, and the latent slots (collate's fields, per row: positions, not (row,
+    position)).
+
+    method none drops the latent spans (plain SFT); mirage takes the k targets from the helper
+    image; pause (the control) gives every span max_latents slots and no targets. pixels: the
+    images' (min_pixels, max_pixels).
     """
     pvs, grids = zip(*[vision.preprocess(im, *pixels) for im in ex["images"]])
     n_tok = [vision.merged_tokens(g) for g in grids]
@@ -223,7 +261,9 @@ def encode(ex, tok, ids, method="lvr", max_latents=0, k=4, latent_end=False, pix
                 span = lvr.chunk_groups(vision.merged_tokens(helper[1]), k)
             elif method == "pause":  # a fixed count, so that the rollout can end its spans by count
                 span = [[]] * max_latents
-            else:  # indices into the example's features: its images' merged tokens, one image after another
+            # indices into the example's features: its images' merged tokens, one image after
+            # another
+            else:
                 im = ex.get("bbox_images", [0] * i)[i - 1]
                 start = vision.token_offsets(grids)[im]
                 pooled = lvr.roi_groups(ex["bboxes"][i - 1], grids[im][0], max_latents)
@@ -242,9 +282,19 @@ def encode(ex, tok, ids, method="lvr", max_latents=0, k=4, latent_end=False, pix
     labels = [-100] * len(prompt) + seq[len(prompt):]
     for t in pos + end_pos:
         labels[t] = -100  # latent slots are trained by the latent loss, not CE
-    return {"input_ids": seq, "labels": labels, "n_prompt": len(prompt), "pixel_values": torch.cat(pvs),
-            "grid_thw": torch.cat(grids), "latent_pos": pos, "latent_slot": slot, "latent_groups": groups,
-            "latent_end_pos": end_pos, "helper": helper, "n_feat": vision.merged_tokens(torch.cat(grids))}
+    return {
+        "input_ids": seq,
+        "labels": labels,
+        "n_prompt": len(prompt),
+        "pixel_values": torch.cat(pvs),
+        "grid_thw": torch.cat(grids),
+        "latent_pos": pos,
+        "latent_slot": slot,
+        "latent_groups": groups,
+        "latent_end_pos": end_pos,
+        "helper": helper,
+        "n_feat": vision.merged_tokens(torch.cat(grids)),
+    }
 
 
 def collate(encoded, pad_id):
@@ -258,7 +308,8 @@ def collate(encoded, pad_id):
     latent_slot     (L,)       each latent's index within its span (0 opens a span)
     latent_end_pos  (2, E)     (row, position) of every <|lvr_latent_end|> (the `latent` exit trained)
     target_avg      (L, F)     targets = target_avg @ features: row i averages the merged image tokens
-                               (of the prompt images, or Mirage's helper images) that latent i reconstructs
+                               (of the prompt images, or Mirage's helper images) that latent i
+                               reconstructs
     helper_pixel_values, helper_grid_thw   Mirage only: the helper images
     """
     B, T = len(encoded), max(len(e["input_ids"]) for e in encoded)
@@ -305,37 +356,46 @@ PROCESSOR_PIXELS = (56 * 56, 28 * 28 * 16384)
 
 
 def trained_pixels(path, fallback):
-    """The image bounds the checkpoint at `path` was trained with (train_sft records them in its config as
-    lvr_image_pixels), so that a model is evaluated on images the size it was trained on; `fallback` for a
-    checkpoint that records none (an official one, or "scratch")."""
+    """The image bounds the checkpoint at `path` was trained with (train_sft records them in its
+    config as lvr_image_pixels), so that a model is evaluated on images the size it was trained on;
+    `fallback` for a checkpoint that records none (an official one, or "scratch")."""
     if not os.path.isfile(os.path.join(path, "config.json")):
         return fallback
     return tuple(qwen.read_config(path).extra.get("lvr_image_pixels", fallback))
 
 
 def image_settings(task, image_size, min_pixels, max_pixels, synthetic, bounds):
-    """--image_size, --min_pixels, --max_pixels (numbers or auto) -> (image_size, min_pixels, max_pixels).
-    Synthetic data: the task's own image side, never resized; VSP's maps (drawn by gymnasium at their own
-    size) at the processor's bounds, as a Mirage file's. A data file: `bounds` (the checkpoint's, else
-    LVR_PIXELS for training, PROCESSOR_PIXELS for eval); an auto min_pixels never above max_pixels."""
+    """--image_size, --min_pixels, --max_pixels (numbers or auto) -> (image_size, min_pixels,
+    max_pixels). Synthetic data: the task's own image side, never resized; VSP's maps (drawn by
+    gymnasium at their own size) at the processor's bounds, as a Mirage file's. A data file:
+    `bounds` (the checkpoint's, else LVR_PIXELS for training, PROCESSOR_PIXELS for eval); an auto
+    min_pixels never above max_pixels."""
     size = cli.given(image_size) or tasks.TASKS[task][1]
     lo, hi = (PROCESSOR_PIXELS if not size else (3136, size * size)) if synthetic else bounds
     hi = cli.given(max_pixels) or hi
     lo = cli.given(min_pixels) or min(lo, hi)
     cli.require(lo <= hi, f"--min_pixels {lo} is above --max_pixels {hi}")
-    cli.require(size % 28 == 0, f"--image_size {size} is not a multiple of 28 (one merged image token)")
+    cli.require(
+        size % 28 == 0, f"--image_size {size} is not a multiple of 28 (one merged image token)"
+    )
     return size, lo, hi
 
 
 def prompt_batch(exs, tok, min_pixels=3136, max_pixels=12845056):
-    """Examples -> the rollout's input: each question with all its images as one user turn, left-padded.
+    """Examples -> the rollout's input: each question with all its images as one user turn,
+    left-padded.
 
     input_ids, attention_mask (B, T); pixel_values, grid_thw: every image, example by example;
-    images: per example, its images' (pixel_values, grid_thw); n_image_tokens: per example, its merged
-    image tokens in all (where its rows of the tower's output end)."""
+    images: per example, its images' (pixel_values, grid_thw); n_image_tokens: per example, its
+    merged image tokens in all (where its rows of the tower's output end)."""
     images = [[vision.preprocess(im, min_pixels, max_pixels) for im in e["images"]] for e in exs]
-    input_ids, mask = qwen.left_pad([tok.prompt(e["question"], [vision.merged_tokens(g) for _, g in ims])
-                                     for e, ims in zip(exs, images)], tok.endoftext)
+    input_ids, mask = qwen.left_pad(
+        [
+            tok.prompt(e["question"], [vision.merged_tokens(g) for _, g in ims])
+            for e, ims in zip(exs, images)
+        ],
+        tok.endoftext,
+    )
     return {"input_ids": input_ids, "attention_mask": mask, "images": images,
             "pixel_values": torch.cat([pv for ims in images for pv, _ in ims]),
             "grid_thw": torch.cat([g for ims in images for _, g in ims]),
@@ -347,8 +407,8 @@ def to_device(batch, device):
 
 
 def grpo_example(rec, image_root, where):
-    """A GRPO record {image (a path or a list), question, answer} (or an LVR JSON record, or a Mirage VSP
-    record: its map judges the plans) -> an example without targets."""
+    """A GRPO record {image (a path or a list), question, answer} (or an LVR JSON record, or a
+    Mirage VSP record: its map judges the plans) -> an example without targets."""
     if "conversations" in rec or "map_desc" in rec:  # (an LVR record, or a Mirage VSP map)
         return record_example(rec, image_root, where)
     for k in ("question", "answer"):
@@ -356,16 +416,21 @@ def grpo_example(rec, image_root, where):
             raise InputError(f"{where}: needs a non-empty string field {k!r}")
     paths = rec.get("image")
     paths = paths if isinstance(paths, list) and paths else [paths]
-    return {"images": [open_image(image_root, p, where) for p in paths], "question": rec["question"],
-            "answer": rec["answer"]}
+    return {
+        "images": [open_image(image_root, p, where) for p in paths],
+        "question": rec["question"],
+        "answer": rec["answer"],
+    }
 
 
 # -----------------------------------------------------------------------------
-# answers: a completion scored against the gold answer (evaluate.py's accuracy, train_grpo.py's rewards)
+# answers: a completion scored against the gold answer (evaluate.py's accuracy, train_grpo.py's
+# rewards)
 
 def is_lvr_format(tokens, ids, stop_ids, text):
-    """A completion (token list up to its stop) is <|lvr_start|> ... <|lvr_end|> (one span or more: the
-    relation task looks twice), then a non-empty answer (`text`: the decoded completion), then a stop token.
+    """A completion (token list up to its stop) is <|lvr_start|> ... <|lvr_end|> (one span or more:
+    the relation task looks twice), then a non-empty answer (`text`: the decoded completion), then a
+    stop token.
     """
     if not tokens or tokens[0] != ids.start or ids.end not in tokens or tokens[-1] not in stop_ids:
         return False
@@ -374,7 +439,8 @@ def is_lvr_format(tokens, ids, stop_ids, text):
 
 
 def until_stop(tokens, stop_ids):
-    """A completion's tokens up to and including its first stop token (all of them if it never stopped)."""
+    """A completion's tokens up to and including its first stop token (all of them if it never
+    stopped)."""
     return tokens[:next((j + 1 for j, t in enumerate(tokens) if t in stop_ids), len(tokens))]
 
 
@@ -394,14 +460,16 @@ def answer_of(completion):
 
 
 def letter_of(text):
-    """The multiple-choice letter a normalised answer starts with ("b", "(b) cat", "b. cat"), or None."""
+    """The multiple-choice letter a normalised answer starts with ("b", "(b) cat", "b. cat"), or
+    None."""
     m = re.match(r"^\(?([a-z])\)?(?:[.):]|\s|$)", text)
     return m.group(1) if m else None
 
 
 def is_correct(completion, answer, map_desc=None):
-    """Exact match after normalising; when the gold answer is a letter, the letters are compared. A VSP
-    plan (the example has a map_desc) is judged by simulation on its map: any plan that reaches the goal."""
+    """Exact match after normalising; when the gold answer is a letter, the letters are compared. A
+    VSP plan (the example has a map_desc) is judged by simulation on its map: any plan that reaches
+    the goal."""
     if map_desc is not None:
         return tasks.solves(map_desc, answer_of(completion))
     pred, gold = answer_of(completion), answer_of(answer)

@@ -15,15 +15,16 @@ on synthetic tasks and LVR JSON files; Mirage on synthetic tasks):
   dummy latents     every latent input one fixed vector (the mean of its own: their scale, no content);
   swapped latents   each example fed the next example's own latents;
   oracle latents    the training targets (ROI tokens, helper-image chunks): what a latent can carry.
-A pause checkpoint (train_sft --method pause, the control) has the first two rows: its slots read one
-learned vector, so dummy and swapped latents would be its own, and it has no targets.
-Latent hit rate: the fraction of the fed latents whose nearest merged image token (cosine) lies
-inside one of the example's bboxes: do they look where they should? The latent norm over the
-target norm shows the norm-regime gap (arXiv 2605.12374). Multiple choice (data.py reads the
-files) is scored as letters, as the papers do: MMVP per question and per pair (both right: the
-LVR paper's 71.67 is per question, its Table 2's 55.8 per pair), V* per category. Held-out
-synthetic examples are tasks.py's test split: never seen by train_sft or train_grpo.
+A pause checkpoint (train_sft --method pause, the control) has the first two rows: its slots read
+one learned vector, so dummy and swapped latents would be its own, and it has no targets. Latent hit
+rate: the fraction of the fed latents whose nearest merged image token (cosine) lies inside one of
+the example's bboxes: do they look where they should? The latent norm over the target norm shows the
+norm-regime gap (arXiv 2605.12374). Multiple choice (data.py reads the files) is scored as letters,
+as the papers do: MMVP per question and per pair (both right: the LVR paper's 71.67 is per question,
+its Table 2's 55.8 per pair), V* per category. Held-out synthetic examples are tasks.py's test
+split: never seen by train_sft or train_grpo.
 """
+
 import collections
 import dataclasses
 import functools
@@ -69,14 +70,21 @@ save = ""  # also write the rows, each with every example's correctness, to this
 
 
 def load_examples(how):
-    """The evaluation set: held-out synthetic examples, an LVR JSON file (with bboxes), or MMVP / V*. `how`:
-    the checkpoint's latent_targets."""
+    """The evaluation set: held-out synthetic examples, an LVR JSON file (with bboxes), or MMVP /
+    V*. `how`: the checkpoint's latent_targets."""
     if data_path == "synthetic":
-        targets = how.get("vsp", tasks.VSP_TARGETS[0])  # (VSP: the targets it was trained on, for the oracle)
-        return [tasks.synthetic(split, i, seed, image_size, task, level, targets) for i in range(n_examples)]
+        # (VSP: the targets it was trained on, for the oracle)
+        targets = how.get("vsp", tasks.VSP_TARGETS[0])
+        return [
+            tasks.synthetic(
+                split, i, seed, size=image_size, task=task, level=level, targets=targets
+            )
+            for i in range(n_examples)
+        ]
     if data_path.endswith((".json", ".jsonl")):
         records = data.load_records(data_path)
-        if {"conversations", "image_output", "map_desc"} & set(records[0]):  # LVR, Mirage, Mirage's VSP maps
+        # LVR, Mirage, Mirage's VSP maps
+        if {"conversations", "image_output", "map_desc"} & set(records[0]):
             return [
                 data.record_example(r, image_root, f"{data_path} record {i}")
                 for i, r in enumerate(records[:n_examples])
@@ -85,7 +93,8 @@ def load_examples(how):
 
 
 def latent_hits(latents, feats, roi):
-    """(n, C) latent vectors, (N, C) merged image tokens, ROI token indices -> how many hit the ROI."""
+    """(n, C) latent vectors, (N, C) merged image tokens, ROI token indices -> how many hit the
+    ROI."""
     if len(latents) == 0:
         return 0
     return sum(c in set(roi) for c in lvr.nearest_cells(latents, feats).tolist())
@@ -106,8 +115,9 @@ def span_lengths(is_latent):
 def evaluate(model, tok, ids, exs, decode, pixels=(3136, 28224), batch_size=32, feed=None):
     """-> dict of accuracy, format, latent_steps, hit_rate (None without bboxes), the span lengths
     (a Counter), per-example correctness, and per example the latents fed ((n, C) each). `decode`:
-    lvr.Decode; `pixels`: the images' (min_pixels, max_pixels). `feed`: per example, vectors to feed at its
-    latent steps instead of its own (the diagnostics). train_sft.py's periodic accuracy is this too."""
+    lvr.Decode; `pixels`: the images' (min_pixels, max_pixels). `feed`: per example, vectors to feed
+    at its latent steps instead of its own (the diagnostics). train_sft.py's periodic accuracy is
+    this too."""
     stop, device = [tok.im_end, tok.endoftext], model.lm_head.weight.device
     right, fmt, steps, hit, n_lat, spans, fed = [], 0, 0, 0, 0, collections.Counter(), []
     for i in range(0, len(exs), batch_size):
@@ -119,19 +129,26 @@ def evaluate(model, tok, ids, exs, decode, pixels=(3136, 28224), batch_size=32, 
             rows = [feed[i + b].float() for b in range(len(chunk))]
             given = lvr.Feed(torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(device),
                              torch.tensor([len(v) for v in rows], device=device))
-        prompt = lvr.Prompt(p["input_ids"].to(device), p["attention_mask"].to(device), grid_thw=p["grid_thw"],
-                            feats=feats)
-        r = lvr.rollout(model, ids, prompt, decode, lvr.Sampling(stop_ids=stop), feed=given)
+        prompt = lvr.Prompt(
+            p["input_ids"].to(device),
+            p["attention_mask"].to(device),
+            grid_thw=p["grid_thw"],
+            feats=feats,
+        )
+        r = lvr.rollout(
+            model, ids, prompt, decode=decode, sampling=lvr.Sampling(stop_ids=stop), feed=given
+        )
         for b, (e, f) in enumerate(zip(chunk, feats.split(p["n_image_tokens"]))):
             row = data.until_stop(r.tokens[b, p["input_ids"].shape[1]:].tolist(), stop)
             text = tok.decode(row)
             right.append(data.is_correct(text, e["answer"], e.get("map_desc")))
-            fmt += data.is_lvr_format(row, ids, stop, text)
+            fmt += data.is_lvr_format(row, ids, stop_ids=stop, text=text)
             steps += int(r.is_latent[b].sum())
             spans.update(span_lengths(r.is_latent[b]))
             fed.append(r.latents[b, r.is_latent[b]].cpu())
             # the ROI tokens of every bbox, on its own image's tokens within the row's features
-            if e["bboxes"] and not lvr.is_pause(model):  # (a pause slot's input is one learned vector)
+            # (a pause slot's input is one learned vector)
+            if e["bboxes"] and not lvr.is_pause(model):
                 grids = [g for _, g in p["images"][b]]
                 start = vision.token_offsets(grids)
                 roi = [
@@ -142,15 +159,23 @@ def evaluate(model, tok, ids, exs, decode, pixels=(3136, 28224), batch_size=32, 
                 hit += latent_hits(r.latents[b, r.is_latent[b]], f, roi)
                 n_lat += int(r.is_latent[b].sum())
     n = len(exs)
-    return {"accuracy": sum(right) / n, "format": fmt / n, "latent_steps": steps / n,
-            "hit_rate": hit / n_lat if n_lat else None, "spans": spans, "right": right, "latents": fed}
+    return {
+        "accuracy": sum(right) / n,
+        "format": fmt / n,
+        "latent_steps": steps / n,
+        "hit_rate": hit / n_lat if n_lat else None,
+        "spans": spans,
+        "right": right,
+        "latents": fed,
+    }
 
 
 @torch.no_grad()
 def targets_of(model, tok, ids, exs, min_pixels=3136, max_pixels=28224, device="cpu"):
-    """Per example, the vectors its latents were trained to reconstruct ((L, C), or None without bboxes or
-    a helper image): ROI tokens (LVR) or helper-image chunks (Mirage), made as the checkpoint's training
-    made them (config.json's latent_targets; without it, LVR over the whole ROI)."""
+    """Per example, the vectors its latents were trained to reconstruct ((L, C), or None without
+    bboxes or a helper image): ROI tokens (LVR) or helper-image chunks (Mirage), made as the
+    checkpoint's training made them (config.json's latent_targets; without it, LVR over the whole
+    ROI)."""
     how = model.cfg.extra.get("latent_targets", {"method": "lvr", "max_latents": 0, "k": 4})
     out = []
     for e in exs:
@@ -159,7 +184,16 @@ def targets_of(model, tok, ids, exs, min_pixels=3136, max_pixels=28224, device="
             out.append(None)
             continue
         pixels = (min_pixels, max_pixels)
-        row = data.encode(e, tok, ids, how["method"], how["max_latents"], how["k"], False, pixels)
+        row = data.encode(
+            e,
+            tok,
+            ids,
+            method=how["method"],
+            max_latents=how["max_latents"],
+            k=how["k"],
+            latent_end=False,
+            pixels=pixels,
+        )
         batch = data.to_device(data.collate([row], tok.endoftext), device)
         out.append(lvr.encode_images(model, batch)[1].cpu())
     return out
@@ -174,7 +208,8 @@ class Geometry:
 
 
 def geometry(own, targets):
-    """Own latents ((n, C) per example) against the targets ((L, C) or None) -> Geometry, or None."""
+    """Own latents ((n, C) per example) against the targets ((L, C) or None) -> Geometry, or
+    None."""
     pairs = [(v, t) for v, t in zip(own["latents"], targets) if t is not None and len(v)]
     if not pairs:
         return None
@@ -185,12 +220,16 @@ def geometry(own, targets):
 
 
 def replaced_rows(model, tok, ids, exs, decode, own, targets):
-    """The rows that say whether a model reasons through its latents, each with every latent input replaced:
-    dummy (one fixed vector, the mean of its own latents: the right scale, no content), swapped (each row
-    gets the next example's own latents), oracle (the training targets: what a latent could carry at best)."""
+    """The rows that say whether a model reasons through its latents, each with every latent input
+    replaced: dummy (one fixed vector, the mean of its own latents: the right scale, no content),
+    swapped (each row gets the next example's own latents), oracle (the training targets: what a
+    latent could carry at best)."""
     rows, lats = {}, [v for v in own["latents"] if len(v)]
-    run = functools.partial(evaluate, model, tok, ids, exs, decode, (min_pixels, max_pixels), batch_size)
-    # (dummy and swapped are made of its own latents: a model that makes none has neither row, and the pause
+    run = functools.partial(
+        evaluate, model, tok, ids, exs, decode, (min_pixels, max_pixels), batch_size
+    )
+    # (dummy and swapped are made of its own latents: a model that makes none has neither row, and
+    # the pause
     # control's are all one vector, so both would be its own row again)
     if lats and not lvr.is_pause(model):
         budget = max(decode.lvr_steps, decode.max_latent_steps)
@@ -205,7 +244,8 @@ def replaced_rows(model, tok, ids, exs, decode, own, targets):
 
 
 def by_group(exs, right, key):
-    """Accuracy per value of an example field (V*'s category), or per MMVP pair (both questions right)."""
+    """Accuracy per value of an example field (V*'s category), or per MMVP pair (both questions
+    right)."""
     groups = collections.defaultdict(list)
     for e, ok in zip(exs, right):
         if e.get(key) is not None:
@@ -216,12 +256,22 @@ def by_group(exs, right, key):
 def main(argv):
     cli.configure(globals(), argv)
     globals()["init_from"] = checkpoint.locate(init_from)  # (a hub id: its snapshot in the cache)
-    bounds = data.trained_pixels(init_from, data.PROCESSOR_PIXELS)  # as trained (else the processor's)
-    images = data.image_settings(task, image_size, min_pixels, max_pixels, data_path == "synthetic", bounds)
+    # as trained (else the processor's)
+    bounds = data.trained_pixels(init_from, data.PROCESSOR_PIXELS)
+    images = data.image_settings(
+        task,
+        image_size,
+        min_pixels,
+        max_pixels=max_pixels,
+        synthetic=data_path == "synthetic",
+        bounds=bounds,
+    )
     globals().update(zip(("image_size", "min_pixels", "max_pixels"), images))
     globals()["dtype"] = parallel.autocast_dtype(dtype, device)
-    print(f"resolved: dtype={dtype} image_size={image_size} min_pixels={min_pixels} max_pixels={max_pixels} "
-          f"init_from={init_from}")
+    print(
+        f"resolved: dtype={dtype} image_size={image_size} min_pixels={min_pixels} max_pixels={max_pixels} "
+        f"init_from={init_from}"
+    )
     model, tok = checkpoint.load(init_from, getattr(torch, dtype), device)  # (in eval mode)
     ids = lvr.find_latent_ids(model, tok)  # the tokens it was trained with
     if ids is None:
@@ -229,18 +279,36 @@ def main(argv):
             f"{init_from} has no latent tokens: evaluate it with sample.py, or train it with train_sft.py"
         )
     exs = load_examples(model.cfg.extra.get("latent_targets", {}))
-    globals().update(zip(("decoding", "lvr_steps"), lvr.span_count(model, decoding, cli.given(lvr_steps))))
+    globals().update(
+        zip(("decoding", "lvr_steps"), lvr.span_count(model, decoding, cli.given(lvr_steps)))
+    )
     print(f"resolved: decoding={decoding} lvr_steps={lvr_steps}")
     metric, threshold = lvr.end_rule(model, end_metric, cli.given(end_threshold))
-    decode = lvr.Decode(decoding, lvr_steps, max_latent_steps, force_end, metric, threshold, max_new_tokens)
-    disabled = dataclasses.replace(decode, decoding="steps", lvr_steps=0, force_end=True)  # end at once
+    decode = lvr.Decode(
+        decoding,
+        lvr_steps,
+        max_latent_steps,
+        force_end=force_end,
+        end_metric=metric,
+        end_threshold=threshold,
+        max_new_tokens=max_new_tokens,
+    )
+    # end at once
+    disabled = dataclasses.replace(decode, decoding="steps", lvr_steps=0, force_end=True)
     run = functools.partial(evaluate, model, tok, ids, exs, pixels=(min_pixels, max_pixels),
                             batch_size=batch_size)
     rows = {"with latents": run(decode)}  # each row's name -> evaluate's result
-    targets = targets_of(model, tok, ids, exs, min_pixels, max_pixels, device)  # (the geometry needs them)
+    # (the geometry needs them)
+    targets = targets_of(
+        model, tok, ids, exs=exs, min_pixels=min_pixels, max_pixels=max_pixels, device=device
+    )
     if diagnostics:
         rows["latents disabled"] = run(disabled)
-        rows.update(replaced_rows(model, tok, ids, exs, decode, rows["with latents"], targets))
+        rows.update(
+            replaced_rows(
+                model, tok, ids, exs=exs, decode=decode, own=rows["with latents"], targets=targets
+            )
+        )
     geo = geometry(rows["with latents"], targets)
     print(
         f"{init_from} on {len(exs)} "
@@ -253,7 +321,9 @@ def main(argv):
     print(f"{'':18}{'accuracy':>10}{'format':>9}{'latent steps':>14}{'hit rate':>10}")
     for name, r in rows.items():
         hr = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
-        print(f"{name:18}{r['accuracy']:>10.3f}{r['format']:>9.3f}{r['latent_steps']:>14.2f}{hr:>10}")
+        print(
+            f"{name:18}{r['accuracy']:>10.3f}{r['format']:>9.3f}{r['latent_steps']:>14.2f}{hr:>10}"
+        )
     if geo is not None:
         print(f"latent norm / target norm (own latents): {geo.norm_ratio:.3f}")
         print(f"latent distance to its target (own latents): {geo.distance:.3f} "
@@ -275,8 +345,10 @@ def main(argv):
         print(f"category {name}: accuracy {sum(ok) / len(ok):.3f} on {len(ok)}")
     pairs = by_group(exs, on["right"], "pair")
     if pairs:
-        print(f"per pair (both questions right): {sum(all(ok) for ok in pairs.values()) / len(pairs):.3f} "
-              f"on {len(pairs)} pairs; per question {on['accuracy']:.3f}")
+        print(
+            f"per pair (both questions right): {sum(all(ok) for ok in pairs.values()) / len(pairs):.3f} "
+            f"on {len(pairs)} pairs; per question {on['accuracy']:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -9,10 +9,10 @@ records them (Rollout.sampled). The official mask drops the whole span from <|lv
 span's length too. Forced tokens and a span's first step (never an exit) carry nothing. The old
 log-probs are the training forward's own (TRL's convention), not the sampler's.
 
-Latents carry nothing either, unless the rollout explores them (--latent_sigma S > 0): then each latent
-fed is z = mu + S * eps, and its log-prob log N(z; mu', S^2 I) sits in the same clipped ratio as a
-token's, mu' = latent_input of the hidden state at the position that *produced* z; the KL to the
-reference on it is the closed form for two Gaussians of equal S. This departs from Monet's VLPO
+Latents carry nothing either, unless the rollout explores them (--latent_sigma S > 0): then each
+latent fed is z = mu + S * eps, and its log-prob log N(z; mu', S^2 I) sits in the same clipped ratio
+as a token's, mu' = latent_input of the hidden state at the position that *produced* z; the KL to
+the reference on it is the closed form for two Gaussians of equal S. This departs from Monet's VLPO
 (arXiv 2511.21395) twice: VLPO's rollout adds no noise (z = mu, so on-policy the latent's gradient,
 along A (z - mu'), is about zero), and it compares z with the output at the position that reads it,
 one step late, rather than the one that produced it.
@@ -38,7 +38,7 @@ def accuracy_reward(text, tokens, answer, ids, stop_ids, map_desc=None):
 
 def format_reward(text, tokens, answer, ids, stop_ids, map_desc=None):
     """1 when the completion is an LVR span, an answer, then a stop token (data.is_lvr_format)."""
-    return float(data.is_lvr_format(tokens, ids, stop_ids, text))
+    return float(data.is_lvr_format(tokens, ids, stop_ids, text=text))
 
 
 REWARDS = {"accuracy": accuracy_reward, "format": format_reward}
@@ -55,7 +55,8 @@ def group_advantages(rewards, group_size, scale=True):
     adv = r - r.mean(1, keepdim=True)
     if scale:
         adv = adv / (r.std(1, keepdim=True) + 1e-4)
-    # an all-equal group carries no signal, but its float mean can miss the value by an ulp (eight 1.2s),
+    # an all-equal group carries no signal, but its float mean can miss the value by an ulp (eight
+    # 1.2s),
     # which the division above turns into a 1e-3 advantage on every row: make it exactly 0
     return adv.masked_fill((r == r[:, :1]).all(1, keepdim=True), 0.0).flatten()
 
@@ -80,23 +81,25 @@ def loss_weights(mask, norm="token", max_len=None, total=None):
 
 
 def k3(logp, ref_logp, used):
-    """(N, L) the k3 estimate of KL(policy || reference) at each sampled token decision (`used`), else 0:
-    exp(ref - logp) - (ref - logp) - 1. Unused positions are zeroed before the exp: an overflow there
-    would give inf * 0 = NaN in the loss, and in the gradient even through torch.where."""
+    """(N, L) the k3 estimate of KL(policy || reference) at each sampled token decision (`used`),
+    else 0: exp(ref - logp) - (ref - logp) - 1. Unused positions are zeroed before the exp: an
+    overflow there would give inf * 0 = NaN in the loss, and in the gradient even through
+    torch.where."""
     d = torch.where(used, ref_logp - logp, 0.0)
     return torch.exp(d) - d - 1
 
 
 def gaussian_kl(mu, ref_mu, sigma):
-    """(n, C) -> (n,) KL(N(mu, sigma^2 I) || N(ref_mu, sigma^2 I)), the closed form for equal sigma."""
+    """(n, C) -> (n,) KL(N(mu, sigma^2 I) || N(ref_mu, sigma^2 I)), the closed form for equal
+    sigma."""
     return ((mu.float() - ref_mu.float()) ** 2).sum(-1) / (2 * sigma ** 2)
 
 
 def grpo_loss(logp, old_logp, adv, weights, kl=None, clip_eps=0.2, beta=0.04):
     """Per-decision PPO-clip objective plus beta * KL to the reference -> the loss.
 
-    logp, old_logp, weights, kl: (N, L); adv: (N,). Positions of weight 0 (padding, forced tokens) are set
-    to 0 before the exp, as in k3."""
+    logp, old_logp, weights, kl: (N, L); adv: (N,). Positions of weight 0 (padding, forced tokens)
+    are set to 0 before the exp, as in k3."""
     used = weights > 0
     ratio = torch.exp(torch.where(used, logp - old_logp, 0.0))
     a = adv[:, None]
@@ -107,10 +110,10 @@ def grpo_loss(logp, old_logp, adv, weights, kl=None, clip_eps=0.2, beta=0.04):
 
 
 def reference(model, dtype, keep_tower):
-    """The frozen KL reference, from a fresh load of the SFT checkpoint: matmul weights in the run's dtype
-    (autocast casts the policy's to it anyway), norms and embeddings as the policy holds them, so its
-    forward equals the policy's at step 0. Without keep_tower it has none: both models then read the
-    image features of the policy's frozen tower."""
+    """The frozen KL reference, from a fresh load of the SFT checkpoint: matmul weights in the run's
+    dtype (autocast casts the policy's to it anyway), norms and embeddings as the policy holds them,
+    so its forward equals the policy's at step 0. Without keep_tower it has none: both models then
+    read the image features of the policy's frozen tower."""
     model.eval().requires_grad_(False)
     for m in model.modules():
         if isinstance(m, torch.nn.Linear) and m.weight is not model.model.embed_tokens.weight:
@@ -120,15 +123,18 @@ def reference(model, dtype, keep_tower):
     return model
 
 
-# completion positions whose (V,)-wide logits exist at once in the training forward: at Qwen's V = 151,936
-# one fp32 copy of 2048 positions is 1.2 GB, where every logit of 64 rows of 512 tokens would be 20 GB
+# completion positions whose (V,)-wide logits exist at once in the training forward: at Qwen's V =
+# 151,936
+# one fp32 copy of 2048 positions is 1.2 GB, where every logit of 64 rows of 512 tokens would be 20
+# GB
 LOGIT_CHUNK = 2048
 
 
 class Decisions(NamedTuple):
     """The training forward's log-probs of a rollout's decisions."""
     token: torch.Tensor  # (N, L) each token's (or "continue"'s) log-prob
-    latent: torch.Tensor  # (N, L) each latent's Gaussian log-prob, log N(z; mu, sigma^2 I) (0: none)
+    # (N, L) each latent's Gaussian log-prob, log N(z; mu, sigma^2 I) (0: none)
+    latent: torch.Tensor
     mu: torch.Tensor  # (n_latent, C) the mean of each latent (latent_sigma > 0), else None
 
 
@@ -140,19 +146,28 @@ def completion_logprobs(model, seqs, attention_mask, n_prompt, grid_thw, feats, 
     The recorded latent vectors (detached) sit at the latent positions, exactly as the rollout fed
     them; logits are divided by the sampling temperature, as in the rollout. At a latent step the
     token decision is "continue": log(1 - p(exits)) (only a `token`-exit rollout samples it). With
-    latent_sigma > 0 each latent z was sampled around mu = latent_input(the state that produced it), the
-    state at the position before it, as the rollout did: log N(z; mu, sigma^2 I) is its log-prob. The head
-    runs on LOGIT_CHUNK positions at a time, recomputed in backward, so the logits never exist whole."""
+    latent_sigma > 0 each latent z was sampled around mu = latent_input(the state that produced it),
+    the state at the position before it, as the rollout did: log N(z; mu, sigma^2 I) is its
+    log-prob. The head runs on LOGIT_CHUNK positions at a time, recomputed in backward, so the
+    logits never exist whole."""
     prompt, comp = seqs[:, :n_prompt], seqs[:, n_prompt:]
     x = model.embed(prompt, grid_thw=grid_thw, feats=feats)  # (N, T, C) images only in the prompt,
-    c = torch.where(is_latent[..., None], latents.detach().to(x.dtype), model.token_embeds(comp))  # (N, L, C)
+    # (N, L, C)
+    c = torch.where(is_latent[..., None], latents.detach().to(x.dtype), model.token_embeds(comp))
     x = torch.cat([x, c], 1)
-    pos = qwen.get_rope_index(prompt, grid_thw, attention_mask[:, :n_prompt], model.cfg.image_token_id)
-    after = pos.amax(dim=(0, 2)) + 1  # completion positions count on like text, as in the rollout's cache
+    pos = qwen.get_rope_index(
+        prompt,
+        grid_thw,
+        attention_mask=attention_mask[:, :n_prompt],
+        image_token_id=model.cfg.image_token_id,
+    )
+    # completion positions count on like text, as in the rollout's cache
+    after = pos.amax(dim=(0, 2)) + 1
     text_pos = after[:, None] + torch.arange(comp.shape[1], device=seqs.device)  # (N, L)
     pos = torch.cat([pos, text_pos.expand(3, -1, -1)], 2)
     h = model(inputs_embeds=x, attention_mask=attention_mask, position_ids=pos)
-    h = h[:, n_prompt - 1:-1]  # (N, L, C): position t predicts t + 1, and produced the latent at t + 1
+    # (N, L, C): position t predicts t + 1, and produced the latent at t + 1
+    h = h[:, n_prompt - 1:-1]
     rows = max(1, LOGIT_CHUNK // max(1, comp.shape[1]))
     out = []
     for i in range(0, len(comp), rows):
@@ -164,13 +179,15 @@ def completion_logprobs(model, seqs, attention_mask, n_prompt, grid_thw, feats, 
     if not latent_sigma:
         return Decisions(token, torch.zeros_like(token), None)
     mu = lvr.latent_input(model, h[is_latent])  # (n_latent, C)
-    latent = torch.zeros_like(token).index_put(is_latent.nonzero(as_tuple=True),
-                                               lvr.gaussian_logprob(latents[is_latent], mu, latent_sigma))
+    latent = torch.zeros_like(token).index_put(
+        is_latent.nonzero(as_tuple=True), lvr.gaussian_logprob(latents[is_latent], mu, latent_sigma)
+    )
     return Decisions(token, latent, mu)
 
 
 def decision_logprobs(lm_head, h, comp, is_latent, temperature, exits):
-    """(n, L, C) hidden states -> (n, L) log-probs of the decisions `comp` (continue at latent steps)."""
+    """(n, L, C) hidden states -> (n, L) log-probs of the decisions `comp` (continue at latent
+    steps)."""
     lp = (lm_head(h).float() / (temperature or 1.0)).log_softmax(-1)
     tok_lp = lp.gather(-1, comp[..., None])[..., 0]
     return torch.where(is_latent, lvr.continue_logprob(lp, exits), tok_lp) if exits else tok_lp

@@ -42,9 +42,12 @@ class LatentIds:
 
 
 def latent_ids(tok, names=LVR_TOKENS):
-    """Ids of the latent tokens, or None when the tokenizer lacks start, latent or end (plain Qwen2.5-VL)."""
+    """Ids of the latent tokens, or None when the tokenizer lacks start, latent or end (plain
+    Qwen2.5-VL)."""
     ids = {k: tok.tok.token_to_id(v) for k, v in names.items()}
-    return None if None in (ids.get("start"), ids.get("latent"), ids.get("end")) else LatentIds(**ids)
+    return (
+        None if None in (ids.get("start"), ids.get("latent"), ids.get("end")) else LatentIds(**ids)
+    )
 
 
 def find_latent_ids(model, tok):
@@ -58,8 +61,9 @@ def find_latent_ids(model, tok):
 
 
 def add_latent_tokens(model, tok, names=LVR_TOKENS):
-    """Add the latent tokens to the tokenizer (and embedding rows if needed); record them in the config.
-    On a meta model (FSDP's load) only the shapes and the config change: latent_rows does the rest."""
+    """Add the latent tokens to the tokenizer (and embedding rows if needed); record them in the
+    config. On a meta model (FSDP's load) only the shapes and the config change: latent_rows does
+    the rest."""
     before = len(tok)
     tok.tok.add_special_tokens([n for n in names.values() if tok.tok.token_to_id(n) is None])
     grow = len(tok) - model.cfg.vocab_size
@@ -69,9 +73,13 @@ def add_latent_tokens(model, tok, names=LVR_TOKENS):
         model.model.embed_tokens.weight = grown(model.model.embed_tokens.weight)
         model.lm_head.weight = (model.model.embed_tokens.weight if model.cfg.tie_word_embeddings
                                 else grown(model.lm_head.weight))
-        model.model.embed_tokens.num_embeddings = model.lm_head.out_features = model.cfg.vocab_size = len(tok)
+        model.model.embed_tokens.num_embeddings = model.lm_head.out_features = (
+            model.cfg.vocab_size
+        ) = len(tok)
     with torch.no_grad():
-        for w in {id(p): p for p in (model.model.embed_tokens.weight, model.lm_head.weight)}.values():
+        for w in {
+            id(p): p for p in (model.model.embed_tokens.weight, model.lm_head.weight)
+        }.values():
             latent_rows(w, before, len(tok))
     ids = latent_ids(tok, names)
     model.cfg.extra.update(lvr_tokens=dict(names), lvr_token_ids=vars(ids).copy())
@@ -79,11 +87,12 @@ def add_latent_tokens(model, tok, names=LVR_TOKENS):
 
 
 def latent_rows(w, before, after):
-    """The rows of tokens [before, after) start at the mean of the rows of the `before` tokens, as Hugging
-    Face's resize starts new rows. A real Qwen2.5-VL embedding has rows past its tokenizer (151,936 for
-    151,665 tokens) that no token ever trained, and the new tokens take them; the official code leaves
-    them as they are. The mean gives an input like the ones the model has seen, and, tied to lm_head, a
-    logit like the average token's rather than an arbitrary one. In place; returns w."""
+    """The rows of tokens [before, after) start at the mean of the rows of the `before` tokens, as
+    Hugging Face's resize starts new rows. A real Qwen2.5-VL embedding has rows past its tokenizer
+    (151,936 for 151,665 tokens) that no token ever trained, and the new tokens take them; the
+    official code leaves them as they are. The mean gives an input like the ones the model has seen,
+    and, tied to lm_head, a logit like the average token's rather than an arbitrary one. In place;
+    returns w."""
     w[before:after] = w[:before].mean(0)
     return w
 
@@ -92,7 +101,8 @@ def latent_rows(w, before, after):
 # ROI -> merged-token indices, and the target vectors
 
 def normalise_bbox(bbox, width, height, where=""):
-    """[x0, y0, x1, y1] in [0, 1], accepting pixel boxes (any value > 1) in the original image size."""
+    """[x0, y0, x1, y1] in [0, 1], accepting pixel boxes (any value > 1) in the original image
+    size."""
     if len(bbox) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox):
         raise InputError(f"{where}bbox must be 4 finite numbers, got {bbox}")
     if max(bbox) > 1:
@@ -106,7 +116,8 @@ def normalise_bbox(bbox, width, height, where=""):
 
 
 def roi_cells(bbox, grid_thw, merge=2):
-    """Normalised bbox -> (y0t, y1t, x0t, x1t): the merged-grid cells it touches (docs/method.md)."""
+    """Normalised bbox -> (y0t, y1t, x0t, x1t): the merged-grid cells it touches
+    (docs/method.md)."""
     gh, gw = int(grid_thw[1]), int(grid_thw[2])
     x0, y0, x1, y1 = bbox
     x0g, x1g = min(max(math.floor(x0 * gw), 0), gw - 1), min(max(math.ceil(x1 * gw), 0), gw)
@@ -122,7 +133,8 @@ def roi_indices(bbox, grid_thw, merge=2):
 
 
 def roi_groups(bbox, grid_thw, max_latents=0, merge=2):
-    """One list of token indices per latent: the ROI tokens, or an adaptive average pool to <= K cells."""
+    """One list of token indices per latent: the ROI tokens, or an adaptive average pool to <= K
+    cells."""
     y0, y1, x0, x1 = roi_cells(bbox, grid_thw, merge)
     h, w, gw = y1 - y0, x1 - x0, int(grid_thw[2]) // merge
     oh, ow = h, w
@@ -137,16 +149,19 @@ def roi_groups(bbox, grid_thw, max_latents=0, merge=2):
 
 
 def chunk_groups(n_tokens, k=4):
-    """Mirage: the helper image's n tokens in k contiguous chunks (remainder dropped), one latent each."""
+    """Mirage: the helper image's n tokens in k contiguous chunks (remainder dropped), one latent
+    each."""
     if n_tokens < k:
-        raise InputError(f"helper image has {n_tokens} tokens, fewer than the {k} latents asked for")
+        raise InputError(
+            f"helper image has {n_tokens} tokens, fewer than the {k} latents asked for"
+        )
     size = n_tokens // k
     return [list(range(i * size, (i + 1) * size)) for i in range(k)]
 
 
 def averaging_matrix(groups, n_feat):
-    """(L, n_feat) matrix whose row i averages the features in groups[i]: targets = W @ feats (an empty
-    group, a pause slot's: a zero row)."""
+    """(L, n_feat) matrix whose row i averages the features in groups[i]: targets = W @ feats (an
+    empty group, a pause slot's: a zero row)."""
     W = torch.zeros(len(groups), n_feat)
     for i, g in enumerate(groups):
         if g:
@@ -170,10 +185,10 @@ def is_pause(model):
 def latent_input(model, h):
     """What a latent step feeds back: head(h), and, when the latents were trained with a cosine loss
     (the config records the targets' mean norm, `latent_norm`), rescaled to that norm. Cosine trains
-    only the direction, so the hidden state keeps the LM's scale (RMS ~1 vs ~0.05 for the merged image
-    tokens of a random tower): fed back as it is, every state after the first latent reads an input it
-    never saw in training, and a span longer than one latent runs past its end.
-    The pause control feeds no hidden state: every slot reads the <|lvr|> token's learned embedding."""
+    only the direction, so the hidden state keeps the LM's scale (RMS ~1 vs ~0.05 for the merged
+    image tokens of a random tower): fed back as it is, every state after the first latent reads an
+    input it never saw in training, and a span longer than one latent runs past its end. The pause
+    control feeds no hidden state: every slot reads the <|lvr|> token's learned embedding."""
     if is_pause(model):
         latent = torch.tensor([model.cfg.extra["lvr_token_ids"]["latent"]], device=h.device)
         return model.token_embeds(latent)[0].expand_as(h).to(h.dtype)
@@ -184,14 +199,16 @@ def latent_input(model, h):
 
 @torch.no_grad()
 def record_latent_norm(model, batch):
-    """Record the mean norm of a batch's targets in the config: a cosine-trained latent's feed-back norm."""
+    """Record the mean norm of a batch's targets in the config: a cosine-trained latent's feed-back
+    norm."""
     _, targets = encode_images(model, batch)
     if len(targets):
         model.cfg.extra["latent_norm"] = float(targets.norm(dim=-1).mean())
 
 
 def latent_distance(pred, target, kind="mse", per_row=False):
-    """Latent loss in fp32, mean over rows (or per row): mse, cosine (1 - cos) or l1 (means over elements)."""
+    """Latent loss in fp32, mean over rows (or per row): mse, cosine (1 - cos) or l1 (means over
+    elements)."""
     pred, target = pred.float(), target.float()
     if kind == "mse":
         d = ((pred - target) ** 2).mean(-1)
@@ -205,24 +222,33 @@ def latent_distance(pred, target, kind="mse", per_row=False):
 
 
 def end_distance(vec, end_vec, kind, scaled=True):
-    """`latent` exit: (B,) distance of each latent to the end embedding, by the metric it was trained with,
-    scaled so that the zero vector is at 1 (a threshold then means the same for every metric and scale);
-    unscaled: the official rule for its learned end vector (mse < 0.1; that vector's RMS starts at 1)."""
-    d = latent_distance(vec, end_vec[None], kind, True)
-    return d / latent_distance(0 * end_vec[None], end_vec[None], kind, True) if scaled else d
+    """`latent` exit: (B,) distance of each latent to the end embedding, by the metric it was
+    trained with, scaled so that the zero vector is at 1 (a threshold then means the same for every
+    metric and scale); unscaled: the official rule for its learned end vector (mse < 0.1; that
+    vector's RMS starts at 1)."""
+    d = latent_distance(vec, target=end_vec[None], kind=kind, per_row=True)
+    return (
+        d / latent_distance(0 * end_vec[None], target=end_vec[None], kind=kind, per_row=True)
+        if scaled
+        else d
+    )
 
 
 def end_rule(model, metric="checkpoint", threshold=None):
-    """The `latent` exit's metric and threshold: the flags', else the checkpoint's, else mse and 0.1."""
-    return (metric if metric != "checkpoint" else model.cfg.extra.get("latent_end_metric", "mse"),
-            threshold if threshold is not None else model.cfg.extra.get("latent_end_threshold", 0.1))
+    """The `latent` exit's metric and threshold: the flags', else the checkpoint's, else mse and
+    0.1."""
+    return (
+        metric if metric != "checkpoint" else model.cfg.extra.get("latent_end_metric", "mse"),
+        threshold if threshold is not None else model.cfg.extra.get("latent_end_threshold", 0.1),
+    )
 
 
 def switch_loss(model, h, b, t, slot, end_id):
-    """The mode-switch loss (official LVR): BCE on the <|lvr_end|> logit at every in-span state, the one
-    that read <|lvr_start|> (position t - 1 of a span's first latent) and each latent's; target 1 only
-    at a span's last latent. b, t, slot: (L,) the batch's latent slots, spans in order."""
-    last = torch.cat([slot[1:] == 0, slot.new_ones(1, dtype=torch.bool)])  # the next slot opens a new span
+    """The mode-switch loss (official LVR): BCE on the <|lvr_end|> logit at every in-span state, the
+    one that read <|lvr_start|> (position t - 1 of a span's first latent) and each latent's; target
+    1 only at a span's last latent. b, t, slot: (L,) the batch's latent slots, spans in order."""
+    # the next slot opens a new span
+    last = torch.cat([slot[1:] == 0, slot.new_ones(1, dtype=torch.bool)])
     first = slot == 0
     pb, pt = torch.cat([b[first], b]), torch.cat([t[first] - 1, t])  # (S + L,) the decision states
     target = torch.cat([torch.zeros(int(first.sum())), last.float().cpu()]).to(h.device)
@@ -231,7 +257,8 @@ def switch_loss(model, h, b, t, slot, end_id):
 
 
 def encode_images(model, batch, freeze_vision=True):
-    """Merged image tokens for the prompt images and the target vectors (no gradient into targets)."""
+    """Merged image tokens for the prompt images and the target vectors (no gradient into
+    targets)."""
     with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze_vision):
         feats = model.visual(batch["pixel_values"], batch["grid_thw"])
     src = feats
@@ -250,9 +277,10 @@ def supervised_ce(model, h, labels):
 
 
 def blind_positions(batch, image_token_id):
-    """LIVR's bottleneck: (B, T) bool, the positions that may not attend to the image tokens: every real
-    token but the image's own and the latent slots, so what the answer learns of the image passes through
-    the slots (the question's tokens are blind too: they would carry the image past the slots)."""
+    """LIVR's bottleneck: (B, T) bool, the positions that may not attend to the image tokens: every
+    real token but the image's own and the latent slots, so what the answer learns of the image
+    passes through the slots (the question's tokens are blind too: they would carry the image past
+    the slots)."""
     ids = batch["input_ids"]
     blind = batch["attention_mask"].bool() & (ids != image_token_id)
     b, t = batch["latent_pos"]
@@ -262,17 +290,23 @@ def blind_positions(batch, image_token_id):
 # long: the loss's weights, each its own flag in train_sft.py
 def sft_loss(model, batch, ce_weight=1.0, latent_weight=0.1, latent_loss="mse", freeze_vision=True,
              switch_weight=0.0, bottleneck=False):
-    """-> (loss, ce, latent, switch) for one padded batch (see data.collate for the fields). The pause
-    control (is_pause) keeps its slots' token, <|lvr|>, whose embedding learns; it has no latent loss.
-    bottleneck: LIVR's attention mask (blind_positions)."""
+    """-> (loss, ce, latent, switch) for one padded batch (see data.collate for the fields). The
+    pause control (is_pause) keeps its slots' token, <|lvr|>, whose embedding learns; it has no
+    latent loss. bottleneck: LIVR's attention mask (blind_positions)."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     feats, targets = encode_images(model, batch, freeze_vision)
     x = model.embed(ids, grid_thw=batch["grid_thw"], feats=feats)  # (B, T, C)
     b, t = batch["latent_pos"]  # (L,), (L,): where the latent slots are
     pause = is_pause(model)
     if not pause:
-        x = x.index_put((b, t), targets.to(x.dtype))  # teacher forcing: the slots read their targets
-    pos = qwen.get_rope_index(ids, batch["grid_thw"], mask, model.cfg.image_token_id)
+        # teacher forcing: the slots read their targets
+        x = x.index_put((b, t), targets.to(x.dtype))
+    pos = qwen.get_rope_index(
+        ids,
+        grid_thw=batch["grid_thw"],
+        attention_mask=mask,
+        image_token_id=model.cfg.image_token_id,
+    )
     blind = blind_positions(batch, model.cfg.image_token_id) if bottleneck else None
     h = model(ids, inputs_embeds=x, attention_mask=mask, position_ids=pos, blind=blind)
     ce = supervised_ce(model, h, labels)
@@ -280,51 +314,75 @@ def sft_loss(model, batch, ce_weight=1.0, latent_weight=0.1, latent_loss="mse", 
         lat = ce.new_zeros(())
     elif len(b):
         lat = latent_distance(head(model, h[b, t - 1]), targets, latent_loss)
-    else:  # no latent in this micro-batch: the head still takes part (a zero gradient), as DDP requires
+    # no latent in this micro-batch: the head still takes part (a zero gradient), as DDP requires
+    else:
         lat = head(model, h[:0, 0]).float().sum() * 0.0
-    eb, et = batch["latent_end_pos"]  # `latent` exit mode: the state before <|lvr_latent_end|> learns it
+    # `latent` exit mode: the state before <|lvr_latent_end|> learns it
+    eb, et = batch["latent_end_pos"]
     if len(eb):
         end = model.token_embeds(ids[eb, et])
         lat = lat + latent_distance(head(model, h[eb, et - 1]), end, latent_loss)
     switch = ce.new_zeros(())
     if switch_weight and len(b):
-        switch = switch_loss(model, h, b, t, batch["latent_slot"], model.cfg.extra["lvr_token_ids"]["end"])
+        switch = switch_loss(
+            model,
+            h,
+            b,
+            t=t,
+            slot=batch["latent_slot"],
+            end_id=model.cfg.extra["lvr_token_ids"]["end"],
+        )
     loss = ce_weight * ce + latent_weight * lat + switch_weight * switch
     return loss, ce.detach(), lat.detach(), switch.detach()
 
 
 def own_latents_loss(model, batch, latent_weight=0.0, latent_loss="mse", freeze_vision=True,
                      switch_weight=0.0):
-    """Stage 2: the latent slots read the model's own hidden states, with gradients through the chain, so
-    each latent is trained where it is used -> (loss, ce, latent, switch). The loss: CE, plus
-    latent_weight x the latent loss on every free-running prediction (LVR's stage 2; Mirage's has none),
-    plus the mode-switch loss.
+    """Stage 2: the latent slots read the model's own hidden states, with gradients through the
+    chain, so each latent is trained where it is used -> (loss, ce, latent, switch). The loss: CE,
+    plus latent_weight x the latent loss on every free-running prediction (LVR's stage 2; Mirage's
+    has none), plus the mode-switch loss.
 
-    n + 1 full passes for rows of at most n latents: pass j fills each row's j-th latent (counted over
-    all its spans, in order) from pass j-1's hidden state just before it. The last pass sees every slot
-    filled with the model's own latents, so its state before latent i is the prediction of target i the
-    model makes free-running, as at inference (a later span reads the earlier spans' own latents)."""
+    n + 1 full passes for rows of at most n latents: pass j fills each row's j-th latent (counted
+    over all its spans, in order) from pass j-1's hidden state just before it. The last pass sees
+    every slot filled with the model's own latents, so its state before latent i is the prediction
+    of target i the model makes free-running, as at inference (a later span reads the earlier spans'
+    own latents)."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     feats, targets = encode_images(model, batch, freeze_vision)
     x = model.embed(ids, grid_thw=batch["grid_thw"], feats=feats)
-    pos = qwen.get_rope_index(ids, batch["grid_thw"], mask, model.cfg.image_token_id)
+    pos = qwen.get_rope_index(
+        ids,
+        grid_thw=batch["grid_thw"],
+        attention_mask=mask,
+        image_token_id=model.cfg.image_token_id,
+    )
     b, t = batch["latent_pos"]  # (L,) each row's latents in order
     counts = torch.bincount(b, minlength=len(ids))
-    k = torch.arange(len(b), device=b.device) - (torch.cumsum(counts, 0) - counts)[b]  # (L,) index in its row
+    # (L,) index in its row
+    k = torch.arange(len(b), device=b.device) - (torch.cumsum(counts, 0) - counts)[b]
     for j in range(int(counts.max()) if len(b) else 0):
         h = model(inputs_embeds=x, attention_mask=mask, position_ids=pos)
         sel = k == j
         x = x.index_put((b[sel], t[sel]), latent_input(model, h[b[sel], t[sel] - 1]).to(x.dtype))
     h = model(inputs_embeds=x, attention_mask=mask, position_ids=pos)
     ce = supervised_ce(model, h, labels)
-    slot = batch["latent_slot"]  # (L,) each latent's index within its span (the switch loss reads it)
+    # (L,) each latent's index within its span (the switch loss reads it)
+    slot = batch["latent_slot"]
     lat = ce.new_zeros(())
     if latent_weight and len(b):
         lat = latent_distance(head(model, h[b, t - 1]), targets, latent_loss)
     switch = ce.new_zeros(())
     if switch_weight and len(b):
-        switch = switch_loss(model, h, b, t, slot, model.cfg.extra["lvr_token_ids"]["end"])
-    return ce + latent_weight * lat + switch_weight * switch, ce.detach(), lat.detach(), switch.detach()
+        switch = switch_loss(
+            model, h, b, t=t, slot=slot, end_id=model.cfg.extra["lvr_token_ids"]["end"]
+        )
+    return (
+        ce + latent_weight * lat + switch_weight * switch,
+        ce.detach(),
+        lat.detach(),
+        switch.detach(),
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -334,13 +392,16 @@ class Rollout(NamedTuple):
     tokens: torch.Tensor  # (B, T + n) prompt and completion; <|lvr|> at latent steps
     latents: torch.Tensor  # (B, n, C) the vector fed at each latent step (zeros at text steps)
     is_latent: torch.Tensor  # (B, n) bool: a latent step
-    logprobs: torch.Tensor  # (B, n) log-prob of the step's sampled decisions (token at temperature, latent)
+    # (B, n) log-prob of the step's sampled decisions (token at temperature, latent)
+    logprobs: torch.Tensor
     sampled: torch.Tensor  # (B, n) bool: the policy drew this token decision; False where forced
-    # (with latent_sigma > 0 every latent step is a sampled latent decision too: is_latent says where)
+    # (with latent_sigma > 0 every latent step is a sampled latent decision too: is_latent says
+    # where)
 
 
 class Step(NamedTuple):
-    """What the rollout records at one step, for every row (the Rollout's fields, one column of each)."""
+    """What the rollout records at one step, for every row (the Rollout's fields, one column of
+    each)."""
     tok: torch.Tensor  # (B,) the token recorded (<|lvr|> at a latent step)
     fed: torch.Tensor  # (B, C) the latent fed (zeros at a text step)
     is_latent: torch.Tensor  # (B,) bool
@@ -356,7 +417,8 @@ class Prompt:
     attention_mask: torch.Tensor = None  # (B, T); None: no padding
     pixel_values: torch.Tensor = None  # (P, 1176) every image's patches
     grid_thw: torch.Tensor = None  # (N, 3)
-    feats: torch.Tensor = None  # merged image tokens already computed (GRPO encodes each image once)
+    # merged image tokens already computed (GRPO encodes each image once)
+    feats: torch.Tensor = None
 
 
 @dataclass
@@ -365,7 +427,8 @@ class Decode:
     decoding: str = "steps"  # steps | latent | token
     lvr_steps: int = 8  # `steps`: the latents of every span
     max_latent_steps: int = 64  # `token` / `latent`: a span's budget
-    force_end: bool = True  # force <|lvr_end|> after a span (False: the model's own next token, as official)
+    # force <|lvr_end|> after a span (False: the model's own next token, as official)
+    force_end: bool = True
     end_metric: str = "mse"  # `latent`: the distance to the end embedding
     end_threshold: float = 0.1  # `latent`: leave below this distance
     max_new_tokens: int = 64  # the completion's budget, latent steps included
@@ -391,13 +454,16 @@ class Feed:
 
 
 def exit_tokens(ids, decoding):
-    """The tokens that end a span when the model emits them: <|lvr_end|>, and <|lvr_latent_end|>, which
-    official LVR checkpoints emit after their last latent (`token` exit only)."""
-    return [ids.end] + ([ids.latent_end] if decoding == "token" and ids.latent_end is not None else [])
+    """The tokens that end a span when the model emits them: <|lvr_end|>, and <|lvr_latent_end|>,
+    which official LVR checkpoints emit after their last latent (`token` exit only)."""
+    return [ids.end] + (
+        [ids.latent_end] if decoding == "token" and ids.latent_end is not None else []
+    )
 
 
 def continue_logprob(logits, exits):
-    """(N, V) logits -> (N,) log-prob of not emitting any exit token: log(1 - p(exit)), computed stably."""
+    """(N, V) logits -> (N,) log-prob of not emitting any exit token: log(1 - p(exit)), computed
+    stably."""
     keep = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
     keep[exits] = False
     return logits[..., keep].logsumexp(-1) - logits.logsumexp(-1)
@@ -413,7 +479,8 @@ class ExitRule:
     end_vec: torch.Tensor = None  # `latent`: the end vector the hidden state is compared with
     end_metric: str = "mse"  # `latent`: the distance
     end_threshold: float = 0.1  # `latent`: leave below this distance
-    scaled: bool = True  # `latent`: the zero vector at distance 1 (False: official LVR's unscaled rule)
+    # `latent`: the zero vector at distance 1 (False: official LVR's unscaled rule)
+    scaled: bool = True
 
 
 class Exit(NamedTuple):
@@ -424,26 +491,33 @@ class Exit(NamedTuple):
 
 
 def span_exit(rule, ids, tok, vec, in_lat, n_lat):
-    """The exit rule, one step: which rows in a span leave it now, and with which token -> Exit.
-    tok (B,): the sampled tokens; vec (B, C): the latent inputs; in_lat (B,): in a span; n_lat (B,): its
+    """The exit rule, one step: which rows in a span leave it now, and with which token -> Exit. tok
+    (B,): the sampled tokens; vec (B, C): the latent inputs; in_lat (B,): in a span; n_lat (B,): its
     latent steps so far."""
     none = torch.full_like(tok, -1)
-    if rule.decoding == "steps":  # the count: <|lvr_end|>, or (force_end=False) the model's own token
+    # the count: <|lvr_end|>, or (force_end=False) the model's own token
+    if rule.decoding == "steps":
         leave = in_lat & (n_lat >= rule.budget)
         forced = leave & rule.force_end
-        return Exit(torch.where(forced, ids.end, tok), leave, forced, none)
-    if rule.decoding == "latent":  # near the end vector, or the budget: <|lvr_latent_end|>, then <|lvr_end|>
+        return Exit(torch.where(forced, ids.end, tok), leave, forced, force_next=none)
+    # near the end vector, or the budget: <|lvr_latent_end|>, then <|lvr_end|>
+    if rule.decoding == "latent":
         # (never before its first latent: every trained span has one, as under the `token` exit)
-        distance = end_distance(vec, rule.end_vec, rule.end_metric, rule.scaled)
+        distance = end_distance(vec, end_vec=rule.end_vec, kind=rule.end_metric, scaled=rule.scaled)
         leave = in_lat & (((distance < rule.end_threshold) & (n_lat > 0)) | (n_lat >= rule.budget))
         force_next = torch.where(leave & rule.force_end, ids.end, none)
-        return Exit(torch.where(leave, ids.latent_end, tok), leave, leave, force_next)
-    # token: the model's own exit token once a latent step has been taken, or <|lvr_end|> at the budget
+        return Exit(
+            torch.where(leave, ids.latent_end, tok), leave, forced=leave, force_next=force_next
+        )
+    # token: the model's own exit token once a latent step has been taken, or <|lvr_end|> at the
+    # budget
     own = in_lat & torch.isin(tok, torch.tensor(rule.exits, device=tok.device)) & (n_lat > 0)
     forced = in_lat & ~own & (n_lat >= rule.budget)
     # <|lvr_end|> after an official checkpoint's <|lvr_latent_end|>
     force_next = torch.where(own & (tok != ids.end) & rule.force_end, ids.end, none)
-    return Exit(torch.where(forced, ids.end, tok), own | forced, forced, force_next)
+    return Exit(
+        torch.where(forced, ids.end, tok), leave=own | forced, forced=forced, force_next=force_next
+    )
 
 
 def exit_rule(model, ids, decode):
@@ -451,13 +525,22 @@ def exit_rule(model, ids, decode):
     if decode.decoding not in ("steps", "latent", "token"):
         raise InputError(f"decoding must be steps, latent or token, got {decode.decoding!r}")
     if decode.decoding == "latent" and ids.latent_end is None:
-        raise InputError("the `latent` exit needs a latent-end token, and these latent tokens have none "
-                         "(Mirage's three): decode with token or steps")
-    official_end = getattr(model, "lvr_latent_end_emb", None)  # official LVR's learned end vector, if any
+        raise InputError(
+            "the `latent` exit needs a latent-end token, and these latent tokens have none "
+            "(Mirage's three): decode with token or steps"
+        )
+    # official LVR's learned end vector, if any
+    official_end = getattr(model, "lvr_latent_end_emb", None)
     budget = decode.lvr_steps if decode.decoding == "steps" else decode.max_latent_steps
-    rule = ExitRule(decode.decoding, budget, decode.force_end, exit_tokens(ids, decode.decoding),
-                    end_metric=decode.end_metric, end_threshold=decode.end_threshold,
-                    scaled=official_end is None)
+    rule = ExitRule(
+        decode.decoding,
+        budget,
+        force_end=decode.force_end,
+        exits=exit_tokens(ids, decode.decoding),
+        end_metric=decode.end_metric,
+        end_threshold=decode.end_threshold,
+        scaled=official_end is None,
+    )
     if decode.decoding == "latent":
         emb = model.model.embed_tokens.weight[ids.latent_end]
         rule.end_vec = emb if official_end is None else official_end
@@ -465,9 +548,9 @@ def exit_rule(model, ids, decode):
 
 
 def span_count(model, decoding, lvr_steps):
-    """--decoding and --lvr_steps, where left at auto (None) -> (decoding, lvr_steps): a pause checkpoint
-    ends its spans by the count it was trained with (`steps`); any other by its own token (`token`),
-    `steps` counting official LVR's 8."""
+    """--decoding and --lvr_steps, where left at auto (None) -> (decoding, lvr_steps): a pause
+    checkpoint ends its spans by the count it was trained with (`steps`); any other by its own token
+    (`token`), `steps` counting official LVR's 8."""
     pause = is_pause(model)
     count = model.cfg.extra["latent_targets"]["max_latents"] if pause else 8
     return ("steps" if pause else "token") if decoding == "auto" else decoding, (
@@ -481,35 +564,49 @@ def gaussian_logprob(z, mu, sigma):
 
 
 def latent_noise(shape, generator, device):
-    """(B, C) standard normal noise for the latents: a list of generators (GRPO: one per prompt) draws its
-    block of rows each, so the process layout does not change a row's noise; else one generator (or none)."""
+    """(B, C) standard normal noise for the latents: a list of generators (GRPO: one per prompt)
+    draws its block of rows each, so the process layout does not change a row's noise; else one
+    generator (or none)."""
     if isinstance(generator, list):
         rows = shape[0] // len(generator)
-        return torch.cat([torch.randn(rows, shape[1], generator=g, device=device) for g in generator])
+        return torch.cat(
+            [torch.randn(rows, shape[1], generator=g, device=device) for g in generator]
+        )
     return torch.randn(shape, generator=generator, device=device)
 
 
 def explore(vec, sampling, device):
-    """GRPO that explores latents: (B, C) mu -> (z = mu + sigma * eps, log N(z; mu, sigma^2 I) (B,))."""
+    """GRPO that explores latents: (B, C) mu -> (z = mu + sigma * eps, log N(z; mu, sigma^2 I)
+    (B,))."""
     eps = latent_noise(vec.shape, sampling.generator, device)
     z = vec + (sampling.latent_sigma * eps).to(vec.dtype)
     return z, gaussian_logprob(z, vec, sampling.latent_sigma)
 
 
 def substitute(vec, feed, k_lat):
-    """The diagnostics: (B, C) latent inputs -> each row's given vector instead while it has one left."""
+    """The diagnostics: (B, C) latent inputs -> each row's given vector instead while it has one
+    left."""
     rows = torch.arange(len(vec), device=vec.device)
     given = feed.latents[rows, k_lat.clamp(max=feed.latents.shape[1] - 1)]
     return torch.where((k_lat < feed.n)[:, None], given.to(vec.dtype), vec)
 
 
 def prefill(model, prompt, max_new_tokens, group_size):
-    """The rollout's phases 1 and 2: run the prompts once into a fresh KV cache, then copy each prompt's rows
-    to its G rows -> (cache, input_ids (B*G, T), the last hidden states (B*G, C), their logits)."""
+    """The rollout's phases 1 and 2: run the prompts once into a fresh KV cache, then copy each
+    prompt's rows to its G rows -> (cache, input_ids (B*G, T), the last hidden states (B*G, C),
+    their logits)."""
     (B, T), dev, emb = prompt.input_ids.shape, prompt.input_ids.device, model.model.embed_tokens
-    autocast = torch.is_autocast_enabled(dev.type)  # (then the keys and values come out in its dtype)
+    # (then the keys and values come out in its dtype)
+    autocast = torch.is_autocast_enabled(dev.type)
     kv_dtype = torch.get_autocast_dtype(dev.type) if autocast else emb.weight.dtype
-    cache = qwen.KVCache(model.cfg, B, T + max_new_tokens, dev, kv_dtype, emb.weight.dtype)
+    cache = qwen.KVCache(
+        model.cfg,
+        batch=B,
+        max_len=T + max_new_tokens,
+        device=dev,
+        dtype=kv_dtype,
+        rope_dtype=emb.weight.dtype,
+    )
     x = model.embed(prompt.input_ids, prompt.pixel_values, prompt.grid_thw, prompt.feats)
     h = model(prompt.input_ids, grid_thw=prompt.grid_thw, inputs_embeds=x,
               attention_mask=prompt.attention_mask, cache=cache)[:, -1]
@@ -522,8 +619,9 @@ def prefill(model, prompt, max_new_tokens, group_size):
 
 
 def step_logprob(logits, tok, latent_step, sampled, exits, temperature):
-    """(B,) the log-prob of each row's sampled decision at this step, 0 where it sampled none: its token at
-    the temperature, or at a latent step the "continue" of the `token` exit (continue_logprob)."""
+    """(B,) the log-prob of each row's sampled decision at this step, 0 where it sampled none: its
+    token at the temperature, or at a latent step the "continue" of the `token` exit
+    (continue_logprob)."""
     lp = (logits.float() / (temperature or 1.0)).log_softmax(-1)
     lp = torch.where(latent_step, continue_logprob(lp, exits), lp.gather(1, tok[:, None])[:, 0])
     return torch.where(sampled, lp, 0.0)
@@ -531,44 +629,56 @@ def step_logprob(logits, tok, latent_step, sampled, exits, temperature):
 
 @torch.no_grad()
 def rollout(model, ids, prompt, decode=Decode(), sampling=Sampling(), group_size=1, feed=None):
-    """Generate with latent steps -> Rollout. `ids`: LatentIds; `prompt`: Prompt (left-padded); `group_size`
-    G: B prompts give B*G rows (row r samples prompt r // G). Its one-row twin, which recomputes everything
-    at every step, is tests/test_lvr.py's slow_rollout, the oracle of the tests: read it first.
+    """Generate with latent steps -> Rollout. `ids`: LatentIds; `prompt`: Prompt (left-padded);
+    `group_size` G: B prompts give B*G rows (row r samples prompt r // G). Its one-row twin, which
+    recomputes everything at every step, is tests/test_lvr.py's slow_rollout, the oracle of the
+    tests: read it first.
 
     A row enters latent mode after it emits <|lvr_start|>. In latent mode its input is its previous
-    last hidden state (through the latent head) and the recorded token is <|lvr|>. A span ends (Decode):
+    last hidden state (through the latent head) and the recorded token is <|lvr|>. A span ends
+    (Decode):
       steps:  after `lvr_steps` latents;
       latent: when end_distance(hidden, embedding of <|lvr_latent_end|>, end_metric) < end_threshold,
               or at the budget; <|lvr_latent_end|> is fed first, as in training;
       token:  when the model emits <|lvr_end|> or <|lvr_latent_end|>, after at least one latent (every
               trained span has one), or at the budget;
     `max_latent_steps` is the budget of latent and token. After a span <|lvr_end|> is forced; with
-    force_end=False (the official code) the model's own next token follows instead (except at a token
-    budget, where nothing else ends the span), and a <|lvr_start|> there opens the next span at once.
-    Stop tokens do not end a row while it is in latent mode. `feed`: evaluate.py's diagnostics (substitute).
-    Sampling.latent_sigma > 0: each latent fed is explored (explore), its log-prob joins the step's, and
-    every latent step is then a sampled decision (grpo.completion_logprobs)."""
+    force_end=False (the official code) the model's own next token follows instead (except at a
+    token budget, where nothing else ends the span), and a <|lvr_start|> there opens the next span
+    at once. Stop tokens do not end a row while it is in latent mode. `feed`: evaluate.py's
+    diagnostics (substitute). Sampling.latent_sigma > 0: each latent fed is explored (explore), its
+    log-prob joins the step's, and every latent step is then a sampled decision
+    (grpo.completion_logprobs)."""
     rule = exit_rule(model, ids, decode)
     dev = prompt.input_ids.device
     stop = torch.tensor(list(sampling.stop_ids) or model.default_stop_ids(), device=dev)
     emb = model.model.embed_tokens
     # 1) prefill the prompts once, 2) copy each prompt's state to its G rows
-    cache, input_ids, h, logits = prefill(model, prompt, decode.max_new_tokens, group_size)
+    cache, input_ids, h, logits = prefill(
+        model, prompt, max_new_tokens=decode.max_new_tokens, group_size=group_size
+    )
     B = len(input_ids)
     in_lat = input_ids[:, -1] == ids.start  # the mode flag (a prompt may end in <|lvr_start|>)
     n_lat = torch.zeros(B, dtype=torch.long, device=dev)  # latent steps taken in the current span
     force = torch.full((B,), -1, dtype=torch.long, device=dev)  # a token to force at the next step
     done = torch.zeros(B, dtype=torch.bool, device=dev)
-    k_lat = torch.zeros(B, dtype=torch.long, device=dev)  # latent steps in all spans (the feed's index)
+    # latent steps in all spans (the feed's index)
+    k_lat = torch.zeros(B, dtype=torch.long, device=dev)
     steps = []
     for i in range(decode.max_new_tokens):
         # 3) every row samples; a token forced by the previous step replaces the sample
-        tok = qwen.sample(logits, sampling.temperature, sampling.top_k, sampling.top_p, sampling.generator)
+        tok = qwen.sample(
+            logits,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            generator=sampling.generator,
+        )
         sampled = ~done & (force < 0)
         tok = torch.where(force >= 0, force, tok)
         vec = latent_input(model, h)  # (B, C) the latent input of rows that stay in their span
         # 4) which rows in a span leave it now, and with which token
-        out = span_exit(rule, ids, tok, vec, in_lat, n_lat)
+        out = span_exit(rule, ids, tok, vec=vec, in_lat=in_lat, n_lat=n_lat)
         tok, force = out.tok, out.force_next
         # 5) rows still in their span take a latent step: their own hidden state is the next input
         latent_step = in_lat & ~out.leave & ~done
@@ -579,11 +689,22 @@ def rollout(model, ids, prompt, decode=Decode(), sampling=Sampling(), group_size
             k_lat = k_lat + latent_step
         tok = torch.where(latent_step, ids.latent, tok)
         tok = torch.where(done, stop[0], tok)
-        text = model.token_embeds(tok[:, None])[:, 0]  # (B, C) (official LVR: its own <|lvr_latent_end|>)
+        # (B, C) (official LVR: its own <|lvr_latent_end|>)
+        text = model.token_embeds(tok[:, None])[:, 0]
         x = torch.where(latent_step[:, None], vec.to(emb.weight.dtype), text)
-        # 6) record: a latent step is a sampled "continue" only under the token exit, past the first step
-        sampled = torch.where(latent_step, (rule.decoding == "token") & (n_lat > 0), sampled & ~out.forced)
-        lp = step_logprob(logits, tok, latent_step, sampled, rule.exits, sampling.temperature)
+        # 6) record: a latent step is a sampled "continue" only under the token exit, past the first
+        # step
+        sampled = torch.where(
+            latent_step, (rule.decoding == "token") & (n_lat > 0), sampled & ~out.forced
+        )
+        lp = step_logprob(
+            logits,
+            tok,
+            latent_step,
+            sampled=sampled,
+            exits=rule.exits,
+            temperature=sampling.temperature,
+        )
         if sampling.latent_sigma:
             lp = lp + torch.where(latent_step, z_lp, 0.0)
         fed = torch.where(latent_step[:, None], vec, 0.0)
@@ -591,15 +712,22 @@ def rollout(model, ids, prompt, decode=Decode(), sampling=Sampling(), group_size
         n_lat = torch.where(latent_step, n_lat + 1, torch.where(out.leave, 0, n_lat))
         in_lat = (in_lat & ~out.leave) | ((~in_lat | out.leave) & (tok == ids.start) & ~done)
         done = done | (~latent_step & ~in_lat & torch.isin(tok, stop))
-        steps.append(Step(tok, fed, latent_step, lp, sampled, done))
-        if i == decode.max_new_tokens - 1 or (i % 16 == 15 and bool(done.all())):  # (a sync every 16 steps)
+        steps.append(Step(tok, fed, is_latent=latent_step, logprob=lp, sampled=sampled, done=done))
+        # (a sync every 16 steps)
+        if i == decode.max_new_tokens - 1 or (i % 16 == 15 and bool(done.all())):
             break
         h = model(inputs_embeds=x[:, None], cache=cache)[:, -1]
         logits = model.lm_head(h)
     run = Step(*(torch.stack(column, 1) for column in zip(*steps)))  # (B, n) each, (B, n, C) fed
-    n = min(int((~run.done.all(0)).sum()) + 1, run.done.shape[1])  # up to the step the last row stopped
-    return Rollout(torch.cat([input_ids, run.tok[:, :n]], 1), run.fed[:, :n], run.is_latent[:, :n],
-                   run.logprob[:, :n], run.sampled[:, :n])
+    # up to the step the last row stopped
+    n = min(int((~run.done.all(0)).sum()) + 1, run.done.shape[1])
+    return Rollout(
+        torch.cat([input_ids, run.tok[:, :n]], 1),
+        latents=run.fed[:, :n],
+        is_latent=run.is_latent[:, :n],
+        logprobs=run.logprob[:, :n],
+        sampled=run.sampled[:, :n],
+    )
 
 
 def nearest_cells(latents, feats):

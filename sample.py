@@ -43,11 +43,14 @@ viz = ""  # write the image with each latent step's nearest cell drawn on it to 
 def main(argv):
     cli.configure(globals(), argv)
     globals()["init_from"] = checkpoint.locate(init_from)  # (a hub id: its snapshot in the cache)
-    lo, hi = data.trained_pixels(init_from, data.PROCESSOR_PIXELS)  # the sizes the model was trained on
+    # the sizes the model was trained on
+    lo, hi = data.trained_pixels(init_from, data.PROCESSOR_PIXELS)
     hi = cli.given(max_pixels) or hi
     globals().update(min_pixels=cli.given(min_pixels) or min(lo, hi), max_pixels=hi)
     print(f"resolved: min_pixels={min_pixels} max_pixels={max_pixels} init_from={init_from}")
-    cli.require(min_pixels <= max_pixels, f"--min_pixels {min_pixels} is above --max_pixels {max_pixels}")
+    cli.require(
+        min_pixels <= max_pixels, f"--min_pixels {min_pixels} is above --max_pixels {max_pixels}"
+    )
     if not q.strip():
         raise InputError("--q is empty: ask a question")
     model, tok = checkpoint.load(init_from, getattr(torch, dtype), device)
@@ -67,14 +70,30 @@ def main(argv):
                     stop_ids=[tok.im_end, tok.endoftext])
     latent = lvr.find_latent_ids(model, tok)
     if latent is None:  # plain Qwen2.5-VL
-        out = model.generate(input_ids, pixel_values, grid_thw, max_new_tokens=max_new_tokens, **sampling)
+        out = model.generate(
+            input_ids, pixel_values, grid_thw, max_new_tokens=max_new_tokens, **sampling
+        )
         print(tok.decode(out[0, len(ids):].tolist()))
         return
     metric, threshold = lvr.end_rule(model, end_metric, cli.given(end_threshold))
     how, steps = lvr.span_count(model, decoding, cli.given(lvr_steps))
-    r = lvr.rollout(model, latent, lvr.Prompt(input_ids, None, pixel_values, grid_thw),
-                    lvr.Decode(how, steps, steps, force_end, metric, threshold, max_new_tokens),
-                    lvr.Sampling(**sampling))
+    r = lvr.rollout(
+        model,
+        ids=latent,
+        prompt=lvr.Prompt(
+            input_ids, attention_mask=None, pixel_values=pixel_values, grid_thw=grid_thw
+        ),
+        decode=lvr.Decode(
+            how,
+            lvr_steps=steps,
+            max_latent_steps=steps,
+            force_end=force_end,
+            end_metric=metric,
+            end_threshold=threshold,
+            max_new_tokens=max_new_tokens,
+        ),
+        sampling=lvr.Sampling(**sampling),
+    )
     print(tok.decode(r.tokens[0, len(ids):].tolist()))
     print(f"latent steps: {int(r.is_latent[0].sum())}")
     if not images:

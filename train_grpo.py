@@ -12,13 +12,14 @@ ratio, KL or normaliser (lvr.py's docstring says what counts as a decision). The
 one batched forward with the recorded latents put back at the latent positions; its own detached
 log-probs are the old policy's (TRL's convention: the ratio is exactly 1 at the first update), and
 the frozen reference holds its matmul weights in the run's dtype and everything else (norms,
-embeddings) as the policy does, so under autocast its forward equals the policy's at step 0.
-Data: synthetic (default) or a JSON/JSONL of {image, question, answer} (LVR JSON works too).
-N processes (torchrun, parallel.py) give the one-process run: each rank rolls out its B / N prompts
-(a group never spans ranks: advantages stay local), each prompt sampling from its own generator,
-seeded by its place in the stream; what is global (kept groups, the normaliser, the gradient, the
-statistics) is summed over ranks. DDP's sum is by hand: ranks run different numbers of micro-batches.
+embeddings) as the policy does, so under autocast its forward equals the policy's at step 0. Data:
+synthetic (default) or a JSON/JSONL of {image, question, answer} (LVR JSON works too). N processes
+(torchrun, parallel.py) give the one-process run: each rank rolls out its B / N prompts (a group
+never spans ranks: advantages stay local), each prompt sampling from its own generator, seeded by
+its place in the stream; what is global (kept groups, the normaliser, the gradient, the statistics)
+is summed over ranks. DDP's sum is by hand: ranks run different numbers of micro-batches.
 """
+
 import dataclasses
 import math
 import os
@@ -87,45 +88,62 @@ resume = False  # continue from out_dir/train_state.pt
 seed = 1337  # [0, inf) seeds the prompts and the sampling
 # -----------------------------------------------------------------------------
 SKIPPED = {}  # bad records skipped so far: index -> why
-ROLLOUT_OOM = "lower --batch_size or --group_size (rows per rollout), --max_pixels or --max_new_tokens"
-UPDATE_OOM = ("set or lower --micro_batch_tokens, lower --max_pixels; or --grad_checkpointing true, "
-              "or --fsdp true under torchrun")
+ROLLOUT_OOM = (
+    "lower --batch_size or --group_size (rows per rollout), --max_pixels or --max_new_tokens"
+)
+UPDATE_OOM = (
+    "set or lower --micro_batch_tokens, lower --max_pixels; or --grad_checkpointing true, "
+    "or --fsdp true under torchrun"
+)
 
 
 def prompts(n, records, mine):
-    """This rank's share (slice `mine`) of round n's B prompts (the synthetic grpo split, which SFT never
-    draws, or the shuffled records) -> (examples, one generator per prompt, seeded by its place in the
-    stream)."""
+    """This rank's share (slice `mine`) of round n's B prompts (the synthetic grpo split, which SFT
+    never draws, or the shuffled records) -> (examples, one generator per prompt, seeded by its
+    place in the stream)."""
     index = range(n * batch_size, (n + 1) * batch_size)[mine]
     # (seed, i): its own
     gens = [torch.Generator(device).manual_seed(((seed << 32) + i) % 2**64) for i in index]
     if records is None:
-        return [tasks.synthetic("grpo", i, seed, image_size, task, level) for i in index], gens
+        return [
+            tasks.synthetic("grpo", i, seed, size=image_size, task=task, level=level) for i in index
+        ], gens
 
     def convert(rec, where):
         return data.grpo_example(rec, image_root, where)
     return [
-        data.stream_example(records, i, seed, convert, data_path, on_bad_record, SKIPPED) for i in index
+        data.stream_example(
+            records,
+            i,
+            seed,
+            convert=convert,
+            where=data_path,
+            on_bad=on_bad_record,
+            skipped=SKIPPED,
+        )
+        for i in index
     ], gens
 
 
 @dataclass
 class Round:
-    """One round of this rank's rollouts, B prompts x G completions: what the update needs. Per row (B*G)
-    the tensors named in ROW_FIELDS; per prompt (B) the lists at the end."""
+    """One round of this rank's rollouts, B prompts x G completions: what the update needs. Per row
+    (B*G) the tensors named in ROW_FIELDS; per prompt (B) the lists at the end."""
     n_prompt: int  # T: the padded prompt length
     seqs: torch.Tensor  # (B*G, T + L) prompt and completion tokens
     attn: torch.Tensor  # (B*G, T + L) 1 on real tokens
     latents: torch.Tensor  # (B*G, L, C) the vector fed at each latent step
     is_latent: torch.Tensor  # (B*G, L)
-    sampled: torch.Tensor  # (B*G, L) the token decisions the policy drew (latent_sigma > 0: latents too)
+    # (B*G, L) the token decisions the policy drew (latent_sigma > 0: latents too)
+    sampled: torch.Tensor
     reward: torch.Tensor  # (B*G,) the weighted sum of the rewards
     accuracy: torch.Tensor  # (B*G,) each reward function's score
     format: torch.Tensor
     lengths: torch.Tensor  # (B*G,) completion tokens up to the stop
     latent_steps: torch.Tensor  # (B*G,)
     rollout_s: float  # seconds the rollout took
-    rollout_macs: float  # its compute: the prefill, the image encode, every decode step of every row
+    # its compute: the prefill, the image encode, every decode step of every row
+    rollout_macs: float
     feats: list  # per prompt: its merged image tokens, from the rollout's tower
     n_tok: list  # per prompt: how many those are
     pixel_values: list  # per prompt: its images, for a tower that trains
@@ -144,25 +162,37 @@ class Round:
 
 
 def rollout_round(policy, tok, ids, exs, gens, autocast):
-    """B prompts (this rank's), G sampled completions each, scored -> a Round. 1) each image encoded once
-    for its G rows; 2) the rollout: the B prompts prefilled once, G rows each (both run through the
-    policy's Root); 3) the rewards."""
+    """B prompts (this rank's), G sampled completions each, scored -> a Round. 1) each image encoded
+    once for its G rows; 2) the rollout: the B prompts prefilled once, G rows each (both run through
+    the policy's Root); 3) the rewards."""
     G, dev, model, stop = group_size, device, policy.model, [tok.im_end, tok.endoftext]
-    p = data.prompt_batch(exs, tok, min_pixels, max_pixels)  # with all of each example's images
+    # with all of each example's images
+    p = data.prompt_batch(exs, tok, min_pixels, max_pixels=max_pixels)
     metric, threshold = lvr.end_rule(model, end_metric, cli.given(end_threshold))
 
     def encode_and_roll(m):
         feats = m.visual(p["pixel_values"].to(dev), p["grid_thw"])
-        prompt = lvr.Prompt(p["input_ids"].to(dev), p["attention_mask"].to(dev), grid_thw=p["grid_thw"],
-                            feats=feats)
-        decode = lvr.Decode(decoding, lvr_steps, max_latent_steps, force_end, metric, threshold,
-                            max_new_tokens)
-        sampling = lvr.Sampling(temperature, generator=gens, stop_ids=stop, latent_sigma=latent_sigma)
-        r = lvr.rollout(m, ids, prompt, decode, sampling, group_size=G)
+        prompt = lvr.Prompt(
+            p["input_ids"].to(dev), p["attention_mask"].to(dev), grid_thw=p["grid_thw"], feats=feats
+        )
+        decode = lvr.Decode(
+            decoding,
+            lvr_steps,
+            max_latent_steps,
+            force_end=force_end,
+            end_metric=metric,
+            end_threshold=threshold,
+            max_new_tokens=max_new_tokens,
+        )
+        sampling = lvr.Sampling(
+            temperature, generator=gens, stop_ids=stop, latent_sigma=latent_sigma
+        )
+        r = lvr.rollout(m, ids, prompt, decode=decode, sampling=sampling, group_size=G)
         return feats, r
     t0 = time.time()
     model.eval()
-    with torch.no_grad(), autocast, parallel.gathered(policy, fsdp):  # (FSDP: ranks decode different lengths)
+    # (FSDP: ranks decode different lengths)
+    with torch.no_grad(), autocast, parallel.gathered(policy, fsdp):
         feats, r = policy(encode_and_roll)
     model.train()
     T = p["input_ids"].shape[1]
@@ -174,50 +204,75 @@ def rollout_round(policy, tok, ids, exs, gens, autocast):
                                for text, row, e in zip(texts, rows, golds)])
               for k, fn in grpo.REWARDS.items()}
     prompt_mask = p["attention_mask"].repeat_interleave(G, 0).to(dev)
-    return Round(n_prompt=T, seqs=r.tokens, attn=torch.cat([prompt_mask, torch.ones_like(comp)], 1),
-                 latents=r.latents, is_latent=r.is_latent, sampled=r.sampled,
-                 reward=accuracy_weight * scores["accuracy"] + format_weight * scores["format"],
-                 accuracy=scores["accuracy"], format=scores["format"],
-                 lengths=torch.tensor([len(row) for row in rows]), latent_steps=r.is_latent.sum(1).cpu(),
-                 rollout_s=time.time() - t0, feats=list(feats.split(p["n_image_tokens"])),
-                 rollout_macs=float(model.macs(int(p["attention_mask"].sum()), 0, p["pixel_values"].shape[0])
-                                    + model.macs(comp.numel(), comp.numel())),
-                 n_tok=p["n_image_tokens"],
-                 pixel_values=[torch.cat([pv for pv, _ in ims]) for ims in p["images"]],
-                 grids=[torch.cat([g for _, g in ims]) for ims in p["images"]])
+    return Round(
+        n_prompt=T,
+        seqs=r.tokens,
+        attn=torch.cat([prompt_mask, torch.ones_like(comp)], 1),
+        latents=r.latents,
+        is_latent=r.is_latent,
+        sampled=r.sampled,
+        reward=accuracy_weight * scores["accuracy"] + format_weight * scores["format"],
+        accuracy=scores["accuracy"],
+        format=scores["format"],
+        lengths=torch.tensor([len(row) for row in rows]),
+        latent_steps=r.is_latent.sum(1).cpu(),
+        rollout_s=time.time() - t0,
+        feats=list(feats.split(p["n_image_tokens"])),
+        rollout_macs=float(
+            model.macs(int(p["attention_mask"].sum()), 0, p["pixel_values"].shape[0])
+            + model.macs(comp.numel(), comp.numel())
+        ),
+        n_tok=p["n_image_tokens"],
+        pixel_values=[torch.cat([pv for pv, _ in ims]) for ims in p["images"]],
+        grids=[torch.cat([g for _, g in ims]) for ims in p["images"]],
+    )
 
 
 def round_logprobs(m, r, rows, frozen, exits):
-    """(rows, L) log-probs of round r's decisions at `rows` under model m (run through its Root). frozen:
-    the rollout's image features; else m's own tower encodes the rows' prompts (a tower that trains, or
-    the reference's)."""
+    """(rows, L) log-probs of round r's decisions at `rows` under model m (run through its Root).
+    frozen: the rollout's image features; else m's own tower encodes the rows' prompts (a tower that
+    trains, or the reference's)."""
     of = (rows // group_size).tolist()  # each row's prompt
     if frozen:
         f = r.feats
     else:
         u = sorted(set(of))
-        f = m.visual(torch.cat([r.pixel_values[i] for i in u]).to(device), torch.cat([r.grids[i] for i in u]))
+        f = m.visual(
+            torch.cat([r.pixel_values[i] for i in u]).to(device), torch.cat([r.grids[i] for i in u])
+        )
         f = dict(zip(u, f.split([r.n_tok[i] for i in u])))
     grids, feats = torch.cat([r.grids[i] for i in of]), torch.cat([f[i] for i in of])
-    return grpo.completion_logprobs(m, r.seqs[rows], r.attn[rows], r.n_prompt, grids, feats, r.latents[rows],
-                                    r.is_latent[rows], temperature, exits, latent_sigma)
+    return grpo.completion_logprobs(
+        m,
+        seqs=r.seqs[rows],
+        attention_mask=r.attn[rows],
+        n_prompt=r.n_prompt,
+        grid_thw=grids,
+        feats=feats,
+        latents=r.latents[rows],
+        is_latent=r.is_latent[rows],
+        temperature=temperature,
+        exits=exits,
+        latent_sigma=latent_sigma,
+    )
 
 
 def decision_mask(r):
-    """(B*G, L) bool: every decision the policy drew in round r, what carries a log-prob: its sampled
-    tokens, and with latent_sigma > 0 every latent."""
+    """(B*G, L) bool: every decision the policy drew in round r, what carries a log-prob: its
+    sampled tokens, and with latent_sigma > 0 every latent."""
     return r.sampled | r.is_latent if latent_sigma else r.sampled
 
 
 def joint_logprob(d, r, c):
-    """(rows, L) the log-prob of the decisions drawn at each step of rows c: the token's, plus (latent_sigma
-    > 0) the latent's; a latent step's token part only where a "continue" was sampled."""
+    """(rows, L) the log-prob of the decisions drawn at each step of rows c: the token's, plus
+    (latent_sigma > 0) the latent's; a latent step's token part only where a "continue" was
+    sampled."""
     return torch.where(r.sampled[c], d.token, 0.0) + d.latent if latent_sigma else d.token
 
 
 def reference_kl(d, ref_d, r, c, used):
-    """(rows, L) KL to the reference at each drawn decision: k3 on the tokens; the closed form for two
-    Gaussians of equal sigma on the latents."""
+    """(rows, L) KL to the reference at each drawn decision: k3 on the tokens; the closed form for
+    two Gaussians of equal sigma on the latents."""
     kl = grpo.k3(d.token, ref_d.token, used & r.sampled[c] if latent_sigma else used)
     if latent_sigma:
         at = r.is_latent[c].nonzero(as_tuple=True)
@@ -226,7 +281,8 @@ def reference_kl(d, ref_d, r, c, used):
 
 
 class Chunk(NamedTuple):
-    """One micro-batch of the update: rows `rows` of round `r`, with the round's advantages and weights."""
+    """One micro-batch of the update: rows `rows` of round `r`, with the round's advantages and
+    weights."""
     r: "Round"
     adv: torch.Tensor  # (B*G,) the round's group-relative advantages
     weights: torch.Tensor  # (B*G, L) the round's loss weights (grpo.loss_weights)
@@ -234,10 +290,10 @@ class Chunk(NamedTuple):
 
 
 def update(policy, ref, ids, rounds, filler, opt, params, autocast):
-    """4) the training forward over this rank's kept groups of every round, micro-batch by micro-batch, one
-    optimizer step per PPO epoch -> (this rank's loss, its KL sum, the step's sampled decisions, this
-    rank's compute in multiply-accumulates). The normaliser is the step's, over every round and rank;
-    `filler`: a round to pad FSDP's micro-batches with."""
+    """4) the training forward over this rank's kept groups of every round, micro-batch by
+    micro-batch, one optimizer step per PPO epoch -> (this rank's loss, its KL sum, the step's
+    sampled decisions, this rank's compute in multiply-accumulates). The normaliser is the step's,
+    over every round and rank; `filler`: a round to pad FSDP's micro-batches with."""
     G, dev = group_size, device
     # a sampled "continue" at latent steps
     exits = lvr.exit_tokens(ids, decoding) if decoding == "token" else []
@@ -248,15 +304,24 @@ def update(policy, ref, ids, rounds, filler, opt, params, autocast):
     work = []  # Chunks: every round's micro-batches
     for r in rounds:
         adv = grpo.group_advantages(r.reward, G, scale_rewards).to(dev)
-        weights = grpo.loss_weights(decision_mask(r), loss_norm, max_new_tokens, total=(n_rows, n_act))
+        weights = grpo.loss_weights(
+            decision_mask(r), loss_norm, max_new_tokens, total=(n_rows, n_act)
+        )
         rows = len(r.seqs)  # per micro-batch: all, or a token budget's worth
         if micro_batch_tokens:
             rows = max(1, micro_batch_tokens // r.seqs.shape[1])
-        work += [Chunk(r, adv, weights, c) for c in torch.arange(len(r.seqs), device=dev).split(rows)]
-    # each micro-batch's forward is a collective: every rank runs as many, the extra ones weigh nothing
+        work += [
+            Chunk(r, adv, weights, rows=c)
+            for c in torch.arange(len(r.seqs), device=dev).split(rows)
+        ]
+    # each micro-batch's forward is a collective: every rank runs as many, the extra ones weigh
+    # nothing
     if fsdp:
         n = int(parallel.all_reduce(torch.tensor(len(work), device=dev), dist.ReduceOp.MAX))
-        nothing = (torch.zeros(len(filler.seqs), device=dev), torch.zeros(filler.sampled.shape, device=dev))
+        nothing = (
+            torch.zeros(len(filler.seqs), device=dev),
+            torch.zeros(filler.sampled.shape, device=dev),
+        )
         work += [Chunk(filler, *nothing, torch.arange(1, device=dev))] * (n - len(work))
     refs, olds = [None] * len(work), [None] * len(work)
     with torch.no_grad(), autocast:
@@ -264,13 +329,17 @@ def update(policy, ref, ids, rounds, filler, opt, params, autocast):
             refs = [ref(round_logprobs, w.r, w.rows, freeze_vision, exits) for w in work]
         if ppo_epochs > 1:  # the old policy of every epoch: this policy before its first update
             olds = [policy(round_logprobs, w.r, w.rows, freeze_vision, exits) for w in work]
-    kl_sum, loss_sum = 0.0, 0.0  # become device tensors, read once at the end: no host sync per micro-batch
-    # compute: the policy's forward and backward (3x a forward) per epoch, the reference's and the old
+    # become device tensors, read once at the end: no host sync per micro-batch
+    kl_sum, loss_sum = 0.0, 0.0
+    # compute: the policy's forward and backward (3x a forward) per epoch, the reference's and the
+    # old
     # policy's forwards; the head at the completion positions (the tower's re-encode is not counted)
     forwards = 3 * ppo_epochs + (ref is not None) + (ppo_epochs > 1)
     model = policy.model
-    macs = sum(model.macs(w.r.seqs[w.rows].numel(), (w.r.seqs.shape[1] - w.r.n_prompt) * len(w.rows))
-               for w in work)
+    macs = sum(
+        model.macs(w.r.seqs[w.rows].numel(), (w.r.seqs.shape[1] - w.r.n_prompt) * len(w.rows))
+        for w in work
+    )
     for _ in range(ppo_epochs):
         for (r, adv, weights, c), ref_d, old_d in zip(work, refs, olds):  # (each Chunk's fields)
             with autocast:
@@ -278,13 +347,23 @@ def update(policy, ref, ids, rounds, filler, opt, params, autocast):
                 logp = joint_logprob(d, r, c)
                 # one update: the ratio is exactly 1 (TRL's convention)
                 old = logp.detach() if old_d is None else joint_logprob(old_d, r, c)
-                kl = None if ref_d is None else reference_kl(d, ref_d, r, c, weights[c] > 0)
-                loss = grpo.grpo_loss(logp, old, adv[c], weights[c], kl, clip_eps, beta)
+                kl = None if ref_d is None else reference_kl(d, ref_d, r, c=c, used=weights[c] > 0)
+                loss = grpo.grpo_loss(
+                    logp,
+                    old_logp=old,
+                    adv=adv[c],
+                    weights=weights[c],
+                    kl=kl,
+                    clip_eps=clip_eps,
+                    beta=beta,
+                )
             loss.backward()
             loss_sum += loss.detach() / ppo_epochs
             if kl is not None:
-                kl_sum += (kl.detach() * (weights[c] > 0)).sum() / ppo_epochs  # over the sampled decisions
-        if dist.is_initialized() and not fsdp:  # DDP: the gradient summed over the ranks, once per update
+                # over the sampled decisions
+                kl_sum += (kl.detach() * (weights[c] > 0)).sum() / ppo_epochs
+        # DDP: the gradient summed over the ranks, once per update
+        if dist.is_initialized() and not fsdp:
             parallel.all_reduce_grads(params)
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
@@ -295,9 +374,9 @@ def update(policy, ref, ids, rounds, filler, opt, params, autocast):
 
 # long: the step's state, passed in rather than read as globals
 def train_step(policy, ref, tok, ids, records, drawn, opt, params, autocast, signalled):
-    """Roll out rounds of B prompts (one, or with filter_groups until B groups over all ranks have reward
-    spread, at most max_draws), then update on the kept groups -> (the step's statistics over all ranks,
-    prompt rounds drawn so far, whether any rank was asked to stop)."""
+    """Roll out rounds of B prompts (one, or with filter_groups until B groups over all ranks have
+    reward spread, at most max_draws), then update on the kept groups -> (the step's statistics over
+    all ranks, prompt rounds drawn so far, whether any rank was asked to stop)."""
     t0, (rank, world) = time.time(), parallel.rank_world()
     # this rank's prompts of a round
     mine = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
@@ -307,11 +386,16 @@ def train_step(policy, ref, tok, ids, records, drawn, opt, params, autocast, sig
             rnd = rollout_round(policy, tok, ids, *prompts(drawn, records, mine), autocast)
         drawn += 1
         seen.append(rnd)
-        spread = torch.zeros(batch_size, device=device)  # every rank's groups, in the stream's order
+        # every rank's groups, in the stream's order
+        spread = torch.zeros(batch_size, device=device)
         lo, hi = rnd.reward.view(-1, group_size).aminmax(dim=1)
         spread[mine] = (lo != hi).float().to(device)
         has = parallel.all_reduce(spread).cpu().bool()
-        keep = has & (torch.cumsum(has, 0) <= batch_size - kept) if filter_groups else torch.ones_like(has)
+        keep = (
+            has & (torch.cumsum(has, 0) <= batch_size - kept)
+            if filter_groups
+            else torch.ones_like(has)
+        )
         kept += int(keep.sum())
         if keep[mine].any():
             rounds.append(rnd.groups(keep[mine]))
@@ -320,7 +404,16 @@ def train_step(policy, ref, tok, ids, records, drawn, opt, params, autocast, sig
     with cli.out_of_memory("a GRPO update", UPDATE_OOM, out_dir):
         loss, kl, n_act, update_macs = 0.0, 0.0, 0, 0.0
         if kept:
-            loss, kl, n_act, update_macs = update(policy, ref, ids, rounds, seen[0], opt, params, autocast)
+            loss, kl, n_act, update_macs = update(
+                policy,
+                ref,
+                ids,
+                rounds=rounds,
+                filler=seen[0],
+                opt=opt,
+                params=params,
+                autocast=autocast,
+            )
     # 5) statistics: sums over this rank's rows, then over the ranks (with the stop flag)
     sums = {k: float(torch.cat([getattr(r, k) for r in seen]).double().sum())
             for k in ("reward", "accuracy", "format", "lengths", "latent_steps")}
@@ -328,31 +421,52 @@ def train_step(policy, ref, tok, ids, records, drawn, opt, params, autocast, sig
     macs = update_macs + sum(r.rollout_macs for r in seen)
     sums.update(loss=float(loss), kl=float(kl), flat=float(flat.sum()), groups=len(flat), macs=macs,
                 rollout_s=sum(r.rollout_s for r in seen), stopping=len(signalled))
-    reduced = parallel.all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64, device=device))
+    reduced = parallel.all_reduce(
+        torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
+    )
     total = dict(zip(sums, reduced.tolist()))
     n_rows = total["groups"] * group_size
     per_row = {k: total[k] / n_rows for k in ("reward", "accuracy", "format", "latent_steps")}
-    stats = {"loss": total["loss"], **per_row, "length": total["lengths"] / n_rows,
-             "flat_groups": total["flat"] / total["groups"], "kept_groups": kept, "draws": len(seen),
-             "kl": total["kl"] / max(1, n_act), "macs": total["macs"], "step_s": time.time() - t0,
-             "rollout_tok_s": total["lengths"] / (total["rollout_s"] / world)}
+    stats = {
+        "loss": total["loss"],
+        **per_row,
+        "length": total["lengths"] / n_rows,
+        "flat_groups": total["flat"] / total["groups"],
+        "kept_groups": kept,
+        "draws": len(seen),
+        "kl": total["kl"] / max(1, n_act),
+        "macs": total["macs"],
+        "step_s": time.time() - t0,
+        "rollout_tok_s": total["lengths"] / (total["rollout_s"] / world),
+    }
     return stats, drawn, total["stopping"] > 0
 
 # long: the script's phases, top to bottom, as nanoGPT's train.py reads
 def main(argv):
     # 1) settings, checked before any work
     config = cli.configure(globals(), argv)
-    config["init_from"] = globals()["init_from"] = checkpoint.locate(init_from)  # (a hub id: its snapshot)
+    # (a hub id: its snapshot)
+    config["init_from"] = globals()["init_from"] = checkpoint.locate(init_from)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cli.require(
-        batch_size % world == 0, f"--batch_size {batch_size} is not a multiple of the {world} processes"
+        batch_size % world == 0,
+        f"--batch_size {batch_size} is not a multiple of the {world} processes",
     )
-    bounds = data.trained_pixels(out_dir if resume else init_from, data.LVR_PIXELS)  # as the policy trained
-    images = data.image_settings(task, image_size, min_pixels, max_pixels, data_path == "synthetic", bounds)
+    # as the policy trained
+    bounds = data.trained_pixels(out_dir if resume else init_from, data.LVR_PIXELS)
+    images = data.image_settings(
+        task,
+        image_size,
+        min_pixels,
+        max_pixels=max_pixels,
+        synthetic=data_path == "synthetic",
+        bounds=bounds,
+    )
     globals().update(zip(("image_size", "min_pixels", "max_pixels"), images))
     config.update(zip(("image_size", "min_pixels", "max_pixels"), images))
     cli.require(
-        accuracy_weight + format_weight > 0, "--accuracy_weight and --format_weight are both 0: no reward"
+        accuracy_weight + format_weight > 0,
+        "--accuracy_weight and --format_weight are both 0: no reward",
     )
     checkpoint.check_out_dir(out_dir, fresh=not resume)
     # 2) processes, data, the policy and its frozen reference
@@ -362,8 +476,10 @@ def main(argv):
     if rank == 0:
         print(
             "resolved: "
-            + " ".join(f"{k}={config[k]}" for k in ("dtype", "image_size", "min_pixels", "max_pixels",
-                                                     "init_from"))
+            + " ".join(
+                f"{k}={config[k]}"
+                for k in ("dtype", "image_size", "min_pixels", "max_pixels", "init_from")
+            )
         )
     records = None if data_path == "synthetic" else data.load_records(data_path)
     model, tok = checkpoint.load(out_dir if resume else init_from, device=dev)
@@ -388,22 +504,37 @@ def main(argv):
     # 3) optimizer, and the saved state when resuming
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
-    step, history, drawn = 0, [], 0  # history: log.jsonl's lines; drawn: rounds of B prompts taken so far
+    # history: log.jsonl's lines; drawn: rounds of B prompts taken so far
+    step, history, drawn = 0, [], 0
     if resume:
         state = checkpoint.load_train_state(out_dir, config)
-        parallel.load_optimizer(model, opt, state, fsdp)
-        step, history, drawn = state["step"], checkpoint.read_log(out_dir), state.get("drawn", state["step"])
+        parallel.load_optimizer(model, opt, state, fsdp=fsdp)
+        step, history, drawn = (
+            state["step"],
+            checkpoint.read_log(out_dir),
+            state.get("drawn", state["step"]),
+        )
     macs = sum(x.get("macs", 0.0) for x in history)  # the run's compute so far, over all processes
     # 4) the loop
     autocast = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
-    signalled = cli.stop_flag()  # Ctrl-C / SIGTERM on any rank: every rank ends the step, saves it, exits
+    # Ctrl-C / SIGTERM on any rank: every rank ends the step, saves it, exits
+    signalled = cli.stop_flag()
     bar = tqdm(total=max_iters, initial=step, disable=rank != 0, dynamic_ncols=True)
-    with parallel.finishing(ddp, SKIPPED, data_path, dev, rank), bar:
+    with parallel.finishing(ddp, skipped=SKIPPED, data_path=data_path, device=dev, rank=rank), bar:
         while step < max_iters and not (max_macs and macs >= max_macs):
             for g in opt.param_groups:
                 g["lr"] = lr * min(1.0, (step + 1) / warmup_iters)  # linear warmup, then constant
             stats, drawn, stopping = train_step(
-                policy, ref, tok, ids, records, drawn, opt, params, autocast, signalled
+                policy,
+                ref,
+                tok,
+                ids=ids,
+                records=records,
+                drawn=drawn,
+                opt=opt,
+                params=params,
+                autocast=autocast,
+                signalled=signalled,
             )
             if not math.isfinite(stats["loss"]):
                 raise InputError(
@@ -414,16 +545,29 @@ def main(argv):
             history.append({"step": step, **stats})
             bar.update(1)
             bar.set_postfix(
-                reward=f"{stats['reward']:.3f}", acc=f"{stats['accuracy']:.2f}", kl=f"{stats['kl']:.4f}"
+                reward=f"{stats['reward']:.3f}",
+                acc=f"{stats['accuracy']:.2f}",
+                kl=f"{stats['kl']:.4f}",
             )
             spent = max_macs and macs >= max_macs
             if stopping or step % eval_interval == 0 or step == max_iters or spent:
                 if rank == 0:
-                    tqdm.write(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in stats.items()))
+                    tqdm.write(
+                        f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in stats.items())
+                    )
                 train_state = {"step": step, "config": config, "drawn": drawn}
-                parallel.save(model, tok, opt, out_dir, train_state, history, fsdp, rank)
+                parallel.save(
+                    model,
+                    tok,
+                    opt,
+                    out_dir=out_dir,
+                    train_state=train_state,
+                    history=history,
+                    fsdp=fsdp,
+                    rank=rank,
+                )
             if stopping:
-                cli.stop_saved(signalled, step, out_dir, rank)
+                cli.stop_saved(signalled, step, out_dir, rank=rank)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """
-Supervised training of latent visual reasoning: LVR, Mirage stage 1 and 2, plain SFT, or the controls.
+Supervised training of latent visual reasoning: LVR, Mirage stage 1 and 2, plain SFT, or the
+controls.
 
     python train_sft.py                                   # tiny model from scratch, synthetic task, CPU
     python train_sft.py --init_from Qwen/Qwen2.5-VL-3B-Instruct --data_path lvr.json --image_root imgs/
@@ -10,6 +11,7 @@ batch_size * grad_accum * world_size examples, taken in a fixed order from the d
 processes give the same run as one process with N times the accumulation.
 Checkpoints are Hugging Face Qwen2.5-VL directories plus train_state.pt, written atomically.
 """
+
 import contextlib
 import math
 import os
@@ -84,28 +86,44 @@ EVAL_OOM = "lower --batch_size (the evaluation's rows per rollout) or --max_pixe
 
 
 def loss_of(model, batch, blinded=False):
-    """One micro-batch's (loss, ce, latent, switch): run through parallel.Root, so DDP and FSDP see it.
-    blinded: under LIVR's bottleneck (lvr.blind_positions)."""
+    """One micro-batch's (loss, ce, latent, switch): run through parallel.Root, so DDP and FSDP see
+    it. blinded: under LIVR's bottleneck (lvr.blind_positions)."""
     if stage == 2:  # the model's own latents, with gradients through the chain (Mirage: text only)
         weight = latent_weight if method == "lvr" else 0.0
-        return lvr.own_latents_loss(model, batch, weight, latent_loss, freeze_vision, switch_weight)
+        return lvr.own_latents_loss(
+            model,
+            batch,
+            latent_weight=weight,
+            latent_loss=latent_loss,
+            freeze_vision=freeze_vision,
+            switch_weight=switch_weight,
+        )
     switch = 0.0 if method == "pause" else switch_weight  # (pause spans end by count)
-    return lvr.sft_loss(model, batch, ce_weight, latent_weight, latent_loss, freeze_vision, switch,
-                        bottleneck=blinded)
+    return lvr.sft_loss(
+        model,
+        batch,
+        ce_weight,
+        latent_weight=latent_weight,
+        latent_loss=latent_loss,
+        freeze_vision=freeze_vision,
+        switch_weight=switch,
+        bottleneck=blinded,
+    )
 
 
 def blinded_steps():
-    """The steps trained under the bottleneck: the first bottleneck_share of max_iters (0 without it)."""
+    """The steps trained under the bottleneck: the first bottleneck_share of max_iters (0 without
+    it)."""
     return round(bottleneck_share * max_iters) if bottleneck else 0
 
 
 def resolve_defaults(config, dev):
-    """The settings left at auto, resolved and printed on one line. From a real checkpoint,
-    the official recipes: LVR mse with CE 1 / latent 0.1 (official LVR), Mirage cosine with CE 0.1 / latent 1
-    (official Mirage); lr 1e-5 with a cosine to 0 after 3% warmup (official LVR SFT). The tiny scratch model
-    keeps what trains it in minutes (cosine, CE 1 / latent 0.1, lr 1e-3 to 1e-4 after 50 steps: see the
-    README). Images: a data file's between the official LVR bounds, a synthetic task's at its own size.
-    dtype: bf16 autocast on CUDA."""
+    """The settings left at auto, resolved and printed on one line. From a real checkpoint, the
+    official recipes: LVR mse with CE 1 / latent 0.1 (official LVR), Mirage cosine with CE 0.1 /
+    latent 1 (official Mirage); lr 1e-5 with a cosine to 0 after 3% warmup (official LVR SFT). The
+    tiny scratch model keeps what trains it in minutes (cosine, CE 1 / latent 0.1, lr 1e-3 to 1e-4
+    after 50 steps: see the README). Images: a data file's between the official LVR bounds, a
+    synthetic task's at its own size. dtype: bf16 autocast on CUDA."""
     real = init_from != "scratch"
     vsp = task == "vsp" and data_path == "synthetic"  # (its latents: what VSP's study chose)
     auto = {"latent_loss": "cosine" if method == "mirage" or not real else "mse",
@@ -120,24 +138,36 @@ def resolve_defaults(config, dev):
     for k, v in auto.items():
         if isinstance(config[k], Auto) or config[k] == "auto":
             config[k] = globals()[k] = v
-    # a data file's images: as the checkpoint trained, else official LVR's bounds (Mirage: the processor's)
+    # a data file's images: as the checkpoint trained, else official LVR's bounds (Mirage: the
+    # processor's)
     start = out_dir if resume else init_from
-    bounds = data.trained_pixels(start, data.PROCESSOR_PIXELS if method == "mirage" else data.LVR_PIXELS)
-    images = data.image_settings(task, image_size, min_pixels, max_pixels, data_path == "synthetic", bounds)
+    bounds = data.trained_pixels(
+        start, data.PROCESSOR_PIXELS if method == "mirage" else data.LVR_PIXELS
+    )
+    images = data.image_settings(
+        task,
+        image_size,
+        min_pixels,
+        max_pixels=max_pixels,
+        synthetic=data_path == "synthetic",
+        bounds=bounds,
+    )
     config.update(zip(("image_size", "min_pixels", "max_pixels"), images))
     globals().update(zip(("image_size", "min_pixels", "max_pixels"), images))
     if int(os.environ.get("RANK", "0")) == 0:
         print(
             "resolved: "
-            + " ".join(f"{k}={config[k]}" for k in [*auto, "image_size", "min_pixels", "max_pixels"])
+            + " ".join(
+                f"{k}={config[k]}" for k in [*auto, "image_size", "min_pixels", "max_pixels"]
+            )
             + (f" init_from={init_from}" if real else "")
         )
 
 
 def build(tmp, dev):
-    """-> (the Root every forward runs through, the model, tokenizer, latent ids). Scratch writes a tiny
-    checkpoint first, so loading is the real path. FSDP: built on the meta device, sharded, then each rank
-    loads its part (parallel.load_sharded); else loaded whole, onto the device."""
+    """-> (the Root every forward runs through, the model, tokenizer, latent ids). Scratch writes a
+    tiny checkpoint first, so loading is the real path. FSDP: built on the meta device, sharded,
+    then each rank loads its part (parallel.load_sharded); else loaded whole, onto the device."""
     if resume:
         path = out_dir
     elif init_from == "scratch":
@@ -153,10 +183,12 @@ def build(tmp, dev):
     else:
         path = init_from
     tok = checkpoint.load_tokenizer(path)
-    before = len(tok)  # the tokenizer's tokens before the latent ones: their rows start at the mean of these
+    # the tokenizer's tokens before the latent ones: their rows start at the mean of these
+    before = len(tok)
     names = lvr.MIRAGE_TOKENS if method == "mirage" else lvr.LVR_TOKENS
 
-    def init(model):  # the latent head and tokens, and what evaluate.py needs to know of the training
+    # the latent head and tokens, and what evaluate.py needs to know of the training
+    def init(model):
         if freeze_vision:  # (before DDP or FSDP wrap the model: they keep what trains)
             model.visual.requires_grad_(False)
         if latent_head and not hasattr(model, "lvr_head"):
@@ -165,14 +197,25 @@ def build(tmp, dev):
         vocab = model.cfg.vocab_size
         ids = lvr.add_latent_tokens(model, tok, names)
         if fsdp and len(tok) > vocab:
-            raise InputError(f"{path}: the embedding has {vocab} rows, too few for the latent tokens; "
-                             f"--fsdp loads into its rows: add them first (train once without --fsdp)")
-        # what the latents reconstruct, so that evaluate.py can build the same targets (its oracle row)
-        model.cfg.extra["latent_targets"] = {"method": method, "max_latents": max_latents, "k": mirage_k,
-                                             "vsp": vsp_targets}
-        model.cfg.extra["lvr_image_pixels"] = [min_pixels, max_pixels]  # the image sizes evaluate.py uses
-        if latent_end:  # the `latent` exit's distance (the one its embedding is trained with) and threshold
-            model.cfg.extra.update(latent_end_metric=latent_loss, latent_end_threshold=end_threshold)
+            raise InputError(
+                f"{path}: the embedding has {vocab} rows, too few for the latent tokens; "
+                f"--fsdp loads into its rows: add them first (train once without --fsdp)"
+            )
+        # what the latents reconstruct, so that evaluate.py can build the same targets (its oracle
+        # row)
+        model.cfg.extra["latent_targets"] = {
+            "method": method,
+            "max_latents": max_latents,
+            "k": mirage_k,
+            "vsp": vsp_targets,
+        }
+        # the image sizes evaluate.py uses
+        model.cfg.extra["lvr_image_pixels"] = [min_pixels, max_pixels]
+        # the `latent` exit's distance (the one its embedding is trained with) and threshold
+        if latent_end:
+            model.cfg.extra.update(
+                latent_end_metric=latent_loss, latent_end_threshold=end_threshold
+            )
         return ids
 
     if fsdp:
@@ -180,7 +223,9 @@ def build(tmp, dev):
             if name in ("model.embed_tokens.weight", "lm_head.weight"):
                 return lvr.latent_rows(w, before, len(tok))
             return w
-        root, model, ids = parallel.load_sharded(path, torch.float32, dev, init, fix)
+        root, model, ids = parallel.load_sharded(
+            path, dtype=torch.float32, device=dev, init=init, fix=fix
+        )
         return root, model, tok, ids
     model = checkpoint.load(path)[0]
     ids = init(model)
@@ -192,23 +237,42 @@ def build(tmp, dev):
 
 
 def examples(start, n, records, split="train"):
-    """Examples [start, start + n) of the training stream, or of the held-out one (split "eval": synthetic
-    seeds training never draws, or the records of --eval_data_path)."""
+    """Examples [start, start + n) of the training stream, or of the held-out one (split "eval":
+    synthetic seeds training never draws, or the records of --eval_data_path)."""
     if records is None:
-        return [tasks.synthetic(split, i, seed, image_size, task, level, vsp_targets)
-                for i in range(start, start + n)]
+        return [
+            tasks.synthetic(
+                split, i, seed, size=image_size, task=task, level=level, targets=vsp_targets
+            )
+            for i in range(start, start + n)
+        ]
 
     def convert(rec, where):
         return data.record_example(rec, image_root, where)
     path, skipped = (data_path, SKIPPED) if split == "train" else (eval_data_path, {})
-    return [data.stream_example(records, i, seed, convert, path, on_bad_record, skipped)
-            for i in range(start, start + n)]
+    return [
+        data.stream_example(
+            records, i, seed, convert=convert, where=path, on_bad=on_bad_record, skipped=skipped
+        )
+        for i in range(start, start + n)
+    ]
 
 
 def collated(exs, tok, ids):
     """Examples -> one padded SFT batch (data.collate's fields)."""
-    rows = [data.encode(e, tok, ids, method, max_latents, mirage_k, latent_end, (min_pixels, max_pixels))
-            for e in exs]
+    rows = [
+        data.encode(
+            e,
+            tok,
+            ids,
+            method=method,
+            max_latents=max_latents,
+            k=mirage_k,
+            latent_end=latent_end,
+            pixels=(min_pixels, max_pixels),
+        )
+        for e in exs
+    ]
     return data.collate(rows, tok.endoftext)
 
 
@@ -221,9 +285,10 @@ def get_lr(step):
 
 
 class MicroBatches(torch.utils.data.Dataset):
-    """Micro-batch k of this rank's training stream, collated on a DataLoader worker (image resizing and
-    normalisation off the training thread) -> (batch, the bad records skipped so far). The step's
-    examples are the same whatever the process layout: N ranks take turns through the global batch."""
+    """Micro-batch k of this rank's training stream, collated on a DataLoader worker (image resizing
+    and normalisation off the training thread) -> (batch, the bad records skipped so far). The
+    step's examples are the same whatever the process layout: N ranks take turns through the global
+    batch."""
 
     def __init__(self, tok, ids, records, rank, world):
         self.tok, self.ids, self.records, self.rank, self.world = tok, ids, records, rank, world
@@ -233,7 +298,10 @@ class MicroBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, k):
         step, micro = divmod(k, grad_accum)
-        start = step * batch_size * grad_accum * self.world + (micro * self.world + self.rank) * batch_size
+        start = (
+            step * batch_size * grad_accum * self.world
+            + (micro * self.world + self.rank) * batch_size
+        )
         batch = collated(examples(start, batch_size, self.records), self.tok, self.ids)
         return batch, dict(SKIPPED)  # (a worker's SKIPPED is its own copy)
 
@@ -244,10 +312,10 @@ def as_is(item):
 
 
 def sft_macs(model, batch):
-    """A micro-batch's compute (multiply-accumulates, counted as qwen's Qwen2_5_VL.macs counts them): the
-    forward and backward (3x a forward) of every pass through the LM (stage 2: one per latent of the
-    longest row, and one more), lm_head at the supervised positions, the tower's forward on the images
-    (3x when it trains) and on Mirage's helper images."""
+    """A micro-batch's compute (multiply-accumulates, counted as qwen's Qwen2_5_VL.macs counts
+    them): the forward and backward (3x a forward) of every pass through the LM (stage 2: one per
+    latent of the longest row, and one more), lm_head at the supervised positions, the tower's
+    forward on the images (3x when it trains) and on Mirage's helper images."""
     tokens = int(batch["attention_mask"].sum())
     heads = int((batch["labels"] != -100).sum())
     rows = batch["latent_pos"][0]
@@ -258,13 +326,18 @@ def sft_macs(model, batch):
 
 
 def train_step(root, batches, dev, ddp, autocast, blinded=False):
-    """Forward and backward over the step's grad_accum micro-batches -> the summed (ce, latent, switch)
-    losses on the device (read once per step: no host sync per micro-batch). blinded: LIVR's bottleneck."""
+    """Forward and backward over the step's grad_accum micro-batches -> the summed (ce, latent,
+    switch) losses on the device (read once per step: no host sync per micro-batch). blinded: LIVR's
+    bottleneck."""
     sums = torch.zeros(3, device=dev)
     for micro, batch in enumerate(batches):
         batch = data.to_device(batch, dev)
         # DDP all-reduces once, after the last micro-batch (FSDP reduce-scatters every one)
-        sync = contextlib.nullcontext() if not ddp or fsdp or micro == grad_accum - 1 else root.no_sync()
+        sync = (
+            contextlib.nullcontext()
+            if not ddp or fsdp or micro == grad_accum - 1
+            else root.no_sync()
+        )
         with sync, autocast:
             loss, ce, lat, sw = root(loss_of, batch, blinded)
             (loss / grad_accum).backward()
@@ -273,36 +346,56 @@ def train_step(root, batches, dev, ddp, autocast, blinded=False):
 
 
 def held_out_accuracy(root, model, tok, ids, records, held_out, dev, step):
-    """evaluate.py's accuracy with the latent rollout on held-out examples: --eval_data_path's, or the
-    synthetic task's (seeds training never draws). A data file without --eval_data_path is scored on its first
-    training examples, and the print says so: that measures fit, not generalisation. Under torchrun each
-    rank decodes its share (FSDP: with the full weights gathered, since ranks decode different lengths).
-    -> (accuracy, examples scored)."""
+    """evaluate.py's accuracy with the latent rollout on held-out examples: --eval_data_path's, or
+    the synthetic task's (seeds training never draws). A data file without --eval_data_path is
+    scored on its first training examples, and the print says so: that measures fit, not
+    generalisation. Under torchrun each rank decodes its share (FSDP: with the full weights
+    gathered, since ranks decode different lengths). -> (accuracy, examples scored)."""
     if held_out is not None:
         exs, what = held_out, "held-out"
     elif records is None:
-        exs, what = examples(0, eval_examples, None, "eval"), "held-out"
+        exs, what = examples(0, n=eval_examples, records=None, split="eval"), "held-out"
     else:
         exs, what = examples(0, min(eval_examples, len(records)), records), "training-set"
     if not exs:  # --eval_examples 0: checkpoints only
         return 0.0, 0
     rank, world = parallel.rank_world()
     model.eval()
-    budget = max(len(collated([e], tok, ids)["latent_slot"]) for e in exs) + 4  # the longest span, and some
+    # the longest span, and some
+    budget = max(len(collated([e], tok, ids)["latent_slot"]) for e in exs) + 4
     right = torch.zeros(1, device=dev)
     with parallel.gathered(root, fsdp), cli.out_of_memory("an evaluation", EVAL_OOM, out_dir):
         if exs[rank::world]:
-            # Mirage spans are always k long, pause spans max_latents; LVR spans differ per row: the model
+            # Mirage spans are always k long, pause spans max_latents; LVR spans differ per row: the
+            # model
             # ends them
             how = "latent" if latent_end else "steps" if method in ("mirage", "pause") else "token"
             count = max_latents if method == "pause" else mirage_k
-            decode = lvr.Decode(how, count, budget, True, latent_loss, end_threshold, max_new_tokens=48)
+            decode = lvr.Decode(
+                how,
+                lvr_steps=count,
+                max_latent_steps=budget,
+                force_end=True,
+                end_metric=latent_loss,
+                end_threshold=end_threshold,
+                max_new_tokens=48,
+            )
             pixels = (min_pixels, max_pixels)
-            r = evaluate.evaluate(model, tok, ids, exs[rank::world], decode, pixels, batch_size)
+            r = evaluate.evaluate(
+                model,
+                tok,
+                ids,
+                exs=exs[rank::world],
+                decode=decode,
+                pixels=pixels,
+                batch_size=batch_size,
+            )
             right += sum(r["right"])
     right = parallel.all_reduce(right)
     if rank == 0:
-        print(f"\nstep {step}: {what} accuracy {float(right) / len(exs):.3f} on {len(exs)} examples")
+        print(
+            f"\nstep {step}: {what} accuracy {float(right) / len(exs):.3f} on {len(exs)} examples"
+        )
     model.train()
     return float(right) / len(exs), len(exs)
 
@@ -316,16 +409,20 @@ def main(argv):
     rank, world, dev, ddp = parallel.setup(device, fsdp)
     cli.require(not (latent_end and method == "mirage"),
                 "--latent_end true needs a latent-end token, and Mirage's tokens have none")
-    cli.require(not (stage == 2 and init_from == "scratch" and not resume),
-                "--stage 2 continues a stage-1 checkpoint (LVR or Mirage): give it with --init_from "
-                "(or --resume true on a copy of its run, to keep its optimizer and data stream)")
+    cli.require(
+        not (stage == 2 and init_from == "scratch" and not resume),
+        "--stage 2 continues a stage-1 checkpoint (LVR or Mirage): give it with --init_from "
+        "(or --resume true on a copy of its run, to keep its optimizer and data stream)",
+    )
     cli.require(not (stage == 2 and method in ("none", "pause")),
                 f"--stage 2 trains latents: --method {method} has none")
     cli.require(not (bottleneck and (method == "none" or stage == 2)),
                 "--bottleneck true needs latent slots to pass the image through, in stage 1 "
                 "(--method lvr, mirage or pause)")
-    cli.require(not (method == "pause" and (latent_head or latent_end)),
-                "--method pause feeds one learned vector: it has no latent head and no `latent` exit")
+    cli.require(
+        not (method == "pause" and (latent_head or latent_end)),
+        "--method pause feeds one learned vector: it has no latent head and no `latent` exit",
+    )
     resolve_defaults(config, dev)
     cli.require(min_lr <= lr, f"--min_lr {min_lr} is above --lr {lr}")
     cli.require(method != "pause" or max_latents > 0,
@@ -334,9 +431,10 @@ def main(argv):
     # 2) processes, data, model
     records = None if data_path == "synthetic" else data.load_records(data_path)
     held_out = None
-    if eval_data_path:  # converted now: a bad record stops the run here, not at the first evaluation
+    # converted now: a bad record stops the run here, not at the first evaluation
+    if eval_data_path:
         recs = data.load_records(eval_data_path)
-        held_out = examples(0, min(eval_examples, len(recs)), recs, "eval")
+        held_out = examples(0, n=min(eval_examples, len(recs)), records=recs, split="eval")
     with tempfile.TemporaryDirectory() as tmp:
         root, model, tok, ids = build(tmp, dev)
     model.train()
@@ -347,29 +445,35 @@ def main(argv):
         print(f"first example: {len(sizes)} image(s) of {', '.join(map(str, sizes))} merged tokens")
     if (latent_loss == "cosine" and method not in ("none", "pause") and stage == 1
             and "latent_norm" not in model.cfg.extra):
-        with parallel.gathered(root, fsdp):  # (FSDP: resharded after, so the optimizer gets the shards)
+        # (FSDP: resharded after, so the optimizer gets the shards)
+        with parallel.gathered(root, fsdp):
             first = data.to_device(collated(examples(0, batch_size, records), tok, ids), dev)
             root(lvr.record_latent_norm, first)
     # 3) optimizer, and the saved state when resuming
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
-    step, history = 0, []  # log.jsonl's lines: each step's losses, lr, times and compute; each evaluation
+    # log.jsonl's lines: each step's losses, lr, times and compute; each evaluation
+    step, history = 0, []
     macs = 0.0  # the run's compute so far, over all processes (qwen.Qwen2_5_VL.macs)
     if resume:
         state = checkpoint.load_train_state(out_dir, config)
-        parallel.load_optimizer(model, opt, state, fsdp)
+        parallel.load_optimizer(model, opt, state, fsdp=fsdp)
         step, history, macs = state["step"], checkpoint.read_log(out_dir), state.get("macs", 0.0)
         torch.set_rng_state(state["rng"])
     # 4) the loop
     autocast = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
-    loader = torch.utils.data.DataLoader(MicroBatches(tok, ids, records, rank, world), batch_size=None,
-                                         sampler=range(step * grad_accum, max_iters * grad_accum),
-                                         num_workers=data_workers, generator=torch.Generator(),
-                                         collate_fn=as_is)
+    loader = torch.utils.data.DataLoader(
+        MicroBatches(tok, ids, records, rank=rank, world=world),
+        batch_size=None,
+        sampler=range(step * grad_accum, max_iters * grad_accum),
+        num_workers=data_workers,
+        generator=torch.Generator(),
+        collate_fn=as_is,
+    )
     stream = iter(loader)
     signalled = cli.stop_flag()  # Ctrl-C / SIGTERM: finish the step, save it, exit
     bar = tqdm(total=max_iters, initial=step, disable=rank != 0, dynamic_ncols=True)
-    with parallel.finishing(ddp, SKIPPED, data_path, dev, rank), bar:
+    with parallel.finishing(ddp, skipped=SKIPPED, data_path=data_path, device=dev, rank=rank), bar:
         while step < max_iters and not (max_macs and macs >= max_macs):
             t0 = time.time()
             for g in opt.param_groups:
@@ -381,38 +485,81 @@ def main(argv):
                 SKIPPED.update(skipped)
             t_data = time.time() - t0
             with cli.out_of_memory("an SFT step", SFT_OOM, out_dir):
-                sums = train_step(root, batches, dev, ddp, autocast, blinded=step < blinded_steps())
+                sums = train_step(
+                    root, batches, dev, ddp=ddp, autocast=autocast, blinded=step < blinded_steps()
+                )
             step_macs = float(sum(sft_macs(model, b) for b in batches))
             stats = torch.cat([sums, torch.tensor([float(len(signalled)), step_macs], device=dev)])
-            if ddp:  # the global mean losses, and whether any rank was asked to stop (so all stop together)
+            # the global mean losses, and whether any rank was asked to stop (so all stop together)
+            if ddp:
                 dist.all_reduce(stats)
                 stats = stats / world
-            got = dict(zip(("ce", "latent", "switch", "stopping", "macs"), stats.tolist()))  # (the means)
+            # (the means)
+            got = dict(zip(("ce", "latent", "switch", "stopping", "macs"), stats.tolist()))
             loss = {k: got[k] for k in ("ce", "latent", "switch")}
             stopping = got["stopping"]
             macs += got["macs"] * world
             if not (math.isfinite(loss["ce"]) and math.isfinite(loss["latent"])):
-                raise InputError(f"loss is not finite at step {step} (ce {loss['ce']}, latent "
-                                 f"{loss['latent']}); stopped, {out_dir} keeps the last good checkpoint")
+                raise InputError(
+                    f"loss is not finite at step {step} (ce {loss['ce']}, latent "
+                    f"{loss['latent']}); stopped, {out_dir} keeps the last good checkpoint"
+                )
             if grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            history.append({"step": step, **loss, "lr": get_lr(step - 1), "step_s": time.time() - t0,
-                            "data_s": t_data, "macs": macs})
+            history.append(
+                {
+                    "step": step,
+                    **loss,
+                    "lr": get_lr(step - 1),
+                    "step_s": time.time() - t0,
+                    "data_s": t_data,
+                    "macs": macs,
+                }
+            )
             bar.update(1)
-            bar.set_postfix(**{k: f"{v:.4f}" for k, v in loss.items()}, lr=f"{get_lr(step - 1):.1e}",
-                            ms=f"{1000 * (time.time() - t0):.0f}", data_ms=f"{1000 * t_data:.0f}")
+            bar.set_postfix(
+                **{k: f"{v:.4f}" for k, v in loss.items()},
+                lr=f"{get_lr(step - 1):.1e}",
+                ms=f"{1000 * (time.time() - t0):.0f}",
+                data_ms=f"{1000 * t_data:.0f}",
+            )
             spent = max_macs and macs >= max_macs
             if stopping or step % eval_interval == 0 or step == max_iters or spent:
                 if not stopping:  # (no evaluation on the way out)
-                    acc, n = held_out_accuracy(root, model, tok, ids, records, held_out, dev, step)
-                    history += [{"step": step, "eval_accuracy": acc, "eval_examples": n}] if n else []
-                train_state = {"step": step, "macs": macs, "config": config, "rng": torch.get_rng_state()}
-                parallel.save(model, tok, opt, out_dir, train_state, history, fsdp, rank)
+                    acc, n = held_out_accuracy(
+                        root,
+                        model,
+                        tok,
+                        ids=ids,
+                        records=records,
+                        held_out=held_out,
+                        dev=dev,
+                        step=step,
+                    )
+                    history += (
+                        [{"step": step, "eval_accuracy": acc, "eval_examples": n}] if n else []
+                    )
+                train_state = {
+                    "step": step,
+                    "macs": macs,
+                    "config": config,
+                    "rng": torch.get_rng_state(),
+                }
+                parallel.save(
+                    model,
+                    tok,
+                    opt,
+                    out_dir=out_dir,
+                    train_state=train_state,
+                    history=history,
+                    fsdp=fsdp,
+                    rank=rank,
+                )
             if stopping:
-                cli.stop_saved(signalled, step, out_dir, rank)
+                cli.stop_saved(signalled, step, out_dir, rank=rank)
 
 
 if __name__ == "__main__":

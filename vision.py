@@ -37,7 +37,8 @@ def load_image(path):
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we check the size ourselves:
     try:
-        with Image.open(path) as im:  # open reads the header only, so the check comes before decoding
+        # open reads the header only, so the check comes before decoding
+        with Image.open(path) as im:
             if im.width * im.height > MAX_IMAGE_PIXELS:
                 raise Image.DecompressionBombError
             im.load()
@@ -46,7 +47,8 @@ def load_image(path):
         raise InputError(f"image not found: {path}") from None
     except Image.DecompressionBombError:
         raise InputError(f"image too large (over {MAX_IMAGE_PIXELS} pixels): {path}") from None
-    except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying "not an image / truncated"
+    # PIL's ways of saying "not an image / truncated"
+    except (OSError, SyntaxError, ValueError) as e:
         raise InputError(f"cannot read image {path}: {e}") from None
 
 
@@ -77,13 +79,15 @@ def smart_resize(height, width, factor=28, min_pixels=3136, max_pixels=12845056)
 
 
 def merged_tokens(grid_thw, merge_size=2):
-    """(3,) or (N, 3) grid_thw -> how many merged image tokens (the LLM's <|image_pad|>s) it makes, in all."""
+    """(3,) or (N, 3) grid_thw -> how many merged image tokens (the LLM's <|image_pad|>s) it makes,
+    in all."""
     return int(grid_thw.prod(-1).sum()) // merge_size ** 2
 
 
 def token_offsets(grids):
-    """An example's images' grids -> where each image's merged tokens start among the example's (its images'
-    tokens one image after another): a bbox's region tokens are offset by its image's start."""
+    """An example's images' grids -> where each image's merged tokens start among the example's (its
+    images' tokens one image after another): a bbox's region tokens are offset by its image's
+    start."""
     sizes = [merged_tokens(g) for g in grids]
     return [sum(sizes[:k]) for k in range(len(sizes))]
 
@@ -93,13 +97,21 @@ def preprocess(
 ):
     """PIL image (or path) -> pixel_values float32 (gh*gw, 3*2*14*14), grid_thw int64 (1, 3)."""
     image = load_image(image) if not isinstance(image, Image.Image) else to_rgb(image)
-    h, w = smart_resize(image.height, image.width, patch_size * merge_size, min_pixels, max_pixels)
+    h, w = smart_resize(
+        image.height,
+        width=image.width,
+        factor=patch_size * merge_size,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+    )
     x = np.asarray(image.resize((w, h), Image.BICUBIC)).transpose(2, 0, 1)  # (C, H, W) uint8
     x = (x.astype(np.float64) * (1 / 255)).astype(np.float32)
     x = ((x.T - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)).T
     gh, gw, m, p = h // patch_size, w // patch_size, merge_size, patch_size
-    x = x.reshape(3, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)  # (bh, bw, r, c, C, py, px)
-    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], temporal_patch_size, p, p))  # repeat in time
+    # (bh, bw, r, c, C, py, px)
+    x = x.reshape(3, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
+    # repeat in time
+    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], temporal_patch_size, p, p))
     pixel_values = torch.from_numpy(x.reshape(gh * gw, -1).copy())
     return pixel_values, torch.tensor([[1, gh, gw]], dtype=torch.int64)
 
@@ -138,7 +150,8 @@ class RMSNorm(nn.Module):
 
 def rope(x, cos, sin):
     """Rotary embedding in roll form: x * cos + rotate_half(x) * sin == x * cos + x.roll(D/2) * sin,
-    with sin's first half negated once in cos_sin (one roll per call instead of two slices, a neg, a cat)."""
+    with sin's first half negated once in cos_sin (one roll per call instead of two slices, a neg, a
+    cat)."""
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
@@ -171,10 +184,13 @@ class VisionAttention(nn.Module):
         q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]  # each (N, H, D)
         idx, mask = seqs  # all windows (or images) at once, padded to the longest
         if mask is None:  # all the same length: the packing is a reshape, no gather
-            q, k, v = (t.view(*idx.shape, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))  # (S, H, L, D)
+            # (S, H, L, D)
+            q, k, v = (t.view(*idx.shape, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
         else:
             q, k, v = (t[idx].transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None])
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if mask is None else mask[:, None, None]
+        )
         y = y.transpose(1, 2)  # (S, L, H, D)
         y = y.reshape(N, C) if mask is None else y[mask].reshape(N, C)
         return self.proj(y)
@@ -213,8 +229,10 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel, stride=kernel, bias=False)
 
     def forward(self, x):  # (N, 3*2*14*14) -> (N, C)
-        # kernel == stride: the Conv3d is a matmul over each patch's (C, T, py, px) values, and a plain
-        # matmul is ~6x faster than the CPU conv kernel (the weight keeps the Conv3d shape, for the keys)
+        # kernel == stride: the Conv3d is a matmul over each patch's (C, T, py, px) values, and a
+        # plain
+        # matmul is ~6x faster than the CPU conv kernel (the weight keeps the Conv3d shape, for the
+        # keys)
         w = self.proj.weight
         return x.to(w.dtype) @ w.view(w.shape[0], -1).T
 
@@ -224,7 +242,9 @@ class PatchMerger(nn.Module):
         super().__init__()
         dim = cfg.hidden_size * cfg.spatial_merge_size ** 2
         self.ln_q = RMSNorm(cfg.hidden_size)
-        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, cfg.out_hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, cfg.out_hidden_size)
+        )
 
     def forward(self, x):  # (N, C) -> (N/4, out): each 2x2 block is 4 consecutive rows
         return self.mlp(self.ln_q(x).view(-1, self.mlp[0].in_features))
@@ -239,27 +259,31 @@ class VisionTransformer(nn.Module):
         self.merger = PatchMerger(cfg)
 
     def rotary(self, grid_thw):
-        """(N, head_dim) float32 angles: row index on the first half of the slots, column on the second."""
+        """(N, head_dim) float32 angles: row index on the first half of the slots, column on the
+        second."""
         cfg, m = self.cfg, self.cfg.spatial_merge_size
         dim = cfg.hidden_size // cfg.num_heads // 2
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
         pos = []
         for t, h, w in grid_thw.tolist():
             r, c = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-            rc = torch.stack([r, c], -1).view(h // m, m, w // m, m, 2).transpose(1, 2)  # merge-block order
+            # merge-block order
+            rc = torch.stack([r, c], -1).view(h // m, m, w // m, m, 2).transpose(1, 2)
             pos.append(rc.reshape(-1, 2).repeat(t, 1))
         freqs = (torch.cat(pos)[..., None].float() * inv_freq).flatten(1)  # (N, 2*dim/2)
         return torch.cat([freqs, freqs], -1)
 
     def windows(self, grid_thw):
-        """Merged-token permutation that groups tokens window by window, and window bounds in patches."""
+        """Merged-token permutation that groups tokens window by window, and window bounds in
+        patches."""
         m = self.cfg.spatial_merge_size
         win = self.cfg.window_size // m // self.cfg.patch_size  # window side in merged tokens (4)
         index, cu, offset = [], [0], 0
         for t, h, w in grid_thw.tolist():
             gh, gw = h // m, w // m
             idx = torch.arange(t * gh * gw).view(t, gh, gw)
-            ph, pw = win - gh % win, win - gw % win  # like the reference: a whole empty window when divisible
+            # like the reference: a whole empty window when divisible
+            ph, pw = win - gh % win, win - gw % win
             idx = F.pad(idx, (0, pw, 0, ph), value=-1)
             idx = (
                 idx.view(t, (gh + ph) // win, win, (gw + pw) // win, win)
@@ -273,16 +297,21 @@ class VisionTransformer(nn.Module):
         return torch.cat(index), torch.tensor(cu)
 
     def forward(self, pixel_values, grid_thw):
-        """(N, 1176) patches, (n_images, 3) grids -> (N/4, out_hidden_size) merged tokens, row-major."""
+        """(N, 1176) patches, (n_images, 3) grids -> (N/4, out_hidden_size) merged tokens,
+        row-major."""
         unit = self.cfg.spatial_merge_size ** 2
         dev = pixel_values.device
         window_index, cu_window = self.windows(grid_thw)
-        cu_full = F.pad((grid_thw[:, 1] * grid_thw[:, 2]).repeat_interleave(grid_thw[:, 0]).cumsum(0), (1, 0))
+        cu_full = F.pad(
+            (grid_thw[:, 1] * grid_thw[:, 2]).repeat_interleave(grid_thw[:, 0]).cumsum(0), (1, 0)
+        )
         window_seqs, full_seqs = pack(cu_window.to(dev)), pack(cu_full.to(dev))
         x = self.patch_embed(pixel_values)  # (N, C)
-        order = (window_index[:, None] * unit + torch.arange(unit)).flatten().to(dev)  # patch permutation
+        # patch permutation
+        order = (window_index[:, None] * unit + torch.arange(unit)).flatten().to(dev)
         x = x[order]
-        cos, sin = (t[:, None, None] for t in cos_sin(self.rotary(grid_thw).to(dev)[order]))  # (N, 1, 1, D)
+        # (N, 1, 1, D)
+        cos, sin = (t[:, None, None] for t in cos_sin(self.rotary(grid_thw).to(dev)[order]))
         for i, blk in enumerate(self.blocks):
             x = blk(x, cos, sin, full_seqs if i in self.cfg.fullatt_block_indexes else window_seqs)
         return self.merger(x)[torch.argsort(window_index).to(dev)]

@@ -224,9 +224,9 @@ def test_grpo_first_update_ratio_one_kl_zero_and_the_tower_trains(tmp_path, monk
     seen = []
     real_loss = grpo.grpo_loss
 
-    def spy(logp, old, adv, w, kl, *a):
-        seen.append((logp.detach(), old, kl, adv))
-        return real_loss(logp, old, adv, w, kl, *a)
+    def spy(logp, **k):
+        seen.append((logp.detach(), k["old_logp"], k["kl"], k["adv"]))
+        return real_loss(logp, **k)
     monkeypatch.setattr(grpo, "grpo_loss", spy)
     # a reward with spread on a random model: the parity of the first completion token
     monkeypatch.setitem(grpo.REWARDS, "accuracy", lambda text, tokens, *a: float(tokens[0] % 2 if tokens else 0))
@@ -347,9 +347,9 @@ def test_filter_groups_trains_only_on_groups_with_signal(tmp_path, monkeypatch):
     monkeypatch.setitem(grpo.REWARDS, "format", lambda *a: 0.0)
     trained = []
     real_update = train_grpo.update
-    monkeypatch.setattr(train_grpo, "update", lambda model, ref, ids, rounds, *a: (
+    monkeypatch.setattr(train_grpo, "update", lambda model, ref, ids, rounds, **k: (
         trained.append([r.reward.view(-1, train_grpo.group_size) for r in rounds]),
-        real_update(model, ref, ids, rounds, *a))[1])
+        real_update(model, ref, ids, rounds, **k))[1])
     saved = dict(vars(train_grpo))
     try:
         logs = {}
@@ -439,7 +439,7 @@ import lvr
 seen, rollout = [], lvr.rollout
 def recorded(*a, **k):  # every rollout's completions, cut at their stop token
     r = rollout(*a, **k)
-    stop = a[4].stop_ids  # (model, ids, prompt, decode, sampling, ...)
+    stop = k["sampling"].stop_ids
     seen.append([row[:next((j + 1 for j, t in enumerate(row) if t in stop), len(row))]
                  for row in r.tokens[:, a[2].input_ids.shape[1]:].tolist()])
     return r

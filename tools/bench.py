@@ -5,11 +5,13 @@ Speed and memory: ours vs the reference transformers Qwen2.5-VL, same random wei
     python -m tools.bench --sizes 3b --device cuda --dtype bfloat16 --peak_tflops 989 --sft_batch 16  # a GPU
 Random checkpoints written by our save_pretrained (nothing is downloaded). A time is the median of
 `repeats` rounds after a warm-up, ours and the reference's taking turns; a ratio is our speed over
-its (> 1: faster). Decode tok/s = (time for n tokens - for 1) / (n - 1): no prefill; its floor is the
-copy bandwidth over the LM bytes a step reads. GRPO rollout: B x G rows in one call vs one at a time;
-GRPO step: train_grpo on 2 processes vs 1. Load memory: a fresh process reading every weight, over
-the file size. SFT FLOPs: 6 per LM weight per token (no embedding, no attention) + the tower's forward.
+its (> 1: faster). Decode tok/s = (time for n tokens - for 1) / (n - 1): no prefill; its floor is
+the copy bandwidth over the LM bytes a step reads. GRPO rollout: B x G rows in one call vs one at a
+time; GRPO step: train_grpo on 2 processes vs 1. Load memory: a fresh process reading every weight,
+over the file size. SFT FLOPs: 6 per LM weight per token (no embedding, no attention) + the tower's
+forward.
 """
+
 import importlib.util
 import json
 import os
@@ -46,12 +48,26 @@ peak_tflops = 0.0  # [0, inf) the device's dense peak for `dtype` (989 for H100 
 # -----------------------------------------------------------------------------
 
 # the language models' and towers' shapes (Qwen2.5-VL-3B's official config; 0.5B: Qwen2.5-0.5B's LM)
-LM = {"0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                   intermediate_size=4864, vocab_size=151936,
-                   rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]}),
-      "3b": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
-                 intermediate_size=11008, vocab_size=151936,
-                 rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})}
+LM = {
+    "0.5b": dict(
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+        rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]},
+    ),
+    "3b": dict(
+        hidden_size=2048,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        intermediate_size=11008,
+        vocab_size=151936,
+        rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+    ),
+}
 VISION = {"0.5b": dict(depth=8, fullatt_block_indexes=[3, 7]),
           "3b": dict(depth=32, fullatt_block_indexes=[7, 15, 23, 31])}
 
@@ -74,14 +90,21 @@ def timed(*fns, n=None, warmup=True):
 
 
 def make_checkpoint(size, path):
-    """A random checkpoint of the given shape (tiny tokenizer; the special-token ids come from it)."""
+    """A random checkpoint of the given shape (tiny tokenizer; the special-token ids come from
+    it)."""
     special = qwen.SPECIAL + tasks.LATENT_SPECIAL
     tok = tasks.build_tokenizer(os.path.join(path, "tokenizer.json"), special=special)
     d = tasks.tiny_config(tok, 448)
     if size != "tiny":
         d.update(LM[size], rope_theta=1e6, max_position_embeddings=32768)
-        d["vision_config"].update(VISION[size], hidden_size=1280, intermediate_size=3420, num_heads=16,
-                                  out_hidden_size=d["hidden_size"], window_size=112)
+        d["vision_config"].update(
+            VISION[size],
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=d["hidden_size"],
+            window_size=112,
+        )
     cfg = qwen.Config.from_dict(d)
     torch.manual_seed(0)
     model = qwen.Qwen2_5_VL(cfg)
@@ -93,15 +116,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 
 
 def peak_rss(setup, work):
-    """Peak resident-memory growth (bytes) of the Python source `work` in a fresh process, once `setup`
-    has run: /proc's VmHWM, reset after setup (clear_refs 5), over the VmRSS then."""
-    code = "\n".join([
-        f"import re, sys; sys.path.insert(0, {ROOT!r})",
-        "def kb(k): return int(re.search(k + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1))",
-        setup,
-        "open('/proc/self/clear_refs', 'w').write('5'); base = kb('VmRSS')",
-        work,
-        "print((kb('VmHWM') - base) * 1024)"])
+    """Peak resident-memory growth (bytes) of the Python source `work` in a fresh process, once
+    `setup` has run: /proc's VmHWM, reset after setup (clear_refs 5), over the VmRSS then."""
+    code = "\n".join(
+        [
+            f"import re, sys; sys.path.insert(0, {ROOT!r})",
+            "def kb(k): return int(re.search(k + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1))",
+            setup,
+            "open('/proc/self/clear_refs', 'w').write('5'); base = kb('VmRSS')",
+            work,
+            "print((kb('VmHWM') - base) * 1024)",
+        ]
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if r.returncode:
         raise cli.InputError(f"a memory measurement failed: {r.stderr.strip().splitlines()[-1]}")
@@ -109,8 +135,8 @@ def peak_rss(setup, work):
 
 
 def peak_load_rss(path, ours):
-    """Peak resident-memory growth (bytes) of a fresh process loading the checkpoint and reading every
-    weight once (a memory-mapped load costs nothing until the weights are touched)."""
+    """Peak resident-memory growth (bytes) of a fresh process loading the checkpoint and reading
+    every weight once (a memory-mapped load costs nothing until the weights are touched)."""
     if ours:
         load = "import qwen; m = qwen.Qwen2_5_VL.from_pretrained(p)"
     else:
@@ -158,9 +184,10 @@ torch.cat(out).sum().backward()
 
 
 def grpo_memory(path, cfg):
-    """-> ((rollout before, after), (log-probs before, after)) peak bytes: a 16-row rollout of 64 tokens
-    under bf16 autocast on the checkpoint at `path`; the log-probs and their backward over 16 rows of 256
-    completion tokens at cfg's width and vocabulary (the part of the update the chunking changes)."""
+    """-> ((rollout before, after), (log-probs before, after)) peak bytes: a 16-row rollout of 64
+    tokens under bf16 autocast on the checkpoint at `path`; the log-probs and their backward over 16
+    rows of 256 completion tokens at cfg's width and vocabulary (the part of the update the chunking
+    changes)."""
     rollout = [peak_rss(f"P, BEFORE, N = {path!r}, {before}, 64" + ROLLOUT_SETUP, ROLLOUT_WORK)
                for before in (True, False)]
     shape = f"C, V, ROWS, L = {cfg.hidden_size}, {cfg.vocab_size}, 16, 256"
@@ -170,9 +197,9 @@ def grpo_memory(path, cfg):
 
 
 def data_wait(path, workers):
-    """The fraction of train_sft's step time spent waiting for data, from scratch on 1-megapixel photos
-    (batch 4 of 1000 x 1000, resized to the official LVR bounds), with `workers` DataLoader workers;
-    the first step (the workers' start) left out; `repeats` + 1 steps measured."""
+    """The fraction of train_sft's step time spent waiting for data, from scratch on 1-megapixel
+    photos (batch 4 of 1000 x 1000, resized to the official LVR bounds), with `workers` DataLoader
+    workers; the first step (the workers' start) left out; `repeats` + 1 steps measured."""
     steps = repeats + 2
     records = []
     for i in range(4):
@@ -180,16 +207,22 @@ def data_wait(path, workers):
             os.path.join(path, f"{i}.jpg"))
         turns = [{"from": "human", "value": "<image>\nWhat colour is it?"},
                  {"from": "gpt", "value": "<lvr>\nred"}]
-        records.append({"image": f"{i}.jpg", "bboxes": [[0.4, 0.4, 0.45, 0.45]], "conversations": turns})
+        records.append(
+            {"image": f"{i}.jpg", "bboxes": [[0.4, 0.4, 0.45, 0.45]], "conversations": turns}
+        )
     with open(os.path.join(path, "d.json"), "w") as f:
         json.dump(records, f)
     out = os.path.join(path, f"out{workers}")
     args = ["--data_path", os.path.join(path, "d.json"), "--image_root", path, "--batch_size", "4",
             "--max_iters", str(steps), "--eval_examples", "0", "--eval_interval", str(steps),
             "--data_workers", str(workers), "--out_dir", out]
-    r = subprocess.run([sys.executable, "train_sft.py", *args], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "train_sft.py", *args], capture_output=True, text=True, cwd=ROOT
+    )
     if r.returncode:
-        raise cli.InputError(f"train_sft.py failed in the bench: {r.stderr.strip().splitlines()[-1]}")
+        raise cli.InputError(
+            f"train_sft.py failed in the bench: {r.stderr.strip().splitlines()[-1]}"
+        )
     steps = [x for x in checkpoint.read_log(out) if "ce" in x][1:]  # (the run's history, log.jsonl)
     return sum(x["data_s"] for x in steps) / sum(x["step_s"] for x in steps)
 
@@ -219,7 +252,9 @@ def bench_size(size, rows):
         return dict(pixel_values=p, image_grid_thw=g, mm_token_type_ids=(i == tok.image_pad).int())
 
     def add(name, ours, theirs=None, unit="s", higher_better=False):
-        ratio = "" if theirs is None else f"{(ours / theirs if higher_better else theirs / ours):.2f}x"
+        ratio = (
+            "" if theirs is None else f"{(ours / theirs if higher_better else theirs / ours):.2f}x"
+        )
         rows.append((size, name, ours, theirs, unit, ratio))
 
     def both(f, g):  # (ours, reference) seconds, interleaved; reference None when not installed
@@ -228,12 +263,18 @@ def bench_size(size, rows):
     # image encode and prefill at 448x448
     add("image encode 448x448",
         *both(lambda: model.visual(pv, grid), lambda: ref.model.visual(pv, grid_thw=grid)))
-    add(f"prefill ({prompt.shape[1]} tokens)", *both(lambda: model.lm_head(model(prompt, pv, grid)),
-                                                     lambda: ref(input_ids=prompt, **kw(pv, grid, prompt))))
+    add(
+        f"prefill ({prompt.shape[1]} tokens)",
+        *both(
+            lambda: model.lm_head(model(prompt, pv, grid)),
+            lambda: ref(input_ids=prompt, **kw(pv, grid, prompt)),
+        ),
+    )
     # the rest on a small photo, so prefill does not drown the per-step times
     pv, grid, prompt = image_prompt(small_image)
     n = decode_tokens
-    # decode at batch 1 and 8: (time for n tokens - time for 1) / (n - 1), so prefill is excluded; a text
+    # decode at batch 1 and 8: (time for n tokens - time for 1) / (n - 1), so prefill is excluded; a
+    # text
     # prompt, so the prefill that is subtracted out is small (the per-token work is the same)
     text = torch.tensor([tok.prompt("What colour is the square?")], device=device)
     for B, m in ((1, n), (8, n // 2)):  # (batch 8: fewer tokens, it is 8x the work)
@@ -242,8 +283,14 @@ def bench_size(size, rows):
             return lambda: model.generate(p, max_new_tokens=k, stop_ids=[-1])
 
         def ref_gen(k):
-            return lambda: ref.generate(input_ids=p, attention_mask=torch.ones_like(p), max_new_tokens=k,
-                                        min_new_tokens=k, do_sample=False, pad_token_id=tok.endoftext)
+            return lambda: ref.generate(
+                input_ids=p,
+                attention_mask=torch.ones_like(p),
+                max_new_tokens=k,
+                min_new_tokens=k,
+                do_sample=False,
+                pad_token_id=tok.endoftext,
+            )
         t = timed(ours_gen(m), ours_gen(1), *((ref_gen(m), ref_gen(1)) if ref is not None else ()))
         ours = B * (m - 1) / (t[0] - t[1])
         add(f"decode batch {B}", ours, ref and B * (m - 1) / (t[2] - t[3]), "tok/s", True)
@@ -255,21 +302,36 @@ def bench_size(size, rows):
             b = torch.randn_like(a)
             # copy bandwidth / bytes a step
             floor = 2 * a.numel() * 4 / timed(lambda: b.copy_(a), n=5) / lm_bytes
-            rows.append((size, "decode batch 1 / bandwidth floor", ours / floor, floor, "frac, floor tok/s",
-                         ""))
-    # latent steps vs text steps: the same rollout, all-latent (prompt ends in <|lvr_start|>) or all-text
+            rows.append(
+                (
+                    size,
+                    "decode batch 1 / bandwidth floor",
+                    ours / floor,
+                    floor,
+                    "frac, floor tok/s",
+                    "",
+                )
+            )
+    # latent steps vs text steps: the same rollout, all-latent (prompt ends in <|lvr_start|>) or
+    # all-text
     lat_prompt = torch.cat([prompt, torch.tensor([[ids.start]], device=device)], 1)
     # never enters
     text_ids = lvr.LatentIds(start=-5, latent=ids.latent, latent_end=ids.latent_end, end=ids.end)
     def roll(p, n, ids_):
-        return lambda: lvr.rollout(model, ids_, lvr.Prompt(p, None, pv, grid),
-                                   lvr.Decode("steps", n, max_new_tokens=n), lvr.Sampling(stop_ids=[-1]))
+        return lambda: lvr.rollout(
+            model,
+            ids=ids_,
+            prompt=lvr.Prompt(p, attention_mask=None, pixel_values=pv, grid_thw=grid),
+            decode=lvr.Decode("steps", n, max_new_tokens=n),
+            sampling=lvr.Sampling(stop_ids=[-1]),
+        )
     # a ratio of two small differences: more rounds
     t = timed(roll(lat_prompt, n, ids), roll(lat_prompt, 1, ids), roll(prompt, n, text_ids),
               roll(prompt, 1, text_ids), n=max(repeats, 5))
     lat, txt = (n - 1) / (t[0] - t[1]), (n - 1) / (t[2] - t[3])
     add("latent steps/s vs text tokens/s", lat, txt, "step/s", True)
-    # GRPO rollout at train_grpo's default B x G: one batched rollout (one prefill per prompt) vs one row
+    # GRPO rollout at train_grpo's default B x G: one batched rollout (one prefill per prompt) vs
+    # one row
     # at a time, whose throughput is the same for every row, so a few rows measure it
     B, G, n, few = 8, group_size, 16, 2
     feats = model.visual(pv, grid)
@@ -277,13 +339,20 @@ def bench_size(size, rows):
     def grpo(rows_, g):
         prompts = lvr.Prompt(prompt.repeat(rows_, 1), grid_thw=grid.repeat(rows_, 1),
                              feats=feats.repeat(rows_, 1))
-        return lvr.rollout(model, ids, prompts, lvr.Decode("steps", max_new_tokens=n),
-                           lvr.Sampling(0.9, generator=gen, stop_ids=[-1]), group_size=g)
-    big = size != "tiny"  # one round, no warm-up (warm from above): these are the slowest measurements
+        return lvr.rollout(model, ids, prompt=prompts, decode=lvr.Decode("steps", max_new_tokens=n),
+                           sampling=lvr.Sampling(0.9, generator=gen, stop_ids=[-1]), group_size=g)
+    # one round, no warm-up (warm from above): these are the slowest measurements
+    big = size != "tiny"
     t = timed(lambda: grpo(B, G), lambda: [grpo(1, 1) for _ in range(few)], n=1 if big else None,
               warmup=not big)
     batched, single = B * G * n / t[0], few * n / t[1]
-    add(f"GRPO rollout {B}x{G} rows, {n} tokens: batched vs one at a time", batched, single, "tok/s", True)
+    add(
+        f"GRPO rollout {B}x{G} rows, {n} tokens: batched vs one at a time",
+        batched,
+        single,
+        "tok/s",
+        True,
+    )
     # one SFT step: forward + backward with the LVR loss vs the reference's forward + backward (CE)
     if size != "3b" or device != "cpu":
         with torch.enable_grad():
@@ -293,7 +362,14 @@ def bench_size(size, rows):
             batch = data.to_device(data.collate(encoded, tok.endoftext), device)
             batch["pixel_values"] = batch["pixel_values"].to(dt)
             def ours_step():
-                loss = lvr.sft_loss(model, batch, 1.0, 0.1, "mse", freeze_vision=True)[0]
+                loss = lvr.sft_loss(
+                    model,
+                    batch,
+                    ce_weight=1.0,
+                    latent_weight=0.1,
+                    latent_loss="mse",
+                    freeze_vision=True,
+                )[0]
                 loss.backward()
                 model.zero_grad(set_to_none=True)
 
@@ -307,11 +383,14 @@ def bench_size(size, rows):
                 ref.model.visual.requires_grad_(False)
             t = both(ours_step, ref_step)
             add(f"SFT step (fwd+bwd, batch {sft_batch} x {batch['input_ids'].shape[1]} tokens)", *t)
-            # model FLOPs: 6 per LM weight per token (embedding table excluded) + the frozen tower's forward
+            # model FLOPs: 6 per LM weight per token (embedding table excluded) + the frozen tower's
+            # forward
             n_lm = sum(q.numel() for k, q in model.named_parameters() if not k.startswith("visual"))
             n_lm -= 0 if model.cfg.tie_word_embeddings else model.model.embed_tokens.weight.numel()
             n_vis = sum(q.numel() for q in model.visual.parameters())
-            flops = 6 * n_lm * batch["input_ids"].numel() + 2 * n_vis * batch["pixel_values"].shape[0]
+            flops = (
+                6 * n_lm * batch["input_ids"].numel() + 2 * n_vis * batch["pixel_values"].shape[0]
+            )
             tflops = [None if x is None else flops / x / 1e12 for x in t]
             rows.append((size, "SFT step model TFLOP/s", *tflops, "TFLOP/s", ""))
             if peak_tflops > 0:
@@ -319,35 +398,75 @@ def bench_size(size, rows):
                 add("SFT step MFU", *mfu, f"of {peak_tflops} TFLOP/s", True)
     # loading: resident memory growth over the file size
     if size != "tiny":  # (the tiny file is smaller than the resident-set granularity that matters)
-        rows.append((size, "peak RSS growth loading / file size", peak_load_rss(tmp, True) / file_bytes,
-                     peak_load_rss(tmp, False) / file_bytes if ref is not None else None, "x file", ""))
-    if size == "tiny" and (device == "cpu" or torch.cuda.device_count() > 1):  # GRPO on 2 processes vs 1
+        rows.append(
+            (
+                size,
+                "peak RSS growth loading / file size",
+                peak_load_rss(tmp, True) / file_bytes,
+                peak_load_rss(tmp, False) / file_bytes if ref is not None else None,
+                "x file",
+                "",
+            )
+        )
+    # GRPO on 2 processes vs 1
+    if size == "tiny" and (device == "cpu" or torch.cuda.device_count() > 1):
         add("GRPO step, 2 processes (reference: 1 process)", *grpo_step_seconds(tmp))
     if size == "0.5b" and device == "cpu":  # (peak memory read from /proc: CPU only)
         (cache_fp32, cache_bf16), (whole, chunked) = grpo_memory(tmp, model.cfg)
-        add("GRPO rollout 16 rows x 64: peak MB, bf16 cache (ref: fp32)", cache_bf16 / 1e6, cache_fp32 / 1e6,
-            "MB")
-        add("GRPO log-probs 16 x 256 + bwd: peak MB, chunked (ref: whole)", chunked / 1e6, whole / 1e6, "MB")
-    if size == "tiny":  # SFT on 1-megapixel photos: the step's wait for data, with workers and without
+        add(
+            "GRPO rollout 16 rows x 64: peak MB, bf16 cache (ref: fp32)",
+            cache_bf16 / 1e6,
+            cache_fp32 / 1e6,
+            "MB",
+        )
+        add(
+            "GRPO log-probs 16 x 256 + bwd: peak MB, chunked (ref: whole)",
+            chunked / 1e6,
+            whole / 1e6,
+            "MB",
+        )
+    # SFT on 1-megapixel photos: the step's wait for data, with workers and without
+    if size == "tiny":
         wait = [data_wait(tmp, workers) for workers in (2, 0)]
         add("SFT step waiting for data, 1 MP: 2 workers (ref: 0)", *wait, "of the step")
     shutil.rmtree(tmp)
 
 
 def grpo_step_seconds(path):
-    """Median seconds of a train_grpo step (default B x G, every group trained, after a warm-up step) on the
-    checkpoint at `path`: 2 processes (torchrun; CPU: the cores shared out; GPU: two), then 1."""
+    """Median seconds of a train_grpo step (default B x G, every group trained, after a warm-up
+    step) on the checkpoint at `path`: 2 processes (torchrun; CPU: the cores shared out; GPU: two),
+    then 1."""
     out, tmp = [], tempfile.mkdtemp(prefix="bench-grpo-")
     threads = {"OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // 2))}
-    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # (a free port)
+    # (a free port)
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     for launch, env in ((torchrun, threads), ([], {})):
         d = os.path.join(tmp, str(len(launch)))
-        args = ["--init_from", path, "--device", device, "--dtype", dtype, "--filter_groups", "false",
-                "--max_iters", str(repeats + 1), "--out_dir", d]
-        r = subprocess.run([sys.executable, *launch, "train_grpo.py", *args], capture_output=True, text=True,
-                           env={**os.environ, **env}, cwd=ROOT)
+        args = [
+            "--init_from",
+            path,
+            "--device",
+            device,
+            "--dtype",
+            dtype,
+            "--filter_groups",
+            "false",
+            "--max_iters",
+            str(repeats + 1),
+            "--out_dir",
+            d,
+        ]
+        r = subprocess.run(
+            [sys.executable, *launch, "train_grpo.py", *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+            cwd=ROOT,
+        )
         if r.returncode:
-            raise cli.InputError(f"train_grpo.py failed in the bench: {r.stderr.strip().splitlines()[-1]}")
+            raise cli.InputError(
+                f"train_grpo.py failed in the bench: {r.stderr.strip().splitlines()[-1]}"
+            )
         out.append(statistics.median(x["step_s"] for x in checkpoint.read_log(d)[1:]))
     shutil.rmtree(tmp)
     return out
@@ -361,7 +480,9 @@ def main(argv):
     rows = []
     for size in sizes.split(","):
         bench_size(size, rows)
-        print(f"\n{'size':6}{'measurement':52}{'ours':>12}{'reference':>12}  {'unit':18}{'ratio':>7}")
+        print(
+            f"\n{'size':6}{'measurement':52}{'ours':>12}{'reference':>12}  {'unit':18}{'ratio':>7}"
+        )
         for r in rows:
             theirs = "" if r[3] is None else f"{r[3]:.4g}"
             print(f"{r[0]:6}{r[1]:52}{r[2]:>12.4g}{theirs:>12}  {r[4]:18}{r[5]:>7}")

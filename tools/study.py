@@ -1,10 +1,10 @@
 """
-The study: where does latent reasoning pay, and is it the latents' content or the extra positions? Plain
-SFT, LVR and Mirage against the controls: pause tokens (LVR's slots, one learned input: extra positions
-without content) and LIVR (pause tokens under the bottleneck, then normal attention), and LVR under the
-bottleneck. Then ways to continue each run at equal compute: LVR stage 2 (trained on its own latents),
-GRPO_latent (latent_sigma 0) and GRPO that explores its latents (latent_sigma tuned), against a control
-that continues the same run under teacher forcing.
+The study: where does latent reasoning pay, and is it the latents' content or the extra positions?
+Plain SFT, LVR and Mirage against the controls: pause tokens (LVR's slots, one learned input: extra
+positions without content) and LIVR (pause tokens under the bottleneck, then normal attention), and
+LVR under the bottleneck. Then ways to continue each run at equal compute: LVR stage 2 (trained on
+its own latents), GRPO_latent (latent_sigma 0) and GRPO that explores its latents (latent_sigma
+tuned), against a control that continues the same run under teacher forcing.
 
     python -m tools.study                 # the whole study: hours on 2 cores, resumable, results as it goes
     python -m tools.study --quick true    # a tiny version: CI's smoke test (no accuracy asserted)
@@ -12,21 +12,25 @@ that continues the same run under teacher forcing.
 
 Protocol (one tuning budget for all; docs/study.md says it in full):
 - seeds: every (split, seed) draws its own examples (tasks.example_id), so no two seeds share one;
-  `tune_seed` makes every choice, on `val_examples` of the validation split; `seeds` are reported, on the
-  test split, and never choose anything.
-- SFT methods try each learning rate in `lrs` (Mirage: with each k in `mirage_ks`, chosen by its oracle
-  row, since a k whose targets cannot carry the answer cannot be rescued by the model). A method with one
-  candidate has nothing to choose: no tuning run.
+  `tune_seed` makes every choice, on `val_examples` of the validation split; `seeds` are reported,
+  on the test split, and never choose anything.
+- SFT methods try each learning rate in `lrs` (Mirage: with each k in `mirage_ks`, chosen by its
+  oracle row, since a k whose targets cannot carry the answer cannot be rescued by the model). A
+  method with one candidate has nothing to choose: no tuning run.
 - compute is counted in multiply-accumulates (qwen's Qwen2_5_VL.macs), never in seconds. Every
-  continuation starts from the LVR run of its seed and gets `budget` times that run's compute. The control
-  and stage 2 continue the run itself (train_sft --resume on a copy: its AdamW state, its data stream where
-  it stopped, the schedule's final learning rate) up to the compute the explored GRPO run spent.
-- GRPO tries each rate in `grpo_lrs` at latent_sigma 0, then each of `sigmas` (multiples of the typical
-  per-dimension distance between a latent and its target, measured on the validation split) at that rate.
-- every comparison is a paired difference with a 95% interval: a bootstrap over seeds and test examples.
-Every finished run is one JSON line in `results` (never redone); the tables and the picture are drawn from
-that file alone (matplotlib, only here).
+  continuation starts from the LVR run of its seed and gets `budget` times that run's compute. The
+  control and stage 2 continue the run itself (train_sft --resume on a copy: its AdamW state, its
+  data stream where it stopped, the schedule's final learning rate) up to the compute the explored
+  GRPO run spent.
+- GRPO tries each rate in `grpo_lrs` at latent_sigma 0, then each of `sigmas` (multiples of the
+  typical per-dimension distance between a latent and its target, measured on the validation split)
+  at that rate.
+- every comparison is a paired difference with a 95% interval: a bootstrap over seeds and test
+  examples.
+Every finished run is one JSON line in `results` (never redone); the tables and the picture are
+drawn from that file alone (matplotlib, only here).
 """
+
 import json
 import os
 import re
@@ -71,7 +75,8 @@ work_dir = "study_runs"  # checkpoints of the runs (large; not committed)
 quick = False  # a tiny version, for CI (the flags in QUICK, before the ones given)
 report = False  # run nothing: print the tables (markdown, for the docs) and draw the picture
 # -----------------------------------------------------------------------------
-# --quick true: LVR on VSP, its GRPO continuation and control (plain SFT and Mirage are the same functions
+# --quick true: LVR on VSP, its GRPO continuation and control (plain SFT and Mirage are the same
+# functions
 # with other flags, tested on their own), tiny: one seed, a few steps, one trial
 QUICK = ["--tasks", "vsp", "--methods", "lvr,grpo", "--max_iters", "4",
          "--batch_size", "2", "--eval_interval", "4", "--eval_examples", "4", "--val_examples", "4",
@@ -81,9 +86,16 @@ BASES = {"none": "plain SFT", "lvr": "LVR", "mirage": "Mirage", "pause": "pause 
          "livr": "pause + bottleneck (LIVR)", "lvrbn": "LVR + bottleneck"}
 FLAGS = {"livr": ["--method", "pause", "--bottleneck", "true"],
          "lvrbn": ["--method", "lvr", "--bottleneck", "true"]}  # (the others: --method itself)
-CONTINUED = {"control": "teacher-forced (control)", "stage2": "stage 2", "grpo0": "GRPO_latent (sigma 0)",
-             "grpo": "GRPO (sigma tuned)"}
-NAMES = {**BASES, **{f"{b}+{c}": f"{n} + {cn}" for b, n in BASES.items() for c, cn in CONTINUED.items()}}
+CONTINUED = {
+    "control": "teacher-forced (control)",
+    "stage2": "stage 2",
+    "grpo0": "GRPO_latent (sigma 0)",
+    "grpo": "GRPO (sigma tuned)",
+}
+NAMES = {
+    **BASES,
+    **{f"{b}+{c}": f"{n} + {cn}" for b, n in BASES.items() for c, cn in CONTINUED.items()},
+}
 COMPARISONS = [("lvr", "none"), ("mirage", "none"), ("mirage", "lvr"), ("pause", "none"),
                ("livr", "none"), ("lvrbn", "none"), ("lvr", "pause"), ("mirage", "pause"),
                ("livr", "pause"), ("lvrbn", "pause"), ("lvrbn", "lvr")] + [
@@ -96,7 +108,8 @@ COMPARISONS = [("lvr", "none"), ("mirage", "none"), ("mirage", "lvr"), ("pause",
 def run(script, *args):
     """Run a script -> its stdout; a failure stops the study with its error."""
     r = subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # (the repository)
+                       # (the repository)
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["(no error output)"])[-1]
         raise cli.InputError(f"{script} {' '.join(map(str, args))} failed: {last}")
@@ -105,19 +118,22 @@ def run(script, *args):
 
 def curve(stdout):
     """train_sft's periodic held-out accuracies -> [[step, accuracy], ...]."""
-    return [[int(s), float(a)] for s, a in re.findall(r"step (\d+): held-out accuracy ([\d.]+)", stdout)]
+    return [
+        [int(s), float(a)] for s, a in re.findall(r"step (\d+): held-out accuracy ([\d.]+)", stdout)
+    ]
 
 
 def macs_of(out):
-    """The compute a run has recorded in its history (log.jsonl): train_sft's running total at its last step,
-    or the sum of GRPO's steps."""
+    """The compute a run has recorded in its history (log.jsonl): train_sft's running total at its
+    last step, or the sum of GRPO's steps."""
     steps = [x for x in checkpoint.read_log(out) if "macs" in x]
     return steps[-1]["macs"] if "ce" in steps[-1] else sum(x["macs"] for x in steps)
 
 
 def evaluated(task, out, split, n, diagnostics, k=0):
     """evaluate.py on a checkpoint -> {"rows": {name: {accuracy, ..., right}}, "geometry": ...}."""
-    path = f"{out}.{split}.json"  # (beside the checkpoint: a checkpoint directory holds only its own files)
+    # (beside the checkpoint: a checkpoint directory holds only its own files)
+    path = f"{out}.{split}.json"
     run("evaluate.py", "--init_from", out, "--task", task, "--level", level, "--n_examples", n,
         "--split", split,
         "--diagnostics", diagnostics, "--save", path,
@@ -127,15 +143,20 @@ def evaluated(task, out, split, n, diagnostics, k=0):
 
 
 def checked(task, out, seed, k=0, diagnostics=False):
-    """A run's evaluation fields: a tuning run's on the validation split, a reported run's on the test one."""
+    """A run's evaluation fields: a tuning run's on the validation split, a reported run's on the
+    test one."""
     if seed == tune_seed:
-        return {"val": evaluated(task, out, "eval", val_examples, diagnostics, k)}
-    return {"test": evaluated(task, out, "test", test_examples, diagnostics, k)}
+        return {
+            "val": evaluated(task, out, split="eval", n=val_examples, diagnostics=diagnostics, k=k)
+        }
+    return {
+        "test": evaluated(task, out, split="test", n=test_examples, diagnostics=diagnostics, k=k)
+    }
 
 
 def record(done, key, fn):
-    """The result of `key`: from the file, or computed now by fn() and appended (a finished run is not
-    redone). `done`: every finished run, by key."""
+    """The result of `key`: from the file, or computed now by fn() and appended (a finished run is
+    not redone). `done`: every finished run, by key."""
     if key not in done:
         t0 = time.time()
         rec = {"key": key, **fn()}
@@ -155,8 +176,8 @@ def fresh(*dirs):
 
 
 class Trial(NamedTuple):
-    """An SFT method's settings: its learning rate, VSP's targets (tasks.vsp_example), Mirage's k and LVR's
-    max_latents."""
+    """An SFT method's settings: its learning rate, VSP's targets (tasks.vsp_example), Mirage's k
+    and LVR's max_latents."""
     lr: float
     targets: str = ""
     k: int = 4
@@ -164,22 +185,30 @@ class Trial(NamedTuple):
 
 
 def trials(task, method):
-    """The settings an SFT method tries on tune_seed: each lr, and on VSP each LVR region or Mirage helper
-    (Mirage: with each k)."""
+    """The settings an SFT method tries on tune_seed: each lr, and on VSP each LVR region or Mirage
+    helper (Mirage: with each k)."""
     ks = [int(k) for k in mirage_ks.split(",")] if method == "mirage" else [4]
     targets = [("", 0)]
     if task == "vsp" and method in ("lvr", "lvrbn"):
-        targets = [(f"{r.split(':')[0]}+goal", int(r.split(":")[1])) for r in lvr_regions.split(",")]
+        targets = [
+            (f"{r.split(':')[0]}+goal", int(r.split(":")[1])) for r in lvr_regions.split(",")
+        ]
     if task == "vsp" and method == "mirage":
         targets = [(f"box+{h}", 0) for h in mirage_helpers.split(",")]
-    return [Trial(float(lr), t, k, m) for lr in lrs.split(",") for t, m in targets for k in ks]
+    return [
+        Trial(float(lr), targets=t, k=k, max_latents=m)
+        for lr in lrs.split(",")
+        for t, m in targets
+        for k in ks
+    ]
 
 
 def sft(done, task, method, seed, trial, need=False):
-    """One SFT run (Mirage: stage 1 then 2), recorded -> (record, checkpoint directory). Tuning runs are
-    validated (LVR and Mirage with every diagnostic row: their oracle rows choose), reported ones tested.
-    A run recorded in the file whose checkpoint is gone (a study resumed on another machine) is trained
-    again, unrecorded, when a continuation needs it (`need`): the same seed and settings, the same run."""
+    """One SFT run (Mirage: stage 1 then 2), recorded -> (record, checkpoint directory). Tuning runs
+    are validated (LVR and Mirage with every diagnostic row: their oracle rows choose), reported
+    ones tested. A run recorded in the file whose checkpoint is gone (a study resumed on another
+    machine) is trained again, unrecorded, when a continuation needs it (`need`): the same seed and
+    settings, the same run."""
     lr, targets, k, max_latents = trial
     tag = (f"_t{targets}" if targets else "") + (f"_k{k}" if method == "mirage" else "") + (
         f"_m{max_latents}" if max_latents else "")
@@ -195,21 +224,43 @@ def sft(done, task, method, seed, trial, need=False):
                   *(["--vsp_targets", targets] if targets else []),
                   *(["--max_latents", max_latents] if max_latents else [])]
         if method != "mirage":
-            stdout = run("train_sft.py", *common, *FLAGS.get(method, ["--method", method]), "--max_iters",
-                         max_iters, "--out_dir", out)
+            stdout = run(
+                "train_sft.py",
+                *common,
+                *FLAGS.get(method, ["--method", method]),
+                "--max_iters",
+                max_iters,
+                "--out_dir",
+                out,
+            )
             rec = {"curve": curve(stdout), "macs": macs_of(out)}
         else:
             n1 = max_iters * 3 // 4
-            s1 = run("train_sft.py", *common, "--method", "mirage", "--mirage_k", k, "--max_iters", n1,
-                     "--out_dir", out + "_stage1")
+            s1 = run(
+                "train_sft.py",
+                *common,
+                "--method",
+                "mirage",
+                "--mirage_k",
+                k,
+                "--max_iters",
+                n1,
+                "--out_dir",
+                out + "_stage1",
+            )
             s2 = run("train_sft.py", *common, "--method", "mirage", "--mirage_k", k, "--stage", 2,
                      "--init_from", out + "_stage1", "--latent_loss", "cosine", "--ce_weight", 1.0,
                      "--latent_weight", 0.1, "--warmup_iters", 0, "--max_iters", max_iters - n1,
                      "--out_dir", out)
             rec = {"curve": curve(s1) + [[n1 + s, a] for s, a in curve(s2)],
                    "macs": macs_of(out + "_stage1") + macs_of(out)}
-        diagnostics = method != "none" and (seed != tune_seed or method == "mirage" or task == "vsp")
-        return {**rec, **checked(task, out, seed, k if method == "mirage" else 0, diagnostics)}
+        diagnostics = method != "none" and (
+            seed != tune_seed or method == "mirage" or task == "vsp"
+        )
+        return {
+            **rec,
+            **checked(task, out, seed, k=k if method == "mirage" else 0, diagnostics=diagnostics),
+        }
     if need and key in done and not os.path.isdir(out):
         go()  # (its record stays the file's)
     return record(done, key, go), out
@@ -217,21 +268,25 @@ def sft(done, task, method, seed, trial, need=False):
 
 def continued_key(task, base_method, name, seed):
     """A continuation's key in the results file (v2's LVR continuations: relation/control/seed1)."""
-    return f"{task}/{name}/seed{seed}" if task != "vsp" else f"{task}/{base_method}+{name}/seed{seed}"
+    return (
+        f"{task}/{name}/seed{seed}" if task != "vsp" else f"{task}/{base_method}+{name}/seed{seed}"
+    )
 
 
 def grpo_key(task, base_method, seed, lr, sigma_name):
-    """A GRPO run's key in the results file (v2's, of LVR runs: relation/grpo/seed1/lr2e-05/sigma0)."""
+    """A GRPO run's key in the results file (v2's, of LVR runs:
+    relation/grpo/seed1/lr2e-05/sigma0)."""
     prefix = "" if task != "vsp" else f"{base_method}+"
     return f"{task}/{prefix}grpo/seed{seed}/lr{lr}/sigma{sigma_name}"
 
 
 def continued(done, task, base_method, name, seed, base, trial, target_macs):
-    """The SFT run `base` continued under --resume (its optimizer, its data stream, the schedule's final
-    learning rate) until it has spent target_macs more: teacher-forced (control) or on its own latents
-    (stage2), recorded. (v2's LVR continuations are keyed without the base: relation/control/seed1.)"""
+    """The SFT run `base` continued under --resume (its optimizer, its data stream, the schedule's
+    final learning rate) until it has spent target_macs more: teacher-forced (control) or on its own
+    latents (stage2), recorded. (v2's LVR continuations are keyed without the base:
+    relation/control/seed1.)"""
     out = os.path.join(work_dir, f"{task}_{base_method}+{name}_s{seed}")
-    key = continued_key(task, base_method, name, seed)
+    key = continued_key(task, base_method, name, seed=seed)
 
     def go():
         fresh(out)
@@ -239,14 +294,43 @@ def continued(done, task, base_method, name, seed, base, trial, target_macs):
         base_macs = macs_of(base)
         final = trial.lr / 10  # (sft's --min_lr)
         k = trial.k if base_method == "mirage" else 0
-        run("train_sft.py", "--resume", "true", "--out_dir", out, "--stage", 2 if name == "stage2" else 1,
-            "--task", task, "--level", level, "--method", base_method, "--batch_size", batch_size,
-            "--seed", seed,
-            "--lr", final, "--min_lr", final, "--warmup_iters", 0, "--max_iters", 100 * max_iters,
-            "--max_macs", base_macs + target_macs, "--eval_examples", 0, "--eval_interval", 100 * max_iters,
-            *(["--vsp_targets", trial.targets] if trial.targets else []), *(["--mirage_k", k] if k else []),
-            *(["--max_latents", trial.max_latents] if trial.max_latents else []))
-        return {"macs": macs_of(out) - base_macs, "lr": final, **checked(task, out, seed, k)}
+        run(
+            "train_sft.py",
+            "--resume",
+            "true",
+            "--out_dir",
+            out,
+            "--stage",
+            2 if name == "stage2" else 1,
+            "--task",
+            task,
+            "--level",
+            level,
+            "--method",
+            base_method,
+            "--batch_size",
+            batch_size,
+            "--seed",
+            seed,
+            "--lr",
+            final,
+            "--min_lr",
+            final,
+            "--warmup_iters",
+            0,
+            "--max_iters",
+            100 * max_iters,
+            "--max_macs",
+            base_macs + target_macs,
+            "--eval_examples",
+            0,
+            "--eval_interval",
+            100 * max_iters,
+            *(["--vsp_targets", trial.targets] if trial.targets else []),
+            *(["--mirage_k", k] if k else []),
+            *(["--max_latents", trial.max_latents] if trial.max_latents else []),
+        )
+        return {"macs": macs_of(out) - base_macs, "lr": final, **checked(task, out, seed, k=k)}
     return record(done, key, go)
 
 
@@ -258,17 +342,46 @@ def grpo_run(done, task, base_method, seed, base, lr, sigma, macs, sigma_name, k
 
     def go():
         fresh(out)
-        run("train_grpo.py", "--init_from", base, "--task", task, "--level", level, "--seed", seed,
-            "--lr", lr, "--latent_sigma", sigma, "--max_iters", grpo_iters, "--max_macs", macs,
-            "--batch_size", grpo_batch_size, "--group_size", group_size, "--eval_interval", grpo_iters,
-            "--out_dir", out,
-            *(["--decoding", "steps", "--lvr_steps", k] if k else []))  # (Mirage: its k steps)
+        run(
+            "train_grpo.py",
+            "--init_from",
+            base,
+            "--task",
+            task,
+            "--level",
+            level,
+            "--seed",
+            seed,
+            "--lr",
+            lr,
+            "--latent_sigma",
+            sigma,
+            "--max_iters",
+            grpo_iters,
+            "--max_macs",
+            macs,
+            "--batch_size",
+            grpo_batch_size,
+            "--group_size",
+            group_size,
+            "--eval_interval",
+            grpo_iters,
+            "--out_dir",
+            out,
+            *(["--decoding", "steps", "--lvr_steps", k] if k else []),
+        )  # (Mirage: its k steps)
         log = checkpoint.read_log(out)
-        rec = {"macs": macs_of(out), "latent_sigma": sigma, "steps": len(log),
-               "grpo_log": [{k: x[k] for k in ("reward", "flat_groups", "kept_groups", "draws", "kl")}
-                            for x in log]}
-        return {**rec, **checked(task, out, seed, k)}
-    return record(done, grpo_key(task, base_method, seed, lr, sigma_name), go)
+        rec = {
+            "macs": macs_of(out),
+            "latent_sigma": sigma,
+            "steps": len(log),
+            "grpo_log": [
+                {k: x[k] for k in ("reward", "flat_groups", "kept_groups", "draws", "kl")}
+                for x in log
+            ],
+        }
+        return {**rec, **checked(task, out, seed, k=k)}
+    return record(done, grpo_key(task, base_method, seed, lr=lr, sigma_name=sigma_name), go)
 
 
 def val_accuracy(rec, row="with latents"):
@@ -276,10 +389,11 @@ def val_accuracy(rec, row="with latents"):
 
 
 def study(done, task):
-    """Every run of one task, in order: 1) each SFT method's trials on tune_seed, chosen by the oracle row
-    (plain SFT: its own row); 2) GRPO's learning rate for each SFT method, on its tune_seed run; 3) seed by
-    seed, each SFT method's reported run and its continuations (GRPO, its compute-matched control, LVR's
-    stage 2), so that a study stopped early has every method on the same seeds."""
+    """Every run of one task, in order: 1) each SFT method's trials on tune_seed, chosen by the
+    oracle row (plain SFT: its own row); 2) GRPO's learning rate for each SFT method, on its
+    tune_seed run; 3) seed by seed, each SFT method's reported run and its continuations (GRPO, its
+    compute-matched control, LVR's stage 2), so that a study stopped early has every method on the
+    same seeds."""
     wanted = methods.split(",")
     sft_methods = [m for m in BASES if m in wanted or m == "lvr" and "stage2" in wanted]
     chosen = {}
@@ -287,44 +401,125 @@ def study(done, task):
         if len(trials(task, method)) == 1:
             chosen[method] = trials(task, method)[0]
             continue
-        runs = {t: sft(done, task, method, tune_seed, t)[0] for t in trials(task, method)}
+        runs = {
+            t: sft(done, task, method, seed=tune_seed, trial=t)[0] for t in trials(task, method)
+        }
         row = "with latents" if method in ("none", "pause", "livr") else "oracle latents"
-        chosen[method] = max(runs, key=lambda t: (val_accuracy(runs[t], row), val_accuracy(runs[t])))
+        chosen[method] = max(
+            runs, key=lambda t: (val_accuracy(runs[t], row), val_accuracy(runs[t]))
+        )
     g_best, unit, s_best = {}, 1.0, None
     for method in sft_methods if "grpo" in wanted else []:  # 2) GRPO's lr, for each base
-        pending = [grpo_key(task, method, tune_seed, float(g), "0") for g in grpo_lrs.split(",")]
-        base_rec, base = sft(done, task, method, tune_seed, chosen[method], need=set(pending) - set(done))
+        pending = [
+            grpo_key(task, base_method=method, seed=tune_seed, lr=float(g), sigma_name="0")
+            for g in grpo_lrs.split(",")
+        ]
+        base_rec, base = sft(
+            done, task, method, seed=tune_seed, trial=chosen[method], need=set(pending) - set(done)
+        )
         k = chosen[method].k if method == "mirage" else 0
-        lr_trials = {float(g): grpo_run(done, task, method, tune_seed, base, float(g), 0.0,
-                                    budget * base_rec["macs"], "0", k) for g in grpo_lrs.split(",")}
+        lr_trials = {
+            float(g): grpo_run(
+                done,
+                task,
+                base_method=method,
+                seed=tune_seed,
+                base=base,
+                lr=float(g),
+                sigma=0.0,
+                macs=budget * base_rec["macs"],
+                sigma_name="0",
+                k=k,
+            )
+            for g in grpo_lrs.split(",")
+        }
         g_best[method] = max(lr_trials, key=lambda g: val_accuracy(lr_trials[g]))
         if method == "lvr" and sigmas:  # exploring LVR's latents: sigma in latent-target distances
             geo = base_rec["val"]["geometry"]
-            unit = geo["distance"] / json.load(open(os.path.join(base, "config.json")))["hidden_size"] ** 0.5
-            s_trials = {m: grpo_run(done, task, method, tune_seed, base, g_best[method], float(m) * unit,
-                                    budget * base_rec["macs"], m) for m in sigmas.split(",")}
+            unit = (
+                geo["distance"]
+                / json.load(open(os.path.join(base, "config.json")))["hidden_size"] ** 0.5
+            )
+            s_trials = {
+                m: grpo_run(
+                    done,
+                    task,
+                    base_method=method,
+                    seed=tune_seed,
+                    base=base,
+                    lr=g_best[method],
+                    sigma=float(m) * unit,
+                    macs=budget * base_rec["macs"],
+                    sigma_name=m,
+                )
+                for m in sigmas.split(",")
+            }
             s_best = max(s_trials, key=lambda m: val_accuracy(s_trials[m]))
     for seed in map(int, seeds.split(",")):  # 3) the reported seeds
         for method in sft_methods:
             pending = []  # (its continuations not in the file yet)
             if method in g_best:
-                pending += [grpo_key(task, method, seed, g_best[method], "0"),
-                            continued_key(task, method, "control", seed)]
+                pending += [
+                    grpo_key(
+                        task, base_method=method, seed=seed, lr=g_best[method], sigma_name="0"
+                    ),
+                    continued_key(task, base_method=method, name="control", seed=seed),
+                ]
             if method == "lvr" and "stage2" in wanted:
-                pending += [continued_key(task, method, "stage2", seed)]
-            base_rec, base = sft(done, task, method, seed, chosen[method], need=set(pending) - set(done))
+                pending += [continued_key(task, base_method=method, name="stage2", seed=seed)]
+            base_rec, base = sft(
+                done, task, method, seed=seed, trial=chosen[method], need=set(pending) - set(done)
+            )
             target = budget * base_rec["macs"]
             k = chosen[method].k if method == "mirage" else 0
             matched = target  # (the control and stage 2 get what the GRPO run spent)
             if method in g_best:
                 g = g_best[method]
-                matched = grpo_run(done, task, method, seed, base, g, 0.0, target, "0", k)["macs"]
+                matched = grpo_run(
+                    done,
+                    task,
+                    base_method=method,
+                    seed=seed,
+                    base=base,
+                    lr=g,
+                    sigma=0.0,
+                    macs=target,
+                    sigma_name="0",
+                    k=k,
+                )["macs"]
                 if method == "lvr" and s_best is not None:  # (v2: matched to the explored run)
-                    matched = grpo_run(done, task, method, seed, base, g, float(s_best) * unit, target,
-                                       s_best)["macs"]
-                continued(done, task, method, "control", seed, base, chosen[method], matched)
+                    matched = grpo_run(
+                        done,
+                        task,
+                        base_method=method,
+                        seed=seed,
+                        base=base,
+                        lr=g,
+                        sigma=float(s_best) * unit,
+                        macs=target,
+                        sigma_name=s_best,
+                    )["macs"]
+                continued(
+                    done,
+                    task,
+                    base_method=method,
+                    name="control",
+                    seed=seed,
+                    base=base,
+                    trial=chosen[method],
+                    target_macs=matched,
+                )
             if method == "lvr" and "stage2" in wanted:
-                continued(done, task, method, "stage2", seed, base, chosen[method], matched)
+                continued(
+                    done,
+                    task,
+                    base_method=method,
+                    name="stage2",
+                    seed=seed,
+                    base=base,
+                    trial=chosen[method],
+                    target_macs=matched,
+                )
 
 
 def reported(recs, task, method):
@@ -339,15 +534,16 @@ def reported(recs, task, method):
             base, name = name, ""
         if name == "grpo":
             name = "grpo0" if parts[4] == "sigma0" else "grpo"
-        full = (base or "lvr") + "+" + name if name else base  # (v2's continuations are LVR's, keyed bare)
+        # (v2's continuations are LVR's, keyed bare)
+        full = (base or "lvr") + "+" + name if name else base
         if full == method:
             out[int(parts[2][4:])] = r
     return dict(sorted(out.items()))
 
 
 def bootstrap(a, b, n, seed=0):
-    """Paired difference of two methods' test correctness, {seed: [0/1]} each, over their common seeds ->
-    (mean, low, high): a 95% interval from resampling seeds and test examples together."""
+    """Paired difference of two methods' test correctness, {seed: [0/1]} each, over their common
+    seeds -> (mean, low, high): a 95% interval from resampling seeds and test examples together."""
     common = sorted(set(a) & set(b))
     d = torch.tensor([[float(x) - float(y) for x, y in zip(a[s], b[s])] for s in common])  # (S, N)
     g = torch.Generator().manual_seed(seed)
@@ -363,8 +559,15 @@ def bootstrap(a, b, n, seed=0):
 
 
 def tuning(recs):
-    """The tuning runs' table, markdown: each tune_seed run's validation rows (accuracy), in file order."""
-    names = ["with latents", "latents disabled", "dummy latents", "swapped latents", "oracle latents"]
+    """The tuning runs' table, markdown: each tune_seed run's validation rows (accuracy), in file
+    order."""
+    names = [
+        "with latents",
+        "latents disabled",
+        "dummy latents",
+        "swapped latents",
+        "oracle latents",
+    ]
     lines = ["| run (validation) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for r in recs:
         if r["key"].split("/")[0] in tasks.split(",") and "val" in r:
@@ -375,11 +578,17 @@ def tuning(recs):
 
 
 def summary(recs):
-    """The tables, markdown: 1) per task and method, test accuracy over the reported seeds and the latent
-    diagnostics; 2) the paired comparisons, each with its 95% interval."""
-    rows = ["| task | method | accuracy: mean ± std (each seed) | hit rate | latent-target distance | "
-            "oracle | compute (x LVR run) | flat groups |", "|---|---|---|---|---|---|---|---|"]
-    pairs = ["| task | comparison | seeds | difference | 95% interval | real? |", "|---|---|---|---|---|---|"]
+    """The tables, markdown: 1) per task and method, test accuracy over the reported seeds and the
+    latent diagnostics; 2) the paired comparisons, each with its 95% interval."""
+    rows = [
+        "| task | method | accuracy: mean ± std (each seed) | hit rate | latent-target distance | "
+        "oracle | compute (x LVR run) | flat groups |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    pairs = [
+        "| task | comparison | seeds | difference | 95% interval | real? |",
+        "|---|---|---|---|---|---|",
+    ]
     for task in tasks.split(","):
         lvr_macs = {s: r["macs"] for s, r in reported(recs, task, "lvr").items()}
         for method in NAMES:
@@ -390,15 +599,21 @@ def summary(recs):
             mean = statistics.mean(acc)
             sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
             hits = [r["test"]["rows"]["with latents"]["hit_rate"] for r in runs.values()]
-            dist = [r["test"]["geometry"]["distance"] for r in runs.values() if r["test"].get("geometry")]
+            dist = [
+                r["test"]["geometry"]["distance"]
+                for r in runs.values()
+                if r["test"].get("geometry")
+            ]
             oracle = [r["test"]["rows"]["oracle latents"]["accuracy"] for r in runs.values()
                       if "oracle latents" in r["test"]["rows"]]
             ratio = [r["macs"] / lvr_macs[s] for s, r in runs.items() if s in lvr_macs]
             flat = [x["flat_groups"] for r in runs.values() for x in r.get("grpo_log", [])]
             each = ", ".join(f"{x:.3f}" for x in acc)
             hits = [h for h in hits if h is not None]
-            rows.append(f"| {task} | {NAMES[method]} | {mean:.3f} ± {sd:.3f} ({each}) | {avg(hits)} | "
-                        f"{avg(dist)} | {avg(oracle)} | {avg(ratio)} | {avg(flat)} |")
+            rows.append(
+                f"| {task} | {NAMES[method]} | {mean:.3f} ± {sd:.3f} ({each}) | {avg(hits)} | "
+                f"{avg(dist)} | {avg(oracle)} | {avg(ratio)} | {avg(flat)} |"
+            )
         for a, b in COMPARISONS:
             ra, rb = reported(recs, task, a), reported(recs, task, b)
             if not set(ra) & set(rb):
@@ -407,8 +622,10 @@ def summary(recs):
             other = {s: r["test"]["rows"]["with latents"]["right"] for s, r in rb.items()}
             mean, low, high = bootstrap(right, other, resamples)
             real = "yes" if low > 0 or high < 0 else "no"
-            pairs.append(f"| {task} | {NAMES[a]} - {NAMES[b]} | {len(set(ra) & set(rb))} | {mean:+.3f} | "
-                         f"[{low:+.3f}, {high:+.3f}] | {real} |")
+            pairs.append(
+                f"| {task} | {NAMES[a]} - {NAMES[b]} | {len(set(ra) & set(rb))} | {mean:+.3f} | "
+                f"[{low:+.3f}, {high:+.3f}] | {real} |"
+            )
     return "\n".join(rows) + "\n\n" + "\n".join(pairs)
 
 
@@ -433,9 +650,10 @@ def main(argv):
 
 
 def draw(recs):
-    """Validation accuracy against SFT steps (mean over the reported seeds, min-max shaded), one panel per
-    task; each SFT method's test accuracy at its last step and each continuation's past it, at the compute
-    it spent as a fraction of its run's (markers: mean and min-max over the seeds)."""
+    """Validation accuracy against SFT steps (mean over the reported seeds, min-max shaded), one
+    panel per task; each SFT method's test accuracy at its last step and each continuation's past
+    it, at the compute it spent as a fraction of its run's (markers: mean and min-max over the
+    seeds)."""
     try:
         import matplotlib.pyplot as plt
         plt.switch_backend("Agg")
@@ -443,10 +661,21 @@ def draw(recs):
         print("matplotlib is not installed: no picture (pip install matplotlib)")
         return
     names = [t for t in tasks.split(",") if any(r["key"].startswith(t + "/") for r in recs)]
-    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4.6 * max(1, len(names)), 3.6), squeeze=False)
-    colours = {"none": "tab:gray", "lvr": "tab:blue", "mirage": "tab:green", "control": "tab:orange",
-               "stage2": "tab:purple", "grpo0": "tab:brown", "grpo": "tab:red", "pause": "tab:olive",
-               "livr": "tab:cyan", "lvrbn": "tab:pink"}
+    fig, axes = plt.subplots(
+        1, max(1, len(names)), figsize=(4.6 * max(1, len(names)), 3.6), squeeze=False
+    )
+    colours = {
+        "none": "tab:gray",
+        "lvr": "tab:blue",
+        "mirage": "tab:green",
+        "control": "tab:orange",
+        "stage2": "tab:purple",
+        "grpo0": "tab:brown",
+        "grpo": "tab:red",
+        "pause": "tab:olive",
+        "livr": "tab:cyan",
+        "lvrbn": "tab:pink",
+    }
     for ax, task in zip(axes[0], names):
         for method in BASES:
             runs = [r for r in reported(recs, task, method).values() if r["curve"]]
@@ -459,24 +688,29 @@ def draw(recs):
             low = [min(a[i] for a in accs) for i in range(len(steps))]
             high = [max(a[i] for a in accs) for i in range(len(steps))]
             ax.fill_between(steps, low, high, color=colours[method], alpha=0.2)
-        markers = [m for m in NAMES if reported(recs, task, m)]  # (SFT methods first, then continuations)
+        # (SFT methods first, then continuations)
+        markers = [m for m in NAMES if reported(recs, task, m)]
         for j, method in enumerate(markers):
             runs = reported(recs, task, method)
             if not runs:
                 continue
             vals = [r["test"]["rows"]["with latents"]["accuracy"] for r in runs.values()]
             m = sum(vals) / len(vals)
-            x = max_iters * (1 + (budget if "+" in method else 0) + 0.02 * j)  # (the compute, in SFT steps)
+            # (the compute, in SFT steps)
+            x = max_iters * (1 + (budget if "+" in method else 0) + 0.02 * j)
             colour = colours[method.split("+")[-1]] if "+" in method else colours[method]
             ax.errorbar([x], [m], yerr=[[m - min(vals)], [max(vals) - m]], color=colour,
                         fmt={"none": "s", "lvr": "o", "mirage": "D", "pause": "v", "livr": "^",
                              "lvrbn": "P"}[method.split("+")[0]],
                         label=NAMES[method] + " (test)")
-        xlabel = f"SFT steps (batch {batch_size}); continuations: +{budget:g} of their run's compute"
+        xlabel = (
+            f"SFT steps (batch {batch_size}); continuations: +{budget:g} of their run's compute"
+        )
         ax.set(title=task, xlabel=xlabel, ylim=(0, 1.02))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy")
-    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))  # (beside the panels)
+    # (beside the panels)
+    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     os.makedirs(os.path.dirname(picture) or ".", exist_ok=True)
     fig.savefig(picture, dpi=110, bbox_inches="tight")
