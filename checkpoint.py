@@ -48,6 +48,7 @@ def check_out_dir(out_dir, fresh):
             f"--out_dir {out_dir} holds {', '.join(sorted(have - CHECKPOINT_FILES)[:3])}, which saving a "
             f"checkpoint there would delete: choose another --out_dir"
         )
+
     # a finished run's checkpoint, or a model (say the --init_from one) saved there
     if fresh and have:
         raise InputError(
@@ -68,6 +69,7 @@ def save(model, tok, out_dir, train_state, weights=None, history=()):
     for d in sorted(os.listdir(parent)):  # and every leftover dropped
         if d.startswith((f".tmp-{name}-", f".old-{name}-")):
             discard(os.path.join(parent, d), name)
+
     check_out_dir(out_dir, fresh=False)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent)
     try:
@@ -79,12 +81,12 @@ def save(model, tok, out_dir, train_state, weights=None, history=()):
         for f in os.listdir(tmp):
             with open(os.path.join(tmp, f), "rb") as fh:
                 os.fsync(fh.fileno())
-    # a full disk, say: drop the partial copy (it holds the space), keep the old one
-    except OSError as e:
+    except OSError as e:  # a full disk, say: drop the partial copy (it holds the space)
         discard(tmp, name)
         raise InputError(
             f"cannot write a checkpoint beside {out_dir} ({e}); {out_dir} is unchanged"
         ) from None
+
     old = tempfile.mkdtemp(prefix=f".old-{name}-", dir=parent)
     if os.path.exists(out_dir):
         os.rename(out_dir, os.path.join(old, "ckpt"))
@@ -102,6 +104,7 @@ def load_train_state(out_dir, config=None):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # missing, truncated, or a pickle that wants to run code
         raise InputError(f"cannot resume from {path}: {str(e).splitlines()[0][:200]}") from None
+
     saved = state.get("config", {})
     changed = [
         f"{k} {saved[k]} -> {v}"
@@ -170,6 +173,7 @@ def locate(name):
             f"{name} is not a directory; to load it from the Hugging Face hub: {HUB_INSTALL} "
             f"(or: hf download {repo} --local-dir DIR, then --init_from DIR)"
         ) from None
+
     try:
         return huggingface_hub.snapshot_download(
             repo, revision=revision or None, allow_patterns=HUB_FILES
@@ -186,6 +190,7 @@ def locate(name):
         )
     except (errors.HfHubHTTPError, OSError, ValueError) as e:
         cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+
     raise InputError(
         f"--init_from {name}: not a local directory, and from the Hugging Face hub: {cause}"
     )

@@ -75,6 +75,7 @@ def declarations(path):
                                    None if extra is None else float(extra)))
         elif c:
             out[name] = ("choices", (tuple(s.strip() for s in c.group(1).split(",")), c.group(0)))
+
     return out
 
 
@@ -115,6 +116,7 @@ def usage(g, keys):
             str(v).lower() if isinstance(v, bool) else repr(v) if isinstance(v, str) else str(v)
         )
         lines.append(f"  --{k:<{width}}{default:<14} {said.get(k, '')}")
+
     return "\n".join(lines)
 
 
@@ -139,10 +141,12 @@ def configure(g, argv):
     if "--help" in argv or "-h" in argv:
         print(usage(g, keys))
         raise SystemExit(0)
+
     if len(argv) % 2 or any(not a.startswith("--") for a in argv[::2]):
         raise InputError(
             f"arguments must be --name value pairs, got: {' '.join(argv)} (--help lists them)"
         )
+
     for flag, value in zip(argv[::2], argv[1::2]):
         name = flag[2:]
         if name not in keys:
@@ -150,6 +154,7 @@ def configure(g, argv):
             hint = f"did you mean --{near[0]}?" if near else "--help lists the flags"
             raise InputError(f"unknown flag {flag}: {hint}")
         keys[name] = g[name] = parse(flag, value, keys[name])
+
     decl = declarations(g["__file__"])
     for name, value in keys.items():
         if (type(value) in (int, float) or isinstance(value, Auto)) and name not in decl:
@@ -157,8 +162,10 @@ def configure(g, argv):
             raise TypeError(f"{g['__file__']}: setting {name} declares no range")
         if name in decl:
             check(name, value, decl[name])
+
     if os.environ.get("RANK", "0") == "0":  # (under torchrun: once)
         print("config: " + " ".join(f"{k}={v}" for k, v in keys.items()))
+
     # (plain values: it is saved)
     return {k: "auto" if isinstance(v, Auto) else v for k, v in keys.items()}
 
@@ -197,6 +204,7 @@ def stop_flag():
             "(again: stop now, no save)",
             file=sys.stderr,
         )
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, handler)
     return flag

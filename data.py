@@ -34,6 +34,7 @@ def load_records(path):
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read dataset {path}: {e}") from None
+
     try:
         if text.lstrip().startswith("["):
             records = json.loads(text)
@@ -41,6 +42,7 @@ def load_records(path):
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: not valid JSON/JSONL ({e})") from None
+
     if not records or not all(isinstance(r, dict) for r in records):
         raise InputError(f"{path}: expected a non-empty list of JSON objects")
     return records
@@ -83,6 +85,7 @@ def stream_example(records, i, seed, convert, where, on_bad="fail", skipped=None
             if r not in skipped:
                 skipped[r] = str(e)
                 print(f"skipping {e}", file=sys.stderr)
+
     raise InputError(f"{where}: every record is bad")
 
 
@@ -90,6 +93,7 @@ def record_example(rec, image_root, where):
     """One LVR or Mirage record -> an example. `where` names the record in errors."""
     def image(p):
         return open_image(image_root, p, where)
+
     # a Mirage VSP test record: a prompt and its map
     if "map_desc" in rec and "image_output" not in rec:
         if not isinstance(rec.get("text_input"), str) or not isinstance(
@@ -100,6 +104,7 @@ def record_example(rec, image_root, where):
             )
         return {"images": [image(rec["image_input"])], "question": rec["text_input"], "answer": "",
                 "bboxes": [], "map_desc": vsp_map(rec["map_desc"], where)}
+
     if "image_output" in rec:  # Mirage: the helper image is the latent target
         for k in ("text_input", "text_output", "image_input"):
             if not isinstance(rec.get(k), str):
@@ -124,6 +129,7 @@ def record_example(rec, image_root, where):
             "helper": image(rec["image_output"]),
             **({"map_desc": vsp_map(rec["map_desc"], where)} if "map_desc" in rec else {}),
         }
+
     conv = rec.get("conversations")
     if (
         not isinstance(conv, list)
@@ -131,6 +137,7 @@ def record_example(rec, image_root, where):
         or not all(isinstance(c, dict) and isinstance(c.get("value"), str) for c in conv[:2])
     ):
         raise InputError(f"{where}: needs 'conversations' with a human and a gpt turn")
+
     paths = rec.get("image")
     images = [image(p) for p in (paths if isinstance(paths, list) else [paths])]
     question, assistant = conv[0]["value"].replace("<image>", "").strip(), conv[1]["value"]
@@ -140,6 +147,7 @@ def record_example(rec, image_root, where):
     if not isinstance(bboxes, list) or assistant.count("<lvr>") != len(bboxes):
         raise InputError(f"{where}: {assistant.count('<lvr>')} <lvr> placeholders but "
                          f"{len(bboxes) if isinstance(bboxes, list) else bboxes!r} bboxes")
+
     # with several images each bbox names its image: "bbox_images": [index, ...], one per bbox
     on = rec.get("bbox_images", [0] * len(bboxes) if len(images) == 1 else None)
     if bboxes and (not isinstance(on, list) or len(on) != len(bboxes)
@@ -148,6 +156,7 @@ def record_example(rec, image_root, where):
             f"{where}: {len(images)} images and {len(bboxes)} bboxes: 'bbox_images' must give each "
             f"bbox the index of its image (0 to {len(images) - 1}), got {on!r}"
         )
+
     bboxes = [lvr.normalise_bbox(b if isinstance(b, list) else [], *images[k].size, f"{where}: ")
               for b, k in zip(bboxes, on or [])]
     answer = assistant.split("<answer>")[-1].split("</answer>")[0].replace("<lvr>", "").strip()
@@ -173,6 +182,7 @@ def vsp_map(desc, where):
             f"{where}: map_desc must be a square grid of 1 (start), 2 (goal), -1 (hole) and "
             f"0 (ice), one start and one goal"
         )
+
     return desc
 
 
@@ -216,6 +226,7 @@ def load_multiple_choice(path, root, limit):
             letters = "".join(f"\n({chr(65 + j)}) {o}" for j, o in enumerate(opts))
             category = r.get("category") or (os.path.dirname(r["image"]) or None)
             out.append((r["image"], q + letters, a, f"{path} record {i}", {"category": category}))
+
     return [
         {
             "images": [open_image(root, img, where)],
@@ -250,6 +261,7 @@ def encode(
         raise InputError("latent_end needs a latent-end token, and these latent tokens have none")
     helper = vision.preprocess(ex["helper"], *pixels) if method == "mirage" else None
     seq, pos, slot, groups, end_pos = list(prompt), [], [], [], []
+
     # Mirage imagines one helper image: one span where the example puts it (a Mirage record: at its
     # <output_image>), and at the start when an LVR answer looks several times
     assistant = ex["assistant"]
@@ -261,9 +273,7 @@ def encode(
                 span = lvr.chunk_groups(vision.merged_tokens(helper[1]), k)
             elif method == "pause":  # a fixed count, so that the rollout can end its spans by count
                 span = [[]] * max_latents
-            # indices into the example's features: its images' merged tokens, one image after
-            # another
-            else:
+            else:  # indices into the example's features: its images' merged tokens, image by image
                 im = ex.get("bbox_images", [0] * i)[i - 1]
                 start = vision.token_offsets(grids)[im]
                 pooled = lvr.roi_groups(ex["bboxes"][i - 1], grids[im][0], max_latents)
@@ -278,6 +288,7 @@ def encode(
                 seq.append(ids.latent_end)
             seq.append(ids.end)
         seq += tok.encode(text.lstrip("\n") if i > 0 and method == "none" else text)
+
     seq.append(tok.im_end)
     labels = [-100] * len(prompt) + seq[len(prompt):]
     for t in pos + end_pos:
@@ -331,6 +342,7 @@ def collate(encoded, pad_id):
         end_rows += [b] * len(e["latent_end_pos"])
         end_pos += e["latent_end_pos"]
         offset += vision.merged_tokens(e["helper"][1]) if mirage else e["n_feat"]
+
     long = functools.partial(torch.tensor, dtype=torch.long)
     batch = {
         "input_ids": input_ids,
@@ -346,6 +358,7 @@ def collate(encoded, pad_id):
     if mirage:
         batch["helper_pixel_values"] = torch.cat([e["helper"][0] for e in encoded])
         batch["helper_grid_thw"] = torch.cat([e["helper"][1] for e in encoded])
+
     return batch
 
 
@@ -414,6 +427,7 @@ def grpo_example(rec, image_root, where):
     for k in ("question", "answer"):
         if not isinstance(rec.get(k), str) or not rec[k].strip():
             raise InputError(f"{where}: needs a non-empty string field {k!r}")
+
     paths = rec.get("image")
     paths = paths if isinstance(paths, list) and paths else [paths]
     return {
@@ -456,6 +470,7 @@ def answer_of(completion):
         completion = completion.split("<answer>")[-1].split("</answer>")[0]
     elif "\\boxed{" in completion:
         completion = completion.split("\\boxed{")[-1].split("}")[0]
+
     return normalise(completion)
 
 

@@ -81,6 +81,7 @@ def load_examples(how):
             )
             for i in range(n_examples)
         ]
+
     if data_path.endswith((".json", ".jsonl")):
         records = data.load_records(data_path)
         # LVR, Mirage, Mirage's VSP maps
@@ -89,6 +90,7 @@ def load_examples(how):
                 data.record_example(r, image_root, f"{data_path} record {i}")
                 for i, r in enumerate(records[:n_examples])
             ]
+
     return data.load_multiple_choice(data_path, image_root, n_examples)
 
 
@@ -108,6 +110,7 @@ def span_lengths(is_latent):
             n += 1
         elif n:
             runs, n = runs + [n], 0
+
     return runs
 
 
@@ -158,6 +161,7 @@ def evaluate(model, tok, ids, exs, decode, pixels=(3136, 28224), batch_size=32, 
                 ]
                 hit += latent_hits(r.latents[b, r.is_latent[b]], f, roi)
                 n_lat += int(r.is_latent[b].sum())
+
     n = len(exs)
     return {
         "accuracy": sum(right) / n,
@@ -196,6 +200,7 @@ def targets_of(model, tok, ids, exs, min_pixels=3136, max_pixels=28224, device="
         )
         batch = data.to_device(data.collate([row], tok.endoftext), device)
         out.append(lvr.encode_images(model, batch)[1].cpu())
+
     return out
 
 
@@ -228,6 +233,7 @@ def replaced_rows(model, tok, ids, exs, decode, own, targets):
     run = functools.partial(
         evaluate, model, tok, ids, exs, decode, (min_pixels, max_pixels), batch_size
     )
+
     # (dummy and swapped are made of its own latents: a model that makes none has neither row, and
     # the pause
     # control's are all one vector, so both would be its own row again)
@@ -236,6 +242,7 @@ def replaced_rows(model, tok, ids, exs, decode, own, targets):
         mean = torch.cat(lats).mean(0)
         rows["dummy latents"] = run(feed=[mean.expand(budget, -1)] * len(exs))
         rows["swapped latents"] = run(feed=own["latents"][1:] + own["latents"][:1])
+
     if all(t is None for t in targets):
         return rows
     oracle = [t if t is not None else torch.zeros(0, model.cfg.hidden_size) for t in targets]
@@ -250,12 +257,14 @@ def by_group(exs, right, key):
     for e, ok in zip(exs, right):
         if e.get(key) is not None:
             groups[e[key]].append(ok)
+
     return groups
 
 
 def main(argv):
     cli.configure(globals(), argv)
     globals()["init_from"] = checkpoint.locate(init_from)  # (a hub id: its snapshot in the cache)
+
     # as trained (else the processor's)
     bounds = data.trained_pixels(init_from, data.PROCESSOR_PIXELS)
     images = data.image_settings(
@@ -278,6 +287,7 @@ def main(argv):
         raise InputError(
             f"{init_from} has no latent tokens: evaluate it with sample.py, or train it with train_sft.py"
         )
+
     exs = load_examples(model.cfg.extra.get("latent_targets", {}))
     globals().update(
         zip(("decoding", "lvr_steps"), lvr.span_count(model, decoding, cli.given(lvr_steps)))
@@ -293,11 +303,13 @@ def main(argv):
         end_threshold=threshold,
         max_new_tokens=max_new_tokens,
     )
+
     # end at once
     disabled = dataclasses.replace(decode, decoding="steps", lvr_steps=0, force_end=True)
     run = functools.partial(evaluate, model, tok, ids, exs, pixels=(min_pixels, max_pixels),
                             batch_size=batch_size)
     rows = {"with latents": run(decode)}  # each row's name -> evaluate's result
+
     # (the geometry needs them)
     targets = targets_of(
         model, tok, ids, exs=exs, min_pixels=min_pixels, max_pixels=max_pixels, device=device
@@ -309,6 +321,7 @@ def main(argv):
                 model, tok, ids, exs=exs, decode=decode, own=rows["with latents"], targets=targets
             )
         )
+
     geo = geometry(rows["with latents"], targets)
     print(
         f"{init_from} on {len(exs)} "
@@ -318,22 +331,26 @@ def main(argv):
     if maps:  # (the built-in VSP task trains on the maps tasks.map_split puts in its train split)
         seen = sum(tasks.map_split(m) == "train" for m in maps)
         print(f"VSP maps: {seen} of {len(maps)} are maps the built-in task trains on")
+
     print(f"{'':18}{'accuracy':>10}{'format':>9}{'latent steps':>14}{'hit rate':>10}")
     for name, r in rows.items():
         hr = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
         print(
             f"{name:18}{r['accuracy']:>10.3f}{r['format']:>9.3f}{r['latent_steps']:>14.2f}{hr:>10}"
         )
+
     if geo is not None:
         print(f"latent norm / target norm (own latents): {geo.norm_ratio:.3f}")
         print(f"latent distance to its target (own latents): {geo.distance:.3f} "
               f"(target norm {geo.target_norm:.3f})")
+
     if save:  # (what tools/study.py reads: the paired comparisons need each example's correctness)
         keep = ("accuracy", "format", "latent_steps", "hit_rate", "right")
         out = {"rows": {name: {k: r[k] for k in keep} for name, r in rows.items()},
                "geometry": None if geo is None else dataclasses.asdict(geo)}
         with open(save, "w") as f:
             json.dump(out, f)
+
     on = rows["with latents"]
     budget = lvr_steps if decoding == "steps" else max_latent_steps
     print(

@@ -55,6 +55,7 @@ def group_advantages(rewards, group_size, scale=True):
     adv = r - r.mean(1, keepdim=True)
     if scale:
         adv = adv / (r.std(1, keepdim=True) + 1e-4)
+
     # an all-equal group carries no signal, but its float mean can miss the value by an ulp (eight
     # 1.2s),
     # which the division above turns into a 1e-3 advantage on every row: make it exactly 0
@@ -118,6 +119,7 @@ def reference(model, dtype, keep_tower):
     for m in model.modules():
         if isinstance(m, torch.nn.Linear) and m.weight is not model.model.embed_tokens.weight:
             m.to(dtype)
+
     if not keep_tower:
         del model.visual
     return model
@@ -161,11 +163,13 @@ def completion_logprobs(model, seqs, attention_mask, n_prompt, grid_thw, feats, 
         attention_mask=attention_mask[:, :n_prompt],
         image_token_id=model.cfg.image_token_id,
     )
+
     # completion positions count on like text, as in the rollout's cache
     after = pos.amax(dim=(0, 2)) + 1
     text_pos = after[:, None] + torch.arange(comp.shape[1], device=seqs.device)  # (N, L)
     pos = torch.cat([pos, text_pos.expand(3, -1, -1)], 2)
     h = model(inputs_embeds=x, attention_mask=attention_mask, position_ids=pos)
+
     # (N, L, C): position t predicts t + 1, and produced the latent at t + 1
     h = h[:, n_prompt - 1:-1]
     rows = max(1, LOGIT_CHUNK // max(1, comp.shape[1]))
@@ -175,6 +179,7 @@ def completion_logprobs(model, seqs, attention_mask, n_prompt, grid_thw, feats, 
         args = (model.lm_head, h[chunk], comp[chunk], is_latent[chunk], temperature, list(exits))
         out.append(torch.utils.checkpoint.checkpoint(decision_logprobs, *args, use_reentrant=False)
                    if torch.is_grad_enabled() else decision_logprobs(*args))
+
     token = torch.cat(out)
     if not latent_sigma:
         return Decisions(token, torch.zeros_like(token), None)

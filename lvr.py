@@ -57,6 +57,7 @@ def find_latent_ids(model, tok):
     for names in named + [LVR_TOKENS, MIRAGE_TOKENS]:
         if (ids := latent_ids(tok, names)) is not None:
             return ids
+
     return None
 
 
@@ -76,11 +77,13 @@ def add_latent_tokens(model, tok, names=LVR_TOKENS):
         model.model.embed_tokens.num_embeddings = model.lm_head.out_features = (
             model.cfg.vocab_size
         ) = len(tok)
+
     with torch.no_grad():
         for w in {
             id(p): p for p in (model.model.embed_tokens.weight, model.lm_head.weight)
         }.values():
             latent_rows(w, before, len(tok))
+
     ids = latent_ids(tok, names)
     model.cfg.extra.update(lvr_tokens=dict(names), lvr_token_ids=vars(ids).copy())
     return ids
@@ -142,6 +145,7 @@ def roi_groups(bbox, grid_thw, max_latents=0, merge=2):
         oh = min(h, max(1, round(math.sqrt(max_latents * h / w))))
         ow = min(w, max(1, max_latents // oh))
         oh = min(oh, max(1, max_latents // ow))
+
     # adaptive_avg_pool2d's cells: [floor(i*h/oh), ceil((i+1)*h/oh))
     rows = [range(y0 + (i * h) // oh, y0 + -(-(i + 1) * h // oh)) for i in range(oh)]
     cols = [range(x0 + (j * w) // ow, x0 + -(-(j + 1) * w // ow)) for j in range(ow)]
@@ -155,6 +159,7 @@ def chunk_groups(n_tokens, k=4):
         raise InputError(
             f"helper image has {n_tokens} tokens, fewer than the {k} latents asked for"
         )
+
     size = n_tokens // k
     return [list(range(i * size, (i + 1) * size)) for i in range(k)]
 
@@ -166,6 +171,7 @@ def averaging_matrix(groups, n_feat):
     for i, g in enumerate(groups):
         if g:
             W[i, g] = 1.0 / len(g)
+
     return W
 
 
@@ -192,6 +198,7 @@ def latent_input(model, h):
     if is_pause(model):
         latent = torch.tensor([model.cfg.extra["lvr_token_ids"]["latent"]], device=h.device)
         return model.token_embeds(latent)[0].expand_as(h).to(h.dtype)
+
     v = head(model, h)
     n = model.cfg.extra.get("latent_norm")
     return v * (n / v.float().norm(dim=-1, keepdim=True).clamp(min=1e-6)).to(v.dtype) if n else v
@@ -218,6 +225,7 @@ def latent_distance(pred, target, kind="mse", per_row=False):
         d = (pred - target).abs().mean(-1)
     else:
         raise InputError(f"latent loss must be mse, cosine or l1, got {kind!r}")
+
     return d if per_row else d.mean()
 
 
@@ -265,6 +273,7 @@ def encode_images(model, batch, freeze_vision=True):
     if batch.get("helper_pixel_values") is not None:  # Mirage: targets come from the helper image
         with torch.no_grad():
             src = model.visual(batch["helper_pixel_values"], batch["helper_grid_thw"])
+
     targets = (batch["target_avg"].to(src.device) @ src.detach().float())  # (L, C)
     return feats, targets
 
@@ -301,6 +310,7 @@ def sft_loss(model, batch, ce_weight=1.0, latent_weight=0.1, latent_loss="mse", 
     if not pause:
         # teacher forcing: the slots read their targets
         x = x.index_put((b, t), targets.to(x.dtype))
+
     pos = qwen.get_rope_index(
         ids,
         grid_thw=batch["grid_thw"],
@@ -314,14 +324,15 @@ def sft_loss(model, batch, ce_weight=1.0, latent_weight=0.1, latent_loss="mse", 
         lat = ce.new_zeros(())
     elif len(b):
         lat = latent_distance(head(model, h[b, t - 1]), targets, latent_loss)
-    # no latent in this micro-batch: the head still takes part (a zero gradient), as DDP requires
-    else:
+    else:  # no latent in this micro-batch: the head still takes part (a zero gradient), as DDP asks
         lat = head(model, h[:0, 0]).float().sum() * 0.0
+
     # `latent` exit mode: the state before <|lvr_latent_end|> learns it
     eb, et = batch["latent_end_pos"]
     if len(eb):
         end = model.token_embeds(ids[eb, et])
         lat = lat + latent_distance(head(model, h[eb, et - 1]), end, latent_loss)
+
     switch = ce.new_zeros(())
     if switch_weight and len(b):
         switch = switch_loss(
@@ -332,6 +343,7 @@ def sft_loss(model, batch, ce_weight=1.0, latent_weight=0.1, latent_loss="mse", 
             slot=batch["latent_slot"],
             end_id=model.cfg.extra["lvr_token_ids"]["end"],
         )
+
     loss = ce_weight * ce + latent_weight * lat + switch_weight * switch
     return loss, ce.detach(), lat.detach(), switch.detach()
 
@@ -359,14 +371,17 @@ def own_latents_loss(model, batch, latent_weight=0.0, latent_loss="mse", freeze_
     )
     b, t = batch["latent_pos"]  # (L,) each row's latents in order
     counts = torch.bincount(b, minlength=len(ids))
+
     # (L,) index in its row
     k = torch.arange(len(b), device=b.device) - (torch.cumsum(counts, 0) - counts)[b]
     for j in range(int(counts.max()) if len(b) else 0):
         h = model(inputs_embeds=x, attention_mask=mask, position_ids=pos)
         sel = k == j
         x = x.index_put((b[sel], t[sel]), latent_input(model, h[b[sel], t[sel] - 1]).to(x.dtype))
+
     h = model(inputs_embeds=x, attention_mask=mask, position_ids=pos)
     ce = supervised_ce(model, h, labels)
+
     # (L,) each latent's index within its span (the switch loss reads it)
     slot = batch["latent_slot"]
     lat = ce.new_zeros(())
@@ -377,6 +392,7 @@ def own_latents_loss(model, batch, latent_weight=0.0, latent_loss="mse", freeze_
         switch = switch_loss(
             model, h, b, t=t, slot=slot, end_id=model.cfg.extra["lvr_token_ids"]["end"]
         )
+
     return (
         ce + latent_weight * lat + switch_weight * switch,
         ce.detach(),
@@ -495,11 +511,13 @@ def span_exit(rule, ids, tok, vec, in_lat, n_lat):
     (B,): the sampled tokens; vec (B, C): the latent inputs; in_lat (B,): in a span; n_lat (B,): its
     latent steps so far."""
     none = torch.full_like(tok, -1)
+
     # the count: <|lvr_end|>, or (force_end=False) the model's own token
     if rule.decoding == "steps":
         leave = in_lat & (n_lat >= rule.budget)
         forced = leave & rule.force_end
         return Exit(torch.where(forced, ids.end, tok), leave, forced, force_next=none)
+
     # near the end vector, or the budget: <|lvr_latent_end|>, then <|lvr_end|>
     if rule.decoding == "latent":
         # (never before its first latent: every trained span has one, as under the `token` exit)
@@ -509,10 +527,12 @@ def span_exit(rule, ids, tok, vec, in_lat, n_lat):
         return Exit(
             torch.where(leave, ids.latent_end, tok), leave, forced=leave, force_next=force_next
         )
+
     # token: the model's own exit token once a latent step has been taken, or <|lvr_end|> at the
     # budget
     own = in_lat & torch.isin(tok, torch.tensor(rule.exits, device=tok.device)) & (n_lat > 0)
     forced = in_lat & ~own & (n_lat >= rule.budget)
+
     # <|lvr_end|> after an official checkpoint's <|lvr_latent_end|>
     force_next = torch.where(own & (tok != ids.end) & rule.force_end, ids.end, none)
     return Exit(
@@ -529,6 +549,7 @@ def exit_rule(model, ids, decode):
             "the `latent` exit needs a latent-end token, and these latent tokens have none "
             "(Mirage's three): decode with token or steps"
         )
+
     # official LVR's learned end vector, if any
     official_end = getattr(model, "lvr_latent_end_emb", None)
     budget = decode.lvr_steps if decode.decoding == "steps" else decode.max_latent_steps
@@ -544,6 +565,7 @@ def exit_rule(model, ids, decode):
     if decode.decoding == "latent":
         emb = model.model.embed_tokens.weight[ids.latent_end]
         rule.end_vec = emb if official_end is None else official_end
+
     return rule
 
 
@@ -572,6 +594,7 @@ def latent_noise(shape, generator, device):
         return torch.cat(
             [torch.randn(rows, shape[1], generator=g, device=device) for g in generator]
         )
+
     return torch.randn(shape, generator=generator, device=device)
 
 
@@ -596,6 +619,7 @@ def prefill(model, prompt, max_new_tokens, group_size):
     prompt's rows to its G rows -> (cache, input_ids (B*G, T), the last hidden states (B*G, C),
     their logits)."""
     (B, T), dev, emb = prompt.input_ids.shape, prompt.input_ids.device, model.model.embed_tokens
+
     # (then the keys and values come out in its dtype)
     autocast = torch.is_autocast_enabled(dev.type)
     kv_dtype = torch.get_autocast_dtype(dev.type) if autocast else emb.weight.dtype
@@ -615,6 +639,7 @@ def prefill(model, prompt, max_new_tokens, group_size):
     if group_size > 1:
         cache.repeat_rows(group_size)
         input_ids, h, logits = (t.repeat_interleave(group_size, 0) for t in (input_ids, h, logits))
+
     return cache, input_ids, h, logits
 
 
@@ -653,6 +678,7 @@ def rollout(model, ids, prompt, decode=Decode(), sampling=Sampling(), group_size
     dev = prompt.input_ids.device
     stop = torch.tensor(list(sampling.stop_ids) or model.default_stop_ids(), device=dev)
     emb = model.model.embed_tokens
+
     # 1) prefill the prompts once, 2) copy each prompt's state to its G rows
     cache, input_ids, h, logits = prefill(
         model, prompt, max_new_tokens=decode.max_new_tokens, group_size=group_size
@@ -662,6 +688,7 @@ def rollout(model, ids, prompt, decode=Decode(), sampling=Sampling(), group_size
     n_lat = torch.zeros(B, dtype=torch.long, device=dev)  # latent steps taken in the current span
     force = torch.full((B,), -1, dtype=torch.long, device=dev)  # a token to force at the next step
     done = torch.zeros(B, dtype=torch.bool, device=dev)
+
     # latent steps in all spans (the feed's index)
     k_lat = torch.zeros(B, dtype=torch.long, device=dev)
     steps = []
@@ -718,7 +745,9 @@ def rollout(model, ids, prompt, decode=Decode(), sampling=Sampling(), group_size
             break
         h = model(inputs_embeds=x[:, None], cache=cache)[:, -1]
         logits = model.lm_head(h)
+
     run = Step(*(torch.stack(column, 1) for column in zip(*steps)))  # (B, n) each, (B, n, C) fed
+
     # up to the step the last row stopped
     n = min(int((~run.done.all(0)).sum()) + 1, run.done.shape[1])
     return Rollout(

@@ -46,16 +46,19 @@ def setup(device, fsdp=False):
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
     if "RANK" not in os.environ:
         if fsdp:
             raise InputError(
                 "--fsdp true shards across processes: launch with torchrun --nproc_per_node N"
             )
         return 0, 1, device, False
+
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=TIMEOUT)
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
+
     return dist.get_rank(), dist.get_world_size(), device, True
 
 
@@ -79,6 +82,7 @@ def shard(model, sum_grads=False):
         if sum_grads:
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)
+
     return root
 
 
@@ -94,6 +98,7 @@ def load_sharded(path, dtype, device, init=None, fix=None):
     with torch.device("meta"):
         model = qwen.Qwen2_5_VL(cfg)
         made = init(model) if init is not None else None
+
     where = qwen.weight_index(path, cfg.tie_word_embeddings)
     new_head = {k for k in model.state_dict() if k.startswith("lvr_head.") and k not in where}
     qwen.check_keys(
@@ -106,6 +111,7 @@ def load_sharded(path, dtype, device, init=None, fix=None):
                 f"lvr_head.{k}": v.detach()
                 for k, v in qwen.latent_head(model.cfg).named_parameters()
             }
+
     root = shard(model)
     model.to_empty(device=device)
     for name, p in model.named_parameters():
@@ -120,6 +126,7 @@ def load_sharded(path, dtype, device, init=None, fix=None):
         rows = -(-full.shape[0] // world)
         with torch.no_grad():
             local.copy_(full[rank * rows:rank * rows + local.shape[0]])
+
     return root, model, made
 
 
@@ -133,6 +140,7 @@ def gathered(root, fsdp):
         if m is not root:
             m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
+
     try:
         yield
     finally:
@@ -149,6 +157,7 @@ def all_reduce_grads(params):
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
+
     works = [dist.all_reduce(p.grad, async_op=True) for p in params]
     for w in works:
         w.wait()
@@ -172,6 +181,7 @@ def save(model, tok, opt, out_dir, train_state, history, fsdp, rank):
             weights=weights,
             history=history,
         )
+
     if dist.is_initialized():  # no rank reads or moves on before it is written
         dist.barrier()
 

@@ -85,6 +85,7 @@ class Config:
                 raise InputError(
                     f"config.json: {name} is missing (set neither on top nor in text_config)"
                 )
+
         if "hidden_size" not in v:
             raise InputError("config.json: vision_config.hidden_size is missing")
         vision = VisionConfig(**{k: v[k] for k in VisionConfig.__dataclass_fields__ if k in v})
@@ -95,6 +96,7 @@ class Config:
                 raise InputError(
                     f"config.json: hidden_act {act!r} is not supported (Qwen2.5-VL uses silu)"
                 )
+
         names = [
             k
             for k in cls.__dataclass_fields__
@@ -103,6 +105,7 @@ class Config:
         cfg = cls(**{k: text[k] for k in names if k in text}, vision=vision)
         cfg.rope_theta = rope.get("rope_theta", text.get("rope_theta", cfg.rope_theta))
         cfg.mrope_section = list(rope.get("mrope_section", cfg.mrope_section))
+
         # (the top level's)
         cfg.tie_word_embeddings = set_fields(text, d).get("tie_word_embeddings", False)
         cfg.extra = {k: d[k] for k in d if k.startswith("lvr_") or k.startswith("latent_")}
@@ -147,6 +150,7 @@ class KVCache:
             max_len,
             cfg.hidden_size // cfg.num_attention_heads,
         )
+
         # per layer, in a list: no indexing op per step
         self.k = [
             torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)
@@ -155,8 +159,10 @@ class KVCache:
             torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)
         ]
         self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)  # False at padding
+
         # M-RoPE position of the next token
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
+
         # decoded tokens have text positions (equal rows), never past their slot: one table,
         # (max_len, hd)
         cos, sin = mrope(
@@ -196,6 +202,7 @@ class Attention(nn.Module):
             s, ck, cv = cache.len, cache.k[self.layer_idx], cache.v[self.layer_idx]
             ck[:, :, s:s + T], cv[:, :, s:s + T] = k, v
             k, v = ck[:, :, :s + T], cv[:, :, :s + T]
+
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=True
         )
@@ -233,6 +240,7 @@ class Qwen2Model(nn.Module):
                 if checkpointing
                 else layer(x, cos, sin, mask, cache)
             )
+
         return self.norm(x)
 
 
@@ -278,6 +286,7 @@ def mrope(cfg, position_ids, dtype):
     many of the head's frequency slots read t, then h, then w."""
     inv_freq, rows = rope_tables(cfg.hidden_size // cfg.num_attention_heads, theta=cfg.rope_theta,
                                  section=tuple(cfg.mrope_section), device=position_ids.device)
+
     # (B, T, hd/2), slot j uses row rows[j]
     freqs = position_ids[rows].permute(1, 2, 0).float() * inv_freq
     return tuple(t.to(dtype) for t in cos_sin(torch.cat([freqs, freqs], -1)[:, None]))
@@ -301,6 +310,7 @@ def latent_head(cfg):
     kind = cfg.extra.get("lvr_head_type", "simple")
     if kind not in ("simple", "glu"):
         raise InputError(f"config lvr_head_type must be simple or glu, got {kind!r}")
+
     # glu: the official LVRHeadGLU is a SwiGLU with biases, MLP-wide like the LM's
     return (
         LatentHead(cfg.hidden_size)
@@ -344,6 +354,7 @@ def get_rope_index(input_ids, grid_thw, attention_mask, image_token_id, merge=2)
                 i, s = j, s + j - i
         row = torch.cat(out, 1) if out else torch.zeros(3, 0, dtype=torch.long)
         pos[:, b, mask[b]] = row[:, :len(ids)].to(pos.device)
+
     return pos
 
 
@@ -359,6 +370,7 @@ class Qwen2_5_VL(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         if cfg.extra.get("lvr_head"):
             self.lvr_head = latent_head(cfg)
+
         # official LVR's latent-end mode: its learned end vector
         if cfg.extra.get("latent_end_token"):
             if "lvr_latent_end_id" not in cfg.extra:
@@ -384,6 +396,7 @@ class Qwen2_5_VL(nn.Module):
         if hasattr(self, "lvr_latent_end_emb"):
             at = (input_ids == self.cfg.extra["lvr_latent_end_id"])[..., None]
             x = torch.where(at, self.lvr_latent_end_emb.to(x.dtype), x)
+
         return x
 
     def embed(self, input_ids, pixel_values=None, grid_thw=None, feats=None):
@@ -398,12 +411,14 @@ class Qwen2_5_VL(nn.Module):
                     f"the prompt has {n_tok} <|image_pad|> tokens but no image was given"
                 )
             return x
+
         n_feat = merged_tokens(grid_thw, self.cfg.vision.spatial_merge_size)
         if n_tok != n_feat:
             raise InputError(
                 f"image tokens and image features do not match: {n_tok} <|image_pad|> tokens, "
                 f"{n_feat} features from grid_thw {grid_thw.tolist()}"
             )
+
         feats = self.visual(pixel_values, grid_thw) if feats is None else feats
         return x.masked_scatter(is_img[..., None], feats.to(x.dtype))
 
@@ -425,7 +440,9 @@ class Qwen2_5_VL(nn.Module):
             raise InputError(
                 f"{start + T} tokens exceed the model's context of {self.cfg.max_position_embeddings}"
             )
+
         cos, sin, next_pos = self.rope(input_ids, grid_thw, attention_mask, position_ids, cache, x)
+
         # the mask: None means causal (SDPA's is_causal), or, for one new token, every cached key.
         # The cache remembers whether its prompt had padding; then every step needs one.
         valid = None if attention_mask is None else attention_mask.bool()
@@ -435,12 +452,14 @@ class Qwen2_5_VL(nn.Module):
                 # a host sync, but only with a mask
                 cache.padded = cache.padded or not bool(valid.all())
             valid = cache.valid[:, :start + T] if cache.padded or (start > 0 and T > 1) else None
+
         if blind is not None:  # (then a mask for every row, padded or not)
             valid = torch.ones(B, T, dtype=torch.bool, device=x.device) if valid is None else valid
             image = input_ids == self.cfg.image_token_id
             mask = causal_mask(valid, start, T, device=x.device, blind=blind, image=image)
         else:
             mask = None if valid is None else causal_mask(valid, start, T, device=x.device)
+
         h = self.model(
             x,
             cos,
@@ -471,9 +490,11 @@ class Qwen2_5_VL(nn.Module):
                 image_token_id=self.cfg.image_token_id,
                 merge=self.cfg.vision.spatial_merge_size,
             )
+
         if position_ids is None:
             pos = cache.next_pos[:, None] + torch.arange(T, device=x.device)  # (B, T)
             return cache.cos[pos][:, None], cache.sin[pos][:, None], pos[:, -1] + 1
+
         position_ids = position_ids.to(x.device)
         cos, sin = mrope(self.cfg, position_ids, x.dtype)
         return cos, sin, position_ids.amax(dim=(0, 2)) + 1  # (padding sits at 0)
@@ -500,6 +521,7 @@ class Qwen2_5_VL(nn.Module):
         stop = torch.tensor(
             stop_ids if stop_ids is not None else self.default_stop_ids(), device=input_ids.device
         )
+
         # lighter than no_grad; the result is built outside, as a normal tensor
         with torch.inference_mode():
             cache = KVCache(
@@ -526,6 +548,7 @@ class Qwen2_5_VL(nn.Module):
                     break
                 h = self(inputs_embeds=self.model.embed_tokens(tok[:, None]), cache=cache)
                 logits = self.lm_head(h[:, -1])
+
         # up to the step the last row stopped
         n = min(int((~torch.stack(dones).all(1)).sum()) + 1, len(out))
         return torch.cat([input_ids, torch.stack(out[:n], 1)], 1)
@@ -541,6 +564,7 @@ class Qwen2_5_VL(nn.Module):
                 sum(p.numel() for p in self.visual.parameters()) if hasattr(self, "visual") else 0
             )
             self._sizes = (layers, self.lm_head.weight.numel(), tower)
+
         layers, head, tower = self._sizes
         return tokens * layers + head_positions * head + patches * tower
 
@@ -567,6 +591,7 @@ class Qwen2_5_VL(nn.Module):
         if cfg.tie_word_embeddings:
             # assign=True made two Parameters
             model.lm_head.weight = model.model.embed_tokens.weight
+
         return model.eval()
 
     def save_pretrained(self, path, state=None):
@@ -574,11 +599,13 @@ class Qwen2_5_VL(nn.Module):
         `state`: a full state dict to write instead of self.state_dict() (FSDP gathers one)."""
         os.makedirs(path, exist_ok=True)
         index = os.path.join(path, "model.safetensors.index.json")
+
         # an older sharded copy: drop it, as transformers does (we write one file)
         if os.path.isfile(index):
             for f in [*index_shards(index), index]:
                 if os.path.isfile(f):
                     os.remove(f)
+
         state = {k: v.detach().contiguous() for k, v in (state or self.state_dict()).items()}
         if self.cfg.tie_word_embeddings:
             state.pop("lm_head.weight")
@@ -620,6 +647,7 @@ def weight_index(path, tied):
             raise InputError(
                 f"{file}: cannot read safetensors (truncated or corrupted?): {e}"
             ) from None
+
     if tied and "lm_head.weight" not in where and "model.embed_tokens.weight" in where:
         where["lm_head.weight"] = where["model.embed_tokens.weight"]
     return where
@@ -666,6 +694,7 @@ def read_weights(where, names, dtype, device="cpu"):
             raise InputError(
                 f"{file}: cannot read safetensors (truncated or corrupted?): {e}"
             ) from None
+
     return out
 
 
@@ -705,12 +734,14 @@ def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+
     if top_p < 1.0:
         # ascending; drop the low tail holding 1 - top_p of the mass
         sorted_logits, order = logits.sort(-1)
         drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
         drop[:, -1] = False  # always keep the most likely token
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
     # the exponential race: argmax p / E with E ~ Exp(1) draws from p
     if isinstance(generator, list):
         e = torch.cat(
@@ -722,6 +753,7 @@ def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
             ]
         )
         return (logits.softmax(-1) / e).argmax(-1)
+
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
@@ -737,6 +769,7 @@ class QwenTokenizer:
             self.tok = Tokenizer.from_file(file)
         except Exception as e:  # tokenizers raises a bare Exception
             raise InputError(f"cannot read tokenizer {file}: {e}") from None
+
         missing = [s for s in SPECIAL if self.tok.token_to_id(s) is None]
         if missing:
             raise InputError(f"tokenizer {file} lacks the Qwen special tokens {' '.join(missing)}")
@@ -769,6 +802,7 @@ class QwenTokenizer:
         for i, n in enumerate(n_image_tokens):
             ids += self.encode(texts[i]) if placed else []
             ids += [self.vision_start] + [self.image_pad] * n + [self.vision_end]
+
         ids += self.encode(texts[-1]) + [self.im_end] + self.encode("\n")
         return ids + [self.im_start] + self.encode("assistant\n")
 
@@ -793,8 +827,10 @@ def load(path, dtype=torch.float32, device="cpu"):
             raise InputError(
                 f"{path}: config.json {name} = {getattr(model.cfg, name)} but the tokenizer says {tok_id}"
             )
+
     if len(tok) > model.cfg.vocab_size:
         raise InputError(
             f"{path}: the tokenizer has {len(tok)} tokens, the embedding only {model.cfg.vocab_size} rows"
         )
+
     return model, tok

@@ -43,6 +43,7 @@ viz = ""  # write the image with each latent step's nearest cell drawn on it to 
 def main(argv):
     cli.configure(globals(), argv)
     globals()["init_from"] = checkpoint.locate(init_from)  # (a hub id: its snapshot in the cache)
+
     # the sizes the model was trained on
     lo, hi = data.trained_pixels(init_from, data.PROCESSOR_PIXELS)
     hi = cli.given(max_pixels) or hi
@@ -64,6 +65,7 @@ def main(argv):
             f"prompt of {len(ids)} tokens + {max_new_tokens} new exceeds the context of "
             f"{model.cfg.max_position_embeddings}; lower --max_pixels or --max_new_tokens"
         )
+
     generator = torch.Generator(device).manual_seed(seed)
     input_ids = torch.tensor([ids], device=device)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
@@ -75,6 +77,7 @@ def main(argv):
         )
         print(tok.decode(out[0, len(ids):].tolist()))
         return
+
     metric, threshold = lvr.end_rule(model, end_metric, cli.given(end_threshold))
     how, steps = lvr.span_count(model, decoding, cli.given(lvr_steps))
     r = lvr.rollout(

@@ -199,6 +199,7 @@ def imagine_example(seed, size=168):
         r, c = r + MOVES[word][0], c + MOVES[word][1]
         path.append((r, c))
         moves.append({"above": "up", "below": "down"}.get(word, word))
+
     img = Image.new("RGB", (size, size), (235, 235, 235))
     d = ImageDraw.Draw(img)
     for k, col in enumerate(grid):
@@ -254,6 +255,7 @@ def walk(desc, plan):
             cells.append((r, c))
             if desc[r][c] == HOLE:
                 break
+
     return cells
 
 
@@ -282,6 +284,7 @@ def shortest_plan(desc):
             ):
                 came[nxt] = came[(r, c)] + move
                 frontier.append(nxt)
+
     return None
 
 
@@ -328,6 +331,7 @@ def draw_map(desc, player=None):
         env.close()
     except ImportError:  # (gymnasium, or its pygame: DependencyNotInstalled is an ImportError)
         raise InputError(f"--task vsp draws its maps with gymnasium: {VSP_INSTALL}") from None
+
     return img
 
 
@@ -373,6 +377,7 @@ def vsp_example(seed, level=3, targets=VSP_TARGETS[0], split="train"):
     else:  # one look per move, at the cell it enters, before the move is written
         boxes = [[c / level, r / level, (c + 1) / level, (r + 1) / level] for r, c in cells[1:]]
         assistant = " ".join(f"<lvr>{m}" for m in plan)
+
     return {
         "images": [draw_map(desc)],
         "question": VSP_QUESTION,
@@ -391,10 +396,12 @@ def vsp_levels(levels):
         out = list(range(int(lo), int(hi) + 1)) if hi else [int(v) for v in levels.split(",")]
     except ValueError:
         out = []
+
     if not out or not set(out) <= set(VSP_HOLES):
         raise InputError(
             f"--level {levels!r}: VSP levels are 3 to 6: one (3), a list (3,4) or a range (3-6)"
         )
+
     return out
 
 
@@ -420,6 +427,7 @@ def example_id(split, i, seed):
             f"synthetic example {i} of seed {seed}: a seed draws examples 0 to {STREAM - 1} "
             f"of each split, and seeds run from 0 to {10 ** 12 // STREAM - 1}"
         )
+
     return SPLITS[split] + seed * STREAM + i
 
 
@@ -432,6 +440,7 @@ def synthetic(split, i, seed, size=0, task="colour", level="3", targets=VSP_TARG
     if task == "vsp":  # (each example draws its level from the list, by its own id)
         levels = vsp_levels(level)
         return fn(k, levels[k % len(levels)], targets, split)
+
     return fn(k, size or own)
 
 

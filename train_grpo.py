@@ -102,6 +102,7 @@ def prompts(n, records, mine):
     never draws, or the shuffled records) -> (examples, one generator per prompt, seeded by its
     place in the stream)."""
     index = range(n * batch_size, (n + 1) * batch_size)[mine]
+
     # (seed, i): its own
     gens = [torch.Generator(device).manual_seed(((seed << 32) + i) % 2**64) for i in index]
     if records is None:
@@ -111,6 +112,7 @@ def prompts(n, records, mine):
 
     def convert(rec, where):
         return data.grpo_example(rec, image_root, where)
+
     return [
         data.stream_example(
             records,
@@ -166,6 +168,7 @@ def rollout_round(policy, tok, ids, exs, gens, autocast):
     once for its G rows; 2) the rollout: the B prompts prefilled once, G rows each (both run through
     the policy's Root); 3) the rewards."""
     G, dev, model, stop = group_size, device, policy.model, [tok.im_end, tok.endoftext]
+
     # with all of each example's images
     p = data.prompt_batch(exs, tok, min_pixels, max_pixels=max_pixels)
     metric, threshold = lvr.end_rule(model, end_metric, cli.given(end_threshold))
@@ -189,8 +192,10 @@ def rollout_round(policy, tok, ids, exs, gens, autocast):
         )
         r = lvr.rollout(m, ids, prompt, decode=decode, sampling=sampling, group_size=G)
         return feats, r
+
     t0 = time.time()
     model.eval()
+
     # (FSDP: ranks decode different lengths)
     with torch.no_grad(), autocast, parallel.gathered(policy, fsdp):
         feats, r = policy(encode_and_roll)
@@ -241,6 +246,7 @@ def round_logprobs(m, r, rows, frozen, exits):
             torch.cat([r.pixel_values[i] for i in u]).to(device), torch.cat([r.grids[i] for i in u])
         )
         f = dict(zip(u, f.split([r.n_tok[i] for i in u])))
+
     grids, feats = torch.cat([r.grids[i] for i in of]), torch.cat([f[i] for i in of])
     return grpo.completion_logprobs(
         m,
@@ -277,6 +283,7 @@ def reference_kl(d, ref_d, r, c, used):
     if latent_sigma:
         at = r.is_latent[c].nonzero(as_tuple=True)
         kl = kl.index_put(at, kl[at] + grpo.gaussian_kl(d.mu, ref_d.mu, latent_sigma))
+
     return kl
 
 
@@ -295,6 +302,7 @@ def update(policy, ref, ids, rounds, filler, opt, params, autocast):
     sampled decisions, this rank's compute in multiply-accumulates). The normaliser is the step's,
     over every round and rank; `filler`: a round to pad FSDP's micro-batches with."""
     G, dev = group_size, device
+
     # a sampled "continue" at latent steps
     exits = lvr.exit_tokens(ids, decoding) if decoding == "token" else []
     rows_here = sum(len(r.seqs) for r in rounds)
@@ -314,6 +322,7 @@ def update(policy, ref, ids, rounds, filler, opt, params, autocast):
             Chunk(r, adv, weights, rows=c)
             for c in torch.arange(len(r.seqs), device=dev).split(rows)
         ]
+
     # each micro-batch's forward is a collective: every rank runs as many, the extra ones weigh
     # nothing
     if fsdp:
@@ -323,14 +332,17 @@ def update(policy, ref, ids, rounds, filler, opt, params, autocast):
             torch.zeros(filler.sampled.shape, device=dev),
         )
         work += [Chunk(filler, *nothing, torch.arange(1, device=dev))] * (n - len(work))
+
     refs, olds = [None] * len(work), [None] * len(work)
     with torch.no_grad(), autocast:
         if ref is not None:
             refs = [ref(round_logprobs, w.r, w.rows, freeze_vision, exits) for w in work]
         if ppo_epochs > 1:  # the old policy of every epoch: this policy before its first update
             olds = [policy(round_logprobs, w.r, w.rows, freeze_vision, exits) for w in work]
+
     # become device tensors, read once at the end: no host sync per micro-batch
     kl_sum, loss_sum = 0.0, 0.0
+
     # compute: the policy's forward and backward (3x a forward) per epoch, the reference's and the
     # old
     # policy's forwards; the head at the completion positions (the tower's re-encode is not counted)
@@ -369,6 +381,7 @@ def update(policy, ref, ids, rounds, filler, opt, params, autocast):
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return loss_sum, kl_sum, n_act, float(forwards * macs)
 
 
@@ -378,6 +391,7 @@ def train_step(policy, ref, tok, ids, records, drawn, opt, params, autocast, sig
     reward spread, at most max_draws), then update on the kept groups -> (the step's statistics over
     all ranks, prompt rounds drawn so far, whether any rank was asked to stop)."""
     t0, (rank, world) = time.time(), parallel.rank_world()
+
     # this rank's prompts of a round
     mine = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
     rounds, seen, kept = [], [], 0
@@ -401,6 +415,7 @@ def train_step(policy, ref, tok, ids, records, drawn, opt, params, autocast, sig
             rounds.append(rnd.groups(keep[mine]))
         if not filter_groups or kept >= batch_size or len(seen) == max_draws:
             break
+
     with cli.out_of_memory("a GRPO update", UPDATE_OOM, out_dir):
         loss, kl, n_act, update_macs = 0.0, 0.0, 0, 0.0
         if kept:
@@ -414,6 +429,7 @@ def train_step(policy, ref, tok, ids, records, drawn, opt, params, autocast, sig
                 params=params,
                 autocast=autocast,
             )
+
     # 5) statistics: sums over this rank's rows, then over the ranks (with the stop flag)
     sums = {k: float(torch.cat([getattr(r, k) for r in seen]).double().sum())
             for k in ("reward", "accuracy", "format", "lengths", "latent_steps")}
@@ -445,6 +461,7 @@ def train_step(policy, ref, tok, ids, records, drawn, opt, params, autocast, sig
 def main(argv):
     # 1) settings, checked before any work
     config = cli.configure(globals(), argv)
+
     # (a hub id: its snapshot)
     config["init_from"] = globals()["init_from"] = checkpoint.locate(init_from)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -452,6 +469,7 @@ def main(argv):
         batch_size % world == 0,
         f"--batch_size {batch_size} is not a multiple of the {world} processes",
     )
+
     # as the policy trained
     bounds = data.trained_pixels(out_dir if resume else init_from, data.LVR_PIXELS)
     images = data.image_settings(
@@ -469,6 +487,7 @@ def main(argv):
         "--accuracy_weight and --format_weight are both 0: no reward",
     )
     checkpoint.check_out_dir(out_dir, fresh=not resume)
+
     # 2) processes, data, the policy and its frozen reference
     rank, world, dev, ddp = parallel.setup(device, fsdp)
     globals()["device"] = dev  # this rank's
@@ -481,6 +500,7 @@ def main(argv):
                 for k in ("dtype", "image_size", "min_pixels", "max_pixels", "init_from")
             )
         )
+
     records = None if data_path == "synthetic" else data.load_records(data_path)
     model, tok = checkpoint.load(out_dir if resume else init_from, device=dev)
     ids = lvr.find_latent_ids(model, tok)  # the tokens it was trained with
@@ -497,13 +517,16 @@ def main(argv):
             checkpoint.load(init_from, device=dev)[0], getattr(torch, dtype), not freeze_vision
         )
         ref = parallel.shard(ref) if fsdp else parallel.Root(ref)
+
     model.train()
     model.grad_checkpointing = grad_checkpointing
     model.visual.requires_grad_(not freeze_vision)
     policy = parallel.shard(model, sum_grads=True) if fsdp else parallel.Root(model)
+
     # 3) optimizer, and the saved state when resuming
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
+
     # history: log.jsonl's lines; drawn: rounds of B prompts taken so far
     step, history, drawn = 0, [], 0
     if resume:
@@ -514,9 +537,12 @@ def main(argv):
             checkpoint.read_log(out_dir),
             state.get("drawn", state["step"]),
         )
+
     macs = sum(x.get("macs", 0.0) for x in history)  # the run's compute so far, over all processes
+
     # 4) the loop
     autocast = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
+
     # Ctrl-C / SIGTERM on any rank: every rank ends the step, saves it, exits
     signalled = cli.stop_flag()
     bar = tqdm(total=max_iters, initial=step, disable=rank != 0, dynamic_ncols=True)

@@ -98,6 +98,7 @@ def loss_of(model, batch, blinded=False):
             freeze_vision=freeze_vision,
             switch_weight=switch_weight,
         )
+
     switch = 0.0 if method == "pause" else switch_weight  # (pause spans end by count)
     return lvr.sft_loss(
         model,
@@ -138,6 +139,7 @@ def resolve_defaults(config, dev):
     for k, v in auto.items():
         if isinstance(config[k], Auto) or config[k] == "auto":
             config[k] = globals()[k] = v
+
     # a data file's images: as the checkpoint trained, else official LVR's bounds (Mirage: the
     # processor's)
     start = out_dir if resume else init_from
@@ -182,7 +184,9 @@ def build(tmp, dev):
         model.save_pretrained(tmp)
     else:
         path = init_from
+
     tok = checkpoint.load_tokenizer(path)
+
     # the tokenizer's tokens before the latent ones: their rows start at the mean of these
     before = len(tok)
     names = lvr.MIRAGE_TOKENS if method == "mirage" else lvr.LVR_TOKENS
@@ -227,6 +231,7 @@ def build(tmp, dev):
             path, dtype=torch.float32, device=dev, init=init, fix=fix
         )
         return root, model, tok, ids
+
     model = checkpoint.load(path)[0]
     ids = init(model)
     model.to(dev)
@@ -249,6 +254,7 @@ def examples(start, n, records, split="train"):
 
     def convert(rec, where):
         return data.record_example(rec, image_root, where)
+
     path, skipped = (data_path, SKIPPED) if split == "train" else (eval_data_path, {})
     return [
         data.stream_example(
@@ -342,6 +348,7 @@ def train_step(root, batches, dev, ddp, autocast, blinded=False):
             loss, ce, lat, sw = root(loss_of, batch, blinded)
             (loss / grad_accum).backward()
         sums += torch.stack([ce, lat, sw]).float() / grad_accum
+
     return sums
 
 
@@ -357,10 +364,12 @@ def held_out_accuracy(root, model, tok, ids, records, held_out, dev, step):
         exs, what = examples(0, n=eval_examples, records=None, split="eval"), "held-out"
     else:
         exs, what = examples(0, min(eval_examples, len(records)), records), "training-set"
+
     if not exs:  # --eval_examples 0: checkpoints only
         return 0.0, 0
     rank, world = parallel.rank_world()
     model.eval()
+
     # the longest span, and some
     budget = max(len(collated([e], tok, ids)["latent_slot"]) for e in exs) + 4
     right = torch.zeros(1, device=dev)
@@ -391,11 +400,13 @@ def held_out_accuracy(root, model, tok, ids, records, held_out, dev, step):
                 batch_size=batch_size,
             )
             right += sum(r["right"])
+
     right = parallel.all_reduce(right)
     if rank == 0:
         print(
             f"\nstep {step}: {what} accuracy {float(right) / len(exs):.3f} on {len(exs)} examples"
         )
+
     model.train()
     return float(right) / len(exs), len(exs)
 
@@ -428,13 +439,16 @@ def main(argv):
     cli.require(method != "pause" or max_latents > 0,
                 "--method pause ends its spans by count: --max_latents 1 or more")
     checkpoint.check_out_dir(out_dir, fresh=not resume)
+
     # 2) processes, data, model
     records = None if data_path == "synthetic" else data.load_records(data_path)
     held_out = None
+
     # converted now: a bad record stops the run here, not at the first evaluation
     if eval_data_path:
         recs = data.load_records(eval_data_path)
         held_out = examples(0, n=min(eval_examples, len(recs)), records=recs, split="eval")
+
     with tempfile.TemporaryDirectory() as tmp:
         root, model, tok, ids = build(tmp, dev)
     model.train()
@@ -443,15 +457,18 @@ def main(argv):
         sizes = [vision.merged_tokens(vision.preprocess(im, min_pixels, max_pixels)[1])
                  for im in examples(0, 1, records)[0]["images"]]
         print(f"first example: {len(sizes)} image(s) of {', '.join(map(str, sizes))} merged tokens")
+
     if (latent_loss == "cosine" and method not in ("none", "pause") and stage == 1
             and "latent_norm" not in model.cfg.extra):
         # (FSDP: resharded after, so the optimizer gets the shards)
         with parallel.gathered(root, fsdp):
             first = data.to_device(collated(examples(0, batch_size, records), tok, ids), dev)
             root(lvr.record_latent_norm, first)
+
     # 3) optimizer, and the saved state when resuming
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+
     # log.jsonl's lines: each step's losses, lr, times and compute; each evaluation
     step, history = 0, []
     macs = 0.0  # the run's compute so far, over all processes (qwen.Qwen2_5_VL.macs)
@@ -460,6 +477,7 @@ def main(argv):
         parallel.load_optimizer(model, opt, state, fsdp=fsdp)
         step, history, macs = state["step"], checkpoint.read_log(out_dir), state.get("macs", 0.0)
         torch.set_rng_state(state["rng"])
+
     # 4) the loop
     autocast = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
     loader = torch.utils.data.DataLoader(

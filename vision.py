@@ -47,8 +47,7 @@ def load_image(path):
         raise InputError(f"image not found: {path}") from None
     except Image.DecompressionBombError:
         raise InputError(f"image too large (over {MAX_IMAGE_PIXELS} pixels): {path}") from None
-    # PIL's ways of saying "not an image / truncated"
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's "not an image / truncated"
         raise InputError(f"cannot read image {path}: {e}") from None
 
 
@@ -57,6 +56,7 @@ def to_rgb(im):
     if "A" in im.getbands() or im.info.get("transparency") is not None:
         white = Image.new("RGBA", im.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, im.convert("RGBA")).convert("RGB")
+
     return im.convert("RGB")
 
 
@@ -75,6 +75,7 @@ def smart_resize(height, width, factor=28, min_pixels=3136, max_pixels=12845056)
         beta = math.sqrt(min_pixels / (height * width))
         h = math.ceil(height * beta / factor) * factor
         w = math.ceil(width * beta / factor) * factor
+
     return h, w
 
 
@@ -108,8 +109,10 @@ def preprocess(
     x = (x.astype(np.float64) * (1 / 255)).astype(np.float32)
     x = ((x.T - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)).T
     gh, gw, m, p = h // patch_size, w // patch_size, merge_size, patch_size
+
     # (bh, bw, r, c, C, py, px)
     x = x.reshape(3, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
+
     # repeat in time
     x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], temporal_patch_size, p, p))
     pixel_values = torch.from_numpy(x.reshape(gh * gw, -1).copy())
@@ -188,6 +191,7 @@ class VisionAttention(nn.Module):
             q, k, v = (t.view(*idx.shape, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
         else:
             q, k, v = (t[idx].transpose(1, 2) for t in (q, k, v))
+
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=None if mask is None else mask[:, None, None]
         )
@@ -270,6 +274,7 @@ class VisionTransformer(nn.Module):
             # merge-block order
             rc = torch.stack([r, c], -1).view(h // m, m, w // m, m, 2).transpose(1, 2)
             pos.append(rc.reshape(-1, 2).repeat(t, 1))
+
         freqs = (torch.cat(pos)[..., None].float() * inv_freq).flatten(1)  # (N, 2*dim/2)
         return torch.cat([freqs, freqs], -1)
 
@@ -294,6 +299,7 @@ class VisionTransformer(nn.Module):
             index.append(idx[idx >= 0] + offset)
             cu += (cu[-1] + lens[lens > 0].cumsum(0) * m * m).tolist()  # empty windows dropped
             offset += t * gh * gw
+
         return torch.cat(index), torch.tensor(cu)
 
     def forward(self, pixel_values, grid_thw):
@@ -307,9 +313,11 @@ class VisionTransformer(nn.Module):
         )
         window_seqs, full_seqs = pack(cu_window.to(dev)), pack(cu_full.to(dev))
         x = self.patch_embed(pixel_values)  # (N, C)
+
         # patch permutation
         order = (window_index[:, None] * unit + torch.arange(unit)).flatten().to(dev)
         x = x[order]
+
         # (N, 1, 1, D)
         cos, sin = (t[:, None, None] for t in cos_sin(self.rotary(grid_thw).to(dev)[order]))
         for i, blk in enumerate(self.blocks):

@@ -85,6 +85,7 @@ def timed(*fns, n=None, warmup=True):
             sync()
             if r >= int(warmup):
                 ts.append(time.perf_counter() - t0)
+
     medians = [statistics.median(ts) for ts in times]
     return medians if len(fns) > 1 else medians[0]
 
@@ -105,6 +106,7 @@ def make_checkpoint(size, path):
             out_hidden_size=d["hidden_size"],
             window_size=112,
         )
+
     cfg = qwen.Config.from_dict(d)
     torch.manual_seed(0)
     model = qwen.Qwen2_5_VL(cfg)
@@ -142,6 +144,7 @@ def peak_load_rss(path, ours):
     else:
         load = ("from transformers import Qwen2_5_VLForConditionalGeneration as M; "
                 "m = M.from_pretrained(p, dtype='float32')")
+
     return peak_rss(f"import torch, transformers; p = {path!r}",
                     f"{load}; sum(float(q.detach().sum()) for q in m.parameters())")
 
@@ -210,6 +213,7 @@ def data_wait(path, workers):
         records.append(
             {"image": f"{i}.jpg", "bboxes": [[0.4, 0.4, 0.45, 0.45]], "conversations": turns}
         )
+
     with open(os.path.join(path, "d.json"), "w") as f:
         json.dump(records, f)
     out = os.path.join(path, f"out{workers}")
@@ -223,6 +227,7 @@ def data_wait(path, workers):
         raise cli.InputError(
             f"train_sft.py failed in the bench: {r.stderr.strip().splitlines()[-1]}"
         )
+
     steps = [x for x in checkpoint.read_log(out) if "ce" in x][1:]  # (the run's history, log.jsonl)
     return sum(x["data_s"] for x in steps) / sum(x["step_s"] for x in steps)
 
@@ -247,7 +252,9 @@ def bench_size(size, rows):
         pv, grid = vision.preprocess(Image.fromarray(photo))
         prompt = tok.prompt("What colour is the square?", [vision.merged_tokens(grid)])
         return pv.to(device, dt), grid, torch.tensor([prompt], device=device)
+
     pv, grid, prompt = image_prompt(448)
+
     def kw(p, g, i):  # the reference's image inputs
         return dict(pixel_values=p, image_grid_thw=g, mm_token_type_ids=(i == tok.image_pad).int())
 
@@ -270,9 +277,11 @@ def bench_size(size, rows):
             lambda: ref(input_ids=prompt, **kw(pv, grid, prompt)),
         ),
     )
+
     # the rest on a small photo, so prefill does not drown the per-step times
     pv, grid, prompt = image_prompt(small_image)
     n = decode_tokens
+
     # decode at batch 1 and 8: (time for n tokens - time for 1) / (n - 1), so prefill is excluded; a
     # text
     # prompt, so the prefill that is subtracted out is small (the per-token work is the same)
@@ -312,11 +321,14 @@ def bench_size(size, rows):
                     "",
                 )
             )
+
     # latent steps vs text steps: the same rollout, all-latent (prompt ends in <|lvr_start|>) or
     # all-text
     lat_prompt = torch.cat([prompt, torch.tensor([[ids.start]], device=device)], 1)
+
     # never enters
     text_ids = lvr.LatentIds(start=-5, latent=ids.latent, latent_end=ids.latent_end, end=ids.end)
+
     def roll(p, n, ids_):
         return lambda: lvr.rollout(
             model,
@@ -325,22 +337,26 @@ def bench_size(size, rows):
             decode=lvr.Decode("steps", n, max_new_tokens=n),
             sampling=lvr.Sampling(stop_ids=[-1]),
         )
+
     # a ratio of two small differences: more rounds
     t = timed(roll(lat_prompt, n, ids), roll(lat_prompt, 1, ids), roll(prompt, n, text_ids),
               roll(prompt, 1, text_ids), n=max(repeats, 5))
     lat, txt = (n - 1) / (t[0] - t[1]), (n - 1) / (t[2] - t[3])
     add("latent steps/s vs text tokens/s", lat, txt, "step/s", True)
+
     # GRPO rollout at train_grpo's default B x G: one batched rollout (one prefill per prompt) vs
     # one row
     # at a time, whose throughput is the same for every row, so a few rows measure it
     B, G, n, few = 8, group_size, 16, 2
     feats = model.visual(pv, grid)
     gen = torch.Generator(device).manual_seed(0)
+
     def grpo(rows_, g):
         prompts = lvr.Prompt(prompt.repeat(rows_, 1), grid_thw=grid.repeat(rows_, 1),
                              feats=feats.repeat(rows_, 1))
         return lvr.rollout(model, ids, prompt=prompts, decode=lvr.Decode("steps", max_new_tokens=n),
                            sampling=lvr.Sampling(0.9, generator=gen, stop_ids=[-1]), group_size=g)
+
     # one round, no warm-up (warm from above): these are the slowest measurements
     big = size != "tiny"
     t = timed(lambda: grpo(B, G), lambda: [grpo(1, 1) for _ in range(few)], n=1 if big else None,
@@ -353,6 +369,7 @@ def bench_size(size, rows):
         "tok/s",
         True,
     )
+
     # one SFT step: forward + backward with the LVR loss vs the reference's forward + backward (CE)
     if size != "3b" or device != "cpu":
         with torch.enable_grad():
@@ -396,6 +413,7 @@ def bench_size(size, rows):
             if peak_tflops > 0:
                 mfu = [tflops[0] / peak_tflops, tflops[1] and tflops[1] / peak_tflops]
                 add("SFT step MFU", *mfu, f"of {peak_tflops} TFLOP/s", True)
+
     # loading: resident memory growth over the file size
     if size != "tiny":  # (the tiny file is smaller than the resident-set granularity that matters)
         rows.append(
@@ -408,6 +426,7 @@ def bench_size(size, rows):
                 "",
             )
         )
+
     # GRPO on 2 processes vs 1
     if size == "tiny" and (device == "cpu" or torch.cuda.device_count() > 1):
         add("GRPO step, 2 processes (reference: 1 process)", *grpo_step_seconds(tmp))
@@ -425,10 +444,12 @@ def bench_size(size, rows):
             whole / 1e6,
             "MB",
         )
+
     # SFT on 1-megapixel photos: the step's wait for data, with workers and without
     if size == "tiny":
         wait = [data_wait(tmp, workers) for workers in (2, 0)]
         add("SFT step waiting for data, 1 MP: 2 workers (ref: 0)", *wait, "of the step")
+
     shutil.rmtree(tmp)
 
 
@@ -438,6 +459,7 @@ def grpo_step_seconds(path):
     then 1."""
     out, tmp = [], tempfile.mkdtemp(prefix="bench-grpo-")
     threads = {"OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // 2))}
+
     # (a free port)
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     for launch, env in ((torchrun, threads), ([], {})):
@@ -468,6 +490,7 @@ def grpo_step_seconds(path):
                 f"train_grpo.py failed in the bench: {r.stderr.strip().splitlines()[-1]}"
             )
         out.append(statistics.median(x["step_s"] for x in checkpoint.read_log(d)[1:]))
+
     shutil.rmtree(tmp)
     return out
 

@@ -53,6 +53,7 @@ def photos(path):
         records.append({"image": f"{i}.jpg", "bboxes": [[0.3, 0.3, 0.4, 0.4]], "conversations": [
             {"from": "human", "value": "<image>\nWhat colour is the box?"},
             {"from": "gpt", "value": "<lvr>\n<answer>red</answer>"}]})
+
     with open(os.path.join(path, "d.json"), "w") as f:
         json.dump(records, f)
     return os.path.join(path, "d.json")
@@ -77,6 +78,7 @@ def report(name, ok, out, out_dir):
     if not ok:
         print(f"{name:28} FAILED:\n" + "\n".join(out.strip().splitlines()[-8:]))
         return
+
     peaks = [float(x) for x in re.findall(r"peak GPU memory rank \d+: ([\d.]+) GiB", out)]
     step_s = "-"
     seconds = [x["step_s"] for x in checkpoint.read_log(out_dir) if "step_s" in x]
@@ -100,6 +102,7 @@ def main(argv):
     if not os.path.isdir(ckpt):
         os.makedirs(ckpt)
         bench.make_checkpoint(size, ckpt)
+
     data = photos(work)
     common = [
         "--init_from",
@@ -124,6 +127,7 @@ def main(argv):
         ok, out = launch("train_sft.py", *common, *extra, "--out_dir", out_dir, gpus=gpus)
         report(f"{name} ({steps} steps)", ok, out, out_dir=out_dir)
         sft[name] = ok
+
     fsdp_dir = os.path.join(work, "fsdp2")
     if sft["SFT, FSDP2"]:
         resumed = [
@@ -143,6 +147,7 @@ def main(argv):
         ]
         ok, out = launch("train_sft.py", *resumed, gpus=gpus)
         report("SFT, FSDP2 resumed (+2)", ok, out, out_dir=fsdp_dir)
+
     if sft["SFT, DDP"]:
         grpo_dir = os.path.join(work, "grpo")
         shutil.rmtree(grpo_dir, ignore_errors=True)
@@ -188,6 +193,7 @@ def main(argv):
         )
         print(f"{'evaluate.py (8 records)':28} {'ok' if ok else 'FAILED:'}"
               + ("" if ok else "\n" + "\n".join(out.strip().splitlines()[-8:])))
+
     if size in EXPECTED:
         print(f"expected: {EXPECTED[size]}")
     if not work_dir:

@@ -41,6 +41,7 @@ def outer_functions(tree):
             if is_fn and not inside:
                 found.append(child)
             visit(child, inside or is_fn)
+
     visit(tree, False)
     return found
 
@@ -55,6 +56,7 @@ def paragraphs(tree, lines):
         span = lines[start - 1:fn.end_lineno]
         blank += sum(not line.strip() for line in span)
         body += len(span)
+
     return blank, body
 
 
@@ -64,6 +66,7 @@ def project_names(paths):
     for p in paths:
         tree = ast.parse(open(os.path.join(ROOT, p)).read())
         names |= {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+
     return names, modules
 
 
@@ -78,6 +81,7 @@ def positional_calls(tree, names, modules):
             isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id in modules)
         if own and len([a for a in node.args if not isinstance(a, ast.Starred)]) >= 4:
             hits.append(node.lineno)
+
     return hits
 
 
@@ -93,6 +97,7 @@ def globals_writes(tree):
                 if isinstance(t, ast.Subscript) and isinstance(t.value, ast.Call) and \
                         getattr(t.value.func, "id", "") == "globals":
                     hits.append(node.lineno)
+
     return hits
 
 
@@ -117,6 +122,7 @@ def stale_usage(paths):
             for flag in re.findall(r"--(\w+)", m.group(2).split("#")[0]):
                 if flag not in declared and flag not in ("nproc_per_node", "standalone"):  # (torchrun's)
                     stale.append((p, flag))
+
     return stale
 
 
@@ -134,6 +140,7 @@ def measure(paths):
         total += len(lines)
         calls += [f"{p}:{n}" for n in positional_calls(tree, names, modules)]
         writes += [f"{p}:{n}" for n in globals_writes(tree)]
+
     stale = [f"{p}: --{flag}" for p, flag in stale_usage(paths)]
     return {"blank lines per 100 body lines": 100 * blank / max(1, body),
             "lines over 100 characters (%)": 100 * long / max(1, total),

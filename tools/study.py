@@ -113,6 +113,7 @@ def run(script, *args):
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["(no error output)"])[-1]
         raise cli.InputError(f"{script} {' '.join(map(str, args))} failed: {last}")
+
     return r.stdout
 
 
@@ -149,6 +150,7 @@ def checked(task, out, seed, k=0, diagnostics=False):
         return {
             "val": evaluated(task, out, split="eval", n=val_examples, diagnostics=diagnostics, k=k)
         }
+
     return {
         "test": evaluated(task, out, split="test", n=test_examples, diagnostics=diagnostics, k=k)
     }
@@ -166,6 +168,7 @@ def record(done, key, fn):
         done[key] = rec
         short = {k: v for k, v in rec.items() if k not in ("key", "test", "val")}
         print(f"{key}: {json.dumps(short)[:300]}", flush=True)
+
     return done[key]
 
 
@@ -193,6 +196,7 @@ def trials(task, method):
         targets = [
             (f"{r.split(':')[0]}+goal", int(r.split(":")[1])) for r in lvr_regions.split(",")
         ]
+
     if task == "vsp" and method == "mirage":
         targets = [(f"box+{h}", 0) for h in mirage_helpers.split(",")]
     return [
@@ -261,6 +265,7 @@ def sft(done, task, method, seed, trial, need=False):
             **rec,
             **checked(task, out, seed, k=k if method == "mirage" else 0, diagnostics=diagnostics),
         }
+
     if need and key in done and not os.path.isdir(out):
         go()  # (its record stays the file's)
     return record(done, key, go), out
@@ -331,6 +336,7 @@ def continued(done, task, base_method, name, seed, base, trial, target_macs):
             *(["--max_latents", trial.max_latents] if trial.max_latents else []),
         )
         return {"macs": macs_of(out) - base_macs, "lr": final, **checked(task, out, seed, k=k)}
+
     return record(done, key, go)
 
 
@@ -381,6 +387,7 @@ def grpo_run(done, task, base_method, seed, base, lr, sigma, macs, sigma_name, k
             ],
         }
         return {**rec, **checked(task, out, seed, k=k)}
+
     return record(done, grpo_key(task, base_method, seed, lr=lr, sigma_name=sigma_name), go)
 
 
@@ -408,6 +415,7 @@ def study(done, task):
         chosen[method] = max(
             runs, key=lambda t: (val_accuracy(runs[t], row), val_accuracy(runs[t]))
         )
+
     g_best, unit, s_best = {}, 1.0, None
     for method in sft_methods if "grpo" in wanted else []:  # 2) GRPO's lr, for each base
         pending = [
@@ -455,6 +463,7 @@ def study(done, task):
                 for m in sigmas.split(",")
             }
             s_best = max(s_trials, key=lambda m: val_accuracy(s_trials[m]))
+
     for seed in map(int, seeds.split(",")):  # 3) the reported seeds
         for method in sft_methods:
             pending = []  # (its continuations not in the file yet)
@@ -538,6 +547,7 @@ def reported(recs, task, method):
         full = (base or "lvr") + "+" + name if name else base
         if full == method:
             out[int(parts[2][4:])] = r
+
     return dict(sorted(out.items()))
 
 
@@ -554,6 +564,7 @@ def bootstrap(a, b, n, seed=0):
         si = torch.randint(S, (m, S), generator=g)
         ei = torch.randint(N, (m, 1, N), generator=g).expand(m, S, N)
         means[i:i + m] = d[si].gather(2, ei).mean((1, 2))
+
     low, high = torch.quantile(means, torch.tensor([0.025, 0.975])).tolist()
     return float(d.mean()), low, high
 
@@ -574,6 +585,7 @@ def tuning(recs):
             acc = [r["val"]["rows"].get(n, {}).get("accuracy") for n in names]
             cells = ["-" if a is None else f"{a:.3f}" for a in acc]
             lines.append(f"| {r['key']} | " + " | ".join(cells) + " |")
+
     return "\n".join(lines)
 
 
@@ -626,6 +638,7 @@ def summary(recs):
                 f"| {task} | {NAMES[a]} - {NAMES[b]} | {len(set(ra) & set(rb))} | {mean:+.3f} | "
                 f"[{low:+.3f}, {high:+.3f}] | {real} |"
             )
+
     return "\n".join(rows) + "\n\n" + "\n".join(pairs)
 
 
@@ -643,6 +656,7 @@ def main(argv):
     if report:
         print(tuning(list(done.values())) + "\n\n" + summary(list(done.values())))
         return draw(list(done.values()))
+
     os.makedirs(os.path.dirname(results) or ".", exist_ok=True)
     for task in tasks.split(","):
         study(done, task)
@@ -660,6 +674,7 @@ def draw(recs):
     except ImportError:
         print("matplotlib is not installed: no picture (pip install matplotlib)")
         return
+
     names = [t for t in tasks.split(",") if any(r["key"].startswith(t + "/") for r in recs)]
     fig, axes = plt.subplots(
         1, max(1, len(names)), figsize=(4.6 * max(1, len(names)), 3.6), squeeze=False
@@ -708,7 +723,9 @@ def draw(recs):
         )
         ax.set(title=task, xlabel=xlabel, ylim=(0, 1.02))
         ax.grid(alpha=0.3)
+
     axes[0][0].set_ylabel("accuracy")
+
     # (beside the panels)
     axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
