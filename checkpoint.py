@@ -202,6 +202,11 @@ def load(path, dtype=torch.float32, device="cpu"):
     return qwen.load(resolve(path), dtype, device)
 
 
+def read_config(path):
+    """qwen.read_config on a checkpoint we may be writing (as load)."""
+    return qwen.read_config(resolve(path))
+
+
 def load_tokenizer(path):
     """The tokenizer of a checkpoint we may be writing (as load)."""
     return qwen.QwenTokenizer(resolve(path))

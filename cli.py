@@ -133,10 +133,12 @@ def parse(flag, value, default):
         raise InputError(f"{flag} expects {kind.__name__}, got {value!r}") from None
 
 
-def configure(g, argv):
+def configure(g, argv, resolve=None):
     """Override the script globals `g` from `--name value` pairs, typed like the defaults, check
     every setting against its declaration, print them; return them as a dict. --help prints them and
-    exits."""
+    exits. `resolve`: the script's function from the settings to the values of those left at auto (and
+    of those it makes concrete: a hub id's directory), written into `g` here, once, at start-up, and
+    printed on the `resolved:` line."""
     keys = settings(g)
     if "--help" in argv or "-h" in argv:
         print(usage(g, keys))
@@ -163,11 +165,20 @@ def configure(g, argv):
         if name in decl:
             check(name, value, decl[name])
 
-    if os.environ.get("RANK", "0") == "0":  # (under torchrun: once)
+    rank0 = os.environ.get("RANK", "0") == "0"  # (under torchrun: print once)
+    if rank0:
         print("config: " + " ".join(f"{k}={v}" for k, v in keys.items()))
 
     # (plain values: it is saved)
-    return {k: "auto" if isinstance(v, Auto) else v for k, v in keys.items()}
+    config = {k: "auto" if isinstance(v, Auto) else v for k, v in keys.items()}
+    if resolve is not None:
+        resolved = resolve(dict(config))
+        g.update(resolved)
+        config.update(resolved)
+        if rank0:
+            print("resolved: " + " ".join(f"{k}={v}" for k, v in resolved.items()))
+
+    return config
 
 
 def require(ok, message):

@@ -261,12 +261,12 @@ def by_group(exs, right, key):
     return groups
 
 
-def main(argv):
-    cli.configure(globals(), argv)
-    globals()["init_from"] = checkpoint.locate(init_from)  # (a hub id: its snapshot in the cache)
-
-    # as trained (else the processor's)
-    bounds = data.trained_pixels(init_from, data.PROCESSOR_PIXELS)
+def resolve(config):
+    """The settings left at auto -> their values (cli.configure writes and prints them): a hub id's
+    snapshot, the images as the checkpoint trained (else the processor's bounds), the dtype, and a
+    pause checkpoint's decoding by count (lvr.span_count)."""
+    path = checkpoint.locate(init_from)
+    bounds = data.trained_pixels(path, data.PROCESSOR_PIXELS)
     images = data.image_settings(
         task,
         image_size,
@@ -275,12 +275,15 @@ def main(argv):
         synthetic=data_path == "synthetic",
         bounds=bounds,
     )
-    globals().update(zip(("image_size", "min_pixels", "max_pixels"), images))
-    globals()["dtype"] = parallel.autocast_dtype(dtype, device)
-    print(
-        f"resolved: dtype={dtype} image_size={image_size} min_pixels={min_pixels} max_pixels={max_pixels} "
-        f"init_from={init_from}"
-    )
+    cfg = checkpoint.read_config(path)
+    spans = lvr.span_count(cfg, decoding, cli.given(lvr_steps))
+    return {"dtype": parallel.autocast_dtype(dtype, device),
+            **dict(zip(("image_size", "min_pixels", "max_pixels"), images)),
+            "init_from": path, **dict(zip(("decoding", "lvr_steps"), spans))}
+
+
+def main(argv):
+    cli.configure(globals(), argv, resolve)
     model, tok = checkpoint.load(init_from, getattr(torch, dtype), device)  # (in eval mode)
     ids = lvr.find_latent_ids(model, tok)  # the tokens it was trained with
     if ids is None:
@@ -289,10 +292,6 @@ def main(argv):
         )
 
     exs = load_examples(model.cfg.extra.get("latent_targets", {}))
-    globals().update(
-        zip(("decoding", "lvr_steps"), lvr.span_count(model, decoding, cli.given(lvr_steps)))
-    )
-    print(f"resolved: decoding={decoding} lvr_steps={lvr_steps}")
     metric, threshold = lvr.end_rule(model, end_metric, cli.given(end_threshold))
     decode = lvr.Decode(
         decoding,

@@ -185,7 +185,7 @@ def head(model, h):
 
 def is_pause(model):
     """Whether the model was trained as the pause-token control (train_sft --method pause)."""
-    return model.cfg.extra.get("latent_targets", {}).get("method") == "pause"
+    return model.cfg.extra.get("latent_targets", {}).get("method") == "pause"  # (span_count too)
 
 
 def latent_input(model, h):
@@ -569,14 +569,15 @@ def exit_rule(model, ids, decode):
     return rule
 
 
-def span_count(model, decoding, lvr_steps):
-    """--decoding and --lvr_steps, where left at auto (None) -> (decoding, lvr_steps): a pause
-    checkpoint ends its spans by the count it was trained with (`steps`); any other by its own token
-    (`token`), `steps` counting official LVR's 8."""
-    pause = is_pause(model)
-    count = model.cfg.extra["latent_targets"]["max_latents"] if pause else 8
-    return ("steps" if pause else "token") if decoding == "auto" else decoding, (
-        count if lvr_steps is None else lvr_steps)
+def span_count(cfg, decoding, lvr_steps):
+    """--decoding and --lvr_steps, where left at auto (None), for a checkpoint's config -> (decoding,
+    lvr_steps): a pause checkpoint ends its spans by the count it was trained with (`steps`); any
+    other by its own token (`token`), `steps` counting official LVR's 8."""
+    targets = cfg.extra.get("latent_targets", {})
+    pause = targets.get("method") == "pause"
+    count = targets["max_latents"] if pause else 8
+    how = ("steps" if pause else "token") if decoding == "auto" else decoding
+    return how, count if lvr_steps is None else lvr_steps
 
 
 def gaussian_logprob(z, mu, sigma):

@@ -56,10 +56,17 @@ def setup(device, fsdp=False):
 
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=TIMEOUT)
     if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        device = local_device(device)
         torch.cuda.set_device(device)
 
     return dist.get_rank(), dist.get_world_size(), device, True
+
+
+def local_device(device):
+    """This process's device: under torchrun on CUDA, its LOCAL_RANK's GPU."""
+    if device.startswith("cuda") and "LOCAL_RANK" in os.environ:
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return device
 
 
 def autocast_dtype(dtype, device):

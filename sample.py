@@ -40,15 +40,17 @@ viz = ""  # write the image with each latent step's nearest cell drawn on it to 
 # -----------------------------------------------------------------------------
 
 
-def main(argv):
-    cli.configure(globals(), argv)
-    globals()["init_from"] = checkpoint.locate(init_from)  # (a hub id: its snapshot in the cache)
-
-    # the sizes the model was trained on
-    lo, hi = data.trained_pixels(init_from, data.PROCESSOR_PIXELS)
+def resolve(config):
+    """The settings left at auto -> their values (cli.configure writes and prints them): the image
+    sizes the model was trained on (else the processor's), a hub id's snapshot."""
+    path = checkpoint.locate(init_from)
+    lo, hi = data.trained_pixels(path, data.PROCESSOR_PIXELS)
     hi = cli.given(max_pixels) or hi
-    globals().update(min_pixels=cli.given(min_pixels) or min(lo, hi), max_pixels=hi)
-    print(f"resolved: min_pixels={min_pixels} max_pixels={max_pixels} init_from={init_from}")
+    return {"min_pixels": cli.given(min_pixels) or min(lo, hi), "max_pixels": hi, "init_from": path}
+
+
+def main(argv):
+    cli.configure(globals(), argv, resolve)
     cli.require(
         min_pixels <= max_pixels, f"--min_pixels {min_pixels} is above --max_pixels {max_pixels}"
     )
@@ -79,7 +81,7 @@ def main(argv):
         return
 
     metric, threshold = lvr.end_rule(model, end_metric, cli.given(end_threshold))
-    how, steps = lvr.span_count(model, decoding, cli.given(lvr_steps))
+    how, steps = lvr.span_count(model.cfg, decoding, cli.given(lvr_steps))
     r = lvr.rollout(
         model,
         ids=latent,

@@ -457,21 +457,14 @@ def train_step(policy, ref, tok, ids, records, drawn, opt, params, autocast, sig
     }
     return stats, drawn, total["stopping"] > 0
 
-# long: the script's phases, top to bottom, as nanoGPT's train.py reads
-def main(argv):
-    # 1) settings, checked before any work
-    config = cli.configure(globals(), argv)
 
-    # (a hub id: its snapshot)
-    config["init_from"] = globals()["init_from"] = checkpoint.locate(init_from)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cli.require(
-        batch_size % world == 0,
-        f"--batch_size {batch_size} is not a multiple of the {world} processes",
-    )
-
-    # as the policy trained
-    bounds = data.trained_pixels(out_dir if resume else init_from, data.LVR_PIXELS)
+def resolve(config):
+    """The settings left at auto -> their values (cli.configure writes and prints them): a hub id's
+    snapshot, the images as the policy trained, this process's device and its dtype, and a pause
+    checkpoint's decoding by count (lvr.span_count)."""
+    path = checkpoint.locate(init_from)
+    policy = out_dir if resume else path
+    bounds = data.trained_pixels(policy, data.LVR_PIXELS)  # as the policy trained
     images = data.image_settings(
         task,
         image_size,
@@ -480,8 +473,22 @@ def main(argv):
         synthetic=data_path == "synthetic",
         bounds=bounds,
     )
-    globals().update(zip(("image_size", "min_pixels", "max_pixels"), images))
-    config.update(zip(("image_size", "min_pixels", "max_pixels"), images))
+    here = parallel.local_device(device)
+    spans = lvr.span_count(checkpoint.read_config(policy), decoding, cli.given(lvr_steps))
+    return {"dtype": parallel.autocast_dtype(dtype, here),
+            **dict(zip(("image_size", "min_pixels", "max_pixels"), images)), "init_from": path,
+            "device": here, **dict(zip(("decoding", "lvr_steps"), spans))}
+
+
+# long: the script's phases, top to bottom, as nanoGPT's train.py reads
+def main(argv):
+    # 1) settings, checked before any work
+    config = cli.configure(globals(), argv, resolve)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cli.require(
+        batch_size % world == 0,
+        f"--batch_size {batch_size} is not a multiple of the {world} processes",
+    )
     cli.require(
         accuracy_weight + format_weight > 0,
         "--accuracy_weight and --format_weight are both 0: no reward",
@@ -490,27 +497,12 @@ def main(argv):
 
     # 2) processes, data, the policy and its frozen reference
     rank, world, dev, ddp = parallel.setup(device, fsdp)
-    globals()["device"] = dev  # this rank's
-    config["dtype"] = globals()["dtype"] = parallel.autocast_dtype(dtype, dev)
-    if rank == 0:
-        print(
-            "resolved: "
-            + " ".join(
-                f"{k}={config[k]}"
-                for k in ("dtype", "image_size", "min_pixels", "max_pixels", "init_from")
-            )
-        )
 
     records = None if data_path == "synthetic" else data.load_records(data_path)
     model, tok = checkpoint.load(out_dir if resume else init_from, device=dev)
     ids = lvr.find_latent_ids(model, tok)  # the tokens it was trained with
     if ids is None:
         raise InputError(f"{init_from} has no latent tokens: train it with train_sft.py first")
-    spans = lvr.span_count(model, decoding, cli.given(lvr_steps))
-    globals().update(zip(("decoding", "lvr_steps"), spans))
-    config.update(zip(("decoding", "lvr_steps"), spans))
-    if rank == 0:
-        print(f"resolved: decoding={decoding} lvr_steps={lvr_steps}")
     ref = None
     if beta > 0:  # the frozen reference: always the SFT checkpoint, also when resuming
         ref = grpo.reference(

@@ -118,13 +118,14 @@ def blinded_steps():
     return round(bottleneck_share * max_iters) if bottleneck else 0
 
 
-def resolve_defaults(config, dev):
-    """The settings left at auto, resolved and printed on one line. From a real checkpoint, the
-    official recipes: LVR mse with CE 1 / latent 0.1 (official LVR), Mirage cosine with CE 0.1 /
-    latent 1 (official Mirage); lr 1e-5 with a cosine to 0 after 3% warmup (official LVR SFT). The
-    tiny scratch model keeps what trains it in minutes (cosine, CE 1 / latent 0.1, lr 1e-3 to 1e-4
-    after 50 steps: see the README). Images: a data file's between the official LVR bounds, a
-    synthetic task's at its own size. dtype: bf16 autocast on CUDA."""
+def resolve(config):
+    """The settings left at auto -> their values (cli.configure writes and prints them). From a real
+    checkpoint, the official recipes: LVR mse with CE 1 / latent 0.1 (official LVR), Mirage cosine
+    with CE 0.1 / latent 1 (official Mirage); lr 1e-5 with a cosine to 0 after 3% warmup (official
+    LVR SFT). The tiny scratch model keeps what trains it in minutes (cosine, CE 1 / latent 0.1, lr
+    1e-3 to 1e-4 after 50 steps: see the README). Images: a data file's between the official LVR
+    bounds, a synthetic task's at its own size. dtype: bf16 autocast on CUDA. A hub id: its snapshot
+    in the Hugging Face cache."""
     real = init_from != "scratch"
     vsp = task == "vsp" and data_path == "synthetic"  # (its latents: what VSP's study chose)
     auto = {"latent_loss": "cosine" if method == "mirage" or not real else "mse",
@@ -135,14 +136,14 @@ def resolve_defaults(config, dev):
             "warmup_iters": round(0.03 * max_iters) if real else 50,
             "max_latents": 16 if vsp else 1 if method == "pause" else 0,
             "mirage_k": 16 if vsp else 4,
-            "dtype": parallel.autocast_dtype(dtype, dev)}
-    for k, v in auto.items():
-        if isinstance(config[k], Auto) or config[k] == "auto":
-            config[k] = globals()[k] = v
+            "dtype": parallel.autocast_dtype(dtype, device)}
+    out = {k: v if isinstance(config[k], Auto) or config[k] == "auto" else config[k]
+           for k, v in auto.items()}
 
     # a data file's images: as the checkpoint trained, else official LVR's bounds (Mirage: the
     # processor's)
-    start = out_dir if resume else init_from
+    path = checkpoint.locate(init_from) if real else init_from
+    start = out_dir if resume else path
     bounds = data.trained_pixels(
         start, data.PROCESSOR_PIXELS if method == "mirage" else data.LVR_PIXELS
     )
@@ -154,16 +155,8 @@ def resolve_defaults(config, dev):
         synthetic=data_path == "synthetic",
         bounds=bounds,
     )
-    config.update(zip(("image_size", "min_pixels", "max_pixels"), images))
-    globals().update(zip(("image_size", "min_pixels", "max_pixels"), images))
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(
-            "resolved: "
-            + " ".join(
-                f"{k}={config[k]}" for k in [*auto, "image_size", "min_pixels", "max_pixels"]
-            )
-            + (f" init_from={init_from}" if real else "")
-        )
+    out.update(zip(("image_size", "min_pixels", "max_pixels"), images))
+    return {**out, "init_from": path} if real else out
 
 
 def build(tmp, dev):
@@ -414,9 +407,7 @@ def held_out_accuracy(root, model, tok, ids, records, held_out, dev, step):
 # long: the script's phases, top to bottom, as nanoGPT's train.py reads
 def main(argv):
     # 1) settings, checked before any work
-    config = cli.configure(globals(), argv)
-    if init_from != "scratch":  # a hub id: its snapshot in the Hugging Face cache
-        config["init_from"] = globals()["init_from"] = checkpoint.locate(init_from)
+    config = cli.configure(globals(), argv, resolve)
     rank, world, dev, ddp = parallel.setup(device, fsdp)
     cli.require(not (latent_end and method == "mirage"),
                 "--latent_end true needs a latent-end token, and Mirage's tokens have none")
@@ -434,7 +425,6 @@ def main(argv):
         not (method == "pause" and (latent_head or latent_end)),
         "--method pause feeds one learned vector: it has no latent head and no `latent` exit",
     )
-    resolve_defaults(config, dev)
     cli.require(min_lr <= lr, f"--min_lr {min_lr} is above --lr {lr}")
     cli.require(method != "pause" or max_latents > 0,
                 "--method pause ends its spans by count: --max_latents 1 or more")

@@ -62,7 +62,7 @@ def test_pause_slots_read_one_learned_vector_and_no_target(tmp_path):
 
 def test_pause_rollout_feeds_the_vector_and_ends_spans_by_count(tmp_path):
     model, tok, ids = pause_model(tmp_path, count=3)
-    decoding, steps = lvr.span_count(model, "auto", None)
+    decoding, steps = lvr.span_count(model.cfg, "auto", None)
     assert (decoding, steps) == ("steps", 3)
     exs = two_examples()
     p = data.prompt_batch(exs, tok, *PIXELS)

@@ -306,10 +306,8 @@ def test_loss_defaults_follow_the_papers(monkeypatch, capsys):
         config = {**AUTO, **given}
         for k, v in {**config, "init_from": init, "method": method}.items():
             monkeypatch.setattr(train_sft, k, v)
-        train_sft.resolve_defaults(config, "cpu")
+        config.update(train_sft.resolve(config))
         assert (config["latent_loss"], config["ce_weight"], config["latent_weight"]) == want
-        assert (train_sft.latent_loss, train_sft.ce_weight, train_sft.latent_weight) == want
-        assert f"resolved: latent_loss={want[0]} ce_weight={want[1]} latent_weight={want[2]}" in capsys.readouterr().out
         lrs = (1e-5, 0.0, 30) if init == "ckpt" else (1e-3, 1e-4, 50)
         assert (config["lr"], config["min_lr"], config["warmup_iters"], config["dtype"]) == (*lrs, "float32")
     for dev, data_path, given, want in [("cuda", "d.json", {}, ("bfloat16", 100352, 4014080)),
@@ -318,9 +316,9 @@ def test_loss_defaults_follow_the_papers(monkeypatch, capsys):
                                          ("float32", 50000, 50000)),
                                         ("cpu", "d.jsonl", {"method": "mirage"}, ("float32", *data.PROCESSOR_PIXELS))]:
         config = {**AUTO, "data_path": data_path, "method": "lvr", **given}
-        for k, v in {**config, "init_from": "ckpt"}.items():
+        for k, v in {**config, "init_from": "ckpt", "device": dev}.items():
             monkeypatch.setattr(train_sft, k, v)
-        train_sft.resolve_defaults(config, dev)
+        config.update(train_sft.resolve(config))
         assert (config["dtype"], config["min_pixels"], config["max_pixels"]) == want
         assert config["lr"] == given.get("lr", 1e-5)
     # VSP's latents: what its study chose (LVR's box pooled to 16, Mirage's k 16); elsewhere all, and k 4
@@ -329,10 +327,11 @@ def test_loss_defaults_follow_the_papers(monkeypatch, capsys):
         config = {**AUTO, "data_path": data_path, "task": task, "method": "mirage"}
         for k, v in {**config, "init_from": "scratch"}.items():
             monkeypatch.setattr(train_sft, k, v)
-        train_sft.resolve_defaults(config, "cpu")
+        config.update(train_sft.resolve(config))
         assert (config["max_latents"], config["mirage_k"]) == want
-    r = run_here("train_sft.py", "--method", "mirage", "--latent_end", "true")
+    r = run_here("train_sft.py", "--method", "mirage", "--latent_end", "true", "--ce_weight", "0.5")
     assert r.returncode == 1 and "Mirage's tokens have none" in r.stderr and "Traceback" not in r.stderr
+    assert "resolved: latent_loss=cosine ce_weight=0.5 latent_weight=0.1" in r.stdout  # (printed once)
 
 
 def test_ctrl_c_or_sigterm_saves_the_whole_step_and_resume_continues_the_same_loss_curve(tmp_path):
