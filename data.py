@@ -4,7 +4,8 @@ the batches made from examples: SFT batches (encode, collate: right-padded, with
 slots) and prompt batches (left-padded, for the rollout). The synthetic tasks and the tiny tokenizer
 live in tasks.py.
 
-An example is a dict (tasks.py's docstring says what each field is).
+An example is a dict (tasks.py's docstring says what each field is). Read encode and collate first:
+the assistant turn and the batch the losses read; the file formats come after.
 """
 
 import csv
@@ -23,6 +24,129 @@ import qwen
 import tasks
 import vision
 from cli import InputError
+
+# -----------------------------------------------------------------------------
+# encoding and collation
+
+
+def encode(
+    ex, tok, ids, method="lvr", max_latents=0, k=4, latent_end=False, pixels=(3136, 12845056)
+):
+    """Example -> one row of an SFT batch, unpadded: input_ids, labels, n_prompt, pixel_values,
+    grid_thw, helper, n_feat, and the latent slots (collate's fields, per row: positions, not (row,
+    position)).
+
+    method none drops the latent spans (plain SFT); mirage takes the k targets from the helper
+    image; pause (the control) gives every span max_latents slots and no targets. pixels: the
+    images' (min_pixels, max_pixels).
+    """
+    pvs, grids = zip(*[vision.preprocess(im, *pixels) for im in ex["images"]])
+    n_tok = [vision.merged_tokens(g) for g in grids]
+    prompt = tok.prompt(ex["question"], n_tok)
+    if latent_end and ids.latent_end is None:
+        raise InputError("latent_end needs a latent-end token, and these latent tokens have none")
+    helper = vision.preprocess(ex["helper"], *pixels) if method == "mirage" else None
+    seq, pos, slot, groups, end_pos = list(prompt), [], [], [], []
+
+    # Mirage imagines one helper image: one span where the example puts it (a Mirage record: at its
+    # <output_image>), and at the start when an LVR answer looks several times
+    assistant = ex["assistant"]
+    if method == "mirage" and assistant.count("<lvr>") != 1:
+        assistant = "<lvr>\n" + assistant.replace("<lvr>", "").lstrip("\n")
+    for i, text in enumerate(assistant.split("<lvr>")):
+        if i > 0 and method != "none":  # a latent span, for the <lvr> before this piece of text
+            if method == "mirage":
+                span = lvr.chunk_groups(vision.merged_tokens(helper[1]), k)
+            elif method == "pause":  # a fixed count, so that the rollout can end its spans by count
+                span = [[]] * max_latents
+            else:  # indices into the example's features: its images' merged tokens, image by image
+                im = ex.get("bbox_images", [0] * i)[i - 1]
+                start = vision.token_offsets(grids)[im]
+                pooled = lvr.roi_groups(ex["bboxes"][i - 1], grids[im][0], max_latents)
+                span = [[start + j for j in g] for g in pooled]
+            seq.append(ids.start)
+            pos += range(len(seq), len(seq) + len(span))
+            slot += range(len(span))
+            groups += span
+            seq += [ids.latent] * len(span)
+            if latent_end:
+                end_pos.append(len(seq))
+                seq.append(ids.latent_end)
+            seq.append(ids.end)
+        seq += tok.encode(text.lstrip("\n") if i > 0 and method == "none" else text)
+
+    seq.append(tok.im_end)
+    labels = [-100] * len(prompt) + seq[len(prompt):]
+    for t in pos + end_pos:
+        labels[t] = -100  # latent slots are trained by the latent loss, not CE
+    return {
+        "input_ids": seq,
+        "labels": labels,
+        "n_prompt": len(prompt),
+        "pixel_values": torch.cat(pvs),
+        "grid_thw": torch.cat(grids),
+        "latent_pos": pos,
+        "latent_slot": slot,
+        "latent_groups": groups,
+        "latent_end_pos": end_pos,
+        "helper": helper,
+        "n_feat": vision.merged_tokens(torch.cat(grids)),
+    }
+
+
+def collate(encoded, pad_id):
+    """Right-pad a list of encoded examples into one SFT batch (lvr.sft_loss, lvr.own_latents_loss):
+
+    input_ids       (B, T)     token ids, padded with pad_id (<|endoftext|>)
+    attention_mask  (B, T)     1 for real tokens, 0 for padding
+    labels          (B, T)     the next-token CE targets; -100 on the prompt, latent slots and padding
+    pixel_values    (P, 1176)  every image's patches, example by example; grid_thw (N, 3) their grids
+    latent_pos      (2, L)     (row, position) of every latent slot, spans in order
+    latent_slot     (L,)       each latent's index within its span (0 opens a span)
+    latent_end_pos  (2, E)     (row, position) of every <|lvr_latent_end|> (the `latent` exit trained)
+    target_avg      (L, F)     targets = target_avg @ features: row i averages the merged image tokens
+                               (of the prompt images, or Mirage's helper images) that latent i
+                               reconstructs
+    helper_pixel_values, helper_grid_thw   Mirage only: the helper images
+    """
+    B, T = len(encoded), max(len(e["input_ids"]) for e in encoded)
+    input_ids = torch.full((B, T), pad_id)
+    labels = torch.full((B, T), -100)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    rows, pos, slot, groups, end_rows, end_pos = [], [], [], [], [], []
+    offset = 0  # where this example's features start among the batch's
+    mirage = encoded[0]["helper"] is not None
+    for b, e in enumerate(encoded):
+        n = len(e["input_ids"])
+        input_ids[b, :n] = torch.tensor(e["input_ids"])
+        labels[b, :n] = torch.tensor(e["labels"])
+        mask[b, :n] = 1
+        rows += [b] * len(e["latent_pos"])
+        pos += e["latent_pos"]
+        slot += e["latent_slot"]
+        groups += [[offset + i for i in g] for g in e["latent_groups"]]
+        end_rows += [b] * len(e["latent_end_pos"])
+        end_pos += e["latent_end_pos"]
+        offset += vision.merged_tokens(e["helper"][1]) if mirage else e["n_feat"]
+
+    as_long = functools.partial(torch.tensor, dtype=torch.long)
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "pixel_values": torch.cat([e["pixel_values"] for e in encoded]),
+        "grid_thw": torch.cat([e["grid_thw"] for e in encoded]),
+        "latent_pos": as_long([rows, pos]),
+        "latent_slot": as_long(slot),
+        "latent_end_pos": as_long([end_rows, end_pos]),
+        "target_avg": lvr.averaging_matrix(groups, offset),
+    }
+    if mirage:
+        batch["helper_pixel_values"] = torch.cat([e["helper"][0] for e in encoded])
+        batch["helper_grid_thw"] = torch.cat([e["helper"][1] for e in encoded])
+
+    return batch
+
 
 # -----------------------------------------------------------------------------
 # files: LVR JSON / JSONL (LLaVA conversations + bboxes), Mirage JSONL, MMVP / V* (evaluate.py)
@@ -149,16 +273,16 @@ def record_example(rec, image_root, where):
                          f"{len(bboxes) if isinstance(bboxes, list) else bboxes!r} bboxes")
 
     # with several images each bbox names its image: "bbox_images": [index, ...], one per bbox
-    on = rec.get("bbox_images", [0] * len(bboxes) if len(images) == 1 else None)
-    if bboxes and (not isinstance(on, list) or len(on) != len(bboxes)
-                   or not all(isinstance(k, int) and 0 <= k < len(images) for k in on)):
+    bbox_images = rec.get("bbox_images", [0] * len(bboxes) if len(images) == 1 else None)
+    if bboxes and (not isinstance(bbox_images, list) or len(bbox_images) != len(bboxes)
+                   or not all(isinstance(k, int) and 0 <= k < len(images) for k in bbox_images)):
         raise InputError(
             f"{where}: {len(images)} images and {len(bboxes)} bboxes: 'bbox_images' must give each "
-            f"bbox the index of its image (0 to {len(images) - 1}), got {on!r}"
+            f"bbox the index of its image (0 to {len(images) - 1}), got {bbox_images!r}"
         )
 
     bboxes = [lvr.normalise_bbox(b if isinstance(b, list) else [], *images[k].size, f"{where}: ")
-              for b, k in zip(bboxes, on or [])]
+              for b, k in zip(bboxes, bbox_images or [])]
     answer = assistant.split("<answer>")[-1].split("</answer>")[0].replace("<lvr>", "").strip()
     return {
         "images": images,
@@ -166,7 +290,7 @@ def record_example(rec, image_root, where):
         "assistant": assistant,
         "answer": answer,
         "bboxes": bboxes,
-        "bbox_images": on or [],
+        "bbox_images": bbox_images or [],
         "helper": None,
     }
 
@@ -237,129 +361,6 @@ def load_multiple_choice(path, root, limit):
         }
         for img, q, a, where, extra in out[:limit]
     ]
-
-
-# -----------------------------------------------------------------------------
-# encoding and collation
-
-
-def encode(
-    ex, tok, ids, method="lvr", max_latents=0, k=4, latent_end=False, pixels=(3136, 12845056)
-):
-    """Example -> one row of an SFT batch, unpadded: input_ids, labels, n_prompt, pixel_values,
-    grid_thw, helper, n_feat, and the latent slots (collate's fields, per row: positions, not (row,
-    position)).
-
-    method none drops the latent spans (plain SFT); mirage takes the k targets from the helper
-    image; pause (the control) gives every span max_latents slots and no targets. pixels: the
-    images' (min_pixels, max_pixels).
-    """
-    pvs, grids = zip(*[vision.preprocess(im, *pixels) for im in ex["images"]])
-    n_tok = [vision.merged_tokens(g) for g in grids]
-    prompt = tok.prompt(ex["question"], n_tok)
-    if latent_end and ids.latent_end is None:
-        raise InputError("latent_end needs a latent-end token, and these latent tokens have none")
-    helper = vision.preprocess(ex["helper"], *pixels) if method == "mirage" else None
-    seq, pos, slot, groups, end_pos = list(prompt), [], [], [], []
-
-    # Mirage imagines one helper image: one span where the example puts it (a Mirage record: at its
-    # <output_image>), and at the start when an LVR answer looks several times
-    assistant = ex["assistant"]
-    if method == "mirage" and assistant.count("<lvr>") != 1:
-        assistant = "<lvr>\n" + assistant.replace("<lvr>", "").lstrip("\n")
-    for i, text in enumerate(assistant.split("<lvr>")):
-        if i > 0 and method != "none":  # a latent span, for the <lvr> before this piece of text
-            if method == "mirage":
-                span = lvr.chunk_groups(vision.merged_tokens(helper[1]), k)
-            elif method == "pause":  # a fixed count, so that the rollout can end its spans by count
-                span = [[]] * max_latents
-            else:  # indices into the example's features: its images' merged tokens, image by image
-                im = ex.get("bbox_images", [0] * i)[i - 1]
-                start = vision.token_offsets(grids)[im]
-                pooled = lvr.roi_groups(ex["bboxes"][i - 1], grids[im][0], max_latents)
-                span = [[start + j for j in g] for g in pooled]
-            seq.append(ids.start)
-            pos += range(len(seq), len(seq) + len(span))
-            slot += range(len(span))
-            groups += span
-            seq += [ids.latent] * len(span)
-            if latent_end:
-                end_pos.append(len(seq))
-                seq.append(ids.latent_end)
-            seq.append(ids.end)
-        seq += tok.encode(text.lstrip("\n") if i > 0 and method == "none" else text)
-
-    seq.append(tok.im_end)
-    labels = [-100] * len(prompt) + seq[len(prompt):]
-    for t in pos + end_pos:
-        labels[t] = -100  # latent slots are trained by the latent loss, not CE
-    return {
-        "input_ids": seq,
-        "labels": labels,
-        "n_prompt": len(prompt),
-        "pixel_values": torch.cat(pvs),
-        "grid_thw": torch.cat(grids),
-        "latent_pos": pos,
-        "latent_slot": slot,
-        "latent_groups": groups,
-        "latent_end_pos": end_pos,
-        "helper": helper,
-        "n_feat": vision.merged_tokens(torch.cat(grids)),
-    }
-
-
-def collate(encoded, pad_id):
-    """Right-pad a list of encoded examples into one SFT batch (lvr.sft_loss, lvr.own_latents_loss):
-
-    input_ids       (B, T)     token ids, padded with pad_id (<|endoftext|>)
-    attention_mask  (B, T)     1 for real tokens, 0 for padding
-    labels          (B, T)     the next-token CE targets; -100 on the prompt, latent slots and padding
-    pixel_values    (P, 1176)  every image's patches, example by example; grid_thw (N, 3) their grids
-    latent_pos      (2, L)     (row, position) of every latent slot, spans in order
-    latent_slot     (L,)       each latent's index within its span (0 opens a span)
-    latent_end_pos  (2, E)     (row, position) of every <|lvr_latent_end|> (the `latent` exit trained)
-    target_avg      (L, F)     targets = target_avg @ features: row i averages the merged image tokens
-                               (of the prompt images, or Mirage's helper images) that latent i
-                               reconstructs
-    helper_pixel_values, helper_grid_thw   Mirage only: the helper images
-    """
-    B, T = len(encoded), max(len(e["input_ids"]) for e in encoded)
-    input_ids = torch.full((B, T), pad_id)
-    labels = torch.full((B, T), -100)
-    mask = torch.zeros(B, T, dtype=torch.long)
-    rows, pos, slot, groups, end_rows, end_pos = [], [], [], [], [], []
-    offset = 0  # where this example's features start among the batch's
-    mirage = encoded[0]["helper"] is not None
-    for b, e in enumerate(encoded):
-        n = len(e["input_ids"])
-        input_ids[b, :n] = torch.tensor(e["input_ids"])
-        labels[b, :n] = torch.tensor(e["labels"])
-        mask[b, :n] = 1
-        rows += [b] * len(e["latent_pos"])
-        pos += e["latent_pos"]
-        slot += e["latent_slot"]
-        groups += [[offset + i for i in g] for g in e["latent_groups"]]
-        end_rows += [b] * len(e["latent_end_pos"])
-        end_pos += e["latent_end_pos"]
-        offset += vision.merged_tokens(e["helper"][1]) if mirage else e["n_feat"]
-
-    long = functools.partial(torch.tensor, dtype=torch.long)
-    batch = {
-        "input_ids": input_ids,
-        "attention_mask": mask,
-        "labels": labels,
-        "pixel_values": torch.cat([e["pixel_values"] for e in encoded]),
-        "grid_thw": torch.cat([e["grid_thw"] for e in encoded]),
-        "latent_pos": long([rows, pos]),
-        "latent_slot": long(slot),
-        "latent_end_pos": long([end_rows, end_pos]),
-        "target_avg": lvr.averaging_matrix(groups, offset),
-    }
-    if mirage:
-        batch["helper_pixel_values"] = torch.cat([e["helper"][0] for e in encoded])
-        batch["helper_grid_thw"] = torch.cat([e["helper"][1] for e in encoded])
-
-    return batch
 
 
 # the official LVR training scripts' image bounds (128 to 5120 merged tokens of 28 x 28 pixels), and

@@ -43,29 +43,33 @@ import vision
 from cli import Auto, InputError
 
 # -----------------------------------------------------------------------------
+# I/O
 init_from = "out"  # checkpoint directory, or a Hugging Face hub id ORG/NAME[@REVISION]
+save = ""  # also write the rows, each with every example's correctness, to this JSON file ("": print only)
+# data
 data_path = "synthetic"  # synthetic | an LVR JSON/JSONL with bboxes | an MMVP-style CSV | a V*-style JSONL
 image_root = ""  # directory the dataset's images are in (MMVP: the folder of <Index>.jpg)
 n_examples = 256  # [1, inf) held-out synthetic examples (or at most this many from a file)
 task = "colour"  # {colour, search, relation, imagine, vsp} the synthetic task (tasks.py)
 level = "3"  # VSP's map size: 3 to 6 cells a side, a list (3,4) or a range (3-6) to mix them
 image_size = Auto(int)  # [28, inf) synthetic image side, a multiple of 28 (auto: the task's, 168; search 336)
-batch_size = 32  # [1, inf) rows per batched rollout
+min_pixels = Auto(int)  # [1, inf) smallest image area after resizing (auto: as trained, else 3136)
+max_pixels = Auto(int)  # [1, inf) largest image area (auto: as trained, else 12845056; synthetic: its own)
+seed = 1337  # [0, inf) the synthetic held-out set
+split = "test"  # {test, eval} the synthetic split: test, or eval (the validation split the study tunes on)
+# decoding
 decoding = "auto"  # {auto, token, steps, latent} latent exit (auto: a pause checkpoint's steps, else token)
 lvr_steps = Auto(int)  # [0, inf) latent steps in `steps` mode (auto: a pause checkpoint's count, else 8)
-max_latent_steps = 16  # [0, inf) latent budget in `token` / `latent` modes
+max_latent_steps = 16  # [1, inf) latent budget in `token` / `latent` modes
 force_end = True  # force <|lvr_end|> after a span (false: the model's own next token, as the official code)
 end_metric = "checkpoint"  # {checkpoint, mse, cosine, l1} `latent` exit distance (checkpoint: as trained)
 end_threshold = Auto(float)  # (0, inf) `latent` exit threshold (auto: the checkpoint's, else 0.1)
 max_new_tokens = 32  # [1, inf) completion budget
-min_pixels = Auto(int)  # [1, inf) smallest image area after resizing (auto: as trained, else 3136)
-max_pixels = Auto(int)  # [1, inf) largest image area (auto: as trained, else 12845056; synthetic: its own)
+diagnostics = True  # also the rows that replace the latents (disabled, dummy, swapped, oracle)
+# system
+batch_size = 32  # [1, inf) rows per batched rollout
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "auto"  # {auto, float32, bfloat16} the weights' dtype (auto: bfloat16 on CUDA)
-seed = 1337  # [0, inf) the synthetic held-out set
-split = "test"  # {test, eval} the synthetic split: test, or eval (the validation split the study tunes on)
-diagnostics = True  # also the rows that replace the latents (disabled, dummy, swapped, oracle)
-save = ""  # also write the rows, each with every example's correctness, to this JSON file ("": print only)
 # -----------------------------------------------------------------------------
 
 
@@ -133,9 +137,7 @@ def evaluate(model, tok, ids, exs, decode, pixels=(3136, 28224), batch_size=32, 
             given = lvr.Feed(torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(device),
                              torch.tensor([len(v) for v in rows], device=device))
         prompt = lvr.Prompt(
-            p["input_ids"].to(device),
-            p["attention_mask"].to(device),
-            grid_thw=p["grid_thw"],
+            p["input_ids"].to(device), p["attention_mask"].to(device), grid_thw=p["grid_thw"],
             feats=feats,
         )
         r = lvr.rollout(
@@ -189,14 +191,8 @@ def targets_of(model, tok, ids, exs, min_pixels=3136, max_pixels=28224, device="
             continue
         pixels = (min_pixels, max_pixels)
         row = data.encode(
-            e,
-            tok,
-            ids,
-            method=how["method"],
-            max_latents=how["max_latents"],
-            k=how["k"],
-            latent_end=False,
-            pixels=pixels,
+            e, tok, ids, method=how["method"], max_latents=how["max_latents"], k=how["k"],
+            latent_end=False, pixels=pixels,
         )
         batch = data.to_device(data.collate([row], tok.endoftext), device)
         out.append(lvr.encode_images(model, batch)[1].cpu())
@@ -268,11 +264,7 @@ def resolve(config):
     path = checkpoint.locate(init_from)
     bounds = data.trained_pixels(path, data.PROCESSOR_PIXELS)
     images = data.image_settings(
-        task,
-        image_size,
-        min_pixels,
-        max_pixels=max_pixels,
-        synthetic=data_path == "synthetic",
+        task, image_size, min_pixels, max_pixels=max_pixels, synthetic=data_path == "synthetic",
         bounds=bounds,
     )
     cfg = checkpoint.read_config(path)
@@ -294,13 +286,8 @@ def main(argv):
     exs = load_examples(model.cfg.extra.get("latent_targets", {}))
     metric, threshold = lvr.end_rule(model, end_metric, cli.given(end_threshold))
     decode = lvr.Decode(
-        decoding,
-        lvr_steps,
-        max_latent_steps,
-        force_end=force_end,
-        end_metric=metric,
-        end_threshold=threshold,
-        max_new_tokens=max_new_tokens,
+        decoding, lvr_steps, max_latent_steps, force_end=force_end, end_metric=metric,
+        end_threshold=threshold, max_new_tokens=max_new_tokens,
     )
 
     # end at once
@@ -350,20 +337,20 @@ def main(argv):
         with open(save, "w") as f:
             json.dump(out, f)
 
-    on = rows["with latents"]
+    own = rows["with latents"]
     budget = lvr_steps if decoding == "steps" else max_latent_steps
     print(
         "latent steps per span (with latents): "
-        + ", ".join(f"{k}: {v}" for k, v in sorted(on["spans"].items()))
-        + f"; {on['spans'][budget]} of {sum(on['spans'].values())} spans ran to the budget of {budget}"
+        + ", ".join(f"{k}: {v}" for k, v in sorted(own["spans"].items()))
+        + f"; {own['spans'][budget]} of {sum(own['spans'].values())} spans ran to the budget of {budget}"
     )
-    for name, ok in sorted(by_group(exs, on["right"], "category").items()):
+    for name, ok in sorted(by_group(exs, own["right"], "category").items()):
         print(f"category {name}: accuracy {sum(ok) / len(ok):.3f} on {len(ok)}")
-    pairs = by_group(exs, on["right"], "pair")
+    pairs = by_group(exs, own["right"], "pair")
     if pairs:
         print(
             f"per pair (both questions right): {sum(all(ok) for ok in pairs.values()) / len(pairs):.3f} "
-            f"on {len(pairs)} pairs; per question {on['accuracy']:.3f}"
+            f"on {len(pairs)} pairs; per question {own['accuracy']:.3f}"
         )
 
 

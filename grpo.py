@@ -158,9 +158,7 @@ def completion_logprobs(model, seqs, attention_mask, n_prompt, grid_thw, feats, 
     c = torch.where(is_latent[..., None], latents.detach().to(x.dtype), model.token_embeds(comp))
     x = torch.cat([x, c], 1)
     pos = qwen.get_rope_index(
-        prompt,
-        grid_thw,
-        attention_mask=attention_mask[:, :n_prompt],
+        prompt, grid_thw, attention_mask=attention_mask[:, :n_prompt],
         image_token_id=model.cfg.image_token_id,
     )
 

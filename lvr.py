@@ -229,28 +229,6 @@ def latent_distance(pred, target, kind="mse", per_row=False):
     return d if per_row else d.mean()
 
 
-def end_distance(vec, end_vec, kind, scaled=True):
-    """`latent` exit: (B,) distance of each latent to the end embedding, by the metric it was
-    trained with, scaled so that the zero vector is at 1 (a threshold then means the same for every
-    metric and scale); unscaled: the official rule for its learned end vector (mse < 0.1; that
-    vector's RMS starts at 1)."""
-    d = latent_distance(vec, target=end_vec[None], kind=kind, per_row=True)
-    return (
-        d / latent_distance(0 * end_vec[None], target=end_vec[None], kind=kind, per_row=True)
-        if scaled
-        else d
-    )
-
-
-def end_rule(model, metric="checkpoint", threshold=None):
-    """The `latent` exit's metric and threshold: the flags', else the checkpoint's, else mse and
-    0.1."""
-    return (
-        metric if metric != "checkpoint" else model.cfg.extra.get("latent_end_metric", "mse"),
-        threshold if threshold is not None else model.cfg.extra.get("latent_end_threshold", 0.1),
-    )
-
-
 def switch_loss(model, h, b, t, slot, end_id):
     """The mode-switch loss (official LVR): BCE on the <|lvr_end|> logit at every in-span state, the
     one that read <|lvr_start|> (position t - 1 of a span's first latent) and each latent's; target
@@ -299,9 +277,13 @@ def blind_positions(batch, image_token_id):
 # long: the loss's weights, each its own flag in train_sft.py
 def sft_loss(model, batch, ce_weight=1.0, latent_weight=0.1, latent_loss="mse", freeze_vision=True,
              switch_weight=0.0, bottleneck=False):
-    """-> (loss, ce, latent, switch) for one padded batch (see data.collate for the fields). The
-    pause control (is_pause) keeps its slots' token, <|lvr|>, whose embedding learns; it has no
-    latent loss. bottleneck: LIVR's attention mask (blind_positions)."""
+    """-> (loss, ce, latent, switch) for one padded batch (data.collate makes it). The fields read:
+    input_ids, attention_mask, labels (B, T); pixel_values, grid_thw (the images); latent_pos (2, L)
+    the (row, position) of each latent slot; latent_slot (L,) its index in its span (0 opens one);
+    target_avg (L, F) the rows that average the image tokens into targets; latent_end_pos (2, E) the
+    `latent` exit's <|lvr_latent_end|> positions. The pause control (is_pause) keeps its slots'
+    token, <|lvr|>, whose embedding learns; it has no latent loss. bottleneck: LIVR's attention mask
+    (blind_positions)."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     feats, targets = encode_images(model, batch, freeze_vision)
     x = model.embed(ids, grid_thw=batch["grid_thw"], feats=feats)  # (B, T, C)
@@ -312,9 +294,7 @@ def sft_loss(model, batch, ce_weight=1.0, latent_weight=0.1, latent_loss="mse", 
         x = x.index_put((b, t), targets.to(x.dtype))
 
     pos = qwen.get_rope_index(
-        ids,
-        grid_thw=batch["grid_thw"],
-        attention_mask=mask,
+        ids, grid_thw=batch["grid_thw"], attention_mask=mask,
         image_token_id=model.cfg.image_token_id,
     )
     blind = blind_positions(batch, model.cfg.image_token_id) if bottleneck else None
@@ -336,11 +316,7 @@ def sft_loss(model, batch, ce_weight=1.0, latent_weight=0.1, latent_loss="mse", 
     switch = ce.new_zeros(())
     if switch_weight and len(b):
         switch = switch_loss(
-            model,
-            h,
-            b,
-            t=t,
-            slot=batch["latent_slot"],
+            model, h, b, t=t, slot=batch["latent_slot"],
             end_id=model.cfg.extra["lvr_token_ids"]["end"],
         )
 
@@ -364,9 +340,7 @@ def own_latents_loss(model, batch, latent_weight=0.0, latent_loss="mse", freeze_
     feats, targets = encode_images(model, batch, freeze_vision)
     x = model.embed(ids, grid_thw=batch["grid_thw"], feats=feats)
     pos = qwen.get_rope_index(
-        ids,
-        grid_thw=batch["grid_thw"],
-        attention_mask=mask,
+        ids, grid_thw=batch["grid_thw"], attention_mask=mask,
         image_token_id=model.cfg.image_token_id,
     )
     b, t = batch["latent_pos"]  # (L,) each row's latents in order
@@ -394,9 +368,7 @@ def own_latents_loss(model, batch, latent_weight=0.0, latent_loss="mse", freeze_
         )
 
     return (
-        ce + latent_weight * lat + switch_weight * switch,
-        ce.detach(),
-        lat.detach(),
+        ce + latent_weight * lat + switch_weight * switch, ce.detach(), lat.detach(),
         switch.detach(),
     )
 
@@ -485,6 +457,28 @@ def continue_logprob(logits, exits):
     return logits[..., keep].logsumexp(-1) - logits.logsumexp(-1)
 
 
+def end_distance(vec, end_vec, kind, scaled=True):
+    """`latent` exit: (B,) distance of each latent to the end embedding, by the metric it was
+    trained with, scaled so that the zero vector is at 1 (a threshold then means the same for every
+    metric and scale); unscaled: the official rule for its learned end vector (mse < 0.1; that
+    vector's RMS starts at 1)."""
+    d = latent_distance(vec, target=end_vec[None], kind=kind, per_row=True)
+    return (
+        d / latent_distance(0 * end_vec[None], target=end_vec[None], kind=kind, per_row=True)
+        if scaled
+        else d
+    )
+
+
+def end_rule(model, metric="checkpoint", threshold=None):
+    """The `latent` exit's metric and threshold: the flags', else the checkpoint's, else mse and
+    0.1."""
+    return (
+        metric if metric != "checkpoint" else model.cfg.extra.get("latent_end_metric", "mse"),
+        threshold if threshold is not None else model.cfg.extra.get("latent_end_threshold", 0.1),
+    )
+
+
 @dataclass
 class ExitRule:
     """How a span ends (rollout's docstring), fixed for a whole rollout."""
@@ -554,13 +548,9 @@ def exit_rule(model, ids, decode):
     official_end = getattr(model, "lvr_latent_end_emb", None)
     budget = decode.lvr_steps if decode.decoding == "steps" else decode.max_latent_steps
     rule = ExitRule(
-        decode.decoding,
-        budget,
-        force_end=decode.force_end,
-        exits=exit_tokens(ids, decode.decoding),
-        end_metric=decode.end_metric,
-        end_threshold=decode.end_threshold,
-        scaled=official_end is None,
+        decode.decoding, budget, force_end=decode.force_end,
+        exits=exit_tokens(ids, decode.decoding), end_metric=decode.end_metric,
+        end_threshold=decode.end_threshold, scaled=official_end is None,
     )
     if decode.decoding == "latent":
         emb = model.model.embed_tokens.weight[ids.latent_end]
@@ -625,11 +615,7 @@ def prefill(model, prompt, max_new_tokens, group_size):
     autocast = torch.is_autocast_enabled(dev.type)
     kv_dtype = torch.get_autocast_dtype(dev.type) if autocast else emb.weight.dtype
     cache = qwen.KVCache(
-        model.cfg,
-        batch=B,
-        max_len=T + max_new_tokens,
-        device=dev,
-        dtype=kv_dtype,
+        model.cfg, batch=B, max_len=T + max_new_tokens, device=dev, dtype=kv_dtype,
         rope_dtype=emb.weight.dtype,
     )
     x = model.embed(prompt.input_ids, prompt.pixel_values, prompt.grid_thw, prompt.feats)
@@ -696,10 +682,7 @@ def rollout(model, ids, prompt, decode=Decode(), sampling=Sampling(), group_size
     for i in range(decode.max_new_tokens):
         # 3) every row samples; a token forced by the previous step replaces the sample
         tok = qwen.sample(
-            logits,
-            temperature=sampling.temperature,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
+            logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
             generator=sampling.generator,
         )
         sampled = ~done & (force < 0)
@@ -726,11 +709,7 @@ def rollout(model, ids, prompt, decode=Decode(), sampling=Sampling(), group_size
             latent_step, (rule.decoding == "token") & (n_lat > 0), sampled & ~out.forced
         )
         lp = step_logprob(
-            logits,
-            tok,
-            latent_step,
-            sampled=sampled,
-            exits=rule.exits,
+            logits, tok, latent_step, sampled=sampled, exits=rule.exits,
             temperature=sampling.temperature,
         )
         if sampling.latent_sigma:
@@ -752,11 +731,8 @@ def rollout(model, ids, prompt, decode=Decode(), sampling=Sampling(), group_size
     # up to the step the last row stopped
     n = min(int((~run.done.all(0)).sum()) + 1, run.done.shape[1])
     return Rollout(
-        torch.cat([input_ids, run.tok[:, :n]], 1),
-        latents=run.fed[:, :n],
-        is_latent=run.is_latent[:, :n],
-        logprobs=run.logprob[:, :n],
-        sampled=run.sampled[:, :n],
+        torch.cat([input_ids, run.tok[:, :n]], 1), latents=run.fed[:, :n],
+        is_latent=run.is_latent[:, :n], logprobs=run.logprob[:, :n], sampled=run.sampled[:, :n],
     )
 
 

@@ -18,6 +18,7 @@ import os
 import torch
 import torch.distributed as dist
 import checkpoint
+import cli
 import qwen
 from cli import InputError
 
@@ -170,10 +171,12 @@ def all_reduce_grads(params):
         w.wait()
 
 
-def save(model, tok, opt, out_dir, train_state, history, fsdp, rank):
+# long: what a checkpoint holds, and the stop it may end with
+def save(model, tok, opt, out_dir, train_state, history, fsdp, rank, signalled=None):
     """Write out_dir atomically (checkpoint.save), with the run's history. Every rank calls this
     (FSDP gathers the full state collectively); rank 0 writes. The optimizer state is keyed by
-    parameter name, so FSDP, DDP and one-process runs resume each other at any world size."""
+    parameter name, so FSDP, DDP and one-process runs resume each other at any world size.
+    signalled: a stop asked for (cli.stop_flag), which ends the run once this step is saved."""
     # (here: importing it costs every start 1 s)
     from torch.distributed.checkpoint import state_dict as dcp
     opts = dcp.StateDictOptions(full_state_dict=fsdp, cpu_offload=fsdp)
@@ -181,16 +184,15 @@ def save(model, tok, opt, out_dir, train_state, history, fsdp, rank):
     opt_state = dcp.get_optimizer_state_dict(model, opt, options=opts)
     if rank == 0:
         checkpoint.save(
-            model,
-            tok,
-            out_dir,
-            train_state={**train_state, "optimizer": opt_state},
-            weights=weights,
-            history=history,
+            model, tok, out_dir, train_state={**train_state, "optimizer": opt_state},
+            weights=weights, history=history,
         )
 
     if dist.is_initialized():  # no rank reads or moves on before it is written
         dist.barrier()
+
+    if signalled is not None:
+        cli.stop_saved(signalled, train_state["step"], out_dir, rank=rank)
 
 
 def load_optimizer(model, opt, state, fsdp):

@@ -33,11 +33,7 @@ SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<
 
 # the fields that have no default: the model's shape
 REQUIRED = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads",
 )
 
@@ -145,10 +141,7 @@ class KVCache:
         them without a cast); rope_dtype: the rope tables', the activations' dtype (default:
         dtype)."""
         shape = (
-            batch,
-            cfg.num_key_value_heads,
-            max_len,
-            cfg.hidden_size // cfg.num_attention_heads,
+            batch, cfg.num_key_value_heads, max_len, cfg.hidden_size // cfg.num_attention_heads,
         )
 
         # per layer, in a list: no indexing op per step
@@ -461,11 +454,7 @@ class Qwen2_5_VL(nn.Module):
             mask = None if valid is None else causal_mask(valid, start, T, device=x.device)
 
         h = self.model(
-            x,
-            cos,
-            sin,
-            mask,
-            cache,
+            x, cos, sin, mask, cache,
             self.grad_checkpointing and self.training and torch.is_grad_enabled(),
         )
         if cache is not None:
@@ -484,10 +473,7 @@ class Qwen2_5_VL(nn.Module):
                 else torch.zeros(B, T, dtype=torch.long, device=x.device)
             )
             position_ids = get_rope_index(
-                ids,
-                grid_thw,
-                attention_mask,
-                image_token_id=self.cfg.image_token_id,
+                ids, grid_thw, attention_mask, image_token_id=self.cfg.image_token_id,
                 merge=self.cfg.vision.spatial_merge_size,
             )
 
@@ -501,17 +487,8 @@ class Qwen2_5_VL(nn.Module):
 
     # long: the reference's sampling arguments, each its own, as transformers' generate takes them
     def generate(
-        self,
-        input_ids,
-        pixel_values=None,
-        grid_thw=None,
-        attention_mask=None,
-        max_new_tokens=16,
-        temperature=0.0,
-        top_k=0,
-        top_p=1.0,
-        stop_ids=None,
-        generator=None,
+        self, input_ids, pixel_values=None, grid_thw=None, attention_mask=None, max_new_tokens=16,
+        temperature=0.0, top_k=0, top_p=1.0, stop_ids=None, generator=None,
     ):
         """Batched KV-cached sampling; prompts left-padded. -> (B, T + n) tokens, prompt included.
 
@@ -525,10 +502,7 @@ class Qwen2_5_VL(nn.Module):
         # lighter than no_grad; the result is built outside, as a normal tensor
         with torch.inference_mode():
             cache = KVCache(
-                self.cfg,
-                batch=B,
-                max_len=T + max_new_tokens,
-                device=input_ids.device,
+                self.cfg, batch=B, max_len=T + max_new_tokens, device=input_ids.device,
                 dtype=self.lm_head.weight.dtype,
             )
             h = self(input_ids, pixel_values, grid_thw, attention_mask=attention_mask, cache=cache)
@@ -536,8 +510,7 @@ class Qwen2_5_VL(nn.Module):
             out, dones, done = [], [], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
             for i in range(max_new_tokens):
                 tok = torch.where(
-                    done,
-                    stop[0],
+                    done, stop[0],
                     sample(logits, temperature, top_k, top_p=top_p, generator=generator),
                 )
                 out.append(tok)
@@ -774,11 +747,7 @@ class QwenTokenizer:
         if missing:
             raise InputError(f"tokenizer {file} lacks the Qwen special tokens {' '.join(missing)}")
         (
-            self.endoftext,
-            self.im_start,
-            self.im_end,
-            self.vision_start,
-            self.vision_end,
+            self.endoftext, self.im_start, self.im_end, self.vision_start, self.vision_end,
             self.image_pad,
         ) = (self.tok.token_to_id(s) for s in SPECIAL[:6])
 
@@ -819,8 +788,7 @@ def load(path, dtype=torch.float32, device="cpu"):
     """Model + tokenizer from one directory, checking that their special-token ids agree."""
     model, tok = Qwen2_5_VL.from_pretrained(path, dtype, device), QwenTokenizer(path)
     for name, tok_id in (
-        ("image_token_id", tok.image_pad),
-        ("vision_start_token_id", tok.vision_start),
+        ("image_token_id", tok.image_pad), ("vision_start_token_id", tok.vision_start),
         ("vision_end_token_id", tok.vision_end),
     ):
         if getattr(model.cfg, name) != tok_id:

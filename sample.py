@@ -19,24 +19,28 @@ import vision
 from cli import Auto, InputError
 
 # -----------------------------------------------------------------------------
+# I/O
 init_from = "out"  # checkpoint directory (Hugging Face Qwen2.5-VL layout), or a hub id ORG/NAME[@REVISION]
 image = ""  # image file(s), comma-separated, placed before the question in this order
 q = "What is in the image?"  # the question
+viz = ""  # write the image with each latent step's nearest cell drawn on it to this file (png)
+# sampling
 max_new_tokens = 64  # [1, inf) generate at most this many tokens
 temperature = 0.0  # [0, inf) 0 means greedy
 top_k = 0  # [0, inf) keep the k most likely tokens (0 = off)
 top_p = 1.0  # (0, 1] nucleus sampling mass (1.0 = off)
 seed = 1337  # [0, inf) sampling seed
-min_pixels = Auto(int)  # [1, inf) smallest image area after resizing (auto: as trained, else 3136)
-max_pixels = Auto(int)  # [1, inf) largest image area (auto: as trained, else 12845056)
-device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu, cuda, cuda:1, mps
-dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # {float32, bfloat16, float16}
+# decoding
 decoding = "auto"  # {auto, token, steps, latent} latent exit (auto: a pause checkpoint's steps, else token)
 lvr_steps = Auto(int)  # [0, inf) `steps`: latents a span, else the budget (auto: a pause model's count, 8)
 force_end = True  # force <|lvr_end|> after a span (false: the model's own next token, as the official code)
 end_metric = "checkpoint"  # {checkpoint, mse, cosine, l1} `latent` exit distance (checkpoint: as trained)
 end_threshold = Auto(float)  # (0, inf) `latent` exit threshold (auto: the checkpoint's, else 0.1)
-viz = ""  # write the image with each latent step's nearest cell drawn on it to this file (png)
+# images and system
+min_pixels = Auto(int)  # [1, inf) smallest image area after resizing (auto: as trained, else 3136)
+max_pixels = Auto(int)  # [1, inf) largest image area (auto: as trained, else 12845056)
+device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu, cuda, cuda:1, mps
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # {float32, bfloat16, float16}
 # -----------------------------------------------------------------------------
 
 
@@ -89,13 +93,8 @@ def main(argv):
             input_ids, attention_mask=None, pixel_values=pixel_values, grid_thw=grid_thw
         ),
         decode=lvr.Decode(
-            how,
-            lvr_steps=steps,
-            max_latent_steps=steps,
-            force_end=force_end,
-            end_metric=metric,
-            end_threshold=threshold,
-            max_new_tokens=max_new_tokens,
+            how, lvr_steps=steps, max_latent_steps=steps, force_end=force_end, end_metric=metric,
+            end_threshold=threshold, max_new_tokens=max_new_tokens,
         ),
         sampling=lvr.Sampling(**sampling),
     )

@@ -83,11 +83,7 @@ def synthetic_example(seed, size=168, n_objects=5, obj=20, cell=28):
     colour = objects[0][1]
     helper = zoom(img, box=boxes[0], size=size, pad=obj // 2)
     return example(
-        img,
-        question=f"What colour is the {shape}?",
-        answer=colour,
-        boxes=boxes[:1],
-        size=size,
+        img, question=f"What colour is the {shape}?", answer=colour, boxes=boxes[:1], size=size,
         helper=helper,
     )
 
@@ -137,11 +133,7 @@ def search_example(seed, size=336, n_objects=18):
     for (s, c), box in zip(objects, boxes):
         draw_shape(d, shape=s, box=box, fill=COLOURS[c])
     return example(
-        img,
-        question=f"What colour is the {shape}?",
-        answer=colours[0],
-        boxes=boxes[:1],
-        size=size,
+        img, question=f"What colour is the {shape}?", answer=colours[0], boxes=boxes[:1], size=size,
         helper=zoom(img, boxes[0], size),
     )
 
@@ -173,12 +165,8 @@ def relation_example(seed, size=168, n_objects=7):
     helper = zoom(img, (min(boxes[0][0], boxes[1][0]), min(boxes[0][1], boxes[1][1]),
                         max(boxes[0][2], boxes[1][2]), max(boxes[0][3], boxes[1][3])), size)
     return example(
-        img,
-        question=f"What colour is the shape {where} the {anchor[1]} {anchor[0]}?",
-        answer=objects[1][1],
-        boxes=boxes[:2],
-        size=size,
-        helper=helper,
+        img, question=f"What colour is the shape {where} the {anchor[1]} {anchor[0]}?",
+        answer=objects[1][1], boxes=boxes[:2], size=size, helper=helper,
     )
 
 
@@ -213,9 +201,7 @@ def imagine_example(seed, size=168):
     return example(
         img,
         question=f"Start at the dot and move {', '.join(moves)}. What colour is the cell where you stop?",
-        answer=grid[r1 * n + c1],
-        boxes=[cell_box(r1 * n + c1, n)],
-        size=size,
+        answer=grid[r1 * n + c1], boxes=[cell_box(r1 * n + c1, n)], size=size,
         helper=helper.resize((112, 112), Image.BICUBIC),
     )
 
@@ -347,10 +333,7 @@ def draw_path(desc, plan):
 
 
 VSP_TARGETS = (
-    "box+goal",
-    "box+path",
-    "moves+goal",
-    "moves+path",
+    "box+goal", "box+path", "moves+goal", "moves+path",
 )  # LVR's regions + Mirage's helper
 
 
@@ -448,9 +431,7 @@ def synthetic(split, i, seed, size=0, task="colour", level="3", targets=VSP_TARG
 # the tiny tokenizer and model config (the default run's scratch checkpoint)
 
 CORPUS = [
-    "system\nYou are a helpful assistant.",
-    "user\n",
-    "assistant\n",
+    "system\nYou are a helpful assistant.", "user\n", "assistant\n",
     "What colour is the small circle? red green blue yellow purple orange white black",
     "What shape is left of the square? circle square triangle star cross diamond",
     "Which object is above, below, left of, right of the other one? The answer is: yes no",
@@ -465,9 +446,7 @@ def build_tokenizer(path=None, vocab_size=512, special=qwen.SPECIAL, corpus=CORP
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(special),
-        show_progress=False,
+        vocab_size=vocab_size, special_tokens=list(special), show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(corpus, trainer)
@@ -476,8 +455,9 @@ def build_tokenizer(path=None, vocab_size=512, special=qwen.SPECIAL, corpus=CORP
     return tok
 
 
-def tiny_config(tok, image_size=224):
-    """A Qwen2.5-VL-shaped config small enough to train on a CPU in minutes."""
+def tiny_config(tok):
+    """A Qwen2.5-VL-shaped config small enough to train on a CPU in minutes (any image size: the
+    processor decides the grid)."""
     sid = tok.token_to_id
     return {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"],

@@ -7,8 +7,9 @@ GRPO_latent: reinforcement learning on the text of an LVR (or Mirage) SFT checkp
 Per step: B prompts, G sampled completions each, all B*G rows in one batched KV-cached latent
 rollout (lvr.rollout) that records every latent vector and every token's log-prob. Rewards ->
 group-relative advantages -> the clipped objective with a k3 KL to the frozen SFT model, on the
-decisions the policy sampled (the rollout records which): latent vectors and forced tokens carry no
-ratio, KL or normaliser (lvr.py's docstring says what counts as a decision). The training forward is
+decisions the policy sampled (the rollout records which): forced tokens carry no ratio, KL or
+normaliser, and neither do latent vectors unless --latent_sigma explores them (grpo.py's docstring says
+what counts as a decision and how an explored latent's log-prob is taken). The training forward is
 one batched forward with the recorded latents put back at the latent positions; its own detached
 log-probs are the old policy's (TRL's convention: the ratio is exactly 1 at the first update), and
 the frozen reference holds its matmul weights in the run's dtype and everything else (norms,
@@ -41,51 +42,57 @@ import tasks
 from cli import Auto, InputError
 
 # -----------------------------------------------------------------------------
+# I/O
 init_from = "out"  # the SFT checkpoint to start from (also the frozen KL reference): a directory or ORG/NAME
+out_dir = "out_grpo"  # checkpoint directory
+resume = False  # continue from out_dir/train_state.pt
+save_interval = 20  # [1, inf) save a checkpoint every this many steps
+# data
 data_path = "synthetic"  # "synthetic" or a JSON/JSONL of {image, question, answer}
 image_root = ""  # directory the dataset's image paths are relative to (they may not leave it)
 on_bad_record = "fail"  # {fail, skip} a record with a bad image or text stops the run, or is skipped
+task = "colour"  # {colour, search, relation, imagine, vsp} the synthetic task (tasks.py)
+level = "3"  # VSP's map size: 3 to 6 cells a side, a list (3,4) or a range (3-6) to mix them
+image_size = Auto(int)  # [28, inf) synthetic image side, a multiple of 28 (auto: the task's, 168; search 336)
+min_pixels = Auto(int)  # [1, inf) smallest image area after resizing (auto: as trained, else 100352)
+max_pixels = Auto(int)  # [1, inf) largest image area (auto: as trained, else 4014080; synthetic: its own)
+seed = 1337  # [0, inf) seeds the prompts and the sampling
+# rollout
 batch_size = 8  # [1, inf) prompts per step (B), over all processes
 group_size = 8  # [2, inf) completions per prompt (G): advantages are relative to the group
 temperature = 0.9  # (0, inf) sampling temperature; the loss divides logits by it too
 latent_sigma = 0.0  # [0, inf) explore latents: feed z = mu + sigma * eps, log N(z; mu) (0: GRPO_latent)
-max_new_tokens = 32  # [1, inf) completion budget (latent steps included)
 decoding = "auto"  # {auto, token, steps, latent} latent exit (auto: a pause checkpoint's steps, else token)
-lvr_steps = Auto(int)  # [1, inf) latent steps in `steps` mode (auto: a pause checkpoint's count, else 8)
+lvr_steps = Auto(int)  # [0, inf) latent steps in `steps` mode (auto: a pause checkpoint's count, else 8)
 max_latent_steps = 16  # [1, inf) latent budget in `token` / `latent` modes
+max_new_tokens = 32  # [1, inf) completion budget (latent steps included)
 force_end = True  # force <|lvr_end|> after a span (false: the model's own next token, as the official code)
 end_metric = "checkpoint"  # {checkpoint, mse, cosine, l1} `latent` exit distance (checkpoint: as trained)
 end_threshold = Auto(float)  # (0, inf) `latent` exit threshold (auto: the checkpoint's, else 0.1)
+# GRPO
 ppo_epochs = 1  # [1, inf) updates per rollout batch; > 1 makes the clip bite
 filter_groups = True  # keep only groups whose rewards differ (DAPO's dynamic sampling), drawing more prompts
 max_draws = 4  # [1, inf) with filter_groups: at most this many rounds of B prompts per step to find B groups
-micro_batch_tokens = 0  # [0, inf) tokens (rows x padded length) per training forward (0: all rows at once)
-grad_checkpointing = False  # recompute decoder layers in backward to save memory
 clip_eps = 0.2  # (0, 1) PPO clip range
 beta = 0.04  # [0, inf) weight of the k3 KL to the reference (0 = no reference model is loaded)
 scale_rewards = True  # divide advantages by the group std (False = Dr. GRPO)
 loss_norm = "token"  # {token, sequence, fixed} fixed: Dr. GRPO, divide by rows * max_new_tokens
 accuracy_weight = 1.0  # [0, inf) reward: the answer matches
 format_weight = 0.2  # [0, inf) reward: an LVR span followed by an answer, then the end of turn
+freeze_vision = True  # the vision tower stays fixed (false: it trains; the reference keeps a frozen copy)
+# optimisation
 lr = 2e-5  # (0, inf) learning rate (constant after warmup)
-warmup_iters = 5  # [1, inf) linear warmup steps
+warmup_iters = 5  # [0, inf) linear warmup steps
 max_iters = 60  # [1, inf) optimizer steps (each on a fresh rollout batch)
 max_macs = 0.0  # [0, inf) also stop once the run's compute reaches this many multiply-accumulates (0: off)
 weight_decay = 0.0  # [0, inf) AdamW weight decay
 grad_clip = 1.0  # [0, inf) clip the gradient norm (0 = off)
-eval_interval = 20  # [1, inf) checkpoint every this many steps
-task = "colour"  # {colour, search, relation, imagine, vsp} the synthetic task (tasks.py)
-level = "3"  # VSP's map size: 3 to 6 cells a side, a list (3,4) or a range (3-6) to mix them
-image_size = Auto(int)  # [28, inf) synthetic image side, a multiple of 28 (auto: the task's, 168; search 336)
-min_pixels = Auto(int)  # [1, inf) smallest image area after resizing (auto: as trained, else 100352)
-max_pixels = Auto(int)  # [1, inf) largest image area (auto: as trained, else 4014080; synthetic: its own)
+# system
+micro_batch_tokens = 0  # [0, inf) tokens (rows x padded length) per training forward (0: all rows at once)
+grad_checkpointing = False  # recompute decoder layers in backward to save memory
 dtype = "auto"  # {auto, float32, bfloat16} bfloat16: autocast, fp32 master weights (auto: bf16 on CUDA)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 fsdp = False  # under torchrun: shard policy and reference with FSDP2, for models one GPU can't hold
-freeze_vision = True  # the vision tower stays fixed (false: it trains; the reference keeps a frozen copy)
-out_dir = "out_grpo"  # checkpoint directory
-resume = False  # continue from out_dir/train_state.pt
-seed = 1337  # [0, inf) seeds the prompts and the sampling
 # -----------------------------------------------------------------------------
 SKIPPED = {}  # bad records skipped so far: index -> why
 ROLLOUT_OOM = (
@@ -115,12 +122,7 @@ def prompts(n, records, mine):
 
     return [
         data.stream_example(
-            records,
-            i,
-            seed,
-            convert=convert,
-            where=data_path,
-            on_bad=on_bad_record,
+            records, i, seed, convert=convert, where=data_path, on_bad=on_bad_record,
             skipped=SKIPPED,
         )
         for i in index
@@ -179,13 +181,8 @@ def rollout_round(policy, tok, ids, exs, gens, autocast):
             p["input_ids"].to(dev), p["attention_mask"].to(dev), grid_thw=p["grid_thw"], feats=feats
         )
         decode = lvr.Decode(
-            decoding,
-            lvr_steps,
-            max_latent_steps,
-            force_end=force_end,
-            end_metric=metric,
-            end_threshold=threshold,
-            max_new_tokens=max_new_tokens,
+            decoding, lvr_steps, max_latent_steps, force_end=force_end, end_metric=metric,
+            end_threshold=threshold, max_new_tokens=max_new_tokens,
         )
         sampling = lvr.Sampling(
             temperature, generator=gens, stop_ids=stop, latent_sigma=latent_sigma
@@ -249,17 +246,9 @@ def round_logprobs(m, r, rows, frozen, exits):
 
     grids, feats = torch.cat([r.grids[i] for i in of]), torch.cat([f[i] for i in of])
     return grpo.completion_logprobs(
-        m,
-        seqs=r.seqs[rows],
-        attention_mask=r.attn[rows],
-        n_prompt=r.n_prompt,
-        grid_thw=grids,
-        feats=feats,
-        latents=r.latents[rows],
-        is_latent=r.is_latent[rows],
-        temperature=temperature,
-        exits=exits,
-        latent_sigma=latent_sigma,
+        m, seqs=r.seqs[rows], attention_mask=r.attn[rows], n_prompt=r.n_prompt, grid_thw=grids,
+        feats=feats, latents=r.latents[rows], is_latent=r.is_latent[rows], temperature=temperature,
+        exits=exits, latent_sigma=latent_sigma,
     )
 
 
@@ -361,12 +350,7 @@ def update(policy, ref, ids, rounds, filler, opt, params, autocast):
                 old = logp.detach() if old_d is None else joint_logprob(old_d, r, c)
                 kl = None if ref_d is None else reference_kl(d, ref_d, r, c=c, used=weights[c] > 0)
                 loss = grpo.grpo_loss(
-                    logp,
-                    old_logp=old,
-                    adv=adv[c],
-                    weights=weights[c],
-                    kl=kl,
-                    clip_eps=clip_eps,
+                    logp, old_logp=old, adv=adv[c], weights=weights[c], kl=kl, clip_eps=clip_eps,
                     beta=beta,
                 )
             loss.backward()
@@ -420,13 +404,7 @@ def train_step(policy, ref, tok, ids, records, drawn, opt, params, autocast, sig
         loss, kl, n_act, update_macs = 0.0, 0.0, 0, 0.0
         if kept:
             loss, kl, n_act, update_macs = update(
-                policy,
-                ref,
-                ids,
-                rounds=rounds,
-                filler=seen[0],
-                opt=opt,
-                params=params,
+                policy, ref, ids, rounds=rounds, filler=seen[0], opt=opt, params=params,
                 autocast=autocast,
             )
 
@@ -466,11 +444,7 @@ def resolve(config):
     policy = out_dir if resume else path
     bounds = data.trained_pixels(policy, data.LVR_PIXELS)  # as the policy trained
     images = data.image_settings(
-        task,
-        image_size,
-        min_pixels,
-        max_pixels=max_pixels,
-        synthetic=data_path == "synthetic",
+        task, image_size, min_pixels, max_pixels=max_pixels, synthetic=data_path == "synthetic",
         bounds=bounds,
     )
     here = parallel.local_device(device)
@@ -525,9 +499,7 @@ def main(argv):
         state = checkpoint.load_train_state(out_dir, config)
         parallel.load_optimizer(model, opt, state, fsdp=fsdp)
         step, history, drawn = (
-            state["step"],
-            checkpoint.read_log(out_dir),
-            state.get("drawn", state["step"]),
+            state["step"], checkpoint.read_log(out_dir), state.get("drawn", state["step"]),
         )
 
     macs = sum(x.get("macs", 0.0) for x in history)  # the run's compute so far, over all processes
@@ -541,18 +513,10 @@ def main(argv):
     with parallel.finishing(ddp, skipped=SKIPPED, data_path=data_path, device=dev, rank=rank), bar:
         while step < max_iters and not (max_macs and macs >= max_macs):
             for g in opt.param_groups:
-                g["lr"] = lr * min(1.0, (step + 1) / warmup_iters)  # linear warmup, then constant
+                g["lr"] = lr * min(1.0, (step + 1) / max(1, warmup_iters))  # warmup, then constant
             stats, drawn, stopping = train_step(
-                policy,
-                ref,
-                tok,
-                ids=ids,
-                records=records,
-                drawn=drawn,
-                opt=opt,
-                params=params,
-                autocast=autocast,
-                signalled=signalled,
+                policy, ref, tok, ids=ids, records=records, drawn=drawn, opt=opt, params=params,
+                autocast=autocast, signalled=signalled,
             )
             if not math.isfinite(stats["loss"]):
                 raise InputError(
@@ -563,29 +527,20 @@ def main(argv):
             history.append({"step": step, **stats})
             bar.update(1)
             bar.set_postfix(
-                reward=f"{stats['reward']:.3f}",
-                acc=f"{stats['accuracy']:.2f}",
+                reward=f"{stats['reward']:.3f}", acc=f"{stats['accuracy']:.2f}",
                 kl=f"{stats['kl']:.4f}",
             )
             spent = max_macs and macs >= max_macs
-            if stopping or step % eval_interval == 0 or step == max_iters or spent:
+            if stopping or step % save_interval == 0 or step == max_iters or spent:
                 if rank == 0:
                     tqdm.write(
                         f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in stats.items())
                     )
                 train_state = {"step": step, "config": config, "drawn": drawn}
                 parallel.save(
-                    model,
-                    tok,
-                    opt,
-                    out_dir=out_dir,
-                    train_state=train_state,
-                    history=history,
-                    fsdp=fsdp,
-                    rank=rank,
+                    model, tok, opt, out_dir=out_dir, train_state=train_state, history=history,
+                    fsdp=fsdp, rank=rank, signalled=signalled if stopping else None,
                 )
-            if stopping:
-                cli.stop_saved(signalled, step, out_dir, rank=rank)
 
 
 if __name__ == "__main__":

@@ -34,11 +34,26 @@ import vision
 from cli import Auto, InputError
 
 # -----------------------------------------------------------------------------
+# I/O
 init_from = "scratch"  # "scratch" (tiny model + tokenizer), a checkpoint directory or a hub id ORG/NAME[@REV]
+out_dir = "out"  # checkpoint directory
+resume = False  # continue from out_dir/train_state.pt
+eval_interval = 500  # [1, inf) evaluate and checkpoint every this many steps
+eval_examples = 128  # [0, inf) held-out examples per evaluation (0: checkpoints only)
+# data
 data_path = "synthetic"  # "synthetic" or an LVR JSON/JSONL or Mirage JSONL file
 eval_data_path = ""  # held-out records (data_path's format) to evaluate on; "" with a file: its first records
 image_root = ""  # directory the dataset's image paths are relative to (they may not leave it)
 on_bad_record = "fail"  # {fail, skip} a record with a bad image, bbox or text stops the run, or is skipped
+task = "colour"  # {colour, search, relation, imagine, vsp} the synthetic task (tasks.py)
+level = "3"  # VSP's map size: 3 to 6 cells a side, a list (3,4) or a range (3-6) to mix them
+vsp_targets = "box+goal"  # {box+goal, box+path, moves+goal, moves+path} VSP: LVR's regions + Mirage's helper
+image_size = Auto(int)  # [28, inf) synthetic image side, a multiple of 28 (auto: the task's, 168; search 336)
+min_pixels = Auto(int)  # [1, inf) smallest image area after resizing (auto: as trained, else 100352)
+max_pixels = Auto(int)  # [1, inf) largest image area (auto: as trained, else 4014080; synthetic: its own)
+data_workers = 2  # [0, inf) DataLoader processes preparing batches (0: on the training thread)
+seed = 1337  # [0, inf) seeds the model init and the synthetic data
+# method
 method = "lvr"  # {lvr, mirage, none, pause} none: plain SFT; pause: LVR's slots fed one learned vector
 stage = 1  # [1, 2] 1: teacher-forced latents; 2: its own latents fed back (LVR: + their latent loss)
 ce_weight = Auto(float)  # [0, inf) weight of the text CE (auto: Mirage from a checkpoint 0.1, else 1)
@@ -52,6 +67,8 @@ latent_end = False  # train the `latent` exit mode (<|lvr_latent_end|> after the
 end_threshold = 0.1  # (0, inf) `latent` exit threshold, recorded in the checkpoint (zero vector at 1)
 bottleneck = False  # LIVR: tokens after the image but the latent slots cannot see it, then normal attention
 bottleneck_share = 0.5  # (0, 1) with --bottleneck: the share of max_iters under it (the first steps)
+freeze_vision = True  # keep the vision tower and merger fixed (targets never get gradient)
+# optimisation
 batch_size = 16  # [1, inf) examples per micro-batch per process
 grad_accum = 1  # [1, inf) micro-batches per optimizer step
 lr = Auto(float)  # (0, inf) peak learning rate (auto: 1e-5 from a checkpoint, official LVR; scratch 1e-3)
@@ -61,23 +78,11 @@ max_iters = 2000  # [1, inf) optimizer steps
 max_macs = 0.0  # [0, inf) also stop once the run's compute reaches this many multiply-accumulates (0: off)
 weight_decay = 0.0  # [0, inf) AdamW weight decay
 grad_clip = 1.0  # [0, inf) clip the gradient norm (0 = off)
-eval_interval = 500  # [1, inf) evaluate and checkpoint every this many steps
-eval_examples = 128  # [0, inf) held-out examples per evaluation (0: checkpoints only)
-task = "colour"  # {colour, search, relation, imagine, vsp} the synthetic task (tasks.py)
-level = "3"  # VSP's map size: 3 to 6 cells a side, a list (3,4) or a range (3-6) to mix them
-vsp_targets = "box+goal"  # {box+goal, box+path, moves+goal, moves+path} VSP: LVR's regions + Mirage's helper
-image_size = Auto(int)  # [28, inf) synthetic image side, a multiple of 28 (auto: the task's, 168; search 336)
-min_pixels = Auto(int)  # [1, inf) smallest image area after resizing (auto: as trained, else 100352)
-max_pixels = Auto(int)  # [1, inf) largest image area (auto: as trained, else 4014080; synthetic: its own)
+# system
 dtype = "auto"  # {auto, float32, bfloat16} bfloat16: autocast, fp32 master weights (auto: bf16 on CUDA)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 grad_checkpointing = False  # recompute decoder layers in backward to save memory
-data_workers = 2  # [0, inf) DataLoader processes preparing batches (0: on the training thread)
 fsdp = False  # under torchrun: shard with FSDP2 (fully_shard) instead of DDP, for models one GPU can't hold
-freeze_vision = True  # keep the vision tower and merger fixed (targets never get gradient)
-out_dir = "out"  # checkpoint directory
-resume = False  # continue from out_dir/train_state.pt
-seed = 1337  # [0, inf) seeds the model init and the synthetic data
 # -----------------------------------------------------------------------------
 SKIPPED = {}  # bad records skipped so far: index -> why
 SFT_OOM = ("lower --batch_size (raise --grad_accum to keep the batch), --max_pixels; "
@@ -91,24 +96,14 @@ def loss_of(model, batch, blinded=False):
     if stage == 2:  # the model's own latents, with gradients through the chain (Mirage: text only)
         weight = latent_weight if method == "lvr" else 0.0
         return lvr.own_latents_loss(
-            model,
-            batch,
-            latent_weight=weight,
-            latent_loss=latent_loss,
-            freeze_vision=freeze_vision,
-            switch_weight=switch_weight,
+            model, batch, latent_weight=weight, latent_loss=latent_loss,
+            freeze_vision=freeze_vision, switch_weight=switch_weight,
         )
 
     switch = 0.0 if method == "pause" else switch_weight  # (pause spans end by count)
     return lvr.sft_loss(
-        model,
-        batch,
-        ce_weight,
-        latent_weight=latent_weight,
-        latent_loss=latent_loss,
-        freeze_vision=freeze_vision,
-        switch_weight=switch,
-        bottleneck=blinded,
+        model, batch, ce_weight, latent_weight=latent_weight, latent_loss=latent_loss,
+        freeze_vision=freeze_vision, switch_weight=switch, bottleneck=blinded,
     )
 
 
@@ -148,11 +143,7 @@ def resolve(config):
         start, data.PROCESSOR_PIXELS if method == "mirage" else data.LVR_PIXELS
     )
     images = data.image_settings(
-        task,
-        image_size,
-        min_pixels,
-        max_pixels=max_pixels,
-        synthetic=data_path == "synthetic",
+        task, image_size, min_pixels, max_pixels=max_pixels, synthetic=data_path == "synthetic",
         bounds=bounds,
     )
     out.update(zip(("image_size", "min_pixels", "max_pixels"), images))
@@ -169,7 +160,7 @@ def build(tmp, dev):
         path = tmp
         special = qwen.SPECIAL + tasks.LATENT_SPECIAL
         tok = tasks.build_tokenizer(os.path.join(tmp, "tokenizer.json"), special=special)
-        cfg = qwen.Config.from_dict(tasks.tiny_config(tok, image_size))
+        cfg = qwen.Config.from_dict(tasks.tiny_config(tok))
         cfg.extra["lvr_head"] = latent_head
         torch.manual_seed(seed)
         model = qwen.Qwen2_5_VL(cfg)
@@ -261,13 +252,7 @@ def collated(exs, tok, ids):
     """Examples -> one padded SFT batch (data.collate's fields)."""
     rows = [
         data.encode(
-            e,
-            tok,
-            ids,
-            method=method,
-            max_latents=max_latents,
-            k=mirage_k,
-            latent_end=latent_end,
+            e, tok, ids, method=method, max_latents=max_latents, k=mirage_k, latent_end=latent_end,
             pixels=(min_pixels, max_pixels),
         )
         for e in exs
@@ -371,25 +356,15 @@ def held_out_accuracy(root, model, tok, ids, records, held_out, dev, step):
             # Mirage spans are always k long, pause spans max_latents; LVR spans differ per row: the
             # model
             # ends them
-            how = "latent" if latent_end else "steps" if method in ("mirage", "pause") else "token"
+            decoding = "latent" if latent_end else "steps" if method in ("mirage", "pause") else "token"
             count = max_latents if method == "pause" else mirage_k
             decode = lvr.Decode(
-                how,
-                lvr_steps=count,
-                max_latent_steps=budget,
-                force_end=True,
-                end_metric=latent_loss,
-                end_threshold=end_threshold,
-                max_new_tokens=48,
+                decoding, lvr_steps=count, max_latent_steps=budget, force_end=True,
+                end_metric=latent_loss, end_threshold=end_threshold, max_new_tokens=48,
             )
             pixels = (min_pixels, max_pixels)
             r = evaluate.evaluate(
-                model,
-                tok,
-                ids,
-                exs=exs[rank::world],
-                decode=decode,
-                pixels=pixels,
+                model, tok, ids, exs=exs[rank::world], decode=decode, pixels=pixels,
                 batch_size=batch_size,
             )
             right += sum(r["right"])
@@ -471,12 +446,9 @@ def main(argv):
     # 4) the loop
     autocast = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
     loader = torch.utils.data.DataLoader(
-        MicroBatches(tok, ids, records, rank=rank, world=world),
-        batch_size=None,
-        sampler=range(step * grad_accum, max_iters * grad_accum),
-        num_workers=data_workers,
-        generator=torch.Generator(),
-        collate_fn=as_is,
+        MicroBatches(tok, ids, records, rank=rank, world=world), batch_size=None,
+        sampler=range(step * grad_accum, max_iters * grad_accum), num_workers=data_workers,
+        generator=torch.Generator(), collate_fn=as_is,
     )
     stream = iter(loader)
     signalled = cli.stop_flag()  # Ctrl-C / SIGTERM: finish the step, save it, exit
@@ -529,22 +501,14 @@ def main(argv):
             )
             bar.update(1)
             bar.set_postfix(
-                **{k: f"{v:.4f}" for k, v in loss.items()},
-                lr=f"{get_lr(step - 1):.1e}",
-                ms=f"{1000 * (time.time() - t0):.0f}",
-                data_ms=f"{1000 * t_data:.0f}",
+                **{k: f"{v:.4f}" for k, v in loss.items()}, lr=f"{get_lr(step - 1):.1e}",
+                ms=f"{1000 * (time.time() - t0):.0f}", data_ms=f"{1000 * t_data:.0f}",
             )
             spent = max_macs and macs >= max_macs
             if stopping or step % eval_interval == 0 or step == max_iters or spent:
                 if not stopping:  # (no evaluation on the way out)
                     acc, n = held_out_accuracy(
-                        root,
-                        model,
-                        tok,
-                        ids=ids,
-                        records=records,
-                        held_out=held_out,
-                        dev=dev,
+                        root, model, tok, ids=ids, records=records, held_out=held_out, dev=dev,
                         step=step,
                     )
                     history += (
@@ -557,17 +521,9 @@ def main(argv):
                     "rng": torch.get_rng_state(),
                 }
                 parallel.save(
-                    model,
-                    tok,
-                    opt,
-                    out_dir=out_dir,
-                    train_state=train_state,
-                    history=history,
-                    fsdp=fsdp,
-                    rank=rank,
+                    model, tok, opt, out_dir=out_dir, train_state=train_state, history=history,
+                    fsdp=fsdp, rank=rank, signalled=signalled if stopping else None,
                 )
-            if stopping:
-                cli.stop_saved(signalled, step, out_dir, rank=rank)
 
 
 if __name__ == "__main__":

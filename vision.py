@@ -99,10 +99,7 @@ def preprocess(
     """PIL image (or path) -> pixel_values float32 (gh*gw, 3*2*14*14), grid_thw int64 (1, 3)."""
     image = load_image(image) if not isinstance(image, Image.Image) else to_rgb(image)
     h, w = smart_resize(
-        image.height,
-        width=image.width,
-        factor=patch_size * merge_size,
-        min_pixels=min_pixels,
+        image.height, width=image.width, factor=patch_size * merge_size, min_pixels=min_pixels,
         max_pixels=max_pixels,
     )
     x = np.asarray(image.resize((w, h), Image.BICUBIC)).transpose(2, 0, 1)  # (C, H, W) uint8

@@ -168,3 +168,15 @@ def tiny_model(tmp_path, latent_head=False, seed=0):
     model.save_pretrained(str(tmp_path))
     model, tok = qwen.load(str(tmp_path))
     return model, tok, lvr.add_latent_tokens(model, tok)
+
+
+# the scripts' settings small enough for a test: 112-px images, batches of 4
+SMALL = ["--batch_size", "4", "--eval_examples", "4", "--image_size", "112", "--max_pixels", "12544",
+         "--warmup_iters", "2"]
+IDS = lvr.LatentIds(start=100, latent=101, latent_end=102, end=103)  # latent ids of hand-made sequences
+IM_END = 7  # the end-of-turn id of hand-made sequences
+
+
+def state(out):
+    """A checkpoint's train_state.pt."""
+    return torch.load(os.path.join(out, "train_state.pt"), weights_only=True)

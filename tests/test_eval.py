@@ -8,9 +8,9 @@ import lvr
 import evaluate as evaluation
 import tasks
 from cli import InputError
-from test_grpo import IDS, IM_END
+from helpers import IDS, IM_END
 from launch import run_here
-from test_train import SMALL
+from helpers import SMALL
 from helpers import photo
 
 

@@ -17,10 +17,7 @@ import tasks
 import vision
 from helpers import tiny_model
 from launch import SIGNALLED, run, run_here, run_signalled
-from test_train import SMALL
-
-IDS = lvr.LatentIds(start=100, latent=101, latent_end=102, end=103)
-IM_END, PAD = 7, 8
+from helpers import IDS, IM_END, SMALL
 
 
 def test_group_advantages_by_hand():
@@ -287,7 +284,7 @@ def sft(tmp_path_factory):
 
 def grpo_flags(sft):
     return ["--init_from", sft, "--batch_size", "2", "--group_size", "4", "--image_size", "112",
-            "--max_pixels", "12544", "--max_new_tokens", "12", "--eval_interval", "2", "--lr", "1e-3",
+            "--max_pixels", "12544", "--max_new_tokens", "12", "--save_interval", "2", "--lr", "1e-3",
             "--decoding", "steps", "--lvr_steps", "2", "--temperature", "1.5"]
 
 
@@ -453,7 +450,7 @@ def test_grpo_two_processes_match_one(tmp_path, sft):
     and weights, under DDP to the end; under FSDP2 until Ctrl-C reaches rank 1 in its second update: the flag
     is summed with the statistics, so both ranks stop after step 2 and save it together (a collective), and
     that checkpoint resumes in 1 process onto the 1-process curve and weights."""
-    common = [*grpo_flags(sft), "--max_iters", "3", "--eval_interval", "3", "--micro_batch_tokens", "120"]
+    common = [*grpo_flags(sft), "--max_iters", "3", "--save_interval", "3", "--micro_batch_tokens", "120"]
 
     def launch(out, procs, port, *extra, sigs=()):  # (the signal: in rank 1's 2nd zero_grad)
         script = tmp_path / f"{os.path.basename(out)}.py"

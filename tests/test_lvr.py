@@ -1,6 +1,5 @@
 """The method: ROI maths, the SFT loss, Mirage stage 2, and the latent rollout vs a slow oracle."""
 import dataclasses
-import os
 
 import pytest
 import torch

@@ -23,10 +23,7 @@ import tasks
 from cli import InputError
 from helpers import photo, real_shaped
 from launch import ROOT, run, run_here
-from test_train import state
-
-SMALL = ["--batch_size", "4", "--eval_examples", "4", "--image_size", "112", "--max_pixels", "12544",
-         "--warmup_iters", "2"]
+from helpers import SMALL, state
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +151,7 @@ def tiny_lvr(seed=0, head=False):
     tok.tok = raw
     tok.endoftext, tok.im_start, tok.im_end, tok.vision_start, tok.vision_end, tok.image_pad = (
         raw.token_to_id(s) for s in qwen.SPECIAL[:6])
-    cfg = qwen.Config.from_dict(tasks.tiny_config(raw, 112))
+    cfg = qwen.Config.from_dict(tasks.tiny_config(raw))
     cfg.extra["lvr_head"] = head
     torch.manual_seed(seed)
     model = qwen.Qwen2_5_VL(cfg)

@@ -5,7 +5,7 @@ import math
 
 from tools import study
 from launch import run_all
-from test_train import state
+from helpers import state
 
 
 def test_the_tools_run_side_by_side(tmp_path, capsys):
@@ -13,8 +13,8 @@ def test_the_tools_run_side_by_side(tmp_path, capsys):
     cores): the study's quick mode runs every stage and resumes; bench.py's tiny size prints every row, each
     number finite and positive (no timing asserts); gpu_check.py's own runs (SFT under DDP and FSDP2, a resume,
     GRPO, eval) pass on CPU at the tiny shape."""
-    args = ["-m", "tools.study", "--quick", "true", "--results", str(tmp_path / "r.jsonl"), "--picture", str(tmp_path / "s.png"),
-            "--work_dir", str(tmp_path / "runs")]
+    args = ["-m", "tools.study", "--quick", "true", "--results", str(tmp_path / "r.jsonl"),
+            "--picture", str(tmp_path / "s.png"), "--work_dir", str(tmp_path / "runs")]
     r, bench, gpu = run_all(args, ["-m", "tools.bench", "--sizes", "tiny", "--repeats", "1", "--decode_tokens", "8"],
                             ["-m", "tools.gpu_check", "--size", "tiny", "--processes", "2", "--steps", "2",
                              "--work_dir", str(tmp_path / "gpu")])

@@ -11,7 +11,7 @@ import data
 import tasks
 from helpers import tiny_model
 from launch import run_here
-from test_train import SMALL
+from helpers import SMALL
 
 SEEDS = range(12)
 

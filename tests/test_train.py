@@ -20,13 +20,7 @@ import vision
 from cli import InputError
 from launch import ROOT, run, run_here, run_signalled
 
-SMALL = ["--batch_size", "4", "--eval_examples", "4", "--image_size", "112", "--max_pixels", "12544",
-         "--warmup_iters", "2"]
-
-
-def state(out):
-    return torch.load(os.path.join(out, "train_state.pt"), weights_only=True)
-
+from helpers import SMALL, state
 
 def losses(out):
     """A run's (ce, latent, switch) at every step, from its history (log.jsonl)."""
@@ -225,7 +219,8 @@ def test_mirage_records_train_on_mirages_sequence(tmp_path):
     assert tok.decode(seq[s + 6:-1]) == "<think> Then the goal. </think>The answer is \\boxed{A}."
     targets = tok.decode([t for t in e["labels"] if t != -100], skip_special_tokens=False)
     assert "<output_image>" not in targets and "<image>" not in targets
-    assert data.is_correct("The answer is \\boxed{A}.", ex["answer"]) and not data.is_correct("\\boxed{B}", ex["answer"])
+    assert data.is_correct("The answer is \\boxed{A}.", ex["answer"])
+    assert not data.is_correct("\\boxed{B}", ex["answer"])
     no_placeholder = data.record_example({**rec, "text_output": "The answer is \\boxed{A}."}, str(tmp_path), "r")
     e = data.encode(no_placeholder, tok, mirage, "mirage", k=4, pixels=(lo, hi))
     assert e["input_ids"][e["n_prompt"]] == mirage.start  # no <output_image>: the span opens the answer

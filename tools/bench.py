@@ -50,21 +50,13 @@ peak_tflops = 0.0  # [0, inf) the device's dense peak for `dtype` (989 for H100 
 # the language models' and towers' shapes (Qwen2.5-VL-3B's official config; 0.5B: Qwen2.5-0.5B's LM)
 LM = {
     "0.5b": dict(
-        hidden_size=896,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        intermediate_size=4864,
-        vocab_size=151936,
+        hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+        intermediate_size=4864, vocab_size=151936,
         rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]},
     ),
     "3b": dict(
-        hidden_size=2048,
-        num_hidden_layers=36,
-        num_attention_heads=16,
-        num_key_value_heads=2,
-        intermediate_size=11008,
-        vocab_size=151936,
+        hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+        intermediate_size=11008, vocab_size=151936,
         rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
     ),
 }
@@ -95,16 +87,12 @@ def make_checkpoint(size, path):
     it)."""
     special = qwen.SPECIAL + tasks.LATENT_SPECIAL
     tok = tasks.build_tokenizer(os.path.join(path, "tokenizer.json"), special=special)
-    d = tasks.tiny_config(tok, 448)
+    d = tasks.tiny_config(tok)
     if size != "tiny":
         d.update(LM[size], rope_theta=1e6, max_position_embeddings=32768)
         d["vision_config"].update(
-            VISION[size],
-            hidden_size=1280,
-            intermediate_size=3420,
-            num_heads=16,
-            out_hidden_size=d["hidden_size"],
-            window_size=112,
+            VISION[size], hidden_size=1280, intermediate_size=3420, num_heads=16,
+            out_hidden_size=d["hidden_size"], window_size=112,
         )
 
     cfg = qwen.Config.from_dict(d)
@@ -124,9 +112,7 @@ def peak_rss(setup, work):
         [
             f"import re, sys; sys.path.insert(0, {ROOT!r})",
             "def kb(k): return int(re.search(k + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1))",
-            setup,
-            "open('/proc/self/clear_refs', 'w').write('5'); base = kb('VmRSS')",
-            work,
+            setup, "open('/proc/self/clear_refs', 'w').write('5'); base = kb('VmRSS')", work,
             "print((kb('VmHWM') - base) * 1024)",
         ]
     )
@@ -293,12 +279,8 @@ def bench_size(size, rows):
 
         def ref_gen(k):
             return lambda: ref.generate(
-                input_ids=p,
-                attention_mask=torch.ones_like(p),
-                max_new_tokens=k,
-                min_new_tokens=k,
-                do_sample=False,
-                pad_token_id=tok.endoftext,
+                input_ids=p, attention_mask=torch.ones_like(p), max_new_tokens=k, min_new_tokens=k,
+                do_sample=False, pad_token_id=tok.endoftext,
             )
         t = timed(ours_gen(m), ours_gen(1), *((ref_gen(m), ref_gen(1)) if ref is not None else ()))
         ours = B * (m - 1) / (t[0] - t[1])
@@ -313,12 +295,8 @@ def bench_size(size, rows):
             floor = 2 * a.numel() * 4 / timed(lambda: b.copy_(a), n=5) / lm_bytes
             rows.append(
                 (
-                    size,
-                    "decode batch 1 / bandwidth floor",
-                    ours / floor,
-                    floor,
-                    "frac, floor tok/s",
-                    "",
+                    size, "decode batch 1 / bandwidth floor", ours / floor, floor,
+                    "frac, floor tok/s", "",
                 )
             )
 
@@ -331,11 +309,9 @@ def bench_size(size, rows):
 
     def roll(p, n, ids_):
         return lambda: lvr.rollout(
-            model,
-            ids=ids_,
+            model, ids=ids_,
             prompt=lvr.Prompt(p, attention_mask=None, pixel_values=pv, grid_thw=grid),
-            decode=lvr.Decode("steps", n, max_new_tokens=n),
-            sampling=lvr.Sampling(stop_ids=[-1]),
+            decode=lvr.Decode("steps", n, max_new_tokens=n), sampling=lvr.Sampling(stop_ids=[-1]),
         )
 
     # a ratio of two small differences: more rounds
@@ -363,11 +339,8 @@ def bench_size(size, rows):
               warmup=not big)
     batched, single = B * G * n / t[0], few * n / t[1]
     add(
-        f"GRPO rollout {B}x{G} rows, {n} tokens: batched vs one at a time",
-        batched,
-        single,
-        "tok/s",
-        True,
+        f"GRPO rollout {B}x{G} rows, {n} tokens: batched vs one at a time", batched, single,
+        "tok/s", True,
     )
 
     # one SFT step: forward + backward with the LVR loss vs the reference's forward + backward (CE)
@@ -380,11 +353,7 @@ def bench_size(size, rows):
             batch["pixel_values"] = batch["pixel_values"].to(dt)
             def ours_step():
                 loss = lvr.sft_loss(
-                    model,
-                    batch,
-                    ce_weight=1.0,
-                    latent_weight=0.1,
-                    latent_loss="mse",
+                    model, batch, ce_weight=1.0, latent_weight=0.1, latent_loss="mse",
                     freeze_vision=True,
                 )[0]
                 loss.backward()
@@ -418,12 +387,8 @@ def bench_size(size, rows):
     if size != "tiny":  # (the tiny file is smaller than the resident-set granularity that matters)
         rows.append(
             (
-                size,
-                "peak RSS growth loading / file size",
-                peak_load_rss(tmp, True) / file_bytes,
-                peak_load_rss(tmp, False) / file_bytes if ref is not None else None,
-                "x file",
-                "",
+                size, "peak RSS growth loading / file size", peak_load_rss(tmp, True) / file_bytes,
+                peak_load_rss(tmp, False) / file_bytes if ref is not None else None, "x file", "",
             )
         )
 
@@ -433,16 +398,12 @@ def bench_size(size, rows):
     if size == "0.5b" and device == "cpu":  # (peak memory read from /proc: CPU only)
         (cache_fp32, cache_bf16), (whole, chunked) = grpo_memory(tmp, model.cfg)
         add(
-            "GRPO rollout 16 rows x 64: peak MB, bf16 cache (ref: fp32)",
-            cache_bf16 / 1e6,
-            cache_fp32 / 1e6,
-            "MB",
+            "GRPO rollout 16 rows x 64: peak MB, bf16 cache (ref: fp32)", cache_bf16 / 1e6,
+            cache_fp32 / 1e6, "MB",
         )
         add(
-            "GRPO log-probs 16 x 256 + bwd: peak MB, chunked (ref: whole)",
-            chunked / 1e6,
-            whole / 1e6,
-            "MB",
+            "GRPO log-probs 16 x 256 + bwd: peak MB, chunked (ref: whole)", chunked / 1e6,
+            whole / 1e6, "MB",
         )
 
     # SFT on 1-megapixel photos: the step's wait for data, with workers and without
@@ -465,25 +426,12 @@ def grpo_step_seconds(path):
     for launch, env in ((torchrun, threads), ([], {})):
         d = os.path.join(tmp, str(len(launch)))
         args = [
-            "--init_from",
-            path,
-            "--device",
-            device,
-            "--dtype",
-            dtype,
-            "--filter_groups",
-            "false",
-            "--max_iters",
-            str(repeats + 1),
-            "--out_dir",
-            d,
+            "--init_from", path, "--device", device, "--dtype", dtype, "--filter_groups", "false",
+            "--max_iters", str(repeats + 1), "--out_dir", d,
         ]
         r = subprocess.run(
-            [sys.executable, *launch, "train_grpo.py", *args],
-            capture_output=True,
-            text=True,
-            env={**os.environ, **env},
-            cwd=ROOT,
+            [sys.executable, *launch, "train_grpo.py", *args], capture_output=True, text=True,
+            env={**os.environ, **env}, cwd=ROOT,
         )
         if r.returncode:
             raise cli.InputError(

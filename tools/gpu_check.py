@@ -105,20 +105,9 @@ def main(argv):
 
     data = photos(work)
     common = [
-        "--init_from",
-        ckpt,
-        "--data_path",
-        data,
-        "--image_root",
-        work,
-        "--batch_size",
-        str(batch_size),
-        "--max_iters",
-        str(steps),
-        "--eval_interval",
-        str(steps),
-        "--eval_examples",
-        "4",
+        "--init_from", ckpt, "--data_path", data, "--image_root", work, "--batch_size",
+        str(batch_size), "--max_iters", str(steps), "--eval_interval", str(steps),
+        "--eval_examples", "4",
     ]
     sft = {}
     for name, extra in (("SFT, DDP", []), ("SFT, FSDP2", ["--fsdp", "true"])):
@@ -131,19 +120,8 @@ def main(argv):
     fsdp_dir = os.path.join(work, "fsdp2")
     if sft["SFT, FSDP2"]:
         resumed = [
-            *common[:-6],
-            "--max_iters",
-            str(steps + 2),
-            "--eval_interval",
-            str(steps + 2),
-            "--eval_examples",
-            "0",
-            "--fsdp",
-            "true",
-            "--out_dir",
-            fsdp_dir,
-            "--resume",
-            "true",
+            *common[:-6], "--max_iters", str(steps + 2), "--eval_interval", str(steps + 2),
+            "--eval_examples", "0", "--fsdp", "true", "--out_dir", fsdp_dir, "--resume", "true",
         ]
         ok, out = launch("train_sft.py", *resumed, gpus=gpus)
         report("SFT, FSDP2 resumed (+2)", ok, out, out_dir=fsdp_dir)
@@ -152,44 +130,15 @@ def main(argv):
         grpo_dir = os.path.join(work, "grpo")
         shutil.rmtree(grpo_dir, ignore_errors=True)
         ok, out = launch(
-            "train_grpo.py",
-            "--init_from",
-            os.path.join(work, "ddp"),
-            "--data_path",
-            data,
-            "--image_root",
-            work,
-            "--batch_size",
-            str(2 * gpus),
-            "--group_size",
-            "4",
-            "--max_new_tokens",
-            "16",
-            "--max_iters",
-            "2",
-            "--eval_interval",
-            "2",
-            "--filter_groups",
-            "false",
-            "--grad_checkpointing",
-            "true",
-            "--out_dir",
-            grpo_dir,
-            gpus=gpus,
+            "train_grpo.py", "--init_from", os.path.join(work, "ddp"), "--data_path", data,
+            "--image_root", work, "--batch_size", str(2 * gpus), "--group_size", "4",
+            "--max_new_tokens", "16", "--max_iters", "2", "--save_interval", "2", "--filter_groups",
+            "false", "--grad_checkpointing", "true", "--out_dir", grpo_dir, gpus=gpus,
         )
         report("GRPO, DDP (2 steps)", ok, out, out_dir=grpo_dir)
         ok, out = launch(
-            "evaluate.py",
-            "--init_from",
-            os.path.join(work, "ddp"),
-            "--data_path",
-            data,
-            "--image_root",
-            work,
-            "--n_examples",
-            "8",
-            "--max_new_tokens",
-            "8",
+            "evaluate.py", "--init_from", os.path.join(work, "ddp"), "--data_path", data,
+            "--image_root", work, "--n_examples", "8", "--max_new_tokens", "8",
         )
         print(f"{'evaluate.py (8 records)':28} {'ok' if ok else 'FAILED:'}"
               + ("" if ok else "\n" + "\n".join(out.strip().splitlines()[-8:])))

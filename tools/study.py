@@ -229,28 +229,15 @@ def sft(done, task, method, seed, trial, need=False):
                   *(["--max_latents", max_latents] if max_latents else [])]
         if method != "mirage":
             stdout = run(
-                "train_sft.py",
-                *common,
-                *FLAGS.get(method, ["--method", method]),
-                "--max_iters",
-                max_iters,
-                "--out_dir",
-                out,
+                "train_sft.py", *common, *FLAGS.get(method, ["--method", method]), "--max_iters",
+                max_iters, "--out_dir", out,
             )
             rec = {"curve": curve(stdout), "macs": macs_of(out)}
         else:
             n1 = max_iters * 3 // 4
             s1 = run(
-                "train_sft.py",
-                *common,
-                "--method",
-                "mirage",
-                "--mirage_k",
-                k,
-                "--max_iters",
-                n1,
-                "--out_dir",
-                out + "_stage1",
+                "train_sft.py", *common, "--method", "mirage", "--mirage_k", k, "--max_iters", n1,
+                "--out_dir", out + "_stage1",
             )
             s2 = run("train_sft.py", *common, "--method", "mirage", "--mirage_k", k, "--stage", 2,
                      "--init_from", out + "_stage1", "--latent_loss", "cosine", "--ce_weight", 1.0,
@@ -300,37 +287,11 @@ def continued(done, task, base_method, name, seed, base, trial, target_macs):
         final = trial.lr / 10  # (sft's --min_lr)
         k = trial.k if base_method == "mirage" else 0
         run(
-            "train_sft.py",
-            "--resume",
-            "true",
-            "--out_dir",
-            out,
-            "--stage",
-            2 if name == "stage2" else 1,
-            "--task",
-            task,
-            "--level",
-            level,
-            "--method",
-            base_method,
-            "--batch_size",
-            batch_size,
-            "--seed",
-            seed,
-            "--lr",
-            final,
-            "--min_lr",
-            final,
-            "--warmup_iters",
-            0,
-            "--max_iters",
-            100 * max_iters,
-            "--max_macs",
-            base_macs + target_macs,
-            "--eval_examples",
-            0,
-            "--eval_interval",
-            100 * max_iters,
+            "train_sft.py", "--resume", "true", "--out_dir", out, "--stage",
+            2 if name == "stage2" else 1, "--task", task, "--level", level, "--method", base_method,
+            "--batch_size", batch_size, "--seed", seed, "--lr", final, "--min_lr", final,
+            "--warmup_iters", 0, "--max_iters", 100 * max_iters, "--max_macs",
+            base_macs + target_macs, "--eval_examples", 0, "--eval_interval", 100 * max_iters,
             *(["--vsp_targets", trial.targets] if trial.targets else []),
             *(["--mirage_k", k] if k else []),
             *(["--max_latents", trial.max_latents] if trial.max_latents else []),
@@ -349,32 +310,10 @@ def grpo_run(done, task, base_method, seed, base, lr, sigma, macs, sigma_name, k
     def go():
         fresh(out)
         run(
-            "train_grpo.py",
-            "--init_from",
-            base,
-            "--task",
-            task,
-            "--level",
-            level,
-            "--seed",
-            seed,
-            "--lr",
-            lr,
-            "--latent_sigma",
-            sigma,
-            "--max_iters",
-            grpo_iters,
-            "--max_macs",
-            macs,
-            "--batch_size",
-            grpo_batch_size,
-            "--group_size",
-            group_size,
-            "--eval_interval",
-            grpo_iters,
-            "--out_dir",
-            out,
-            *(["--decoding", "steps", "--lvr_steps", k] if k else []),
+            "train_grpo.py", "--init_from", base, "--task", task, "--level", level, "--seed", seed,
+            "--lr", lr, "--latent_sigma", sigma, "--max_iters", grpo_iters, "--max_macs", macs,
+            "--batch_size", grpo_batch_size, "--group_size", group_size, "--save_interval",
+            grpo_iters, "--out_dir", out, *(["--decoding", "steps", "--lvr_steps", k] if k else []),
         )  # (Mirage: its k steps)
         log = checkpoint.read_log(out)
         rec = {
@@ -428,16 +367,8 @@ def study(done, task):
         k = chosen[method].k if method == "mirage" else 0
         lr_trials = {
             float(g): grpo_run(
-                done,
-                task,
-                base_method=method,
-                seed=tune_seed,
-                base=base,
-                lr=float(g),
-                sigma=0.0,
-                macs=budget * base_rec["macs"],
-                sigma_name="0",
-                k=k,
+                done, task, base_method=method, seed=tune_seed, base=base, lr=float(g), sigma=0.0,
+                macs=budget * base_rec["macs"], sigma_name="0", k=k,
             )
             for g in grpo_lrs.split(",")
         }
@@ -450,15 +381,8 @@ def study(done, task):
             )
             s_trials = {
                 m: grpo_run(
-                    done,
-                    task,
-                    base_method=method,
-                    seed=tune_seed,
-                    base=base,
-                    lr=g_best[method],
-                    sigma=float(m) * unit,
-                    macs=budget * base_rec["macs"],
-                    sigma_name=m,
+                    done, task, base_method=method, seed=tune_seed, base=base, lr=g_best[method],
+                    sigma=float(m) * unit, macs=budget * base_rec["macs"], sigma_name=m,
                 )
                 for m in sigmas.split(",")
             }
@@ -485,49 +409,22 @@ def study(done, task):
             if method in g_best:
                 g = g_best[method]
                 matched = grpo_run(
-                    done,
-                    task,
-                    base_method=method,
-                    seed=seed,
-                    base=base,
-                    lr=g,
-                    sigma=0.0,
-                    macs=target,
-                    sigma_name="0",
-                    k=k,
+                    done, task, base_method=method, seed=seed, base=base, lr=g, sigma=0.0,
+                    macs=target, sigma_name="0", k=k,
                 )["macs"]
                 if method == "lvr" and s_best is not None:  # (v2: matched to the explored run)
                     matched = grpo_run(
-                        done,
-                        task,
-                        base_method=method,
-                        seed=seed,
-                        base=base,
-                        lr=g,
-                        sigma=float(s_best) * unit,
-                        macs=target,
-                        sigma_name=s_best,
+                        done, task, base_method=method, seed=seed, base=base, lr=g,
+                        sigma=float(s_best) * unit, macs=target, sigma_name=s_best,
                     )["macs"]
                 continued(
-                    done,
-                    task,
-                    base_method=method,
-                    name="control",
-                    seed=seed,
-                    base=base,
-                    trial=chosen[method],
-                    target_macs=matched,
+                    done, task, base_method=method, name="control", seed=seed, base=base,
+                    trial=chosen[method], target_macs=matched,
                 )
             if method == "lvr" and "stage2" in wanted:
                 continued(
-                    done,
-                    task,
-                    base_method=method,
-                    name="stage2",
-                    seed=seed,
-                    base=base,
-                    trial=chosen[method],
-                    target_macs=matched,
+                    done, task, base_method=method, name="stage2", seed=seed, base=base,
+                    trial=chosen[method], target_macs=matched,
                 )
 
 
@@ -573,11 +470,7 @@ def tuning(recs):
     """The tuning runs' table, markdown: each tune_seed run's validation rows (accuracy), in file
     order."""
     names = [
-        "with latents",
-        "latents disabled",
-        "dummy latents",
-        "swapped latents",
-        "oracle latents",
+        "with latents", "latents disabled", "dummy latents", "swapped latents", "oracle latents",
     ]
     lines = ["| run (validation) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for r in recs:
@@ -586,6 +479,40 @@ def tuning(recs):
             cells = ["-" if a is None else f"{a:.3f}" for a in acc]
             lines.append(f"| {r['key']} | " + " | ".join(cells) + " |")
 
+    return "\n".join(lines)
+
+
+def interval(recs, task, a, b):
+    """a - b on their common seeds: "+0.050 [+0.010, +0.090]", or "-" without common seeds."""
+    ra, rb = reported(recs, task, a), reported(recs, task, b)
+    if not set(ra) & set(rb) or a == b:
+        return "-"
+    right = {s: r["test"]["rows"]["with latents"]["right"] for s, r in ra.items()}
+    other = {s: r["test"]["rows"]["with latents"]["right"] for s, r in rb.items()}
+    mean, low, high = bootstrap(right, other, resamples)
+    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def answer(recs):
+    """The README's table, markdown: per task and SFT method, test accuracy (mean ± std over the
+    reported seeds), its paired difference with plain SFT and with the pause control (95% intervals),
+    and its own row minus its dummy row (does the content matter?)."""
+    lines = ["| task | method | seeds | accuracy | - plain SFT | - pause | own - dummy |",
+             "|---|---|---|---|---|---|---|"]
+    for task in tasks.split(","):
+        for method in BASES:
+            runs = reported(recs, task, method)
+            if not runs:
+                continue
+            rows = [r["test"]["rows"] for r in runs.values()]
+            acc = [x["with latents"]["accuracy"] for x in rows]
+            sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+            gap = [x["with latents"]["accuracy"] - x["dummy latents"]["accuracy"] for x in rows
+                   if "dummy latents" in x]
+            lines.append(f"| {task} | {NAMES[method]} | {len(acc)} | {statistics.mean(acc):.3f} ± "
+                         f"{sd:.3f} | {interval(recs, task, method, 'none')} | "
+                         f"{interval(recs, task, method, 'pause')} | "
+                         f"{f'{statistics.mean(gap):+.3f}' if gap else '-'} |")
     return "\n".join(lines)
 
 
@@ -654,7 +581,8 @@ def main(argv):
     if os.path.exists(results):
         done = {r["key"]: r for r in map(json.loads, open(results))}
     if report:
-        print(tuning(list(done.values())) + "\n\n" + summary(list(done.values())))
+        recs = list(done.values())
+        print(answer(recs) + "\n\n" + tuning(recs) + "\n\n" + summary(recs))
         return draw(list(done.values()))
 
     os.makedirs(os.path.dirname(results) or ".", exist_ok=True)

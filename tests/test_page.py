@@ -1,0 +1,31 @@
+"""The page: every usage line in a docstring names real flags, a flag the scripts share has one range,
+and the indicators tools/page.py prints hold (nanoGPT's and nanochat's range)."""
+import collections
+
+import cli
+from tools import page
+
+SCRIPTS = ["train_sft.py", "train_grpo.py", "evaluate.py", "sample.py"]
+# the same name, another meaning: GRPO's loss divides by its temperature (> 0), sample.py runs fp16 too
+DIFFERENT = {("temperature", "sample.py"), ("dtype", "sample.py")}
+
+
+def test_usage_lines_name_real_flags():
+    assert page.stale_usage(page.method_files()) == []
+
+
+def test_a_flag_the_scripts_share_has_one_range():
+    seen = collections.defaultdict(dict)
+    for script in SCRIPTS:
+        for name, (kind, spec) in cli.declarations(script).items():
+            if (name, script) not in DIFFERENT:
+                seen[name][script] = spec[-2] if kind == "range" else spec[1]
+    assert {name: ranges for name, ranges in seen.items() if len(set(ranges.values())) > 1} == {}
+
+
+def test_the_indicators_hold():
+    values, places = page.measure(page.method_files())
+    assert values["blank lines per 100 body lines"] >= 4
+    assert values["lines over 100 characters (%)"] <= 5
+    assert values["calls with 4+ positional arguments"] <= 20, places
+    assert values["globals() writes"] == 0 and values["stale usage lines"] == 0, places
