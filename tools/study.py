@@ -646,9 +646,9 @@ def draw(recs):
                         fmt={"none": "s", "lvr": "o", "mirage": "D", "pause": "v", "livr": "^",
                              "lvrbn": "P"}[method.split("+")[0]],
                         label=NAMES[method] + " (test)")
-        xlabel = (
-            f"SFT steps (batch {batch_size}); continuations: +{budget:g} of their run's compute"
-        )
+        xlabel = f"SFT steps (batch {batch_size})" + (
+            f"\ncontinuations: +{budget:g} of their run's compute"
+            if any("+" in m for m in markers) else "")
         ax.set(title=task, xlabel=xlabel, ylim=(0, 1.02))
         ax.grid(alpha=0.3)
 
