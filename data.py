@@ -239,9 +239,8 @@ def record_example(rec, image_root, where):
                 f"{where}: a Mirage record has one <image> and at most one <output_image>"
             )
         # official Mirage: the latent span where <output_image> stands (else at the start of the
-        # answer), the
-        # input image where <image> stands in the question (tok.prompt; else before it), both texts
-        # verbatim
+        # answer), the input image where <image> stands in the question (tok.prompt; else before
+        # it), both texts verbatim
         return {
             "images": [image(rec["image_input"])],
             "question": rec["text_input"],

@@ -231,8 +231,7 @@ def replaced_rows(model, tok, ids, exs, decode, own, targets):
     )
 
     # (dummy and swapped are made of its own latents: a model that makes none has neither row, and
-    # the pause
-    # control's are all one vector, so both would be its own row again)
+    # the pause control's are all one vector, so both would be its own row again)
     if lats and not lvr.is_pause(model):
         budget = max(decode.lvr_steps, decode.max_latent_steps)
         mean = torch.cat(lats).mean(0)

@@ -57,8 +57,7 @@ def group_advantages(rewards, group_size, scale=True):
         adv = adv / (r.std(1, keepdim=True) + 1e-4)
 
     # an all-equal group carries no signal, but its float mean can miss the value by an ulp (eight
-    # 1.2s),
-    # which the division above turns into a 1e-3 advantage on every row: make it exactly 0
+    # 1.2s), which the division above turns into a 1e-3 advantage on every row: make it exactly 0
     return adv.masked_fill((r == r[:, :1]).all(1, keepdim=True), 0.0).flatten()
 
 
@@ -126,9 +125,8 @@ def reference(model, dtype, keep_tower):
 
 
 # completion positions whose (V,)-wide logits exist at once in the training forward: at Qwen's V =
-# 151,936
-# one fp32 copy of 2048 positions is 1.2 GB, where every logit of 64 rows of 512 tokens would be 20
-# GB
+# 151,936 one fp32 copy of 2048 positions is 1.2 GB, where every logit of 64 rows of 512 tokens
+# would be 20 GB
 LOGIT_CHUNK = 2048
 
 

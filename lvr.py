@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import qwen
 from cli import InputError
+from qwen import Sampling  # (how a row draws its decisions: qwen.generate's too)
 
 # in the order each official code adds them to its tokenizer, so our ids match theirs
 LVR_TOKENS = {"start": "<|lvr_start|>", "latent": "<|lvr|>", "latent_end": "<|lvr_latent_end|>",
@@ -423,17 +424,6 @@ class Decode:
 
 
 @dataclass
-class Sampling:
-    """How each row draws its decisions."""
-    temperature: float = 0.0  # 0: greedy
-    top_k: int = 0  # keep the k most likely tokens (0: off)
-    top_p: float = 1.0  # nucleus mass (1: off)
-    generator: object = None  # a torch.Generator, or a list of them, one per prompt (latent_noise)
-    stop_ids: tuple = ()  # tokens that end a row (none given: the model's own)
-    latent_sigma: float = 0.0  # > 0: explore the latents, z = mu + sigma * eps (GRPO; explore)
-
-
-@dataclass
 class Feed:
     """evaluate.py's diagnostics: row b's latent step k (counted over its spans) reads latents[b, k]
     instead of its own while k < n[b]; the exits still follow the rule."""
@@ -481,14 +471,12 @@ def end_rule(model, metric="checkpoint", threshold=None):
 
 @dataclass
 class ExitRule:
-    """How a span ends (rollout's docstring), fixed for a whole rollout."""
-    decoding: str  # steps | latent | token
-    budget: int  # latent steps per span at most
-    force_end: bool  # force <|lvr_end|> after a span (else the model's own next token)
+    """A Decode resolved for the model (exit_rule): what else the span exit reads, fixed for a whole
+    rollout."""
+    decode: Decode  # the settings: how a span ends, and its budget
+    budget: int  # latent steps per span at most (`steps`: lvr_steps; else max_latent_steps)
     exits: list  # `token`: the tokens that end a span when the model emits them (exit_tokens)
     end_vec: torch.Tensor = None  # `latent`: the end vector the hidden state is compared with
-    end_metric: str = "mse"  # `latent`: the distance
-    end_threshold: float = 0.1  # `latent`: leave below this distance
     # `latent`: the zero vector at distance 1 (False: official LVR's unscaled rule)
     scaled: bool = True
 
@@ -507,17 +495,19 @@ def span_exit(rule, ids, tok, vec, in_lat, n_lat):
     none = torch.full_like(tok, -1)
 
     # the count: <|lvr_end|>, or (force_end=False) the model's own token
-    if rule.decoding == "steps":
+    if rule.decode.decoding == "steps":
         leave = in_lat & (n_lat >= rule.budget)
-        forced = leave & rule.force_end
+        forced = leave & rule.decode.force_end
         return Exit(torch.where(forced, ids.end, tok), leave, forced, force_next=none)
 
     # near the end vector, or the budget: <|lvr_latent_end|>, then <|lvr_end|>
-    if rule.decoding == "latent":
+    if rule.decode.decoding == "latent":
         # (never before its first latent: every trained span has one, as under the `token` exit)
-        distance = end_distance(vec, end_vec=rule.end_vec, kind=rule.end_metric, scaled=rule.scaled)
-        leave = in_lat & (((distance < rule.end_threshold) & (n_lat > 0)) | (n_lat >= rule.budget))
-        force_next = torch.where(leave & rule.force_end, ids.end, none)
+        metric, threshold = rule.decode.end_metric, rule.decode.end_threshold
+        distance = end_distance(vec, end_vec=rule.end_vec, kind=metric, scaled=rule.scaled)
+        near = (distance < threshold) & (n_lat > 0)
+        leave = in_lat & (near | (n_lat >= rule.budget))
+        force_next = torch.where(leave & rule.decode.force_end, ids.end, none)
         return Exit(
             torch.where(leave, ids.latent_end, tok), leave, forced=leave, force_next=force_next
         )
@@ -528,7 +518,7 @@ def span_exit(rule, ids, tok, vec, in_lat, n_lat):
     forced = in_lat & ~own & (n_lat >= rule.budget)
 
     # <|lvr_end|> after an official checkpoint's <|lvr_latent_end|>
-    force_next = torch.where(own & (tok != ids.end) & rule.force_end, ids.end, none)
+    force_next = torch.where(own & (tok != ids.end) & rule.decode.force_end, ids.end, none)
     return Exit(
         torch.where(forced, ids.end, tok), leave=own | forced, forced=forced, force_next=force_next
     )
@@ -548,9 +538,7 @@ def exit_rule(model, ids, decode):
     official_end = getattr(model, "lvr_latent_end_emb", None)
     budget = decode.lvr_steps if decode.decoding == "steps" else decode.max_latent_steps
     rule = ExitRule(
-        decode.decoding, budget, force_end=decode.force_end,
-        exits=exit_tokens(ids, decode.decoding), end_metric=decode.end_metric,
-        end_threshold=decode.end_threshold, scaled=official_end is None,
+        decode, budget, exits=exit_tokens(ids, decode.decoding), scaled=official_end is None
     )
     if decode.decoding == "latent":
         emb = model.model.embed_tokens.weight[ids.latent_end]
@@ -706,7 +694,7 @@ def rollout(model, ids, prompt, decode=Decode(), sampling=Sampling(), group_size
         # 6) record: a latent step is a sampled "continue" only under the token exit, past the first
         # step
         sampled = torch.where(
-            latent_step, (rule.decoding == "token") & (n_lat > 0), sampled & ~out.forced
+            latent_step, (decode.decoding == "token") & (n_lat > 0), sampled & ~out.forced
         )
         lp = step_logprob(
             logits, tok, latent_step, sampled=sampled, exits=rule.exits,

@@ -35,8 +35,7 @@ class Root(torch.nn.Module):
 
 
 # Rank 0 evaluates and writes a checkpoint (a 3B model's weights and Adam state: about 40 GB,
-# fsynced)
-# while the other ranks wait in a barrier: NCCL's default 10 minutes is too short for that.
+# fsynced) while the other ranks wait in a barrier: NCCL's default 10 minutes is too short for that.
 TIMEOUT = datetime.timedelta(hours=2)
 
 

@@ -486,17 +486,17 @@ class Qwen2_5_VL(nn.Module):
         return cos, sin, position_ids.amax(dim=(0, 2)) + 1  # (padding sits at 0)
 
     # long: the reference's sampling arguments, each its own, as transformers' generate takes them
-    def generate(
-        self, input_ids, pixel_values=None, grid_thw=None, attention_mask=None, max_new_tokens=16,
-        temperature=0.0, top_k=0, top_p=1.0, stop_ids=None, generator=None,
-    ):
+    def generate(self, input_ids, pixel_values=None, grid_thw=None, attention_mask=None,
+                 max_new_tokens=16, sampling=None):
         """Batched KV-cached sampling; prompts left-padded. -> (B, T + n) tokens, prompt included.
 
-        temperature 0 is greedy. A row that emits a stop id is done; later slots repeat that id.
+        sampling: a Sampling (default: greedy, the model's stop ids). A row that emits a stop id is
+        done; later slots repeat that id.
         """
         B, T = input_ids.shape
+        sampling = sampling or Sampling()
         stop = torch.tensor(
-            stop_ids if stop_ids is not None else self.default_stop_ids(), device=input_ids.device
+            list(sampling.stop_ids) or self.default_stop_ids(), device=input_ids.device
         )
 
         # lighter than no_grad; the result is built outside, as a normal tensor
@@ -511,7 +511,8 @@ class Qwen2_5_VL(nn.Module):
             for i in range(max_new_tokens):
                 tok = torch.where(
                     done, stop[0],
-                    sample(logits, temperature, top_k, top_p=top_p, generator=generator),
+                    sample(logits, sampling.temperature, sampling.top_k, top_p=sampling.top_p,
+                           generator=sampling.generator),
                 )
                 out.append(tok)
                 done = done | torch.isin(tok, stop)
@@ -695,6 +696,18 @@ def index_shards(index):
         raise InputError(
             f"{index}: not a valid safetensors index ({type(e).__name__}: {e})"
         ) from None
+
+
+@dataclass
+class Sampling:
+    """How each row draws its decisions."""
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # keep the k most likely tokens (0: off)
+    top_p: float = 1.0  # nucleus mass (1: off)
+    generator: object = None  # a torch.Generator, or a list of them, one per prompt (latent_noise)
+    stop_ids: tuple = ()  # tokens that end a row (none given: the model's own)
+    latent_sigma: float = 0.0  # the latent rollout: > 0 explores the latents (lvr.explore)
+
 
 
 def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):

@@ -74,12 +74,12 @@ def main(argv):
 
     generator = torch.Generator(device).manual_seed(seed)
     input_ids = torch.tensor([ids], device=device)
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                    stop_ids=[tok.im_end, tok.endoftext])
+    sampling = lvr.Sampling(temperature, top_k, top_p=top_p, generator=generator,
+                            stop_ids=[tok.im_end, tok.endoftext])
     latent = lvr.find_latent_ids(model, tok)
     if latent is None:  # plain Qwen2.5-VL
         out = model.generate(
-            input_ids, pixel_values, grid_thw, max_new_tokens=max_new_tokens, **sampling
+            input_ids, pixel_values, grid_thw, max_new_tokens=max_new_tokens, sampling=sampling
         )
         print(tok.decode(out[0, len(ids):].tolist()))
         return
@@ -96,7 +96,7 @@ def main(argv):
             how, lvr_steps=steps, max_latent_steps=steps, force_end=force_end, end_metric=metric,
             end_threshold=threshold, max_new_tokens=max_new_tokens,
         ),
-        sampling=lvr.Sampling(**sampling),
+        sampling=sampling,
     )
     print(tok.decode(r.tokens[0, len(ids):].tolist()))
     print(f"latent steps: {int(r.is_latent[0].sum())}")

@@ -8,9 +8,9 @@ Per step: B prompts, G sampled completions each, all B*G rows in one batched KV-
 rollout (lvr.rollout) that records every latent vector and every token's log-prob. Rewards ->
 group-relative advantages -> the clipped objective with a k3 KL to the frozen SFT model, on the
 decisions the policy sampled (the rollout records which): forced tokens carry no ratio, KL or
-normaliser, and neither do latent vectors unless --latent_sigma explores them (grpo.py's docstring says
-what counts as a decision and how an explored latent's log-prob is taken). The training forward is
-one batched forward with the recorded latents put back at the latent positions; its own detached
+normaliser, and neither do latent vectors unless --latent_sigma explores them (grpo.py's docstring
+says what counts as a decision and how an explored latent's log-prob is taken). The training forward
+is one batched forward with the recorded latents put back at the latent positions; its own detached
 log-probs are the old policy's (TRL's convention: the ratio is exactly 1 at the first update), and
 the frozen reference holds its matmul weights in the run's dtype and everything else (norms,
 embeddings) as the policy does, so under autocast its forward equals the policy's at step 0. Data:
@@ -230,56 +230,57 @@ def rollout_round(policy, tok, ids, exs, gens, autocast):
     )
 
 
-def round_logprobs(m, r, rows, frozen, exits):
-    """(rows, L) log-probs of round r's decisions at `rows` under model m (run through its Root).
+def round_logprobs(m, rnd, rows, frozen, exits):
+    """(rows, L) log-probs of the round's decisions at `rows` under model m (run through its Root).
     frozen: the rollout's image features; else m's own tower encodes the rows' prompts (a tower that
     trains, or the reference's)."""
     of = (rows // group_size).tolist()  # each row's prompt
     if frozen:
-        f = r.feats
+        f = rnd.feats
     else:
         u = sorted(set(of))
         f = m.visual(
-            torch.cat([r.pixel_values[i] for i in u]).to(device), torch.cat([r.grids[i] for i in u])
+            torch.cat([rnd.pixel_values[i] for i in u]).to(device),
+            torch.cat([rnd.grids[i] for i in u]),
         )
-        f = dict(zip(u, f.split([r.n_tok[i] for i in u])))
+        f = dict(zip(u, f.split([rnd.n_tok[i] for i in u])))
 
-    grids, feats = torch.cat([r.grids[i] for i in of]), torch.cat([f[i] for i in of])
+    grids, feats = torch.cat([rnd.grids[i] for i in of]), torch.cat([f[i] for i in of])
     return grpo.completion_logprobs(
-        m, seqs=r.seqs[rows], attention_mask=r.attn[rows], n_prompt=r.n_prompt, grid_thw=grids,
-        feats=feats, latents=r.latents[rows], is_latent=r.is_latent[rows], temperature=temperature,
-        exits=exits, latent_sigma=latent_sigma,
+        m, seqs=rnd.seqs[rows], attention_mask=rnd.attn[rows], n_prompt=rnd.n_prompt,
+        grid_thw=grids, feats=feats, latents=rnd.latents[rows], is_latent=rnd.is_latent[rows],
+        temperature=temperature, exits=exits, latent_sigma=latent_sigma,
     )
 
 
-def decision_mask(r):
-    """(B*G, L) bool: every decision the policy drew in round r, what carries a log-prob: its
+def decision_mask(rnd):
+    """(B*G, L) bool: every decision the policy drew in the round, what carries a log-prob: its
     sampled tokens, and with latent_sigma > 0 every latent."""
-    return r.sampled | r.is_latent if latent_sigma else r.sampled
+    return rnd.sampled | rnd.is_latent if latent_sigma else rnd.sampled
 
 
-def joint_logprob(d, r, c):
+def joint_logprob(d, rnd, c):
     """(rows, L) the log-prob of the decisions drawn at each step of rows c: the token's, plus
     (latent_sigma > 0) the latent's; a latent step's token part only where a "continue" was
     sampled."""
-    return torch.where(r.sampled[c], d.token, 0.0) + d.latent if latent_sigma else d.token
+    return torch.where(rnd.sampled[c], d.token, 0.0) + d.latent if latent_sigma else d.token
 
 
-def reference_kl(d, ref_d, r, c, used):
+def reference_kl(d, ref_d, rnd, c, used):
     """(rows, L) KL to the reference at each drawn decision: k3 on the tokens; the closed form for
     two Gaussians of equal sigma on the latents."""
-    kl = grpo.k3(d.token, ref_d.token, used & r.sampled[c] if latent_sigma else used)
+    kl = grpo.k3(d.token, ref_d.token, used & rnd.sampled[c] if latent_sigma else used)
     if latent_sigma:
-        at = r.is_latent[c].nonzero(as_tuple=True)
+        at = rnd.is_latent[c].nonzero(as_tuple=True)
         kl = kl.index_put(at, kl[at] + grpo.gaussian_kl(d.mu, ref_d.mu, latent_sigma))
 
     return kl
 
 
 class Chunk(NamedTuple):
-    """One micro-batch of the update: rows `rows` of round `r`, with the round's advantages and
+    """One micro-batch of the update: rows `rows` of round `rnd`, with the round's advantages and
     weights."""
-    r: "Round"
+    rnd: "Round"
     adv: torch.Tensor  # (B*G,) the round's group-relative advantages
     weights: torch.Tensor  # (B*G, L) the round's loss weights (grpo.loss_weights)
     rows: torch.Tensor  # (n,) the micro-batch's rows
@@ -294,22 +295,22 @@ def update(policy, ref, ids, rounds, filler, opt, params, autocast):
 
     # a sampled "continue" at latent steps
     exits = lvr.exit_tokens(ids, decoding) if decoding == "token" else []
-    rows_here = sum(len(r.seqs) for r in rounds)
-    drawn_here = sum(int(decision_mask(r).sum()) for r in rounds)
+    rows_here = sum(len(rnd.seqs) for rnd in rounds)
+    drawn_here = sum(int(decision_mask(rnd).sum()) for rnd in rounds)
     total = torch.tensor([float(rows_here), float(drawn_here)], device=dev)
     n_rows, n_act = parallel.all_reduce(total).tolist()
     work = []  # Chunks: every round's micro-batches
-    for r in rounds:
-        adv = grpo.group_advantages(r.reward, G, scale_rewards).to(dev)
+    for rnd in rounds:
+        adv = grpo.group_advantages(rnd.reward, G, scale_rewards).to(dev)
         weights = grpo.loss_weights(
-            decision_mask(r), loss_norm, max_new_tokens, total=(n_rows, n_act)
+            decision_mask(rnd), loss_norm, max_new_tokens, total=(n_rows, n_act)
         )
-        rows = len(r.seqs)  # per micro-batch: all, or a token budget's worth
+        rows = len(rnd.seqs)  # per micro-batch: all, or a token budget's worth
         if micro_batch_tokens:
-            rows = max(1, micro_batch_tokens // r.seqs.shape[1])
+            rows = max(1, micro_batch_tokens // rnd.seqs.shape[1])
         work += [
-            Chunk(r, adv, weights, rows=c)
-            for c in torch.arange(len(r.seqs), device=dev).split(rows)
+            Chunk(rnd, adv, weights, rows=c)
+            for c in torch.arange(len(rnd.seqs), device=dev).split(rows)
         ]
 
     # each micro-batch's forward is a collective: every rank runs as many, the extra ones weigh
@@ -325,30 +326,32 @@ def update(policy, ref, ids, rounds, filler, opt, params, autocast):
     refs, olds = [None] * len(work), [None] * len(work)
     with torch.no_grad(), autocast:
         if ref is not None:
-            refs = [ref(round_logprobs, w.r, w.rows, freeze_vision, exits) for w in work]
+            refs = [ref(round_logprobs, w.rnd, w.rows, freeze_vision, exits) for w in work]
         if ppo_epochs > 1:  # the old policy of every epoch: this policy before its first update
-            olds = [policy(round_logprobs, w.r, w.rows, freeze_vision, exits) for w in work]
+            olds = [policy(round_logprobs, w.rnd, w.rows, freeze_vision, exits) for w in work]
 
     # become device tensors, read once at the end: no host sync per micro-batch
     kl_sum, loss_sum = 0.0, 0.0
 
     # compute: the policy's forward and backward (3x a forward) per epoch, the reference's and the
-    # old
-    # policy's forwards; the head at the completion positions (the tower's re-encode is not counted)
+    # old policy's forwards; the head at the completion positions (the tower's re-encode is not
+    # counted)
     forwards = 3 * ppo_epochs + (ref is not None) + (ppo_epochs > 1)
     model = policy.model
     macs = sum(
-        model.macs(w.r.seqs[w.rows].numel(), (w.r.seqs.shape[1] - w.r.n_prompt) * len(w.rows))
+        model.macs(w.rnd.seqs[w.rows].numel(), (w.rnd.seqs.shape[1] - w.rnd.n_prompt) * len(w.rows))
         for w in work
     )
     for _ in range(ppo_epochs):
-        for (r, adv, weights, c), ref_d, old_d in zip(work, refs, olds):  # (each Chunk's fields)
+        for (rnd, adv, weights, c), ref_d, old_d in zip(work, refs, olds):  # (each Chunk's fields)
             with autocast:
-                d = policy(round_logprobs, r, c, freeze_vision, exits)
-                logp = joint_logprob(d, r, c)
+                d = policy(round_logprobs, rnd, c, freeze_vision, exits)
+                logp = joint_logprob(d, rnd, c)
                 # one update: the ratio is exactly 1 (TRL's convention)
-                old = logp.detach() if old_d is None else joint_logprob(old_d, r, c)
-                kl = None if ref_d is None else reference_kl(d, ref_d, r, c=c, used=weights[c] > 0)
+                old = logp.detach() if old_d is None else joint_logprob(old_d, rnd, c)
+                kl = (
+                    None if ref_d is None else reference_kl(d, ref_d, rnd, c=c, used=weights[c] > 0)
+                )
                 loss = grpo.grpo_loss(
                     logp, old_logp=old, adv=adv[c], weights=weights[c], kl=kl, clip_eps=clip_eps,
                     beta=beta,
@@ -409,12 +412,12 @@ def train_step(policy, ref, tok, ids, records, drawn, opt, params, autocast, sig
             )
 
     # 5) statistics: sums over this rank's rows, then over the ranks (with the stop flag)
-    sums = {k: float(torch.cat([getattr(r, k) for r in seen]).double().sum())
+    sums = {k: float(torch.cat([getattr(rnd, k) for rnd in seen]).double().sum())
             for k in ("reward", "accuracy", "format", "lengths", "latent_steps")}
-    flat = torch.cat([torch.eq(*r.reward.view(-1, group_size).aminmax(dim=1)) for r in seen])
-    macs = update_macs + sum(r.rollout_macs for r in seen)
+    flat = torch.cat([torch.eq(*rnd.reward.view(-1, group_size).aminmax(dim=1)) for rnd in seen])
+    macs = update_macs + sum(rnd.rollout_macs for rnd in seen)
     sums.update(loss=float(loss), kl=float(kl), flat=float(flat.sum()), groups=len(flat), macs=macs,
-                rollout_s=sum(r.rollout_s for r in seen), stopping=len(signalled))
+                rollout_s=sum(rnd.rollout_s for rnd in seen), stopping=len(signalled))
     reduced = parallel.all_reduce(
         torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
     )

@@ -354,8 +354,7 @@ def held_out_accuracy(root, model, tok, ids, records, held_out, dev, step):
     with parallel.gathered(root, fsdp), cli.out_of_memory("an evaluation", EVAL_OOM, out_dir):
         if exs[rank::world]:
             # Mirage spans are always k long, pause spans max_latents; LVR spans differ per row: the
-            # model
-            # ends them
+            # model ends them
             decoding = "latent" if latent_end else "steps" if method in ("mirage", "pause") else "token"
             count = max_latents if method == "pause" else mirage_k
             decode = lvr.Decode(

@@ -231,9 +231,8 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):  # (N, 3*2*14*14) -> (N, C)
         # kernel == stride: the Conv3d is a matmul over each patch's (C, T, py, px) values, and a
-        # plain
-        # matmul is ~6x faster than the CPU conv kernel (the weight keeps the Conv3d shape, for the
-        # keys)
+        # plain matmul is ~6x faster than the CPU conv kernel (the weight keeps the Conv3d shape,
+        # for the keys)
         w = self.proj.weight
         return x.to(w.dtype) @ w.view(w.shape[0], -1).T
 

@@ -38,7 +38,8 @@ def test_loss_mask_is_the_rollouts_record_of_sampled_decisions(tmp_path):
     model, tok, ids = tiny_model(tmp_path)
     prompt = torch.tensor([tok.prompt("What colour is the square?")])
     with torch.no_grad():
-        g = model.generate(prompt, max_new_tokens=8, stop_ids=[-1])[0, prompt.shape[1]:].tolist()
+        g = model.generate(prompt, max_new_tokens=8, sampling=qwen.Sampling(stop_ids=[-1]))
+    g = g[0, prompt.shape[1]:].tolist()
     k = next(i for i in range(2, 8) if g[i] not in g[:i])
     ids = lvr.LatentIds(start=g[k], latent=ids.latent, end=g[0], latent_end=ids.latent_end)  # g[0]: a stray end
     r = helpers.roll(model, ids, prompt, max_new_tokens=k + 6, decoding="steps", lvr_steps=2, stop_ids=[-1])

@@ -291,7 +291,8 @@ def test_cached_rollout_equals_slow_oracle(tmp_path, decoding, force_end):
         grids.append(grid)
     # pick latent token ids so that rows enter (and, in token mode, leave) latent mode at different steps
     with torch.no_grad():
-        plain = [model.generate(torch.tensor([p]), pv, g, max_new_tokens=12, stop_ids=[-1])[0, len(p):].tolist()
+        plain = [model.generate(torch.tensor([p]), pv, g, max_new_tokens=12,
+                                  sampling=qwen.Sampling(stop_ids=[-1]))[0, len(p):].tolist()
                  for p, pv, g in zip(prompts, pvs, grids)]
     start = plain[1][3]
     end = next(t for t in plain[0] if t != start)

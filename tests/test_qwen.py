@@ -259,7 +259,8 @@ def test_greedy_generation_matches_reference(ckpt):
         grids.append(grid)
     ids, mask = qwen.left_pad(rows, tok.endoftext)
     pv, grid = torch.cat(pvs), torch.cat(grids)
-    ours = model.generate(ids, pv, grid, attention_mask=mask, max_new_tokens=24, stop_ids=[-1])
+    ours = model.generate(ids, pv, grid, attention_mask=mask, max_new_tokens=24,
+                          sampling=qwen.Sampling(stop_ids=[-1]))
     with torch.no_grad():
         theirs = ref.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grid,
                               mm_token_type_ids=(ids == tok.image_pad).int(), max_new_tokens=24,
@@ -290,14 +291,13 @@ def test_stop_tokens_and_sampling(ckpt):
     model = qwen.Qwen2_5_VL.from_pretrained(path)
     tok = qwen.QwenTokenizer(path)
     ids, pv, grid, _ = helpers.reference_inputs(tok, [helpers.photo(100, 100, 8)])
-    greedy = model.generate(ids, pv, grid, max_new_tokens=6, stop_ids=[-1])[0, ids.shape[1]:]
+    greedy = model.generate(ids, pv, grid, max_new_tokens=6, sampling=qwen.Sampling(stop_ids=[-1]))[0, ids.shape[1]:]
     stop = int(greedy[2])  # pretend the third greedy token is a stop token
-    out = model.generate(ids, pv, grid, max_new_tokens=6, stop_ids=[stop])[0, ids.shape[1]:]
+    out = model.generate(ids, pv, grid, max_new_tokens=6, sampling=qwen.Sampling(stop_ids=[stop]))[0, ids.shape[1]:]
     assert out.tolist() == greedy[:3].tolist()
-    g1 = model.generate(ids, pv, grid, max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9, stop_ids=[-1],
-                        generator=torch.Generator().manual_seed(0))
-    g2 = model.generate(ids, pv, grid, max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9, stop_ids=[-1],
-                        generator=torch.Generator().manual_seed(0))
+    g1, g2 = (model.generate(ids, pv, grid, max_new_tokens=8, sampling=qwen.Sampling(
+        temperature=1.0, top_k=20, top_p=0.9, stop_ids=[-1], generator=torch.Generator().manual_seed(0)))
+        for _ in range(2))
     assert torch.equal(g1, g2)
 
 
@@ -340,7 +340,7 @@ def test_bf16_runs(ckpt):
     assert b.dtype == torch.bfloat16
     assert (b.argmax(-1) == c.argmax(-1)).float().mean() > 0.95
     assert rel_err(a, b) < 1.5 * rel_err(a, c) + 1e-2
-    out = m16.generate(ids, pv, grid, max_new_tokens=4, stop_ids=[-1])
+    out = m16.generate(ids, pv, grid, max_new_tokens=4, sampling=qwen.Sampling(stop_ids=[-1]))
     assert out.shape == (1, ids.shape[1] + 4)
 
 
@@ -465,7 +465,8 @@ def test_sample_script(ckpt, tmp_path):
     model, tok = qwen.load(path)
     ids, pv, grid, _ = helpers.reference_inputs(tok, [Image.open(tmp_path / "x.jpg")], "What colour?",
                                                 max_pixels=12845056)
-    out = model.generate(ids, pv, grid, max_new_tokens=5, stop_ids=[tok.im_end, tok.endoftext])
+    out = model.generate(ids, pv, grid, max_new_tokens=5,
+                         sampling=qwen.Sampling(stop_ids=[tok.im_end, tok.endoftext]))
     assert r.stdout.strip().endswith(tok.decode(out[0, ids.shape[1]:].tolist()).strip())
     cases = [(["--image", str(tmp_path / "nope.jpg")], "image not found"),
              (["--max_new_tokens", "many"], "--max_new_tokens expects int"),

@@ -41,8 +41,9 @@ def test_the_tools_run_side_by_side(tmp_path, capsys):
     study.main([*args[2:], "--report", "true"])  # the tables, from the file alone
     out = capsys.readouterr().out
     assert "| vsp | LVR + GRPO_latent (sigma 0) - LVR + teacher-forced (control) | 1 |" in out
-    row = next(x for x in out.splitlines() if x.startswith("| vsp | LVR |"))
+    answer, row = [x for x in out.splitlines() if x.startswith("| vsp | LVR |")]  # (README's, the summary's)
     acc = recs[lvr.format(1)]["test"]["rows"]["with latents"]["accuracy"]
+    assert answer.startswith(f"| vsp | LVR | 1 | {acc:.3f} ± 0.000 |")
     assert f"{acc:.3f} ± 0.000 ({acc:.3f})" in row
     # bench.py
     assert bench.returncode == 0, bench.stderr

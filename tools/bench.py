@@ -269,13 +269,13 @@ def bench_size(size, rows):
     n = decode_tokens
 
     # decode at batch 1 and 8: (time for n tokens - time for 1) / (n - 1), so prefill is excluded; a
-    # text
-    # prompt, so the prefill that is subtracted out is small (the per-token work is the same)
+    # text prompt, so the prefill that is subtracted out is small (the per-token work is the same)
     text = torch.tensor([tok.prompt("What colour is the square?")], device=device)
     for B, m in ((1, n), (8, n // 2)):  # (batch 8: fewer tokens, it is 8x the work)
         p = text.repeat(B, 1)
         def ours_gen(k):
-            return lambda: model.generate(p, max_new_tokens=k, stop_ids=[-1])
+            greedy = qwen.Sampling(stop_ids=[-1])
+            return lambda: model.generate(p, max_new_tokens=k, sampling=greedy)
 
         def ref_gen(k):
             return lambda: ref.generate(
@@ -321,8 +321,7 @@ def bench_size(size, rows):
     add("latent steps/s vs text tokens/s", lat, txt, "step/s", True)
 
     # GRPO rollout at train_grpo's default B x G: one batched rollout (one prefill per prompt) vs
-    # one row
-    # at a time, whose throughput is the same for every row, so a few rows measure it
+    # one row at a time, whose throughput is the same for every row, so a few rows measure it
     B, G, n, few = 8, group_size, 16, 2
     feats = model.visual(pv, grid)
     gen = torch.Generator(device).manual_seed(0)

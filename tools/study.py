@@ -76,8 +76,7 @@ quick = False  # a tiny version, for CI (the flags in QUICK, before the ones giv
 report = False  # run nothing: print the tables (markdown, for the docs) and draw the picture
 # -----------------------------------------------------------------------------
 # --quick true: LVR on VSP, its GRPO continuation and control (plain SFT and Mirage are the same
-# functions
-# with other flags, tested on their own), tiny: one seed, a few steps, one trial
+# functions with other flags, tested on their own), tiny: one seed, a few steps, one trial
 QUICK = ["--tasks", "vsp", "--methods", "lvr,grpo", "--max_iters", "4",
          "--batch_size", "2", "--eval_interval", "4", "--eval_examples", "4", "--val_examples", "4",
          "--test_examples", "4", "--seeds", "1", "--grpo_lrs", "2e-5", "--lvr_regions", "box:2",
