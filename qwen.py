@@ -485,7 +485,6 @@ class Qwen2_5_VL(nn.Module):
         cos, sin = mrope(self.cfg, position_ids, x.dtype)
         return cos, sin, position_ids.amax(dim=(0, 2)) + 1  # (padding sits at 0)
 
-    # long: the reference's sampling arguments, each its own, as transformers' generate takes them
     def generate(self, input_ids, pixel_values=None, grid_thw=None, attention_mask=None,
                  max_new_tokens=16, sampling=None):
         """Batched KV-cached sampling; prompts left-padded. -> (B, T + n) tokens, prompt included.

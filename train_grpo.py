@@ -165,10 +165,24 @@ class Round:
         return dataclasses.replace(self, **per_row, **per_prompt)
 
 
-def rollout_round(policy, tok, ids, exs, gens, autocast):
+@dataclass
+class Learner:
+    """What every step works with, made once by main."""
+    policy: torch.nn.Module  # the policy through its Root (DDP / FSDP see every forward)
+    ref: object  # the frozen reference through its Root (None: beta 0)
+    tok: object  # the tokenizer
+    ids: lvr.LatentIds  # its latent tokens
+    records: list  # the data file's records (None: the synthetic task)
+    opt: torch.optim.Optimizer
+    params: list  # the parameters the optimizer steps
+    autocast: object  # bf16 autocast (disabled in fp32)
+
+
+def rollout_round(run, exs, gens):
     """B prompts (this rank's), G sampled completions each, scored -> a Round. 1) each image encoded
     once for its G rows; 2) the rollout: the B prompts prefilled once, G rows each (both run through
     the policy's Root); 3) the rewards."""
+    policy, tok, ids, autocast = run.policy, run.tok, run.ids, run.autocast
     G, dev, model, stop = group_size, device, policy.model, [tok.im_end, tok.endoftext]
 
     # with all of each example's images
@@ -286,11 +300,13 @@ class Chunk(NamedTuple):
     rows: torch.Tensor  # (n,) the micro-batch's rows
 
 
-def update(policy, ref, ids, rounds, filler, opt, params, autocast):
+def update(run, rounds, filler):
     """4) the training forward over this rank's kept groups of every round, micro-batch by
     micro-batch, one optimizer step per PPO epoch -> (this rank's loss, its KL sum, the step's
     sampled decisions, this rank's compute in multiply-accumulates). The normaliser is the step's,
     over every round and rank; `filler`: a round to pad FSDP's micro-batches with."""
+    policy, ref, ids, opt, params, autocast = (run.policy, run.ref, run.ids, run.opt, run.params,
+                                                run.autocast)
     G, dev = group_size, device
 
     # a sampled "continue" at latent steps
@@ -372,8 +388,7 @@ def update(policy, ref, ids, rounds, filler, opt, params, autocast):
     return loss_sum, kl_sum, n_act, float(forwards * macs)
 
 
-# long: the step's state, passed in rather than read as globals
-def train_step(policy, ref, tok, ids, records, drawn, opt, params, autocast, signalled):
+def train_step(run, drawn, signalled):
     """Roll out rounds of B prompts (one, or with filter_groups until B groups over all ranks have
     reward spread, at most max_draws), then update on the kept groups -> (the step's statistics over
     all ranks, prompt rounds drawn so far, whether any rank was asked to stop)."""
@@ -384,7 +399,8 @@ def train_step(policy, ref, tok, ids, records, drawn, opt, params, autocast, sig
     rounds, seen, kept = [], [], 0
     while True:
         with cli.out_of_memory("a GRPO rollout", ROLLOUT_OOM, out_dir):
-            rnd = rollout_round(policy, tok, ids, *prompts(drawn, records, mine), autocast)
+            exs, gens = prompts(drawn, run.records, mine)
+            rnd = rollout_round(run, exs, gens)
         drawn += 1
         seen.append(rnd)
         # every rank's groups, in the stream's order
@@ -406,10 +422,7 @@ def train_step(policy, ref, tok, ids, records, drawn, opt, params, autocast, sig
     with cli.out_of_memory("a GRPO update", UPDATE_OOM, out_dir):
         loss, kl, n_act, update_macs = 0.0, 0.0, 0, 0.0
         if kept:
-            loss, kl, n_act, update_macs = update(
-                policy, ref, ids, rounds=rounds, filler=seen[0], opt=opt, params=params,
-                autocast=autocast,
-            )
+            loss, kl, n_act, update_macs = update(run, rounds, filler=seen[0])
 
     # 5) statistics: sums over this rank's rows, then over the ranks (with the stop flag)
     sums = {k: float(torch.cat([getattr(rnd, k) for rnd in seen]).double().sum())
@@ -509,6 +522,8 @@ def main(argv):
 
     # 4) the loop
     autocast = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
+    run = Learner(policy, ref, tok, ids=ids, records=records, opt=opt, params=params,
+                  autocast=autocast)
 
     # Ctrl-C / SIGTERM on any rank: every rank ends the step, saves it, exits
     signalled = cli.stop_flag()
@@ -517,10 +532,7 @@ def main(argv):
         while step < max_iters and not (max_macs and macs >= max_macs):
             for g in opt.param_groups:
                 g["lr"] = lr * min(1.0, (step + 1) / max(1, warmup_iters))  # warmup, then constant
-            stats, drawn, stopping = train_step(
-                policy, ref, tok, ids=ids, records=records, drawn=drawn, opt=opt, params=params,
-                autocast=autocast, signalled=signalled,
-            )
+            stats, drawn, stopping = train_step(run, drawn, signalled)
             if not math.isfinite(stats["loss"]):
                 raise InputError(
                     f"loss is not finite at step {step}; stopped, {out_dir} keeps the last good checkpoint"

@@ -345,9 +345,9 @@ def test_filter_groups_trains_only_on_groups_with_signal(tmp_path, monkeypatch):
     monkeypatch.setitem(grpo.REWARDS, "format", lambda *a: 0.0)
     trained = []
     real_update = train_grpo.update
-    monkeypatch.setattr(train_grpo, "update", lambda model, ref, ids, rounds, **k: (
+    monkeypatch.setattr(train_grpo, "update", lambda run, rounds, **k: (
         trained.append([r.reward.view(-1, train_grpo.group_size) for r in rounds]),
-        real_update(model, ref, ids, rounds, **k))[1])
+        real_update(run, rounds, **k))[1])
     saved = dict(vars(train_grpo))
     try:
         logs = {}
@@ -404,11 +404,11 @@ def test_micro_batch_tokens_and_checkpointing_give_the_unsplit_gradient(tmp_path
     for k, v in dict(group_size=4, batch_size=2, max_new_tokens=6, temperature=1.5, min_pixels=3136,
                      max_pixels=12544, beta=0.0, decoding="token", lvr_steps=8).items():  # (main resolves auto)
         monkeypatch.setattr(train_grpo, k, v)
-    policy = parallel.Root(model)
-    rnd = train_grpo.rollout_round(policy, tok, ids, exs, [torch.Generator().manual_seed(i) for i in range(2)],
-                                   torch.autocast("cpu", enabled=False))
-    assert rnd.reward.view(2, 4).std(1).max() > 0  # a reward with spread: a real gradient
     params = [p for p in model.parameters() if p.requires_grad]
+    run = train_grpo.Learner(parallel.Root(model), None, tok, ids=ids, records=None, opt=None, params=params,
+                             autocast=torch.autocast("cpu", enabled=False))
+    rnd = train_grpo.rollout_round(run, exs, [torch.Generator().manual_seed(i) for i in range(2)])
+    assert rnd.reward.view(2, 4).std(1).max() > 0  # a reward with spread: a real gradient
 
     class Grads:  # an optimizer that keeps the gradient it is given
         def step(self):
@@ -420,9 +420,9 @@ def test_micro_batch_tokens_and_checkpointing_give_the_unsplit_gradient(tmp_path
     for tokens, ckpt in ((0, False), (2 * rnd.seqs.shape[1], False), (rnd.seqs.shape[1], True)):
         monkeypatch.setattr(train_grpo, "micro_batch_tokens", tokens)  # all rows; 2 rows; 1 row at a time
         model.grad_checkpointing = ckpt
-        opt = Grads()
-        train_grpo.update(policy, None, ids, [rnd], rnd, opt, params, torch.autocast("cpu", enabled=False))
-        got[(tokens, ckpt)] = opt.g
+        run.opt = Grads()
+        train_grpo.update(run, [rnd], filler=rnd)
+        got[(tokens, ckpt)] = run.opt.g
     whole, *split = got.values()
     assert any(g.abs().sum() > 0 for g in whole)
     for other in split:
