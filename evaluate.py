@@ -73,12 +73,12 @@ dtype = "auto"  # {auto, float32, bfloat16} the weights' dtype (auto: bfloat16 o
 # -----------------------------------------------------------------------------
 
 
-def load_examples(how):
+def load_examples(trained):
     """The evaluation set: held-out synthetic examples, an LVR JSON file (with bboxes), or MMVP /
-    V*. `how`: the checkpoint's latent_targets."""
+    V*. `trained`: the checkpoint's latent_targets."""
     if data_path == "synthetic":
         # (VSP: the targets it was trained on, for the oracle)
-        targets = how.get("vsp", tasks.VSP_TARGETS[0])
+        targets = trained.get("vsp", tasks.VSP_TARGETS[0])
         return [
             tasks.synthetic(
                 split, i, seed, size=image_size, task=task, level=level, targets=targets
@@ -182,16 +182,16 @@ def targets_of(model, tok, ids, exs, min_pixels=3136, max_pixels=28224, device="
     bboxes or a helper image): ROI tokens (LVR) or helper-image chunks (Mirage), made as the
     checkpoint's training made them (config.json's latent_targets; without it, LVR over the whole
     ROI)."""
-    how = model.cfg.extra.get("latent_targets", {"method": "lvr", "max_latents": 0, "k": 4})
+    trained = model.cfg.extra.get("latent_targets", {"method": "lvr", "max_latents": 0, "k": 4})
     out = []
     for e in exs:
-        if how["method"] in ("none", "pause") or not (e.get("helper") if how["method"] == "mirage"
+        if trained["method"] in ("none", "pause") or not (e.get("helper") if trained["method"] == "mirage"
                                                       else e["bboxes"]):
             out.append(None)
             continue
         pixels = (min_pixels, max_pixels)
         row = data.encode(
-            e, tok, ids, method=how["method"], max_latents=how["max_latents"], k=how["k"],
+            e, tok, ids, method=trained["method"], max_latents=trained["max_latents"], k=trained["k"],
             latent_end=False, pixels=pixels,
         )
         batch = data.to_device(data.collate([row], tok.endoftext), device)

@@ -138,10 +138,19 @@ class Decisions(NamedTuple):
     mu: torch.Tensor  # (n_latent, C) the mean of each latent (latent_sigma > 0), else None
 
 
-# long: a rollout's recorded fields as it returned them, and the sampling that drew them
-def completion_logprobs(model, seqs, attention_mask, n_prompt, grid_thw, feats, latents, is_latent,
-                        temperature=1.0, exits=(), latent_sigma=0.0):
-    """One batched forward over prompt + completion -> Decisions.
+class Completions(NamedTuple):
+    """The rows a training forward scores: prompts and completions as the rollout recorded them."""
+    seqs: torch.Tensor  # (N, T + L) prompt and completion tokens
+    attention_mask: torch.Tensor  # (N, T + L) 1 on real tokens
+    n_prompt: int  # T: the padded prompt length
+    latents: torch.Tensor  # (N, L, C) the vector fed at each latent step
+    is_latent: torch.Tensor  # (N, L)
+    grid_thw: torch.Tensor = None  # the rows' images (None: text only)
+    feats: torch.Tensor = None  # their merged image tokens
+
+
+def completion_logprobs(model, rows, temperature=1.0, exits=(), latent_sigma=0.0):
+    """One batched forward over `rows` (Completions), prompt + completion -> Decisions.
 
     The recorded latent vectors (detached) sit at the latent positions, exactly as the rollout fed
     them; logits are divided by the sampling temperature, as in the rollout. At a latent step the
@@ -150,6 +159,7 @@ def completion_logprobs(model, seqs, attention_mask, n_prompt, grid_thw, feats, 
     the state at the position before it, as the rollout did: log N(z; mu, sigma^2 I) is its
     log-prob. The head runs on LOGIT_CHUNK positions at a time, recomputed in backward, so the
     logits never exist whole."""
+    seqs, attention_mask, n_prompt, latents, is_latent, grid_thw, feats = rows
     prompt, comp = seqs[:, :n_prompt], seqs[:, n_prompt:]
     x = model.embed(prompt, grid_thw=grid_thw, feats=feats)  # (N, T, C) images only in the prompt,
     # (N, L, C)

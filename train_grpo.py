@@ -260,11 +260,10 @@ def round_logprobs(m, rnd, rows, frozen, exits):
         f = dict(zip(u, f.split([rnd.n_tok[i] for i in u])))
 
     grids, feats = torch.cat([rnd.grids[i] for i in of]), torch.cat([f[i] for i in of])
-    return grpo.completion_logprobs(
-        m, seqs=rnd.seqs[rows], attention_mask=rnd.attn[rows], n_prompt=rnd.n_prompt,
-        grid_thw=grids, feats=feats, latents=rnd.latents[rows], is_latent=rnd.is_latent[rows],
-        temperature=temperature, exits=exits, latent_sigma=latent_sigma,
-    )
+    scored = grpo.Completions(rnd.seqs[rows], rnd.attn[rows], rnd.n_prompt,
+                              latents=rnd.latents[rows], is_latent=rnd.is_latent[rows],
+                              grid_thw=grids, feats=feats)
+    return grpo.completion_logprobs(m, scored, temperature, exits=exits, latent_sigma=latent_sigma)
 
 
 def decision_mask(rnd):

@@ -141,7 +141,8 @@ def test_training_forward_equals_rollout_logprobs(tmp_path, decoding):
     attn = torch.cat([mask, torch.ones_like(seqs[:, T:])], 1)
     exits = lvr.exit_tokens(ids, decoding) if decoding == "token" else []
     with torch.no_grad():
-        got = grpo.completion_logprobs(model, seqs, attn, T, grid, torch.cat(feats), lats, is_lat, 0.7, exits).token
+        rows = grpo.Completions(seqs, attn, T, lats, is_lat, grid, torch.cat(feats))
+        got = grpo.completion_logprobs(model, rows, 0.7, exits).token
     assert act.sum() > 6
     assert torch.allclose(got[act], logp[act], atol=1e-4), (got[act] - logp[act]).abs().max()
     # latent steps: none sampled under `steps`; under `token` every one but a span's first is a "continue"
@@ -149,8 +150,7 @@ def test_training_forward_equals_rollout_logprobs(tmp_path, decoding):
     assert n_continue == (0 if decoding == "steps" else int(is_lat.sum()) - len(seqs))
     # and the temperature matters: at 1.0 they differ
     with torch.no_grad():
-        other = grpo.completion_logprobs(model, seqs, attn, T, grid, torch.cat(feats), lats, is_lat, 1.0,
-                                         exits).token
+        other = grpo.completion_logprobs(model, rows, 1.0, exits).token
     assert not torch.allclose(other[act], logp[act], atol=1e-3)
 
 
@@ -175,8 +175,8 @@ def test_latent_sigma_samples_latents_with_the_training_forwards_logprob(tmp_pat
     attn = torch.cat([mask_g, torch.ones_like(seqs[:, input_ids.shape[1]:])], 1)
     exits = lvr.exit_tokens(ids, decoding) if decoding == "token" else []
     with torch.no_grad():
-        d = grpo.completion_logprobs(model, seqs, attn, input_ids.shape[1], None, None, r.latents, r.is_latent,
-                                     0.7, exits, latent_sigma=0.5)
+        rows = grpo.Completions(seqs, attn, input_ids.shape[1], r.latents, r.is_latent)
+        d = grpo.completion_logprobs(model, rows, 0.7, exits, latent_sigma=0.5)
     monkeypatch.setattr(train_grpo, "latent_sigma", 0.5)
     rows = torch.arange(len(seqs))
     joint = train_grpo.joint_logprob(d, r, rows)

@@ -204,8 +204,8 @@ def test_chunked_completion_logprobs_equal_the_whole_ones(monkeypatch):
     for chunk in (10 ** 9, 7):  # every position at once; then 1 row (7 // 5) at a time, recomputed in backward
         monkeypatch.setattr(grpo, "LOGIT_CHUNK", chunk)
         model.zero_grad()
-        lp = grpo.completion_logprobs(model, seqs, torch.ones(N, T + L, dtype=torch.long), T,
-                                      None, None, latents, is_latent, 0.9, [ids.end]).token
+        rows = grpo.Completions(seqs, torch.ones(N, T + L, dtype=torch.long), T, latents, is_latent)
+        lp = grpo.completion_logprobs(model, rows, 0.9, [ids.end]).token
         lp.sum().backward()
         grads.append((lp.detach(), model.lm_head.weight.grad.clone()))
     assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
