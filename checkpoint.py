@@ -26,13 +26,7 @@ import torch
 import qwen
 from cli import InputError
 
-CHECKPOINT_FILES = {
-    "config.json",
-    "model.safetensors",
-    "tokenizer.json",
-    "train_state.pt",
-    "log.jsonl",
-}
+CHECKPOINT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "train_state.pt", "log.jsonl"}
 
 
 def check_out_dir(out_dir, fresh):

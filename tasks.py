@@ -34,12 +34,8 @@ LATENT_SPECIAL = list(lvr.LVR_TOKENS.values()) + list(lvr.MIRAGE_TOKENS.values()
 # the synthetic task: one small object among distractors, a question about it, its bbox
 
 COLOURS = {
-    "red": (220, 40, 40),
-    "green": (30, 160, 60),
-    "blue": (40, 80, 230),
-    "yellow": (235, 200, 20),
-    "purple": (140, 50, 180),
-    "orange": (245, 130, 20),
+    "red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 230), "yellow": (235, 200, 20),
+    "purple": (140, 50, 180), "orange": (245, 130, 20),
 }
 SHAPES = ["circle", "square", "triangle"]
 

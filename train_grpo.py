@@ -437,15 +437,9 @@ def train_step(run, drawn, signalled):
     n_rows = total["groups"] * group_size
     per_row = {k: total[k] / n_rows for k in ("reward", "accuracy", "format", "latent_steps")}
     stats = {
-        "loss": total["loss"],
-        **per_row,
-        "length": total["lengths"] / n_rows,
-        "flat_groups": total["flat"] / total["groups"],
-        "kept_groups": kept,
-        "draws": len(seen),
-        "kl": total["kl"] / max(1, n_act),
-        "macs": total["macs"],
-        "step_s": time.time() - t0,
+        "loss": total["loss"], **per_row, "length": total["lengths"] / n_rows,
+        "flat_groups": total["flat"] / total["groups"], "kept_groups": kept, "draws": len(seen),
+        "kl": total["kl"] / max(1, n_act), "macs": total["macs"], "step_s": time.time() - t0,
         "rollout_tok_s": total["lengths"] / (total["rollout_s"] / world),
     }
     return stats, drawn, total["stopping"] > 0

@@ -490,12 +490,8 @@ def main(argv):
             step += 1
             history.append(
                 {
-                    "step": step,
-                    **loss,
-                    "lr": get_lr(step - 1),
-                    "step_s": time.time() - t0,
-                    "data_s": t_data,
-                    "macs": macs,
+                    "step": step, **loss, "lr": get_lr(step - 1), "step_s": time.time() - t0,
+                    "data_s": t_data, "macs": macs,
                 }
             )
             bar.update(1)
@@ -514,10 +510,7 @@ def main(argv):
                         [{"step": step, "eval_accuracy": acc, "eval_examples": n}] if n else []
                     )
                 train_state = {
-                    "step": step,
-                    "macs": macs,
-                    "config": config,
-                    "rng": torch.get_rng_state(),
+                    "step": step, "macs": macs, "config": config, "rng": torch.get_rng_state(),
                 }
                 parallel.save(
                     model, tok, opt, out_dir=out_dir, train_state=train_state, history=history,

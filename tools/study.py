@@ -86,9 +86,7 @@ BASES = {"none": "plain SFT", "lvr": "LVR", "mirage": "Mirage", "pause": "pause 
 FLAGS = {"livr": ["--method", "pause", "--bottleneck", "true"],
          "lvrbn": ["--method", "lvr", "--bottleneck", "true"]}  # (the others: --method itself)
 CONTINUED = {
-    "control": "teacher-forced (control)",
-    "stage2": "stage 2",
-    "grpo0": "GRPO_latent (sigma 0)",
+    "control": "teacher-forced (control)", "stage2": "stage 2", "grpo0": "GRPO_latent (sigma 0)",
     "grpo": "GRPO (sigma tuned)",
 }
 NAMES = {
@@ -607,16 +605,9 @@ def draw(recs):
         1, max(1, len(names)), figsize=(4.6 * max(1, len(names)), 3.6), squeeze=False
     )
     colours = {
-        "none": "tab:gray",
-        "lvr": "tab:blue",
-        "mirage": "tab:green",
-        "control": "tab:orange",
-        "stage2": "tab:purple",
-        "grpo0": "tab:brown",
-        "grpo": "tab:red",
-        "pause": "tab:olive",
-        "livr": "tab:cyan",
-        "lvrbn": "tab:pink",
+        "none": "tab:gray", "lvr": "tab:blue", "mirage": "tab:green", "control": "tab:orange",
+        "stage2": "tab:purple", "grpo0": "tab:brown", "grpo": "tab:red", "pause": "tab:olive",
+        "livr": "tab:cyan", "lvrbn": "tab:pink",
     }
     for ax, task in zip(axes[0], names):
         for method in BASES:
