@@ -16,8 +16,10 @@ on synthetic tasks and LVR JSON files; Mirage on synthetic tasks):
   swapped latents   each example fed the next example's own latents;
   oracle latents    the training targets (ROI tokens, helper-image chunks): what a latent can carry.
 A pause checkpoint (train_sft --method pause, the control) has the first two rows: its slots read
-one learned vector, so dummy and swapped latents would be its own, and it has no targets. Latent hit
-rate: the fraction of the fed latents whose nearest merged image token (cosine) lies inside one of
+one learned vector, so dummy and swapped latents would be its own, and it has no targets. With
+--bottleneck true every row runs under LIVR's mask (the answer sees the image only through the
+slots), where latents disabled leaves the answer blind to the image.
+Latent hit rate: the fraction of the fed latents whose nearest merged image token (cosine) lies inside one of
 the example's bboxes: do they look where they should? The latent norm over the target norm shows the
 norm-regime gap (arXiv 2605.12374). Multiple choice (data.py reads the files) is scored as letters,
 as the papers do: MMVP per question and per pair (both right: the LVR paper's 71.67 is per question,
@@ -66,6 +68,7 @@ end_metric = "checkpoint"  # {checkpoint, mse, cosine, l1} `latent` exit distanc
 end_threshold = Auto(float)  # (0, inf) `latent` exit threshold (auto: the checkpoint's, else 0.1)
 max_new_tokens = 32  # [1, inf) completion budget
 diagnostics = True  # also the rows that replace the latents (disabled, dummy, swapped, oracle)
+bottleneck = False  # every row under LIVR's mask: the answer sees the image only through the slots
 # system
 batch_size = 32  # [1, inf) rows per batched rollout
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -286,7 +289,7 @@ def main(argv):
     metric, threshold = lvr.end_rule(model, end_metric, cli.given(end_threshold))
     decode = lvr.Decode(
         decoding, lvr_steps, max_latent_steps, force_end=force_end, end_metric=metric,
-        end_threshold=threshold, max_new_tokens=max_new_tokens,
+        end_threshold=threshold, max_new_tokens=max_new_tokens, bottleneck=bottleneck,
     )
 
     # end at once

@@ -421,6 +421,8 @@ class Decode:
     end_metric: str = "mse"  # `latent`: the distance to the end embedding
     end_threshold: float = 0.1  # `latent`: leave below this distance
     max_new_tokens: int = 64  # the completion's budget, latent steps included
+    # LIVR's mask: the prompt's and the text steps' queries see no image token, latent steps do
+    bottleneck: bool = False
 
 
 @dataclass
@@ -593,10 +595,10 @@ def substitute(vec, feed, k_lat):
     return torch.where((k_lat < feed.n)[:, None], given.to(vec.dtype), vec)
 
 
-def prefill(model, prompt, max_new_tokens, group_size):
+def prefill(model, prompt, max_new_tokens, group_size, bottleneck=False):
     """The rollout's phases 1 and 2: run the prompts once into a fresh KV cache, then copy each
     prompt's rows to its G rows -> (cache, input_ids (B*G, T), the last hidden states (B*G, C),
-    their logits)."""
+    their logits). bottleneck: no prompt token but the image's own sees the image."""
     (B, T), dev, emb = prompt.input_ids.shape, prompt.input_ids.device, model.model.embed_tokens
 
     # (then the keys and values come out in its dtype)
@@ -607,8 +609,9 @@ def prefill(model, prompt, max_new_tokens, group_size):
         rope_dtype=emb.weight.dtype,
     )
     x = model.embed(prompt.input_ids, prompt.pixel_values, prompt.grid_thw, prompt.feats)
+    blind = prompt.input_ids != model.cfg.image_token_id if bottleneck else None
     h = model(prompt.input_ids, grid_thw=prompt.grid_thw, inputs_embeds=x,
-              attention_mask=prompt.attention_mask, cache=cache)[:, -1]
+              attention_mask=prompt.attention_mask, cache=cache, blind=blind)[:, -1]
     logits = model.lm_head(h)  # only the last position's: lm_head over the whole prompt is wasted
     input_ids = prompt.input_ids
     if group_size > 1:
@@ -648,7 +651,8 @@ def rollout(model, ids, prompt, decode=Decode(), sampling=Sampling(), group_size
     at once. Stop tokens do not end a row while it is in latent mode. `feed`: evaluate.py's
     diagnostics (substitute). Sampling.latent_sigma > 0: each latent fed is explored (explore), its
     log-prob joins the step's, and every latent step is then a sampled decision
-    (grpo.completion_logprobs)."""
+    (grpo.completion_logprobs). Decode.bottleneck: LIVR's mask, as train_sft --bottleneck trains
+    it: the prompt's tokens and the text steps see no image token, the latent steps do."""
     rule = exit_rule(model, ids, decode)
     dev = prompt.input_ids.device
     stop = torch.tensor(list(sampling.stop_ids) or model.default_stop_ids(), device=dev)
@@ -656,7 +660,8 @@ def rollout(model, ids, prompt, decode=Decode(), sampling=Sampling(), group_size
 
     # 1) prefill the prompts once, 2) copy each prompt's state to its G rows
     cache, input_ids, h, logits = prefill(
-        model, prompt, max_new_tokens=decode.max_new_tokens, group_size=group_size
+        model, prompt, max_new_tokens=decode.max_new_tokens, group_size=group_size,
+        bottleneck=decode.bottleneck,
     )
     B = len(input_ids)
     in_lat = input_ids[:, -1] == ids.start  # the mode flag (a prompt may end in <|lvr_start|>)
@@ -711,7 +716,8 @@ def rollout(model, ids, prompt, decode=Decode(), sampling=Sampling(), group_size
         # (a sync every 16 steps)
         if i == decode.max_new_tokens - 1 or (i % 16 == 15 and bool(done.all())):
             break
-        h = model(inputs_embeds=x[:, None], cache=cache)[:, -1]
+        blind = ~latent_step[:, None] if decode.bottleneck else None
+        h = model(inputs_embeds=x[:, None], cache=cache, blind=blind)[:, -1]
         logits = model.lm_head(h)
 
     run = Step(*(torch.stack(column, 1) for column in zip(*steps)))  # (B, n) each, (B, n, C) fed

@@ -152,6 +152,7 @@ class KVCache:
             torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)
         ]
         self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)  # False at padding
+        self.image = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # LIVR's keys
 
         # M-RoPE position of the next token
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
@@ -169,9 +170,9 @@ class KVCache:
         """Each row copied to G consecutive rows: G samples of one prompt share its prefill."""
         self.k = [t.repeat_interleave(G, 0) for t in self.k]
         self.v = [t.repeat_interleave(G, 0) for t in self.v]
-        self.valid, self.next_pos = self.valid.repeat_interleave(
-            G, 0
-        ), self.next_pos.repeat_interleave(G, 0)
+        self.valid = self.valid.repeat_interleave(G, 0)
+        self.image = self.image.repeat_interleave(G, 0)
+        self.next_pos = self.next_pos.repeat_interleave(G, 0)
 
 
 class Attention(nn.Module):
@@ -419,8 +420,8 @@ class Qwen2_5_VL(nn.Module):
                 inputs_embeds=None, position_ids=None, cache=None, blind=None):
         """-> final-norm hidden states (B, T, C). Callers apply lm_head only where they need logits
         (it is the costliest matmul, V ~ 152k). attention_mask (B, T): 1 real, 0 padding; with a
-        cache, the new tokens'. blind (B, T) bool: LIVR's bottleneck, in training (no cache): these
-        positions may not attend to the image tokens (input_ids' <|image_pad|>).
+        cache, the new tokens'. blind (B, T) bool: LIVR's bottleneck: these positions may not attend
+        to the image tokens (input_ids' <|image_pad|>; with a cache, every image token it holds).
         """
         x = (
             self.embed(input_ids, pixel_values, grid_thw)
@@ -439,19 +440,24 @@ class Qwen2_5_VL(nn.Module):
         # the mask: None means causal (SDPA's is_causal), or, for one new token, every cached key.
         # The cache remembers whether its prompt had padding; then every step needs one.
         valid = None if attention_mask is None else attention_mask.bool()
+        image = None
+        if blind is not None:  # the bottleneck: a mask for every row, and the image keys
+            valid = torch.ones(B, T, dtype=torch.bool, device=x.device) if valid is None else valid
+            image = torch.zeros_like(valid) if input_ids is None else (
+                input_ids == self.cfg.image_token_id)
         if cache is not None:
             if valid is not None:
                 cache.valid[:, start:start + T] = valid
                 # a host sync, but only with a mask
                 cache.padded = cache.padded or not bool(valid.all())
-            valid = cache.valid[:, :start + T] if cache.padded or (start > 0 and T > 1) else None
+            if image is not None:
+                cache.image[:, start:start + T] = image
+                image = cache.image[:, :start + T]
+            masked = cache.padded or (start > 0 and T > 1) or blind is not None
+            valid = cache.valid[:, :start + T] if masked else None
 
-        if blind is not None:  # (then a mask for every row, padded or not)
-            valid = torch.ones(B, T, dtype=torch.bool, device=x.device) if valid is None else valid
-            image = input_ids == self.cfg.image_token_id
-            mask = causal_mask(valid, start, T, device=x.device, blind=blind, image=image)
-        else:
-            mask = None if valid is None else causal_mask(valid, start, T, device=x.device)
+        mask = None if valid is None else causal_mask(
+            valid, start, T, device=x.device, blind=blind, image=image)
 
         h = self.model(
             x, cos, sin, mask, cache,

@@ -360,6 +360,7 @@ def held_out_accuracy(root, model, tok, ids, records, held_out, dev, step):
             decode = lvr.Decode(
                 decoding, lvr_steps=count, max_latent_steps=budget, force_end=True,
                 end_metric=latent_loss, end_threshold=end_threshold, max_new_tokens=48,
+                bottleneck=step <= blinded_steps(),  # (as the model was last trained)
             )
             pixels = (min_pixels, max_pixels)
             r = evaluate.evaluate(

@@ -10,6 +10,7 @@ import data
 import lvr
 import qwen
 import tasks
+import vision
 from helpers import tiny_model
 from launch import run_here
 
@@ -199,3 +200,39 @@ def test_the_bottleneck_trains_its_share_of_the_steps_then_normal_attention(monk
         for step in range(iters):
             train_sft.loss_of(None, {}, blinded=step < train_sft.blinded_steps())
         assert seen == [i < round(share * iters) for i in range(iters)] if on else not any(seen)
+
+
+@torch.no_grad()
+def test_the_rollout_under_the_bottleneck_is_the_masked_forward(tmp_path):
+    """Decode(bottleneck=True): the cached rollout's latents and greedy tokens are those of one forward over
+    its output with the training mask (lvr.blind_positions); with no latent step, other pixels leave the
+    completion unchanged (the answer sees the image only through the slots), with latent steps they do not."""
+    model, tok, ids = tiny_model(tmp_path)
+    pv, grid = vision.preprocess(tasks.synthetic_example(0)["images"][0], max_pixels=30000)
+    prompt = torch.tensor([tok.prompt("What colour is the square?", [int(grid.prod()) // 4]) + [ids.start]])
+    T = prompt.shape[1]
+    r = lvr.rollout(model, ids, lvr.Prompt(prompt, None, pv, grid),
+                    lvr.Decode("steps", lvr_steps=3, max_new_tokens=9, bottleneck=True),
+                    lvr.Sampling(stop_ids=[-1]))
+    out, slots = r.tokens, torch.nonzero(r.is_latent[0])[:, 0] + T
+    x = model.embed(out, pv, grid)
+    x[0, slots] = r.latents[0, r.is_latent[0]]
+    batch = {"input_ids": out, "attention_mask": torch.ones_like(out),
+             "latent_pos": torch.stack([torch.zeros_like(slots), slots])}
+    blind = lvr.blind_positions(batch, model.cfg.image_token_id)
+    pos = qwen.get_rope_index(out, grid, None, model.cfg.image_token_id)
+    h = model(out, inputs_embeds=x, position_ids=pos, blind=blind)
+    assert len(slots) == 3 and torch.allclose(h[0, slots - 1], r.latents[0, r.is_latent[0]], atol=1e-4)
+    text = torch.arange(T + 4, out.shape[1])  # after the forced <|lvr_end|>: greedy text tokens
+    assert out[0, text].tolist() == model.lm_head(h[0, text - 1]).argmax(-1).tolist()
+    plain = lvr.rollout(model, ids, lvr.Prompt(prompt, None, pv, grid),
+                        lvr.Decode("steps", lvr_steps=3, max_new_tokens=9), lvr.Sampling(stop_ids=[-1]))
+    assert not torch.allclose(plain.latents[0, 1:3], r.latents[0, 1:3])  # (the mask is on)
+
+    def completion(pixels, n):
+        return lvr.rollout(model, ids, lvr.Prompt(prompt, None, pixels, grid),
+                           lvr.Decode("steps", lvr_steps=n, max_new_tokens=8, bottleneck=True),
+                           lvr.Sampling(stop_ids=[-1])).tokens
+    other = torch.rand_like(pv)
+    assert torch.equal(completion(pv, 0), completion(other, 0))
+    assert not torch.equal(completion(pv, 3), completion(other, 3))
