@@ -156,7 +156,7 @@ def evaluate(model, tok, ids, exs, decode, pixels=(3136, 28224), batch_size=32, 
             fed.append(r.latents[b, r.is_latent[b]].cpu())
             # the ROI tokens of every bbox, on its own image's tokens within the row's features
             # (a pause slot's input is one learned vector)
-            if e["bboxes"] and not lvr.is_pause(model):
+            if e["bboxes"] and not lvr.is_pause(model.cfg):
                 grids = [g for _, g in p["images"][b]]
                 start = vision.token_offsets(grids)
                 roi = [
@@ -235,7 +235,7 @@ def replaced_rows(model, tok, ids, exs, decode, own, targets):
 
     # (dummy and swapped are made of its own latents: a model that makes none has neither row, and
     # the pause control's are all one vector, so both would be its own row again)
-    if lats and not lvr.is_pause(model):
+    if lats and not lvr.is_pause(model.cfg):
         budget = max(decode.lvr_steps, decode.max_latent_steps)
         mean = torch.cat(lats).mean(0)
         rows["dummy latents"] = run(feed=[mean.expand(budget, -1)] * len(exs))

@@ -184,9 +184,9 @@ def head(model, h):
     return model.lvr_head(h) if hasattr(model, "lvr_head") else h
 
 
-def is_pause(model):
-    """Whether the model was trained as the pause-token control (train_sft --method pause)."""
-    return model.cfg.extra.get("latent_targets", {}).get("method") == "pause"  # (span_count too)
+def is_pause(cfg):
+    """Whether a checkpoint's config says it was trained as the pause control (--method pause)."""
+    return cfg.extra.get("latent_targets", {}).get("method") == "pause"
 
 
 def latent_input(model, h):
@@ -196,7 +196,7 @@ def latent_input(model, h):
     image tokens of a random tower): fed back as it is, every state after the first latent reads an
     input it never saw in training, and a span longer than one latent runs past its end. The pause
     control feeds no hidden state: every slot reads the <|lvr|> token's learned embedding."""
-    if is_pause(model):
+    if is_pause(model.cfg):
         latent = torch.tensor([model.cfg.extra["lvr_token_ids"]["latent"]], device=h.device)
         return model.token_embeds(latent)[0].expand_as(h).to(h.dtype)
 
@@ -289,7 +289,7 @@ def sft_loss(model, batch, ce_weight=1.0, latent_weight=0.1, latent_loss="mse", 
     feats, targets = encode_images(model, batch, freeze_vision)
     x = model.embed(ids, grid_thw=batch["grid_thw"], feats=feats)  # (B, T, C)
     b, t = batch["latent_pos"]  # (L,), (L,): where the latent slots are
-    pause = is_pause(model)
+    pause = is_pause(model.cfg)
     if not pause:
         # teacher forcing: the slots read their targets
         x = x.index_put((b, t), targets.to(x.dtype))
@@ -553,9 +553,8 @@ def span_count(cfg, decoding, lvr_steps):
     """--decoding and --lvr_steps, where left at auto (None), for a checkpoint's config -> (decoding,
     lvr_steps): a pause checkpoint ends its spans by the count it was trained with (`steps`); any
     other by its own token (`token`), `steps` counting official LVR's 8."""
-    targets = cfg.extra.get("latent_targets", {})
-    pause = targets.get("method") == "pause"
-    count = targets["max_latents"] if pause else 8
+    pause = is_pause(cfg)
+    count = cfg.extra["latent_targets"]["max_latents"] if pause else 8
     how = ("steps" if pause else "token") if decoding == "auto" else decoding
     return how, count if lvr_steps is None else lvr_steps
 

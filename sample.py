@@ -46,11 +46,14 @@ dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # {float32, bflo
 
 def resolve(config):
     """The settings left at auto -> their values (cli.configure writes and prints them): the image
-    sizes the model was trained on (else the processor's), a hub id's snapshot."""
+    sizes the model was trained on (else the processor's), a hub id's snapshot, and a pause
+    checkpoint's decoding by count (lvr.span_count)."""
     path = checkpoint.locate(init_from)
     lo, hi = data.trained_pixels(path, data.PROCESSOR_PIXELS)
     hi = cli.given(max_pixels) or hi
-    return {"min_pixels": cli.given(min_pixels) or min(lo, hi), "max_pixels": hi, "init_from": path}
+    spans = lvr.span_count(checkpoint.read_config(path), decoding, cli.given(lvr_steps))
+    return {"min_pixels": cli.given(min_pixels) or min(lo, hi), "max_pixels": hi, "init_from": path,
+            **dict(zip(("decoding", "lvr_steps"), spans))}
 
 
 def main(argv):
@@ -85,7 +88,6 @@ def main(argv):
         return
 
     metric, threshold = lvr.end_rule(model, end_metric, cli.given(end_threshold))
-    how, steps = lvr.span_count(model.cfg, decoding, cli.given(lvr_steps))
     r = lvr.rollout(
         model,
         ids=latent,
@@ -93,8 +95,8 @@ def main(argv):
             input_ids, attention_mask=None, pixel_values=pixel_values, grid_thw=grid_thw
         ),
         decode=lvr.Decode(
-            how, lvr_steps=steps, max_latent_steps=steps, force_end=force_end, end_metric=metric,
-            end_threshold=threshold, max_new_tokens=max_new_tokens,
+            decoding, lvr_steps=lvr_steps, max_latent_steps=lvr_steps, force_end=force_end,
+            end_metric=metric, end_threshold=threshold, max_new_tokens=max_new_tokens,
         ),
         sampling=sampling,
     )

@@ -1,15 +1,19 @@
 """
-How the code reads, measured: the indicators a review compares with nanoGPT and nanochat, over the method
-files (every tracked .py file outside tests/ and tools/), and the usage lines of every docstring.
+How the code reads, measured: the indicators a review compares with nanoGPT and nanochat, over the
+method files (every tracked .py file outside tests/ and tools/), and the usage lines of every
+docstring.
 
     python -m tools.page            # the table
     python -m tools.page --files lvr.py,data.py
 
 - paragraphs: blank lines inside function bodies, per 100 body lines (nanoGPT 6.4, nanochat 7.7);
 - long lines: the share of lines over 100 characters (nanoGPT 4.1%, nanochat 7.9%);
-- positional calls: calls of the project's own functions and records with 4 or more positional arguments;
-- globals() writes: `globals()[k] = v` or `globals().update(...)`, settings rewritten after they are read;
-- stale usage lines: a `python script.py --flag` line in a module docstring naming a flag the script lacks.
+- positional calls: calls of the project's own functions and records with 4 or more positional
+  arguments;
+- globals() writes: `globals()[k] = v` or `globals().update(...)`, settings rewritten after they are
+  read;
+- stale usage lines: a `python script.py --flag` line in a module docstring naming a flag the script
+  lacks.
 """
 import ast
 import os
@@ -27,12 +31,15 @@ USAGE = re.compile(r"^\s*(?:torchrun [^.]*?|python -m |python )([\w./]+?)(?:\.py
 
 def method_files():
     """Every tracked .py file outside tests/ and tools/."""
-    out = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True
+    ).stdout
     return [f for f in out.split() if not f.startswith(("tests/", "tools/"))]
 
 
 def outer_functions(tree):
-    """The functions not inside another function (methods included): their nested ones are their body."""
+    """The functions not inside another function (methods included): their nested ones are their
+    body."""
     found = []
 
     def visit(node, inside):
@@ -51,8 +58,14 @@ def paragraphs(tree, lines):
     blank = body = 0
     for fn in outer_functions(tree):
         first = fn.body[0]
-        docstring = isinstance(first, ast.Expr) and isinstance(getattr(first, "value", None), ast.Constant)
-        start = (fn.body[1].lineno if len(fn.body) > 1 else fn.end_lineno + 1) if docstring else first.lineno
+        docstring = isinstance(first, ast.Expr) and isinstance(
+            getattr(first, "value", None), ast.Constant
+        )
+        start = (
+            (fn.body[1].lineno if len(fn.body) > 1 else fn.end_lineno + 1)
+            if docstring
+            else first.lineno
+        )
         span = lines[start - 1:fn.end_lineno]
         blank += sum(not line.strip() for line in span)
         body += len(span)
@@ -71,14 +84,16 @@ def project_names(paths):
 
 
 def positional_calls(tree, names, modules):
-    """Calls of a project function or record (`f(...)`, `module.f(...)`) with 4+ positional arguments."""
+    """Calls of a project function or record (`f(...)`, `module.f(...)`) with 4+ positional
+    arguments."""
     hits = []
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
             continue
         f = node.func
         own = (isinstance(f, ast.Name) and f.id in names) or (
-            isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id in modules)
+            isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id in modules
+        )
         if own and len([a for a in node.args if not isinstance(a, ast.Starred)]) >= 4:
             hits.append(node.lineno)
 
@@ -86,33 +101,45 @@ def positional_calls(tree, names, modules):
 
 
 def globals_writes(tree):
-    """Lines that write a module's globals through globals()."""
+    """Lines that write a module's globals: globals().update(...) or globals()[k] = v."""
+    def is_globals(n):
+        return isinstance(n, ast.Call) and getattr(n.func, "id", "") == "globals"
+
     hits = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "update":
-            if isinstance(node.func.value, ast.Call) and getattr(node.func.value.func, "id", "") == "globals":
-                hits.append(node.lineno)
-        if isinstance(node, (ast.Assign, ast.AugAssign)):
-            for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
-                if isinstance(t, ast.Subscript) and isinstance(t.value, ast.Call) and \
-                        getattr(t.value.func, "id", "") == "globals":
-                    hits.append(node.lineno)
+        update = isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+        if update and node.func.attr == "update" and is_globals(node.func.value):
+            hits.append(node.lineno)
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        if any(isinstance(t, ast.Subscript) and is_globals(t.value) for t in targets):
+            hits.append(node.lineno)
 
     return hits
 
 
 def stale_usage(paths):
-    """(file, flag) for every `--flag` of a docstring's usage line that its script does not declare."""
+    """(file, flag) for every `--flag` of a docstring's usage line that its script does not
+    declare."""
     stale = []
-    for p in sorted(set(paths) | {f for f in os.listdir(os.path.join(ROOT, "tools")) if f.endswith(".py")
-                                  for f in [os.path.join("tools", f)]}):
+    for p in sorted(
+        set(paths)
+        | {
+            f
+            for f in os.listdir(os.path.join(ROOT, "tools"))
+            if f.endswith(".py")
+            for f in [os.path.join("tools", f)]
+        }
+    ):
         doc = ast.get_docstring(ast.parse(open(os.path.join(ROOT, p)).read())) or ""
         for line in doc.splitlines():
             m = USAGE.match(line)
             if not m:
                 continue
-            script = m.group(1).replace(".", "/") if "/" not in m.group(1) and m.group(1).startswith(
-                "tools.") else m.group(1)
+            script = (
+                m.group(1).replace(".", "/")
+                if "/" not in m.group(1) and m.group(1).startswith("tools.")
+                else m.group(1)
+            )
             path = os.path.join(ROOT, script + ".py")
             if not os.path.isfile(path):
                 continue
@@ -120,7 +147,8 @@ def stale_usage(paths):
             declared = {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets
                         if isinstance(t, ast.Name)}
             for flag in re.findall(r"--(\w+)", m.group(2).split("#")[0]):
-                if flag not in declared and flag not in ("nproc_per_node", "standalone"):  # (torchrun's)
+                # (torchrun's)
+                if flag not in declared and flag not in ("nproc_per_node", "standalone"):
                     stale.append((p, flag))
 
     return stale
