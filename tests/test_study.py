@@ -126,3 +126,28 @@ def test_a_resumed_study_trains_again_only_the_checkpoints_it_still_needs(tmp_pa
     assert rec["macs"] == 5.0 and trained == []  # every continuation recorded: nothing to train
     rec, out = study.sft(done, "vsp", "lvr", 1, trial, need={"vsp/lvr+control/seed1"})
     assert rec["macs"] == 5.0 and trained == ["train_sft.py"] and len(done) == 1  # trained again, not recorded
+
+
+def test_stage_2_without_grpo_still_gets_its_compute_matched_control(tmp_path, monkeypatch):
+    """--methods lvr,stage2: each reported LVR run is continued twice for the same compute, on its
+    own latents (stage 2) and under teacher forcing (the control); nothing is tuned, no GRPO runs."""
+    scripts = []
+    monkeypatch.setattr(study, "work_dir", str(tmp_path))
+    monkeypatch.setattr(study, "results", str(tmp_path / "r.jsonl"))
+    monkeypatch.setattr(study, "methods", "lvr,stage2")
+    monkeypatch.setattr(study, "seeds", "1,2")
+    monkeypatch.setattr(study, "run", lambda script, *a: scripts.append((script, a)) or "")
+    monkeypatch.setattr(study, "macs_of", lambda out: 8.0)
+    monkeypatch.setattr(study, "checked", lambda *a, **k: {})
+    monkeypatch.setattr(study.shutil, "copytree", lambda *a: None)
+    done = {}
+    study.study(done, "vsp")
+    assert sorted(done) == [
+        "vsp/lvr+control/seed1", "vsp/lvr+control/seed2", "vsp/lvr+stage2/seed1",
+        "vsp/lvr+stage2/seed2", "vsp/lvr/seed1/lr0.001/tbox+goal/m16",
+        "vsp/lvr/seed2/lr0.001/tbox+goal/m16",
+    ]
+    stages = [a[a.index("--stage") + 1] for s, a in scripts if "--resume" in a]
+    assert stages == [1, 2, 1, 2]  # (the control, then stage 2, for each seed)
+    budgets = {a[a.index("--max_macs") + 1] for s, a in scripts if "--resume" in a}
+    assert budgets == {8.0 + study.budget * 8.0}  # (the same compute for both)

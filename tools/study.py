@@ -387,15 +387,15 @@ def study(done, task):
 
     for seed in map(int, seeds.split(",")):  # 3) the reported seeds
         for method in sft_methods:
+            stage2 = method == "lvr" and "stage2" in wanted
             pending = []  # (its continuations not in the file yet)
             if method in g_best:
                 pending += [
-                    grpo_key(
-                        task, base_method=method, seed=seed, lr=g_best[method], sigma_name="0"
-                    ),
-                    continued_key(task, base_method=method, name="control", seed=seed),
+                    grpo_key(task, base_method=method, seed=seed, lr=g_best[method], sigma_name="0")
                 ]
-            if method == "lvr" and "stage2" in wanted:
+            if method in g_best or stage2:  # (every continuation against its control)
+                pending += [continued_key(task, base_method=method, name="control", seed=seed)]
+            if stage2:
                 pending += [continued_key(task, base_method=method, name="stage2", seed=seed)]
             base_rec, base = sft(
                 done, task, method, seed=seed, trial=chosen[method], need=set(pending) - set(done)
@@ -414,11 +414,12 @@ def study(done, task):
                         done, task, base_method=method, seed=seed, base=base, lr=g,
                         sigma=float(s_best) * unit, macs=target, sigma_name=s_best,
                     )["macs"]
+            if method in g_best or stage2:
                 continued(
                     done, task, base_method=method, name="control", seed=seed, base=base,
                     trial=chosen[method], target_macs=matched,
                 )
-            if method == "lvr" and "stage2" in wanted:
+            if stage2:
                 continued(
                     done, task, base_method=method, name="stage2", seed=seed, base=base,
                     trial=chosen[method], target_macs=matched,
