@@ -645,8 +645,11 @@ def draw(recs):
 
     axes[0][0].set_ylabel("accuracy")
 
-    # (beside the panels)
-    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    entries = {}  # label -> handle, from every panel (beside the last one)
+    for ax in axes[0]:
+        entries.update(zip(*reversed(ax.get_legend_handles_labels())))
+    axes[0][-1].legend(entries.values(), entries.keys(), fontsize=6, loc="center left",
+                       bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     os.makedirs(os.path.dirname(picture) or ".", exist_ok=True)
     fig.savefig(picture, dpi=110, bbox_inches="tight")
