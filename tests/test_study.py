@@ -151,3 +151,20 @@ def test_stage_2_without_grpo_still_gets_its_compute_matched_control(tmp_path, m
     assert stages == [1, 2, 1, 2]  # (the control, then stage 2, for each seed)
     budgets = {a[a.index("--max_macs") + 1] for s, a in scripts if "--resume" in a}
     assert budgets == {8.0 + study.budget * 8.0}  # (the same compute for both)
+
+
+def test_study_v4_matched_every_control_on_compute():
+    """In assets/study_v4.jsonl, every teacher-forced control spent within 5% of the continuation it
+    controls (GRPO on search, LVR's stage 2 on VSP), of the same task and seed."""
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "assets", "study_v4.jsonl")
+    recs = [json.loads(x) for x in open(path)]
+    controls = {r["key"]: r["macs"] for r in recs if r["key"].split("/")[1].endswith("control")}
+    matched = 0
+    for r in recs:
+        task, name, seed = r["key"].split("/")[:3]
+        if seed != "seed0" and (name == "grpo" or name.endswith("+stage2")):
+            control = f"{task}/{name.replace('grpo', 'control').replace('stage2', 'control')}/{seed}"
+            assert abs(controls[control] / r["macs"] - 1) < 0.05, r["key"]
+            matched += 1
+    assert matched == len(controls) == 10
