@@ -19,9 +19,9 @@ A pause checkpoint (train_sft --method pause, the control) has the first two row
 one learned vector, so dummy and swapped latents would be its own, and it has no targets. With
 --bottleneck true every row runs under LIVR's mask (the answer sees the image only through the
 slots), where latents disabled leaves the answer blind to the image.
-Latent hit rate: the fraction of the fed latents whose nearest merged image token (cosine) lies inside one of
-the example's bboxes: do they look where they should? The latent norm over the target norm shows the
-norm-regime gap (arXiv 2605.12374). Multiple choice (data.py reads the files) is scored as letters,
+Latent hit rate: the fraction of the fed latents whose nearest merged image token (cosine) lies
+inside one of the example's bboxes: do they look where they should? The latent norm over the target
+norm shows the norm-regime gap (arXiv 2605.12374). Multiple choice (data.py reads the files) is scored as letters,
 as the papers do: MMVP per question and per pair (both right: the LVR paper's 71.67 is per question,
 its Table 2's 55.8 per pair), V* per category. Held-out synthetic examples are tasks.py's test
 split: never seen by train_sft or train_grpo.
@@ -186,15 +186,16 @@ def targets_of(model, tok, ids, exs, min_pixels=3136, max_pixels=28224, device="
     checkpoint's training made them (config.json's latent_targets; without it, LVR over the whole
     ROI)."""
     trained = model.cfg.extra.get("latent_targets", {"method": "lvr", "max_latents": 0, "k": 4})
+    method = trained["method"]
     out = []
     for e in exs:
-        if trained["method"] in ("none", "pause") or not (e.get("helper") if trained["method"] == "mirage"
-                                                      else e["bboxes"]):
+        has_targets = e.get("helper") if method == "mirage" else e["bboxes"]
+        if method in ("none", "pause") or not has_targets:
             out.append(None)
             continue
         pixels = (min_pixels, max_pixels)
         row = data.encode(
-            e, tok, ids, method=trained["method"], max_latents=trained["max_latents"], k=trained["k"],
+            e, tok, ids, method=method, max_latents=trained["max_latents"], k=trained["k"],
             latent_end=False, pixels=pixels,
         )
         batch = data.to_device(data.collate([row], tok.endoftext), device)
@@ -265,15 +266,13 @@ def resolve(config):
     pause checkpoint's decoding by count (lvr.span_count)."""
     path = checkpoint.locate(init_from)
     bounds = data.trained_pixels(path, data.PROCESSOR_PIXELS)
-    images = data.image_settings(
+    size, lo, hi = data.image_settings(
         task, image_size, min_pixels, max_pixels=max_pixels, synthetic=data_path == "synthetic",
         bounds=bounds,
     )
-    cfg = checkpoint.read_config(path)
-    spans = lvr.span_count(cfg, decoding, cli.given(lvr_steps))
-    return {"dtype": parallel.autocast_dtype(dtype, device),
-            **dict(zip(("image_size", "min_pixels", "max_pixels"), images)),
-            "init_from": path, **dict(zip(("decoding", "lvr_steps"), spans))}
+    how, steps = lvr.span_count(checkpoint.read_config(path), decoding, cli.given(lvr_steps))
+    return {"dtype": parallel.autocast_dtype(dtype, device), "image_size": size, "min_pixels": lo,
+            "max_pixels": hi, "init_from": path, "decoding": how, "lvr_steps": steps}
 
 
 def main(argv):

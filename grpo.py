@@ -149,8 +149,8 @@ class Completions(NamedTuple):
     feats: torch.Tensor = None  # their merged image tokens
 
 
-def completion_logprobs(model, rows, temperature=1.0, exits=(), latent_sigma=0.0):
-    """One batched forward over `rows` (Completions), prompt + completion -> Decisions.
+def completion_logprobs(model, completions, temperature=1.0, exits=(), latent_sigma=0.0):
+    """One batched forward over `completions` (Completions), prompt + completion -> Decisions.
 
     The recorded latent vectors (detached) sit at the latent positions, exactly as the rollout fed
     them; logits are divided by the sampling temperature, as in the rollout. At a latent step the
@@ -159,29 +159,31 @@ def completion_logprobs(model, rows, temperature=1.0, exits=(), latent_sigma=0.0
     the state at the position before it, as the rollout did: log N(z; mu, sigma^2 I) is its
     log-prob. The head runs on LOGIT_CHUNK positions at a time, recomputed in backward, so the
     logits never exist whole."""
-    seqs, attention_mask, n_prompt, latents, is_latent, grid_thw, feats = rows
-    prompt, comp = seqs[:, :n_prompt], seqs[:, n_prompt:]
-    x = model.embed(prompt, grid_thw=grid_thw, feats=feats)  # (N, T, C) images only in the prompt,
+    n_prompt = completions.n_prompt
+    is_latent, latents = completions.is_latent, completions.latents  # (N, L), (N, L, C)
+    prompt, comp = completions.seqs[:, :n_prompt], completions.seqs[:, n_prompt:]
+    # (N, T, C): images only in the prompt
+    x = model.embed(prompt, grid_thw=completions.grid_thw, feats=completions.feats)
     # (N, L, C)
     c = torch.where(is_latent[..., None], latents.detach().to(x.dtype), model.token_embeds(comp))
     x = torch.cat([x, c], 1)
     pos = qwen.get_rope_index(
-        prompt, grid_thw, attention_mask=attention_mask[:, :n_prompt],
+        prompt, completions.grid_thw, attention_mask=completions.attention_mask[:, :n_prompt],
         image_token_id=model.cfg.image_token_id,
     )
 
     # completion positions count on like text, as in the rollout's cache
     after = pos.amax(dim=(0, 2)) + 1
-    text_pos = after[:, None] + torch.arange(comp.shape[1], device=seqs.device)  # (N, L)
+    text_pos = after[:, None] + torch.arange(comp.shape[1], device=comp.device)  # (N, L)
     pos = torch.cat([pos, text_pos.expand(3, -1, -1)], 2)
-    h = model(inputs_embeds=x, attention_mask=attention_mask, position_ids=pos)
+    h = model(inputs_embeds=x, attention_mask=completions.attention_mask, position_ids=pos)
 
     # (N, L, C): position t predicts t + 1, and produced the latent at t + 1
     h = h[:, n_prompt - 1:-1]
-    rows = max(1, LOGIT_CHUNK // max(1, comp.shape[1]))
+    per_chunk = max(1, LOGIT_CHUNK // max(1, comp.shape[1]))  # rows
     out = []
-    for i in range(0, len(comp), rows):
-        chunk = slice(i, i + rows)
+    for i in range(0, len(comp), per_chunk):
+        chunk = slice(i, i + per_chunk)
         args = (model.lm_head, h[chunk], comp[chunk], is_latent[chunk], temperature, list(exits))
         out.append(torch.utils.checkpoint.checkpoint(decision_logprobs, *args, use_reentrant=False)
                    if torch.is_grad_enabled() else decision_logprobs(*args))

@@ -714,7 +714,6 @@ class Sampling:
     latent_sigma: float = 0.0  # the latent rollout: > 0 explores the latents (lvr.explore)
 
 
-
 def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
     """(B, V) logits -> (B,) tokens. Order as in transformers: temperature, top-k, top-p.
     `generator`: one, or a list, one per equal block of rows (GRPO: per prompt), each block drawn

@@ -51,9 +51,9 @@ def resolve(config):
     path = checkpoint.locate(init_from)
     lo, hi = data.trained_pixels(path, data.PROCESSOR_PIXELS)
     hi = cli.given(max_pixels) or hi
-    spans = lvr.span_count(checkpoint.read_config(path), decoding, cli.given(lvr_steps))
+    how, steps = lvr.span_count(checkpoint.read_config(path), decoding, cli.given(lvr_steps))
     return {"min_pixels": cli.given(min_pixels) or min(lo, hi), "max_pixels": hi, "init_from": path,
-            **dict(zip(("decoding", "lvr_steps"), spans))}
+            "decoding": how, "lvr_steps": steps}
 
 
 def main(argv):

@@ -182,8 +182,8 @@ def rollout_round(run, exs, gens):
     """B prompts (this rank's), G sampled completions each, scored -> a Round. 1) each image encoded
     once for its G rows; 2) the rollout: the B prompts prefilled once, G rows each (both run through
     the policy's Root); 3) the rewards."""
-    policy, tok, ids, autocast = run.policy, run.tok, run.ids, run.autocast
-    G, dev, model, stop = group_size, device, policy.model, [tok.im_end, tok.endoftext]
+    G, dev, tok, model = group_size, device, run.tok, run.policy.model
+    stop = [tok.im_end, tok.endoftext]
 
     # with all of each example's images
     p = data.prompt_batch(exs, tok, min_pixels, max_pixels=max_pixels)
@@ -201,22 +201,22 @@ def rollout_round(run, exs, gens):
         sampling = lvr.Sampling(
             temperature, generator=gens, stop_ids=stop, latent_sigma=latent_sigma
         )
-        r = lvr.rollout(m, ids, prompt, decode=decode, sampling=sampling, group_size=G)
+        r = lvr.rollout(m, run.ids, prompt, decode=decode, sampling=sampling, group_size=G)
         return feats, r
 
     t0 = time.time()
     model.eval()
 
     # (FSDP: ranks decode different lengths)
-    with torch.no_grad(), autocast, parallel.gathered(policy, fsdp):
-        feats, r = policy(encode_and_roll)
+    with torch.no_grad(), run.autocast, parallel.gathered(run.policy, fsdp):
+        feats, r = run.policy(encode_and_roll)
     model.train()
     T = p["input_ids"].shape[1]
     comp = r.tokens[:, T:]
     rows = [data.until_stop(row, stop) for row in comp.tolist()]
     texts = [tok.decode(row) for row in rows]  # each completion up to its stop token, decoded once
     golds = [exs[i // G] for i in range(len(rows))]
-    scores = {k: torch.tensor([fn(text, row, e["answer"], ids, stop, e.get("map_desc"))
+    scores = {k: torch.tensor([fn(text, row, e["answer"], run.ids, stop, e.get("map_desc"))
                                for text, row, e in zip(texts, rows, golds)])
               for k, fn in grpo.REWARDS.items()}
     prompt_mask = p["attention_mask"].repeat_interleave(G, 0).to(dev)
@@ -304,12 +304,10 @@ def update(run, rounds, filler):
     micro-batch, one optimizer step per PPO epoch -> (this rank's loss, its KL sum, the step's
     sampled decisions, this rank's compute in multiply-accumulates). The normaliser is the step's,
     over every round and rank; `filler`: a round to pad FSDP's micro-batches with."""
-    policy, ref, ids, opt, params, autocast = (run.policy, run.ref, run.ids, run.opt, run.params,
-                                                run.autocast)
     G, dev = group_size, device
 
     # a sampled "continue" at latent steps
-    exits = lvr.exit_tokens(ids, decoding) if decoding == "token" else []
+    exits = lvr.exit_tokens(run.ids, decoding) if decoding == "token" else []
     rows_here = sum(len(rnd.seqs) for rnd in rounds)
     drawn_here = sum(int(decision_mask(rnd).sum()) for rnd in rounds)
     total = torch.tensor([float(rows_here), float(drawn_here)], device=dev)
@@ -339,11 +337,11 @@ def update(run, rounds, filler):
         work += [Chunk(filler, *nothing, torch.arange(1, device=dev))] * (n - len(work))
 
     refs, olds = [None] * len(work), [None] * len(work)
-    with torch.no_grad(), autocast:
-        if ref is not None:
-            refs = [ref(round_logprobs, w.rnd, w.rows, freeze_vision, exits) for w in work]
+    with torch.no_grad(), run.autocast:
+        if run.ref is not None:
+            refs = [run.ref(round_logprobs, w.rnd, w.rows, freeze_vision, exits) for w in work]
         if ppo_epochs > 1:  # the old policy of every epoch: this policy before its first update
-            olds = [policy(round_logprobs, w.rnd, w.rows, freeze_vision, exits) for w in work]
+            olds = [run.policy(round_logprobs, w.rnd, w.rows, freeze_vision, exits) for w in work]
 
     # become device tensors, read once at the end: no host sync per micro-batch
     kl_sum, loss_sum = 0.0, 0.0
@@ -351,16 +349,16 @@ def update(run, rounds, filler):
     # compute: the policy's forward and backward (3x a forward) per epoch, the reference's and the
     # old policy's forwards; the head at the completion positions (the tower's re-encode is not
     # counted)
-    forwards = 3 * ppo_epochs + (ref is not None) + (ppo_epochs > 1)
-    model = policy.model
+    forwards = 3 * ppo_epochs + (run.ref is not None) + (ppo_epochs > 1)
+    model = run.policy.model
     macs = sum(
         model.macs(w.rnd.seqs[w.rows].numel(), (w.rnd.seqs.shape[1] - w.rnd.n_prompt) * len(w.rows))
         for w in work
     )
     for _ in range(ppo_epochs):
         for (rnd, adv, weights, c), ref_d, old_d in zip(work, refs, olds):  # (each Chunk's fields)
-            with autocast:
-                d = policy(round_logprobs, rnd, c, freeze_vision, exits)
+            with run.autocast:
+                d = run.policy(round_logprobs, rnd, c, freeze_vision, exits)
                 logp = joint_logprob(d, rnd, c)
                 # one update: the ratio is exactly 1 (TRL's convention)
                 old = logp.detach() if old_d is None else joint_logprob(old_d, rnd, c)
@@ -378,11 +376,11 @@ def update(run, rounds, filler):
                 kl_sum += (kl.detach() * (weights[c] > 0)).sum() / ppo_epochs
         # DDP: the gradient summed over the ranks, once per update
         if dist.is_initialized() and not fsdp:
-            parallel.all_reduce_grads(params)
+            parallel.all_reduce_grads(run.params)
         if grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            torch.nn.utils.clip_grad_norm_(run.params, grad_clip)
+        run.opt.step()
+        run.opt.zero_grad(set_to_none=True)
 
     return loss_sum, kl_sum, n_act, float(forwards * macs)
 
@@ -452,15 +450,15 @@ def resolve(config):
     path = checkpoint.locate(init_from)
     policy = out_dir if resume else path
     bounds = data.trained_pixels(policy, data.LVR_PIXELS)  # as the policy trained
-    images = data.image_settings(
+    size, lo, hi = data.image_settings(
         task, image_size, min_pixels, max_pixels=max_pixels, synthetic=data_path == "synthetic",
         bounds=bounds,
     )
     here = parallel.local_device(device)
-    spans = lvr.span_count(checkpoint.read_config(policy), decoding, cli.given(lvr_steps))
-    return {"dtype": parallel.autocast_dtype(dtype, here),
-            **dict(zip(("image_size", "min_pixels", "max_pixels"), images)), "init_from": path,
-            "device": here, **dict(zip(("decoding", "lvr_steps"), spans))}
+    how, steps = lvr.span_count(checkpoint.read_config(policy), decoding, cli.given(lvr_steps))
+    return {"dtype": parallel.autocast_dtype(dtype, here), "image_size": size, "min_pixels": lo,
+            "max_pixels": hi, "init_from": path, "device": here, "decoding": how,
+            "lvr_steps": steps}
 
 
 # long: the script's phases, top to bottom, as nanoGPT's train.py reads
