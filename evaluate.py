@@ -15,6 +15,9 @@ on synthetic tasks and LVR JSON files; Mirage on synthetic tasks):
   dummy latents     every latent input one fixed vector (the mean of its own: their scale, no content);
   swapped latents   each example fed the next example's own latents;
   oracle latents    the training targets (ROI tokens, helper-image chunks): what a latent can carry.
+Under the table, when a latent can pay: its target's value (oracle - dummy: what the target
+carries for the answer) and the share of it the model produces ((own - dummy) / (oracle - dummy);
+not measured where the value is under 0.02: the target carries nothing to produce).
 A pause checkpoint (train_sft --method pause, the control) has the first two rows: its slots read
 one learned vector, so dummy and swapped latents would be its own, and it has no targets. With
 --bottleneck true every row runs under LIVR's mask (the answer sees the image only through the
@@ -52,8 +55,9 @@ save = ""  # also write the rows, each with every example's correctness, to this
 data_path = "synthetic"  # synthetic | an LVR JSON/JSONL with bboxes | an MMVP-style CSV | a V*-style JSONL
 image_root = ""  # directory the dataset's images are in (MMVP: the folder of <Index>.jpg)
 n_examples = 256  # [1, inf) held-out synthetic examples (or at most this many from a file)
-task = "colour"  # {colour, search, relation, imagine, vsp} the synthetic task (tasks.py)
+task = "colour"  # {colour, search, relation, imagine, hops, vsp} the synthetic task (tasks.py)
 level = "3"  # VSP's map size: 3 to 6 cells a side, a list (3,4) or a range (3-6) to mix them
+hops = 1  # [1, 5] --task hops: the moves from the anchor (one look each, after the anchor's)
 image_size = Auto(int)  # [28, inf) synthetic image side, a multiple of 28 (auto: the task's, 168; search 336)
 min_pixels = Auto(int)  # [1, inf) smallest image area after resizing (auto: as trained, else 3136)
 max_pixels = Auto(int)  # [1, inf) largest image area (auto: as trained, else 12845056; synthetic: its own)
@@ -84,7 +88,7 @@ def load_examples(trained):
         targets = trained.get("vsp", tasks.VSP_TARGETS[0])
         return [
             tasks.synthetic(
-                split, i, seed, size=image_size, task=task, level=level, targets=targets
+                split, i, seed, size=image_size, task=task, level=level, targets=targets, hops=hops,
             )
             for i in range(n_examples)
         ]
@@ -224,6 +228,36 @@ def geometry(own, targets):
     return Geometry(float(lats.norm(dim=-1).mean()) / norm, float(dist.mean()), norm)
 
 
+MIN_VALUE = 0.02  # a target worth less accuracy than this over the dummy carries nothing to produce
+
+
+@dataclass
+class Conditions:
+    """When a latent pays, read off the rows: its target must carry what the answer needs (value)
+    and the model must produce it (the share of that value its own latents recover)."""
+    value: float  # oracle - dummy: the accuracy the targets add over a contentless vector
+    produced: float | None  # (own - dummy) / (oracle - dummy); None where value < MIN_VALUE
+
+    def lines(self):
+        out = [f"target value: oracle - dummy = {self.value:+.3f}"]
+        if self.produced is None:
+            return out + [f"produced: none to measure: the target carries nothing to produce "
+                          f"(value under {MIN_VALUE})"]
+        return out + [f"produced: (own - dummy) / (oracle - dummy) = {self.produced:.3f}"]
+
+
+def conditions(rows):
+    """The rows ({name: {"accuracy": ...}}, evaluate's or a saved file's) -> Conditions, or None
+    without both an oracle and a dummy row."""
+    if "oracle latents" not in rows or "dummy latents" not in rows:
+        return None
+    own, dummy, oracle = (
+        rows[k]["accuracy"] for k in ("with latents", "dummy latents", "oracle latents")
+    )
+    value = oracle - dummy
+    return Conditions(value, (own - dummy) / value if value >= MIN_VALUE else None)
+
+
 def replaced_rows(model, tok, ids, exs, decode, own, targets):
     """The rows that say whether a model reasons through its latents, each with every latent input
     replaced: dummy (one fixed vector, the mean of its own latents: the right scale, no content),
@@ -330,6 +364,8 @@ def main(argv):
         print(f"latent norm / target norm (own latents): {geo.norm_ratio:.3f}")
         print(f"latent distance to its target (own latents): {geo.distance:.3f} "
               f"(target norm {geo.target_norm:.3f})")
+    if conditions(rows) is not None:
+        print("\n".join(conditions(rows).lines()))
 
     if save:  # (what tools/study.py reads: the paired comparisons need each example's correctness)
         keep = ("accuracy", "format", "latent_steps", "hit_rate", "right")

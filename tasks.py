@@ -166,6 +166,59 @@ def relation_example(seed, size=168, n_objects=7):
     )
 
 
+def chain(rng, n, hops):
+    """A unique anchor cell and `hops` moves from it, each into a cell inside the n x n grid that
+    the chain has not visited -> (cells, the cells in looking order: anchor first; moves, their
+    words)."""
+    while True:  # (a chain that walks into a dead end is drawn again)
+        cells, moves = [rng.randrange(n * n)], []
+        for _ in range(hops):
+            r, c = divmod(cells[-1], n)
+            options = [w for w, (dr, dc) in MOVES.items()
+                       if 0 <= r + dr < n and 0 <= c + dc < n and (r + dr) * n + c + dc not in cells]
+            if not options:
+                break
+            word = rng.choice(options)
+            moves.append(word)
+            cells.append((r + MOVES[word][0]) * n + c + MOVES[word][1])
+        if len(moves) == hops:
+            return cells, moves
+
+
+def hops_example(seed, size=168, hops=1, n_objects=12):
+    """A chain of looks: "What colour is the shape right of the shape above the red circle?" (hops
+    2). The anchor is the only object of its colour and shape; every cell of the chain holds a
+    shape; the answer is the last one's colour. Every colour is worn by two objects, so the image's
+    colours say nothing about the answer (as search's). hops + 1 latent spans, one per look in the
+    order one has to look: the anchor, then each hop's cell (relation is hops 1, without the
+    balanced colours)."""
+    rng = random.Random(seed)
+    n = size // 28
+    cells, moves = chain(rng, n, hops)
+    cells += rng.sample([k for k in range(n * n) if k not in cells], n_objects - len(cells))
+    colours = [c for c in COLOURS for _ in range(n_objects // len(COLOURS))]
+    rng.shuffle(colours)
+    anchor = rng.choice(SHAPES)
+    # (the anchor's colour on any other object comes in another shape: the anchor is unique)
+    shapes = [anchor] + [
+        rng.choice([s for s in SHAPES if s != anchor or c != colours[0]]) for c in colours[1:]
+    ]
+    img = Image.new("RGB", (size, size), (235, 235, 235))
+    d = ImageDraw.Draw(img)
+    boxes = [cell_box(k, n) for k in cells]
+    for s, c, box in zip(shapes, colours, boxes):
+        draw_shape(d, shape=s, box=box, fill=COLOURS[c])
+    look = boxes[:hops + 1]
+    where = "".join(f"the shape {'right of' if w == 'right' else 'left of' if w == 'left' else w} "
+                    for w in reversed(moves))
+    helper = zoom(img, (min(b[0] for b in look), min(b[1] for b in look),
+                        max(b[2] for b in look), max(b[3] for b in look)), size)
+    return example(
+        img, question=f"What colour is {where}the {colours[0]} {anchor}?", answer=colours[hops],
+        boxes=look, size=size, helper=helper,
+    )
+
+
 def imagine_example(seed, size=168):
     """Mental imagery (the VSP family of the Mirage paper): a 6 x 6 grid of coloured cells, one
     merged token each, a black dot in one; "Start at the dot and move right, down, down. What colour
@@ -389,6 +442,7 @@ TASKS = {
     "search": (search_example, 336),
     "relation": (relation_example, 168),
     "imagine": (imagine_example, 168),
+    "hops": (hops_example, 168),
     "vsp": (vsp_example, 0),
 # the example function and its image side (0: drawn by a library at its own size, resized as a
 # file's)
@@ -410,15 +464,17 @@ def example_id(split, i, seed):
     return SPLITS[split] + seed * STREAM + i
 
 
-def synthetic(split, i, seed, size=0, task="colour", level="3", targets=VSP_TARGETS[0]):
+def synthetic(split, i, seed, size=0, task="colour", level="3", targets=VSP_TARGETS[0], hops=1):
     """Example i of a task's split: train (train_sft), eval (its periodic accuracy), grpo
     (train_grpo's prompts), test (evaluate.py). size 0: the task's own image side. VSP: `level`
-    (vsp_levels) and `targets` (vsp_example) instead."""
+    (vsp_levels) and `targets` (vsp_example) instead; hops: its chain's length."""
     fn, own = TASKS[task]
     k = example_id(split, i, seed)
     if task == "vsp":  # (each example draws its level from the list, by its own id)
         levels = vsp_levels(level)
         return fn(k, levels[k % len(levels)], targets, split)
+    if task == "hops":
+        return fn(k, size or own, hops)
 
     return fn(k, size or own)
 

@@ -51,8 +51,9 @@ save_interval = 20  # [1, inf) save a checkpoint every this many steps
 data_path = "synthetic"  # "synthetic" or a JSON/JSONL of {image, question, answer}
 image_root = ""  # directory the dataset's image paths are relative to (they may not leave it)
 on_bad_record = "fail"  # {fail, skip} a record with a bad image or text stops the run, or is skipped
-task = "colour"  # {colour, search, relation, imagine, vsp} the synthetic task (tasks.py)
+task = "colour"  # {colour, search, relation, imagine, hops, vsp} the synthetic task (tasks.py)
 level = "3"  # VSP's map size: 3 to 6 cells a side, a list (3,4) or a range (3-6) to mix them
+hops = 1  # [1, 5] --task hops: the moves from the anchor (one look each, after the anchor's)
 image_size = Auto(int)  # [28, inf) synthetic image side, a multiple of 28 (auto: the task's, 168; search 336)
 min_pixels = Auto(int)  # [1, inf) smallest image area after resizing (auto: as trained, else 100352)
 max_pixels = Auto(int)  # [1, inf) largest image area (auto: as trained, else 4014080; synthetic: its own)
@@ -114,7 +115,8 @@ def prompts(n, records, mine):
     gens = [torch.Generator(device).manual_seed(((seed << 32) + i) % 2**64) for i in index]
     if records is None:
         return [
-            tasks.synthetic("grpo", i, seed, size=image_size, task=task, level=level) for i in index
+            tasks.synthetic("grpo", i, seed, size=image_size, task=task, level=level, hops=hops)
+            for i in index
         ], gens
 
     def convert(rec, where):

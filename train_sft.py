@@ -45,8 +45,9 @@ data_path = "synthetic"  # "synthetic" or an LVR JSON/JSONL or Mirage JSONL file
 eval_data_path = ""  # held-out records (data_path's format) to evaluate on; "" with a file: its first records
 image_root = ""  # directory the dataset's image paths are relative to (they may not leave it)
 on_bad_record = "fail"  # {fail, skip} a record with a bad image, bbox or text stops the run, or is skipped
-task = "colour"  # {colour, search, relation, imagine, vsp} the synthetic task (tasks.py)
+task = "colour"  # {colour, search, relation, imagine, hops, vsp} the synthetic task (tasks.py)
 level = "3"  # VSP's map size: 3 to 6 cells a side, a list (3,4) or a range (3-6) to mix them
+hops = 1  # [1, 5] --task hops: the moves from the anchor (one look each, after the anchor's)
 vsp_targets = "box+goal"  # {box+goal, box+path, moves+goal, moves+path} VSP: LVR's regions + Mirage's helper
 image_size = Auto(int)  # [28, inf) synthetic image side, a multiple of 28 (auto: the task's, 168; search 336)
 min_pixels = Auto(int)  # [1, inf) smallest image area after resizing (auto: as trained, else 100352)
@@ -231,7 +232,7 @@ def examples(start, n, records, split="train"):
     if records is None:
         return [
             tasks.synthetic(
-                split, i, seed, size=image_size, task=task, level=level, targets=vsp_targets
+                split, i, seed, size=image_size, task=task, level=level, targets=vsp_targets, hops=hops,
             )
             for i in range(start, start + n)
         ]

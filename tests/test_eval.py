@@ -182,3 +182,18 @@ def test_eval_saves_every_example_and_can_skip_the_diagnostics(tmp_path):
     assert r.returncode == 0 and "latents disabled" not in r.stdout, r.stderr
     own = json.load(open(tmp_path / "own.json"))
     assert list(own["rows"]) == ["with latents"] and own["rows"]["with latents"] == full["rows"]["with latents"]
+
+
+def test_the_two_conditions_from_known_rows():
+    """value = oracle - dummy, produced = (own - dummy) / value; under 0.02 of value, no share at all."""
+    def rows(own, dummy, oracle):
+        return {"with latents": {"accuracy": own}, "dummy latents": {"accuracy": dummy},
+                "oracle latents": {"accuracy": oracle}}
+    c = evaluation.conditions(rows(own=0.40, dummy=0.20, oracle=0.90))
+    assert abs(c.value - 0.70) < 1e-9 and abs(c.produced - 0.2 / 0.7) < 1e-9
+    assert c.lines() == ["target value: oracle - dummy = +0.700",
+                         "produced: (own - dummy) / (oracle - dummy) = 0.286"]
+    none = evaluation.conditions(rows(own=0.50, dummy=0.30, oracle=0.31))
+    assert none.produced is None and "carries nothing to produce" in none.lines()[1]
+    assert evaluation.conditions(rows(0.5, 0.2, 0.9)).produced > 0
+    assert evaluation.conditions({"with latents": {"accuracy": 0.5}}) is None  # a pause checkpoint's rows

@@ -168,3 +168,17 @@ def test_study_v4_matched_every_control_on_compute():
             assert abs(controls[control] / r["macs"] - 1) < 0.05, r["key"]
             matched += 1
     assert matched == len(controls) == 10
+
+
+def test_hops_tasks_and_the_two_conditions_in_the_tables():
+    """hopsK runs the scripts with --task hops --hops K; the tables' value is the seeds' mean oracle - dummy
+    and produced the mean own - dummy over it, "none" where the value is under 0.02, "-" without the rows."""
+    assert study.task_flags("hops3") == ["--task", "hops", "--hops", "3"]
+    assert study.task_flags("vsp")[:2] == ["--task", "vsp"] and "--level" in study.task_flags("vsp")
+
+    def rows(own, dummy, oracle):
+        return {"with latents": {"accuracy": own}, "dummy latents": {"accuracy": dummy},
+                "oracle latents": {"accuracy": oracle}}
+    assert study.two_conditions([rows(0.3, 0.2, 1.0), rows(0.2, 0.2, 0.6)]) == ("+0.600", "0.083")
+    assert study.two_conditions([rows(0.3, 0.2, 0.21)]) == ("+0.010", "none")
+    assert study.two_conditions([{"with latents": {"accuracy": 0.5}}]) == ("-", "-")

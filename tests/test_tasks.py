@@ -228,3 +228,47 @@ def test_vsp_reaches_every_script_and_a_mirage_file_of_its_maps_scores_alike(tmp
     rows = [json.loads((tmp_path / f).read_text())["rows"]["with latents"] for f in ("a.json", "b.json")]
     assert rows[0] == rows[1]
     assert gr.returncode == 0 and "step 1:" in gr.stdout, gr.stderr
+
+
+@pytest.mark.parametrize("hops", [1, 2, 3])
+def test_hops_chains_look_from_a_unique_anchor_to_an_occupied_last_cell(hops):
+    """The question's chain, walked on the image: the anchor is the only object of its colour and shape;
+    every cell of the chain is inside the grid and holds a shape; the answer is the last one's colour;
+    hops + 1 bboxes in looking order; every colour is worn by as many objects (no colour prior)."""
+    words = {"right of": (1, 0), "left of": (-1, 0), "above": (0, -1), "below": (0, 1)}
+    for s in SEEDS:
+        e = tasks.synthetic("train", s, 1, task="hops", hops=hops)
+        img = np.asarray(e["images"][0])
+        q = re.fullmatch(r"What colour is ((?:the shape (?:right of|left of|above|below) )+)the (\w+) (\w+)\?",
+                         e["question"])
+        moves = re.findall(r"the shape (right of|left of|above|below) ", q.group(1))[::-1]  # anchor outwards
+        colour, shape = q.group(2), q.group(3)
+        assert len(moves) == hops and len(e["bboxes"]) == hops + 1 and e["assistant"].count("<lvr>") == hops + 1
+        cells = [(round(b[0] * 6 - 4 / 28), round(b[1] * 6 - 4 / 28)) for b in e["bboxes"]]
+        for (x, y), m, (nx, ny) in zip(cells, moves, cells[1:]):  # each look is the move from the last one
+            assert (nx - x, ny - y) == words[m] and 0 <= nx < 6 and 0 <= ny < 6
+        assert len(set(cells)) == hops + 1  # a chain never walks back onto a cell it looked at
+        anchor = e["bboxes"][0]
+        assert np.array_equal(crop(e["images"][0], anchor), drawn(shape, colour, anchor, 168))
+
+        def wearing(x, y):  # the colour of the shape at the centre of cell (x, y), or None (background)
+            c = img[y * 28 + 14, x * 28 + 14 + 2]
+            return next((k for k, v in tasks.COLOURS.items() if tuple(c) == v), None)
+        worn = [wearing(x, y) for y in range(6) for x in range(6)]
+        assert all(wearing(x, y) for x, y in cells) and wearing(*cells[-1]) == e["answer"]
+        assert {worn.count(c) for c in tasks.COLOURS} == {2}  # two of each colour, the answer's included
+        same = [(x, y) for y in range(6) for x in range(6) if wearing(x, y) == colour and (x, y) != cells[0]]
+        assert all(not np.array_equal(crop(e["images"][0], [x / 6 + 4 / 168, y / 6 + 4 / 168, x / 6 + 24 / 168,
+                                                            y / 6 + 24 / 168]), drawn(shape, colour, anchor, 168))
+                   for x, y in same)  # the anchor's colour on another object: another shape
+
+
+def test_hops_are_seeded_and_disjoint_across_splits_and_seeds():
+    """The same id draws the same example; two seeds or two splits draw different ones (ids are
+    tasks.example_id's, tested above for every task); another chain length is another question."""
+    a = tasks.synthetic("train", 3, 1, task="hops", hops=3)
+    again = tasks.synthetic("train", 3, 1, task="hops", hops=3)
+    assert a["question"] == again["question"] and np.array_equal(np.asarray(a["images"][0]),
+                                                                 np.asarray(again["images"][0]))
+    others = [tasks.synthetic(sp, 3, sd, task="hops", hops=3) for sp, sd in [("train", 2), ("test", 1), ("eval", 1)]]
+    assert all(not np.array_equal(np.asarray(a["images"][0]), np.asarray(o["images"][0])) for o in others)

@@ -45,11 +45,12 @@ import torch
 
 import checkpoint
 import cli
+import evaluate
 
 # -----------------------------------------------------------------------------
-tasks = "search,vsp"  # comma-separated: which tasks, in this order (v2: relation,search; v3: vsp)
+tasks = "hops1,hops2,hops3"  # comma-separated, in order: a task, or hopsK (--task hops --hops K)
 level = "3"  # VSP's map size (train_sft's --level): 3 to 6, a list or a range
-methods = "none,lvr,pause,livr"  # comma-separated: SFT (BASES), then continued: grpo | stage2 (LVR)
+methods = "none,lvr,pause"  # comma-separated: SFT (BASES), then continued: grpo | stage2 (LVR)
 seeds = "1,2,3,4,5"  # comma-separated: the reported seeds
 tune_seed = 0  # [0, inf) the seed of every tuning run (never reported)
 lrs = "1e-3"  # comma-separated: the SFT learning rates each SFT method tries
@@ -69,8 +70,8 @@ grpo_iters = 10000  # [1, inf) a cap on GRPO steps (the compute budget ends the 
 grpo_batch_size = 8  # [1, inf) prompts per GRPO step (train_grpo's --batch_size)
 group_size = 8  # [2, inf) completions per prompt (train_grpo's --group_size)
 resamples = 10000  # [100, inf) bootstrap resamples per interval
-results = "assets/study_v4.jsonl"  # one JSON line per finished run (v2: assets/study.jsonl, v3: study_vsp)
-picture = "assets/study_v4.png"  # held-out accuracy against compute, per task and method
+results = "assets/study_v5.jsonl"  # one JSON line per finished run (v2: study.jsonl, v3: study_vsp, v4: study_v4)
+picture = "assets/study_v5.png"  # held-out accuracy against compute, per task and method
 work_dir = "study_runs"  # checkpoints of the runs (large; not committed)
 quick = False  # a tiny version, for CI (the flags in QUICK, before the ones given)
 report = False  # run nothing: print the tables (markdown, for the docs) and draw the picture
@@ -114,6 +115,14 @@ def run(script, *args):
     return r.stdout
 
 
+def task_flags(task):
+    """A study task -> the scripts' flags: hopsK is --task hops --hops K (each K its own task in the
+    tables); VSP gets --level."""
+    if re.fullmatch(r"hops\d+", task):
+        return ["--task", "hops", "--hops", task[4:]]
+    return ["--task", task, "--level", level]
+
+
 def curve(stdout):
     """train_sft's periodic held-out accuracies -> [[step, accuracy], ...]."""
     return [
@@ -132,7 +141,7 @@ def evaluated(task, out, split, n, diagnostics, k=0):
     """evaluate.py on a checkpoint -> {"rows": {name: {accuracy, ..., right}}, "geometry": ...}."""
     # (beside the checkpoint: a checkpoint directory holds only its own files)
     path = f"{out}.{split}.json"
-    run("evaluate.py", "--init_from", out, "--task", task, "--level", level, "--n_examples", n,
+    run("evaluate.py", "--init_from", out, *task_flags(task), "--n_examples", n,
         "--split", split,
         "--diagnostics", diagnostics, "--save", path,
         *(["--decoding", "steps", "--lvr_steps", k] if k else []))  # (Mirage: its k steps)
@@ -219,7 +228,7 @@ def sft(done, task, method, seed, trial, need=False):
 
     def go():
         fresh(out, out + "_stage1")
-        common = ["--task", task, "--level", level, "--batch_size", batch_size, "--eval_interval",
+        common = [*task_flags(task), "--batch_size", batch_size, "--eval_interval",
                   eval_interval, "--eval_examples", eval_examples, "--seed", seed, "--lr", lr,
                   "--min_lr", lr / 10, "--warmup_iters", min(50, max_iters // 10),
                   *(["--vsp_targets", targets] if targets else []),
@@ -285,7 +294,7 @@ def continued(done, task, base_method, name, seed, base, trial, target_macs):
         k = trial.k if base_method == "mirage" else 0
         run(
             "train_sft.py", "--resume", "true", "--out_dir", out, "--stage",
-            2 if name == "stage2" else 1, "--task", task, "--level", level, "--method", base_method,
+            2 if name == "stage2" else 1, *task_flags(task), "--method", base_method,
             "--batch_size", batch_size, "--seed", seed, "--lr", final, "--min_lr", final,
             "--warmup_iters", 0, "--max_iters", 100 * max_iters, "--max_macs",
             base_macs + target_macs, "--eval_examples", 0, "--eval_interval", 100 * max_iters,
@@ -307,7 +316,7 @@ def grpo_run(done, task, base_method, seed, base, lr, sigma, macs, sigma_name, k
     def go():
         fresh(out)
         run(
-            "train_grpo.py", "--init_from", base, "--task", task, "--level", level, "--seed", seed,
+            "train_grpo.py", "--init_from", base, *task_flags(task), "--seed", seed,
             "--lr", lr, "--latent_sigma", sigma, "--max_iters", grpo_iters, "--max_macs", macs,
             "--batch_size", grpo_batch_size, "--group_size", group_size, "--save_interval",
             grpo_iters, "--out_dir", out, *(["--decoding", "steps", "--lvr_steps", k] if k else []),
@@ -495,8 +504,8 @@ def answer(recs):
     """The README's table, markdown: per task and SFT method, test accuracy (mean ± std over the
     reported seeds), its paired difference with plain SFT and with the pause control (95% intervals),
     and its own row minus its dummy row (does the content matter?)."""
-    lines = ["| task | method | seeds | accuracy | - plain SFT | - pause | own - dummy |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| task | method | seeds | accuracy | - plain SFT | - pause | own - dummy | value | "
+             "produced |", "|---|---|---|---|---|---|---|---|---|"]
     for task in tasks.split(","):
         for method in BASES:
             runs = reported(recs, task, method)
@@ -510,8 +519,23 @@ def answer(recs):
             lines.append(f"| {task} | {NAMES[method]} | {len(acc)} | {statistics.mean(acc):.3f} ± "
                          f"{sd:.3f} | {interval(recs, task, method, 'none')} | "
                          f"{interval(recs, task, method, 'pause')} | "
-                         f"{f'{statistics.mean(gap):+.3f}' if gap else '-'} |")
+                         f"{f'{statistics.mean(gap):+.3f}' if gap else '-'} | "
+                         f"{' | '.join(two_conditions(rows))} |")
     return "\n".join(lines)
+
+
+def two_conditions(rows):
+    """The seeds' test rows -> (value, produced) as table cells: the mean of oracle - dummy, and the
+    mean of own - dummy over it (a ratio of means: a seed's own share is noise where its value is
+    small); "-" without the rows, "none" where the value is under evaluate.MIN_VALUE."""
+    have = [x for x in rows if "oracle latents" in x and "dummy latents" in x]
+    if not have:
+        return "-", "-"
+    value = statistics.mean(x["oracle latents"]["accuracy"] - x["dummy latents"]["accuracy"]
+                            for x in have)
+    gap = statistics.mean(x["with latents"]["accuracy"] - x["dummy latents"]["accuracy"]
+                          for x in have)
+    return f"{value:+.3f}", f"{gap / value:.3f}" if value >= evaluate.MIN_VALUE else "none"
 
 
 def summary(recs):
@@ -519,8 +543,8 @@ def summary(recs):
     latent diagnostics; 2) the paired comparisons, each with its 95% interval."""
     rows = [
         "| task | method | accuracy: mean ± std (each seed) | hit rate | latent-target distance | "
-        "oracle | compute (x LVR run) | flat groups |",
-        "|---|---|---|---|---|---|---|---|",
+        "oracle | value | produced | compute (x LVR run) | flat groups |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     pairs = [
         "| task | comparison | seeds | difference | 95% interval | real? |",
@@ -549,7 +573,9 @@ def summary(recs):
             hits = [h for h in hits if h is not None]
             rows.append(
                 f"| {task} | {NAMES[method]} | {mean:.3f} ± {sd:.3f} ({each}) | {avg(hits)} | "
-                f"{avg(dist)} | {avg(oracle)} | {avg(ratio)} | {avg(flat)} |"
+                f"{avg(dist)} | {avg(oracle)} | "
+                f"{' | '.join(two_conditions([r['test']['rows'] for r in runs.values()]))} | "
+                f"{avg(ratio)} | {avg(flat)} |"
             )
         for a, b in COMPARISONS:
             ra, rb = reported(recs, task, a), reported(recs, task, b)
