@@ -15,6 +15,7 @@ import os
 import random
 import re
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -29,21 +30,30 @@ from cli import InputError
 # encoding and collation
 
 
-def encode(
-    ex, tok, ids, method="lvr", max_latents=0, k=4, latent_end=False, pixels=(3136, 12845056)
-):
+@dataclass
+class LatentTargets:
+    """What a method's latent spans hold (train_sft's flags; a checkpoint's config.json records them
+    as latent_targets, so that evaluate.py builds the same targets)."""
+    method: str = "lvr"  # lvr | mirage | none (plain SFT: no spans) | pause (the control)
+    max_latents: int = 0  # LVR: latents per ROI, pooled to at most this many (0: all); pause: per span
+    k: int = 4  # Mirage: latents per helper image
+    latent_end: bool = False  # <|lvr_latent_end|> after each span's latents (the `latent` exit)
+
+
+def encode(ex, tok, ids, targets=LatentTargets(), pixels=(3136, 12845056)):
     """Example -> one row of an SFT batch, unpadded: input_ids, labels, n_prompt, pixel_values,
     grid_thw, helper, n_feat, and the latent slots (collate's fields, per row: positions, not (row,
     position)).
 
-    method none drops the latent spans (plain SFT); mirage takes the k targets from the helper
-    image; pause (the control) gives every span max_latents slots and no targets. pixels: the
-    images' (min_pixels, max_pixels).
+    `targets`: LatentTargets. Method none drops the latent spans (plain SFT); mirage takes the k
+    targets from the helper image; pause (the control) gives every span max_latents slots and no
+    targets. pixels: the images' (min_pixels, max_pixels).
     """
+    method = targets.method
     pvs, grids = zip(*[vision.preprocess(im, *pixels) for im in ex["images"]])
     n_tok = [vision.merged_tokens(g) for g in grids]
     prompt = tok.prompt(ex["question"], n_tok)
-    if latent_end and ids.latent_end is None:
+    if targets.latent_end and ids.latent_end is None:
         raise InputError("latent_end needs a latent-end token, and these latent tokens have none")
     helper = vision.preprocess(ex["helper"], *pixels) if method == "mirage" else None
     seq, pos, slot, groups, end_pos = list(prompt), [], [], [], []
@@ -56,20 +66,20 @@ def encode(
     for i, text in enumerate(assistant.split("<lvr>")):
         if i > 0 and method != "none":  # a latent span, for the <lvr> before this piece of text
             if method == "mirage":
-                span = lvr.chunk_groups(vision.merged_tokens(helper[1]), k)
+                span = lvr.chunk_groups(vision.merged_tokens(helper[1]), targets.k)
             elif method == "pause":  # a fixed count, so that the rollout can end its spans by count
-                span = [[]] * max_latents
+                span = [[]] * targets.max_latents
             else:  # indices into the example's features: its images' merged tokens, image by image
                 im = ex.get("bbox_images", [0] * i)[i - 1]
                 start = vision.token_offsets(grids)[im]
-                pooled = lvr.roi_groups(ex["bboxes"][i - 1], grids[im][0], max_latents)
+                pooled = lvr.roi_groups(ex["bboxes"][i - 1], grids[im][0], targets.max_latents)
                 span = [[start + j for j in g] for g in pooled]
             seq.append(ids.start)
             pos += range(len(seq), len(seq) + len(span))
             slot += range(len(span))
             groups += span
             seq += [ids.latent] * len(span)
-            if latent_end:
+            if targets.latent_end:
                 end_pos.append(len(seq))
                 seq.append(ids.latent_end)
             seq.append(ids.end)
@@ -230,29 +240,40 @@ def record_example(rec, image_root, where):
                 "bboxes": [], "map_desc": vsp_map(rec["map_desc"], where)}
 
     if "image_output" in rec:  # Mirage: the helper image is the latent target
-        for k in ("text_input", "text_output", "image_input"):
-            if not isinstance(rec.get(k), str):
-                raise InputError(f"{where}: Mirage record needs a string field {k!r}")
-        out = rec["text_output"]
-        if out.count("<output_image>") > 1 or rec["text_input"].count("<image>") > 1:
-            raise InputError(
-                f"{where}: a Mirage record has one <image> and at most one <output_image>"
-            )
-        # official Mirage: the latent span where <output_image> stands (else at the start of the
-        # answer), the input image where <image> stands in the question (tok.prompt; else before
-        # it), both texts verbatim
-        return {
-            "images": [image(rec["image_input"])],
-            "question": rec["text_input"],
-            "assistant": (
-                out.replace("<output_image>", "<lvr>") if "<output_image>" in out else "<lvr>" + out
-            ),
-            "answer": out.replace("<output_image>", ""),
-            "bboxes": [],
-            "helper": image(rec["image_output"]),
-            **({"map_desc": vsp_map(rec["map_desc"], where)} if "map_desc" in rec else {}),
-        }
+        return mirage_example(rec, image, where)
+    return lvr_example(rec, image, where)
 
+
+def mirage_example(rec, image, where):
+    """A Mirage record -> an example; image(path) opens one of its images."""
+    for k in ("text_input", "text_output", "image_input"):
+        if not isinstance(rec.get(k), str):
+            raise InputError(f"{where}: Mirage record needs a string field {k!r}")
+    out = rec["text_output"]
+    if out.count("<output_image>") > 1 or rec["text_input"].count("<image>") > 1:
+        raise InputError(
+            f"{where}: a Mirage record has one <image> and at most one <output_image>"
+        )
+
+    # official Mirage: the latent span where <output_image> stands (else at the start of the
+    # answer), the input image where <image> stands in the question (tok.prompt; else before it),
+    # both texts verbatim
+    return {
+        "images": [image(rec["image_input"])],
+        "question": rec["text_input"],
+        "assistant": (
+            out.replace("<output_image>", "<lvr>") if "<output_image>" in out else "<lvr>" + out
+        ),
+        "answer": out.replace("<output_image>", ""),
+        "bboxes": [],
+        "helper": image(rec["image_output"]),
+        **({"map_desc": vsp_map(rec["map_desc"], where)} if "map_desc" in rec else {}),
+    }
+
+
+def lvr_example(rec, image, where):
+    """An LVR record (LLaVA conversations, one bbox per <lvr>) -> an example; image(path) opens one
+    of its images."""
     conv = rec.get("conversations")
     if (
         not isinstance(conv, list)

@@ -12,7 +12,8 @@ Does the model reason through its latents? One row per way of feeding them (LVR 
 on synthetic tasks and LVR JSON files; Mirage on synthetic tasks):
   with latents      its own;
   latents disabled  <|lvr_end|> right after <|lvr_start|>: the answer from text and image alone;
-  dummy latents     every latent input one fixed vector (the mean of its own: their scale, no content);
+  dummy latents     every latent input one fixed vector, the mean of its own latents (no example's
+                    content; shorter than they are, unless they are parallel);
   swapped latents   each example fed the next example's own latents;
   oracle latents    the training targets (ROI tokens, helper-image chunks): what a latent can carry.
 Under the table, when a latent can pay: its target's value (oracle - dummy: what the target
@@ -24,9 +25,11 @@ one learned vector, so dummy and swapped latents would be its own, and it has no
 slots), where latents disabled leaves the answer blind to the image.
 Latent hit rate: the fraction of the fed latents whose nearest merged image token (cosine) lies
 inside one of the example's bboxes: do they look where they should? The latent norm over the target
-norm shows the norm-regime gap (arXiv 2605.12374). Multiple choice (data.py reads the files) is scored as letters,
-as the papers do: MMVP per question and per pair (both right: the LVR paper's 71.67 is per question,
-its Table 2's 55.8 per pair), V* per category. Held-out synthetic examples are tasks.py's test
+norm shows the norm-regime gap (arXiv 2605.12374), except where the checkpoint feeds its latents at
+the targets' norm (cosine-trained: lvr.latent_input), which sets it, and the line says so. Multiple
+choice (data.py reads the files) is scored as letters, as the papers do: MMVP per question and per
+pair (both right: the LVR paper's 71.67 is per question, its Table 2's 55.8 per pair), V* per
+category. Held-out synthetic examples are tasks.py's test
 split: never seen by train_sft or train_grpo.
 """
 
@@ -198,10 +201,8 @@ def targets_of(model, tok, ids, exs, min_pixels=3136, max_pixels=28224, device="
             out.append(None)
             continue
         pixels = (min_pixels, max_pixels)
-        row = data.encode(
-            e, tok, ids, method=method, max_latents=trained["max_latents"], k=trained["k"],
-            latent_end=False, pixels=pixels,
-        )
+        spans = data.LatentTargets(method, max_latents=trained["max_latents"], k=trained["k"])
+        row = data.encode(e, tok, ids, targets=spans, pixels=pixels)
         batch = data.to_device(data.collate([row], tok.endoftext), device)
         out.append(lvr.encode_images(model, batch)[1].cpu())
 
@@ -260,7 +261,8 @@ def conditions(rows):
 
 def replaced_rows(model, tok, ids, exs, decode, own, targets):
     """The rows that say whether a model reasons through its latents, each with every latent input
-    replaced: dummy (one fixed vector, the mean of its own latents: the right scale, no content),
+    replaced: dummy (one fixed vector, the mean of its own latents: no example's content, and
+    shorter than they are unless they are parallel),
     swapped (each row gets the next example's own latents), oracle (the training targets: what a
     latent could carry at best)."""
     rows, lats = {}, [v for v in own["latents"] if len(v)]
@@ -344,6 +346,19 @@ def main(argv):
         )
 
     geo = geometry(rows["with latents"], targets)
+    report(rows, exs, geo, rescaled="latent_norm" in model.cfg.extra)
+    if save:  # (what tools/study.py reads: the paired comparisons need each example's correctness)
+        keep = ("accuracy", "format", "latent_steps", "hit_rate", "right")
+        out = {"rows": {name: {k: r[k] for k in keep} for name, r in rows.items()},
+               "geometry": None if geo is None else dataclasses.asdict(geo)}
+        with open(save, "w") as f:
+            json.dump(out, f)
+
+
+def report(rows, exs, geo, rescaled):
+    """Print the rows, the geometry and the two conditions, the span lengths, and V*'s categories or
+    MMVP's pairs. rescaled: the latents are fed at the targets' norm (latent_input), which then
+    sets the norm line."""
     print(
         f"{init_from} on {len(exs)} "
         f"{'held-out synthetic' if data_path == 'synthetic' else data_path} examples"
@@ -361,33 +376,30 @@ def main(argv):
         )
 
     if geo is not None:
-        print(f"latent norm / target norm (own latents): {geo.norm_ratio:.3f}")
+        print(f"latent norm / target norm (own latents): {geo.norm_ratio:.3f}" + (
+            " (set by the rescale: a cosine-trained latent is fed at the targets' mean norm)"
+            if rescaled else ""))
         print(f"latent distance to its target (own latents): {geo.distance:.3f} "
               f"(target norm {geo.target_norm:.3f})")
     if conditions(rows) is not None:
         print("\n".join(conditions(rows).lines()))
-
-    if save:  # (what tools/study.py reads: the paired comparisons need each example's correctness)
-        keep = ("accuracy", "format", "latent_steps", "hit_rate", "right")
-        out = {"rows": {name: {k: r[k] for k in keep} for name, r in rows.items()},
-               "geometry": None if geo is None else dataclasses.asdict(geo)}
-        with open(save, "w") as f:
-            json.dump(out, f)
 
     own = rows["with latents"]
     budget = lvr_steps if decoding == "steps" else max_latent_steps
     print(
         "latent steps per span (with latents): "
         + ", ".join(f"{k}: {v}" for k, v in sorted(own["spans"].items()))
-        + f"; {own['spans'][budget]} of {sum(own['spans'].values())} spans ran to the budget of {budget}"
+        + f"; {own['spans'][budget]} of {sum(own['spans'].values())} spans ran to the budget of "
+        f"{budget}"
     )
     for name, ok in sorted(by_group(exs, own["right"], "category").items()):
         print(f"category {name}: accuracy {sum(ok) / len(ok):.3f} on {len(ok)}")
     pairs = by_group(exs, own["right"], "pair")
     if pairs:
         print(
-            f"per pair (both questions right): {sum(all(ok) for ok in pairs.values()) / len(pairs):.3f} "
-            f"on {len(pairs)} pairs; per question {own['accuracy']:.3f}"
+            f"per pair (both questions right): "
+            f"{sum(all(ok) for ok in pairs.values()) / len(pairs):.3f} on {len(pairs)} pairs; "
+            f"per question {own['accuracy']:.3f}"
         )
 
 

@@ -4,14 +4,19 @@ The method: latent visual reasoning on Qwen2.5-VL (LVR, arXiv 2509.24251; Mirage
 The assistant turn is  <|lvr_start|> <|lvr|> x N <|lvr_end|> \\n answer <|im_end|>.
 At the N latent slots the model does not read a token embedding: in training it reads the
 target vector (teacher forcing), at inference its own previous last hidden state. The hidden
-state just before latent i is trained to predict target i: the merged visual tokens of the
-image region that answers the question (LVR), or a helper image squeezed to k vectors (Mirage).
+state just before latent i is trained to predict target i: the mean of a group of the merged
+visual tokens inside the image region that answers the question (LVR: roi_groups), or of a chunk
+of a helper image's tokens (Mirage: chunk_groups, k vectors).
 
 The exit from a span is trained, not hoped for: the official LVR's mode-switch loss, a BCE on
 the <|lvr_end|> logit at every in-span state (the one that read <|lvr_start|> and each latent),
-target 1 only at the last latent (`switch_weight`, 0.1 as in the official code; on by default
-for LVR and Mirage). Without it only the state after the last latent has a label, and spans
-longer than one latent end at random under the `token` exit.
+target 1 only at the last latent (train_sft's --switch_weight 0.1, as in the official code, for
+LVR and Mirage; LossTerms' own default is 0, off). Without it only the state after the last
+latent has a label, and spans longer than one latent end at random under the `token` exit.
+
+The controls live here too, each in one place: the pause control's slots read their token's
+embedding, not a vector (slot_inputs); LIVR's bottleneck is a mask the callers hand the model
+(bottleneck_attend, blind_positions), so the model file names no control.
 
 Where this departs from the official code and why, and where the official code is wrong:
 docs/method.md. The rollout records which decisions it sampled; grpo.py trains on exactly those.
@@ -179,8 +184,8 @@ def averaging_matrix(groups, n_feat):
 # -----------------------------------------------------------------------------
 # teacher-forced SFT forward and loss
 
-def head(model, h):
-    """The latent head when the model has one, else identity."""
+def to_latent(model, h):
+    """A hidden state -> its latent: the latent head's output when the model has one, else h."""
     return model.lvr_head(h) if hasattr(model, "lvr_head") else h
 
 
@@ -190,19 +195,27 @@ def is_pause(cfg):
 
 
 def latent_input(model, h):
-    """What a latent step feeds back: head(h), and, when the latents were trained with a cosine loss
+    """What a latent step feeds back: to_latent(h), and, when the latents were trained with a cosine loss
     (the config records the targets' mean norm, `latent_norm`), rescaled to that norm. Cosine trains
     only the direction, so the hidden state keeps the LM's scale (RMS ~1 vs ~0.05 for the merged
     image tokens of a random tower): fed back as it is, every state after the first latent reads an
-    input it never saw in training, and a span longer than one latent runs past its end. The pause
-    control feeds no hidden state: every slot reads the <|lvr|> token's learned embedding."""
-    if is_pause(model.cfg):
-        latent = torch.tensor([model.cfg.extra["lvr_token_ids"]["latent"]], device=h.device)
-        return model.token_embeds(latent)[0].expand_as(h).to(h.dtype)
-
-    v = head(model, h)
+    input it never saw in training, and a span longer than one latent runs past its end."""
+    v = to_latent(model, h)
     n = model.cfg.extra.get("latent_norm")
     return v * (n / v.float().norm(dim=-1, keepdim=True).clamp(min=1e-6)).to(v.dtype) if n else v
+
+
+def slot_inputs(model, x, at, v):
+    """What the latent slots read, decided here alone: x (..., C) the inputs, with v at the slots
+    `at` (a (B,) bool mask over x's rows, with v (B, C); or a (rows, positions) index, with v (L,
+    C)): the targets under teacher forcing, the model's own latents in stage 2 and the rollout. The
+    pause control (--method pause) reads no vector: its slots keep their token's embedding
+    (<|lvr|>'s), which learns."""
+    if is_pause(model.cfg):
+        return x
+    if isinstance(at, torch.Tensor):
+        return torch.where(at[:, None], v.to(x.dtype), x)
+    return x.index_put(at, v.to(x.dtype))
 
 
 @torch.no_grad()
@@ -275,61 +288,65 @@ def blind_positions(batch, image_token_id):
     return blind.index_put((b, t), torch.zeros((), dtype=torch.bool, device=ids.device))
 
 
-# long: the loss's weights, each its own flag in train_sft.py
-def sft_loss(model, batch, ce_weight=1.0, latent_weight=0.1, latent_loss="mse", freeze_vision=True,
-             switch_weight=0.0, bottleneck=False):
+@dataclass
+class LossTerms:
+    """The SFT loss's terms (train_sft's flags): each one's weight, and the latent distance."""
+    ce: float = 1.0  # the text CE (stage 2: always 1)
+    latent: float = 0.1  # the latent loss
+    switch: float = 0.0  # the mode-switch loss (switch_loss)
+    latent_loss: str = "mse"  # mse | cosine | l1 (latent_distance)
+
+
+def sft_loss(model, batch, terms=LossTerms(), freeze_vision=True, bottleneck=False):
     """-> (loss, ce, latent, switch) for one padded batch (data.collate makes it). The fields read:
     input_ids, attention_mask, labels (B, T); pixel_values, grid_thw (the images); latent_pos (2, L)
     the (row, position) of each latent slot; latent_slot (L,) its index in its span (0 opens one);
     target_avg (L, F) the rows that average the image tokens into targets; latent_end_pos (2, E) the
-    `latent` exit's <|lvr_latent_end|> positions. The pause control (is_pause) keeps its slots'
-    token, <|lvr|>, whose embedding learns; it has no latent loss. bottleneck: LIVR's attention mask
-    (blind_positions)."""
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    `latent` exit's <|lvr_latent_end|> positions. The pause control (is_pause) has no targets, so no
+    latent loss. bottleneck: LIVR's attention mask (blind_positions)."""
+    input_ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     feats, targets = encode_images(model, batch, freeze_vision)
-    x = model.embed(ids, grid_thw=batch["grid_thw"], feats=feats)  # (B, T, C)
+    x = model.embed(input_ids, grid_thw=batch["grid_thw"], feats=feats)  # (B, T, C)
     b, t = batch["latent_pos"]  # (L,), (L,): where the latent slots are
-    pause = is_pause(model.cfg)
-    if not pause:
-        # teacher forcing: the slots read their targets
-        x = x.index_put((b, t), targets.to(x.dtype))
+    x = slot_inputs(model, x, at=(b, t), v=targets)  # teacher forcing: the slots read their targets
 
     pos = qwen.get_rope_index(
-        ids, grid_thw=batch["grid_thw"], attention_mask=mask,
+        input_ids, grid_thw=batch["grid_thw"], attention_mask=mask,
         image_token_id=model.cfg.image_token_id,
     )
-    blind = blind_positions(batch, model.cfg.image_token_id) if bottleneck else None
-    h = model(ids, inputs_embeds=x, attention_mask=mask, position_ids=pos, blind=blind)
+    attend, image_id = None, model.cfg.image_token_id
+    if bottleneck:  # (the answer sees the image only through the slots)
+        attend = bottleneck_attend(blind_positions(batch, image_id), input_ids == image_id)
+    h = model(input_ids, inputs_embeds=x, attention_mask=mask, position_ids=pos, attend=attend)
     ce = supervised_ce(model, h, labels)
-    if pause:  # (no targets: nothing to reconstruct)
+    if is_pause(model.cfg):  # (no targets: nothing to reconstruct)
         lat = ce.new_zeros(())
     elif len(b):
-        lat = latent_distance(head(model, h[b, t - 1]), targets, latent_loss)
+        lat = latent_distance(to_latent(model, h[b, t - 1]), targets, terms.latent_loss)
     else:  # no latent in this micro-batch: the head still takes part (a zero gradient), as DDP asks
-        lat = head(model, h[:0, 0]).float().sum() * 0.0
+        lat = to_latent(model, h[:0, 0]).float().sum() * 0.0
 
     # `latent` exit mode: the state before <|lvr_latent_end|> learns it
     eb, et = batch["latent_end_pos"]
     if len(eb):
-        end = model.token_embeds(ids[eb, et])
-        lat = lat + latent_distance(head(model, h[eb, et - 1]), end, latent_loss)
+        end = model.token_embeds(input_ids[eb, et])
+        lat = lat + latent_distance(to_latent(model, h[eb, et - 1]), end, terms.latent_loss)
 
     switch = ce.new_zeros(())
-    if switch_weight and len(b):
+    if terms.switch and len(b):
         switch = switch_loss(
             model, h, b, t=t, slot=batch["latent_slot"],
             end_id=model.cfg.extra["lvr_token_ids"]["end"],
         )
 
-    loss = ce_weight * ce + latent_weight * lat + switch_weight * switch
+    loss = terms.ce * ce + terms.latent * lat + terms.switch * switch
     return loss, ce.detach(), lat.detach(), switch.detach()
 
 
-def own_latents_loss(model, batch, latent_weight=0.0, latent_loss="mse", freeze_vision=True,
-                     switch_weight=0.0):
+def own_latents_loss(model, batch, terms=LossTerms(latent=0.0), freeze_vision=True):
     """Stage 2: the latent slots read the model's own hidden states, with gradients through the
     chain, so each latent is trained where it is used -> (loss, ce, latent, switch). The loss: CE,
-    plus latent_weight x the latent loss on every free-running prediction (LVR's stage 2; Mirage's
+    plus terms.latent x the latent loss on every free-running prediction (LVR's stage 2; Mirage's
     has none), plus the mode-switch loss.
 
     n + 1 full passes for rows of at most n latents: pass j fills each row's j-th latent (counted
@@ -352,7 +369,7 @@ def own_latents_loss(model, batch, latent_weight=0.0, latent_loss="mse", freeze_
     for j in range(int(counts.max()) if len(b) else 0):
         h = model(inputs_embeds=x, attention_mask=mask, position_ids=pos)
         sel = k == j
-        x = x.index_put((b[sel], t[sel]), latent_input(model, h[b[sel], t[sel] - 1]).to(x.dtype))
+        x = slot_inputs(model, x, at=(b[sel], t[sel]), v=latent_input(model, h[b[sel], t[sel] - 1]))
 
     h = model(inputs_embeds=x, attention_mask=mask, position_ids=pos)
     ce = supervised_ce(model, h, labels)
@@ -360,41 +377,38 @@ def own_latents_loss(model, batch, latent_weight=0.0, latent_loss="mse", freeze_
     # (L,) each latent's index within its span (the switch loss reads it)
     slot = batch["latent_slot"]
     lat = ce.new_zeros(())
-    if latent_weight and len(b):
-        lat = latent_distance(head(model, h[b, t - 1]), targets, latent_loss)
+    if terms.latent and len(b):
+        lat = latent_distance(to_latent(model, h[b, t - 1]), targets, terms.latent_loss)
     switch = ce.new_zeros(())
-    if switch_weight and len(b):
+    if terms.switch and len(b):
         switch = switch_loss(
             model, h, b, t=t, slot=slot, end_id=model.cfg.extra["lvr_token_ids"]["end"]
         )
 
     return (
-        ce + latent_weight * lat + switch_weight * switch, ce.detach(), lat.detach(),
+        ce + terms.latent * lat + terms.switch * switch, ce.detach(), lat.detach(),
         switch.detach(),
     )
 
 
 # -----------------------------------------------------------------------------
-# latent rollout: batched, KV-cached, a mode flag per row
+# latent rollout: the reading version (one row, everything recomputed), then the batched one
 
 class Rollout(NamedTuple):
     tokens: torch.Tensor  # (B, T + n) prompt and completion; <|lvr|> at latent steps
     latents: torch.Tensor  # (B, n, C) the vector fed at each latent step (zeros at text steps)
     is_latent: torch.Tensor  # (B, n) bool: a latent step
-    # (B, n) log-prob of the step's sampled decisions (token at temperature, latent)
-    logprobs: torch.Tensor
     sampled: torch.Tensor  # (B, n) bool: the policy drew this token decision; False where forced
     # (with latent_sigma > 0 every latent step is a sampled latent decision too: is_latent says
-    # where)
+    # where; grpo.completion_logprobs scores the decisions in the training forward)
 
 
 class Step(NamedTuple):
     """What the rollout records at one step, for every row (the Rollout's fields, one column of
     each)."""
     tok: torch.Tensor  # (B,) the token recorded (<|lvr|> at a latent step)
-    fed: torch.Tensor  # (B, C) the latent fed (zeros at a text step)
+    latent: torch.Tensor  # (B, C) the latent fed (zeros at a text step)
     is_latent: torch.Tensor  # (B,) bool
-    logprob: torch.Tensor  # (B,) log-prob of the sampled decisions
     sampled: torch.Tensor  # (B,) bool
     done: torch.Tensor  # (B,) bool: the row has stopped
 
@@ -481,6 +495,60 @@ class ExitRule:
     end_vec: torch.Tensor = None  # `latent`: the end vector the hidden state is compared with
     # `latent`: the zero vector at distance 1 (False: official LVR's unscaled rule)
     scaled: bool = True
+
+
+def exit_one(rule, ids, tok, vec, n_lat):
+    """The exit rule for one row in a span, written out -> (the token, the token to force next or
+    None, whether the row leaves its span). tok: the model's token; vec (1, C): its latent input;
+    n_lat: the span's latent steps so far. span_exit is this for a batch."""
+    decoding, force_end = rule.decode.decoding, rule.decode.force_end
+    if decoding == "steps" and n_lat >= rule.budget:  # the count: <|lvr_end|> (or the model's own)
+        return ids.end if force_end else tok, None, True
+    if decoding == "token" and tok in rule.exits and n_lat > 0:  # the model's own exit token
+        return tok, ids.end if tok != ids.end and force_end else None, True
+    if decoding == "latent" and n_lat > 0:  # near the end vector: <|lvr_latent_end|>, <|lvr_end|>
+        d = float(end_distance(vec, rule.end_vec, kind=rule.decode.end_metric, scaled=rule.scaled))
+        if d < rule.decode.end_threshold or n_lat >= rule.budget:
+            return ids.latent_end, ids.end if force_end else None, True
+    if decoding == "token" and n_lat >= rule.budget:  # the budget
+        return ids.end, None, True
+    return ids.latent, None, False  # a latent step
+
+
+@torch.no_grad()
+def rollout_one(model, ids, prompt, pixel_values, grid_thw, decode, stop_ids=None):
+    """The rollout to read first: one row, greedy, the whole sequence recomputed at every step ->
+    (tokens, the latents fed). `prompt`: a list of ids; `decode`: Decode; stop_ids: the tokens that
+    end the row outside a span (None: the model's). `rollout` below does the same for many rows at
+    once, with a KV cache, sampling and the diagnostics; the tests hold it to this one."""
+    rule = exit_rule(model, ids, decode)  # (the budget, the exit tokens, the end vector)
+    seq, latents, stop = list(prompt), [], stop_ids or model.default_stop_ids()
+    x = model.embed(torch.tensor([seq]), pixel_values, grid_thw)[0]  # (T, C)
+    pos = qwen.get_rope_index(
+        torch.tensor([seq]), grid_thw, None, image_token_id=model.cfg.image_token_id
+    )
+    in_span, n_lat, force = seq[-1] == ids.start, 0, None
+    for _ in range(decode.max_new_tokens):
+        # generated tokens have text positions (three equal rows), counting on from the prompt's
+        n = len(seq) - len(prompt)
+        at = torch.cat([pos, (pos.max() + 1 + torch.arange(n)).expand(3, 1, -1)], 2)
+        h = model(inputs_embeds=x[None], position_ids=at)[0, -1]  # (C,)
+        tok = int(model.lm_head(h).argmax()) if force is None else force
+        vec, force = latent_input(model, h[None]), None  # (1, C)
+        if in_span:
+            tok, force, leave = exit_one(rule, ids, tok, vec=vec, n_lat=n_lat)
+            in_span, n_lat = (False, 0) if leave else (True, n_lat + 1)
+        in_span = in_span or tok == ids.start  # (also as it leaves: the next span opens at once)
+
+        # a latent step reads its own hidden state; any other step its token's embedding
+        fed = slot_inputs(model, model.token_embeds(torch.tensor([tok])),
+                          at=torch.tensor([tok == ids.latent]), v=vec)  # (1, C)
+        latents += [fed[0]] if tok == ids.latent else []
+        x, seq = torch.cat([x, fed]), seq + [tok]
+        if not in_span and tok in stop:
+            break
+
+    return seq, latents
 
 
 class Exit(NamedTuple):
@@ -579,11 +647,9 @@ def latent_noise(shape, generator, device):
 
 
 def explore(vec, sampling, device):
-    """GRPO that explores latents: (B, C) mu -> (z = mu + sigma * eps, log N(z; mu, sigma^2 I)
-    (B,))."""
+    """GRPO that explores latents: (B, C) mu -> z = mu + sigma * eps."""
     eps = latent_noise(vec.shape, sampling.generator, device)
-    z = vec + (sampling.latent_sigma * eps).to(vec.dtype)
-    return z, gaussian_logprob(z, vec, sampling.latent_sigma)
+    return vec + (sampling.latent_sigma * eps).to(vec.dtype)
 
 
 def substitute(vec, feed, k_lat):
@@ -594,10 +660,25 @@ def substitute(vec, feed, k_lat):
     return torch.where((k_lat < feed.n)[:, None], given.to(vec.dtype), vec)
 
 
+def fed_latent(vec, sampling, feed, k_lat):
+    """What a latent step feeds: (B, C) its own latents, explored (latent_sigma > 0) or replaced by
+    the diagnostics' vectors (feed)."""
+    if sampling.latent_sigma:
+        vec = explore(vec, sampling, vec.device)
+    return vec if feed is None else substitute(vec, feed, k_lat)
+
+
+def bottleneck_attend(blind, image):
+    """LIVR's bottleneck as the forward's `attend`: (B, T) queries that may not see the image, (B,
+    S) the image's keys -> (B, T, S) bool."""
+    return ~(blind[:, :, None] & image[:, None, :])
+
+
 def prefill(model, prompt, max_new_tokens, group_size, bottleneck=False):
     """The rollout's phases 1 and 2: run the prompts once into a fresh KV cache, then copy each
     prompt's rows to its G rows -> (cache, input_ids (B*G, T), the last hidden states (B*G, C),
-    their logits). bottleneck: no prompt token but the image's own sees the image."""
+    their logits, and under the bottleneck the image's keys among the cache's (B*G, T + n), else
+    None). bottleneck: no prompt token but the image's own sees the image."""
     (B, T), dev, emb = prompt.input_ids.shape, prompt.input_ids.device, model.model.embed_tokens
 
     # (then the keys and values come out in its dtype)
@@ -608,68 +689,65 @@ def prefill(model, prompt, max_new_tokens, group_size, bottleneck=False):
         rope_dtype=emb.weight.dtype,
     )
     x = model.embed(prompt.input_ids, prompt.pixel_values, prompt.grid_thw, prompt.feats)
-    blind = prompt.input_ids != model.cfg.image_token_id if bottleneck else None
+    image, attend = None, None
+    if bottleneck:
+        image = F.pad(prompt.input_ids == model.cfg.image_token_id, (0, max_new_tokens))
+        attend = bottleneck_attend(~image[:, :T], image[:, :T])
     h = model(prompt.input_ids, grid_thw=prompt.grid_thw, inputs_embeds=x,
-              attention_mask=prompt.attention_mask, cache=cache, blind=blind)[:, -1]
+              attention_mask=prompt.attention_mask, cache=cache, attend=attend)[:, -1]
     logits = model.lm_head(h)  # only the last position's: lm_head over the whole prompt is wasted
     input_ids = prompt.input_ids
     if group_size > 1:
         cache.repeat_rows(group_size)
         input_ids, h, logits = (t.repeat_interleave(group_size, 0) for t in (input_ids, h, logits))
+        image = None if image is None else image.repeat_interleave(group_size, 0)
 
-    return cache, input_ids, h, logits
+    return cache, input_ids, h, logits, image
 
 
-def step_logprob(logits, tok, latent_step, sampled, exits, temperature):
-    """(B,) the log-prob of each row's sampled decision at this step, 0 where it sampled none: its
-    token at the temperature, or at a latent step the "continue" of the `token` exit
-    (continue_logprob)."""
-    lp = (logits.float() / (temperature or 1.0)).log_softmax(-1)
-    lp = torch.where(latent_step, continue_logprob(lp, exits), lp.gather(1, tok[:, None])[:, 0])
-    return torch.where(sampled, lp, 0.0)
+@dataclass
+class Spans:
+    """The rollout's per-row state, (B,) each: the mode flag and its counters."""
+    in_span: torch.Tensor  # bool: in a latent span
+    n_lat: torch.Tensor  # latent steps taken in the current span
+    k_lat: torch.Tensor  # latent steps in all spans (the feed's index)
+    force: torch.Tensor  # a token to force at the next step (-1: none)
+    done: torch.Tensor  # bool: the row has stopped
+
+
+def advance(s, out, tok, latent_step, start, stop):
+    """The modes after a step -> Spans: leave (out.leave), enter on <|lvr_start|> (also as a row
+    leaves: the next span opens at once), finish on a stop token outside a span."""
+    in_span = (s.in_span & ~out.leave) | ((~s.in_span | out.leave) & (tok == start) & ~s.done)
+    return Spans(
+        in_span, n_lat=torch.where(latent_step, s.n_lat + 1, torch.where(out.leave, 0, s.n_lat)),
+        k_lat=s.k_lat + latent_step, force=out.force_next,
+        done=s.done | (~latent_step & ~in_span & torch.isin(tok, stop)),
+    )
 
 
 @torch.no_grad()
 def rollout(model, ids, prompt, decode=Decode(), sampling=Sampling(), group_size=1, feed=None):
-    """Generate with latent steps -> Rollout. `ids`: LatentIds; `prompt`: Prompt (left-padded);
-    `group_size` G: B prompts give B*G rows (row r samples prompt r // G). Its one-row twin, which
-    recomputes everything at every step, is tests/test_lvr.py's slow_rollout, the oracle of the
-    tests: read it first.
-
-    A row enters latent mode after it emits <|lvr_start|>. In latent mode its input is its previous
-    last hidden state (through the latent head) and the recorded token is <|lvr|>. A span ends
-    (Decode):
-      steps:  after `lvr_steps` latents;
-      latent: when end_distance(hidden, embedding of <|lvr_latent_end|>, end_metric) < end_threshold,
-              or at the budget; <|lvr_latent_end|> is fed first, as in training;
-      token:  when the model emits <|lvr_end|> or <|lvr_latent_end|>, after at least one latent (every
-              trained span has one), or at the budget;
-    `max_latent_steps` is the budget of latent and token. After a span <|lvr_end|> is forced; with
-    force_end=False (the official code) the model's own next token follows instead (except at a
-    token budget, where nothing else ends the span), and a <|lvr_start|> there opens the next span
-    at once. Stop tokens do not end a row while it is in latent mode. `feed`: evaluate.py's
-    diagnostics (substitute). Sampling.latent_sigma > 0: each latent fed is explored (explore), its
-    log-prob joins the step's, and every latent step is then a sampled decision
-    (grpo.completion_logprobs). Decode.bottleneck: LIVR's mask, as train_sft --bottleneck trains
-    it: the prompt's tokens and the text steps see no image token, the latent steps do."""
+    """Generate with latent steps, batched and KV-cached -> Rollout: `rollout_one` for B*G rows at
+    once. `ids`: LatentIds; `prompt`: Prompt (left-padded); `group_size` G: row r samples prompt r
+    // G. A row enters a span after it emits <|lvr_start|>; in it, its input is its previous last
+    hidden state (latent_input) and the recorded token <|lvr|>. The span ends by Decode's rule
+    (span_exit: after lvr_steps latents; near the end vector; on the model's own exit token), or at
+    the budget; then <|lvr_end|> is forced (force_end=False: the model's own next token follows, as
+    the official code). Stop tokens do not end a row in a span. `feed`: the diagnostics' latents;
+    Sampling.latent_sigma > 0: latents explored (fed_latent). Decode.bottleneck: LIVR's mask, as
+    train_sft --bottleneck trains it: the prompt and the text steps see no image token."""
     rule = exit_rule(model, ids, decode)
     dev = prompt.input_ids.device
     stop = torch.tensor(list(sampling.stop_ids) or model.default_stop_ids(), device=dev)
-    emb = model.model.embed_tokens
 
     # 1) prefill the prompts once, 2) copy each prompt's state to its G rows
-    cache, input_ids, h, logits = prefill(
+    cache, input_ids, h, logits, image = prefill(
         model, prompt, max_new_tokens=decode.max_new_tokens, group_size=group_size,
         bottleneck=decode.bottleneck,
     )
-    B = len(input_ids)
-    in_lat = input_ids[:, -1] == ids.start  # the mode flag (a prompt may end in <|lvr_start|>)
-    n_lat = torch.zeros(B, dtype=torch.long, device=dev)  # latent steps taken in the current span
-    force = torch.full((B,), -1, dtype=torch.long, device=dev)  # a token to force at the next step
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-
-    # latent steps in all spans (the feed's index)
-    k_lat = torch.zeros(B, dtype=torch.long, device=dev)
+    zero, no = torch.zeros_like(input_ids[:, 0]), torch.zeros_like(input_ids[:, 0], dtype=torch.bool)
+    s = Spans(input_ids[:, -1] == ids.start, zero, zero, force=zero - 1, done=no)
     steps = []
     for i in range(decode.max_new_tokens):
         # 3) every row samples; a token forced by the previous step replaces the sample
@@ -677,55 +755,46 @@ def rollout(model, ids, prompt, decode=Decode(), sampling=Sampling(), group_size
             logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
             generator=sampling.generator,
         )
-        sampled = ~done & (force < 0)
-        tok = torch.where(force >= 0, force, tok)
-        vec = latent_input(model, h)  # (B, C) the latent input of rows that stay in their span
-        # 4) which rows in a span leave it now, and with which token
-        out = span_exit(rule, ids, tok, vec=vec, in_lat=in_lat, n_lat=n_lat)
-        tok, force = out.tok, out.force_next
-        # 5) rows still in their span take a latent step: their own hidden state is the next input
-        latent_step = in_lat & ~out.leave & ~done
-        if sampling.latent_sigma:
-            vec, z_lp = explore(vec, sampling, dev)
-        if feed is not None:
-            vec = substitute(vec, feed, k_lat)
-            k_lat = k_lat + latent_step
-        tok = torch.where(latent_step, ids.latent, tok)
-        tok = torch.where(done, stop[0], tok)
-        # (B, C) (official LVR: its own <|lvr_latent_end|>)
-        text = model.token_embeds(tok[:, None])[:, 0]
-        x = torch.where(latent_step[:, None], vec.to(emb.weight.dtype), text)
-        # 6) record: a latent step is a sampled "continue" only under the token exit, past the first
-        # step
+        sampled = ~s.done & (s.force < 0)
+        tok = torch.where(s.force >= 0, s.force, tok)
+
+        # 4) which rows in a span leave it now, and with which token; the others take a latent step
+        vec = latent_input(model, h)  # (B, C)
+        out = span_exit(rule, ids, tok, vec=vec, in_lat=s.in_span, n_lat=s.n_lat)
+        latent_step = s.in_span & ~out.leave & ~s.done
+        vec = fed_latent(vec, sampling, feed=feed, k_lat=s.k_lat)
+        tok = torch.where(s.done, stop[0], torch.where(latent_step, ids.latent, out.tok))
+        text = model.token_embeds(tok[:, None])[:, 0]  # (official LVR: its own <|lvr_latent_end|>)
+        x = slot_inputs(model, text, at=latent_step, v=vec)  # (B, C)
+
+        # 5) record (a latent step is a sampled "continue" only under the token exit, past the
+        # first), and update the modes
         sampled = torch.where(
-            latent_step, (decode.decoding == "token") & (n_lat > 0), sampled & ~out.forced
+            latent_step, (decode.decoding == "token") & (s.n_lat > 0), sampled & ~out.forced
         )
-        lp = step_logprob(
-            logits, tok, latent_step, sampled=sampled, exits=rule.exits,
-            temperature=sampling.temperature,
-        )
-        if sampling.latent_sigma:
-            lp = lp + torch.where(latent_step, z_lp, 0.0)
-        fed = torch.where(latent_step[:, None], vec, 0.0)
-        # 7) update the modes: leave, enter (also as it leaves: the next span opens at once), finish
-        n_lat = torch.where(latent_step, n_lat + 1, torch.where(out.leave, 0, n_lat))
-        in_lat = (in_lat & ~out.leave) | ((~in_lat | out.leave) & (tok == ids.start) & ~done)
-        done = done | (~latent_step & ~in_lat & torch.isin(tok, stop))
-        steps.append(Step(tok, fed, is_latent=latent_step, logprob=lp, sampled=sampled, done=done))
-        # (a sync every 16 steps)
-        if i == decode.max_new_tokens - 1 or (i % 16 == 15 and bool(done.all())):
+        s = advance(s, out, tok, latent_step=latent_step, start=ids.start, stop=stop)
+        fed = torch.where(latent_step[:, None], x, 0.0)
+        steps.append(Step(tok, fed, is_latent=latent_step, sampled=sampled, done=s.done))
+        if i == decode.max_new_tokens - 1 or (i % 16 == 15 and bool(s.done.all())):  # (a sync)
             break
-        blind = ~latent_step[:, None] if decode.bottleneck else None
-        h = model(inputs_embeds=x[:, None], cache=cache, blind=blind)[:, -1]
+
+        # 6) the next position (under the bottleneck a text step sees no image key)
+        attend = None
+        if image is not None:
+            attend = bottleneck_attend(~latent_step[:, None], image[:, :cache.len + 1])
+        h = model(inputs_embeds=x[:, None], cache=cache, attend=attend)[:, -1]
         logits = model.lm_head(h)
 
-    run = Step(*(torch.stack(column, 1) for column in zip(*steps)))  # (B, n) each, (B, n, C) fed
+    return recorded(input_ids, steps)
 
-    # up to the step the last row stopped
+
+def recorded(input_ids, steps):
+    """The steps, stacked -> Rollout, up to the step where the last row stopped."""
+    run = Step(*(torch.stack(column, 1) for column in zip(*steps)))  # (B, n) each; latent (B, n, C)
     n = min(int((~run.done.all(0)).sum()) + 1, run.done.shape[1])
     return Rollout(
-        torch.cat([input_ids, run.tok[:, :n]], 1), latents=run.fed[:, :n],
-        is_latent=run.is_latent[:, :n], logprobs=run.logprob[:, :n], sampled=run.sampled[:, :n],
+        torch.cat([input_ids, run.tok[:, :n]], 1), latents=run.latent[:, :n],
+        is_latent=run.is_latent[:, :n], sampled=run.sampled[:, :n],
     )
 
 

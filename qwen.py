@@ -152,7 +152,6 @@ class KVCache:
             torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)
         ]
         self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)  # False at padding
-        self.image = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # LIVR's keys
 
         # M-RoPE position of the next token
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
@@ -171,7 +170,6 @@ class KVCache:
         self.k = [t.repeat_interleave(G, 0) for t in self.k]
         self.v = [t.repeat_interleave(G, 0) for t in self.v]
         self.valid = self.valid.repeat_interleave(G, 0)
-        self.image = self.image.repeat_interleave(G, 0)
         self.next_pos = self.next_pos.repeat_interleave(G, 0)
 
 
@@ -238,11 +236,10 @@ class Qwen2Model(nn.Module):
         return self.norm(x)
 
 
-def causal_mask(valid, start, T, device, blind=None, image=None):
+def causal_mask(valid, start, T, device, attend=None):
     """(B, S) key validity (False at padding) -> (B, 1, T, S) bool mask for T queries at positions
     start..start+T-1: each sees the valid keys up to itself, and always itself (no all -inf rows).
-    LIVR's bottleneck: a `blind` query (B, T) sees no `image` key (B, S) (the image's own tokens are
-    never blind, so every query still sees itself).
+    attend (B, T, S) bool: the caller's own limit on which keys each query may see, on top.
 
     Prompts are left-padded, so a row's first real token sits at a different column in each row: the
     causal triangle alone would let a real token attend to the padding before it, and `valid` takes
@@ -254,8 +251,8 @@ def causal_mask(valid, start, T, device, blind=None, image=None):
     )
     d = keys[None] - queries[:, None]  # (T, S)
     see = (d <= 0)[None] & valid[:, None]  # (B, T, S)
-    if blind is not None:
-        see = see & ~(blind[:, :, None] & image[:, None, :])
+    if attend is not None:
+        see = see & attend
     return (see | (d == 0)[None])[:, None]
 
 
@@ -352,6 +349,31 @@ def get_rope_index(input_ids, grid_thw, attention_mask, image_token_id, merge=2)
     return pos
 
 
+def position_rope(cfg, x, input_ids, grid_thw, attention_mask, position_ids, cache):
+    """The forward's rotary tables -> cos, sin (B, 1, T, hd) and each row's next position: from
+    position_ids when given, from get_rope_index on a first call, from the cache's per-row counter
+    (and rope table) while decoding."""
+    B, T, _ = x.shape
+    if position_ids is None and (cache is None or cache.len == 0):
+        ids = (
+            input_ids
+            if input_ids is not None
+            else torch.zeros(B, T, dtype=torch.long, device=x.device)
+        )
+        position_ids = get_rope_index(
+            ids, grid_thw, attention_mask, image_token_id=cfg.image_token_id,
+            merge=cfg.vision.spatial_merge_size,
+        )
+
+    if position_ids is None:
+        pos = cache.next_pos[:, None] + torch.arange(T, device=x.device)  # (B, T)
+        return cache.cos[pos][:, None], cache.sin[pos][:, None], pos[:, -1] + 1
+
+    position_ids = position_ids.to(x.device)
+    cos, sin = mrope(cfg, position_ids, x.dtype)
+    return cos, sin, position_ids.amax(dim=(0, 2)) + 1  # (padding sits at 0)
+
+
 class Qwen2_5_VL(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -417,12 +439,11 @@ class Qwen2_5_VL(nn.Module):
         return x.masked_scatter(is_img[..., None], feats.to(x.dtype))
 
     def forward(self, input_ids=None, pixel_values=None, grid_thw=None, attention_mask=None,
-                inputs_embeds=None, position_ids=None, cache=None, blind=None):
+                inputs_embeds=None, position_ids=None, cache=None, attend=None):
         """-> final-norm hidden states (B, T, C). Callers apply lm_head only where they need logits
         (it is the costliest matmul, V ~ 152k). attention_mask (B, T): 1 real, 0 padding; with a
-        cache, the new tokens'. blind (B, T) bool: LIVR's bottleneck: these positions may not attend
-        to the image tokens (input_ids' <|image_pad|>; with a cache, every image token it holds).
-        """
+        cache, the new tokens'. attend (B, T, S) bool: which keys each query may see, on top of
+        causality and padding (S: every key, the cached ones included; the method's controls)."""
         x = (
             self.embed(input_ids, pixel_values, grid_thw)
             if inputs_embeds is None
@@ -435,29 +456,27 @@ class Qwen2_5_VL(nn.Module):
                 f"{start + T} tokens exceed the model's context of {self.cfg.max_position_embeddings}"
             )
 
-        cos, sin, next_pos = self.rope(input_ids, grid_thw, attention_mask, position_ids, cache, x)
+        cos, sin, next_pos = position_rope(
+            self.cfg, x, input_ids, grid_thw=grid_thw, attention_mask=attention_mask,
+            position_ids=position_ids, cache=cache,
+        )
 
         # the mask: None means causal (SDPA's is_causal), or, for one new token, every cached key.
         # The cache remembers whether its prompt had padding; then every step needs one.
         valid = None if attention_mask is None else attention_mask.bool()
-        image = None
-        if blind is not None:  # the bottleneck: a mask for every row, and the image keys
-            valid = torch.ones(B, T, dtype=torch.bool, device=x.device) if valid is None else valid
-            image = torch.zeros_like(valid) if input_ids is None else (
-                input_ids == self.cfg.image_token_id)
+        if attend is not None and valid is None:  # (a mask for every row)
+            valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
         if cache is not None:
             if valid is not None:
                 cache.valid[:, start:start + T] = valid
                 # a host sync, but only with a mask
                 cache.padded = cache.padded or not bool(valid.all())
-            if image is not None:
-                cache.image[:, start:start + T] = image
-                image = cache.image[:, :start + T]
-            masked = cache.padded or (start > 0 and T > 1) or blind is not None
+            masked = cache.padded or (start > 0 and T > 1) or attend is not None
             valid = cache.valid[:, :start + T] if masked else None
 
         mask = None if valid is None else causal_mask(
-            valid, start, T, device=x.device, blind=blind, image=image)
+            valid, start, T, device=x.device, attend=attend
+        )
 
         h = self.model(
             x, cos, sin, mask, cache,
@@ -466,30 +485,6 @@ class Qwen2_5_VL(nn.Module):
         if cache is not None:
             cache.len, cache.next_pos = start + T, next_pos
         return h
-
-    def rope(self, input_ids, grid_thw, attention_mask, position_ids, cache, x):
-        """-> cos, sin (B, 1, T, hd) and each row's next position: from position_ids when given,
-        from get_rope_index on a first call, from the cache's per-row counter (and rope table) while
-        decoding."""
-        B, T, _ = x.shape
-        if position_ids is None and (cache is None or cache.len == 0):
-            ids = (
-                input_ids
-                if input_ids is not None
-                else torch.zeros(B, T, dtype=torch.long, device=x.device)
-            )
-            position_ids = get_rope_index(
-                ids, grid_thw, attention_mask, image_token_id=self.cfg.image_token_id,
-                merge=self.cfg.vision.spatial_merge_size,
-            )
-
-        if position_ids is None:
-            pos = cache.next_pos[:, None] + torch.arange(T, device=x.device)  # (B, T)
-            return cache.cos[pos][:, None], cache.sin[pos][:, None], pos[:, -1] + 1
-
-        position_ids = position_ids.to(x.device)
-        cos, sin = mrope(self.cfg, position_ids, x.dtype)
-        return cos, sin, position_ids.amax(dim=(0, 2)) + 1  # (padding sits at 0)
 
     def generate(self, input_ids, pixel_values=None, grid_thw=None, attention_mask=None,
                  max_new_tokens=16, sampling=None):

@@ -50,7 +50,7 @@ save_interval = 20  # [1, inf) save a checkpoint every this many steps
 # data
 data_path = "synthetic"  # "synthetic" or a JSON/JSONL of {image, question, answer}
 image_root = ""  # directory the dataset's image paths are relative to (they may not leave it)
-on_bad_record = "fail"  # {fail, skip} a record with a bad image or text stops the run, or is skipped
+on_bad_record = "fail"  # {fail, skip} a record with a bad image or text stops the learner, or is skipped
 task = "colour"  # {colour, search, relation, imagine, hops, vsp} the synthetic task (tasks.py)
 level = "3"  # VSP's map size: 3 to 6 cells a side, a list (3,4) or a range (3-6) to mix them
 hops = 1  # [1, 5] --task hops: the moves from the anchor (one look each, after the anchor's)
@@ -180,11 +180,11 @@ class Learner:
     autocast: object  # bf16 autocast (disabled in fp32)
 
 
-def rollout_round(run, exs, gens):
-    """B prompts (this rank's), G sampled completions each, scored -> a Round. 1) each image encoded
-    once for its G rows; 2) the rollout: the B prompts prefilled once, G rows each (both run through
-    the policy's Root); 3) the rewards."""
-    G, dev, tok, model = group_size, device, run.tok, run.policy.model
+def rollout_round(learner, exs, gens):
+    """The step's a)-c): B prompts (this rank's), G sampled completions each, scored -> a Round. a)
+    each image encoded once for its G rows; b) the rollout: the B prompts prefilled once, G rows
+    each (both run through the policy's Root); c) the rewards."""
+    G, dev, tok, model = group_size, device, learner.tok, learner.policy.model
     stop = [tok.im_end, tok.endoftext]
 
     # with all of each example's images
@@ -203,22 +203,22 @@ def rollout_round(run, exs, gens):
         sampling = lvr.Sampling(
             temperature, generator=gens, stop_ids=stop, latent_sigma=latent_sigma
         )
-        r = lvr.rollout(m, run.ids, prompt, decode=decode, sampling=sampling, group_size=G)
+        r = lvr.rollout(m, learner.ids, prompt, decode=decode, sampling=sampling, group_size=G)
         return feats, r
 
     t0 = time.time()
     model.eval()
 
     # (FSDP: ranks decode different lengths)
-    with torch.no_grad(), run.autocast, parallel.gathered(run.policy, fsdp):
-        feats, r = run.policy(encode_and_roll)
+    with torch.no_grad(), learner.autocast, parallel.gathered(learner.policy, fsdp):
+        feats, r = learner.policy(encode_and_roll)
     model.train()
     T = p["input_ids"].shape[1]
     comp = r.tokens[:, T:]
     rows = [data.until_stop(row, stop) for row in comp.tolist()]
     texts = [tok.decode(row) for row in rows]  # each completion up to its stop token, decoded once
     golds = [exs[i // G] for i in range(len(rows))]
-    scores = {k: torch.tensor([fn(text, row, e["answer"], run.ids, stop, e.get("map_desc"))
+    scores = {k: torch.tensor([fn(text, row, e["answer"], learner.ids, stop, e.get("map_desc"))
                                for text, row, e in zip(texts, rows, golds)])
               for k, fn in grpo.REWARDS.items()}
     prompt_mask = p["attention_mask"].repeat_interleave(G, 0).to(dev)
@@ -301,15 +301,11 @@ class Chunk(NamedTuple):
     rows: torch.Tensor  # (n,) the micro-batch's rows
 
 
-def update(run, rounds, filler):
-    """4) the training forward over this rank's kept groups of every round, micro-batch by
-    micro-batch, one optimizer step per PPO epoch -> (this rank's loss, its KL sum, the step's
-    sampled decisions, this rank's compute in multiply-accumulates). The normaliser is the step's,
-    over every round and rank; `filler`: a round to pad FSDP's micro-batches with."""
+def chunks(learner, rounds, filler):
+    """d) the update's micro-batches: this rank's kept groups of every round, each round with its
+    advantages and loss weights -> (Chunks, the step's sampled decisions over every round and
+    rank: the normaliser). `filler`: a round to pad FSDP's micro-batches with."""
     G, dev = group_size, device
-
-    # a sampled "continue" at latent steps
-    exits = lvr.exit_tokens(run.ids, decoding) if decoding == "token" else []
     rows_here = sum(len(rnd.seqs) for rnd in rounds)
     drawn_here = sum(int(decision_mask(rnd).sum()) for rnd in rounds)
     total = torch.tensor([float(rows_here), float(drawn_here)], device=dev)
@@ -337,13 +333,23 @@ def update(run, rounds, filler):
             torch.zeros(filler.sampled.shape, device=dev),
         )
         work += [Chunk(filler, *nothing, torch.arange(1, device=dev))] * (n - len(work))
+    return work, n_act
 
+
+def update(learner, rounds, filler):
+    """d) the training forward over the step's Chunks, micro-batch by micro-batch, one optimizer
+    step per PPO epoch -> (this rank's loss, its KL sum, the step's sampled decisions, this rank's
+    compute in multiply-accumulates). The normaliser is the step's, over every round and rank."""
+    work, n_act = chunks(learner, rounds, filler)
+
+    # a sampled "continue" at latent steps
+    exits = lvr.exit_tokens(learner.ids, decoding) if decoding == "token" else []
     refs, olds = [None] * len(work), [None] * len(work)
-    with torch.no_grad(), run.autocast:
-        if run.ref is not None:
-            refs = [run.ref(round_logprobs, w.rnd, w.rows, freeze_vision, exits) for w in work]
+    with torch.no_grad(), learner.autocast:
+        if learner.ref is not None:
+            refs = [learner.ref(round_logprobs, w.rnd, w.rows, freeze_vision, exits) for w in work]
         if ppo_epochs > 1:  # the old policy of every epoch: this policy before its first update
-            olds = [run.policy(round_logprobs, w.rnd, w.rows, freeze_vision, exits) for w in work]
+            olds = [learner.policy(round_logprobs, w.rnd, w.rows, freeze_vision, exits) for w in work]
 
     # become device tensors, read once at the end: no host sync per micro-batch
     kl_sum, loss_sum = 0.0, 0.0
@@ -351,16 +357,16 @@ def update(run, rounds, filler):
     # compute: the policy's forward and backward (3x a forward) per epoch, the reference's and the
     # old policy's forwards; the head at the completion positions (the tower's re-encode is not
     # counted)
-    forwards = 3 * ppo_epochs + (run.ref is not None) + (ppo_epochs > 1)
-    model = run.policy.model
+    forwards = 3 * ppo_epochs + (learner.ref is not None) + (ppo_epochs > 1)
+    model = learner.policy.model
     macs = sum(
         model.macs(w.rnd.seqs[w.rows].numel(), (w.rnd.seqs.shape[1] - w.rnd.n_prompt) * len(w.rows))
         for w in work
     )
     for _ in range(ppo_epochs):
         for (rnd, adv, weights, c), ref_d, old_d in zip(work, refs, olds):  # (each Chunk's fields)
-            with run.autocast:
-                d = run.policy(round_logprobs, rnd, c, freeze_vision, exits)
+            with learner.autocast:
+                d = learner.policy(round_logprobs, rnd, c, freeze_vision, exits)
                 logp = joint_logprob(d, rnd, c)
                 # one update: the ratio is exactly 1 (TRL's convention)
                 old = logp.detach() if old_d is None else joint_logprob(old_d, rnd, c)
@@ -378,18 +384,19 @@ def update(run, rounds, filler):
                 kl_sum += (kl.detach() * (weights[c] > 0)).sum() / ppo_epochs
         # DDP: the gradient summed over the ranks, once per update
         if dist.is_initialized() and not fsdp:
-            parallel.all_reduce_grads(run.params)
+            parallel.all_reduce_grads(learner.params)
         if grad_clip:
-            torch.nn.utils.clip_grad_norm_(run.params, grad_clip)
-        run.opt.step()
-        run.opt.zero_grad(set_to_none=True)
+            torch.nn.utils.clip_grad_norm_(learner.params, grad_clip)
+        learner.opt.step()
+        learner.opt.zero_grad(set_to_none=True)
 
     return loss_sum, kl_sum, n_act, float(forwards * macs)
 
 
-def train_step(run, drawn, signalled):
-    """Roll out rounds of B prompts (one, or with filter_groups until B groups over all ranks have
-    reward spread, at most max_draws), then update on the kept groups -> (the step's statistics over
+def train_step(learner, drawn, signalled):
+    """One step: roll out rounds of B prompts (a)-c), rollout_round: one, or with filter_groups until
+    B groups over all ranks have reward spread, at most max_draws), d) update on the kept groups, e)
+    the statistics -> (the step's statistics over
     all ranks, prompt rounds drawn so far, whether any rank was asked to stop)."""
     t0, (rank, world) = time.time(), parallel.rank_world()
 
@@ -398,8 +405,8 @@ def train_step(run, drawn, signalled):
     rounds, seen, kept = [], [], 0
     while True:
         with cli.out_of_memory("a GRPO rollout", ROLLOUT_OOM, out_dir):
-            exs, gens = prompts(drawn, run.records, mine)
-            rnd = rollout_round(run, exs, gens)
+            exs, gens = prompts(drawn, learner.records, mine)
+            rnd = rollout_round(learner, exs, gens)
         drawn += 1
         seen.append(rnd)
         # every rank's groups, in the stream's order
@@ -421,9 +428,9 @@ def train_step(run, drawn, signalled):
     with cli.out_of_memory("a GRPO update", UPDATE_OOM, out_dir):
         loss, kl, n_act, update_macs = 0.0, 0.0, 0, 0.0
         if kept:
-            loss, kl, n_act, update_macs = update(run, rounds, filler=seen[0])
+            loss, kl, n_act, update_macs = update(learner, rounds, filler=seen[0])
 
-    # 5) statistics: sums over this rank's rows, then over the ranks (with the stop flag)
+    # e) statistics: sums over this rank's rows, then over the ranks (with the stop flag)
     sums = {k: float(torch.cat([getattr(rnd, k) for rnd in seen]).double().sum())
             for k in ("reward", "accuracy", "format", "lengths", "latent_steps")}
     flat = torch.cat([torch.eq(*rnd.reward.view(-1, group_size).aminmax(dim=1)) for rnd in seen])
@@ -463,10 +470,9 @@ def resolve(config):
             "lvr_steps": steps}
 
 
-# long: the script's phases, top to bottom, as nanoGPT's train.py reads
-def main(argv):
-    # 1) settings, checked before any work
-    config = cli.configure(globals(), argv, resolve)
+def check():
+    """The settings that rule each other out, and the output directory: one line each, before any
+    work."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cli.require(
         batch_size % world == 0,
@@ -478,9 +484,24 @@ def main(argv):
     )
     checkpoint.check_out_dir(out_dir, fresh=not resume)
 
+
+def log_step(bar, history, step, stats):
+    """One step in log.jsonl's history (its statistics, the compute in multiply-accumulates among
+    them: train_step's) and on the bar."""
+    history.append({"step": step, **stats})
+    bar.update(1)
+    bar.set_postfix(
+        reward=f"{stats['reward']:.3f}", acc=f"{stats['accuracy']:.2f}", kl=f"{stats['kl']:.4f}",
+    )
+
+
+def main(argv):
+    # 1) settings, checked before any work
+    config = cli.configure(globals(), argv, resolve)
+    check()
+
     # 2) processes, data, the policy and its frozen reference
     rank, world, dev, ddp = parallel.setup(device, fsdp)
-
     records = None if data_path == "synthetic" else data.load_records(data_path)
     model, tok = checkpoint.load(out_dir if resume else init_from, device=dev)
     ids = lvr.find_latent_ids(model, tok)  # the tokens it was trained with
@@ -492,7 +513,6 @@ def main(argv):
             checkpoint.load(init_from, device=dev)[0], getattr(torch, dtype), not freeze_vision
         )
         ref = parallel.shard(ref) if fsdp else parallel.Root(ref)
-
     model.train()
     model.grad_checkpointing = grad_checkpointing
     model.visual.requires_grad_(not freeze_vision)
@@ -501,43 +521,35 @@ def main(argv):
     # 3) optimizer, and the saved state when resuming
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
-
-    # history: log.jsonl's lines; drawn: rounds of B prompts taken so far
-    step, history, drawn = 0, [], 0
+    step, history, drawn = 0, [], 0  # drawn: rounds of B prompts taken so far
     if resume:
         state = checkpoint.load_train_state(out_dir, config)
         parallel.load_optimizer(model, opt, state, fsdp=fsdp)
         step, history, drawn = (
             state["step"], checkpoint.read_log(out_dir), state.get("drawn", state["step"]),
         )
-
     macs = sum(x.get("macs", 0.0) for x in history)  # the run's compute so far, over all processes
 
     # 4) the loop
     autocast = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
-    run = Learner(policy, ref, tok, ids=ids, records=records, opt=opt, params=params,
-                  autocast=autocast)
-
-    # Ctrl-C / SIGTERM on any rank: every rank ends the step, saves it, exits
-    signalled = cli.stop_flag()
+    learner = Learner(policy, ref, tok, ids=ids, records=records, opt=opt, params=params,
+                      autocast=autocast)
+    signalled = cli.stop_flag()  # Ctrl-C / SIGTERM on any rank: every rank ends the step, saves
     bar = tqdm(total=max_iters, initial=step, disable=rank != 0, dynamic_ncols=True)
     with parallel.finishing(ddp, skipped=SKIPPED, data_path=data_path, device=dev, rank=rank), bar:
         while step < max_iters and not (max_macs and macs >= max_macs):
             for g in opt.param_groups:
                 g["lr"] = lr * min(1.0, (step + 1) / max(1, warmup_iters))  # warmup, then constant
-            stats, drawn, stopping = train_step(run, drawn, signalled)
+            stats, drawn, stopping = train_step(learner, drawn, signalled)
             if not math.isfinite(stats["loss"]):
                 raise InputError(
                     f"loss is not finite at step {step}; stopped, {out_dir} keeps the last good checkpoint"
                 )
             macs += stats["macs"]
             step += 1
-            history.append({"step": step, **stats})
-            bar.update(1)
-            bar.set_postfix(
-                reward=f"{stats['reward']:.3f}", acc=f"{stats['accuracy']:.2f}",
-                kl=f"{stats['kl']:.4f}",
-            )
+            log_step(bar, history, step=step, stats=stats)
+
+            # 5) checkpoint
             spent = max_macs and macs >= max_macs
             if stopping or step % save_interval == 0 or step == max_iters or spent:
                 if rank == 0:

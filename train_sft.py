@@ -95,16 +95,16 @@ def loss_of(model, batch, blinded=False):
     """One micro-batch's (loss, ce, latent, switch): run through parallel.Root, so DDP and FSDP see
     it. blinded: under LIVR's bottleneck (lvr.blind_positions)."""
     if stage == 2:  # the model's own latents, with gradients through the chain (Mirage: text only)
-        weight = latent_weight if method == "lvr" else 0.0
-        return lvr.own_latents_loss(
-            model, batch, latent_weight=weight, latent_loss=latent_loss,
-            freeze_vision=freeze_vision, switch_weight=switch_weight,
-        )
+        terms = lvr.LossTerms(latent=latent_weight if method == "lvr" else 0.0,
+                              switch=switch_weight, latent_loss=latent_loss)
+        return lvr.own_latents_loss(model, batch, terms, freeze_vision=freeze_vision)
 
-    switch = 0.0 if method == "pause" else switch_weight  # (pause spans end by count)
+    terms = lvr.LossTerms(
+        ce_weight, latent=latent_weight, latent_loss=latent_loss,
+        switch=0.0 if method == "pause" else switch_weight,  # (pause spans end by count)
+    )
     return lvr.sft_loss(
-        model, batch, ce_weight, latent_weight=latent_weight, latent_loss=latent_loss,
-        freeze_vision=freeze_vision, switch_weight=switch, bottleneck=blinded,
+        model, batch, terms, freeze_vision=freeze_vision, bottleneck=blinded
     )
 
 
@@ -151,25 +151,25 @@ def resolve(config):
     return {**out, "init_from": path} if real else out
 
 
+def scratch(tmp):
+    """The tiny model and tokenizer, written to tmp as a checkpoint (loaded back as a real one is)
+    -> tmp."""
+    special = qwen.SPECIAL + tasks.LATENT_SPECIAL
+    tok = tasks.build_tokenizer(os.path.join(tmp, "tokenizer.json"), special=special)
+    cfg = qwen.Config.from_dict(tasks.tiny_config(tok))
+    cfg.extra["lvr_head"] = latent_head
+    torch.manual_seed(seed)
+    model = qwen.Qwen2_5_VL(cfg)
+    model.init_weights()
+    model.save_pretrained(tmp)
+    return tmp
+
+
 def build(tmp, dev):
     """-> (the Root every forward runs through, the model, tokenizer, latent ids). Scratch writes a
     tiny checkpoint first, so loading is the real path. FSDP: built on the meta device, sharded,
     then each rank loads its part (parallel.load_sharded); else loaded whole, onto the device."""
-    if resume:
-        path = out_dir
-    elif init_from == "scratch":
-        path = tmp
-        special = qwen.SPECIAL + tasks.LATENT_SPECIAL
-        tok = tasks.build_tokenizer(os.path.join(tmp, "tokenizer.json"), special=special)
-        cfg = qwen.Config.from_dict(tasks.tiny_config(tok))
-        cfg.extra["lvr_head"] = latent_head
-        torch.manual_seed(seed)
-        model = qwen.Qwen2_5_VL(cfg)
-        model.init_weights()
-        model.save_pretrained(tmp)
-    else:
-        path = init_from
-
+    path = out_dir if resume else scratch(tmp) if init_from == "scratch" else init_from
     tok = checkpoint.load_tokenizer(path)
 
     # the tokenizer's tokens before the latent ones: their rows start at the mean of these
@@ -226,6 +226,23 @@ def build(tmp, dev):
     return root, model, tok, ids
 
 
+def first_batch(root, model, tok, ids, records, rank, dev):
+    """What the image bounds make of the data (the first example's images, as encoded), and, for a
+    cosine-trained latent, the targets' mean norm recorded from the first batch (lvr.latent_input
+    feeds latents back at it)."""
+    if rank == 0:
+        sizes = [vision.merged_tokens(vision.preprocess(im, min_pixels, max_pixels)[1])
+                 for im in examples(0, 1, records)[0]["images"]]
+        print(f"first example: {len(sizes)} image(s) of {', '.join(map(str, sizes))} merged tokens")
+
+    if (latent_loss == "cosine" and method not in ("none", "pause") and stage == 1
+            and "latent_norm" not in model.cfg.extra):
+        # (FSDP: resharded after, so the optimizer gets the shards)
+        with parallel.gathered(root, fsdp):
+            first = data.to_device(collated(examples(0, batch_size, records), tok, ids), dev)
+            root(lvr.record_latent_norm, first)
+
+
 def examples(start, n, records, split="train"):
     """Examples [start, start + n) of the training stream, or of the held-out one (split "eval":
     synthetic seeds training never draws, or the records of --eval_data_path)."""
@@ -251,13 +268,8 @@ def examples(start, n, records, split="train"):
 
 def collated(exs, tok, ids):
     """Examples -> one padded SFT batch (data.collate's fields)."""
-    rows = [
-        data.encode(
-            e, tok, ids, method=method, max_latents=max_latents, k=mirage_k, latent_end=latent_end,
-            pixels=(min_pixels, max_pixels),
-        )
-        for e in exs
-    ]
+    spans = data.LatentTargets(method, max_latents, k=mirage_k, latent_end=latent_end)
+    rows = [data.encode(e, tok, ids, targets=spans, pixels=(min_pixels, max_pixels)) for e in exs]
     return data.collate(rows, tok.endoftext)
 
 
@@ -281,6 +293,13 @@ class MicroBatches(torch.utils.data.Dataset):
     def __len__(self):
         return max_iters * grad_accum
 
+    def loader(self, step):
+        """The DataLoader over this rank's micro-batches from `step` on (workers collate them)."""
+        return torch.utils.data.DataLoader(
+            self, batch_size=None, sampler=range(step * grad_accum, max_iters * grad_accum),
+            num_workers=data_workers, generator=torch.Generator(), collate_fn=as_is,
+        )
+
     def __getitem__(self, k):
         step, micro = divmod(k, grad_accum)
         start = (
@@ -289,6 +308,18 @@ class MicroBatches(torch.utils.data.Dataset):
         )
         batch = collated(examples(start, batch_size, self.records), self.tok, self.ids)
         return batch, dict(SKIPPED)  # (a worker's SKIPPED is its own copy)
+
+
+def next_batches(stream):
+    """The step's grad_accum micro-batches from the DataLoader (and the bad records its workers
+    skipped, into SKIPPED)."""
+    batches = []
+    for _ in range(grad_accum):
+        batch, skipped = next(stream)
+        batches.append(batch)
+        SKIPPED.update(skipped)
+
+    return batches
 
 
 def as_is(item):
@@ -336,7 +367,8 @@ def held_out_accuracy(root, model, tok, ids, records, held_out, dev, step):
     the synthetic task's (seeds training never draws). A data file without --eval_data_path is
     scored on its first training examples, and the print says so: that measures fit, not
     generalisation. Under torchrun each rank decodes its share (FSDP: with the full weights
-    gathered, since ranks decode different lengths). -> (accuracy, examples scored)."""
+    gathered, since ranks decode different lengths). -> the history's line of it ([] without
+    examples)."""
     if held_out is not None:
         exs, what = held_out, "held-out"
     elif records is None:
@@ -345,7 +377,7 @@ def held_out_accuracy(root, model, tok, ids, records, held_out, dev, step):
         exs, what = examples(0, min(eval_examples, len(records)), records), "training-set"
 
     if not exs:  # --eval_examples 0: checkpoints only
-        return 0.0, 0
+        return []
     rank, world = parallel.rank_world()
     model.eval()
 
@@ -377,14 +409,12 @@ def held_out_accuracy(root, model, tok, ids, records, held_out, dev, step):
         )
 
     model.train()
-    return float(right) / len(exs), len(exs)
+    return [{"step": step, "eval_accuracy": float(right) / len(exs), "eval_examples": len(exs)}]
 
 
-# long: the script's phases, top to bottom, as nanoGPT's train.py reads
-def main(argv):
-    # 1) settings, checked before any work
-    config = cli.configure(globals(), argv, resolve)
-    rank, world, dev, ddp = parallel.setup(device, fsdp)
+def check():
+    """The settings that rule each other out, and the output directory: one line each, before any
+    work."""
     cli.require(not (latent_end and method == "mirage"),
                 "--latent_end true needs a latent-end token, and Mirage's tokens have none")
     cli.require(
@@ -406,38 +436,63 @@ def main(argv):
                 "--method pause ends its spans by count: --max_latents 1 or more")
     checkpoint.check_out_dir(out_dir, fresh=not resume)
 
-    # 2) processes, data, model
+
+def step_stats(sums, batches, model, signalled, dev, step):
+    """Step `step`'s numbers, the same on every rank -> (losses {ce, latent, switch}: the global
+    means; whether any rank was asked to stop, so all stop together; the step's compute, all
+    ranks')."""
+    ddp = dist.is_initialized()
+    world = dist.get_world_size() if ddp else 1
+    step_macs = float(sum(sft_macs(model, b) for b in batches))
+    stats = torch.cat([sums, torch.tensor([float(len(signalled)), step_macs], device=dev)])
+    if ddp:
+        dist.all_reduce(stats)
+        stats = stats / world
+    ce, lat, switch, stopping, mean_macs = stats.tolist()
+    loss = {"ce": ce, "latent": lat, "switch": switch}
+    if not (math.isfinite(ce) and math.isfinite(lat)):
+        raise InputError(
+            f"loss is not finite at step {step} (ce {ce}, latent {lat}); stopped, {out_dir} keeps "
+            f"the last good checkpoint"
+        )
+    return loss, bool(stopping), mean_macs * world
+
+
+def log_step(bar, history, step, loss, macs, times):
+    """One step in log.jsonl's history (losses, lr, times, the run's compute so far) and on the
+    bar. times: (the step's start, its wait for data)."""
+    t0, t_data = times
+    history.append({"step": step, **loss, "lr": get_lr(step - 1), "step_s": time.time() - t0,
+                    "data_s": t_data, "macs": macs})
+    bar.update(1)
+    bar.set_postfix(
+        **{k: f"{v:.4f}" for k, v in loss.items()}, lr=f"{get_lr(step - 1):.1e}",
+        ms=f"{1000 * (time.time() - t0):.0f}", data_ms=f"{1000 * t_data:.0f}",
+    )
+
+
+def main(argv):
+    # 1) settings, checked before any work
+    config = cli.configure(globals(), argv, resolve)
+    rank, world, dev, ddp = parallel.setup(device, fsdp)
+    check()
+
+    # 2) data and model (a data file's bad held-out record stops the run here, not at evaluation)
     records = None if data_path == "synthetic" else data.load_records(data_path)
     held_out = None
-
-    # converted now: a bad record stops the run here, not at the first evaluation
     if eval_data_path:
         recs = data.load_records(eval_data_path)
         held_out = examples(0, n=min(eval_examples, len(recs)), records=recs, split="eval")
-
     with tempfile.TemporaryDirectory() as tmp:
         root, model, tok, ids = build(tmp, dev)
     model.train()
     model.grad_checkpointing = grad_checkpointing
-    if rank == 0:  # what the image bounds make of the data: the first example's images, as encoded
-        sizes = [vision.merged_tokens(vision.preprocess(im, min_pixels, max_pixels)[1])
-                 for im in examples(0, 1, records)[0]["images"]]
-        print(f"first example: {len(sizes)} image(s) of {', '.join(map(str, sizes))} merged tokens")
-
-    if (latent_loss == "cosine" and method not in ("none", "pause") and stage == 1
-            and "latent_norm" not in model.cfg.extra):
-        # (FSDP: resharded after, so the optimizer gets the shards)
-        with parallel.gathered(root, fsdp):
-            first = data.to_device(collated(examples(0, batch_size, records), tok, ids), dev)
-            root(lvr.record_latent_norm, first)
+    first_batch(root, model, tok, ids=ids, records=records, rank=rank, dev=dev)
 
     # 3) optimizer, and the saved state when resuming
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
-
-    # log.jsonl's lines: each step's losses, lr, times and compute; each evaluation
-    step, history = 0, []
-    macs = 0.0  # the run's compute so far, over all processes (qwen.Qwen2_5_VL.macs)
+    step, history, macs = 0, [], 0.0  # macs: the run's compute so far (Qwen2_5_VL.macs)
     if resume:
         state = checkpoint.load_train_state(out_dir, config)
         parallel.load_optimizer(model, opt, state, fsdp=fsdp)
@@ -446,12 +501,7 @@ def main(argv):
 
     # 4) the loop
     autocast = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
-    loader = torch.utils.data.DataLoader(
-        MicroBatches(tok, ids, records, rank=rank, world=world), batch_size=None,
-        sampler=range(step * grad_accum, max_iters * grad_accum), num_workers=data_workers,
-        generator=torch.Generator(), collate_fn=as_is,
-    )
-    stream = iter(loader)
+    stream = iter(MicroBatches(tok, ids, records, rank=rank, world=world).loader(step))
     signalled = cli.stop_flag()  # Ctrl-C / SIGTERM: finish the step, save it, exit
     bar = tqdm(total=max_iters, initial=step, disable=rank != 0, dynamic_ncols=True)
     with parallel.finishing(ddp, skipped=SKIPPED, data_path=data_path, device=dev, rank=rank), bar:
@@ -459,63 +509,34 @@ def main(argv):
             t0 = time.time()
             for g in opt.param_groups:
                 g["lr"] = get_lr(step)
-            batches = []
-            for _ in range(grad_accum):  # (the wait is the time the device idles for data)
-                batch, skipped = next(stream)
-                batches.append(batch)
-                SKIPPED.update(skipped)
-            t_data = time.time() - t0
+            batches = next_batches(stream)
+            t_data = time.time() - t0  # (the time the device idles for data)
             with cli.out_of_memory("an SFT step", SFT_OOM, out_dir):
                 sums = train_step(
                     root, batches, dev, ddp=ddp, autocast=autocast, blinded=step < blinded_steps()
                 )
-            step_macs = float(sum(sft_macs(model, b) for b in batches))
-            stats = torch.cat([sums, torch.tensor([float(len(signalled)), step_macs], device=dev)])
-            # the global mean losses, and whether any rank was asked to stop (so all stop together)
-            if ddp:
-                dist.all_reduce(stats)
-                stats = stats / world
-            # (the means)
-            got = dict(zip(("ce", "latent", "switch", "stopping", "macs"), stats.tolist()))
-            loss = {k: got[k] for k in ("ce", "latent", "switch")}
-            stopping = got["stopping"]
-            macs += got["macs"] * world
-            if not (math.isfinite(loss["ce"]) and math.isfinite(loss["latent"])):
-                raise InputError(
-                    f"loss is not finite at step {step} (ce {loss['ce']}, latent "
-                    f"{loss['latent']}); stopped, {out_dir} keeps the last good checkpoint"
-                )
+            loss, stopping, step_macs = step_stats(
+                sums, batches, model, signalled=signalled, dev=dev, step=step
+            )
+            macs += step_macs
             if grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            history.append(
-                {
-                    "step": step, **loss, "lr": get_lr(step - 1), "step_s": time.time() - t0,
-                    "data_s": t_data, "macs": macs,
-                }
-            )
-            bar.update(1)
-            bar.set_postfix(
-                **{k: f"{v:.4f}" for k, v in loss.items()}, lr=f"{get_lr(step - 1):.1e}",
-                ms=f"{1000 * (time.time() - t0):.0f}", data_ms=f"{1000 * t_data:.0f}",
-            )
+            log_step(bar, history, step, loss=loss, macs=macs, times=(t0, t_data))
+
+            # 5) evaluate and checkpoint (on the way out: only the checkpoint)
             spent = max_macs and macs >= max_macs
             if stopping or step % eval_interval == 0 or step == max_iters or spent:
-                if not stopping:  # (no evaluation on the way out)
-                    acc, n = held_out_accuracy(
+                if not stopping:
+                    history += held_out_accuracy(
                         root, model, tok, ids=ids, records=records, held_out=held_out, dev=dev,
                         step=step,
                     )
-                    history += (
-                        [{"step": step, "eval_accuracy": acc, "eval_examples": n}] if n else []
-                    )
-                train_state = {
-                    "step": step, "macs": macs, "config": config, "rng": torch.get_rng_state(),
-                }
+                state = {"step": step, "macs": macs, "config": config, "rng": torch.get_rng_state()}
                 parallel.save(
-                    model, tok, opt, out_dir=out_dir, train_state=train_state, history=history,
+                    model, tok, opt, out_dir=out_dir, train_state=state, history=history,
                     fsdp=fsdp, rank=rank, signalled=signalled if stopping else None,
                 )
 

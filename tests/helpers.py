@@ -180,3 +180,35 @@ IM_END = 7  # the end-of-turn id of hand-made sequences
 def state(out):
     """A checkpoint's train_state.pt."""
     return torch.load(os.path.join(out, "train_state.pt"), weights_only=True)
+
+
+def roll_with_logprobs(model, ids, *args, **settings):
+    """roll, and the log-prob of every decision the rollout sampled, from the very logits it sampled from
+    (and, exploring its latents, the Gaussian each z was drawn from) -> (Rollout, (B, n) log-probs, 0 where
+    nothing was sampled): the oracle of grpo.completion_logprobs, which recomputes them in one forward."""
+    import lvr
+    import qwen
+    seen, drawn = [], []
+    sample, explore = qwen.sample, lvr.explore
+
+    def sampling(logits, *a, **k):
+        seen.append(logits.float().clone())
+        return sample(logits, *a, **k)
+
+    def exploring(vec, how, device):
+        z = explore(vec, how, device)
+        drawn.append(lvr.gaussian_logprob(z, vec, how.latent_sigma))
+        return z
+    qwen.sample, lvr.explore = sampling, exploring
+    try:
+        r = roll(model, ids, *args, **settings)
+    finally:
+        qwen.sample, lvr.explore = sample, explore
+    n = r.sampled.shape[1]
+    lp = (torch.stack(seen[:n], 1) / (settings.get("temperature") or 1.0)).log_softmax(-1)  # (B, n, V)
+    token = lp.gather(-1, r.tokens[:, -n:, None])[..., 0]
+    out = torch.where(r.sampled, torch.where(r.is_latent, lvr.continue_logprob(
+        lp, lvr.exit_tokens(ids, settings["decoding"])), token), 0.0)
+    if drawn:
+        out = out + torch.where(r.is_latent, torch.stack(drawn[:n], 1), 0.0)
+    return r, out

@@ -43,11 +43,11 @@ def layer_input(model, batch, fn):
 
 def test_pause_slots_read_one_learned_vector_and_no_target(tmp_path):
     model, tok, ids = pause_model(tmp_path)
-    enc = [data.encode(e, tok, ids, "pause", max_latents=3, pixels=PIXELS) for e in two_examples()]
+    enc = [data.encode(e, tok, ids, data.LatentTargets("pause", max_latents=3), pixels=PIXELS) for e in two_examples()]
     assert [len(e["latent_pos"]) for e in enc] == [3, 6]  # a fixed count a span, whatever the ROI
     assert enc[1]["latent_slot"] == [0, 1, 2, 0, 1, 2]
     batch = data.collate(enc, tok.endoftext)
-    x, (loss, ce, lat, switch) = layer_input(model, batch, lambda m, b: lvr.sft_loss(m, b, switch_weight=0.0))
+    x, (loss, ce, lat, switch) = layer_input(model, batch, lambda m, b: lvr.sft_loss(m, b, lvr.LossTerms(switch=0.0)))
     b, t = batch["latent_pos"]
     emb = model.model.embed_tokens.weight[ids.latent].detach()
     assert torch.equal(x[b, t], emb.expand(len(b), -1))  # every slot: the <|lvr|> row
@@ -58,7 +58,7 @@ def test_pause_slots_read_one_learned_vector_and_no_target(tmp_path):
     # no latent target reaches the loss: other targets (the image under the ROI) give the same loss
     model.zero_grad()
     batch["target_avg"] = torch.rand_like(batch["target_avg"])
-    assert torch.equal(lvr.sft_loss(model, batch, switch_weight=0.0)[0], loss.detach())
+    assert torch.equal(lvr.sft_loss(model, batch, lvr.LossTerms(switch=0.0))[0], loss.detach())
 
 
 def test_pause_rollout_feeds_the_vector_and_ends_spans_by_count(tmp_path):
@@ -97,7 +97,7 @@ def bottleneck_batch(tmp_path):
     exs = two_examples()
     exs[1]["images"] = exs[1]["images"] + [tasks.synthetic_example(3, 112)["images"][0]]
     exs[1]["bbox_images"] = [0, 1]
-    enc = [data.encode(e, tok, ids, "lvr", pixels=PIXELS) for e in exs]
+    enc = [data.encode(e, tok, ids, data.LatentTargets("lvr"), pixels=PIXELS) for e in exs]
     batch = data.collate(enc[::-1], tok.endoftext)  # (the two-image row first)
     for k in ("input_ids", "labels", "attention_mask"):  # right padding -> left padding
         lengths = batch["attention_mask"].sum(1)
@@ -117,7 +117,7 @@ def test_bottleneck_mask_equals_the_slow_reference(tmp_path):
     image = ids == model.cfg.image_token_id
     b, t = batch["latent_pos"]
     assert not blind[b, t].any() and not blind[image].any() and blind[valid & ~image].sum() > len(b)
-    fast = qwen.causal_mask(valid, 0, ids.shape[1], "cpu", blind, image)
+    fast = qwen.causal_mask(valid, 0, ids.shape[1], "cpu", lvr.bottleneck_attend(blind, image))
     assert torch.equal(fast, slow_bottleneck_mask(valid, blind, image))
     assert torch.equal(qwen.causal_mask(valid, 0, ids.shape[1], "cpu"),
                        slow_bottleneck_mask(valid, torch.zeros_like(blind), image))
@@ -130,7 +130,9 @@ def text_logits(model, batch, blind, pixel_values):
     b, t = batch["latent_pos"]
     x = x.index_put((b, t), torch.randn(len(b), x.shape[-1], generator=torch.Generator().manual_seed(0)))
     pos = qwen.get_rope_index(ids, batch["grid_thw"], mask, model.cfg.image_token_id)
-    h = model(ids, inputs_embeds=x, attention_mask=mask, position_ids=pos, blind=blind)
+    image = ids == model.cfg.image_token_id
+    h = model(ids, inputs_embeds=x, attention_mask=mask, position_ids=pos,
+              attend=lvr.bottleneck_attend(blind, image))
     text = mask.bool() & (ids != model.cfg.image_token_id)
     return model.lm_head(h[text])
 
@@ -221,7 +223,8 @@ def test_the_rollout_under_the_bottleneck_is_the_masked_forward(tmp_path):
              "latent_pos": torch.stack([torch.zeros_like(slots), slots])}
     blind = lvr.blind_positions(batch, model.cfg.image_token_id)
     pos = qwen.get_rope_index(out, grid, None, model.cfg.image_token_id)
-    h = model(out, inputs_embeds=x, position_ids=pos, blind=blind)
+    h = model(out, inputs_embeds=x, position_ids=pos,
+              attend=lvr.bottleneck_attend(blind, out == model.cfg.image_token_id))
     assert len(slots) == 3 and torch.allclose(h[0, slots - 1], r.latents[0, r.is_latent[0]], atol=1e-4)
     text = torch.arange(T + 4, out.shape[1])  # after the forced <|lvr_end|>: greedy text tokens
     assert out[0, text].tolist() == model.lm_head(h[0, text - 1]).argmax(-1).tolist()

@@ -48,7 +48,6 @@ def test_loss_mask_is_the_rollouts_record_of_sampled_decisions(tmp_path):
     assert comp[k + 1:k + 4] == [ids.latent, ids.latent, ids.end]  # two latents, then the forced end
     want = [True] * (k + 1) + [False, False, False] + [True] * 2
     assert r.sampled[0].tolist() == want and r.is_latent[0].tolist() == [False] * (k + 1) + [True, True] + [False] * 3
-    assert (r.logprobs[0][~r.sampled[0]] == 0).all() and (r.logprobs[0][r.sampled[0]] < 0).all()
     # the weights follow the mask: nothing forced or latent is normalised over
     w = grpo.loss_weights(r.sampled, "token")
     assert torch.equal(w[0] > 0, r.sampled[0]) and math.isclose(float(w.sum()), 1.0, rel_tol=1e-6)
@@ -116,12 +115,13 @@ def test_training_forward_equals_rollout_logprobs(tmp_path, decoding):
     gen = torch.Generator().manual_seed(0)
     kw = dict(max_new_tokens=10, decoding=decoding, lvr_steps=3, max_latent_steps=3, temperature=0.7,
               stop_ids=[tok.im_end])
-    seqs, lats, is_lat, logp, act = helpers.roll(model, ids, input_ids, None, grid, mask, generator=gen,
-                                                feats=torch.cat(feats), **kw)
+    rolled, logp = helpers.roll_with_logprobs(model, ids, input_ids, None, grid, mask, generator=gen,
+                                              feats=torch.cat(feats), **kw)
+    seqs, lats, is_lat, act = rolled
     assert is_lat.any() and not is_lat.all()
     # one prefill per prompt, its cache copied to G rows: the same rows as prefilling every copy
     one_ids, one_mask = qwen.left_pad(prompts, tok.endoftext)
-    shared = helpers.roll(
+    shared, shared_logp = helpers.roll_with_logprobs(
         model,
         ids,
         one_ids,
@@ -136,7 +136,7 @@ def test_training_forward_equals_rollout_logprobs(tmp_path, decoding):
     assert (
         torch.equal(shared.tokens, seqs) and torch.equal(shared.is_latent, is_lat) and torch.equal(shared.sampled, act)
     )
-    assert torch.allclose(shared.latents, lats, atol=1e-5) and torch.allclose(shared.logprobs, logp, atol=1e-5)
+    assert torch.allclose(shared.latents, lats, atol=1e-5) and torch.allclose(shared_logp, logp, atol=1e-5)
     T = input_ids.shape[1]
     attn = torch.cat([mask, torch.ones_like(seqs[:, T:])], 1)
     exits = lvr.exit_tokens(ids, decoding) if decoding == "token" else []
@@ -167,7 +167,8 @@ def test_latent_sigma_samples_latents_with_the_training_forwards_logprob(tmp_pat
     kw = dict(max_new_tokens=8, decoding=decoding, lvr_steps=3, max_latent_steps=3, temperature=0.7,
               stop_ids=[tok.im_end], group_size=3)
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
-    r = helpers.roll(model, ids, input_ids, attention_mask=mask, generator=gens, latent_sigma=0.5, **kw)
+    r, r_logp = helpers.roll_with_logprobs(model, ids, input_ids, attention_mask=mask, generator=gens,
+                                           latent_sigma=0.5, **kw)
     mu = helpers.roll(model, ids, input_ids, attention_mask=mask, generator=[torch.Generator().manual_seed(i)
                                                                              for i in range(2)], **kw)
     assert r.is_latent.sum() >= 6 and not torch.allclose(r.latents[r.is_latent][:2], mu.latents[mu.is_latent][:2])
@@ -181,7 +182,7 @@ def test_latent_sigma_samples_latents_with_the_training_forwards_logprob(tmp_pat
     rows = torch.arange(len(seqs))
     joint = train_grpo.joint_logprob(d, r, rows)
     drawn = r.sampled | r.is_latent
-    assert torch.allclose(joint[drawn], r.logprobs[drawn], atol=1e-4), (joint[drawn] - r.logprobs[drawn]).abs().max()
+    assert torch.allclose(joint[drawn], r_logp[drawn], atol=1e-4), (joint[drawn] - r_logp[drawn]).abs().max()
     assert torch.equal(joint[~drawn], torch.zeros_like(joint[~drawn]))
     # the reference equal to the policy: KL 0 at every decision, latents included (the closed form)
     kl = train_grpo.reference_kl(d, d, r, rows, drawn)
@@ -190,7 +191,7 @@ def test_latent_sigma_samples_latents_with_the_training_forwards_logprob(tmp_pat
     monkeypatch.setattr(lvr, "latent_noise", lambda *a: (_ for _ in ()).throw(AssertionError("noise at S = 0")))
     again = helpers.roll(model, ids, input_ids, attention_mask=mask, generator=[torch.Generator().manual_seed(i)
                                                                                 for i in range(2)], **kw)
-    assert torch.equal(again.tokens, mu.tokens) and torch.equal(again.logprobs, mu.logprobs)
+    assert torch.equal(again.tokens, mu.tokens) and torch.equal(again.latents, mu.latents)
 
 
 def test_the_latent_gradient_points_along_advantage_times_the_noise():

@@ -72,7 +72,7 @@ def test_chunk_groups():
 def test_encode_sequence_and_labels(tmp_path):
     model, tok, ids = tiny_model(tmp_path)
     ex = tasks.synthetic_example(5)
-    e = data.encode(ex, tok, ids, "lvr", pixels=(3136, 50176))
+    e = data.encode(ex, tok, ids, data.LatentTargets("lvr"), pixels=(3136, 50176))
     seq, labels = e["input_ids"], e["labels"]
     n = len(e["latent_pos"])
     a = e["n_prompt"]
@@ -82,9 +82,9 @@ def test_encode_sequence_and_labels(tmp_path):
     assert labels[:a] == [-100] * a  # the prompt is not supervised
     assert labels[a] == ids.start and labels[a + 1:a + 1 + n] == [-100] * n and labels[a + 1 + n] == ids.end
     assert e["latent_pos"] == list(range(a + 1, a + 1 + n)) and e["latent_slot"] == list(range(n))
-    none = data.encode(ex, tok, ids, "none", pixels=(3136, 50176))
+    none = data.encode(ex, tok, ids, data.LatentTargets("none"), pixels=(3136, 50176))
     assert none["latent_pos"] == [] and tok.decode(none["input_ids"][none["n_prompt"]:]) == ex["answer"]
-    with_end = data.encode(ex, tok, ids, "lvr", latent_end=True, pixels=(3136, 50176))
+    with_end = data.encode(ex, tok, ids, data.LatentTargets("lvr", latent_end=True), pixels=(3136, 50176))
     t = with_end["latent_end_pos"][0]
     assert with_end["input_ids"][t:t + 2] == [ids.latent_end, ids.end] and with_end["labels"][t] == -100
 
@@ -95,9 +95,9 @@ def test_sft_loss_against_hand_computation(tmp_path):
     exs = [tasks.synthetic_example(s) for s in (1, 2)]
     exs[0]["bboxes"] = [[0.1, 0.1, 0.6, 0.5]]  # 2 latents after pooling
     exs[1].update(assistant="<lvr> then <lvr>\nred", bboxes=[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 0.7, 0.7]])  # two spans
-    enc = [data.encode(e, tok, ids, "lvr", max_latents=2, pixels=(3136, 50176)) for e in exs]
+    enc = [data.encode(e, tok, ids, data.LatentTargets("lvr", max_latents=2), pixels=(3136, 50176)) for e in exs]
     batch = data.collate(enc, tok.endoftext)
-    loss, ce, lat, switch = lvr.sft_loss(model, batch, ce_weight=0.7, latent_weight=0.3, switch_weight=0.2)
+    loss, ce, lat, switch = lvr.sft_loss(model, batch, lvr.LossTerms(ce=0.7, latent=0.3, switch=0.2))
     # independent recomputation, one example at a time
     ce_terms, lat_terms, sw_terms = [], [], []
     for e in enc:
@@ -146,16 +146,16 @@ def test_latent_losses():
 
 def test_mirage_stage2_gradients_reach_latent_chain(tmp_path):
     model, tok, ids = tiny_model(tmp_path, latent_head=True)
-    enc = [data.encode(tasks.synthetic_example(s), tok, ids, "mirage", k=3, pixels=(3136, 50176)) for s in (3, 4)]
+    enc = [data.encode(tasks.synthetic_example(s), tok, ids, data.LatentTargets("mirage", k=3), pixels=(3136, 50176)) for s in (3, 4)]
     batch = data.collate(enc, tok.endoftext)
     assert batch["latent_slot"].tolist() == [0, 1, 2, 0, 1, 2]
     loss, _, _, _ = lvr.own_latents_loss(model, batch)
     loss.backward()
     # the head is used only to feed hidden states back into latent slots: it gets gradient only via the chain
     assert model.lvr_head.mlp[0].weight.grad is not None and model.lvr_head.mlp[0].weight.grad.abs().sum() > 0
-    loss2, ce, _, switch = lvr.own_latents_loss(model, batch, switch_weight=0.5)
+    loss2, ce, _, switch = lvr.own_latents_loss(model, batch, lvr.LossTerms(latent=0.0, switch=0.5))
     assert switch > 0 and torch.allclose(loss2, ce + 0.5 * switch)
-    s1, _, lat, _ = lvr.sft_loss(model, batch, 0.1, 1.0, "cosine")
+    s1, _, lat, _ = lvr.sft_loss(model, batch, lvr.LossTerms(0.1, 1.0, latent_loss="cosine"))
     assert lat > 0 and torch.isfinite(s1)
 
 
@@ -168,7 +168,7 @@ def test_stage2_under_gradient_checkpointing_gives_the_same_loss_and_gradients(t
     exs = [tasks.synthetic("train", i, 0, task="vsp") for i in range(2)]
     if method == "mirage":
         ids = lvr.add_latent_tokens(model, tok, lvr.MIRAGE_TOKENS)
-    enc = [data.encode(e, tok, ids, method, max_latents=16, k=4, pixels=(3136, 50176)) for e in exs]
+    enc = [data.encode(e, tok, ids, data.LatentTargets(method, max_latents=16, k=4), pixels=(3136, 50176)) for e in exs]
     batch = data.collate(enc, tok.endoftext)
     weight = 0.1 if method == "lvr" else 0.0
     model.train()
@@ -176,7 +176,7 @@ def test_stage2_under_gradient_checkpointing_gives_the_same_loss_and_gradients(t
     for checkpointing in (False, True):
         model.grad_checkpointing = checkpointing
         model.zero_grad()
-        loss, ce, lat, switch = lvr.own_latents_loss(model, batch, weight, "mse", switch_weight=0.1)
+        loss, ce, lat, switch = lvr.own_latents_loss(model, batch, lvr.LossTerms(latent=weight, switch=0.1))
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         runs.append((torch.stack([loss, ce, lat, switch]).detach(), grads))
@@ -191,9 +191,9 @@ def test_lvr_stage2_trains_every_latent_where_it_is_used(tmp_path):
     through the chain, and equals a slow one-example recomputation that feeds the latents one by one."""
     model, tok, ids = tiny_model(tmp_path)
     ex = tasks.relation_example(5, 112)  # two spans: slots 0 of each, one latent per span
-    e = data.encode(ex, tok, ids, "lvr", max_latents=2, pixels=(3136, 12544))
+    e = data.encode(ex, tok, ids, data.LatentTargets("lvr", max_latents=2), pixels=(3136, 12544))
     batch = data.collate([e], tok.endoftext)
-    loss, ce, lat, switch = lvr.own_latents_loss(model, batch, 0.1, "mse", switch_weight=0.1)
+    loss, ce, lat, switch = lvr.own_latents_loss(model, batch, lvr.LossTerms(latent=0.1, switch=0.1))
     assert lat > 0 and torch.allclose(loss, ce + 0.1 * lat + 0.1 * switch)
     inputs = []  # each slot's input, kept to read its gradient
     real_input = lvr.latent_input
@@ -205,7 +205,7 @@ def test_lvr_stage2_trains_every_latent_where_it_is_used(tmp_path):
         return v
     lvr.latent_input = kept
     try:
-        lvr.own_latents_loss(model, batch, 0.1, "mse")[0].backward()
+        lvr.own_latents_loss(model, batch, lvr.LossTerms(latent=0.1))[0].backward()
     finally:
         lvr.latent_input = real_input
     assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in inputs)  # every slot gets gradient
@@ -234,47 +234,12 @@ def test_lvr_stage2_trains_every_latent_where_it_is_used(tmp_path):
 # -----------------------------------------------------------------------------
 # the latent rollout
 
-def slow_rollout(model, ids, prompt, pv, grid, max_new, decoding, lvr_steps, budget, threshold=0.0, force_end=True):
-    """One row, no cache: recompute the whole sequence at every step. The oracle for lvr.rollout."""
-    seq = list(prompt)
-    x = model.embed(torch.tensor([seq]), pv, grid)[0]
-    in_lat, n_lat, force, latents = seq[-1] == ids.start, 0, None, []
-    pos_p = qwen.get_rope_index(torch.tensor([seq]), grid, None, model.cfg.image_token_id)
-    end_vec = model.model.embed_tokens.weight[ids.latent_end]
-    for _ in range(max_new):  # generated tokens are text, even an <|image_pad|> (positions count on)
-        n_gen = len(seq) - len(prompt)
-        pos = torch.cat([pos_p, (pos_p.max() + 1 + torch.arange(n_gen)).expand(3, 1, -1)], 2)
-        h = model(inputs_embeds=x[None], position_ids=pos)
-        logits = model.lm_head(h)
-        tok = int(logits[0, -1].argmax()) if force is None else force
-        force, vec = None, h[0, -1]
-        if model.cfg.extra.get("latent_norm"):  # a cosine-trained model: fed back at the targets' norm
-            vec = vec / vec.norm() * model.cfg.extra["latent_norm"]
-        latent_step = False
-        if in_lat:
-            if decoding == "steps" and n_lat >= lvr_steps:  # the count: <|lvr_end|>, or the model's own token
-                tok = ids.end if force_end else tok
-            elif decoding == "token" and tok in (ids.end, ids.latent_end) and n_lat > 0:  # the model's own exit
-                force = ids.end if tok == ids.latent_end and force_end else None
-            elif decoding == "latent" and (n_lat >= budget or n_lat > 0 and ((vec - end_vec) ** 2).mean()
-                                           / (end_vec ** 2).mean() < threshold):  # <|lvr_latent_end|>, <|lvr_end|>
-                tok, force = ids.latent_end, ids.end if force_end else None
-            elif n_lat >= budget:
-                tok = ids.end
-            else:
-                latent_step = True
-        if latent_step:
-            tok, n_lat = ids.latent, n_lat + 1
-            x = torch.cat([x, vec[None]])
-            latents.append(vec)
-        else:
-            if in_lat:
-                in_lat, n_lat = False, 0
-            if tok == ids.start:  # (also the model's own token as it leaves a span: the next span opens)
-                in_lat = True
-            x = torch.cat([x, model.model.embed_tokens.weight[tok][None]])
-        seq.append(tok)
-    return seq, latents
+def one_row(model, ids, prompt, pv, grid, max_new, decoding, lvr_steps, budget, threshold=0.0, force_end=True):
+    """lvr.rollout_one, the reading version (one row, no cache: the whole sequence recomputed at every step):
+    the oracle for lvr.rollout."""
+    decode = lvr.Decode(decoding, lvr_steps, budget, force_end=force_end, end_metric="mse",
+                        end_threshold=threshold, max_new_tokens=max_new)
+    return lvr.rollout_one(model, ids, prompt, pv, grid, decode, stop_ids=[-1])
 
 
 @pytest.mark.parametrize("decoding,force_end", [("steps", True), ("steps", False), ("token", True),
@@ -325,14 +290,14 @@ def test_cached_rollout_equals_slow_oracle(tmp_path, decoding, force_end):
         r = run(0.0, ids)
         own = [int(t) for t, lat in zip(r.tokens[2, input_ids.shape[1]:], r.is_latent[2]) if not lat]
         ids = dataclasses.replace(ids, latent_end=own[0])  # row 2's first token after its span
-    out, lats, is_lat, _, _ = run(threshold, ids)
+    out, lats, is_lat, _ = run(threshold, ids)
     if decoding == "latent":
         exited = (out == ids.latent_end).any(1)
         assert exited.all(), exited  # every span ends with <|lvr_latent_end|>: by distance or at the budget
     first_latent = []
     with torch.no_grad():
         for b, (p, pv, g) in enumerate(zip(prompts, pvs, grids)):
-            seq, latents = slow_rollout(model, ids, p, pv, g, 14, decoding, 3, 4, threshold, force_end)
+            seq, latents = one_row(model, ids, p, pv, g, 14, decoding, 3, 4, threshold, force_end)
             got = out[b, input_ids.shape[1]:].tolist()
             assert got == seq[len(p):], (b, got, seq[len(p):])
             assert len(latents) == int(is_lat[b].sum())
@@ -360,7 +325,7 @@ def test_span_reopens_at_once_without_force_end(tmp_path, decoding):
     r = helpers.roll(model, ids, torch.tensor([prompt]), pv, grid, max_new_tokens=12, decoding=decoding,
                     lvr_steps=2, max_latent_steps=2, end_threshold=1e-9, force_end=False, stop_ids=[-1])
     with torch.no_grad():
-        seq, latents = slow_rollout(model, ids, prompt, pv, grid, 12, decoding, 2, 2, 1e-9, False)
+        seq, latents = one_row(model, ids, prompt, pv, grid, 12, decoding, 2, 2, 1e-9, False)
     got = r.tokens[0, len(prompt):].tolist()
     assert got == seq[len(prompt):]
     assert len(latents) == int(r.is_latent.sum())
@@ -386,7 +351,7 @@ def test_teacher_forced_positions_equal_rollout(tmp_path):
     model, tok, ids = tiny_model(tmp_path)
     pv, grid = vision.preprocess(tasks.synthetic_example(0)["images"][0], max_pixels=30000)
     prompt = tok.prompt("What colour is the square?", [int(grid.prod()) // 4]) + [ids.start]
-    out, lats, is_lat, _, _ = helpers.roll(model, ids, torch.tensor([prompt]), pv, grid, max_new_tokens=10,
+    out, lats, is_lat, _ = helpers.roll(model, ids, torch.tensor([prompt]), pv, grid, max_new_tokens=10,
                                           decoding="steps", lvr_steps=4, stop_ids=[-1])
     T = len(prompt)
     assert is_lat[0, :4].all() and out[0, T + 4] == ids.end
@@ -409,7 +374,7 @@ def test_token_exit_takes_a_latent_first(tmp_path):
     prompt = torch.tensor([tok.prompt("What colour is the square?") + [ids.start]])
     first = int(model.lm_head(model(prompt))[0, -1].argmax())  # the model's own token after <|lvr_start|>
     ids = dataclasses.replace(ids, end=first)
-    _, _, is_lat, _, _ = helpers.roll(model, ids, prompt, max_new_tokens=4, decoding="token", max_latent_steps=3,
+    _, _, is_lat, _ = helpers.roll(model, ids, prompt, max_new_tokens=4, decoding="token", max_latent_steps=3,
                                   stop_ids=[-1])
     assert is_lat[0, 0]
 

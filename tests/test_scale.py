@@ -173,7 +173,7 @@ def test_the_latent_head_takes_part_in_a_micro_batch_without_latents():
     model, tok, ids = tiny_lvr(head=True)
     model.train()
     ex = tasks.synthetic("train", 0, 0, 112)
-    batch = data.collate([data.encode(ex, tok, ids, "none", pixels=(3136, 12544))], tok.endoftext)  # no latent slot
+    batch = data.collate([data.encode(ex, tok, ids, data.LatentTargets("none"), pixels=(3136, 12544))], tok.endoftext)  # no latent slot
     loss, *_ = lvr.sft_loss(model, batch)
     loss.backward()
     assert all(p.grad is not None for p in model.lvr_head.parameters())

@@ -55,8 +55,8 @@ def test_relation_bboxes_are_the_anchor_then_its_neighbour(tmp_path):
         assert (pixels == tasks.COLOURS[e["answer"]]).all(1).any()  # the target wears the answer's colour
         assert e["assistant"].count("<lvr>") == 2
     model, tok, ids = tiny_model(tmp_path)
-    lvr_rows = data.encode(e, tok, ids, "lvr", pixels=(3136, 28224))
-    mirage_rows = data.encode(e, tok, ids, "mirage", k=3, pixels=(3136, 28224))
+    lvr_rows = data.encode(e, tok, ids, data.LatentTargets("lvr"), pixels=(3136, 28224))
+    mirage_rows = data.encode(e, tok, ids, data.LatentTargets("mirage", k=3), pixels=(3136, 28224))
     assert lvr_rows["latent_slot"] == [0, 0] and mirage_rows["latent_slot"] == [0, 1, 2]  # two looks; one imagining
 
 

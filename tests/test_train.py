@@ -143,7 +143,7 @@ def test_bboxes_name_their_image(tmp_path):
     tasks.synthetic_example(1, 112)["images"][0].save(tmp_path / "b.png")
     rec = {**record([[0.1, 0.1, 0.3, 0.3]], image=["a.png", "b.png"]), "bbox_images": [1]}
     ex = data.record_example(rec, str(tmp_path), "r")
-    e = data.encode(ex, tok, ids, "lvr", pixels=(3136, 12544))
+    e = data.encode(ex, tok, ids, data.LatentTargets("lvr"), pixels=(3136, 12544))
     n0 = int(e["grid_thw"][0].prod()) // 4
     want = lvr.roi_indices(ex["bboxes"][0], e["grid_thw"][1])
     assert e["latent_groups"] == [[n0 + j] for j in want] and len(e["grid_thw"]) == 2
@@ -163,7 +163,7 @@ def test_roi_indices_of_official_shaped_records(tmp_path):
                              {"from": "gpt", "value": "<lvr>\nand <lvr>\n<answer>red</answer>"}]}
     ex = data.record_example(rec, str(tmp_path), "r")
     assert ex["bboxes"][0] == [0.1, 0.1, 0.5, 0.55]  # pixels / the original 300 x 200
-    e = data.encode(ex, tok, ids, "lvr", pixels=(3136, 50176))
+    e = data.encode(ex, tok, ids, data.LatentTargets("lvr"), pixels=(3136, 50176))
     # 300 x 200 -> 252 x 168 px: 18 x 12 patches, 9 x 6 merged tokens; x: floor(0.1 * 18) = 1 .. ceil(0.5 * 18)
     # = 9 -> merged cols 0..4; y: floor(0.1 * 12) = 1 .. ceil(0.55 * 12) = 7 -> merged rows 0..3
     assert e["grid_thw"].tolist() == [[1, 12, 18], [1, 8, 8]]
@@ -182,8 +182,8 @@ def test_a_checkpoint_is_evaluated_on_images_the_size_it_trained_on(tmp_path):
     helpers.photo(128, 128).save(tmp_path / "a.png")
     rec = record([[3 / 12, 3 / 12, 5 / 12, 5 / 12]])
     ex = data.record_example(rec, str(tmp_path), "r")
-    trained = data.encode(ex, tok, ids, "lvr", pixels=(data.LVR_PIXELS[0], data.LVR_PIXELS[1]))
-    other = data.encode(ex, tok, ids, "lvr", pixels=(data.PROCESSOR_PIXELS[0], data.PROCESSOR_PIXELS[1]))
+    trained = data.encode(ex, tok, ids, data.LatentTargets("lvr"), pixels=(data.LVR_PIXELS[0], data.LVR_PIXELS[1]))
+    other = data.encode(ex, tok, ids, data.LatentTargets("lvr"), pixels=(data.PROCESSOR_PIXELS[0], data.PROCESSOR_PIXELS[1]))
     assert (trained["n_feat"], len(trained["latent_pos"])) == (144, 4)
     assert other["n_feat"] == 25  # the box covers 2 x 2 of 5 x 5 tokens there: a third of the image, not a ninth
     model.cfg.extra["lvr_image_pixels"] = list(data.LVR_PIXELS)  # (what train_sft.py records)
@@ -206,7 +206,7 @@ def test_mirage_records_train_on_mirages_sequence(tmp_path):
                           "</think>The answer is \\boxed{A}."}
     ex = data.record_example(rec, str(tmp_path), "r")
     lo, hi = data.PROCESSOR_PIXELS
-    e = data.encode(ex, tok, mirage, "mirage", k=4, pixels=(lo, hi))
+    e = data.encode(ex, tok, mirage, data.LatentTargets("mirage", k=4), pixels=(lo, hi))
     seq, a = e["input_ids"], e["n_prompt"]
     v0, v1 = seq.index(tok.vision_start), seq.index(tok.vision_end)
     assert v1 - v0 - 1 == 49 and vision.merged_tokens(e["helper"][1]) == 49  # 196 px: 7 x 7, not 144
@@ -222,7 +222,7 @@ def test_mirage_records_train_on_mirages_sequence(tmp_path):
     assert data.is_correct("The answer is \\boxed{A}.", ex["answer"])
     assert not data.is_correct("\\boxed{B}", ex["answer"])
     no_placeholder = data.record_example({**rec, "text_output": "The answer is \\boxed{A}."}, str(tmp_path), "r")
-    e = data.encode(no_placeholder, tok, mirage, "mirage", k=4, pixels=(lo, hi))
+    e = data.encode(no_placeholder, tok, mirage, data.LatentTargets("mirage", k=4), pixels=(lo, hi))
     assert e["input_ids"][e["n_prompt"]] == mirage.start  # no <output_image>: the span opens the answer
 
 

@@ -351,10 +351,7 @@ def bench_size(size, rows):
             batch = data.to_device(data.collate(encoded, tok.endoftext), device)
             batch["pixel_values"] = batch["pixel_values"].to(dt)
             def ours_step():
-                loss = lvr.sft_loss(
-                    model, batch, ce_weight=1.0, latent_weight=0.1, latent_loss="mse",
-                    freeze_vision=True,
-                )[0]
+                loss = lvr.sft_loss(model, batch, lvr.LossTerms(ce=1.0, latent=0.1))[0]
                 loss.backward()
                 model.zero_grad(set_to_none=True)
 

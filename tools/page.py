@@ -13,7 +13,9 @@ docstring.
 - globals() writes: `globals()[k] = v` or `globals().update(...)`, settings rewritten after they are
   read;
 - stale usage lines: a `python script.py --flag` line in a module docstring naming a flag the script
-  lacks.
+  lacks;
+- unexplained long functions: over 70 lines or 8 parameters with no `# long: why` on the line
+  above the def (or above its decorators).
 """
 import ast
 import os
@@ -117,6 +119,25 @@ def globals_writes(tree):
     return hits
 
 
+def unexplained_long(tree, lines, most_lines=70, most_params=8):
+    """Lines of the functions over most_lines lines or most_params parameters (self left out) with
+    no `# long:` reason just above their def or decorators."""
+    hits = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        a = fn.args
+        params = [*a.posonlyargs, *a.args, *a.kwonlyargs, *filter(None, [a.vararg, a.kwarg])]
+        n_params = len(params) - (bool(a.args) and a.args[0].arg in ("self", "cls"))
+        first = min([fn.lineno] + [d.lineno for d in fn.decorator_list])
+        above = lines[first - 2:fn.lineno - 1] if first >= 2 else []
+        noted = any(line.strip().startswith("# long:") for line in above)
+        if (fn.end_lineno - fn.lineno + 1 > most_lines or n_params > most_params) and not noted:
+            hits.append(fn.lineno)
+
+    return hits
+
+
 def stale_usage(paths):
     """(file, flag) for every `--flag` of a docstring's usage line that its script does not
     declare."""
@@ -158,7 +179,7 @@ def measure(paths):
     """-> {indicator: value} over `paths`, and the places behind the counts."""
     names, modules = project_names(method_files())
     blank = body = long = total = 0
-    calls, writes = [], []
+    calls, writes, unexplained = [], [], []
     for p in paths:
         text = open(os.path.join(ROOT, p)).read()
         lines, tree = text.splitlines(), ast.parse(text)
@@ -168,12 +189,14 @@ def measure(paths):
         total += len(lines)
         calls += [f"{p}:{n}" for n in positional_calls(tree, names, modules)]
         writes += [f"{p}:{n}" for n in globals_writes(tree)]
+        unexplained += [f"{p}:{n}" for n in unexplained_long(tree, lines)]
 
     stale = [f"{p}: --{flag}" for p, flag in stale_usage(paths)]
     return {"blank lines per 100 body lines": 100 * blank / max(1, body),
             "lines over 100 characters (%)": 100 * long / max(1, total),
             "calls with 4+ positional arguments": len(calls), "globals() writes": len(writes),
-            "stale usage lines": len(stale)}, calls + writes + stale
+            "stale usage lines": len(stale),
+            "unexplained long functions": len(unexplained)}, calls + writes + stale + unexplained
 
 
 def main(argv):

@@ -70,7 +70,7 @@ grpo_iters = 10000  # [1, inf) a cap on GRPO steps (the compute budget ends the 
 grpo_batch_size = 8  # [1, inf) prompts per GRPO step (train_grpo's --batch_size)
 group_size = 8  # [2, inf) completions per prompt (train_grpo's --group_size)
 resamples = 10000  # [100, inf) bootstrap resamples per interval
-results = "assets/study_v5.jsonl"  # one JSON line per finished run (v2: study.jsonl, v3: study_vsp, v4: study_v4)
+results = "assets/study_v5.jsonl"  # one JSON line per finished run (v2-v4: assets/study*.jsonl)
 picture = "assets/study_v5.png"  # held-out accuracy against compute, per task and method
 work_dir = "study_runs"  # checkpoints of the runs (large; not committed)
 quick = False  # a tiny version, for CI (the flags in QUICK, before the ones given)
@@ -340,6 +340,7 @@ def val_accuracy(rec, row="with latents"):
     return rec["val"]["rows"].get(row, {"accuracy": 0.0})["accuracy"]
 
 
+# long: the protocol's three phases in its order, each a loop of recorded runs
 def study(done, task):
     """Every run of one task, in order: 1) each SFT method's trials on tune_seed, chosen by the
     oracle row (plain SFT: its own row); 2) GRPO's learning rate for each SFT method, on its
