@@ -511,3 +511,54 @@ def test_official_mirage_tokenizer_runs_as_mirage(tmp_path):
     assert comp[0] == ids.latent and ids.end in comp  # a Mirage span: <|latent_pad|> steps, then <|latent_end|>
     with pytest.raises(InputError, match="the `latent` exit needs a latent-end token"):
         helpers.roll(model, ids, prompt, max_new_tokens=6, decoding="latent", stop_ids=[-1])
+
+
+@pytest.mark.parametrize("force_end", [True, False])
+@pytest.mark.parametrize("decoding", ["steps", "token", "latent"])
+def test_span_exit_is_the_written_out_rule_row_by_row(tmp_path, decoding, force_end):
+    """The batched exit rule (lvr.span_exit) against the one-row one (lvr.exit_one) on 48 rows in and
+    out of spans, at every latent count around the budget, with exit tokens sampled and latents near the
+    end vector: which rows leave, with which token, and the token forced next (the forced end)."""
+    model, tok, ids = tiny_model(tmp_path)
+    decode = lvr.Decode(decoding, lvr_steps=2, max_latent_steps=3, force_end=force_end, end_metric="mse",
+                        end_threshold=0.5)
+    rule = lvr.exit_rule(model, ids, decode)
+    g = torch.Generator().manual_seed(0)
+    B = 48
+    choices = torch.tensor([ids.end, ids.latent_end, ids.start, 5, 7])
+    sampled = choices[torch.randint(len(choices), (B,), generator=g)]
+    n_lat = torch.randint(0, 5, (B,), generator=g)
+    in_lat = torch.rand(B, generator=g) < 0.8
+    end = model.model.embed_tokens.weight[ids.latent_end].detach()
+    near = torch.rand(B, generator=g) < 0.5  # half the latents close to the end vector
+    vec = torch.where(near[:, None], end * 0.9, torch.randn(B, end.shape[0], generator=g))
+    with torch.no_grad():
+        out = lvr.span_exit(rule, ids, sampled, vec=vec, in_lat=in_lat, n_lat=n_lat)
+        for b in range(B):
+            if not in_lat[b]:  # (outside a span nothing leaves, nothing is forced)
+                assert not out.leave[b] and out.tok[b] == sampled[b] and out.force_next[b] == -1
+                continue
+            t, force, leave = lvr.exit_one(rule, ids, int(sampled[b]), vec=vec[b:b + 1], n_lat=int(n_lat[b]))
+            assert bool(out.leave[b]) == leave, b
+            assert int(out.force_next[b]) == (-1 if force is None else force), b
+            if leave:
+                assert int(out.tok[b]) == t, b
+    assert (out.leave & in_lat).any() and (~out.leave & in_lat).any()  # both kinds of row were met
+    if force_end and decoding != "steps":  # <|lvr_end|> forced after <|lvr_latent_end|>
+        assert (out.force_next >= 0).any()
+
+
+def test_fed_latent_explores_and_the_diagnostics_feed_replaces():
+    """A latent step feeds its own latent; with latent_sigma, mu + sigma * eps from the row's generator;
+    with a feed, row b's k-th latent is the given one while it has one left (its own after)."""
+    vec = torch.randn(3, 4)
+    feed = lvr.Feed(torch.randn(3, 2, 4), torch.tensor([2, 0, 1]))
+    k = torch.tensor([1, 0, 1])
+    fed = lvr.fed_latent(vec, lvr.Sampling(), feed=feed, k_lat=k)
+    assert torch.equal(fed[0], feed.latents[0, 1]) and torch.equal(fed[1:], vec[1:])  # rows 1, 2: none left
+    assert torch.equal(lvr.fed_latent(vec, lvr.Sampling(), feed=None, k_lat=k), vec)
+
+    def gen():
+        return torch.Generator().manual_seed(3)
+    z = lvr.fed_latent(vec, lvr.Sampling(generator=gen(), latent_sigma=0.5), feed=None, k_lat=k)
+    assert torch.allclose(z, vec + 0.5 * torch.randn(3, 4, generator=gen()))
