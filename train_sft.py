@@ -10,6 +10,9 @@ Every setting below is a `--name value` flag. The global batch of one optimizer 
 batch_size * grad_accum * world_size examples, taken in a fixed order from the data, so N
 processes give the same run as one process with N times the accumulation.
 Checkpoints are Hugging Face Qwen2.5-VL directories plus train_state.pt, written atomically.
+A run can stop part-way on a longer schedule and go on later (nanoGPT's lr_decay_iters):
+`--max_iters 500 --lr_decay_iters 4000`, then the same with `--max_iters 1000 --resume true`, and so
+on, is the run of `--max_iters 4000`.
 """
 
 import contextlib
@@ -67,15 +70,16 @@ latent_head = False  # learn a head hidden -> latent (else identity)
 latent_end = False  # train the `latent` exit mode (<|lvr_latent_end|> after the latents)
 end_threshold = 0.1  # (0, inf) `latent` exit threshold, recorded in the checkpoint (zero vector at 1)
 bottleneck = False  # LIVR: tokens after the image but the latent slots cannot see it, then normal attention
-bottleneck_share = 0.5  # (0, 1) with --bottleneck: the share of max_iters under it (the first steps)
+bottleneck_share = 0.5  # (0, 1) with --bottleneck: the share of the schedule under it (the first steps)
 freeze_vision = True  # keep the vision tower and merger fixed (targets never get gradient)
 # optimisation
 batch_size = 16  # [1, inf) examples per micro-batch per process
 grad_accum = 1  # [1, inf) micro-batches per optimizer step
 lr = Auto(float)  # (0, inf) peak learning rate (auto: 1e-5 from a checkpoint, official LVR; scratch 1e-3)
 min_lr = Auto(float)  # [0, inf) learning rate at the end of the cosine (auto: 0 from a checkpoint; 1e-4)
-warmup_iters = Auto(int)  # [0, inf) linear warmup steps (auto: 3% of max_iters from a checkpoint; 50)
+warmup_iters = Auto(int)  # [0, inf) linear warmup steps (auto: 3% of the schedule from a checkpoint; 50)
 max_iters = 2000  # [1, inf) optimizer steps
+lr_decay_iters = Auto(int)  # [1, inf) the schedule's length: warmup, cosine, bottleneck (auto: max_iters)
 max_macs = 0.0  # [0, inf) also stop once the run's compute reaches this many multiply-accumulates (0: off)
 weight_decay = 0.0  # [0, inf) AdamW weight decay
 grad_clip = 1.0  # [0, inf) clip the gradient norm (0 = off)
@@ -109,9 +113,9 @@ def loss_of(model, batch, blinded=False):
 
 
 def blinded_steps():
-    """The steps trained under the bottleneck: the first bottleneck_share of max_iters (0 without
-    it)."""
-    return round(bottleneck_share * max_iters) if bottleneck else 0
+    """The steps trained under the bottleneck: the first bottleneck_share of the schedule (0
+    without it)."""
+    return round(bottleneck_share * lr_decay_iters) if bottleneck else 0
 
 
 def resolve(config):
@@ -129,7 +133,8 @@ def resolve(config):
             "latent_weight": 1.0 if method == "mirage" and real else 0.1,
             "lr": 1e-5 if real else 1e-3,
             "min_lr": 0.0 if real else 1e-4,
-            "warmup_iters": round(0.03 * max_iters) if real else 50,
+            "warmup_iters": round(0.03 * (cli.given(lr_decay_iters) or max_iters)) if real else 50,
+            "lr_decay_iters": max_iters,
             "max_latents": 16 if vsp else 1 if method == "pause" else 0,
             "mirage_k": 16 if vsp else 4,
             "dtype": parallel.autocast_dtype(dtype, device)}
@@ -277,7 +282,7 @@ def get_lr(step):
     """Linear warmup, then a cosine from lr down to min_lr."""
     if step < warmup_iters:
         return lr * (step + 1) / warmup_iters
-    progress = (step - warmup_iters) / max(1, max_iters - warmup_iters)
+    progress = (step - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 

@@ -182,3 +182,40 @@ def test_hops_tasks_and_the_two_conditions_in_the_tables():
     assert study.two_conditions([rows(0.3, 0.2, 1.0), rows(0.2, 0.2, 0.6)]) == ("+0.600", "0.083")
     assert study.two_conditions([rows(0.3, 0.2, 0.21)]) == ("+0.010", "none")
     assert study.two_conditions([{"with latents": {"accuracy": 0.5}}]) == ("-", "-")
+
+
+def test_test_every_trains_one_schedule_in_tested_pieces(tmp_path, monkeypatch, capsys):
+    """--test_every 500 at --max_iters 2000: a reported run is trained as one schedule (--lr_decay_iters
+    2000) in pieces of 500 steps, each resumed from the last and tested; the tuning seed is trained whole;
+    the table along the schedule and its picture come from the records."""
+    scripts = []
+    monkeypatch.setattr(study, "work_dir", str(tmp_path))
+    monkeypatch.setattr(study, "picture", str(tmp_path / "s.png"))
+    monkeypatch.setattr(study, "tasks", "search")
+    monkeypatch.setattr(study, "max_iters", 2000)
+    monkeypatch.setattr(study, "test_every", 500)
+    monkeypatch.setattr(study, "run", lambda script, *a: scripts.append(a) or "")
+    monkeypatch.setattr(study, "macs_of", lambda out: 8.0)
+    tests = iter(range(100))
+
+    def checked(task, out, seed, k=0, diagnostics=False):  # each test a new accuracy and distance
+        i = next(tests)
+        return {"test": {"rows": {"with latents": {"accuracy": i / 100, "right": [1]}},
+                         "geometry": {"distance": 1 - i / 100}}}
+    monkeypatch.setattr(study, "checked", checked)
+    done = {}
+    rec, _ = study.sft(done, "search", "lvr", 1, study.Trial(1e-3))
+    pieces = [(a[a.index("--max_iters") + 1], a[a.index("--lr_decay_iters") + 1], "--resume" in a)
+              for a in scripts]
+    assert pieces == [(500, 2000, False), (1000, 2000, True), (1500, 2000, True), (2000, 2000, True)]
+    assert [p["step"] for p in rec["checkpoints"]] == [500, 1000, 1500]
+    assert [s for s, _ in study.tested(rec)] == [500, 1000, 1500, 2000]
+    scripts.clear()
+    study.sft(done, "search", "lvr", 0, study.Trial(1e-3))  # the tuning seed: one piece
+    assert len(scripts) == 1 and scripts[0][scripts[0].index("--max_iters") + 1] == 2000
+    table = study.along(list(done.values()))
+    assert "| search | LVR | 500 | 0.000 ± 0.000 (0.000) | 1.000 |" in table
+    assert "| search | LVR | 2000 | 0.030 ± 0.000 (0.030) | 0.970 |" in table
+    import matplotlib.pyplot as plt
+    study.draw_distance(list(done.values()), plt)
+    assert (tmp_path / "s_distance.png").stat().st_size > 0

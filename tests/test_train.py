@@ -536,3 +536,23 @@ def test_sft_compute_is_counted_and_bounds_the_run(tmp_path):
     assert math.isclose(state(out)["macs"], sum(per_step)) and per_step[0] >= 3 * one * tokens
     train_sft.main([*args, "--out_dir", out2, "--max_macs", str(per_step[0] + per_step[1] / 2)])
     assert state(out2)["step"] == 2 and math.isclose(state(out2)["macs"], per_step[0] + per_step[1])
+
+
+def test_a_run_stopped_part_way_on_its_schedule_resumes_to_the_whole_run(tmp_path):
+    """--lr_decay_iters (nanoGPT's): a run of 4 steps on an 8-step schedule, resumed to 8, is the 8-step run
+    (the same learning rates, losses and weights); the schedule's length is what the lr follows."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    common = [*SMALL, "--eval_interval", "4", "--lr_decay_iters", "8"]
+    ra = run_here("train_sft.py", *common, "--max_iters", "8", "--out_dir", a)
+    rb = run_here("train_sft.py", *common, "--max_iters", "4", "--out_dir", b)
+    assert ra.returncode == 0 and rb.returncode == 0, ra.stderr + rb.stderr
+    assert state(b)["step"] == 4
+    rb = run_here("train_sft.py", *common, "--max_iters", "8", "--out_dir", b, "--resume", "true")
+    assert rb.returncode == 0, rb.stderr
+    lrs = [x["lr"] for x in checkpoint.read_log(a) if "lr" in x]
+    assert lrs == [x["lr"] for x in checkpoint.read_log(b) if "lr" in x] and lrs[-1] < lrs[2]
+    assert torch.allclose(torch.tensor(losses(a)), torch.tensor(losses(b)), rtol=1e-5, atol=1e-6)
+    helpers.assert_same_weights(qwen.Qwen2_5_VL.from_pretrained(a), b)
+    short = run_here("train_sft.py", *SMALL, "--eval_interval", "4", "--max_iters", "4", "--out_dir",
+                     str(tmp_path / "c"))
+    assert [x["lr"] for x in checkpoint.read_log(str(tmp_path / "c")) if "lr" in x] != lrs[:4]  # (auto: 4)

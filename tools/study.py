@@ -60,6 +60,7 @@ mirage_helpers = "goal,path"  # comma-separated: VSP's Mirage helper images trie
 grpo_lrs = "2e-5,1e-4"  # comma-separated: the GRPO learning rates tried (at latent_sigma 0)
 sigmas = ""  # comma-separated: LVR's latent_sigma tried, times the latent-target distance (v2: 0.5,1,2)
 max_iters = 1000  # [2, inf) SFT steps per run (Mirage: three quarters stage 1, a quarter stage 2)
+test_every = 0  # [0, inf) also test reported runs (not Mirage's) every this many steps (0: at the end)
 batch_size = 16  # [1, inf) examples per SFT step
 eval_interval = 500  # [1, inf) points on the learning curve (validation accuracy)
 eval_examples = 128  # [1, inf) validation examples per learning-curve point
@@ -233,12 +234,20 @@ def sft(done, task, method, seed, trial, need=False):
                   "--min_lr", lr / 10, "--warmup_iters", min(50, max_iters // 10),
                   *(["--vsp_targets", targets] if targets else []),
                   *(["--max_latents", max_latents] if max_latents else [])]
-        if method != "mirage":
-            stdout = run(
-                "train_sft.py", *common, *FLAGS.get(method, ["--method", method]), "--max_iters",
-                max_iters, "--out_dir", out,
-            )
+        if method != "mirage":  # (test_every: in pieces of one schedule, each tested, resumed)
+            every = test_every if test_every and seed != tune_seed else max_iters
+            stops = [*range(every, max_iters, every), max_iters]
+            stdout, points = "", []
+            for i, stop in enumerate(stops):
+                stdout += run(
+                    "train_sft.py", *common, *FLAGS.get(method, ["--method", method]),
+                    "--max_iters", stop, "--lr_decay_iters", max_iters, "--out_dir", out,
+                    *(["--resume", "true"] if i else []),
+                )
+                if stop < max_iters:
+                    points.append({"step": stop, **checked(task, out, seed)})
             rec = {"curve": curve(stdout), "macs": macs_of(out)}
+            rec.update({"checkpoints": points} if points else {})
         else:
             n1 = max_iters * 3 // 4
             s1 = run(
@@ -594,6 +603,61 @@ def summary(recs):
     return "\n".join(rows) + "\n\n" + "\n".join(pairs)
 
 
+def tested(rec):
+    """A reported run's test evaluations along its schedule -> [(step, test fields)], the last one
+    at its end (test_every: one every so many steps; else the end alone)."""
+    points = [(p["step"], p["test"]) for p in rec.get("checkpoints", [])]
+    return points + [(max_iters, rec["test"])]
+
+
+def along(recs):
+    """The table of runs tested along their schedule (test_every), markdown: per task, method and
+    step, the test accuracy (mean ± std over the seeds, and each seed) and LVR's latent-target
+    distance; "" when no run was."""
+    lines = ["| task | method | step | accuracy: mean ± std (each seed) | latent-target distance |",
+             "|---|---|---|---|---|"]
+    for task in tasks.split(","):
+        for method in BASES:
+            runs = [r for r in reported(recs, task, method).values() if r.get("checkpoints")]
+            by_step = {}
+            for r in runs:
+                for step, test in tested(r):
+                    by_step.setdefault(step, []).append(test)
+            for step, tests in sorted(by_step.items()):
+                acc = [t["rows"]["with latents"]["accuracy"] for t in tests]
+                sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+                dist = [t["geometry"]["distance"] for t in tests if t.get("geometry")]
+                lines.append(f"| {task} | {NAMES[method]} | {step} | {statistics.mean(acc):.3f} ± "
+                             f"{sd:.3f} ({', '.join(f'{a:.3f}' for a in acc)}) | {avg(dist)} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def draw_distance(recs, plt):
+    """One point per LVR (seed, checkpoint) tested along its schedule: its latent-target distance
+    against its test accuracy, one panel per task (the picture's name + _distance)."""
+    names = [t for t in tasks.split(",")
+             if any(r.get("checkpoints") for r in reported(recs, t, "lvr").values())]
+    if not names:
+        return
+    fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], names):
+        for seed, r in reported(recs, task, "lvr").items():
+            points = [(t["geometry"]["distance"], t["rows"]["with latents"]["accuracy"], step)
+                      for step, t in tested(r) if t.get("geometry")]
+            ax.plot([d for d, _, _ in points], [a for _, a, _ in points], "o-", alpha=0.7,
+                    label=f"seed {seed}", markersize=4)
+            for d, a, step in points[-1:]:
+                ax.annotate(str(step), (d, a), fontsize=6)
+        ax.set(title=f"{task}: LVR along its schedule", xlabel="latent-target distance (own)",
+               ylabel="test accuracy", ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    path = picture.replace(".png", "_distance.png")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    print(f"wrote {path}")
+
+
 def avg(v):
     return f"{sum(v) / len(v):.3f}" if v else "-"
 
@@ -608,6 +672,7 @@ def main(argv):
     if report:
         recs = list(done.values())
         print(answer(recs) + "\n\n" + tuning(recs) + "\n\n" + summary(recs))
+        print(("\n" + along(recs)) if along(recs) else "")
         return draw(list(done.values()))
 
     os.makedirs(os.path.dirname(results) or ".", exist_ok=True)
@@ -681,6 +746,7 @@ def draw(recs):
     os.makedirs(os.path.dirname(picture) or ".", exist_ok=True)
     fig.savefig(picture, dpi=110, bbox_inches="tight")
     print(f"wrote {picture}")
+    draw_distance(recs, plt)
 
 
 if __name__ == "__main__":
