@@ -3,6 +3,7 @@ import json
 
 import torch
 
+import checkpoint
 import data
 import lvr
 import evaluate as evaluation
@@ -86,6 +87,11 @@ def test_eval_script_end_to_end(tmp_path):
     on = next(x for x in lines if x.startswith("with latents")).split()
     off = next(x for x in lines if x.startswith("latents disabled")).split()
     assert 0 <= float(on[2]) <= 1 and off[-1] == "-" and float(off[-2]) == 0.0
+    # a cosine-trained model's latents are fed at the targets' norm: the norm line says that it sets it
+    norm = next(x for x in lines if x.startswith("latent norm / target norm"))
+    assert "set by the rescale" in norm and checkpoint.read_config(out).extra["latent_norm"] > 0
+    assert any(x.startswith("target value: oracle - dummy = ") for x in lines)  # the two conditions
+    assert any(x.startswith("produced: ") for x in lines)
 
 
 def test_eval_on_an_lvr_json_file(tmp_path):
