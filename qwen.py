@@ -444,11 +444,7 @@ class Qwen2_5_VL(nn.Module):
         (it is the costliest matmul, V ~ 152k). attention_mask (B, T): 1 real, 0 padding; with a
         cache, the new tokens'. attend (B, T, S) bool: which keys each query may see, on top of
         causality and padding (S: every key, the cached ones included; the method's controls)."""
-        x = (
-            self.embed(input_ids, pixel_values, grid_thw)
-            if inputs_embeds is None
-            else inputs_embeds
-        )
+        x = self.embed(input_ids, pixel_values, grid_thw) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
         start = 0 if cache is None else cache.len
         if start + T > self.cfg.max_position_embeddings:

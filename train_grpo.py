@@ -5,7 +5,8 @@ GRPO_latent: reinforcement learning on the text of an LVR (or Mirage) SFT checkp
     python train_grpo.py --init_from sft_ckpt --data_path grpo.jsonl --image_root imgs/ --dtype bfloat16
 
 Per step: B prompts, G sampled completions each, all B*G rows in one batched KV-cached latent
-rollout (lvr.rollout) that records every latent vector and every token's log-prob. Rewards ->
+rollout (lvr.rollout) that records every latent vector and which decisions it sampled (with
+--filter_groups, more rounds of B prompts until B groups have reward spread). Rewards ->
 group-relative advantages -> the clipped objective with a k3 KL to the frozen SFT model, on the
 decisions the policy sampled (the rollout records which): forced tokens carry no ratio, KL or
 normaliser, and neither do latent vectors unless --latent_sigma explores them (grpo.py's docstring
