@@ -191,6 +191,7 @@ def test_test_every_trains_one_schedule_in_tested_pieces(tmp_path, monkeypatch, 
     scripts = []
     monkeypatch.setattr(study, "work_dir", str(tmp_path))
     monkeypatch.setattr(study, "picture", str(tmp_path / "s.png"))
+    monkeypatch.setattr(study, "results", str(tmp_path / "r.jsonl"))
     monkeypatch.setattr(study, "tasks", "search")
     monkeypatch.setattr(study, "max_iters", 2000)
     monkeypatch.setattr(study, "test_every", 500)
