@@ -198,6 +198,7 @@ def test_the_bottleneck_trains_its_share_of_the_steps_then_normal_attention(monk
         monkeypatch.setattr(train_sft, "bottleneck", on)
         monkeypatch.setattr(train_sft, "bottleneck_share", share)
         monkeypatch.setattr(train_sft, "max_iters", iters)
+        monkeypatch.setattr(train_sft, "lr_decay_iters", iters)  # (what resolve makes of auto)
         seen.clear()
         for step in range(iters):
             train_sft.loss_of(None, {}, blinded=step < train_sft.blinded_steps())

@@ -280,6 +280,8 @@ def test_other_methods_run(tmp_path, method, extra):
 AUTO = {"latent_loss": "auto", "ce_weight": cli.Auto(float), "latent_weight": cli.Auto(float), "lr": cli.Auto(float),
         "min_lr": cli.Auto(float), "warmup_iters": cli.Auto(int), "dtype": "auto", "image_size": cli.Auto(int),
         "min_pixels": cli.Auto(int), "max_pixels": cli.Auto(int), "max_latents": cli.Auto(int), "max_iters": 1000,
+        "lr_decay_iters": cli.Auto(int),
+        "lr_decay_iters": cli.Auto(int),
         "mirage_k": cli.Auto(int), "data_path": "synthetic",
         "task": "colour"}
 
@@ -506,7 +508,8 @@ def test_resume_after_a_kill_and_untrusted_train_state(tmp_path):
     assert state(b)["step"] < 12
     r = run_here("train_sft.py", *common, "--out_dir", b, "--resume", "true")
     assert r.returncode == 0, r.stderr
-    assert "resuming with changed settings: max_iters 1000 -> 12\n" in r.stdout
+    changed = "max_iters 1000 -> 12, lr_decay_iters 1000 -> 12"  # (auto: the schedule follows max_iters)
+    assert f"resuming with changed settings: {changed}\n" in r.stdout
     assert torch.allclose(torch.tensor(losses(a)), torch.tensor(losses(b)), rtol=1e-5, atol=1e-6)
 
     class Evil:  # a pickle that would run code when loaded
