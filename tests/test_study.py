@@ -220,3 +220,12 @@ def test_test_every_trains_one_schedule_in_tested_pieces(tmp_path, monkeypatch, 
     import matplotlib.pyplot as plt
     study.draw_distance(list(done.values()), plt)
     assert (tmp_path / "s_distance.png").stat().st_size > 0
+
+
+def test_the_tuning_table_is_left_out_where_no_run_tuned(monkeypatch):
+    """One candidate each: no tune_seed run, no empty table; a tuning run gets its row."""
+    monkeypatch.setattr(study, "tasks", "hops1")
+    assert study.tuning([{"key": "hops1/lvr/seed1/lr0.001", "test": {}}]) == ""
+    val = {"rows": {"with latents": {"accuracy": 0.5}, "oracle latents": {"accuracy": 0.9}}}
+    table = study.tuning([{"key": "hops1/lvr/seed0/lr0.001", "val": val}])
+    assert table.splitlines()[-1] == "| hops1/lvr/seed0/lr0.001 | 0.500 | - | - | - | 0.900 |"

@@ -485,7 +485,7 @@ def bootstrap(a, b, n, seed=0):
 
 def tuning(recs):
     """The tuning runs' table, markdown: each tune_seed run's validation rows (accuracy), in file
-    order."""
+    order; "" where no run tuned (one candidate each)."""
     names = [
         "with latents", "latents disabled", "dummy latents", "swapped latents", "oracle latents",
     ]
@@ -496,7 +496,7 @@ def tuning(recs):
             cells = ["-" if a is None else f"{a:.3f}" for a in acc]
             lines.append(f"| {r['key']} | " + " | ".join(cells) + " |")
 
-    return "\n".join(lines)
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def interval(recs, task, a, b):
@@ -671,7 +671,8 @@ def main(argv):
         done = {r["key"]: r for r in map(json.loads, open(results))}
     if report:
         recs = list(done.values())
-        print(answer(recs) + "\n\n" + tuning(recs) + "\n\n" + summary(recs))
+        tables = [answer(recs), tuning(recs), summary(recs)]
+        print("\n\n".join(t for t in tables if t))
         print(("\n" + along(recs)) if along(recs) else "")
         return draw(list(done.values()))
 
