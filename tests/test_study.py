@@ -229,3 +229,46 @@ def test_the_tuning_table_is_left_out_where_no_run_tuned(monkeypatch):
     val = {"rows": {"with latents": {"accuracy": 0.5}, "oracle latents": {"accuracy": 0.9}}}
     table = study.tuning([{"key": "hops1/lvr/seed0/lr0.001", "val": val}])
     assert table.splitlines()[-1] == "| hops1/lvr/seed0/lr0.001 | 0.500 | - | - | - | 0.900 |"
+
+
+def v5_records():
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "assets", "study_v5.jsonl")
+    return {r["key"]: r for r in map(json.loads, open(path))}
+
+
+def test_study_v5_matched_its_controls_on_compute_and_reports_every_seed(monkeypatch):
+    """In assets/study_v5.jsonl every pause and LIVR run spent within 1% of the MACs of the LVR run of
+    its task and seed; each task's methods have seeds 1-5 tested, and its answer table has their rows."""
+    recs = v5_records()
+    lvr_macs = {tuple(k.split("/")[:3:2]): r["macs"] for k, r in recs.items() if k.split("/")[1] == "lvr"}
+    matched = 0
+    for key, r in recs.items():
+        task, method, seed = key.split("/")[:3]
+        if method in ("pause", "livr"):
+            assert abs(r["macs"] / lvr_macs[task, seed] - 1) < 0.01, key
+            matched += 1
+    assert matched == 3 * 5 + 5 + 5  # (hops 1-3 pause, hops 3 LIVR, VSP pause)
+    for task, methods in [("hops1", 3), ("hops2", 3), ("hops3", 4), ("vsp", 4)]:
+        seeds = {(k.split("/")[1], k.split("/")[2]) for k, r in recs.items()
+                 if k.startswith(task + "/") and "test" in r}
+        assert len(seeds) == 5 * methods, task
+    monkeypatch.setattr(study, "tasks", "hops1,hops2,hops3,vsp")
+    monkeypatch.setattr(study, "methods", "none,lvr,pause,livr,mirage")
+    table = study.answer(list(recs.values()))
+    assert "| hops3 | LVR | 5 |" in table and "| vsp | Mirage | 5 |" in table
+
+
+def test_study_v5_plain_sft_answers_hops_with_one_colour():
+    """What the README says of hops: each plain-SFT run is right on exactly the test questions whose
+    answer is one colour (it answers that colour to all 256), and pause tokens on the same ones."""
+    import tasks
+    recs = v5_records()
+    for hops in (1, 2):
+        answers = [tasks.synthetic("test", i, 1337, task="hops", hops=hops)["answer"] for i in range(256)]
+        for seed in range(1, 6):
+            right = recs[f"hops{hops}/none/seed{seed}/lr0.001"]["test"]["rows"]["with latents"]["right"]
+            colours = {a for a, r in zip(answers, right) if r}
+            assert len(colours) == 1 and right == [a in colours for a in answers], (hops, seed)
+            pause = recs[f"hops{hops}/pause/seed{seed}/lr0.001"]["test"]["rows"]["with latents"]["right"]
+            assert pause == right
