@@ -261,14 +261,24 @@ def test_study_v5_matched_its_controls_on_compute_and_reports_every_seed(monkeyp
 
 def test_study_v5_plain_sft_answers_hops_with_one_colour():
     """What the README says of hops: each plain-SFT run is right on exactly the test questions whose
-    answer is one colour (it answers that colour to all 256), and pause tokens on the same ones."""
+    answer is one colour (it answers that colour to all 256); pause tokens on the same questions at
+    K = 1, 2 and on 4 of 5 seeds at K = 3, where LIVR answers one colour on every seed."""
     import tasks
     recs = v5_records()
-    for hops in (1, 2):
+
+    def right(hops, method, seed):
+        return recs[f"hops{hops}/{method}/seed{seed}/lr0.001"]["test"]["rows"]["with latents"]["right"]
+
+    for hops in (1, 2, 3):
         answers = [tasks.synthetic("test", i, 1337, task="hops", hops=hops)["answer"] for i in range(256)]
+
+        def one_colour(r):  # right on exactly the questions of one colour
+            colours = {a for a, x in zip(answers, r) if x}
+            return len(colours) == 1 and r == [a in colours for a in answers]
+
         for seed in range(1, 6):
-            right = recs[f"hops{hops}/none/seed{seed}/lr0.001"]["test"]["rows"]["with latents"]["right"]
-            colours = {a for a, r in zip(answers, right) if r}
-            assert len(colours) == 1 and right == [a in colours for a in answers], (hops, seed)
-            pause = recs[f"hops{hops}/pause/seed{seed}/lr0.001"]["test"]["rows"]["with latents"]["right"]
-            assert pause == right
+            assert one_colour(right(hops, "none", seed)), (hops, seed)
+            if hops == 3:
+                assert one_colour(right(hops, "livr", seed)), seed
+        same = sum(right(hops, "pause", s) == right(hops, "none", s) for s in range(1, 6))
+        assert same == (5 if hops < 3 else 4), hops
