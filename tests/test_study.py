@@ -282,3 +282,19 @@ def test_study_v5_plain_sft_answers_hops_with_one_colour():
                 assert one_colour(right(hops, "livr", seed)), seed
         same = sum(right(hops, "pause", s) == right(hops, "none", s) for s in range(1, 6))
         assert same == (5 if hops < 3 else 4), hops
+
+
+def test_study_v5_search_at_4x_is_tested_along_its_schedule_on_matched_compute(monkeypatch):
+    """assets/study_v5_search4x.jsonl: each run tested every 500 steps (the last test its record's
+    own), pause within 1% of LVR's MACs, and the table along the schedule has a row per test."""
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "assets", "study_v5_search4x.jsonl")
+    recs = {r["key"]: r for r in map(json.loads, open(path))}
+    lvr, pause = recs["search/lvr/seed1/lr0.001"], recs["search/pause/seed1/lr0.001"]
+    for r in (lvr, pause):
+        assert [c["step"] for c in r["checkpoints"]] == list(range(500, 4000, 500)) and "test" in r
+    assert abs(pause["macs"] / lvr["macs"] - 1) < 0.01
+    monkeypatch.setattr(study, "tasks", "search")
+    monkeypatch.setattr(study, "max_iters", 4000)  # the final test is at the run's length
+    table = study.along(list(recs.values()))
+    assert len([x for x in table.splitlines() if x.startswith("| search |")]) == 16
