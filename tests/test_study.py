@@ -231,9 +231,9 @@ def test_the_tuning_table_is_left_out_where_no_run_tuned(monkeypatch):
     assert table.splitlines()[-1] == "| hops1/lvr/seed0/lr0.001 | 0.500 | - | - | - | 0.900 |"
 
 
-def v5_records():
+def v5_records(name="study_v5.jsonl"):
     import os
-    path = os.path.join(os.path.dirname(__file__), "..", "assets", "study_v5.jsonl")
+    path = os.path.join(os.path.dirname(__file__), "..", "assets", name)
     return {r["key"]: r for r in map(json.loads, open(path))}
 
 
@@ -287,9 +287,7 @@ def test_study_v5_plain_sft_answers_hops_with_one_colour():
 def test_study_v5_search_at_4x_is_tested_along_its_schedule_on_matched_compute(monkeypatch):
     """assets/study_v5_search4x.jsonl: each run tested every 500 steps (the last test its record's
     own), pause within 1% of LVR's MACs, and the table along the schedule has a row per test."""
-    import os
-    path = os.path.join(os.path.dirname(__file__), "..", "assets", "study_v5_search4x.jsonl")
-    recs = {r["key"]: r for r in map(json.loads, open(path))}
+    recs = v5_records("study_v5_search4x.jsonl")
     lvr, pause = recs["search/lvr/seed1/lr0.001"], recs["search/pause/seed1/lr0.001"]
     for r in (lvr, pause):
         assert [c["step"] for c in r["checkpoints"]] == list(range(500, 4000, 500)) and "test" in r
