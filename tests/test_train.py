@@ -1,4 +1,5 @@
 """train_sft.py end to end: resume, DDP vs one process, NaN stop, dataset errors, then sample.py."""
+import hashlib
 import json
 import math
 import os
@@ -559,3 +560,30 @@ def test_a_run_stopped_part_way_on_its_schedule_resumes_to_the_whole_run(tmp_pat
     short = run_here("train_sft.py", *SMALL, "--eval_interval", "4", "--max_iters", "4", "--out_dir",
                      str(tmp_path / "c"))
     assert [x["lr"] for x in checkpoint.read_log(str(tmp_path / "c")) if "lr" in x] != lrs[:4]  # (auto: 4)
+
+
+# The default run's first steps as they were before study v5's code (commit ad896bd), by
+# `python train_sft.py --max_iters 3 --eval_interval 3 --eval_examples 0` there: its checkpoint's
+# sha256 and its losses. Bytes are the same on 1 and 2 threads; other CPU kernels (another
+# torch.backends.cpu capability) may round differently, so there only the losses are held.
+DEFAULT_RUN = {
+    "capability": "AVX512",
+    "sha256": "eed9f2e930b020f328fd243388899163a61120139b2c05294af7c3eaaa5b064f",
+    "losses": [(6.172074317932129, 1.089306116104126, 0.6444435715675354),
+               (6.121831893920898, 1.070618748664856, 0.6505392789840698),
+               (6.018949031829834, 1.058609962463379, 0.6535705924034119)],
+}
+
+
+def test_the_default_run_is_the_one_before_study_v5s_code(tmp_path):
+    """Refactors keep the default run: its first 3 steps write the checkpoint ad896bd wrote, byte for
+    byte on this CPU's kernels, and the same losses to 1e-5 on any."""
+    out = str(tmp_path / "out")
+    r = run_here("train_sft.py", "--max_iters", "3", "--eval_interval", "3", "--eval_examples", "0",
+                 "--out_dir", out)
+    assert r.returncode == 0, r.stderr
+
+    assert torch.allclose(torch.tensor(losses(out)), torch.tensor(DEFAULT_RUN["losses"]), rtol=1e-5)
+    if torch.backends.cpu.get_cpu_capability() == DEFAULT_RUN["capability"]:
+        with open(os.path.join(out, "model.safetensors"), "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == DEFAULT_RUN["sha256"]
