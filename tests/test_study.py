@@ -297,3 +297,23 @@ def test_study_v5_search_at_4x_is_tested_along_its_schedule_on_matched_compute(m
     table = study.along(list(recs.values()))
     methods = {k.split("/")[1] for k in recs}
     assert len([x for x in table.splitlines() if x.startswith("| search |")]) == 8 * len(methods)
+
+
+def test_study_v5_search_at_4x_controls_answer_as_docs_study_says():
+    """What docs/study.md says of search at 4000 steps: every pause run is right on exactly the test
+    questions of one colour (it answers that colour to all 256), plain SFT too on seed 1, and plain
+    SFT's seed 2 is right on five of the six colours; every LVR run is right on all six."""
+    import tasks
+    recs = v5_records("study_v5_search4x.jsonl")
+    answers = [tasks.synthetic("test", i, 1337, task="search")["answer"] for i in range(256)]
+
+    def colours(key):  # the colours of the questions it is right on; one: exactly those questions
+        right = recs[key]["test"]["rows"]["with latents"]["right"]
+        got = {a for a, x in zip(answers, right) if x}
+        return len(got) if len(got) > 1 or right == [a in got for a in answers] else -1
+
+    for key in recs:
+        method, seed = key.split("/")[1], int(key.split("/")[2][4:])
+        want = {"pause": 1, "lvr": 6, "none": {1: 1, 2: 5}.get(seed)}[method]
+        if want is not None:
+            assert colours(key) == want, key
