@@ -301,8 +301,8 @@ def test_study_v5_search_at_4x_is_tested_along_its_schedule_on_matched_compute(m
 
 def test_study_v5_search_at_4x_controls_answer_as_docs_study_says():
     """What docs/study.md says of search at 4000 steps: every pause run is right on exactly the test
-    questions of one colour (it answers that colour to all 256), plain SFT too on seed 1, and plain
-    SFT's seed 2 is right on five of the six colours; every LVR run is right on all six."""
+    questions of one colour (it answers that colour to all 256), plain SFT too on seeds 1 and 3,
+    and plain SFT's seed 2 is right on five of the six colours; every LVR run on all six."""
     import tasks
     recs = v5_records("study_v5_search4x.jsonl")
     answers = [tasks.synthetic("test", i, 1337, task="search")["answer"] for i in range(256)]
@@ -314,6 +314,6 @@ def test_study_v5_search_at_4x_controls_answer_as_docs_study_says():
 
     for key in recs:
         method, seed = key.split("/")[1], int(key.split("/")[2][4:])
-        want = {"pause": 1, "lvr": 6, "none": {1: 1, 2: 5}.get(seed)}[method]
+        want = {"pause": 1, "lvr": 6, "none": {1: 1, 2: 5, 3: 1}.get(seed)}[method]
         if want is not None:
             assert colours(key) == want, key
