@@ -306,14 +306,15 @@ def test_study_v5_search_at_4x_controls_answer_as_docs_study_says():
     import tasks
     recs = v5_records("study_v5_search4x.jsonl")
     answers = [tasks.synthetic("test", i, 1337, task="search")["answer"] for i in range(256)]
+    plain_sft = {1: 1, 2: 5, 3: 1}  # seed -> the colours docs/study.md says it is right on
 
-    def colours(key):  # the colours of the questions it is right on; one: exactly those questions
-        right = recs[key]["test"]["rows"]["with latents"]["right"]
-        got = {a for a, x in zip(answers, right) if x}
-        return len(got) if len(got) > 1 or right == [a in got for a in answers] else -1
-
-    for key in recs:
+    for key, r in recs.items():
         method, seed = key.split("/")[1], int(key.split("/")[2][4:])
-        want = {"pause": 1, "lvr": 6, "none": {1: 1, 2: 5, 3: 1}.get(seed)}[method]
-        if want is not None:
-            assert colours(key) == want, key
+        want = {"pause": 1, "lvr": 6, "none": plain_sft.get(seed)}[method]
+        if want is None:  # (a seed the docs do not describe yet)
+            continue
+        right = r["test"]["rows"]["with latents"]["right"]
+        colours = {a for a, x in zip(answers, right) if x}
+        assert len(colours) == want, key
+        if want == 1:  # one colour: right on every question of it, so it answers it to all 256
+            assert right == [a in colours for a in answers], key

@@ -566,13 +566,11 @@ def test_a_run_stopped_part_way_on_its_schedule_resumes_to_the_whole_run(tmp_pat
 # `python train_sft.py --max_iters 3 --eval_interval 3 --eval_examples 0` there: its checkpoint's
 # sha256 and its losses. Bytes are the same on 1 and 2 threads; other CPU kernels (another
 # torch.backends.cpu capability) may round differently, so there only the losses are held.
-DEFAULT_RUN = {
-    "capability": "AVX512",
-    "sha256": "eed9f2e930b020f328fd243388899163a61120139b2c05294af7c3eaaa5b064f",
-    "losses": [(6.172074317932129, 1.089306116104126, 0.6444435715675354),
-               (6.121831893920898, 1.070618748664856, 0.6505392789840698),
-               (6.018949031829834, 1.058609962463379, 0.6535705924034119)],
-}
+DEFAULT_RUN_CAPABILITY = "AVX512"
+DEFAULT_RUN_SHA256 = "eed9f2e930b020f328fd243388899163a61120139b2c05294af7c3eaaa5b064f"
+DEFAULT_RUN_LOSSES = [(6.172074317932129, 1.089306116104126, 0.6444435715675354),  # (ce, latent, switch)
+                      (6.121831893920898, 1.070618748664856, 0.6505392789840698),
+                      (6.018949031829834, 1.058609962463379, 0.6535705924034119)]
 
 
 def test_the_default_run_is_the_one_before_study_v5s_code(tmp_path):
@@ -583,7 +581,7 @@ def test_the_default_run_is_the_one_before_study_v5s_code(tmp_path):
                  "--out_dir", out)
     assert r.returncode == 0, r.stderr
 
-    assert torch.allclose(torch.tensor(losses(out)), torch.tensor(DEFAULT_RUN["losses"]), rtol=1e-5)
-    if torch.backends.cpu.get_cpu_capability() == DEFAULT_RUN["capability"]:
+    assert torch.allclose(torch.tensor(losses(out)), torch.tensor(DEFAULT_RUN_LOSSES), rtol=1e-5)
+    if torch.backends.cpu.get_cpu_capability() == DEFAULT_RUN_CAPABILITY:
         with open(os.path.join(out, "model.safetensors"), "rb") as f:
-            assert hashlib.sha256(f.read()).hexdigest() == DEFAULT_RUN["sha256"]
+            assert hashlib.sha256(f.read()).hexdigest() == DEFAULT_RUN_SHA256
