@@ -301,12 +301,12 @@ def test_study_v5_search_at_4x_is_tested_along_its_schedule_on_matched_compute(m
 
 def test_study_v5_search_at_4x_controls_answer_as_docs_study_says():
     """What docs/study.md says of search at 4000 steps: every pause run is right on exactly the test
-    questions of one colour (it answers that colour to all 256), plain SFT too on seeds 1, 3, 4 and 5,
-    and plain SFT's seed 2 is right on five of the six colours; every LVR run on all six."""
+    questions of one colour (it answers that colour to all 256), plain SFT too on seeds 1, 3, 4
+    and 5, and plain SFT's seed 2 is right on five of the six colours; every LVR run on all six."""
     import tasks
     recs = v5_records("study_v5_search4x.jsonl")
     answers = [tasks.synthetic("test", i, 1337, task="search")["answer"] for i in range(256)]
-    plain_sft = {1: 1, 2: 5, 3: 1, 4: 1, 5: 1}  # seed -> the colours docs/study.md says it is right on
+    plain_sft = {1: 1, 2: 5, 3: 1, 4: 1, 5: 1}  # seed -> the colours docs/study.md says
 
     for key, r in recs.items():
         method, seed = key.split("/")[1], int(key.split("/")[2][4:])
