@@ -568,7 +568,8 @@ def test_a_run_stopped_part_way_on_its_schedule_resumes_to_the_whole_run(tmp_pat
 # torch.backends.cpu capability) may round differently, so there only the losses are held.
 DEFAULT_RUN_CAPABILITY = "AVX512"
 DEFAULT_RUN_SHA256 = "eed9f2e930b020f328fd243388899163a61120139b2c05294af7c3eaaa5b064f"
-DEFAULT_RUN_LOSSES = [(6.172074317932129, 1.089306116104126, 0.6444435715675354),  # (ce, latent, switch)
+# each step's (ce, latent, switch) losses
+DEFAULT_RUN_LOSSES = [(6.172074317932129, 1.089306116104126, 0.6444435715675354),
                       (6.121831893920898, 1.070618748664856, 0.6505392789840698),
                       (6.018949031829834, 1.058609962463379, 0.6535705924034119)]
 
