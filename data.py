@@ -11,6 +11,7 @@ the assistant turn and the batch the losses read; the file formats come after.
 import csv
 import functools
 import json
+import math
 import os
 import random
 import re
@@ -34,7 +35,9 @@ from cli import InputError
 class LatentTargets:
     """What a method's latent spans hold (train_sft's flags; a checkpoint's config.json records them
     as latent_targets, so that evaluate.py builds the same targets)."""
-    method: str = "lvr"  # lvr | mirage | none (plain SFT: no spans) | pause (the control)
+    # lvr | mirage | none (plain SFT: no spans) | pause (the control) | box (the bbox as text) |
+    # crop (the bbox as text, then a span fed the region it names)
+    method: str = "lvr"
     max_latents: int = 0  # LVR: latents per ROI, pooled to at most this many (0: all); pause: per span
     k: int = 4  # Mirage: latents per helper image
     latent_end: bool = False  # <|lvr_latent_end|> after each span's latents (the `latent` exit)
@@ -47,7 +50,9 @@ def encode(ex, tok, ids, targets=LatentTargets(), pixels=(3136, 12845056)):
 
     `targets`: LatentTargets. Method none drops the latent spans (plain SFT); mirage takes the k
     targets from the helper image; pause (the control) gives every span max_latents slots and no
-    targets. pixels: the images' (min_pixels, max_pixels).
+    targets; box writes each span's bbox as text instead (box_text); crop writes it, then a span
+    whose slots read the region it names (LVR's targets, fed, never reconstructed). pixels: the
+    images' (min_pixels, max_pixels).
     """
     method = targets.method
     pvs, grids = zip(*[vision.preprocess(im, *pixels) for im in ex["images"]])
@@ -64,7 +69,10 @@ def encode(ex, tok, ids, targets=LatentTargets(), pixels=(3136, 12845056)):
     if method == "mirage" and assistant.count("<lvr>") != 1:
         assistant = "<lvr>\n" + assistant.replace("<lvr>", "").lstrip("\n")
     for i, text in enumerate(assistant.split("<lvr>")):
-        if i > 0 and method != "none":  # a latent span, for the <lvr> before this piece of text
+        if i > 0 and method in ("box", "crop"):  # the bbox as text, in the image's own pixels
+            im = ex.get("bbox_images", [0] * i)[i - 1]
+            seq += tok.encode(box_text(ex["bboxes"][i - 1], grids[im]))
+        if i > 0 and method not in ("none", "box"):  # a span, for the <lvr> before this text
             if method == "mirage":
                 span = lvr.chunk_groups(vision.merged_tokens(helper[1]), targets.k)
             elif method == "pause":  # a fixed count, so that the rollout can end its spans by count
@@ -415,9 +423,9 @@ def image_settings(task, image_size, min_pixels, max_pixels, synthetic, bounds):
     return size, lo, hi
 
 
-def prompt_batch(exs, tok, min_pixels=3136, max_pixels=12845056):
+def prompt_batch(exs, tok, min_pixels=3136, max_pixels=12845056, prefix=None):
     """Examples -> the rollout's input: each question with all its images as one user turn,
-    left-padded.
+    left-padded; prefix: per example, token ids that open its assistant turn (a forced box).
 
     input_ids, attention_mask (B, T); pixel_values, grid_thw: every image, example by example;
     images: per example, its images' (pixel_values, grid_thw); n_image_tokens: per example, its
@@ -425,8 +433,8 @@ def prompt_batch(exs, tok, min_pixels=3136, max_pixels=12845056):
     images = [[vision.preprocess(im, min_pixels, max_pixels) for im in e["images"]] for e in exs]
     input_ids, mask = qwen.left_pad(
         [
-            tok.prompt(e["question"], [vision.merged_tokens(g) for _, g in ims])
-            for e, ims in zip(exs, images)
+            tok.prompt(e["question"], [vision.merged_tokens(g) for _, g in ims]) + forced
+            for e, ims, forced in zip(exs, images, prefix or [[]] * len(exs))
         ],
         tok.endoftext,
     )
@@ -512,3 +520,72 @@ def is_correct(completion, answer, map_desc=None):
     if len(gold.strip("()")) == 1 and gold.strip("()").isalpha():
         return letter_of(pred) == gold.strip("()")
     return pred == gold
+
+
+# -----------------------------------------------------------------------------
+# the bbox as text (--method box and crop): Qwen2.5-VL's grounding format, absolute pixels of the
+# image as the processor resized it (Qwen2-VL's 0-1000 scale and <|box_start|> are not 2.5's)
+
+BOX = re.compile(r'\{"bbox_2d":\s*\[([^\[\]{}]*)\]\}')  # one written box
+BOX_OPEN = '{"bbox_2d"'  # where a box begins, whether it parses or not
+
+
+def image_pixels(grid_thw):
+    """An image's (1, 3) grid of 14-pixel patches -> (width, height) as the model sees it."""
+    return int(grid_thw[0, 2]) * 14, int(grid_thw[0, 1]) * 14
+
+
+def box_text(bbox, grid_thw):
+    """A normalised bbox -> its text: {"bbox_2d": [x1, y1, x2, y2]} in the resized image's pixels."""
+    w, h = image_pixels(grid_thw)
+    x0, y0, x1, y1 = (round(v * s) for v, s in zip(bbox, (w, h, w, h)))
+    return json.dumps({"bbox_2d": [x0, y0, x1, y1]})
+
+
+def parse_box(match, grid_thw):
+    """One BOX match -> the normalised bbox it names, clipped to the image, or None where it is not
+    four numbers or clips to nothing (a written box is untrusted text)."""
+    try:
+        vals = [float(v) for v in match.group(1).split(",")]
+    except ValueError:
+        return None
+    w, h = image_pixels(grid_thw)
+    if len(vals) != 4 or not all(map(math.isfinite, vals)):
+        return None
+    x0, y0, x1, y1 = (min(max(v / s, 0.0), 1.0) for v, s in zip(vals, (w, h, w, h)))
+    return [x0, y0, x1, y1] if x0 < x1 and y0 < y1 else None
+
+
+def written_boxes(text, grid_thw):
+    """Every box a completion writes, in order -> list of normalised bboxes, None where one does
+    not parse (a box begun, BOX_OPEN, that is not a whole box counts as one that does not)."""
+    boxes = [parse_box(m, grid_thw) for m in BOX.finditer(text)]
+    return boxes + [None] * max(0, text.count(BOX_OPEN) - len(boxes))
+
+
+def after_boxes(text):
+    """The answer of a box or crop completion: the text after its last box."""
+    ends = [m.end() for m in BOX.finditer(text)]
+    return text[ends[-1]:] if ends else text
+
+
+def is_box_format(tokens, text, stop_ids, grid_thw):
+    """A box or crop completion (its tokens up to the stop; `text`: decoded) writes at least one
+    box, every box parses, a non-empty answer follows the last, and it stops."""
+    boxes = written_boxes(text, grid_thw)
+    return (bool(tokens) and tokens[-1] in stop_ids and bool(boxes) and None not in boxes
+            and bool(after_boxes(text).strip()))
+
+
+def box_iou(a, b):
+    """Intersection over union of two normalised bboxes."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union
+
+
+def centre_in(a, b):
+    """Whether bbox a's centre lies in bbox b (the box hit rate)."""
+    x, y = (a[0] + a[2]) / 2, (a[1] + a[3]) / 2
+    return b[0] <= x <= b[2] and b[1] <= y <= b[3]

@@ -73,7 +73,7 @@ max_latent_steps = 16  # [1, inf) latent budget in `token` / `latent` modes
 force_end = True  # force <|lvr_end|> after a span (false: the model's own next token, as the official code)
 end_metric = "checkpoint"  # {checkpoint, mse, cosine, l1} `latent` exit distance (checkpoint: as trained)
 end_threshold = Auto(float)  # (0, inf) `latent` exit threshold (auto: the checkpoint's, else 0.1)
-max_new_tokens = 32  # [1, inf) completion budget
+max_new_tokens = Auto(int)  # [1, inf) completion budget (auto: 32; box and crop 192: a box is ~27 tokens)
 diagnostics = True  # also the rows that replace the latents (disabled, dummy, swapped, oracle)
 bottleneck = False  # every row under LIVR's mask: the answer sees the image only through the slots
 # system
@@ -128,60 +128,150 @@ def span_lengths(is_latent):
     return runs
 
 
+def box_image(e, j):
+    """The image index of an example's j-th box (its bbox_images, else the first image)."""
+    named = e.get("bbox_images") or []
+    return named[j] if j < len(named) else 0
+
+
+def box_prefix(tok, e, grids, boxes):
+    """--method box, a forced row: the boxes' text as it opens the assistant turn (data.encode's
+    box method, up to the answer)."""
+    return tok.encode("".join(data.box_text(bb, grids[box_image(e, j)]) + "\n"
+                              for j, bb in enumerate(boxes)))
+
+
+def region_reader(tok, ids, exs, images, feats, max_latents, boxes=None):  # wide: one batch's all
+    """--method crop, one batch of the rollout -> its crop(row, tokens): row b's j-th span reads
+    the region the box its text wrote since its last span names (boxes: boxes[b][j] instead, the
+    diagnostics' forced boxes): the merged tokens roi_groups pools, as LVR's targets are made.
+    images: per row its images' (pixel_values, grid_thw); feats: per row its merged tokens."""
+    def crop(b, tokens):
+        turn = tokens[len(tokens) - tokens[::-1].index(tok.im_start):]  # the assistant turn
+        j = turn.count(ids.start) - 1
+        since = turn[len(turn) - turn[::-1].index(ids.end):] if ids.end in turn else turn
+        grids = [g for _, g in images[b]]
+        k = box_image(exs[b], j)
+        if boxes is None:
+            written = data.written_boxes(tok.decode(since), grids[k])
+            bbox = written[-1] if written else None
+        else:
+            bbox = boxes[b][j] if j < len(boxes[b]) else None
+        if bbox is None:  # (no box: the span ends at once)
+            return feats[b].new_zeros(0, feats[b].shape[-1]).float()
+        start = vision.token_offsets(grids)[k]
+        groups = [[start + i for i in g] for g in lvr.roi_groups(bbox, grids[k][0], max_latents)]
+        return lvr.averaging_matrix(groups, len(feats[b])).to(feats[b].device) @ feats[b].float()
+
+    return crop
+
+
+@dataclass
+class Scored:
+    """One completion, scored."""
+    right: bool
+    format: bool
+    hits: int  # latents (LVR) or boxes (box, crop) that hit the example's bboxes
+    looks: int  # the latents or the boxes counted by hits
+    iou: list  # box, crop: each written box's IoU with its true box
+
+
+def score_boxes(e, row, text, grids, stop, crop_ids=None):
+    """A box or crop completion -> Scored: the answer after its last box, the format (every box
+    parses; crop: each box opens one span), and each parsed box against the example's bbox in
+    order: its IoU and whether its centre lies in it (the hit rate)."""
+    written = data.written_boxes(text, grids[0])
+    fmt = data.is_box_format(row, text, stop, grids[0])
+    if crop_ids is not None:
+        fmt = fmt and row.count(crop_ids.start) == len(written)
+    pairs = [(data.parse_box(m, grids[box_image(e, j)]), t)
+             for j, (m, t) in enumerate(zip(data.BOX.finditer(text), e["bboxes"]))]
+    pairs = [(w, t) for w, t in pairs if w is not None]
+    return Scored(
+        data.is_correct(data.after_boxes(text), e["answer"], e.get("map_desc")), fmt,
+        hits=sum(data.centre_in(w, t) for w, t in pairs), looks=len(pairs),
+        iou=[data.box_iou(w, t) for w, t in pairs],
+    )
+
+
+def score_latents(e, row, text, ids, stop, fed, f, grids):  # wide: a row and its image's tokens
+    """An LVR, Mirage or pause completion -> Scored: its answer, its format (data.is_lvr_format),
+    and how many of its fed latents (n, C) land nearest (cosine) a merged token of f inside one of
+    the example's bboxes (a pause slot's input is one learned vector: none counted)."""
+    right = data.is_correct(text, e["answer"], e.get("map_desc"))
+    fmt = data.is_lvr_format(row, ids, stop_ids=stop, text=text)
+    if not e["bboxes"] or fed is None:
+        return Scored(right, fmt, hits=0, looks=0, iou=[])
+    start = vision.token_offsets(grids)
+    roi = [start[k] + j for bb, k in zip(e["bboxes"], e.get("bbox_images", [0] * len(e["bboxes"])))
+           for j in lvr.roi_indices(bb, grids[k][0])]
+    return Scored(right, fmt, hits=latent_hits(fed, f, roi), looks=len(fed), iou=[])
+
+
+# long: one batched rollout a chunk, then each row scored by its method
 @torch.no_grad()
-def evaluate(model, tok, ids, exs, decode, pixels=(3136, 28224), batch_size=32, feed=None):
-    """-> dict of accuracy, format, latent_steps, hit_rate (None without bboxes), the span lengths
-    (a Counter), per-example correctness, and per example the latents fed ((n, C) each). `decode`:
-    lvr.Decode; `pixels`: the images' (min_pixels, max_pixels). `feed`: per example, vectors to feed
-    at its latent steps instead of its own (the diagnostics). train_sft.py's periodic accuracy is
-    this too."""
+def evaluate(model, tok, ids, exs, decode, pixels=(3136, 28224), batch_size=32, feed=None,
+             boxes=None):  # wide: evaluate.py's and train_sft's settings, and the forced rows
+    """-> dict of accuracy, format, latent_steps, hit_rate (None without bboxes), iou (box, crop),
+    the span lengths (a Counter), per-example correctness, and per example the latents fed ((n, C)
+    each). `decode`: lvr.Decode; `pixels`: the images' (min_pixels, max_pixels). `feed`: per
+    example, vectors to feed at its latent steps instead of its own (the diagnostics); `boxes`:
+    per example, the boxes forced instead of its own (box: their text opens the answer; crop:
+    their regions fill the spans). train_sft.py's periodic accuracy is this too."""
     stop, device = [tok.im_end, tok.endoftext], model.lm_head.weight.device
-    right, fmt, steps, hit, n_lat, spans, fed = [], 0, 0, 0, 0, collections.Counter(), []
+    method = lvr.method_of(model.cfg)
+    scored, steps, spans, fed = [], 0, collections.Counter(), []
     for i in range(0, len(exs), batch_size):
         chunk = exs[i:i + batch_size]
-        p = data.prompt_batch(chunk, tok, *pixels)
+        forced = None if boxes is None else boxes[i:i + batch_size]
+        images = [[vision.preprocess(im, *pixels) for im in e["images"]] for e in chunk]
+        prefix = None
+        if method == "box" and forced is not None:
+            prefix = [box_prefix(tok, e, [g for _, g in ims], bb)
+                      for e, ims, bb in zip(chunk, images, forced)]
+        p = data.prompt_batch(chunk, tok, *pixels, prefix=prefix)
         feats = model.visual(p["pixel_values"].to(device), p["grid_thw"])
+        per_row = feats.split(p["n_image_tokens"])
         given = None
         if feed is not None:  # (B, K, C) and (B,): each row's vectors, zero-padded
             rows = [feed[i + b].float() for b in range(len(chunk))]
             given = lvr.Feed(torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(device),
                              torch.tensor([len(v) for v in rows], device=device))
+        crop = None
+        if method == "crop":
+            max_latents = model.cfg.extra["latent_targets"]["max_latents"]
+            crop = region_reader(tok, ids, chunk, p["images"], per_row, max_latents, forced)
         prompt = lvr.Prompt(
             p["input_ids"].to(device), p["attention_mask"].to(device), grid_thw=p["grid_thw"],
             feats=feats,
         )
-        r = lvr.rollout(
-            model, ids, prompt, decode=decode, sampling=lvr.Sampling(stop_ids=stop), feed=given
-        )
-        for b, (e, f) in enumerate(zip(chunk, feats.split(p["n_image_tokens"]))):
+        r = lvr.rollout(model, ids, prompt, decode=decode, sampling=lvr.Sampling(stop_ids=stop),
+                        feed=given, crop=crop)
+        for b, (e, f) in enumerate(zip(chunk, per_row)):
             row = data.until_stop(r.tokens[b, p["input_ids"].shape[1]:].tolist(), stop)
-            text = tok.decode(row)
-            right.append(data.is_correct(text, e["answer"], e.get("map_desc")))
-            fmt += data.is_lvr_format(row, ids, stop_ids=stop, text=text)
+            grids = [g for _, g in p["images"][b]]
+            lats = r.latents[b, r.is_latent[b]].cpu()
+            if method in ("box", "crop"):
+                text = tok.decode((prefix[b] if prefix else []) + row)
+                scored.append(score_boxes(e, row, text, grids, stop,
+                                          crop_ids=ids if method == "crop" else None))
+            else:
+                pause = lvr.is_pause(model.cfg)
+                scored.append(score_latents(e, row, tok.decode(row), ids, stop,
+                                            fed=None if pause else lats, f=f, grids=grids))
             steps += int(r.is_latent[b].sum())
             spans.update(span_lengths(r.is_latent[b]))
-            fed.append(r.latents[b, r.is_latent[b]].cpu())
-            # the ROI tokens of every bbox, on its own image's tokens within the row's features
-            # (a pause slot's input is one learned vector)
-            if e["bboxes"] and not lvr.is_pause(model.cfg):
-                grids = [g for _, g in p["images"][b]]
-                start = vision.token_offsets(grids)
-                roi = [
-                    start[k] + j
-                    for bb, k in zip(e["bboxes"], e.get("bbox_images", [0] * len(e["bboxes"])))
-                    for j in lvr.roi_indices(bb, grids[k][0])
-                ]
-                hit += latent_hits(r.latents[b, r.is_latent[b]], f, roi)
-                n_lat += int(r.is_latent[b].sum())
+            fed.append(lats)
 
-    n = len(exs)
+    n, looks, ious = len(exs), sum(x.looks for x in scored), [v for x in scored for v in x.iou]
     return {
-        "accuracy": sum(right) / n,
-        "format": fmt / n,
+        "accuracy": sum(x.right for x in scored) / n,
+        "format": sum(x.format for x in scored) / n,
         "latent_steps": steps / n,
-        "hit_rate": hit / n_lat if n_lat else None,
+        "hit_rate": sum(x.hits for x in scored) / looks if looks else None,
+        "iou": sum(ious) / len(ious) if ious else None,
         "spans": spans,
-        "right": right,
+        "right": [x.right for x in scored],
         "latents": fed,
     }
 
@@ -197,7 +287,7 @@ def targets_of(model, tok, ids, exs, min_pixels=3136, max_pixels=28224, device="
     out = []
     for e in exs:
         has_targets = e.get("helper") if method == "mirage" else e["bboxes"]
-        if method in ("none", "pause") or not has_targets:
+        if method in ("none", "pause", "box", "crop") or not has_targets:  # (box, crop: boxes)
             out.append(None)
             continue
         pixels = (min_pixels, max_pixels)
@@ -235,28 +325,44 @@ MIN_VALUE = 0.02  # a target worth less accuracy than this over the dummy carrie
 @dataclass
 class Conditions:
     """When a latent pays, read off the rows: its target must carry what the answer needs (value)
-    and the model must produce it (the share of that value its own latents recover)."""
-    value: float  # oracle - dummy: the accuracy the targets add over a contentless vector
-    produced: float | None  # (own - dummy) / (oracle - dummy); None where value < MIN_VALUE
+    and the model must produce it (the share of that value its own latents recover). For box and
+    crop the same with boxes: the true box against another example's (swapped), and the share of
+    that its own boxes recover."""
+    value: float  # oracle - base: the accuracy the targets add over the base
+    produced: float | None  # (own - base) / (oracle - base); None where value < MIN_VALUE
+    base: str = "dummy"  # the contentless row: dummy latents, or (box, crop) swapped boxes
 
     def lines(self):
-        out = [f"target value: oracle - dummy = {self.value:+.3f}"]
+        out = [f"target value: oracle - {self.base} = {self.value:+.3f}"]
         if self.produced is None:
             return out + [f"produced: none to measure: the target carries nothing to produce "
                           f"(value under {MIN_VALUE})"]
-        return out + [f"produced: (own - dummy) / (oracle - dummy) = {self.produced:.3f}"]
+        return out + [
+            f"produced: (own - {self.base}) / (oracle - {self.base}) = {self.produced:.3f}"
+        ]
 
 
 def conditions(rows):
     """The rows ({name: {"accuracy": ...}}, evaluate's or a saved file's) -> Conditions, or None
-    without both an oracle and a dummy row."""
-    if "oracle latents" not in rows or "dummy latents" not in rows:
+    without both an oracle and a base row (LVR's dummy latents; box and crop's swapped boxes)."""
+    if {"oracle boxes", "swapped boxes"} <= set(rows):
+        names, base = ("with own boxes", "swapped boxes", "oracle boxes"), "swapped"
+    elif {"oracle latents", "dummy latents"} <= set(rows):
+        names, base = ("with latents", "dummy latents", "oracle latents"), "dummy"
+    else:
         return None
-    own, dummy, oracle = (
-        rows[k]["accuracy"] for k in ("with latents", "dummy latents", "oracle latents")
-    )
-    value = oracle - dummy
-    return Conditions(value, (own - dummy) / value if value >= MIN_VALUE else None)
+    own, low, oracle = (rows[k]["accuracy"] for k in names)
+    value = oracle - low
+    return Conditions(value, (own - low) / value if value >= MIN_VALUE else None, base=base)
+
+
+def box_rows(run, exs):
+    """Box and crop's diagnostics, each with every box forced (run: evaluate's, with boxes=):
+    oracle (the true boxes) and swapped (the next example's boxes)."""
+    true = [e["bboxes"] for e in exs]
+    if not any(true):
+        return {}
+    return {"oracle boxes": run(boxes=true), "swapped boxes": run(boxes=true[1:] + true[:1])}
 
 
 def replaced_rows(model, tok, ids, exs, decode, own, targets):
@@ -306,9 +412,12 @@ def resolve(config):
         task, image_size, min_pixels, max_pixels=max_pixels, synthetic=data_path == "synthetic",
         bounds=bounds,
     )
-    how, steps = lvr.span_count(checkpoint.read_config(path), decoding, cli.given(lvr_steps))
+    cfg = checkpoint.read_config(path)
+    how, steps = lvr.span_count(cfg, decoding, cli.given(lvr_steps))
+    boxes = lvr.method_of(cfg) in ("box", "crop")
     return {"dtype": parallel.autocast_dtype(dtype, device), "image_size": size, "min_pixels": lo,
-            "max_pixels": hi, "init_from": path, "decoding": how, "lvr_steps": steps}
+            "max_pixels": hi, "init_from": path, "decoding": how, "lvr_steps": steps,
+            "max_new_tokens": cli.given(max_new_tokens) or (192 if boxes else 32)}
 
 
 def main(argv):
@@ -331,6 +440,11 @@ def main(argv):
     disabled = dataclasses.replace(decode, decoding="steps", lvr_steps=0, force_end=True)
     run = functools.partial(evaluate, model, tok, ids, exs, pixels=(min_pixels, max_pixels),
                             batch_size=batch_size)
+    if lvr.method_of(model.cfg) in ("box", "crop"):  # (the box, written, is what they produce)
+        rows = {"with own boxes": run(decode)}
+        rows.update(box_rows(functools.partial(run, decode), exs) if diagnostics else {})
+        report(rows, exs, geo=None, rescaled=False)
+        return save_rows(rows, geo=None)
     rows = {"with latents": run(decode)}  # each row's name -> evaluate's result
 
     # (the geometry needs them)
@@ -347,8 +461,14 @@ def main(argv):
 
     geo = geometry(rows["with latents"], targets)
     report(rows, exs, geo, rescaled="latent_norm" in model.cfg.extra)
-    if save:  # (what tools/study.py reads: the paired comparisons need each example's correctness)
-        keep = ("accuracy", "format", "latent_steps", "hit_rate", "right")
+    save_rows(rows, geo)
+
+
+def save_rows(rows, geo):
+    """--save: the rows, each with every example's correctness (tools/study.py's paired
+    comparisons need it), and the geometry."""
+    if save:
+        keep = ("accuracy", "format", "latent_steps", "hit_rate", "iou", "right")
         out = {"rows": {name: {k: r[k] for k in keep} for name, r in rows.items()},
                "geometry": None if geo is None else dataclasses.asdict(geo)}
         with open(save, "w") as f:
@@ -381,17 +501,21 @@ def report(rows, exs, geo, rescaled):
             if rescaled else ""))
         print(f"latent distance to its target (own latents): {geo.distance:.3f} "
               f"(target norm {geo.target_norm:.3f})")
+    own = next(iter(rows.values()))  # (the model's own row: with latents, or with own boxes)
+    if own.get("iou") is not None:
+        print(f"box IoU with the true box (own boxes): {own['iou']:.3f}; hit rate: the share of "
+              f"parsed boxes whose centre lies in the true box")
     if conditions(rows) is not None:
         print("\n".join(conditions(rows).lines()))
 
-    own = rows["with latents"]
     budget = lvr_steps if decoding == "steps" else max_latent_steps
-    print(
-        "latent steps per span (with latents): "
-        + ", ".join(f"{k}: {v}" for k, v in sorted(own["spans"].items()))
-        + f"; {own['spans'][budget]} of {sum(own['spans'].values())} spans ran to the budget of "
-        f"{budget}"
-    )
+    if own["spans"] and "with latents" in rows:  # (crop's spans are its regions' lengths)
+        print(
+            "latent steps per span (with latents): "
+            + ", ".join(f"{k}: {v}" for k, v in sorted(own["spans"].items()))
+            + f"; {own['spans'][budget]} of {sum(own['spans'].values())} spans ran to the budget "
+            f"of {budget}"
+        )
     for name, ok in sorted(by_group(exs, own["right"], "category").items()):
         print(f"category {name}: accuracy {sum(ok) / len(ok):.3f} on {len(ok)}")
     pairs = by_group(exs, own["right"], "pair")

@@ -21,6 +21,7 @@ embedding, not a vector (slot_inputs); LIVR's bottleneck is a mask the callers h
 Where this departs from the official code and why, and where the official code is wrong:
 docs/method.md. The rollout records which decisions it sampled; grpo.py trains on exactly those.
 """
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -189,9 +190,15 @@ def to_latent(model, h):
     return model.lvr_head(h) if hasattr(model, "lvr_head") else h
 
 
+def method_of(cfg):
+    """The method a checkpoint's config says it was trained with (train_sft's --method; lvr where
+    it records none, as an official checkpoint)."""
+    return cfg.extra.get("latent_targets", {}).get("method", "lvr")
+
+
 def is_pause(cfg):
     """Whether a checkpoint's config says it was trained as the pause control (--method pause)."""
-    return cfg.extra.get("latent_targets", {}).get("method") == "pause"
+    return method_of(cfg) == "pause"
 
 
 def latent_input(model, h):
@@ -319,7 +326,7 @@ def sft_loss(model, batch, terms=LossTerms(), freeze_vision=True, bottleneck=Fal
         attend = bottleneck_attend(blind_positions(batch, image_id), input_ids == image_id)
     h = model(input_ids, inputs_embeds=x, attention_mask=mask, position_ids=pos, attend=attend)
     ce = supervised_ce(model, h, labels)
-    if is_pause(model.cfg):  # (no targets: nothing to reconstruct)
+    if method_of(model.cfg) in ("pause", "crop"):  # (pause: no targets; crop's are fed, not made)
         lat = ce.new_zeros(())
     elif len(b):
         lat = latent_distance(to_latent(model, h[b, t - 1]), targets, terms.latent_loss)
@@ -506,9 +513,13 @@ def exit_one(rule, ids, tok, vec, n_lat):
         return ids.end if force_end else tok, None, True
     if decoding == "token" and tok in rule.exits and n_lat > 0:  # the model's own exit token
         return tok, ids.end if tok != ids.end and force_end else None, True
-    if decoding == "latent" and n_lat > 0:  # near the end vector: <|lvr_latent_end|>, <|lvr_end|>
-        d = float(end_distance(vec, rule.end_vec, kind=rule.decode.end_metric, scaled=rule.scaled))
-        if d < rule.decode.end_threshold or n_lat >= rule.budget:
+    # near the end vector (never before the first latent), or the budget: <|lvr_latent_end|>, then
+    # <|lvr_end|>
+    if decoding == "latent":
+        near = n_lat > 0 and float(end_distance(
+            vec, rule.end_vec, kind=rule.decode.end_metric, scaled=rule.scaled
+        )) < rule.decode.end_threshold
+        if near or n_lat >= rule.budget:
             return ids.latent_end, ids.end if force_end else None, True
     if decoding == "token" and n_lat >= rule.budget:  # the budget
         return ids.end, None, True
@@ -516,11 +527,14 @@ def exit_one(rule, ids, tok, vec, n_lat):
 
 
 @torch.no_grad()
-def rollout_one(model, ids, prompt, pixel_values, grid_thw, decode, stop_ids=None):
+# wide: the rollout's inputs for one row (a list prompt, its images) beside rollout's Prompt
+def rollout_one(model, ids, prompt, pixel_values, grid_thw, decode, stop_ids=None, crop=None):
     """The rollout to read first: one row, greedy, the whole sequence recomputed at every step ->
     (tokens, the latents fed). `prompt`: a list of ids; `decode`: Decode; stop_ids: the tokens that
-    end the row outside a span (None: the model's). `rollout` below does the same for many rows at
-    once, with a KV cache, sampling and the diagnostics; the tests hold it to this one."""
+    end the row outside a span (None: the model's). crop (--method crop): crop(row, tokens) -> the
+    (n, C) region the box written in `tokens` names, read by the span's n slots (then <|lvr_end|>).
+    `rollout` below does the same for many rows at once, with a KV cache, sampling and the
+    diagnostics; the tests hold it to this one."""
     rule = exit_rule(model, ids, decode)  # (the budget, the exit tokens, the end vector)
     seq, latents, stop = list(prompt), [], stop_ids or model.default_stop_ids()
     x = model.embed(torch.tensor([seq]), pixel_values, grid_thw)[0]  # (T, C)
@@ -528,22 +542,33 @@ def rollout_one(model, ids, prompt, pixel_values, grid_thw, decode, stop_ids=Non
         torch.tensor([seq]), grid_thw, None, image_token_id=model.cfg.image_token_id
     )
     in_span, n_lat, force = seq[-1] == ids.start, 0, None
+    if crop is not None and in_span:  # (a prompt that ends in a box and <|lvr_start|>)
+        region = crop(0, seq)[:decode.max_latent_steps]
+        rule = dataclasses.replace(rule, budget=len(region))
     for _ in range(decode.max_new_tokens):
         # generated tokens have text positions (three equal rows), counting on from the prompt's
         n = len(seq) - len(prompt)
         at = torch.cat([pos, (pos.max() + 1 + torch.arange(n)).expand(3, 1, -1)], 2)
         h = model(inputs_embeds=x[None], position_ids=at)[0, -1]  # (C,)
-        tok = int(model.lm_head(h).argmax()) if force is None else force
-        vec, force = latent_input(model, h[None]), None  # (1, C)
-        if in_span:
+        tok = int(model.lm_head(h).argmax()) if force is None else force  # (its own, or forced)
+        vec, force, latent_step = latent_input(model, h[None]), None, False  # (1, C)
+        if in_span:  # the exit rule decides: leave with a token, or take a latent step
             tok, force, leave = exit_one(rule, ids, tok, vec=vec, n_lat=n_lat)
+            latent_step = not leave
+            if crop is not None and latent_step:  # crop: the slot reads the region its box names
+                vec = region[n_lat][None]
             in_span, n_lat = (False, 0) if leave else (True, n_lat + 1)
-        in_span = in_span or tok == ids.start  # (also as it leaves: the next span opens at once)
+        opens = not in_span and tok == ids.start  # (also as it leaves: the next span opens at once)
+        if crop is not None and opens:
+            region = crop(0, seq + [tok])[:decode.max_latent_steps]
+            rule = dataclasses.replace(rule, budget=len(region))
+        in_span = in_span or opens
 
-        # a latent step reads its own hidden state; any other step its token's embedding
+        # a latent step reads its own hidden state (crop: its region); any other step its token's
+        # embedding, a stray <|lvr|> outside a span included
         fed = slot_inputs(model, model.token_embeds(torch.tensor([tok])),
-                          at=torch.tensor([tok == ids.latent]), v=vec)  # (1, C)
-        latents += [fed[0]] if tok == ids.latent else []
+                          at=torch.tensor([latent_step]), v=vec)  # (1, C)
+        latents += [fed[0]] if latent_step else []
         x, seq = torch.cat([x, fed]), seq + [tok]
         if not in_span and tok in stop:
             break
@@ -619,11 +644,13 @@ def exit_rule(model, ids, decode):
 
 def span_count(cfg, decoding, lvr_steps):
     """--decoding and --lvr_steps, where left at auto (None), for a checkpoint's config -> (decoding,
-    lvr_steps): a pause checkpoint ends its spans by the count it was trained with (`steps`); any
-    other by its own token (`token`), `steps` counting official LVR's 8."""
+    lvr_steps): a pause checkpoint ends its spans by the count it was trained with (`steps`), a
+    crop checkpoint by its region's (`steps`, each span's count set by its box); any other by its
+    own token (`token`), `steps` counting official LVR's 8."""
     pause = is_pause(cfg)
     count = cfg.extra["latent_targets"]["max_latents"] if pause else 8
-    how = ("steps" if pause else "token") if decoding == "auto" else decoding
+    by_count = pause or method_of(cfg) == "crop"
+    how = ("steps" if by_count else "token") if decoding == "auto" else decoding
     return how, count if lvr_steps is None else lvr_steps
 
 
@@ -726,8 +753,32 @@ def advance(s, out, tok, latent_step, start, stop):
     )
 
 
+class Regions:
+    """--method crop in the batched rollout: as a row opens a span, crop(row, its tokens so far)
+    reads its box -> the (n, C) region its slots read; the n (at most R) is the span's budget."""
+
+    def __init__(self, crop, h, most):
+        self.crop = crop
+        self.vectors = h.new_zeros(len(h), most, h.shape[-1])  # (B, R, C)
+        self.budget = torch.zeros(len(h), dtype=torch.long, device=h.device)  # (B,)
+
+    def read(self, opened, tokens):
+        """The rows in `opened` (B,) bool read their boxes; tokens(b): row b so far."""
+        for b in opened.nonzero().flatten().tolist():
+            v = self.crop(b, tokens(b))[:self.vectors.shape[1]]
+            self.vectors[b, :len(v)] = v.to(self.vectors.dtype)
+            self.budget[b] = len(v)
+
+    def at(self, n_lat):
+        """(B,) each row's slot in its span -> (B, C) the region vector it reads."""
+        rows = torch.arange(len(n_lat), device=n_lat.device)
+        return self.vectors[rows, n_lat.clamp(max=self.vectors.shape[1] - 1)]
+
+
 @torch.no_grad()
-def rollout(model, ids, prompt, decode=Decode(), sampling=Sampling(), group_size=1, feed=None):
+# wide: the rollout's one entry: what it decodes, how, how many per prompt, what it is fed
+def rollout(model, ids, prompt, decode=Decode(), sampling=Sampling(), group_size=1, feed=None,
+            crop=None):
     """Generate with latent steps, batched and KV-cached -> Rollout: `rollout_one` for B*G rows at
     once. `ids`: LatentIds; `prompt`: Prompt (left-padded); `group_size` G: row r samples prompt r
     // G. A row enters a span after it emits <|lvr_start|>; in it, its input is its previous last
@@ -736,7 +787,8 @@ def rollout(model, ids, prompt, decode=Decode(), sampling=Sampling(), group_size
     the budget; then <|lvr_end|> is forced (force_end=False: the model's own next token follows, as
     the official code). Stop tokens do not end a row in a span. `feed`: the diagnostics' latents;
     Sampling.latent_sigma > 0: latents explored (fed_latent). Decode.bottleneck: LIVR's mask, as
-    train_sft --bottleneck trains it: the prompt and the text steps see no image token."""
+    train_sft --bottleneck trains it: the prompt and the text steps see no image token. `crop`:
+    rollout_one's (Regions)."""
     rule = exit_rule(model, ids, decode)
     dev = prompt.input_ids.device
     stop = torch.tensor(list(sampling.stop_ids) or model.default_stop_ids(), device=dev)
@@ -748,7 +800,11 @@ def rollout(model, ids, prompt, decode=Decode(), sampling=Sampling(), group_size
     )
     zero, no = torch.zeros_like(input_ids[:, 0]), torch.zeros_like(input_ids[:, 0], dtype=torch.bool)
     s = Spans(input_ids[:, -1] == ids.start, zero, zero, force=zero - 1, done=no)
-    steps = []
+    steps, regions = [], None if crop is None else Regions(crop, h, most=decode.max_latent_steps)
+    tokens = lambda b: input_ids[b].tolist() + [int(step.tok[b]) for step in steps]  # noqa: E731
+    if regions is not None:  # (a prompt may end in a box and <|lvr_start|>)
+        rule = dataclasses.replace(rule, budget=regions.budget)
+        regions.read(s.in_span, tokens)
     for i in range(decode.max_new_tokens):
         # 3) every row samples; a token forced by the previous step replaces the sample
         tok = qwen.sample(
@@ -763,6 +819,7 @@ def rollout(model, ids, prompt, decode=Decode(), sampling=Sampling(), group_size
         out = span_exit(rule, ids, tok, vec=vec, in_lat=s.in_span, n_lat=s.n_lat)
         latent_step = s.in_span & ~out.leave & ~s.done
         vec = fed_latent(vec, sampling, feed=feed, k_lat=s.k_lat)
+        vec = vec if regions is None else regions.at(s.n_lat).to(vec.dtype)  # crop: its region
         tok = torch.where(s.done, stop[0], torch.where(latent_step, ids.latent, out.tok))
         text = model.token_embeds(tok[:, None])[:, 0]  # (official LVR: its own <|lvr_latent_end|>)
         x = slot_inputs(model, text, at=latent_step, v=vec)  # (B, C)
@@ -775,6 +832,8 @@ def rollout(model, ids, prompt, decode=Decode(), sampling=Sampling(), group_size
         s = advance(s, out, tok, latent_step=latent_step, start=ids.start, stop=stop)
         fed = torch.where(latent_step[:, None], x, 0.0)
         steps.append(Step(tok, fed, is_latent=latent_step, sampled=sampled, done=s.done))
+        if regions is not None:  # (a sync, under crop alone)
+            regions.read(s.in_span & ~latent_step & (tok == ids.start), tokens)
         if i == decode.max_new_tokens - 1 or (i % 16 == 15 and bool(s.done.all())):  # (a sync)
             break
 

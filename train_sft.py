@@ -58,7 +58,7 @@ max_pixels = Auto(int)  # [1, inf) largest image area (auto: as trained, else 40
 data_workers = 2  # [0, inf) DataLoader processes preparing batches (0: on the training thread)
 seed = 1337  # [0, inf) seeds the model init and the synthetic data
 # method
-method = "lvr"  # {lvr, mirage, none, pause} none: plain SFT; pause: LVR's slots fed one learned vector
+method = "lvr"  # {lvr, mirage, none, pause, box, crop} none: plain SFT; box: bbox as text; crop: + region
 stage = 1  # [1, 2] 1: teacher-forced latents; 2: its own latents fed back (LVR: + their latent loss)
 ce_weight = Auto(float)  # [0, inf) weight of the text CE (auto: Mirage from a checkpoint 0.1, else 1)
 latent_weight = Auto(float)  # [0, inf) weight of the latent loss (auto: Mirage from a checkpoint 1, else 0.1)
@@ -105,7 +105,7 @@ def loss_of(model, batch, blinded=False):
 
     terms = lvr.LossTerms(
         ce_weight, latent=latent_weight, latent_loss=latent_loss,
-        switch=0.0 if method == "pause" else switch_weight,  # (pause spans end by count)
+        switch=0.0 if method in ("pause", "crop") else switch_weight,  # (they end by count)
     )
     return lvr.sft_loss(
         model, batch, terms, freeze_vision=freeze_vision, bottleneck=blinded
@@ -240,7 +240,7 @@ def first_batch(root, model, tok, ids, records, rank, dev):
                  for im in examples(0, 1, records)[0]["images"]]
         print(f"first example: {len(sizes)} image(s) of {', '.join(map(str, sizes))} merged tokens")
 
-    if (latent_loss == "cosine" and method not in ("none", "pause") and stage == 1
+    if (latent_loss == "cosine" and method in ("lvr", "mirage") and stage == 1
             and "latent_norm" not in model.cfg.extra):
         # (FSDP: resharded after, so the optimizer gets the shards)
         with parallel.gathered(root, fsdp):
@@ -386,18 +386,23 @@ def held_out_accuracy(root, model, tok, ids, records, held_out, dev, step):
     rank, world = parallel.rank_world()
     model.eval()
 
-    # the longest span, and some
-    budget = max(len(collated([e], tok, ids)["latent_slot"]) for e in exs) + 4
+    # the longest span and the longest completion (a box is ~27 tokens), and some
+    rows = [collated([e], tok, ids) for e in exs]
+    budget = max(len(r["latent_slot"]) for r in rows) + 4
+    longest = max(int((r["labels"] != -100).sum()) + len(r["latent_slot"]) for r in rows)
     right = torch.zeros(1, device=dev)
     with parallel.gathered(root, fsdp), cli.out_of_memory("an evaluation", EVAL_OOM, out_dir):
         if exs[rank::world]:
             # Mirage spans are always k long, pause spans max_latents; LVR spans differ per row: the
             # model ends them
-            decoding = "latent" if latent_end else "steps" if method in ("mirage", "pause") else "token"
+            # (crop: each span as long as its box's region)
+            by_count = method in ("mirage", "pause", "crop")
+            decoding = "latent" if latent_end else "steps" if by_count else "token"
             count = max_latents if method == "pause" else mirage_k
             decode = lvr.Decode(
                 decoding, lvr_steps=count, max_latent_steps=budget, force_end=True,
-                end_metric=latent_loss, end_threshold=end_threshold, max_new_tokens=48,
+                end_metric=latent_loss, end_threshold=end_threshold,
+                max_new_tokens=max(48, longest + 16),
                 bottleneck=step <= blinded_steps(),  # (as the model was last trained)
             )
             pixels = (min_pixels, max_pixels)
@@ -427,14 +432,14 @@ def check():
         "--stage 2 continues a stage-1 checkpoint (LVR or Mirage): give it with --init_from "
         "(or --resume true on a copy of its run, to keep its optimizer and data stream)",
     )
-    cli.require(not (stage == 2 and method in ("none", "pause")),
+    cli.require(not (stage == 2 and method in ("none", "pause", "box", "crop")),
                 f"--stage 2 trains latents: --method {method} has none")
-    cli.require(not (bottleneck and (method == "none" or stage == 2)),
+    cli.require(not (bottleneck and (method in ("none", "box", "crop") or stage == 2)),
                 "--bottleneck true needs latent slots to pass the image through, in stage 1 "
                 "(--method lvr, mirage or pause)")
     cli.require(
-        not (method == "pause" and (latent_head or latent_end)),
-        "--method pause feeds one learned vector: it has no latent head and no `latent` exit",
+        not (method in ("pause", "box", "crop") and (latent_head or latent_end)),
+        f"--method {method} produces no latent: it has no latent head and no `latent` exit",
     )
     cli.require(min_lr <= lr, f"--min_lr {min_lr} is above --lr {lr}")
     cli.require(method != "pause" or max_latents > 0,

@@ -84,7 +84,8 @@ QUICK = ["--tasks", "vsp", "--methods", "lvr,grpo", "--max_iters", "4",
          "--test_examples", "4", "--seeds", "1", "--grpo_lrs", "2e-5", "--lvr_regions", "box:2",
          "--budget", "4", "--grpo_batch_size", "2", "--group_size", "4", "--resamples", "200"]
 BASES = {"none": "plain SFT", "lvr": "LVR", "mirage": "Mirage", "pause": "pause tokens",
-         "livr": "pause + bottleneck (LIVR)", "lvrbn": "LVR + bottleneck"}
+         "livr": "pause + bottleneck (LIVR)", "lvrbn": "LVR + bottleneck",
+         "box": "box as text", "crop": "box, then its region"}
 FLAGS = {"livr": ["--method", "pause", "--bottleneck", "true"],
          "lvrbn": ["--method", "lvr", "--bottleneck", "true"]}  # (the others: --method itself)
 CONTINUED = {
@@ -97,7 +98,8 @@ NAMES = {
 }
 COMPARISONS = [("lvr", "none"), ("mirage", "none"), ("mirage", "lvr"), ("pause", "none"),
                ("livr", "none"), ("lvrbn", "none"), ("lvr", "pause"), ("mirage", "pause"),
-               ("livr", "pause"), ("lvrbn", "pause"), ("lvrbn", "lvr")] + [
+               ("livr", "pause"), ("lvrbn", "pause"), ("lvrbn", "lvr"), ("lvr", "box"),
+               ("lvr", "crop"), ("box", "none"), ("crop", "none"), ("crop", "box")] + [
     pair for b in BASES for pair in [(f"{b}+grpo0", f"{b}+control"), (f"{b}+grpo", f"{b}+control"),
                                      (f"{b}+stage2", f"{b}+control"), (f"{b}+grpo", f"{b}+grpo0"),
                                      (f"{b}+grpo0", b), (f"{b}+stage2", b), (f"{b}+grpo", b),
