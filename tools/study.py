@@ -347,6 +347,22 @@ def grpo_run(done, task, base_method, seed, base, lr, sigma, macs, sigma_name, k
     return record(done, grpo_key(task, base_method, seed, lr=lr, sigma_name=sigma_name), go)
 
 
+def own_row(rows):
+    """An evaluation's own row: with latents, or (box, crop) with own boxes."""
+    return rows["with latents"] if "with latents" in rows else rows["with own boxes"]
+
+
+def three_rows(rows):
+    """An evaluation's (own, base, oracle) rows, or None without them: LVR's with / dummy / oracle
+    latents; box and crop's own / swapped / oracle boxes (the base: a row without the example's
+    content)."""
+    for names in [("with latents", "dummy latents", "oracle latents"),
+                  ("with own boxes", "swapped boxes", "oracle boxes")]:
+        if set(names) <= set(rows):
+            return [rows[n] for n in names]
+    return None
+
+
 def val_accuracy(rec, row="with latents"):
     return rec["val"]["rows"].get(row, {"accuracy": 0.0})["accuracy"]
 
@@ -506,8 +522,8 @@ def interval(recs, task, a, b):
     ra, rb = reported(recs, task, a), reported(recs, task, b)
     if not set(ra) & set(rb) or a == b:
         return "-"
-    right = {s: r["test"]["rows"]["with latents"]["right"] for s, r in ra.items()}
-    other = {s: r["test"]["rows"]["with latents"]["right"] for s, r in rb.items()}
+    right = {s: own_row(r["test"]["rows"])["right"] for s, r in ra.items()}
+    other = {s: own_row(r["test"]["rows"])["right"] for s, r in rb.items()}
     mean, low, high = bootstrap(right, other, resamples)
     return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
 
@@ -515,7 +531,7 @@ def interval(recs, task, a, b):
 def answer(recs):
     """The README's table, markdown: per task and SFT method, test accuracy (mean ± std over the
     reported seeds), its paired difference with plain SFT and with the pause control (95% intervals),
-    and its own row minus its dummy row (does the content matter?)."""
+    and its own row minus its dummy row (box, crop: its swapped row; does the content matter?)."""
     lines = ["| task | method | seeds | accuracy | - plain SFT | - pause | own - dummy | value | "
              "produced |", "|---|---|---|---|---|---|---|---|---|"]
     for task in tasks.split(","):
@@ -524,10 +540,9 @@ def answer(recs):
             if not runs:
                 continue
             rows = [r["test"]["rows"] for r in runs.values()]
-            acc = [x["with latents"]["accuracy"] for x in rows]
+            acc = [own_row(x)["accuracy"] for x in rows]
             sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
-            gap = [x["with latents"]["accuracy"] - x["dummy latents"]["accuracy"] for x in rows
-                   if "dummy latents" in x]
+            gap = [t[0]["accuracy"] - t[1]["accuracy"] for t in map(three_rows, rows) if t]
             lines.append(f"| {task} | {NAMES[method]} | {len(acc)} | {statistics.mean(acc):.3f} ± "
                          f"{sd:.3f} | {interval(recs, task, method, 'none')} | "
                          f"{interval(recs, task, method, 'pause')} | "
@@ -537,16 +552,15 @@ def answer(recs):
 
 
 def two_conditions(rows):
-    """The seeds' test rows -> (value, produced) as table cells: the mean of oracle - dummy, and the
-    mean of own - dummy over it (a ratio of means: a seed's own share is noise where its value is
-    small); "-" without the rows, "none" where the value is under evaluate.MIN_VALUE."""
-    have = [x for x in rows if "oracle latents" in x and "dummy latents" in x]
+    """The seeds' test rows -> (value, produced) as table cells: the mean of oracle - dummy (box,
+    crop: - swapped), and the mean of own - dummy over it (a ratio of means: a seed's own share is
+    noise where its value is small); "-" without the rows, "none" where the value is under
+    evaluate.MIN_VALUE."""
+    have = [t for t in map(three_rows, rows) if t]  # (box, crop: the swapped row is the base)
     if not have:
         return "-", "-"
-    value = statistics.mean(x["oracle latents"]["accuracy"] - x["dummy latents"]["accuracy"]
-                            for x in have)
-    gap = statistics.mean(x["with latents"]["accuracy"] - x["dummy latents"]["accuracy"]
-                          for x in have)
+    value = statistics.mean(oracle["accuracy"] - base["accuracy"] for _, base, oracle in have)
+    gap = statistics.mean(own["accuracy"] - base["accuracy"] for own, base, _ in have)
     return f"{value:+.3f}", f"{gap / value:.3f}" if value >= evaluate.MIN_VALUE else "none"
 
 
@@ -568,17 +582,17 @@ def summary(recs):
             runs = reported(recs, task, method)
             if not runs:
                 continue
-            acc = [r["test"]["rows"]["with latents"]["accuracy"] for r in runs.values()]
+            acc = [own_row(r["test"]["rows"])["accuracy"] for r in runs.values()]
             mean = statistics.mean(acc)
             sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
-            hits = [r["test"]["rows"]["with latents"]["hit_rate"] for r in runs.values()]
+            hits = [own_row(r["test"]["rows"])["hit_rate"] for r in runs.values()]
             dist = [
                 r["test"]["geometry"]["distance"]
                 for r in runs.values()
                 if r["test"].get("geometry")
             ]
-            oracle = [r["test"]["rows"]["oracle latents"]["accuracy"] for r in runs.values()
-                      if "oracle latents" in r["test"]["rows"]]
+            oracle = [three_rows(r["test"]["rows"])[2]["accuracy"] for r in runs.values()
+                      if three_rows(r["test"]["rows"])]
             ratio = [r["macs"] / lvr_macs[s] for s, r in runs.items() if s in lvr_macs]
             flat = [x["flat_groups"] for r in runs.values() for x in r.get("grpo_log", [])]
             each = ", ".join(f"{x:.3f}" for x in acc)
@@ -593,8 +607,8 @@ def summary(recs):
             ra, rb = reported(recs, task, a), reported(recs, task, b)
             if not set(ra) & set(rb):
                 continue
-            right = {s: r["test"]["rows"]["with latents"]["right"] for s, r in ra.items()}
-            other = {s: r["test"]["rows"]["with latents"]["right"] for s, r in rb.items()}
+            right = {s: own_row(r["test"]["rows"])["right"] for s, r in ra.items()}
+            other = {s: own_row(r["test"]["rows"])["right"] for s, r in rb.items()}
             mean, low, high = bootstrap(right, other, resamples)
             real = "yes" if low > 0 or high < 0 else "no"
             pairs.append(
@@ -626,7 +640,7 @@ def along(recs):
                 for step, test in tested(r):
                     by_step.setdefault(step, []).append(test)
             for step, tests in sorted(by_step.items()):
-                acc = [t["rows"]["with latents"]["accuracy"] for t in tests]
+                acc = [own_row(t["rows"])["accuracy"] for t in tests]
                 sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
                 dist = [t["geometry"]["distance"] for t in tests if t.get("geometry")]
                 lines.append(f"| {task} | {NAMES[method]} | {step} | {statistics.mean(acc):.3f} ± "
@@ -644,7 +658,7 @@ def draw_distance(recs, plt):
     fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 3.6), squeeze=False)
     for ax, task in zip(axes[0], names):
         for seed, r in reported(recs, task, "lvr").items():
-            points = [(t["geometry"]["distance"], t["rows"]["with latents"]["accuracy"], step)
+            points = [(t["geometry"]["distance"], own_row(t["rows"])["accuracy"], step)
                       for step, t in tested(r) if t.get("geometry")]
             ax.plot([d for d, _, _ in points], [a for _, a, _ in points], "o-", alpha=0.7,
                     label=f"seed {seed}", markersize=4)
@@ -703,7 +717,7 @@ def draw(recs):
     colours = {
         "none": "tab:gray", "lvr": "tab:blue", "mirage": "tab:green", "control": "tab:orange",
         "stage2": "tab:purple", "grpo0": "tab:brown", "grpo": "tab:red", "pause": "tab:olive",
-        "livr": "tab:cyan", "lvrbn": "tab:pink",
+        "livr": "tab:cyan", "lvrbn": "tab:pink", "box": "gold", "crop": "black",
     }
     for ax, task in zip(axes[0], names):
         for method in BASES:
@@ -723,14 +737,14 @@ def draw(recs):
             runs = reported(recs, task, method)
             if not runs:
                 continue
-            vals = [r["test"]["rows"]["with latents"]["accuracy"] for r in runs.values()]
+            vals = [own_row(r["test"]["rows"])["accuracy"] for r in runs.values()]
             m = sum(vals) / len(vals)
             # (the compute, in SFT steps)
             x = max_iters * (1 + (budget if "+" in method else 0) + 0.02 * j)
             colour = colours[method.split("+")[-1]] if "+" in method else colours[method]
             ax.errorbar([x], [m], yerr=[[m - min(vals)], [max(vals) - m]], color=colour,
                         fmt={"none": "s", "lvr": "o", "mirage": "D", "pause": "v", "livr": "^",
-                             "lvrbn": "P"}[method.split("+")[0]],
+                             "lvrbn": "P", "box": "X", "crop": "*"}[method.split("+")[0]],
                         label=NAMES[method] + " (test)")
         xlabel = f"SFT steps (batch {batch_size})" + (
             f"\ncontinuations: +{budget:g} of their run's compute"
