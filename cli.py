@@ -51,6 +51,14 @@ class Auto:
         return hash(("auto", self.kind))
 
 
+class From:
+    """A resolved value and where it came from ("flag", "checkpoint", "default"): resolve returns
+    it, the `resolved:` line prints both, the script's setting gets the value."""
+
+    def __init__(self, value, source):
+        self.value, self.source = value, source
+
+
 def given(value):
     """A setting's value, or None where it is left at auto."""
     return None if isinstance(value, Auto) else value
@@ -172,11 +180,15 @@ def configure(g, argv, resolve=None):
     # (plain values: it is saved)
     config = {k: "auto" if isinstance(v, Auto) else v for k, v in keys.items()}
     if resolve is not None:
-        resolved = resolve(dict(config))
+        shown = resolve(dict(config))
+        resolved = {k: v.value if isinstance(v, From) else v for k, v in shown.items()}
         g.update(resolved)
         config.update(resolved)
         if rank0:
-            print("resolved: " + " ".join(f"{k}={v}" for k, v in resolved.items()))
+            print("resolved: " + " ".join(
+                f"{k}={v.value}({v.source})" if isinstance(v, From) else f"{k}={v}"
+                for k, v in shown.items()
+            ))
 
     return config
 

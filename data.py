@@ -406,6 +406,46 @@ def trained_pixels(path, fallback):
     return tuple(qwen.read_config(path).extra.get("lvr_image_pixels", fallback))
 
 
+TASK_DEFAULTS = {"task": "colour", "hops": 1, "level": "3", "image_size": None}  # (None: the task's)
+
+
+def trained_task(path):
+    """The synthetic task the checkpoint at `path` was trained on (train_sft records it in its
+    config as lvr_task: task, hops, level, image_size), or {} where it records none (trained on a
+    data file, an official checkpoint, "scratch")."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return {}
+    return qwen.read_config(path).extra.get("lvr_task", {})
+
+
+def task_settings(path, given):
+    """--task, --hops, --level, --image_size, each given (a value) or left at auto (None) -> ({name:
+    cli.From}, note): a flag given wins, else the checkpoint's task (trained_task), else the
+    defaults (the checkpoint's hops, level and image size go with its task: another task given
+    takes its own); note: the line that says the flags score the checkpoint on a task other than
+    its own, or None."""
+    own = trained_task(path)
+    same_task = given["task"] in (None, own.get("task"))
+
+    def source(k, v):
+        if v is not None:
+            return cli.From(v, "flag")
+        if same_task and k in own:
+            return cli.From(own[k], "checkpoint")
+        return cli.From(TASK_DEFAULTS[k], "default")
+
+    out = {k: source(k, v) for k, v in given.items()}
+    task = out["task"].value
+    # (hops matter to the hops task alone, the level to VSP alone)
+    matters = ["task", "image_size"] + ["hops"] * (task == "hops") + ["level"] * (task == "vsp")
+    differ = [k for k in matters if out[k].source == "flag" and k in own and out[k].value != own[k]]
+    if not differ:
+        return out, None
+    trained = " ".join(f"{k}={v}" for k, v in own.items())
+    return out, (f"note: {path} was trained on {trained}; it is scored here on "
+                 + " ".join(f"{k}={out[k].value}" for k in differ))
+
+
 def image_settings(task, image_size, min_pixels, max_pixels, synthetic, bounds):
     """--image_size, --min_pixels, --max_pixels (numbers or auto) -> (image_size, min_pixels,
     max_pixels). Synthetic data: the task's own image side, never resized; VSP's maps (drawn by

@@ -58,10 +58,12 @@ save = ""  # also write the rows, each with every example's correctness, to this
 data_path = "synthetic"  # synthetic | an LVR JSON/JSONL with bboxes | an MMVP-style CSV | a V*-style JSONL
 image_root = ""  # directory the dataset's images are in (MMVP: the folder of <Index>.jpg)
 n_examples = 256  # [1, inf) held-out synthetic examples (or at most this many from a file)
-task = "colour"  # {colour, search, relation, imagine, hops, vsp} the synthetic task (tasks.py)
-level = "3"  # VSP's map size: 3 to 6 cells a side, a list (3,4) or a range (3-6) to mix them
-hops = 1  # [1, 5] --task hops: the moves from the anchor (one look each, after the anchor's)
-image_size = Auto(int)  # [28, inf) synthetic image side, a multiple of 28 (auto: the task's, 168; search 336)
+unseen_maps = False  # a VSP data file (Mirage's): score only the maps the built-in task never trains on
+# (task, level, hops, image_size at auto: the checkpoint's, as train_sft recorded them)
+task = "auto"  # {auto, colour, search, relation, imagine, hops, vsp} the synthetic task (else colour)
+level = "auto"  # VSP's map size: 3 to 6 cells a side, a list (3,4) or a range (3-6) (else 3)
+hops = Auto(int)  # [1, 5] --task hops: the moves from the anchor, one look each (else 1)
+image_size = Auto(int)  # [28, inf) synthetic image side, a multiple of 28 (else the task's: 168; search 336)
 min_pixels = Auto(int)  # [1, inf) smallest image area after resizing (auto: as trained, else 3136)
 max_pixels = Auto(int)  # [1, inf) largest image area (auto: as trained, else 12845056; synthetic: its own)
 seed = 1337  # [0, inf) the synthetic held-out set
@@ -98,6 +100,7 @@ def load_examples(trained):
 
     if data_path.endswith((".json", ".jsonl")):
         records = data.load_records(data_path)
+        records = unseen(records) if unseen_maps else records
         # LVR, Mirage, Mirage's VSP maps
         if {"conversations", "image_output", "map_desc"} & set(records[0]):
             return [
@@ -106,6 +109,24 @@ def load_examples(trained):
             ]
 
     return data.load_multiple_choice(data_path, image_root, n_examples)
+
+
+def unseen(records):
+    """--unseen_maps: a VSP file's records whose maps the built-in training stream never draws (the
+    test and eval maps of tasks.map_split), and a line saying how many of how many were kept."""
+    where = [f"{data_path} record {i}" for i in range(len(records))]
+    if not all("map_desc" in r for r in records):
+        raise InputError(f"--unseen_maps true needs a VSP file: every record with a map_desc, and "
+                         f"{where[next(i for i, r in enumerate(records) if 'map_desc' not in r)]} "
+                         f"has none")
+    kept = [r for r, w in zip(records, where)
+            if tasks.map_split(data.vsp_map(r["map_desc"], w)) != "train"]
+    print(f"--unseen_maps: kept {len(kept)} of {len(records)} maps, those the built-in task never "
+          f"trains on")
+    if not kept:
+        raise InputError(f"--unseen_maps true: every map of {data_path} is one the built-in task "
+                         f"trains on")
+    return kept
 
 
 def latent_hits(latents, feats, roi):
@@ -404,18 +425,26 @@ def by_group(exs, right, key):
 
 def resolve(config):
     """The settings left at auto -> their values (cli.configure writes and prints them): a hub id's
-    snapshot, the images as the checkpoint trained (else the processor's bounds), the dtype, and a
-    pause checkpoint's decoding by count (lvr.span_count)."""
+    snapshot, the task the checkpoint trained on (data.task_settings; a flag given wins, and a task
+    other than its own is said), the images as it trained (else the processor's bounds), the
+    dtype, a pause or crop checkpoint's decoding by count (lvr.span_count), the completion budget."""
     path = checkpoint.locate(init_from)
+    chosen, note = data.task_settings(path, given={
+        "task": None if task == "auto" else task, "hops": cli.given(hops),
+        "level": None if level == "auto" else level, "image_size": cli.given(image_size),
+    })
+    if note and data_path == "synthetic":
+        print(note)
     bounds = data.trained_pixels(path, data.PROCESSOR_PIXELS)
     size, lo, hi = data.image_settings(
-        task, image_size, min_pixels, max_pixels=max_pixels, synthetic=data_path == "synthetic",
-        bounds=bounds,
+        chosen["task"].value, chosen["image_size"].value, min_pixels, max_pixels=max_pixels,
+        synthetic=data_path == "synthetic", bounds=bounds,
     )
+    chosen["image_size"] = cli.From(size, chosen["image_size"].source)
     cfg = checkpoint.read_config(path)
     how, steps = lvr.span_count(cfg, decoding, cli.given(lvr_steps))
     boxes = lvr.method_of(cfg) in ("box", "crop")
-    return {"dtype": parallel.autocast_dtype(dtype, device), "image_size": size, "min_pixels": lo,
+    return {"dtype": parallel.autocast_dtype(dtype, device), **chosen, "min_pixels": lo,
             "max_pixels": hi, "init_from": path, "decoding": how, "lvr_steps": steps,
             "max_new_tokens": cli.given(max_new_tokens) or (192 if boxes else 32)}
 

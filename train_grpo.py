@@ -52,10 +52,11 @@ save_interval = 20  # [1, inf) save a checkpoint every this many steps
 data_path = "synthetic"  # "synthetic" or a JSON/JSONL of {image, question, answer}
 image_root = ""  # directory the dataset's image paths are relative to (they may not leave it)
 on_bad_record = "fail"  # {fail, skip} a record with a bad image or text stops the learner, or is skipped
-task = "colour"  # {colour, search, relation, imagine, hops, vsp} the synthetic task (tasks.py)
-level = "3"  # VSP's map size: 3 to 6 cells a side, a list (3,4) or a range (3-6) to mix them
-hops = 1  # [1, 5] --task hops: the moves from the anchor (one look each, after the anchor's)
-image_size = Auto(int)  # [28, inf) synthetic image side, a multiple of 28 (auto: the task's, 168; search 336)
+# (task, level, hops, image_size at auto: the checkpoint's, as train_sft recorded them)
+task = "auto"  # {auto, colour, search, relation, imagine, hops, vsp} the synthetic task (else colour)
+level = "auto"  # VSP's map size: 3 to 6 cells a side, a list (3,4) or a range (3-6) (else 3)
+hops = Auto(int)  # [1, 5] --task hops: the moves from the anchor, one look each (else 1)
+image_size = Auto(int)  # [28, inf) synthetic image side, a multiple of 28 (else the task's: 168; search 336)
 min_pixels = Auto(int)  # [1, inf) smallest image area after resizing (auto: as trained, else 100352)
 max_pixels = Auto(int)  # [1, inf) largest image area (auto: as trained, else 4014080; synthetic: its own)
 seed = 1337  # [0, inf) seeds the prompts and the sampling
@@ -455,18 +456,26 @@ def train_step(learner, drawn, signalled):
 
 def resolve(config):
     """The settings left at auto -> their values (cli.configure writes and prints them): a hub id's
-    snapshot, the images as the policy trained, this process's device and its dtype, and a pause
-    checkpoint's decoding by count (lvr.span_count)."""
+    snapshot, the task the policy trained on (data.task_settings), the images as it trained, this
+    process's device and its dtype, and a pause or crop checkpoint's decoding by count
+    (lvr.span_count)."""
     path = checkpoint.locate(init_from)
     policy = out_dir if resume else path
+    chosen, note = data.task_settings(policy, given={
+        "task": None if task == "auto" else task, "hops": cli.given(hops),
+        "level": None if level == "auto" else level, "image_size": cli.given(image_size),
+    })
+    if note and data_path == "synthetic" and os.environ.get("RANK", "0") == "0":
+        print(note.replace("scored", "trained"))
     bounds = data.trained_pixels(policy, data.LVR_PIXELS)  # as the policy trained
     size, lo, hi = data.image_settings(
-        task, image_size, min_pixels, max_pixels=max_pixels, synthetic=data_path == "synthetic",
-        bounds=bounds,
+        chosen["task"].value, chosen["image_size"].value, min_pixels, max_pixels=max_pixels,
+        synthetic=data_path == "synthetic", bounds=bounds,
     )
+    chosen["image_size"] = cli.From(size, chosen["image_size"].source)
     here = parallel.local_device(device)
     how, steps = lvr.span_count(checkpoint.read_config(policy), decoding, cli.given(lvr_steps))
-    return {"dtype": parallel.autocast_dtype(dtype, here), "image_size": size, "min_pixels": lo,
+    return {"dtype": parallel.autocast_dtype(dtype, here), **chosen, "min_pixels": lo,
             "max_pixels": hi, "init_from": path, "device": here, "decoding": how,
             "lvr_steps": steps}
 

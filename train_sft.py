@@ -203,8 +203,12 @@ def build(tmp, dev):
             "k": mirage_k,
             "vsp": vsp_targets,
         }
-        # the image sizes evaluate.py uses
+        # the image sizes evaluate.py uses, and (synthetic data) the task it scores by default
         model.cfg.extra["lvr_image_pixels"] = [min_pixels, max_pixels]
+        if data_path == "synthetic":
+            model.cfg.extra["lvr_task"] = {
+                "task": task, "hops": hops, "level": level, "image_size": image_size
+            }
         # the `latent` exit's distance (the one its embedding is trained with) and threshold
         if latent_end:
             model.cfg.extra.update(

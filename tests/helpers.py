@@ -22,12 +22,17 @@ def photo(w, h, seed=0):
     """A smooth, photo-like RGB image (gradients plus blobs), so resampling matters."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:h, 0:w] / max(h, w)
-    img = np.stack([np.sin(6 * x + rng.uniform(0, 6)) + np.cos(5 * y * rng.uniform(1, 3)) for _ in range(3)], -1)
+    img = np.stack(
+        [np.sin(6 * x + rng.uniform(0, 6)) + np.cos(5 * y * rng.uniform(1, 3)) for _ in range(3)], -1)
     for _ in range(6):
         cx, cy, r = rng.uniform(0, w / max(h, w)), rng.uniform(0, h / max(h, w)), rng.uniform(0.05, 0.2)
         img += rng.uniform(-1, 1, 3) * (((x - cx) ** 2 + (y - cy) ** 2) < r * r)[..., None]
     img = (img - img.min()) / (img.max() - img.min()) * 255
     return Image.fromarray(img.astype(np.uint8))
+
+
+# the tiny references' M-RoPE: 64 wide, 4 heads (16 a head: sections of 2, 3, 3 pairs)
+ROPE = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6}
 
 
 def tiny_reference(path, tie=True, seed=0, vocab_size=None):
@@ -37,9 +42,9 @@ def tiny_reference(path, tie=True, seed=0, vocab_size=None):
     tok = tasks.build_tokenizer(os.path.join(path, "tokenizer.json"))
     sid = tok.token_to_id
     cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=vocab_size or tok.get_vocab_size() + 8, hidden_size=64, intermediate_size=96,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6},
+        text_config=dict(vocab_size=vocab_size or tok.get_vocab_size() + 8, hidden_size=64,
+                         intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, rms_norm_eps=1e-6, rope_parameters=dict(ROPE),
                          bos_token_id=sid("<|endoftext|>"), eos_token_id=sid("<|im_end|>")),
         vision_config=dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
                            fullatt_block_indexes=[1]),
@@ -79,11 +84,11 @@ def reference_inputs(tok, ims, question="What colour is the small circle?", max_
 
 
 # Qwen2.5-VL's own special tokens, in its tokenizer's order (151643 on): a real tokenizer has all of them
-OFFICIAL_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
-                    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-                    "<|repo_name|>", "<|file_sep|>"]
+OFFICIAL_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
+                    "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+                    "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
+                    "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
 
 
 def real_shaped(path, extra_rows=40):
@@ -95,11 +100,12 @@ def real_shaped(path, extra_rows=40):
     tok = tasks.build_tokenizer(os.path.join(path, "tokenizer.json"), special=OFFICIAL_SPECIAL)
     sid = tok.token_to_id
     cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=tok.get_vocab_size() + extra_rows, hidden_size=64, intermediate_size=96,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6},
-                         bos_token_id=sid("<|endoftext|>"), eos_token_id=sid("<|im_end|>"), sliding_window=32768,
-                         max_window_layers=70, use_sliding_window=False, max_position_embeddings=128000),
+        text_config=dict(vocab_size=tok.get_vocab_size() + extra_rows, hidden_size=64,
+                         intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, rms_norm_eps=1e-6, rope_parameters=dict(ROPE),
+                         bos_token_id=sid("<|endoftext|>"), eos_token_id=sid("<|im_end|>"),
+                         sliding_window=32768, max_window_layers=70, use_sliding_window=False,
+                         max_position_embeddings=128000),
         vision_config=dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
                            fullatt_block_indexes=[1], window_size=112, tokens_per_second=2),
         image_token_id=sid("<|image_pad|>"), video_token_id=sid("<|video_pad|>"),
@@ -127,20 +133,20 @@ def config_as_454(path):
     scaling = {"mrope_section": rope["mrope_section"], "rope_type": "default", "type": "default"}
     text.update(rope_theta=rope["rope_theta"], rope_scaling=scaling, image_token_id=None, video_token_id=None,
                 model_type="qwen2_5_vl_text")
-    shape = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "num_key_value_heads",
-             "vocab_size")
-    top = {"architectures": d["architectures"], **{k: text[k] for k in shape}, "image_token_id": d["image_token_id"],
-           "model_type": "qwen2_5_vl", "rope_scaling": scaling, "text_config": text, "torch_dtype": "float32",
-           "transformers_version": "4.54.0", "video_token_id": d["video_token_id"],
-           "vision_start_token_id": d["vision_start_token_id"], "vision_end_token_id": d["vision_end_token_id"],
+    shape = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
+             "num_key_value_heads", "vocab_size")
+    ids = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    top = {"architectures": d["architectures"], **{k: text[k] for k in shape},
+           **{k: d[k] for k in ids}, "model_type": "qwen2_5_vl", "rope_scaling": scaling,
+           "text_config": text, "torch_dtype": "float32", "transformers_version": "4.54.0",
            "tie_word_embeddings": d["tie_word_embeddings"],
            "vision_config": {**d["vision_config"], "in_channels": 3, "model_type": "qwen2_5_vl"}}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(top, f)
 
 
-def roll(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_mask=None, feats=None, group_size=1,
-         latents_in=None, n_in=None, **settings):
+def roll(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_mask=None, feats=None,
+         group_size=1, latents_in=None, n_in=None, **settings):
     """lvr.rollout with its settings given flat, as keywords: each goes to the Decode or the Sampling field of
     its name (the tests' shorthand)."""
     import dataclasses
@@ -149,12 +155,13 @@ def roll(model, ids, input_ids, pixel_values=None, grid_thw=None, attention_mask
     decode = lvr.Decode(**{k: v for k, v in settings.items() if k in names})
     sampling = lvr.Sampling(**{k: v for k, v in settings.items() if k not in names})
     feed = lvr.Feed(latents_in, n_in) if latents_in is not None else None
-    return lvr.rollout(model, ids, lvr.Prompt(input_ids, attention_mask, pixel_values, grid_thw, feats), decode,
-                       sampling, group_size, feed)
+    return lvr.rollout(model, ids, lvr.Prompt(input_ids, attention_mask, pixel_values, grid_thw, feats),
+                       decode, sampling, group_size, feed)
 
 
 def tiny_model(tmp_path, latent_head=False, seed=0):
-    """A 2-layer tiny Qwen2.5-VL with LVR's tokens, weights drawn large enough to matter -> (model, tok, ids)."""
+    """A 2-layer tiny Qwen2.5-VL with LVR's tokens, weights drawn large enough to matter -> (model,
+    tok, ids)."""
     os.makedirs(tmp_path, exist_ok=True)
     tok = tasks.build_tokenizer(str(tmp_path / "tokenizer.json"), special=qwen.SPECIAL + tasks.LATENT_SPECIAL)
     cfg = qwen.Config.from_dict(tasks.tiny_config(tok))

@@ -120,7 +120,8 @@ def test_the_readers_path_reads_front_to_back():
     ours = {f[:-3] for f in os.listdir(root) if f.endswith(".py")}
     for i, name in enumerate(order):
         tree = ast.parse(open(os.path.join(root, name + ".py")).read())
-        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        nodes = list(ast.walk(tree))
+        imported = {a.name.split(".")[0] for n in nodes if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in nodes if isinstance(n, ast.ImportFrom) and n.module}
         later = (imported & ours) - set(order[:i]) - skippable - on_trust.get(name, set())
         assert not later, (name, later)

@@ -43,11 +43,13 @@ def layer_input(model, batch, fn):
 
 def test_pause_slots_read_one_learned_vector_and_no_target(tmp_path):
     model, tok, ids = pause_model(tmp_path)
-    enc = [data.encode(e, tok, ids, data.LatentTargets("pause", max_latents=3), pixels=PIXELS) for e in two_examples()]
+    spans = data.LatentTargets("pause", max_latents=3)
+    enc = [data.encode(e, tok, ids, spans, pixels=PIXELS) for e in two_examples()]
     assert [len(e["latent_pos"]) for e in enc] == [3, 6]  # a fixed count a span, whatever the ROI
     assert enc[1]["latent_slot"] == [0, 1, 2, 0, 1, 2]
     batch = data.collate(enc, tok.endoftext)
-    x, (loss, ce, lat, switch) = layer_input(model, batch, lambda m, b: lvr.sft_loss(m, b, lvr.LossTerms(switch=0.0)))
+    x, (loss, ce, lat, switch) = layer_input(model, batch,
+                                             lambda m, b: lvr.sft_loss(m, b, lvr.LossTerms(switch=0.0)))
     b, t = batch["latent_pos"]
     emb = model.model.embed_tokens.weight[ids.latent].detach()
     assert torch.equal(x[b, t], emb.expand(len(b), -1))  # every slot: the <|lvr|> row
@@ -164,8 +166,9 @@ def test_vsp_splits_share_no_map(level):
 
 
 def test_the_controls_reach_every_script(tmp_path):
-    """train_sft --method pause with and without --bottleneck (VSP, search), then evaluate.py's rows and a GRPO
-    step on it; evaluate.py says how many of its maps the built-in task trains on (none of the test split's)."""
+    """train_sft --method pause with and without --bottleneck (VSP, search), then evaluate.py's rows
+    and a GRPO step on it; evaluate.py says how many of its maps the built-in task trains on (none
+    of the test split's)."""
     out, livr = str(tmp_path / "pause"), str(tmp_path / "livr")
     small = ["--batch_size", "2", "--eval_examples", "2", "--warmup_iters", "1", "--max_iters", "2",
              "--eval_interval", "2"]
@@ -184,7 +187,8 @@ def test_the_controls_reach_every_script(tmp_path):
     gr = run_here("train_grpo.py", "--init_from", livr, "--task", "vsp", "--batch_size", "2", "--group_size",
                   "2", "--max_iters", "1", "--max_new_tokens", "6", "--out_dir", str(tmp_path / "g"))
     assert gr.returncode == 0 and "decoding=steps lvr_steps=2" in gr.stdout, gr.stderr
-    bad = run_here("train_sft.py", "--method", "none", "--bottleneck", "true", "--out_dir", str(tmp_path / "x"))
+    bad = run_here("train_sft.py", "--method", "none", "--bottleneck", "true", "--out_dir",
+                   str(tmp_path / "x"))
     assert bad.returncode == 1 and "--bottleneck true needs latent slots" in bad.stderr
 
 

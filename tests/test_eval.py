@@ -1,6 +1,7 @@
 """evaluate.py: the metrics on hand-made cases, the MMVP / V* loaders, and the script end to end."""
 import json
 
+import pytest
 import torch
 
 import checkpoint
@@ -45,10 +46,8 @@ def test_multiple_choice_loaders(tmp_path):
                         '2,"Which side, left or right?",(a) Left (b) Right,(b)\n')
     exs = data.load_multiple_choice(str(csv_path), str(imgs), 256)
     assert [e["answer"] for e in exs] == ["(a)", "(b)"]
-    assert "Which side, left or right?\n(a) Left (b) Right" in exs[1]["question"] and exs[1]["images"][0].size == (
-        64,
-        48,
-    )
+    assert "Which side, left or right?\n(a) Left (b) Right" in exs[1]["question"]
+    assert exs[1]["images"][0].size == (64, 48)
     jsonl = tmp_path / "vstar.jsonl"
     jsonl.write_text(json.dumps({"image": "2.jpg", "question": "What colour is the cup?",
                                  "options": ["red", "blue"], "answer": "B"}) + "\n")
@@ -56,9 +55,11 @@ def test_multiple_choice_loaders(tmp_path):
     assert "(A) red\n(B) blue" in ex["question"] and ex["answer"] == "B" and ex["bboxes"] == []
     # MMVP: questions 2k-1 and 2k are a pair; per pair counts a pair only when both are right
     assert exs[0]["pair"] == exs[1]["pair"] == 0
-    pairs = evaluation.by_group(exs + [{**exs[0], "pair": 1}, {**exs[1], "pair": 1}], [True, True, True, False], "pair")
+    pairs = evaluation.by_group(exs + [{**exs[0], "pair": 1}, {**exs[1], "pair": 1}],
+                                [True, True, True, False], "pair")
     assert {k: all(v) for k, v in pairs.items()} == {0: True, 1: False}
-    # V* as its files lay it out: text (options inside), label, category; else the category is the image's folder
+    # V* as its files lay it out: text (options inside), label, category; else the category is the image's
+    # folder
     (imgs / "relative_position").mkdir()
     photo(64, 48, 3).save(imgs / "relative_position" / "3.jpg")
     jsonl.write_text(json.dumps({"image": "2.jpg", "text": "Colour?\n(A) red\n(B) blue", "label": "A",
@@ -68,7 +69,8 @@ def test_multiple_choice_loaders(tmp_path):
     assert (a["category"], a["answer"], b["category"]) == ("direct_attributes", "A", "relative_position")
     assert dict(evaluation.by_group([a, b], [True, False], "category")) == {"direct_attributes": [True],
                                                                              "relative_position": [False]}
-    jsonl.write_text(json.dumps({"image": "missing.jpg", "question": "q", "options": ["a"], "answer": "A"}) + "\n")
+    jsonl.write_text(json.dumps({"image": "missing.jpg", "question": "q", "options": ["a"],
+                                 "answer": "A"}) + "\n")
     try:
         data.load_multiple_choice(str(jsonl), str(imgs), 256)
         raise AssertionError("a missing image must raise")
@@ -95,7 +97,8 @@ def test_eval_script_end_to_end(tmp_path):
 
 
 def test_eval_on_an_lvr_json_file(tmp_path):
-    """evaluate.py on an LVR JSON file: accuracy, latent steps per example and per span, hit rate on its bboxes."""
+    """evaluate.py on an LVR JSON file: accuracy, latent steps per example and per span, hit rate on
+    its bboxes."""
     out, imgs = str(tmp_path / "out"), tmp_path / "imgs"
     imgs.mkdir()
     recs = []
@@ -124,7 +127,8 @@ def test_eval_on_an_lvr_json_file(tmp_path):
     on = next(x for x in r.stdout.splitlines() if x.startswith("with latents")).split()
     assert 0 <= float(on[2]) <= 1 and float(on[4]) > 0 and 0 <= float(on[5]) <= 1, r.stdout  # steps, hit rate
     spans = next(x for x in r.stdout.splitlines() if x.startswith("latent steps per span"))
-    counts = {int(k): int(v) for k, v in (p.split(": ") for p in spans.split("): ")[1].split(";")[0].split(", "))}
+    pieces = spans.split("): ")[1].split(";")[0].split(", ")
+    counts = {int(k): int(v) for k, v in (p.split(": ") for p in pieces)}
     assert spans.endswith(f"{counts.get(3, 0)} of {sum(counts.values())} spans ran to the budget of 3")
     assert sum(k * v for k, v in counts.items()) == round(3 * float(on[4])) and max(counts) <= 3, r.stdout
 
@@ -150,14 +154,16 @@ def test_diagnostics_replace_the_latent_inputs(tmp_path):
     swapped = run(own["latents"][1:] + own["latents"][:1])["latents"]
     assert all(torch.allclose(a, b) for a, b in zip(swapped, own["latents"][1:] + own["latents"][:1]))
     first = run([dummy[:1]] * 3)["latents"]  # only the first latent given: the second is the model's own,
-    assert all(torch.allclose(v[0], dummy[0]) and not torch.allclose(v[1], o[1], atol=1e-3)  # from another input
+    # from another input
+    assert all(torch.allclose(v[0], dummy[0]) and not torch.allclose(v[1], o[1], atol=1e-3)
                for v, o in zip(first, own["latents"]))
     targets = evaluation.targets_of(model, tok, ids, exs, 3136, 12544)
     for e, t in zip(exs, targets):
         pv, grid = vision.preprocess(e["images"][0], max_pixels=12544)
         with torch.no_grad():
             feats = model.visual(pv, grid)
-        assert torch.allclose(t, feats[lvr.roi_indices(e["bboxes"][0], grid[0])].mean(0, keepdim=True), atol=1e-5)
+        assert torch.allclose(t, feats[lvr.roi_indices(e["bboxes"][0], grid[0])].mean(0, keepdim=True),
+                              atol=1e-5)
     oracle = run(targets)["latents"]
     assert all(torch.allclose(v[:len(t)], t, atol=1e-6) for v, t in zip(oracle, targets))
 
@@ -176,8 +182,8 @@ def test_eval_saves_every_example_and_can_skip_the_diagnostics(tmp_path):
     r = run_here("train_sft.py", *SMALL, "--max_iters", "1", "--eval_interval", "1", "--eval_examples", "0",
                  "--data_workers", "0", "--out_dir", out)
     assert r.returncode == 0, r.stderr
-    common = ["evaluate.py", "--init_from", out, "--n_examples", "5", "--image_size", "112", "--max_pixels", "12544",
-              "--max_new_tokens", "6", "--max_latent_steps", "2"]
+    common = ["evaluate.py", "--init_from", out, "--n_examples", "5", "--image_size", "112",
+              "--max_pixels", "12544", "--max_new_tokens", "6", "--max_latent_steps", "2"]
     r = run_here(*common, "--save", str(tmp_path / "all.json"))
     assert r.returncode == 0, r.stderr
     full = json.load(open(tmp_path / "all.json"))
@@ -187,7 +193,8 @@ def test_eval_saves_every_example_and_can_skip_the_diagnostics(tmp_path):
     r = run_here(*common, "--diagnostics", "false", "--save", str(tmp_path / "own.json"))
     assert r.returncode == 0 and "latents disabled" not in r.stdout, r.stderr
     own = json.load(open(tmp_path / "own.json"))
-    assert list(own["rows"]) == ["with latents"] and own["rows"]["with latents"] == full["rows"]["with latents"]
+    assert list(own["rows"]) == ["with latents"]
+    assert own["rows"]["with latents"] == full["rows"]["with latents"]
 
 
 def test_the_two_conditions_from_known_rows():
@@ -203,3 +210,35 @@ def test_the_two_conditions_from_known_rows():
     assert none.produced is None and "carries nothing to produce" in none.lines()[1]
     assert evaluation.conditions(rows(0.5, 0.2, 0.9)).produced > 0
     assert evaluation.conditions({"with latents": {"accuracy": 0.5}}) is None  # a pause checkpoint's rows
+
+
+def test_a_checkpoint_is_scored_on_the_task_it_trained_on_unless_a_flag_says_otherwise(tmp_path):
+    """train_sft records its task (task, hops, level, image size); evaluate.py defaults to it and
+    says where each value came from; a task other than its own is said in one line, then scored."""
+    out = str(tmp_path / "h")
+    r = run_here("train_sft.py", *SMALL, "--task", "hops", "--hops", "3", "--max_iters", "1",
+                 "--eval_interval", "1", "--eval_examples", "0", "--out_dir", out)
+    assert r.returncode == 0, r.stderr
+    common = ["--init_from", out, "--n_examples", "2", "--max_new_tokens", "4", "--diagnostics",
+              "false"]
+    r = run_here("evaluate.py", *common)
+    assert r.returncode == 0, r.stderr
+    assert "task=hops(checkpoint) hops=3(checkpoint) level=3(checkpoint) image_size=112(checkpoint)" \
+        in r.stdout and "note:" not in r.stdout
+    r = run_here("evaluate.py", *common, "--task", "colour")
+    assert r.returncode == 0, r.stderr
+    note = [x for x in r.stdout.splitlines() if x.startswith("note:")]
+    assert note == [f"note: {out} was trained on task=hops hops=3 level=3 image_size=112; it is "
+                    f"scored here on task=colour"]
+    # (and scored, at the colour task's own settings: the checkpoint's go with its task)
+    assert "task=colour(flag) hops=1(default) level=3(default) image_size=168(default)" in r.stdout
+    assert "with latents" in r.stdout
+    r = run_here("evaluate.py", *common, "--hops", "3")  # the flag agrees with the checkpoint
+    assert "hops=3(flag)" in r.stdout and "note:" not in r.stdout
+
+
+def test_unseen_maps_needs_a_vsp_file(monkeypatch):
+    recs = [{"text_input": "q", "image_input": "a.png", "map_desc": [[1, 0], [0, 2]]}, {"x": 1}]
+    monkeypatch.setattr(evaluation, "data_path", "f.jsonl")
+    with pytest.raises(InputError, match="f.jsonl record 1 has none"):
+        evaluation.unseen(recs)

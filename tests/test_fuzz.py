@@ -10,9 +10,10 @@ import vision
 from helpers import photo
 from cli import InputError
 
-VALUES = [None, 0, -1, 1.5, 1e30, float("nan"), "", "a.png", "../a.png", "x" * 300, [], {}, [0.1, 0.1, 0.5, 0.5],
-          [0, 0, 1], [[0.1, 0.1, 0.5, 0.5]], [["a", 1, 2, 3]], [[5, 5, 60, 60]], [[2, 2, 1, 1]], True,
-          [{"from": "human", "value": "<image>\nq?"}, {"from": "gpt", "value": "<lvr>\nred"}],
+TURNS = [{"from": "human", "value": "<image>\nq?"}, {"from": "gpt", "value": "<lvr>\nred"}]
+VALUES = [None, 0, -1, 1.5, 1e30, float("nan"), "", "a.png", "../a.png", "x" * 300, [], {},
+          [0.1, 0.1, 0.5, 0.5], [0, 0, 1], [[0.1, 0.1, 0.5, 0.5]], [["a", 1, 2, 3]], [[5, 5, 60, 60]],
+          [[2, 2, 1, 1]], True, TURNS,
           [{"from": "human", "value": 3}], [{"value": "<image>"}, {"value": "<lvr><lvr>"}], "<lvr>"]
 KEYS = ["image", "conversations", "bboxes", "question", "answer", "image_input", "image_output", "text_input",
         "text_output"]
@@ -22,7 +23,7 @@ def random_record(rng):
     rec = {k: rng.choice(VALUES) for k in rng.sample(KEYS, rng.randint(0, len(KEYS)))}
     if rng.random() < 0.5:  # often a nearly valid record, so the deeper checks run too
         rec = {"image": "a.png", "bboxes": [[0.1, 0.1, 0.5, 0.5]],
-               "conversations": [{"from": "human", "value": "<image>\nq?"}, {"from": "gpt", "value": "<lvr>\nred"}],
+               "conversations": TURNS,
                **rec}
     return rec
 

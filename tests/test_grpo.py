@@ -41,13 +41,15 @@ def test_loss_mask_is_the_rollouts_record_of_sampled_decisions(tmp_path):
         g = model.generate(prompt, max_new_tokens=8, sampling=qwen.Sampling(stop_ids=[-1]))
     g = g[0, prompt.shape[1]:].tolist()
     k = next(i for i in range(2, 8) if g[i] not in g[:i])
-    ids = lvr.LatentIds(start=g[k], latent=ids.latent, end=g[0], latent_end=ids.latent_end)  # g[0]: a stray end
+    # g[0]: a stray end
+    ids = lvr.LatentIds(start=g[k], latent=ids.latent, end=g[0], latent_end=ids.latent_end)
     r = helpers.roll(model, ids, prompt, max_new_tokens=k + 6, decoding="steps", lvr_steps=2, stop_ids=[-1])
     comp = r.tokens[0, prompt.shape[1]:].tolist()
     assert comp[:k + 1] == g[:k + 1] and comp[0] == ids.end and comp[k] == ids.start
     assert comp[k + 1:k + 4] == [ids.latent, ids.latent, ids.end]  # two latents, then the forced end
     want = [True] * (k + 1) + [False, False, False] + [True] * 2
-    assert r.sampled[0].tolist() == want and r.is_latent[0].tolist() == [False] * (k + 1) + [True, True] + [False] * 3
+    assert r.sampled[0].tolist() == want
+    assert r.is_latent[0].tolist() == [False] * (k + 1) + [True, True] + [False] * 3
     # the weights follow the mask: nothing forced or latent is normalised over
     w = grpo.loss_weights(r.sampled, "token")
     assert torch.equal(w[0] > 0, r.sampled[0]) and math.isclose(float(w.sum()), 1.0, rel_tol=1e-6)
@@ -104,12 +106,13 @@ def test_training_forward_equals_rollout_logprobs(tmp_path, decoding):
         pv, grid = vision.preprocess(tasks.synthetic_example(i)["images"][0], max_pixels=20000)
         pvs.append(pv)
         grids.append(grid)
-        prompts.append(tok.prompt("What colour is the square?" + " yes" * i, [int(grid.prod()) // 4]) + [ids.start])
+        question = "What colour is the square?" + " yes" * i
+        prompts.append(tok.prompt(question, [int(grid.prod()) // 4]) + [ids.start])
     G = 3
     grid = torch.cat(grids).repeat_interleave(G, 0)
     with torch.no_grad():
-        feats = [f for f in model.visual(torch.cat(pvs), torch.cat(grids)).split([int(g.prod()) // 4 for g in grids])
-                 for _ in range(G)]
+        per_image = model.visual(torch.cat(pvs), torch.cat(grids)).split([int(g.prod()) // 4 for g in grids])
+        feats = [f for f in per_image for _ in range(G)]
     input_ids, mask = qwen.left_pad(prompts, tok.endoftext)
     input_ids, mask = input_ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
     gen = torch.Generator().manual_seed(0)
@@ -133,9 +136,8 @@ def test_training_forward_equals_rollout_logprobs(tmp_path, decoding):
         group_size=G,
         **kw,
     )
-    assert (
-        torch.equal(shared.tokens, seqs) and torch.equal(shared.is_latent, is_lat) and torch.equal(shared.sampled, act)
-    )
+    assert (torch.equal(shared.tokens, seqs) and torch.equal(shared.is_latent, is_lat) and
+            torch.equal(shared.sampled, act))
     assert torch.allclose(shared.latents, lats, atol=1e-5) and torch.allclose(shared_logp, logp, atol=1e-5)
     T = input_ids.shape[1]
     attn = torch.cat([mask, torch.ones_like(seqs[:, T:])], 1)
@@ -171,7 +173,8 @@ def test_latent_sigma_samples_latents_with_the_training_forwards_logprob(tmp_pat
                                            latent_sigma=0.5, **kw)
     mu = helpers.roll(model, ids, input_ids, attention_mask=mask, generator=[torch.Generator().manual_seed(i)
                                                                              for i in range(2)], **kw)
-    assert r.is_latent.sum() >= 6 and not torch.allclose(r.latents[r.is_latent][:2], mu.latents[mu.is_latent][:2])
+    assert r.is_latent.sum() >= 6 and not torch.allclose(r.latents[r.is_latent][:2],
+                                                         mu.latents[mu.is_latent][:2])
     seqs, mask_g = r.tokens, mask.repeat_interleave(3, 0)
     attn = torch.cat([mask_g, torch.ones_like(seqs[:, input_ids.shape[1]:])], 1)
     exits = lvr.exit_tokens(ids, decoding) if decoding == "token" else []
@@ -188,9 +191,10 @@ def test_latent_sigma_samples_latents_with_the_training_forwards_logprob(tmp_pat
     kl = train_grpo.reference_kl(d, d, r, rows, drawn)
     assert torch.equal(kl, torch.zeros_like(kl))
     # S = 0: no noise drawn, the same rollout as before the option
-    monkeypatch.setattr(lvr, "latent_noise", lambda *a: (_ for _ in ()).throw(AssertionError("noise at S = 0")))
-    again = helpers.roll(model, ids, input_ids, attention_mask=mask, generator=[torch.Generator().manual_seed(i)
-                                                                                for i in range(2)], **kw)
+    monkeypatch.setattr(lvr, "latent_noise", lambda *a:
+                        (_ for _ in ()).throw(AssertionError("noise at S = 0")))
+    again = helpers.roll(model, ids, input_ids, attention_mask=mask,
+                         generator=[torch.Generator().manual_seed(i) for i in range(2)], **kw)
     assert torch.equal(again.tokens, mu.tokens) and torch.equal(again.latents, mu.latents)
 
 
@@ -228,34 +232,42 @@ def test_grpo_first_update_ratio_one_kl_zero_and_the_tower_trains(tmp_path, monk
         return real_loss(logp, **k)
     monkeypatch.setattr(grpo, "grpo_loss", spy)
     # a reward with spread on a random model: the parity of the first completion token
-    monkeypatch.setitem(grpo.REWARDS, "accuracy", lambda text, tokens, *a: float(tokens[0] % 2 if tokens else 0))
+    monkeypatch.setitem(grpo.REWARDS, "accuracy",
+                        lambda text, tokens, *a: float(tokens[0] % 2 if tokens else 0))
     # the second run reads a file whose prompts carry two images each
     for i in range(2):
         tasks.synthetic_example(i, 112)["images"][0].save(tmp_path / f"{i}.png")
-    (tmp_path / "g.jsonl").write_text(json.dumps({"image": ["0.png", "1.png"], "question": "Which?", "answer": "red"}))
+    (tmp_path / "g.jsonl").write_text(json.dumps({"image": ["0.png", "1.png"], "question": "Which?",
+                                                  "answer": "red"}))
     two_images = ["--data_path", str(tmp_path / "g.jsonl"), "--image_root", str(tmp_path)]
     saved = dict(vars(train_grpo))
     try:
-        for i, (dtype, freeze, extra) in enumerate([("bfloat16", "true", []), ("float32", "false", two_images),
+        for i, (dtype, freeze, extra) in enumerate([("bfloat16", "true", []),
+                                                    ("float32", "false", two_images),
                                                     ("float32", "true", ["--ppo_epochs", "2"])]):
             seen.clear()
-            train_grpo.main([*extra, "--init_from", str(sft), "--out_dir", str(tmp_path / f"g{i}"), "--batch_size", "2",
-                             "--group_size", "4", "--image_size", "112", "--max_pixels", "12544", "--max_new_tokens",
-                             "6", "--max_iters", "1", "--temperature", "1.5", "--lr", "1e-2", "--dtype", dtype,
+            train_grpo.main([*extra, "--init_from", str(sft), "--out_dir", str(tmp_path / f"g{i}"),
+                             "--batch_size", "2", "--group_size", "4", "--image_size", "112",
+                             "--max_pixels", "12544", "--max_new_tokens", "6", "--max_iters", "1",
+                             "--temperature", "1.5", "--lr", "1e-2", "--dtype", dtype,
                              "--freeze_vision", freeze, "--micro_batch_tokens", "200"])
-            epochs = 1 + ("--ppo_epochs" in extra)  # micro-batches of at most 200 tokens, every row once per epoch
+            # micro-batches of at most 200 tokens, every row once per epoch
+            epochs = 1 + ("--ppo_epochs" in extra)
             assert len(seen) % epochs == 0 and len(seen) // epochs > 1
             assert sum(len(x[0]) for x in seen) == 8 * epochs
             first = seen[:len(seen) // epochs]
             for logp, old, kl, adv in first:
-                assert torch.equal(logp, old) and torch.equal(kl, torch.zeros_like(kl)), dtype  # ratio 1, KL 0
-            for logp, old, ref, adv in seen[len(first):]:  # a second epoch: the same old log-probs, a moved policy
+                # ratio 1, KL 0
+                assert torch.equal(logp, old) and torch.equal(kl, torch.zeros_like(kl)), dtype
+            # a second epoch: the same old log-probs, a moved policy
+            for logp, old, ref, adv in seen[len(first):]:
                 assert not torch.equal(logp, old) and any(torch.equal(old, o) for _, o, _, _ in first)
             assert any(a.abs().sum() > 0 for *_, a in seen)  # the reward had spread: a real update
         trained = qwen.Qwen2_5_VL.from_pretrained(str(tmp_path / "g1"))
         frozen = qwen.Qwen2_5_VL.from_pretrained(str(tmp_path / "g0"))
         for m, changes in ((trained, True), (frozen, False)):
-            moved = not torch.equal(m.visual.blocks[0].mlp.up_proj.weight, model.visual.blocks[0].mlp.up_proj.weight)
+            moved = not torch.equal(m.visual.blocks[0].mlp.up_proj.weight,
+                                    model.visual.blocks[0].mlp.up_proj.weight)
             assert moved == changes
     finally:
         vars(train_grpo).update(saved)
@@ -270,8 +282,10 @@ def test_rewards():
     assert grpo.format_reward("red", [20, IM_END], "red", IDS, [IM_END]) == 0.0  # no latent span
     assert grpo.format_reward("", [s, lat, e, IM_END], "red", IDS, [IM_END]) == 0.0  # no answer
     assert grpo.format_reward("red", [s, lat, e, 20, 21], "red", IDS, [IM_END]) == 0.0  # never ended
-    assert grpo.format_reward("red", [s, lat, e, s, lat, e, 20, IM_END], "red", IDS, [IM_END]) == 1.0  # two looks
-    assert grpo.format_reward("red", [s, lat, e, 20, s, lat, IM_END], "red", IDS, [IM_END]) == 0.0  # then reopened
+    # two looks
+    assert grpo.format_reward("red", [s, lat, e, s, lat, e, 20, IM_END], "red", IDS, [IM_END]) == 1.0
+    # then reopened
+    assert grpo.format_reward("red", [s, lat, e, 20, s, lat, IM_END], "red", IDS, [IM_END]) == 0.0
 
 
 @pytest.fixture(scope="module")
@@ -383,7 +397,8 @@ def test_filter_groups_trains_only_on_groups_with_signal(tmp_path, monkeypatch):
                     "0",
                 ]
             )
-            logs[flag] = {**torch.load(out / "train_state.pt", weights_only=True), "log": checkpoint.read_log(out)}
+            logs[flag] = {**torch.load(out / "train_state.pt", weights_only=True),
+                          "log": checkpoint.read_log(out)}
             for groups in (g for step in trained for g in step):
                 spread = groups.max(1).values != groups.min(1).values
                 assert spread.all() if flag == "true" else len(groups) == 4  # only signal / every group
@@ -400,10 +415,12 @@ def test_micro_batch_tokens_and_checkpointing_give_the_unsplit_gradient(tmp_path
     of the whole batch at once."""
     import train_grpo
     model, tok, ids = tiny_model(tmp_path, seed=3)
-    monkeypatch.setitem(grpo.REWARDS, "accuracy", lambda text, tokens, *a: float(tokens[0] % 2 if tokens else 0))
+    monkeypatch.setitem(grpo.REWARDS, "accuracy",
+                        lambda text, tokens, *a: float(tokens[0] % 2 if tokens else 0))
     exs = [tasks.synthetic("grpo", i, 0, 112) for i in range(2)]
     for k, v in dict(group_size=4, batch_size=2, max_new_tokens=6, temperature=1.5, min_pixels=3136,
-                     max_pixels=12544, beta=0.0, decoding="token", lvr_steps=8).items():  # (main resolves auto)
+                     # (main resolves auto)
+                     max_pixels=12544, beta=0.0, decoding="token", lvr_steps=8).items():
         monkeypatch.setattr(train_grpo, k, v)
     params = [p for p in model.parameters() if p.requires_grad]
     run = train_grpo.Learner(parallel.Root(model), None, tok, ids=ids, records=None, opt=None, params=params,
@@ -459,7 +476,8 @@ def test_grpo_two_processes_match_one(tmp_path, sft):
         script.write_text(RECORDED.format(out=out) + SIGNALLED.format(
             script="train_grpo.py", at=2, rank=1, sigs=list(sigs), args=[*common, *extra, "--out_dir", out]))
         r = (run(str(script)) if procs == 1 else
-             run("-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", port, str(script)))
+             run("-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", port,
+                 str(script)))
         rounds = [torch.load(f"{out}.rank{i}", weights_only=True) for i in range(procs)]
         return r, [sum(rows, []) for rows in zip(*rounds)]  # per round: every prompt's rows, in stream order
 
@@ -475,7 +493,8 @@ def test_grpo_two_processes_match_one(tmp_path, sft):
     r, rows1 = launch(one, 1, None)
     assert r.returncode == 0, r.stderr
     log1 = checkpoint.read_log(one)
-    assert sum(x["draws"] for x in log1) > 3 and sum(x["kept_groups"] for x in log1) > 0  # rounds filtered, kept
+    # rounds filtered, kept
+    assert sum(x["draws"] for x in log1) > 3 and sum(x["kept_groups"] for x in log1) > 0
     m1 = qwen.Qwen2_5_VL.from_pretrained(one)
     r, rows = launch(two, 2, "29541")
     assert r.returncode == 0, r.stderr

@@ -44,7 +44,8 @@ def test_bbox_validation_and_pixel_boxes():
         lvr.normalise_bbox([0.1, 0.2, 0.3], 100, 100)
 
 
-@pytest.mark.parametrize("bbox,K", [([0.1, 0.05, 0.9, 0.7], 4), ([0, 0, 1, 1], 6), ([0.2, 0.1, 0.35, 0.95], 3)])
+@pytest.mark.parametrize("bbox,K", [([0.1, 0.05, 0.9, 0.7], 4), ([0, 0, 1, 1], 6),
+                                    ([0.2, 0.1, 0.35, 0.95], 3)])
 def test_roi_pooling_is_adaptive_avg_pool(bbox, K):
     grid = torch.tensor((1, 16, 20))
     feats = torch.randn(8 * 10, 5)
@@ -94,8 +95,10 @@ def test_sft_loss_against_hand_computation(tmp_path):
     model, tok, ids = tiny_model(tmp_path)
     exs = [tasks.synthetic_example(s) for s in (1, 2)]
     exs[0]["bboxes"] = [[0.1, 0.1, 0.6, 0.5]]  # 2 latents after pooling
-    exs[1].update(assistant="<lvr> then <lvr>\nred", bboxes=[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 0.7, 0.7]])  # two spans
-    enc = [data.encode(e, tok, ids, data.LatentTargets("lvr", max_latents=2), pixels=(3136, 50176)) for e in exs]
+    # two spans
+    exs[1].update(assistant="<lvr> then <lvr>\nred", bboxes=[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 0.7, 0.7]])
+    spans = data.LatentTargets("lvr", max_latents=2)
+    enc = [data.encode(e, tok, ids, spans, pixels=(3136, 50176)) for e in exs]
     batch = data.collate(enc, tok.endoftext)
     loss, ce, lat, switch = lvr.sft_loss(model, batch, lvr.LossTerms(ce=0.7, latent=0.3, switch=0.2))
     # independent recomputation, one example at a time
@@ -120,7 +123,8 @@ def test_sft_loss_against_hand_computation(tmp_path):
         for t in range(len(e["input_ids"]) - 1):
             if e["input_ids"][t] in (ids.start, ids.latent):
                 p_end = torch.sigmoid(logits[0, t, ids.end])
-                sw_terms.append(-torch.log(p_end) if e["input_ids"][t + 1] == ids.end else -torch.log(1 - p_end))
+                last = e["input_ids"][t + 1] == ids.end
+                sw_terms.append(-torch.log(p_end) if last else -torch.log(1 - p_end))
     assert len(sw_terms) == len(batch["latent_slot"]) + 3 and len(batch["latent_slot"]) >= 4  # 3 spans
     want_ce, want_lat, want_sw = (torch.stack(x).mean() for x in (ce_terms, lat_terms, sw_terms))
     assert torch.allclose(ce, want_ce, rtol=1e-4) and torch.allclose(lat, want_lat, rtol=1e-4)
@@ -146,7 +150,9 @@ def test_latent_losses():
 
 def test_mirage_stage2_gradients_reach_latent_chain(tmp_path):
     model, tok, ids = tiny_model(tmp_path, latent_head=True)
-    enc = [data.encode(tasks.synthetic_example(s), tok, ids, data.LatentTargets("mirage", k=3), pixels=(3136, 50176)) for s in (3, 4)]
+    spans = data.LatentTargets("mirage", k=3)
+    enc = [data.encode(tasks.synthetic_example(s), tok, ids, spans, pixels=(3136, 50176))
+           for s in (3, 4)]
     batch = data.collate(enc, tok.endoftext)
     assert batch["latent_slot"].tolist() == [0, 1, 2, 0, 1, 2]
     loss, _, _, _ = lvr.own_latents_loss(model, batch)
@@ -168,7 +174,8 @@ def test_stage2_under_gradient_checkpointing_gives_the_same_loss_and_gradients(t
     exs = [tasks.synthetic("train", i, 0, task="vsp") for i in range(2)]
     if method == "mirage":
         ids = lvr.add_latent_tokens(model, tok, lvr.MIRAGE_TOKENS)
-    enc = [data.encode(e, tok, ids, data.LatentTargets(method, max_latents=16, k=4), pixels=(3136, 50176)) for e in exs]
+    spans = data.LatentTargets(method, max_latents=16, k=4)
+    enc = [data.encode(e, tok, ids, spans, pixels=(3136, 50176)) for e in exs]
     batch = data.collate(enc, tok.endoftext)
     weight = 0.1 if method == "lvr" else 0.0
     model.train()
@@ -234,7 +241,9 @@ def test_lvr_stage2_trains_every_latent_where_it_is_used(tmp_path):
 # -----------------------------------------------------------------------------
 # the latent rollout
 
-def one_row(model, ids, prompt, pv, grid, max_new, decoding, lvr_steps, budget, threshold=0.0, force_end=True):
+
+def one_row(model, ids, prompt, pv, grid, max_new, decoding, lvr_steps, budget, threshold=0.0,
+            force_end=True):
     """lvr.rollout_one, the reading version (one row, no cache: the whole sequence recomputed at every step):
     the oracle for lvr.rollout."""
     decode = lvr.Decode(decoding, lvr_steps, budget, force_end=force_end, end_metric="mse",
@@ -246,7 +255,8 @@ def one_row(model, ids, prompt, pv, grid, max_new, decoding, lvr_steps, budget, 
                                                ("token", False), ("latent", True), ("latent", False)])
 def test_cached_rollout_equals_slow_oracle(tmp_path, decoding, force_end):
     model, tok, _ = tiny_model(tmp_path)
-    if not force_end:  # (these cases also feed the latents back at a recorded norm, as a cosine-trained model does)
+    # (these cases also feed the latents back at a recorded norm, as a cosine-trained model does)
+    if not force_end:
         model.cfg.extra["latent_norm"] = 2.5
     prompts, pvs, grids = [], [], []
     for i, (w, h) in enumerate([(224, 160), (112, 200), (150, 150)]):
@@ -286,7 +296,8 @@ def test_cached_rollout_equals_slow_oracle(tmp_path, decoding, force_end):
         d = lvr.end_distance(r.latents[r.is_latent], model.model.embed_tokens.weight[ids.latent_end], "mse")
         d = d.detach().sort().values
         threshold = float(d[len(d) // 2 - 1:len(d) // 2 + 1].mean())  # midway between two: no knife edge
-    if decoding == "token":  # an official checkpoint's <|lvr_latent_end|> ends a span too: make one row emit it
+    # an official checkpoint's <|lvr_latent_end|> ends a span too: make one row emit it
+    if decoding == "token":
         r = run(0.0, ids)
         own = [int(t) for t, lat in zip(r.tokens[2, input_ids.shape[1]:], r.is_latent[2]) if not lat]
         ids = dataclasses.replace(ids, latent_end=own[0])  # row 2's first token after its span
@@ -302,7 +313,8 @@ def test_cached_rollout_equals_slow_oracle(tmp_path, decoding, force_end):
             assert got == seq[len(p):], (b, got, seq[len(p):])
             assert len(latents) == int(is_lat[b].sum())
             if latents:
-                assert torch.allclose(lats[b, is_lat[b]], torch.stack(latents), atol=5e-4)  # (fp32 drift over 14 steps)
+                # (fp32 drift over 14 steps)
+                assert torch.allclose(lats[b, is_lat[b]], torch.stack(latents), atol=5e-4)
                 first_latent.append(int(is_lat[b].float().argmax()))
     if decoding == "latent":  # some spans end by distance, before the budget of 4
         assert 0 < min(int(is_lat[b].sum()) for b in range(3) if is_lat[b].any()) < 4
@@ -314,8 +326,9 @@ def test_cached_rollout_equals_slow_oracle(tmp_path, decoding, force_end):
 
 @pytest.mark.parametrize("decoding", ["steps", "token", "latent"])
 def test_span_reopens_at_once_without_force_end(tmp_path, decoding):
-    """force_end=False: a <|lvr_start|> emitted right after a span opens the next one (official decoding),
-    in every exit mode; the cached rollout equals the one-row oracle on a model whose start logit is raised."""
+    """force_end=False: a <|lvr_start|> emitted right after a span opens the next one (official
+    decoding), in every exit mode; the cached rollout equals the one-row oracle on a model whose
+    start logit is raised."""
     model, tok, ids = tiny_model(tmp_path)
     model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.cfg.vocab_size))
     with torch.no_grad():
@@ -333,6 +346,38 @@ def test_span_reopens_at_once_without_force_end(tmp_path, decoding):
     assert spans >= 3 and len(latents) == 2 * spans  # several spans, each of its 2 latents
     if decoding == "steps":  # the leaving step's own token is <|lvr_start|>: it opens the next span
         assert got[:7] == [ids.start, ids.latent, ids.latent, ids.start, ids.latent, ids.latent, ids.start]
+
+
+@pytest.mark.parametrize("decoding", ["steps", "token", "latent"])
+@pytest.mark.parametrize("case", ["stray <|lvr|>", "zero budget"])
+def test_both_rollouts_agree_on_a_stray_latent_token_and_a_zero_budget(tmp_path, decoding, case):
+    """A stray <|lvr|> outside a span is a text token: its embedding is fed, no hidden state; a
+    span with a budget of 0 takes no latent step, in every exit mode. The one-row oracle and the
+    batched rollout agree on both, token for token."""
+    model, tok, ids = tiny_model(tmp_path)
+    pv, grid = vision.preprocess(tasks.synthetic_example(0)["images"][0], max_pixels=30000)
+    prompt = tok.prompt("What colour is the circle?", [int(grid.prod()) // 4])
+    budget = 3
+    if case == "stray <|lvr|>":  # the model's every token is <|lvr|>, and no span ever opens
+        model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.cfg.vocab_size))
+        with torch.no_grad():
+            model.lm_head.bias[ids.latent] = 1e3
+    else:  # the prompt opens a span that may take no latent step
+        prompt, budget = prompt + [ids.start], 0
+    r = helpers.roll(model, ids, torch.tensor([prompt]), pv, grid, max_new_tokens=6,
+                     decoding=decoding, lvr_steps=budget, max_latent_steps=budget,
+                     end_threshold=1e-9, stop_ids=[-1])
+    with torch.no_grad():
+        seq, latents = one_row(model, ids, prompt, pv, grid, 6, decoding, budget, budget, 1e-9)
+    got = r.tokens[0, len(prompt):].tolist()
+    assert got == seq[len(prompt):]
+    assert latents == [] and not r.is_latent.any()
+    if case == "stray <|lvr|>":
+        assert got == [ids.latent] * 6
+        assert torch.equal(r.latents[0], torch.zeros_like(r.latents[0]))  # (no latent fed)
+    else:  # the span ends at once: <|lvr_end|> (the `latent` exit: <|lvr_latent_end|>, then it)
+        first = [ids.latent_end, ids.end] if decoding == "latent" else [ids.end]
+        assert got[:len(first)] == first
 
 
 def test_latent_input_rescales_only_cosine_trained_latents(tmp_path):
@@ -385,10 +430,12 @@ def test_rollout_stops_when_every_row_has(tmp_path):
     model, tok, ids = tiny_model(tmp_path)
     prompts = [tok.prompt("What colour is the square?"), tok.prompt("What colour is the small circle?")]
     input_ids, mask = qwen.left_pad(prompts, tok.endoftext)
-    run = lambda stop: helpers.roll(model, ids, input_ids, attention_mask=mask, max_new_tokens=40,  # noqa: E731
+    # noqa: E731
+    run = lambda stop: helpers.roll(model, ids, input_ids, attention_mask=mask, max_new_tokens=40,
                                    stop_ids=stop)[0][:, input_ids.shape[1]:]
     free = run([-1])
-    stop = [int(free[0, 2]), int(free[1, 5])]  # pretend these are stop tokens: row 0 stops by step 2, row 1 by 5
+    # pretend these are stop tokens: row 0 stops by step 2, row 1 by 5
+    stop = [int(free[0, 2]), int(free[1, 5])]
     first = [next(i for i, t in enumerate(row) if t in stop) for row in free.tolist()]
     out = run(stop)
     assert out.shape[1] == 1 + max(first) < 40  # trimmed to the last row's stop
@@ -481,7 +528,8 @@ def test_official_lvr_checkpoint_loads_and_decodes_as_lvr(tmp_path, head_type):
     base = len(tok) - 4
     ids = lvr.find_latent_ids(model, tok)  # no lvr_tokens in its config: found by the official names
     assert ids == lvr.LatentIds(start=base, latent=base + 1, latent_end=base + 2, end=base + 3)
-    x = 1e-3 * torch.randn(5, model.cfg.hidden_size)  # small: LayerNorm's eps (1e-6, not torch's 1e-5) matters
+    # small: LayerNorm's eps (1e-6, not torch's 1e-5) matters
+    x = 1e-3 * torch.randn(5, model.cfg.hidden_size)
     with torch.no_grad():
         assert torch.allclose(model.lvr_head(x), head(x), atol=1e-6)
         if head_type == "simple":
@@ -492,7 +540,8 @@ def test_official_lvr_checkpoint_loads_and_decodes_as_lvr(tmp_path, head_type):
     with safe_open(str(tmp_path / "b" / "model.safetensors"), "pt") as f:
         keys = {k for k in f.keys() if k.startswith("lvr_head.")}
     assert keys == {f"lvr_head.{k}" for k in head.state_dict()}
-    # decoding: a span through the head; <|lvr_latent_end|> (what its checkpoints emit) ends it, then <|lvr_end|>
+    # decoding: a span through the head; <|lvr_latent_end|> (what its checkpoints emit) ends it, then
+    # <|lvr_end|>
     prompt = torch.tensor([tok.prompt("What colour is the square?") + [ids.start]])
     with torch.no_grad():
         r = helpers.roll(model, ids, prompt, max_new_tokens=4, decoding="steps", lvr_steps=1, stop_ids=[-1])
@@ -506,9 +555,11 @@ def test_official_mirage_tokenizer_runs_as_mirage(tmp_path):
     ids = lvr.find_latent_ids(model, tok)
     assert ids == lvr.LatentIds(start=base + 1, latent=base, end=base + 2, latent_end=None)
     prompt = torch.tensor([tok.prompt("What colour is the square?") + [ids.start]])
-    r = helpers.roll(model, ids, prompt, max_new_tokens=6, decoding="token", max_latent_steps=4, stop_ids=[-1])
+    r = helpers.roll(model, ids, prompt, max_new_tokens=6, decoding="token", max_latent_steps=4,
+                     stop_ids=[-1])
     comp = r.tokens[0, prompt.shape[1]:].tolist()
-    assert comp[0] == ids.latent and ids.end in comp  # a Mirage span: <|latent_pad|> steps, then <|latent_end|>
+    # a Mirage span: <|latent_pad|> steps, then <|latent_end|>
+    assert comp[0] == ids.latent and ids.end in comp
     with pytest.raises(InputError, match="the `latent` exit needs a latent-end token"):
         helpers.roll(model, ids, prompt, max_new_tokens=6, decoding="latent", stop_ids=[-1])
 

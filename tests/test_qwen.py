@@ -20,7 +20,6 @@ transformers = pytest.importorskip("transformers")
 from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
 
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """(path, reference model) per head type, written once per module."""
@@ -209,7 +208,8 @@ def test_get_rope_index_matches_reference(ckpt):
     grid = torch.cat(grids)
     ours = qwen.get_rope_index(ids, grid, mask, tok.image_pad)
     deltas = ours.amax(dim=(0, 2)) + 1 - mask.sum(1)  # rope_deltas: max position + 1 - unpadded length
-    theirs, ref_deltas = ref.model.get_rope_index(ids, (ids == tok.image_pad).int(), grid, attention_mask=mask)
+    theirs, ref_deltas = ref.model.get_rope_index(ids, (ids == tok.image_pad).int(), grid,
+                                                  attention_mask=mask)
     assert torch.equal(ours[:, mask.bool()], theirs[:, mask.bool()])
     assert torch.equal(deltas.view(-1), ref_deltas.view(-1))
     # hand-worked: text then a 1x(H',W') image, text continues at s + max(H', W')
@@ -229,7 +229,8 @@ def test_left_padded_batch(ckpt):
     model = qwen.Qwen2_5_VL.from_pretrained(path)
     tok = qwen.QwenTokenizer(path)
     rows, pvs, grids = [], [], []
-    for i, (w, h, question) in enumerate([(300, 200, "What colour?"), (90, 250, "Which shape is left of the star?")]):
+    for i, (w, h, question) in enumerate([(300, 200, "What colour?"),
+                                          (90, 250, "Which shape is left of the star?")]):
         pv, grid = vision.preprocess(helpers.photo(w, h, i), max_pixels=30000)
         rows.append(tok.prompt(question, [int(grid.prod()) // 4]))
         pvs.append(pv)
@@ -291,9 +292,11 @@ def test_stop_tokens_and_sampling(ckpt):
     model = qwen.Qwen2_5_VL.from_pretrained(path)
     tok = qwen.QwenTokenizer(path)
     ids, pv, grid, _ = helpers.reference_inputs(tok, [helpers.photo(100, 100, 8)])
-    greedy = model.generate(ids, pv, grid, max_new_tokens=6, sampling=qwen.Sampling(stop_ids=[-1]))[0, ids.shape[1]:]
+    greedy = model.generate(ids, pv, grid, max_new_tokens=6,
+                            sampling=qwen.Sampling(stop_ids=[-1]))[0, ids.shape[1]:]
     stop = int(greedy[2])  # pretend the third greedy token is a stop token
-    out = model.generate(ids, pv, grid, max_new_tokens=6, sampling=qwen.Sampling(stop_ids=[stop]))[0, ids.shape[1]:]
+    out = model.generate(ids, pv, grid, max_new_tokens=6,
+                         sampling=qwen.Sampling(stop_ids=[stop]))[0, ids.shape[1]:]
     assert out.tolist() == greedy[:3].tolist()
     g1, g2 = (model.generate(ids, pv, grid, max_new_tokens=8, sampling=qwen.Sampling(
         temperature=1.0, top_k=20, top_p=0.9, stop_ids=[-1], generator=torch.Generator().manual_seed(0)))
@@ -302,7 +305,8 @@ def test_stop_tokens_and_sampling(ckpt):
 
 
 def test_sampling_filters_match_reference():
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
     torch.manual_seed(0)
     logits = torch.randn(4, 50) * 3
     for t, k, p in [(0.7, 0, 0.9), (1.3, 5, 1.0), (0.9, 10, 0.5)]:
@@ -322,7 +326,8 @@ def test_bf16_runs(ckpt):
     path, ref = ckpt(True)
     m32 = qwen.Qwen2_5_VL.from_pretrained(path)
     m16 = qwen.Qwen2_5_VL.from_pretrained(path, dtype=torch.bfloat16)
-    assert m16.lm_head.weight.dtype == torch.bfloat16 and m16.visual.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert m16.lm_head.weight.dtype == torch.bfloat16
+    assert m16.visual.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
     ref16 = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).eval()
     tok = qwen.QwenTokenizer(path)
     ids, pv, grid, kw = helpers.reference_inputs(tok, [helpers.photo(200, 150, 9)])
@@ -400,11 +405,14 @@ def broken_copy(src, dst, edit):
 def test_bad_checkpoints(ckpt, tmp_path):
     path, _ = ckpt(False)
     cases = [
-        (lambda s: s.pop("model.layers.1.mlp.up_proj.weight"), "missing key model.layers.1.mlp.up_proj.weight"),
+        (lambda s: s.pop("model.layers.1.mlp.up_proj.weight"),
+         "missing key model.layers.1.mlp.up_proj.weight"),
         (lambda s: s.update({"model.layers.9.bogus": torch.zeros(1)}), "unexpected key model.layers.9.bogus"),
-        (lambda s: s.update({"visual.merger.mlp.2.bias": torch.zeros(3)}), "visual.merger.mlp.2.bias has shape"),
+        (lambda s: s.update({"visual.merger.mlp.2.bias": torch.zeros(3)}),
+         "visual.merger.mlp.2.bias has shape"),
         (lambda s: s.pop("lm_head.weight"), "missing key lm_head.weight"),  # untied: the head is required
-        (lambda s: s.update({"model.norm.weight": torch.ones(s["model.norm.weight"].shape, dtype=torch.int32)}),
+        (lambda s: s.update(
+            {"model.norm.weight": torch.ones(s["model.norm.weight"].shape, dtype=torch.int32)}),
          "model.norm.weight has dtype torch.int32, weights must be floats"),
     ]
     for i, (edit, msg) in enumerate(cases):
@@ -422,7 +430,8 @@ def test_bad_checkpoints(ckpt, tmp_path):
     with pytest.raises(InputError, match="no config.json"):
         qwen.Qwen2_5_VL.from_pretrained(str(tmp_path))
     os.remove(cut / "model.safetensors")
-    (cut / "model.safetensors.index.json").write_text('{"weight_map": {"model.norm.weight": "model-0000')  # cut
+    # cut
+    (cut / "model.safetensors.index.json").write_text('{"weight_map": {"model.norm.weight": "model-0000')
     with pytest.raises(InputError, match="index.json: not a valid safetensors index"):
         qwen.Qwen2_5_VL.from_pretrained(str(cut))
 

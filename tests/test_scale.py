@@ -41,8 +41,9 @@ def real(tmp_path_factory):
 
 def test_a_real_checkpoint_resolves_the_official_settings_and_keeps_the_images_large(real):
     # with no other flag than the two a user must give (run where the data is, so out/ lands there)
-    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_sft.py"), "--init_from", str(real / "ckpt"),
-                          "--data_path", "d.json"], cwd=str(real), stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_sft.py"), "--init_from",
+                          str(real / "ckpt"), "--data_path", "d.json"], cwd=str(real),
+                         stdout=subprocess.PIPE, text=True)
     lines = []
     while not (lines and lines[-1].startswith("first example:")):
         lines.append(p.stdout.readline())
@@ -50,9 +51,11 @@ def test_a_real_checkpoint_resolves_the_official_settings_and_keeps_the_images_l
     p.kill()
     p.wait()
     line = next(x for x in lines if x.startswith("resolved:"))
-    assert "lr=1e-05 min_lr=0.0 warmup_iters=60" in line and "min_pixels=100352 max_pixels=4014080" in line, line
+    assert "lr=1e-05 min_lr=0.0 warmup_iters=60" in line, line
+    assert "min_pixels=100352 max_pixels=4014080" in line, line
     assert "dtype=float32" in line  # (CPU; bfloat16 on CUDA: test_train.test_loss_defaults_follow_the_papers)
-    assert lines[-1].strip() == "first example: 1 image(s) of 391 merged tokens"  # 23 x 17, not 6 x 6 (168 px)
+    # 23 x 17, not 6 x 6 (168 px)
+    assert lines[-1].strip() == "first example: 1 image(s) of 391 merged tokens"
     out = str(real / "out1")
     r = run_here("train_sft.py", "--init_from", str(real / "ckpt"), "--data_path", str(real / "d.json"),
                  "--image_root", str(real), "--max_iters", "1", "--batch_size", "1", "--eval_examples", "1",
@@ -120,7 +123,8 @@ n = 3 + 5 * rank
 with torch.no_grad(), parallel.gathered(root, True):
     got = root(lambda m: helpers.roll(m, ids, prompt, max_new_tokens=n, decoding="token", max_latent_steps=2,
                                      stop_ids=[-1]).tokens)
-    want = helpers.roll(full, ids, prompt, max_new_tokens=n, decoding="token", max_latent_steps=2, stop_ids=[-1])
+    want = helpers.roll(full, ids, prompt, max_new_tokens=n, decoding="token", max_latent_steps=2,
+                        stop_ids=[-1])
 assert got.shape[1] == prompt.shape[1] + n and torch.equal(got, want.tokens), (got, want.tokens)
 print("rank", rank, "ok")
 """
@@ -162,8 +166,9 @@ def tiny_lvr(seed=0, head=False):
 def test_the_latent_exit_takes_at_least_one_latent():
     model, tok, ids = tiny_lvr()
     prompt = torch.tensor([tok.prompt("What colour is the square?") + [ids.start]])
-    r = helpers.roll(model, ids, prompt, max_new_tokens=6, decoding="latent", max_latent_steps=4, end_threshold=1e9,
-                    stop_ids=[-1])  # every hidden state is "near" the end: only the guard keeps the first latent
+    # every hidden state is "near" the end: only the guard keeps the first latent
+    r = helpers.roll(model, ids, prompt, max_new_tokens=6, decoding="latent", max_latent_steps=4,
+                     end_threshold=1e9, stop_ids=[-1])
     assert evaluation.span_lengths(r.is_latent[0])[0] == 1
     assert r.tokens[0, prompt.shape[1] + 1] == ids.latent_end
 
@@ -173,7 +178,9 @@ def test_the_latent_head_takes_part_in_a_micro_batch_without_latents():
     model, tok, ids = tiny_lvr(head=True)
     model.train()
     ex = tasks.synthetic("train", 0, 0, 112)
-    batch = data.collate([data.encode(ex, tok, ids, data.LatentTargets("none"), pixels=(3136, 12544))], tok.endoftext)  # no latent slot
+    # no latent slot
+    batch = data.collate([data.encode(ex, tok, ids, data.LatentTargets("none"), pixels=(3136, 12544))],
+                         tok.endoftext)
     loss, *_ = lvr.sft_loss(model, batch)
     loss.backward()
     assert all(p.grad is not None for p in model.lvr_head.parameters())
@@ -201,7 +208,8 @@ def test_chunked_completion_logprobs_equal_the_whole_ones(monkeypatch):
     is_latent[:, 1] = True
     latents = torch.randn(N, L, model.cfg.hidden_size)
     grads = []
-    for chunk in (10 ** 9, 7):  # every position at once; then 1 row (7 // 5) at a time, recomputed in backward
+    # every position at once; then 1 row (7 // 5) at a time, recomputed in backward
+    for chunk in (10 ** 9, 7):
         monkeypatch.setattr(grpo, "LOGIT_CHUNK", chunk)
         model.zero_grad()
         rows = grpo.Completions(seqs, torch.ones(N, T + L, dtype=torch.long), T, latents, is_latent)
@@ -232,7 +240,8 @@ def test_out_of_memory_is_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatc
     assert msg.startswith("out of memory in an SFT step: lower --batch_size") and "\n" not in msg
     assert "--grad_checkpointing true" in msg and f"{out} keeps its last checkpoint" in msg
     assert state(out)["step"] == 2 and qwen.load(out)  # the last checkpoint, whole
-    with pytest.raises(InputError, match="out of memory in a GRPO rollout: lower --batch_size or --group_size"):
+    with pytest.raises(InputError,
+                       match="out of memory in a GRPO rollout: lower --batch_size or --group_size"):
         with cli.out_of_memory("a GRPO rollout", __import__("train_grpo").ROLLOUT_OOM, out):
             raise torch.OutOfMemoryError("CUDA out of memory")
 
@@ -248,12 +257,15 @@ def test_an_official_latent_end_checkpoint_loads_and_exits_by_its_own_vector(tmp
     tok.tok.save(str(path / "tokenizer.json"))
     ids = lvr.latent_ids(tok)
     cfg = json.loads((path / "config.json").read_text())
-    cfg.update(lvr_id=ids.latent, lvr_start_id=ids.start, lvr_end_id=ids.end, lvr_latent_end_id=ids.latent_end)
+    cfg.update(lvr_id=ids.latent, lvr_start_id=ids.start, lvr_end_id=ids.end,
+               lvr_latent_end_id=ids.latent_end)
     (path / "config.json").write_text(json.dumps(cfg))
     model, tok = qwen.load(str(path))
     prompt = torch.tensor([tok.prompt("What is left?") + [ids.start]] * 2)
-    with torch.no_grad():  # the end vector: row 0's first latent, so row 0 (only) is at distance 0 after one step
-        first = helpers.roll(model, ids, prompt, max_new_tokens=3, decoding="steps", lvr_steps=2, stop_ids=[-1])
+    # the end vector: row 0's first latent, so row 0 (only) is at distance 0 after one step
+    with torch.no_grad():
+        first = helpers.roll(model, ids, prompt, max_new_tokens=3, decoding="steps", lvr_steps=2,
+                             stop_ids=[-1])
         end = first.latents[0, 1].clone()  # (the state after the first latent: the one the exit tests)
     weights = load_file(str(path / "model.safetensors"))
     weights["lvr_latent_end_emb"] = end

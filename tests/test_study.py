@@ -1,5 +1,6 @@
-"""The tools end to end (the study's quick mode, bench.py, gpu_check.py), then the study's parts: one JSON line
-per run, the continuations matched on compute, a rerun redoes nothing, and the tables come from the file alone."""
+"""The tools end to end (the study's quick mode, bench.py, gpu_check.py), then the study's parts:
+one JSON line per run, the continuations matched on compute, a rerun redoes nothing, and the tables
+come from the file alone."""
 import json
 import math
 
@@ -9,13 +10,14 @@ from helpers import state
 
 
 def test_the_tools_run_side_by_side(tmp_path, capsys):
-    """The three tools, at once (independent processes; one after another they cost the suite 40 s more on 2
-    cores): the study's quick mode runs every stage and resumes; bench.py's tiny size prints every row, each
-    number finite and positive (no timing asserts); gpu_check.py's own runs (SFT under DDP and FSDP2, a resume,
-    GRPO, eval) pass on CPU at the tiny shape."""
+    """The three tools, at once (independent processes; one after another they cost the suite 40 s
+    more on 2 cores): the study's quick mode runs every stage and resumes; bench.py's tiny size
+    prints every row, each number finite and positive (no timing asserts); gpu_check.py's own runs
+    (SFT under DDP and FSDP2, a resume, GRPO, eval) pass on CPU at the tiny shape."""
     args = ["-m", "tools.study", "--quick", "true", "--results", str(tmp_path / "r.jsonl"),
             "--picture", str(tmp_path / "s.png"), "--work_dir", str(tmp_path / "runs")]
-    r, bench, gpu = run_all(args, ["-m", "tools.bench", "--sizes", "tiny", "--repeats", "1", "--decode_tokens", "8"],
+    r, bench, gpu = run_all(args, ["-m", "tools.bench", "--sizes", "tiny", "--repeats", "1",
+                                   "--decode_tokens", "8"],
                             ["-m", "tools.gpu_check", "--size", "tiny", "--processes", "2", "--steps", "2",
                              "--work_dir", str(tmp_path / "gpu")])
     assert r.returncode == 0, r.stderr
@@ -49,18 +51,21 @@ def test_the_tools_run_side_by_side(tmp_path, capsys):
     assert bench.returncode == 0, bench.stderr
     rows = [line.split() for line in bench.stdout.splitlines() if line.startswith("tiny ")]
     names = " ".join(" ".join(row) for row in rows)
-    for want in ("image encode", "prefill", "decode batch 1", "decode batch 8", "latent steps/s", "GRPO rollout",
-                 "SFT step", "GRPO step, 2 processes"):
+    for want in ("image encode", "prefill", "decode batch 1", "decode batch 8", "latent steps/s",
+                 "GRPO rollout", "SFT step", "GRPO step, 2 processes"):
         assert want in names, want
     for row in rows:
-        nums = [float(x) for x in row if x.replace(".", "", 1).replace("e-", "", 1).replace("e+", "", 1).isdigit()]
+        nums = [float(x) for x in row
+                if x.replace(".", "", 1).replace("e-", "", 1).replace("e+", "", 1).isdigit()]
         assert nums and all(math.isfinite(x) and x > 0 for x in nums), row
     # gpu_check.py
     assert gpu.returncode == 0 and "FAILED" not in gpu.stdout, gpu.stdout + gpu.stderr
-    for name in ("SFT, DDP (2 steps)", "SFT, FSDP2 (2 steps)", "SFT, FSDP2 resumed (+2)", "GRPO, DDP (2 steps)"):
+    for name in ("SFT, DDP (2 steps)", "SFT, FSDP2 (2 steps)", "SFT, FSDP2 resumed (+2)",
+                 "GRPO, DDP (2 steps)"):
         line = next(x for x in gpu.stdout.splitlines() if x.startswith(name))
         assert "median step" in line and "median step -" not in line, line
-    assert state(str(tmp_path / "gpu" / "fsdp2"))["step"] == 4 and "evaluate.py (8 records)      ok" in gpu.stdout
+    assert state(str(tmp_path / "gpu" / "fsdp2"))["step"] == 4
+    assert "evaluate.py (8 records)      ok" in gpu.stdout
 
 
 def test_reported_names_every_run_by_its_base_and_continuation():
@@ -125,7 +130,8 @@ def test_a_resumed_study_trains_again_only_the_checkpoints_it_still_needs(tmp_pa
     rec, out = study.sft(done, "vsp", "lvr", 1, trial, need=set())
     assert rec["macs"] == 5.0 and trained == []  # every continuation recorded: nothing to train
     rec, out = study.sft(done, "vsp", "lvr", 1, trial, need={"vsp/lvr+control/seed1"})
-    assert rec["macs"] == 5.0 and trained == ["train_sft.py"] and len(done) == 1  # trained again, not recorded
+    # trained again, not recorded
+    assert rec["macs"] == 5.0 and trained == ["train_sft.py"] and len(done) == 1
 
 
 def test_stage_2_without_grpo_still_gets_its_compute_matched_control(tmp_path, monkeypatch):

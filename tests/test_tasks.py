@@ -18,7 +18,8 @@ SEEDS = range(12)
 
 def crop(img, bbox):
     w, h = img.size
-    return np.asarray(img.crop((round(bbox[0] * w), round(bbox[1] * h), round(bbox[2] * w), round(bbox[3] * h))))
+    x0, y0, x1, y1 = (round(v * s) for v, s in zip(bbox, (w, h, w, h)))
+    return np.asarray(img.crop((x0, y0, x1, y1)))
 
 
 def drawn(shape, colour, bbox, size):
@@ -35,18 +36,20 @@ def test_the_bbox_holds_the_named_shape_in_the_answer_colour(task):
         shape = re.match(r"What colour is the (\w+)\?", e["question"]).group(1)
         size = e["images"][0].size[0]
         assert size == tasks.TASKS[task][1] and len(e["bboxes"]) == 1
-        assert np.array_equal(crop(e["images"][0], e["bboxes"][0]), drawn(shape, e["answer"], e["bboxes"][0], size))
+        assert np.array_equal(crop(e["images"][0], e["bboxes"][0]),
+                              drawn(shape, e["answer"], e["bboxes"][0], size))
     e = tasks.synthetic("train", 0, 1, task="search")
     colours = [tuple(c) for c in np.asarray(e["images"][0]).reshape(-1, 3)]
     counts = {k: sum(np.array_equal(c, v) for c in colours[::7]) for k, v in tasks.COLOURS.items()}
-    assert e["images"][0].size == (336, 336) and min(counts.values()) > 0  # every colour worn: no colour prior
+    # every colour worn: no colour prior
+    assert e["images"][0].size == (336, 336) and min(counts.values()) > 0
 
 
 def test_relation_bboxes_are_the_anchor_then_its_neighbour(tmp_path):
     for s in SEEDS:
         e = tasks.synthetic("train", s, 1, task="relation")
-        where, colour, shape = re.match(r"What colour is the shape (right of|left of|above|below) the (\w+) (\w+)\?",
-                                        e["question"]).groups()
+        asked = r"What colour is the shape (right of|left of|above|below) the (\w+) (\w+)\?"
+        where, colour, shape = re.match(asked, e["question"]).groups()
         anchor, target = e["bboxes"]
         assert np.array_equal(crop(e["images"][0], anchor), drawn(shape, colour, anchor, 168))
         dx, dy = round((target[0] - anchor[0]) * 6), round((target[1] - anchor[1]) * 6)
@@ -57,14 +60,16 @@ def test_relation_bboxes_are_the_anchor_then_its_neighbour(tmp_path):
     model, tok, ids = tiny_model(tmp_path)
     lvr_rows = data.encode(e, tok, ids, data.LatentTargets("lvr"), pixels=(3136, 28224))
     mirage_rows = data.encode(e, tok, ids, data.LatentTargets("mirage", k=3), pixels=(3136, 28224))
-    assert lvr_rows["latent_slot"] == [0, 0] and mirage_rows["latent_slot"] == [0, 1, 2]  # two looks; one imagining
+    # two looks; one imagining
+    assert lvr_rows["latent_slot"] == [0, 0] and mirage_rows["latent_slot"] == [0, 1, 2]
 
 
 def test_imagine_bbox_is_where_the_moves_end_and_the_helper_draws_the_path():
     for s in SEEDS:
         e = tasks.synthetic("train", s, 1, task="imagine")
         img, helper = np.asarray(e["images"][0]), np.asarray(e["helper"]).astype(int)
-        plain = np.asarray(e["images"][0].resize((112, 112), Image.BICUBIC)).astype(int)  # the image, as the helper
+        # the image, as the helper
+        plain = np.asarray(e["images"][0].resize((112, 112), Image.BICUBIC)).astype(int)
 
         def darker(y, x):  # the helper drew black at (y, x) of the 168-px grid, where the image has none
             y, x = y * 2 // 3, x * 2 // 3
@@ -72,7 +77,8 @@ def test_imagine_bbox_is_where_the_moves_end_and_the_helper_draws_the_path():
         dot = np.argwhere((img == 0).all(-1)).mean(0)  # the black dot: the start cell
         r, c = int(dot[0] // 28), int(dot[1] // 28)
         for m in re.match(r"Start at the dot and move (.*)\. What", e["question"]).group(1).split(", "):
-            (pr, pc), (r, c) = (r, c), (r + {"up": -1, "down": 1}.get(m, 0), c + {"left": -1, "right": 1}.get(m, 0))
+            step = (r + {"up": -1, "down": 1}.get(m, 0), c + {"left": -1, "right": 1}.get(m, 0))
+            (pr, pc), (r, c) = (r, c), step
         x0, y0 = round(e["bboxes"][0][0] * 168), round(e["bboxes"][0][1] * 168)
         assert (y0 // 28, x0 // 28) == (r, c)  # the bbox is the cell where the moves end
         assert (img[y0 + 2, x0 + 2] == tasks.COLOURS[e["answer"]]).all()  # and the answer is its colour
@@ -138,11 +144,14 @@ def test_vsp_plans_are_judged_by_simulation_as_mirage_judges_them():
     assert tasks.walk(MAP, "R R D D") == [(0, 1), (0, 2)]
     assert tasks.solves(MAP, "R D R D R")  # a move after the goal, off the edge: still on the goal
     assert not tasks.solves(MAP, "R D R D U")  # passes the goal and leaves it: not there at the end
-    assert tasks.solves(MAP, "r, d; r -> d") and tasks.solves(MAP, "RIGHT DOWN RIGHT DOWN")  # case, separators
+    # case, separators
+    assert tasks.solves(MAP, "r, d; r -> d") and tasks.solves(MAP, "RIGHT DOWN RIGHT DOWN")
     assert not tasks.solves(MAP, "") and not tasks.solves(MAP, "no plan")  # "no plan": N O P L A N -> L
     assert tasks.shortest_plan(MAP) == "DRDR"  # breadth first, moves tried in U D L R order
-    # everywhere an answer is judged: eval's rows and GRPO's accuracy reward credit a plan that is not the gold one
-    assert data.is_correct("<answer>R D R D</answer>", "D R D R", MAP) and not data.is_correct("D R", "D R", MAP)
+    # everywhere an answer is judged: eval's rows and GRPO's accuracy reward credit a plan that is not the
+    # gold one
+    assert data.is_correct("<answer>R D R D</answer>", "D R D R", MAP)
+    assert not data.is_correct("D R", "D R", MAP)
     assert data.is_correct("The plan is \\boxed{R, D, R, D}.", "D R D R", MAP)
     import grpo
     assert grpo.accuracy_reward("R D R D", [], "D R D R", None, [], MAP) == 1.0
@@ -195,9 +204,9 @@ def test_vsp_without_gymnasium_is_one_line_naming_the_install(monkeypatch):
 
 
 def test_vsp_reaches_every_script_and_a_mirage_file_of_its_maps_scores_alike(tmp_path):
-    """--task vsp trains (LVR), evaluates and runs GRPO; the same maps written as a Mirage VSP file (PNG images,
-    text_input with <image>, map_desc) make the same prompts, pixels and judgements, so evaluate.py scores the file
-    as it scores the built-in maps."""
+    """--task vsp trains (LVR), evaluates and runs GRPO; the same maps written as a Mirage VSP file
+    (PNG images, text_input with <image>, map_desc) make the same prompts, pixels and judgements, so
+    evaluate.py scores the file as it scores the built-in maps."""
     import json
     exs = [tasks.synthetic("test", i, 1337, task="vsp") for i in range(4)]
     for i, e in enumerate(exs):
@@ -216,7 +225,8 @@ def test_vsp_reaches_every_script_and_a_mirage_file_of_its_maps_scores_alike(tmp
     r = run_here("train_sft.py", "--task", "vsp", "--batch_size", "2", "--max_iters", "2", "--eval_interval",
                  "2", "--eval_examples", "2", "--warmup_iters", "1", "--max_latents", "2", "--out_dir", out)
     assert r.returncode == 0 and "held-out accuracy" in r.stdout, r.stderr
-    assert "first example: 1 image(s) of 49 merged tokens" in r.stdout  # 192 px -> 196: the processor's resize
+    # 192 px -> 196: the processor's resize
+    assert "first example: 1 image(s) of 49 merged tokens" in r.stdout
     common = ["--n_examples", "4", "--max_new_tokens", "8", "--diagnostics", "false"]
     built, filed, gr = (run_here(*argv) for argv in (
         ["evaluate.py", "--init_from", out, "--task", "vsp", *common, "--save", str(tmp_path / "a.json")],
@@ -229,6 +239,25 @@ def test_vsp_reaches_every_script_and_a_mirage_file_of_its_maps_scores_alike(tmp
     assert rows[0] == rows[1]
     assert gr.returncode == 0 and "step 1:" in gr.stdout, gr.stderr
 
+    # a file of the test maps and three training maps, mixed: --unseen_maps keeps the test maps alone,
+    # in order, and scores them as the file of test maps alone
+    train = [tasks.synthetic("train", i, 1337, task="vsp") for i in range(3)]
+    assert all(tasks.map_split(e["map_desc"]) == "train" for e in train)
+    for i, e in enumerate(train):
+        e["images"][0].save(tmp_path / f"t{i}.png")
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    recs[1:1] = [{"text_input": "<image>" + e["question"], "image_input": f"t{i}.png",
+                  "map_desc": e["map_desc"]} for i, e in enumerate(train[:2])]
+    recs.append({"text_input": "<image>" + train[2]["question"], "image_input": "t2.png",
+                 "map_desc": train[2]["map_desc"]})
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    r = run_here("evaluate.py", "--init_from", out, "--data_path", str(mixed), "--image_root",
+                 str(tmp_path), "--unseen_maps", "true", *common, "--save", str(tmp_path / "c.json"))
+    assert r.returncode == 0, r.stderr
+    assert "--unseen_maps: kept 4 of 7 maps" in r.stdout and "VSP maps: 0 of 4" in r.stdout
+    assert json.loads((tmp_path / "c.json").read_text())["rows"]["with latents"] == rows[1]
+
 
 @pytest.mark.parametrize("hops", [1, 2, 3])
 def test_hops_chains_look_from_a_unique_anchor_to_an_occupied_last_cell(hops):
@@ -239,11 +268,12 @@ def test_hops_chains_look_from_a_unique_anchor_to_an_occupied_last_cell(hops):
     for s in SEEDS:
         e = tasks.synthetic("train", s, 1, task="hops", hops=hops)
         img = np.asarray(e["images"][0])
-        q = re.fullmatch(r"What colour is ((?:the shape (?:right of|left of|above|below) )+)the (\w+) (\w+)\?",
-                         e["question"])
+        asked = r"What colour is ((?:the shape (?:right of|left of|above|below) )+)the (\w+) (\w+)\?"
+        q = re.fullmatch(asked, e["question"])
         moves = re.findall(r"the shape (right of|left of|above|below) ", q.group(1))[::-1]  # anchor outwards
         colour, shape = q.group(2), q.group(3)
-        assert len(moves) == hops and len(e["bboxes"]) == hops + 1 and e["assistant"].count("<lvr>") == hops + 1
+        assert len(moves) == hops and len(e["bboxes"]) == hops + 1
+        assert e["assistant"].count("<lvr>") == hops + 1
         cells = [(round(b[0] * 6 - 4 / 28), round(b[1] * 6 - 4 / 28)) for b in e["bboxes"]]
         for (x, y), m, (nx, ny) in zip(cells, moves, cells[1:]):  # each look is the move from the last one
             assert (nx - x, ny - y) == words[m] and 0 <= nx < 6 and 0 <= ny < 6
@@ -258,8 +288,10 @@ def test_hops_chains_look_from_a_unique_anchor_to_an_occupied_last_cell(hops):
         assert all(wearing(x, y) for x, y in cells) and wearing(*cells[-1]) == e["answer"]
         assert {worn.count(c) for c in tasks.COLOURS} == {2}  # two of each colour, the answer's included
         same = [(x, y) for y in range(6) for x in range(6) if wearing(x, y) == colour and (x, y) != cells[0]]
-        assert all(not np.array_equal(crop(e["images"][0], [x / 6 + 4 / 168, y / 6 + 4 / 168, x / 6 + 24 / 168,
-                                                            y / 6 + 24 / 168]), drawn(shape, colour, anchor, 168))
+        def cell(x, y):  # an object's 20 px box in its 28 px cell
+            return [x / 6 + 4 / 168, y / 6 + 4 / 168, x / 6 + 24 / 168, y / 6 + 24 / 168]
+
+        assert all(not np.array_equal(crop(e["images"][0], cell(x, y)), drawn(shape, colour, anchor, 168))
                    for x, y in same)  # the anchor's colour on another object: another shape
 
 
@@ -270,5 +302,6 @@ def test_hops_are_seeded_and_disjoint_across_splits_and_seeds():
     again = tasks.synthetic("train", 3, 1, task="hops", hops=3)
     assert a["question"] == again["question"] and np.array_equal(np.asarray(a["images"][0]),
                                                                  np.asarray(again["images"][0]))
-    others = [tasks.synthetic(sp, 3, sd, task="hops", hops=3) for sp, sd in [("train", 2), ("test", 1), ("eval", 1)]]
+    others = [tasks.synthetic(sp, 3, sd, task="hops", hops=3)
+              for sp, sd in [("train", 2), ("test", 1), ("eval", 1)]]
     assert all(not np.array_equal(np.asarray(a["images"][0]), np.asarray(o["images"][0])) for o in others)
