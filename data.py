@@ -43,6 +43,18 @@ class LatentTargets:
     latent_end: bool = False  # <|lvr_latent_end|> after each span's latents (the `latent` exit)
 
 
+def image_pixels(grid_thw):
+    """An image's (1, 3) grid of 14-pixel patches -> (width, height) as the model sees it."""
+    return int(grid_thw[0, 2]) * 14, int(grid_thw[0, 1]) * 14
+
+
+def box_text(bbox, grid_thw):
+    """A normalised bbox -> its text: {"bbox_2d": [x1, y1, x2, y2]} in the resized image's pixels."""
+    w, h = image_pixels(grid_thw)
+    x0, y0, x1, y1 = (round(v * s) for v, s in zip(bbox, (w, h, w, h)))
+    return json.dumps({"bbox_2d": [x0, y0, x1, y1]})
+
+
 def encode(ex, tok, ids, targets=LatentTargets(), pixels=(3136, 12845056)):
     """Example -> one row of an SFT batch, unpadded: input_ids, labels, n_prompt, pixel_values,
     grid_thw, helper, n_feat, and the latent slots (collate's fields, per row: positions, not (row,
@@ -231,25 +243,19 @@ def stream_example(records, i, seed, convert, where, on_bad="fail", skipped=None
     raise InputError(f"{where}: every record is bad")
 
 
-def record_example(rec, image_root, where):
-    """One LVR or Mirage record -> an example. `where` names the record in errors."""
-    def image(p):
-        return open_image(image_root, p, where)
+def vsp_map(desc, where):
+    """A Mirage map_desc, checked: a square grid of 1 (start), 2 (goal), -1 (hole), 0 (ice); one
+    start, one goal."""
+    rows = isinstance(desc, list) and all(isinstance(r, list) for r in desc)
+    flat = [v for row in desc for v in row] if rows else []
+    if (not flat or any(len(r) != len(desc) for r in desc) or not set(flat) <= {0, 1, 2, -1}
+            or flat.count(1) != 1 or flat.count(2) != 1):
+        raise InputError(
+            f"{where}: map_desc must be a square grid of 1 (start), 2 (goal), -1 (hole) and "
+            f"0 (ice), one start and one goal"
+        )
 
-    # a Mirage VSP test record: a prompt and its map
-    if "map_desc" in rec and "image_output" not in rec:
-        if not isinstance(rec.get("text_input"), str) or not isinstance(
-            rec.get("image_input"), str
-        ):
-            raise InputError(
-                f"{where}: a VSP record needs string fields 'text_input' and 'image_input'"
-            )
-        return {"images": [image(rec["image_input"])], "question": rec["text_input"], "answer": "",
-                "bboxes": [], "map_desc": vsp_map(rec["map_desc"], where)}
-
-    if "image_output" in rec:  # Mirage: the helper image is the latent target
-        return mirage_example(rec, image, where)
-    return lvr_example(rec, image, where)
+    return desc
 
 
 def mirage_example(rec, image, where):
@@ -323,19 +329,25 @@ def lvr_example(rec, image, where):
     }
 
 
-def vsp_map(desc, where):
-    """A Mirage map_desc, checked: a square grid of 1 (start), 2 (goal), -1 (hole), 0 (ice); one
-    start, one goal."""
-    rows = isinstance(desc, list) and all(isinstance(r, list) for r in desc)
-    flat = [v for row in desc for v in row] if rows else []
-    if (not flat or any(len(r) != len(desc) for r in desc) or not set(flat) <= {0, 1, 2, -1}
-            or flat.count(1) != 1 or flat.count(2) != 1):
-        raise InputError(
-            f"{where}: map_desc must be a square grid of 1 (start), 2 (goal), -1 (hole) and "
-            f"0 (ice), one start and one goal"
-        )
+def record_example(rec, image_root, where):
+    """One LVR or Mirage record -> an example. `where` names the record in errors."""
+    def image(p):
+        return open_image(image_root, p, where)
 
-    return desc
+    # a Mirage VSP test record: a prompt and its map
+    if "map_desc" in rec and "image_output" not in rec:
+        if not isinstance(rec.get("text_input"), str) or not isinstance(
+            rec.get("image_input"), str
+        ):
+            raise InputError(
+                f"{where}: a VSP record needs string fields 'text_input' and 'image_input'"
+            )
+        return {"images": [image(rec["image_input"])], "question": rec["text_input"], "answer": "",
+                "bboxes": [], "map_desc": vsp_map(rec["map_desc"], where)}
+
+    if "image_output" in rec:  # Mirage: the helper image is the latent target
+        return mirage_example(rec, image, where)
+    return lvr_example(rec, image, where)
 
 
 def load_multiple_choice(path, root, limit):
@@ -568,18 +580,6 @@ def is_correct(completion, answer, map_desc=None):
 
 BOX = re.compile(r'\{"bbox_2d":\s*\[([^\[\]{}]*)\]\}')  # one written box
 BOX_OPEN = '{"bbox_2d"'  # where a box begins, whether it parses or not
-
-
-def image_pixels(grid_thw):
-    """An image's (1, 3) grid of 14-pixel patches -> (width, height) as the model sees it."""
-    return int(grid_thw[0, 2]) * 14, int(grid_thw[0, 1]) * 14
-
-
-def box_text(bbox, grid_thw):
-    """A normalised bbox -> its text: {"bbox_2d": [x1, y1, x2, y2]} in the resized image's pixels."""
-    w, h = image_pixels(grid_thw)
-    x0, y0, x1, y1 = (round(v * s) for v, s in zip(bbox, (w, h, w, h)))
-    return json.dumps({"bbox_2d": [x0, y0, x1, y1]})
 
 
 def parse_box(match, grid_thw):

@@ -85,6 +85,25 @@ dtype = "auto"  # {auto, float32, bfloat16} the weights' dtype (auto: bfloat16 o
 # -----------------------------------------------------------------------------
 
 
+def unseen(records, path):
+    """--unseen_maps: the records of the VSP file at `path` whose maps the built-in training stream
+    never draws (the test and eval maps of tasks.map_split), and a line saying how many of how many
+    were kept."""
+    where = [f"{path} record {i}" for i in range(len(records))]
+    if not all("map_desc" in r for r in records):
+        raise InputError(f"--unseen_maps true needs a VSP file: every record with a map_desc, and "
+                         f"{where[next(i for i, r in enumerate(records) if 'map_desc' not in r)]} "
+                         f"has none")
+    kept = [r for r, w in zip(records, where)
+            if tasks.map_split(data.vsp_map(r["map_desc"], w)) != "train"]
+    print(f"--unseen_maps: kept {len(kept)} of {len(records)} maps, those the built-in task never "
+          f"trains on")
+    if not kept:
+        raise InputError(f"--unseen_maps true: every map of {path} is one the built-in task "
+                         f"trains on")
+    return kept
+
+
 def load_examples(trained):
     """The evaluation set: held-out synthetic examples, an LVR JSON file (with bboxes), or MMVP /
     V*. `trained`: the checkpoint's latent_targets."""
@@ -100,7 +119,7 @@ def load_examples(trained):
 
     if data_path.endswith((".json", ".jsonl")):
         records = data.load_records(data_path)
-        records = unseen(records) if unseen_maps else records
+        records = unseen(records, data_path) if unseen_maps else records
         # LVR, Mirage, Mirage's VSP maps
         if {"conversations", "image_output", "map_desc"} & set(records[0]):
             return [
@@ -109,24 +128,6 @@ def load_examples(trained):
             ]
 
     return data.load_multiple_choice(data_path, image_root, n_examples)
-
-
-def unseen(records):
-    """--unseen_maps: a VSP file's records whose maps the built-in training stream never draws (the
-    test and eval maps of tasks.map_split), and a line saying how many of how many were kept."""
-    where = [f"{data_path} record {i}" for i in range(len(records))]
-    if not all("map_desc" in r for r in records):
-        raise InputError(f"--unseen_maps true needs a VSP file: every record with a map_desc, and "
-                         f"{where[next(i for i, r in enumerate(records) if 'map_desc' not in r)]} "
-                         f"has none")
-    kept = [r for r, w in zip(records, where)
-            if tasks.map_split(data.vsp_map(r["map_desc"], w)) != "train"]
-    print(f"--unseen_maps: kept {len(kept)} of {len(records)} maps, those the built-in task never "
-          f"trains on")
-    if not kept:
-        raise InputError(f"--unseen_maps true: every map of {data_path} is one the built-in task "
-                         f"trains on")
-    return kept
 
 
 def latent_hits(latents, feats, roi):
@@ -162,11 +163,13 @@ def box_prefix(tok, e, grids, boxes):
                               for j, bb in enumerate(boxes)))
 
 
-def region_reader(tok, ids, exs, images, feats, max_latents, boxes=None):  # wide: one batch's all
+def region_reader(tok, ids, exs, rows, max_latents, boxes=None):
     """--method crop, one batch of the rollout -> its crop(row, tokens): row b's j-th span reads
     the region the box its text wrote since its last span names (boxes: boxes[b][j] instead, the
     diagnostics' forced boxes): the merged tokens roi_groups pools, as LVR's targets are made.
-    images: per row its images' (pixel_values, grid_thw); feats: per row its merged tokens."""
+    rows: per row (its images' (pixel_values, grid_thw) pairs, its merged tokens (N, C))."""
+    images, feats = zip(*rows) if rows else ((), ())
+
     def crop(b, tokens):
         turn = tokens[len(tokens) - tokens[::-1].index(tok.im_start):]  # the assistant turn
         j = turn.count(ids.start) - 1
@@ -215,18 +218,20 @@ def score_boxes(e, row, text, grids, stop, crop_ids=None):
     )
 
 
-def score_latents(e, row, text, ids, stop, fed, f, grids):  # wide: a row and its image's tokens
+def example_roi(e, grids):
+    """The merged-token indices (among the example's, image after image) inside its bboxes."""
+    start = vision.token_offsets(grids)
+    return [start[k] + j for bb, k in zip(e["bboxes"], e.get("bbox_images", [0] * len(e["bboxes"])))
+            for j in lvr.roi_indices(bb, grids[k][0])]
+
+
+def score_latents(e, row, text, ids, stop, hits):
     """An LVR, Mirage or pause completion -> Scored: its answer, its format (data.is_lvr_format),
-    and how many of its fed latents (n, C) land nearest (cosine) a merged token of f inside one of
-    the example's bboxes (a pause slot's input is one learned vector: none counted)."""
+    and hits: (how many of its fed latents land nearest a merged token inside the example's
+    bboxes, how many were fed) (a pause slot's input is one learned vector: (0, 0))."""
     right = data.is_correct(text, e["answer"], e.get("map_desc"))
     fmt = data.is_lvr_format(row, ids, stop_ids=stop, text=text)
-    if not e["bboxes"] or fed is None:
-        return Scored(right, fmt, hits=0, looks=0, iou=[])
-    start = vision.token_offsets(grids)
-    roi = [start[k] + j for bb, k in zip(e["bboxes"], e.get("bbox_images", [0] * len(e["bboxes"])))
-           for j in lvr.roi_indices(bb, grids[k][0])]
-    return Scored(right, fmt, hits=latent_hits(fed, f, roi), looks=len(fed), iou=[])
+    return Scored(right, fmt, hits=hits[0], looks=hits[1], iou=[])
 
 
 # long: one batched rollout a chunk, then each row scored by its method
@@ -261,7 +266,8 @@ def evaluate(model, tok, ids, exs, decode, pixels=(3136, 28224), batch_size=32, 
         crop = None
         if method == "crop":
             max_latents = model.cfg.extra["latent_targets"]["max_latents"]
-            crop = region_reader(tok, ids, chunk, p["images"], per_row, max_latents, forced)
+            crop = region_reader(tok, ids, chunk, list(zip(p["images"], per_row)), max_latents,
+                                 boxes=forced)
         prompt = lvr.Prompt(
             p["input_ids"].to(device), p["attention_mask"].to(device), grid_thw=p["grid_thw"],
             feats=feats,
@@ -276,10 +282,10 @@ def evaluate(model, tok, ids, exs, decode, pixels=(3136, 28224), batch_size=32, 
                 text = tok.decode((prefix[b] if prefix else []) + row)
                 scored.append(score_boxes(e, row, text, grids, stop,
                                           crop_ids=ids if method == "crop" else None))
-            else:
-                pause = lvr.is_pause(model.cfg)
-                scored.append(score_latents(e, row, tok.decode(row), ids, stop,
-                                            fed=None if pause else lats, f=f, grids=grids))
+            else:  # (a pause slot's input is one learned vector: no hit to count)
+                looked = e["bboxes"] and not lvr.is_pause(model.cfg)
+                hits = (latent_hits(lats, f, example_roi(e, grids)), len(lats)) if looked else (0, 0)
+                scored.append(score_latents(e, row, tok.decode(row), ids, stop, hits=hits))
             steps += int(r.is_latent[b].sum())
             spans.update(span_lengths(r.is_latent[b]))
             fed.append(lats)
@@ -386,28 +392,25 @@ def box_rows(run, exs):
     return {"oracle boxes": run(boxes=true), "swapped boxes": run(boxes=true[1:] + true[:1])}
 
 
-def replaced_rows(model, tok, ids, exs, decode, own, targets):
+def replaced_rows(run, cfg, own, targets, budget):
     """The rows that say whether a model reasons through its latents, each with every latent input
-    replaced: dummy (one fixed vector, the mean of its own latents: no example's content, and
-    shorter than they are unless they are parallel),
-    swapped (each row gets the next example's own latents), oracle (the training targets: what a
-    latent could carry at best)."""
+    replaced (run: evaluate's, with feed=; cfg: the model's config; own: its own row; targets: per
+    example its training targets or None; budget: the most latents a row takes): dummy (one fixed
+    vector, the mean of its own latents: no example's content, and shorter than they are unless
+    they are parallel), swapped (each row gets the next example's own latents), oracle (the
+    training targets: what a latent could carry at best)."""
     rows, lats = {}, [v for v in own["latents"] if len(v)]
-    run = functools.partial(
-        evaluate, model, tok, ids, exs, decode, (min_pixels, max_pixels), batch_size
-    )
 
     # (dummy and swapped are made of its own latents: a model that makes none has neither row, and
     # the pause control's are all one vector, so both would be its own row again)
-    if lats and not lvr.is_pause(model.cfg):
-        budget = max(decode.lvr_steps, decode.max_latent_steps)
+    if lats and not lvr.is_pause(cfg):
         mean = torch.cat(lats).mean(0)
-        rows["dummy latents"] = run(feed=[mean.expand(budget, -1)] * len(exs))
+        rows["dummy latents"] = run(feed=[mean.expand(budget, -1)] * len(own["latents"]))
         rows["swapped latents"] = run(feed=own["latents"][1:] + own["latents"][:1])
 
     if all(t is None for t in targets):
         return rows
-    oracle = [t if t is not None else torch.zeros(0, model.cfg.hidden_size) for t in targets]
+    oracle = [t if t is not None else torch.zeros(0, cfg.hidden_size) for t in targets]
     rows["oracle latents"] = run(feed=oracle)
     return rows
 
@@ -449,69 +452,11 @@ def resolve(config):
             "max_new_tokens": cli.given(max_new_tokens) or (192 if boxes else 32)}
 
 
-def main(argv):
-    cli.configure(globals(), argv, resolve)
-    model, tok = checkpoint.load(init_from, getattr(torch, dtype), device)  # (in eval mode)
-    ids = lvr.find_latent_ids(model, tok)  # the tokens it was trained with
-    if ids is None:
-        raise InputError(
-            f"{init_from} has no latent tokens: evaluate it with sample.py, or train it with train_sft.py"
-        )
-
-    exs = load_examples(model.cfg.extra.get("latent_targets", {}))
-    metric, threshold = lvr.end_rule(model, end_metric, cli.given(end_threshold))
-    decode = lvr.Decode(
-        decoding, lvr_steps, max_latent_steps, force_end=force_end, end_metric=metric,
-        end_threshold=threshold, max_new_tokens=max_new_tokens, bottleneck=bottleneck,
-    )
-
-    # end at once
-    disabled = dataclasses.replace(decode, decoding="steps", lvr_steps=0, force_end=True)
-    run = functools.partial(evaluate, model, tok, ids, exs, pixels=(min_pixels, max_pixels),
-                            batch_size=batch_size)
-    if lvr.method_of(model.cfg) in ("box", "crop"):  # (the box, written, is what they produce)
-        rows = {"with own boxes": run(decode)}
-        rows.update(box_rows(functools.partial(run, decode), exs) if diagnostics else {})
-        report(rows, exs, geo=None, rescaled=False)
-        return save_rows(rows, geo=None)
-    rows = {"with latents": run(decode)}  # each row's name -> evaluate's result
-
-    # (the geometry needs them)
-    targets = targets_of(
-        model, tok, ids, exs=exs, min_pixels=min_pixels, max_pixels=max_pixels, device=device
-    )
-    if diagnostics:
-        rows["latents disabled"] = run(disabled)
-        rows.update(
-            replaced_rows(
-                model, tok, ids, exs=exs, decode=decode, own=rows["with latents"], targets=targets
-            )
-        )
-
-    geo = geometry(rows["with latents"], targets)
-    report(rows, exs, geo, rescaled="latent_norm" in model.cfg.extra)
-    save_rows(rows, geo)
-
-
-def save_rows(rows, geo):
-    """--save: the rows, each with every example's correctness (tools/study.py's paired
-    comparisons need it), and the geometry."""
-    if save:
-        keep = ("accuracy", "format", "latent_steps", "hit_rate", "iou", "right")
-        out = {"rows": {name: {k: r[k] for k in keep} for name, r in rows.items()},
-               "geometry": None if geo is None else dataclasses.asdict(geo)}
-        with open(save, "w") as f:
-            json.dump(out, f)
-
-
-def report(rows, exs, geo, rescaled):
-    """Print the rows, the geometry and the two conditions, the span lengths, and V*'s categories or
-    MMVP's pairs. rescaled: the latents are fed at the targets' norm (latent_input), which then
-    sets the norm line."""
-    print(
-        f"{init_from} on {len(exs)} "
-        f"{'held-out synthetic' if data_path == 'synthetic' else data_path} examples"
-    )
+def report(rows, exs, geo, rescaled, title, budget):
+    """Print `title`, the rows, the geometry and the two conditions, the span lengths (budget: a
+    span's most latent steps), and V*'s categories or MMVP's pairs. rescaled: the latents are fed
+    at the targets' norm (latent_input), which then sets the norm line."""
+    print(title)
     maps = [e["map_desc"] for e in exs if e.get("map_desc")]
     if maps:  # (the built-in VSP task trains on the maps tasks.map_split puts in its train split)
         seen = sum(tasks.map_split(m) == "train" for m in maps)
@@ -537,7 +482,6 @@ def report(rows, exs, geo, rescaled):
     if conditions(rows) is not None:
         print("\n".join(conditions(rows).lines()))
 
-    budget = lvr_steps if decoding == "steps" else max_latent_steps
     if own["spans"] and "with latents" in rows:  # (crop's spans are its regions' lengths)
         print(
             "latent steps per span (with latents): "
@@ -554,6 +498,63 @@ def report(rows, exs, geo, rescaled):
             f"{sum(all(ok) for ok in pairs.values()) / len(pairs):.3f} on {len(pairs)} pairs; "
             f"per question {own['accuracy']:.3f}"
         )
+
+
+def save_rows(save, rows, geo):
+    """--save (a path, or ""): the rows, each with every example's correctness (tools/study.py's
+    paired comparisons need it), and the geometry."""
+    if save:
+        keep = ("accuracy", "format", "latent_steps", "hit_rate", "iou", "right")
+        out = {"rows": {name: {k: r[k] for k in keep} for name, r in rows.items()},
+               "geometry": None if geo is None else dataclasses.asdict(geo)}
+        with open(save, "w") as f:
+            json.dump(out, f)
+
+
+def main(argv):
+    cli.configure(globals(), argv, resolve)
+    model, tok = checkpoint.load(init_from, getattr(torch, dtype), device)  # (in eval mode)
+    ids = lvr.find_latent_ids(model, tok)  # the tokens it was trained with
+    if ids is None:
+        raise InputError(
+            f"{init_from} has no latent tokens: evaluate it with sample.py, or train it with train_sft.py"
+        )
+
+    exs = load_examples(model.cfg.extra.get("latent_targets", {}))
+    metric, threshold = lvr.end_rule(model, end_metric, cli.given(end_threshold))
+    decode = lvr.Decode(
+        decoding, lvr_steps, max_latent_steps, force_end=force_end, end_metric=metric,
+        end_threshold=threshold, max_new_tokens=max_new_tokens, bottleneck=bottleneck,
+    )
+
+    # end at once
+    disabled = dataclasses.replace(decode, decoding="steps", lvr_steps=0, force_end=True)
+    run = functools.partial(evaluate, model, tok, ids, exs, pixels=(min_pixels, max_pixels),
+                            batch_size=batch_size)
+    title = (f"{init_from} on {len(exs)} "
+             f"{'held-out synthetic' if data_path == 'synthetic' else data_path} examples")
+    budget = lvr_steps if decoding == "steps" else max_latent_steps
+    if lvr.method_of(model.cfg) in ("box", "crop"):  # (the box, written, is what they produce)
+        rows = {"with own boxes": run(decode)}
+        rows.update(box_rows(functools.partial(run, decode), exs) if diagnostics else {})
+        report(rows, exs, geo=None, rescaled=False, title=title, budget=budget)
+        return save_rows(save, rows, geo=None)
+    rows = {"with latents": run(decode)}  # each row's name -> evaluate's result
+
+    # (the geometry needs them)
+    targets = targets_of(
+        model, tok, ids, exs=exs, min_pixels=min_pixels, max_pixels=max_pixels, device=device
+    )
+    if diagnostics:
+        rows["latents disabled"] = run(disabled)
+        rows.update(replaced_rows(
+            functools.partial(run, decode), model.cfg, own=rows["with latents"], targets=targets,
+            budget=max(decode.lvr_steps, decode.max_latent_steps),
+        ))
+
+    geo = geometry(rows["with latents"], targets)
+    report(rows, exs, geo, rescaled="latent_norm" in model.cfg.extra, title=title, budget=budget)
+    save_rows(save, rows, geo)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,27 @@ def format_reward(text, tokens, answer, ids, stop_ids, map_desc=None):
 REWARDS = {"accuracy": accuracy_reward, "format": format_reward}
 
 
+# --method box and crop: the box is text the policy samples (DeepEyes' RL on it), so the same two
+# rewards read the answer after the box, and the format is the box's (grid_thw: the image's, to
+# clip the box; crop: each box opens one span)
+
+def box_accuracy_reward(text, tokens, answer, ids, stop_ids, map_desc=None, grid_thw=None,
+                        crop=False):  # wide: REWARDS' six, and the image the box is on
+    """1 when the answer after the last box matches (data.after_boxes), else 0."""
+    return float(data.is_correct(data.after_boxes(text), answer, map_desc))
+
+
+def box_format_reward(text, tokens, answer, ids, stop_ids, map_desc=None, grid_thw=None,
+                      crop=False):  # wide: REWARDS' six, and the image the box is on
+    """1 when every box parses, an answer follows, and it stops (data.is_box_format; crop: one
+    span per box)."""
+    ok = data.is_box_format(tokens, text, stop_ids, grid_thw)
+    return float(ok and (not crop or tokens.count(ids.start) == len(data.written_boxes(text, grid_thw))))
+
+
+BOX_REWARDS = {"accuracy": box_accuracy_reward, "format": box_format_reward}
+
+
 # -----------------------------------------------------------------------------
 # advantages and the loss
 
@@ -149,6 +170,14 @@ class Completions(NamedTuple):
     feats: torch.Tensor = None  # their merged image tokens
 
 
+def decision_logprobs(lm_head, h, comp, is_latent, temperature, exits):
+    """(n, L, C) hidden states -> (n, L) log-probs of the decisions `comp` (continue at latent
+    steps)."""
+    lp = (lm_head(h).float() / (temperature or 1.0)).log_softmax(-1)
+    tok_lp = lp.gather(-1, comp[..., None])[..., 0]
+    return torch.where(is_latent, lvr.continue_logprob(lp, exits), tok_lp) if exits else tok_lp
+
+
 def completion_logprobs(model, completions, temperature=1.0, exits=(), latent_sigma=0.0):
     """One batched forward over `completions` (Completions), prompt + completion -> Decisions.
 
@@ -198,9 +227,3 @@ def completion_logprobs(model, completions, temperature=1.0, exits=(), latent_si
     return Decisions(token, latent, mu)
 
 
-def decision_logprobs(lm_head, h, comp, is_latent, temperature, exits):
-    """(n, L, C) hidden states -> (n, L) log-probs of the decisions `comp` (continue at latent
-    steps)."""
-    lp = (lm_head(h).float() / (temperature or 1.0)).log_softmax(-1)
-    tok_lp = lp.gather(-1, comp[..., None])[..., 0]
-    return torch.where(is_latent, lvr.continue_logprob(lp, exits), tok_lp) if exits else tok_lp

@@ -68,6 +68,17 @@ def find_latent_ids(model, tok):
     return None
 
 
+def latent_rows(w, before, after):
+    """The rows of tokens [before, after) start at the mean of the rows of the `before` tokens, as
+    Hugging Face's resize starts new rows. A real Qwen2.5-VL embedding has rows past its tokenizer
+    (151,936 for 151,665 tokens) that no token ever trained, and the new tokens take them; the
+    official code leaves them as they are. The mean gives an input like the ones the model has seen,
+    and, tied to lm_head, a logit like the average token's rather than an arbitrary one. In place;
+    returns w."""
+    w[before:after] = w[:before].mean(0)
+    return w
+
+
 def add_latent_tokens(model, tok, names=LVR_TOKENS):
     """Add the latent tokens to the tokenizer (and embedding rows if needed); record them in the
     config. On a meta model (FSDP's load) only the shapes and the config change: latent_rows does
@@ -94,17 +105,6 @@ def add_latent_tokens(model, tok, names=LVR_TOKENS):
     ids = latent_ids(tok, names)
     model.cfg.extra.update(lvr_tokens=dict(names), lvr_token_ids=vars(ids).copy())
     return ids
-
-
-def latent_rows(w, before, after):
-    """The rows of tokens [before, after) start at the mean of the rows of the `before` tokens, as
-    Hugging Face's resize starts new rows. A real Qwen2.5-VL embedding has rows past its tokenizer
-    (151,936 for 151,665 tokens) that no token ever trained, and the new tokens take them; the
-    official code leaves them as they are. The mean gives an input like the ones the model has seen,
-    and, tied to lm_head, a logit like the average token's rather than an arbitrary one. In place;
-    returns w."""
-    w[before:after] = w[:before].mean(0)
-    return w
 
 
 # -----------------------------------------------------------------------------
@@ -225,6 +225,20 @@ def slot_inputs(model, x, at, v):
     return x.index_put(at, v.to(x.dtype))
 
 
+def encode_images(model, batch, freeze_vision=True):
+    """Merged image tokens for the prompt images and the target vectors (no gradient into
+    targets)."""
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze_vision):
+        feats = model.visual(batch["pixel_values"], batch["grid_thw"])
+    src = feats
+    if batch.get("helper_pixel_values") is not None:  # Mirage: targets come from the helper image
+        with torch.no_grad():
+            src = model.visual(batch["helper_pixel_values"], batch["helper_grid_thw"])
+
+    targets = (batch["target_avg"].to(src.device) @ src.detach().float())  # (L, C)
+    return feats, targets
+
+
 @torch.no_grad()
 def record_latent_norm(model, batch):
     """Record the mean norm of a batch's targets in the config: a cosine-trained latent's feed-back
@@ -263,20 +277,6 @@ def switch_loss(model, h, b, t, slot, end_id):
     return F.binary_cross_entropy_with_logits(logit, target)
 
 
-def encode_images(model, batch, freeze_vision=True):
-    """Merged image tokens for the prompt images and the target vectors (no gradient into
-    targets)."""
-    with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze_vision):
-        feats = model.visual(batch["pixel_values"], batch["grid_thw"])
-    src = feats
-    if batch.get("helper_pixel_values") is not None:  # Mirage: targets come from the helper image
-        with torch.no_grad():
-            src = model.visual(batch["helper_pixel_values"], batch["helper_grid_thw"])
-
-    targets = (batch["target_avg"].to(src.device) @ src.detach().float())  # (L, C)
-    return feats, targets
-
-
 def supervised_ce(model, h, labels):
     """Mean next-token CE over labelled positions; lm_head runs only there (a few % of a long
     image prompt), which saves most of its FLOPs and the (B, T, V) logits' memory."""
@@ -302,6 +302,12 @@ class LossTerms:
     latent: float = 0.1  # the latent loss
     switch: float = 0.0  # the mode-switch loss (switch_loss)
     latent_loss: str = "mse"  # mse | cosine | l1 (latent_distance)
+
+
+def bottleneck_attend(blind, image):
+    """LIVR's bottleneck as the forward's `attend`: (B, T) queries that may not see the image, (B,
+    S) the image's keys -> (B, T, S) bool."""
+    return ~(blind[:, :, None] & image[:, None, :])
 
 
 def sft_loss(model, batch, terms=LossTerms(), freeze_vision=True, bottleneck=False):
@@ -526,6 +532,29 @@ def exit_one(rule, ids, tok, vec, n_lat):
     return ids.latent, None, False  # a latent step
 
 
+def exit_rule(model, ids, decode):
+    """Decode, checked and resolved for this model -> the ExitRule the loop applies."""
+    if decode.decoding not in ("steps", "latent", "token"):
+        raise InputError(f"decoding must be steps, latent or token, got {decode.decoding!r}")
+    if decode.decoding == "latent" and ids.latent_end is None:
+        raise InputError(
+            "the `latent` exit needs a latent-end token, and these latent tokens have none "
+            "(Mirage's three): decode with token or steps"
+        )
+
+    # official LVR's learned end vector, if any
+    official_end = getattr(model, "lvr_latent_end_emb", None)
+    budget = decode.lvr_steps if decode.decoding == "steps" else decode.max_latent_steps
+    rule = ExitRule(
+        decode, budget, exits=exit_tokens(ids, decode.decoding), scaled=official_end is None
+    )
+    if decode.decoding == "latent":
+        emb = model.model.embed_tokens.weight[ids.latent_end]
+        rule.end_vec = emb if official_end is None else official_end
+
+    return rule
+
+
 @torch.no_grad()
 # wide: the rollout's inputs for one row (a list prompt, its images) beside rollout's Prompt
 def rollout_one(model, ids, prompt, pixel_values, grid_thw, decode, stop_ids=None, crop=None):
@@ -619,29 +648,6 @@ def span_exit(rule, ids, tok, vec, in_lat, n_lat):
     )
 
 
-def exit_rule(model, ids, decode):
-    """Decode, checked and resolved for this model -> the ExitRule the loop applies."""
-    if decode.decoding not in ("steps", "latent", "token"):
-        raise InputError(f"decoding must be steps, latent or token, got {decode.decoding!r}")
-    if decode.decoding == "latent" and ids.latent_end is None:
-        raise InputError(
-            "the `latent` exit needs a latent-end token, and these latent tokens have none "
-            "(Mirage's three): decode with token or steps"
-        )
-
-    # official LVR's learned end vector, if any
-    official_end = getattr(model, "lvr_latent_end_emb", None)
-    budget = decode.lvr_steps if decode.decoding == "steps" else decode.max_latent_steps
-    rule = ExitRule(
-        decode, budget, exits=exit_tokens(ids, decode.decoding), scaled=official_end is None
-    )
-    if decode.decoding == "latent":
-        emb = model.model.embed_tokens.weight[ids.latent_end]
-        rule.end_vec = emb if official_end is None else official_end
-
-    return rule
-
-
 def span_count(cfg, decoding, lvr_steps):
     """--decoding and --lvr_steps, where left at auto (None), for a checkpoint's config -> (decoding,
     lvr_steps): a pause checkpoint ends its spans by the count it was trained with (`steps`), a
@@ -693,12 +699,6 @@ def fed_latent(vec, sampling, feed, k_lat):
     if sampling.latent_sigma:
         vec = explore(vec, sampling, vec.device)
     return vec if feed is None else substitute(vec, feed, k_lat)
-
-
-def bottleneck_attend(blind, image):
-    """LIVR's bottleneck as the forward's `attend`: (B, T) queries that may not see the image, (B,
-    S) the image's keys -> (B, T, S) bool."""
-    return ~(blind[:, :, None] & image[:, None, :])
 
 
 def prefill(model, prompt, max_new_tokens, group_size, bottleneck=False):
@@ -775,6 +775,16 @@ class Regions:
         return self.vectors[rows, n_lat.clamp(max=self.vectors.shape[1] - 1)]
 
 
+def recorded(input_ids, steps):
+    """The steps, stacked -> Rollout, up to the step where the last row stopped."""
+    run = Step(*(torch.stack(column, 1) for column in zip(*steps)))  # (B, n) each; latent (B, n, C)
+    n = min(int((~run.done.all(0)).sum()) + 1, run.done.shape[1])
+    return Rollout(
+        torch.cat([input_ids, run.tok[:, :n]], 1), latents=run.latent[:, :n],
+        is_latent=run.is_latent[:, :n], sampled=run.sampled[:, :n],
+    )
+
+
 @torch.no_grad()
 # wide: the rollout's one entry: what it decodes, how, how many per prompt, what it is fed
 def rollout(model, ids, prompt, decode=Decode(), sampling=Sampling(), group_size=1, feed=None,
@@ -845,16 +855,6 @@ def rollout(model, ids, prompt, decode=Decode(), sampling=Sampling(), group_size
         logits = model.lm_head(h)
 
     return recorded(input_ids, steps)
-
-
-def recorded(input_ids, steps):
-    """The steps, stacked -> Rollout, up to the step where the last row stopped."""
-    run = Step(*(torch.stack(column, 1) for column in zip(*steps)))  # (B, n) each; latent (B, n, C)
-    n = min(int((~run.done.all(0)).sum()) + 1, run.done.shape[1])
-    return Rollout(
-        torch.cat([input_ids, run.tok[:, :n]], 1), latents=run.latent[:, :n],
-        is_latent=run.is_latent[:, :n], sampled=run.sampled[:, :n],
-    )
 
 
 def nearest_cells(latents, feats):

@@ -55,6 +55,32 @@ def draw_shape(d, shape, box, fill):
         d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
 
 
+def cell_box(k, n, cell=28, obj=20):
+    """The box of an object centred in cell k (row-major) of an n x n grid of `cell`-pixel cells."""
+    x, y = (k % n) * cell + (cell - obj) // 2, (k // n) * cell + (cell - obj) // 2
+    return x, y, x + obj, y + obj
+
+
+def example(img, question, answer, boxes, size, helper):
+    """The example dict (data.py's format): one span per box, boxes normalised."""
+    return {
+        "images": [img],
+        "question": question,
+        "assistant": "<lvr>\n" * len(boxes) + answer,
+        "answer": answer,
+        "bboxes": [[v / size for v in b] for b in boxes],
+        "helper": helper,
+    }
+
+
+def zoom(img, box, size, pad=10):
+    """Mirage's helper image: the region around `box`, enlarged to 112 px."""
+    x0, y0, x1, y1 = box
+    return img.crop(
+        (max(0, x0 - pad), max(0, y0 - pad), min(size, x1 + pad), min(size, y1 + pad))
+    ).resize((112, 112), Image.BICUBIC)
+
+
 def synthetic_example(seed, size=168, n_objects=5, obj=20, cell=28):
     """A seeded image of small shapes and a question answerable only by looking at one of them.
 
@@ -82,32 +108,6 @@ def synthetic_example(seed, size=168, n_objects=5, obj=20, cell=28):
         img, question=f"What colour is the {shape}?", answer=colour, boxes=boxes[:1], size=size,
         helper=helper,
     )
-
-
-def cell_box(k, n, cell=28, obj=20):
-    """The box of an object centred in cell k (row-major) of an n x n grid of `cell`-pixel cells."""
-    x, y = (k % n) * cell + (cell - obj) // 2, (k // n) * cell + (cell - obj) // 2
-    return x, y, x + obj, y + obj
-
-
-def zoom(img, box, size, pad=10):
-    """Mirage's helper image: the region around `box`, enlarged to 112 px."""
-    x0, y0, x1, y1 = box
-    return img.crop(
-        (max(0, x0 - pad), max(0, y0 - pad), min(size, x1 + pad), min(size, y1 + pad))
-    ).resize((112, 112), Image.BICUBIC)
-
-
-def example(img, question, answer, boxes, size, helper):
-    """The example dict (data.py's format): one span per box, boxes normalised."""
-    return {
-        "images": [img],
-        "question": question,
-        "assistant": "<lvr>\n" * len(boxes) + answer,
-        "answer": answer,
-        "bboxes": [[v / size for v in b] for b in boxes],
-        "helper": helper,
-    }
 
 
 def search_example(seed, size=336, n_objects=18):

@@ -36,6 +36,7 @@ from tqdm import tqdm
 import checkpoint
 import cli
 import data
+import evaluate
 import grpo
 import lvr
 import parallel
@@ -182,12 +183,27 @@ class Learner:
     autocast: object  # bf16 autocast (disabled in fp32)
 
 
+def rewarded(method, completions, ids, stop):
+    """Each completion (text, tokens, its example, its first image's grid) -> {reward name: (N,)
+    rewards}: grpo.REWARDS, or (box, crop: the answer after the box, the box's format)
+    grpo.BOX_REWARDS."""
+    def one(fn, text, tokens, e, grid):
+        if method in ("box", "crop"):
+            return fn(text, tokens, e["answer"], ids, stop, e.get("map_desc"), grid_thw=grid,
+                      crop=method == "crop")
+        return fn(text, tokens, e["answer"], ids, stop, e.get("map_desc"))
+
+    rewards = grpo.BOX_REWARDS if method in ("box", "crop") else grpo.REWARDS
+    return {k: torch.tensor([one(fn, *c) for c in completions]) for k, fn in rewards.items()}
+
+
 def rollout_round(learner, exs, gens):
     """The step's a)-c): B prompts (this rank's), G sampled completions each, scored -> a Round. a)
     each image encoded once for its G rows; b) the rollout: the B prompts prefilled once, G rows
     each (both run through the policy's Root); c) the rewards."""
     G, dev, tok, model = group_size, device, learner.tok, learner.policy.model
     stop = [tok.im_end, tok.endoftext]
+    method = lvr.method_of(model.cfg)
 
     # with all of each example's images
     p = data.prompt_batch(exs, tok, min_pixels, max_pixels=max_pixels)
@@ -202,10 +218,15 @@ def rollout_round(learner, exs, gens):
             decoding, lvr_steps, max_latent_steps, force_end=force_end, end_metric=metric,
             end_threshold=threshold, max_new_tokens=max_new_tokens,
         )
-        sampling = lvr.Sampling(
-            temperature, generator=gens, stop_ids=stop, latent_sigma=latent_sigma
-        )
-        r = lvr.rollout(m, learner.ids, prompt, decode=decode, sampling=sampling, group_size=G)
+        sampling = lvr.Sampling(temperature, generator=gens, stop_ids=stop, latent_sigma=latent_sigma)
+        crop = None
+        if method == "crop":  # (row b samples prompt b // G: its images, its features)
+            of, per_prompt = range(len(exs) * G), list(zip(p["images"], feats.split(p["n_image_tokens"])))
+            crop = evaluate.region_reader(tok, learner.ids, [exs[b // G] for b in of],
+                                          [per_prompt[b // G] for b in of],
+                                          max_latents=model.cfg.extra["latent_targets"]["max_latents"])
+        r = lvr.rollout(m, learner.ids, prompt, decode=decode, sampling=sampling, group_size=G,
+                        crop=crop)
         return feats, r
 
     t0 = time.time()
@@ -220,9 +241,8 @@ def rollout_round(learner, exs, gens):
     rows = [data.until_stop(row, stop) for row in comp.tolist()]
     texts = [tok.decode(row) for row in rows]  # each completion up to its stop token, decoded once
     golds = [exs[i // G] for i in range(len(rows))]
-    scores = {k: torch.tensor([fn(text, row, e["answer"], learner.ids, stop, e.get("map_desc"))
-                               for text, row, e in zip(texts, rows, golds)])
-              for k, fn in grpo.REWARDS.items()}
+    grids = [p["images"][i // G][0][1] for i in range(len(rows))]  # (a box: on the first image)
+    scores = rewarded(method, list(zip(texts, rows, golds, grids)), learner.ids, stop)
     prompt_mask = p["attention_mask"].repeat_interleave(G, 0).to(dev)
     return Round(
         n_prompt=T,

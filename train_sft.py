@@ -235,21 +235,11 @@ def build(tmp, dev):
     return root, model, tok, ids
 
 
-def first_batch(root, model, tok, ids, records, rank, dev):
-    """What the image bounds make of the data (the first example's images, as encoded), and, for a
-    cosine-trained latent, the targets' mean norm recorded from the first batch (lvr.latent_input
-    feeds latents back at it)."""
-    if rank == 0:
-        sizes = [vision.merged_tokens(vision.preprocess(im, min_pixels, max_pixels)[1])
-                 for im in examples(0, 1, records)[0]["images"]]
-        print(f"first example: {len(sizes)} image(s) of {', '.join(map(str, sizes))} merged tokens")
-
-    if (latent_loss == "cosine" and method in ("lvr", "mirage") and stage == 1
-            and "latent_norm" not in model.cfg.extra):
-        # (FSDP: resharded after, so the optimizer gets the shards)
-        with parallel.gathered(root, fsdp):
-            first = data.to_device(collated(examples(0, batch_size, records), tok, ids), dev)
-            root(lvr.record_latent_norm, first)
+def collated(exs, tok, ids):
+    """Examples -> one padded SFT batch (data.collate's fields)."""
+    spans = data.LatentTargets(method, max_latents, k=mirage_k, latent_end=latent_end)
+    rows = [data.encode(e, tok, ids, targets=spans, pixels=(min_pixels, max_pixels)) for e in exs]
+    return data.collate(rows, tok.endoftext)
 
 
 def examples(start, n, records, split="train"):
@@ -275,11 +265,21 @@ def examples(start, n, records, split="train"):
     ]
 
 
-def collated(exs, tok, ids):
-    """Examples -> one padded SFT batch (data.collate's fields)."""
-    spans = data.LatentTargets(method, max_latents, k=mirage_k, latent_end=latent_end)
-    rows = [data.encode(e, tok, ids, targets=spans, pixels=(min_pixels, max_pixels)) for e in exs]
-    return data.collate(rows, tok.endoftext)
+def first_batch(root, model, tok, ids, records, rank, dev):
+    """What the image bounds make of the data (the first example's images, as encoded), and, for a
+    cosine-trained latent, the targets' mean norm recorded from the first batch (lvr.latent_input
+    feeds latents back at it)."""
+    if rank == 0:
+        sizes = [vision.merged_tokens(vision.preprocess(im, min_pixels, max_pixels)[1])
+                 for im in examples(0, 1, records)[0]["images"]]
+        print(f"first example: {len(sizes)} image(s) of {', '.join(map(str, sizes))} merged tokens")
+
+    if (latent_loss == "cosine" and method in ("lvr", "mirage") and stage == 1
+            and "latent_norm" not in model.cfg.extra):
+        # (FSDP: resharded after, so the optimizer gets the shards)
+        with parallel.gathered(root, fsdp):
+            first = data.to_device(collated(examples(0, batch_size, records), tok, ids), dev)
+            root(lvr.record_latent_norm, first)
 
 
 def get_lr(step):
@@ -288,6 +288,11 @@ def get_lr(step):
         return lr * (step + 1) / warmup_iters
     progress = (step - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def as_is(item):
+    """The DataLoader's conversion: none (its default turns the batch's tuples into lists)."""
+    return item
 
 
 class MicroBatches(torch.utils.data.Dataset):
@@ -329,11 +334,6 @@ def next_batches(stream):
         SKIPPED.update(skipped)
 
     return batches
-
-
-def as_is(item):
-    """The DataLoader's conversion: none (its default turns the batch's tuples into lists)."""
-    return item
 
 
 def sft_macs(model, batch):

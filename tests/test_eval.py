@@ -237,8 +237,7 @@ def test_a_checkpoint_is_scored_on_the_task_it_trained_on_unless_a_flag_says_oth
     assert "hops=3(flag)" in r.stdout and "note:" not in r.stdout
 
 
-def test_unseen_maps_needs_a_vsp_file(monkeypatch):
+def test_unseen_maps_needs_a_vsp_file():
     recs = [{"text_input": "q", "image_input": "a.png", "map_desc": [[1, 0], [0, 2]]}, {"x": 1}]
-    monkeypatch.setattr(evaluation, "data_path", "f.jsonl")
     with pytest.raises(InputError, match="f.jsonl record 1 has none"):
-        evaluation.unseen(recs)
+        evaluation.unseen(recs, "f.jsonl")

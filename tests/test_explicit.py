@@ -98,7 +98,7 @@ def crop_setup(tmp_path):
                for e, g, bx in zip(exs, grids, boxes)]
     with torch.no_grad():
         feats = [model.visual(pv, g) for pv, g in (ims[0] for ims in images)]
-    crop = evaluation.region_reader(tok, ids, exs, images, feats, max_latents=0)
+    crop = evaluation.region_reader(tok, ids, exs, list(zip(images, feats)), max_latents=0)
     return model, tok, ids, exs, images, feats, prompts, crop
 
 
@@ -206,3 +206,31 @@ def test_box_trains_on_an_lvr_json_file(tmp_path):
                  "--out_dir", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
     assert "held-out accuracy" in r.stdout or "training-set accuracy" in r.stdout
+
+
+def test_grpo_on_box_and_crop_scores_the_answer_after_the_box():
+    """The box rewards: the answer after the last box; the format every box parsed (crop: one span
+    each)."""
+    import grpo
+    grid = torch.tensor([[1, 24, 24]])
+    ids = lvr.LatentIds(start=1, latent=2, end=3)
+    text = '{"bbox_2d": [84, 84, 168, 168]}\nred'
+    acc, fmt = grpo.BOX_REWARDS["accuracy"], grpo.BOX_REWARDS["format"]
+    assert acc(text, [5, 7], "red", ids, [7], grid_thw=grid) == 1.0
+    assert acc('{"bbox_2d": [84, 84, 168, 168]}\nblue', [5, 7], "red", ids, [7], grid_thw=grid) == 0
+    assert fmt(text, [5, 7], "red", ids, [7], grid_thw=grid) == 1.0
+    assert fmt('{"bbox_2d": [84, 84\nred', [5, 7], "red", ids, [7], grid_thw=grid) == 0.0
+    assert fmt(text, [5, 7], "red", ids, [7], grid_thw=grid, crop=True) == 0.0  # no span opened
+    assert fmt(text, [5, 1, 2, 3, 7], "red", ids, [7], grid_thw=grid, crop=True) == 1.0
+
+
+def test_grpo_trains_box_and_crop_checkpoints(tmp_path):
+    for method in ("box", "crop"):
+        out = str(tmp_path / method)
+        r = run_here("train_sft.py", *SMALL, "--task", "relation", "--method", method, "--max_iters",
+                     "2", "--eval_interval", "2", "--eval_examples", "0", "--out_dir", out)
+        assert r.returncode == 0, r.stderr
+        r = run_here("train_grpo.py", "--init_from", out, "--batch_size", "2", "--group_size", "2",
+                     "--max_iters", "1", "--max_new_tokens", "40", "--out_dir", out + "_grpo")
+        assert r.returncode == 0, r.stderr
+        assert "task=relation(checkpoint)" in r.stdout and "step 1:" in r.stdout, r.stdout
