@@ -73,7 +73,7 @@ def encode(ex, tok, ids, targets=LatentTargets(), pixels=(3136, 12845056)):
     if targets.latent_end and ids.latent_end is None:
         raise InputError("latent_end needs a latent-end token, and these latent tokens have none")
     helper = vision.preprocess(ex["helper"], *pixels) if method == "mirage" else None
-    seq, pos, slot, groups, end_pos = list(prompt), [], [], [], []
+    seq, latent_pos, latent_slot, latent_groups, latent_end_pos = list(prompt), [], [], [], []
 
     # Mirage imagines one helper image: one span where the example puts it (a Mirage record: at its
     # <output_image>), and at the start when an LVR answer looks several times
@@ -95,19 +95,19 @@ def encode(ex, tok, ids, targets=LatentTargets(), pixels=(3136, 12845056)):
                 pooled = lvr.roi_groups(ex["bboxes"][i - 1], grids[im][0], targets.max_latents)
                 span = [[start + j for j in g] for g in pooled]
             seq.append(ids.start)
-            pos += range(len(seq), len(seq) + len(span))
-            slot += range(len(span))
-            groups += span
+            latent_pos += range(len(seq), len(seq) + len(span))
+            latent_slot += range(len(span))
+            latent_groups += span
             seq += [ids.latent] * len(span)
             if targets.latent_end:
-                end_pos.append(len(seq))
+                latent_end_pos.append(len(seq))
                 seq.append(ids.latent_end)
             seq.append(ids.end)
         seq += tok.encode(text.lstrip("\n") if i > 0 and method == "none" else text)
 
     seq.append(tok.im_end)
     labels = [-100] * len(prompt) + seq[len(prompt):]
-    for t in pos + end_pos:
+    for t in latent_pos + latent_end_pos:
         labels[t] = -100  # latent slots are trained by the latent loss, not CE
     return {
         "input_ids": seq,
@@ -115,10 +115,10 @@ def encode(ex, tok, ids, targets=LatentTargets(), pixels=(3136, 12845056)):
         "n_prompt": len(prompt),
         "pixel_values": torch.cat(pvs),
         "grid_thw": torch.cat(grids),
-        "latent_pos": pos,
-        "latent_slot": slot,
-        "latent_groups": groups,
-        "latent_end_pos": end_pos,
+        "latent_pos": latent_pos,
+        "latent_slot": latent_slot,
+        "latent_groups": latent_groups,
+        "latent_end_pos": latent_end_pos,
         "helper": helper,
         "n_feat": vision.merged_tokens(torch.cat(grids)),
     }

@@ -109,10 +109,11 @@ def load_examples(trained):
     V*. `trained`: the checkpoint's latent_targets."""
     if data_path == "synthetic":
         # (VSP: the targets it was trained on, for the oracle)
-        targets = trained.get("vsp", tasks.VSP_TARGETS[0])
+        vsp_targets = trained.get("vsp", tasks.VSP_TARGETS[0])
         return [
             tasks.synthetic(
-                split, i, seed, size=image_size, task=task, level=level, targets=targets, hops=hops,
+                split, i, seed, size=image_size, task=task, level=level, vsp_targets=vsp_targets,
+                hops=hops,
             )
             for i in range(n_examples)
         ]

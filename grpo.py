@@ -85,7 +85,7 @@ def group_advantages(rewards, group_size, scale=True):
 def loss_weights(mask, norm="token", max_len=None, total=None):
     """(N, L) per-token weights that make sum(weights * per_token_loss) the normalised loss.
 
-    token:    mean over all text tokens in the batch (the default);
+    token:    mean over every sampled decision in the batch (the mask's; the default);
     sequence: mean per completion, then mean over completions (the GRPO paper);
     fixed:    sum / (N * max_len) (Dr. GRPO: no length bias).
     Written as weights so that the loss of a batch split into micro-batches (or drawn in several rounds:

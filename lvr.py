@@ -323,14 +323,15 @@ def sft_loss(model, batch, terms=LossTerms(), freeze_vision=True, bottleneck=Fal
     b, t = batch["latent_pos"]  # (L,), (L,): where the latent slots are
     x = slot_inputs(model, x, at=(b, t), v=targets)  # teacher forcing: the slots read their targets
 
-    pos = qwen.get_rope_index(
+    position_ids = qwen.get_rope_index(
         input_ids, grid_thw=batch["grid_thw"], attention_mask=mask,
         image_token_id=model.cfg.image_token_id,
     )
     attend, image_id = None, model.cfg.image_token_id
     if bottleneck:  # (the answer sees the image only through the slots)
         attend = bottleneck_attend(blind_positions(batch, image_id), input_ids == image_id)
-    h = model(input_ids, inputs_embeds=x, attention_mask=mask, position_ids=pos, attend=attend)
+    h = model(input_ids, inputs_embeds=x, attention_mask=mask, position_ids=position_ids,
+              attend=attend)
     ce = supervised_ce(model, h, labels)
     if method_of(model.cfg) in ("pause", "crop"):  # (pause: no targets; crop's are fed, not made)
         lat = ce.new_zeros(())
@@ -370,7 +371,7 @@ def own_latents_loss(model, batch, terms=LossTerms(latent=0.0), freeze_vision=Tr
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     feats, targets = encode_images(model, batch, freeze_vision)
     x = model.embed(ids, grid_thw=batch["grid_thw"], feats=feats)
-    pos = qwen.get_rope_index(
+    position_ids = qwen.get_rope_index(
         ids, grid_thw=batch["grid_thw"], attention_mask=mask,
         image_token_id=model.cfg.image_token_id,
     )
@@ -380,11 +381,11 @@ def own_latents_loss(model, batch, terms=LossTerms(latent=0.0), freeze_vision=Tr
     # (L,) index in its row
     k = torch.arange(len(b), device=b.device) - (torch.cumsum(counts, 0) - counts)[b]
     for j in range(int(counts.max()) if len(b) else 0):
-        h = model(inputs_embeds=x, attention_mask=mask, position_ids=pos)
+        h = model(inputs_embeds=x, attention_mask=mask, position_ids=position_ids)
         sel = k == j
         x = slot_inputs(model, x, at=(b[sel], t[sel]), v=latent_input(model, h[b[sel], t[sel] - 1]))
 
-    h = model(inputs_embeds=x, attention_mask=mask, position_ids=pos)
+    h = model(inputs_embeds=x, attention_mask=mask, position_ids=position_ids)
     ce = supervised_ce(model, h, labels)
 
     # (L,) each latent's index within its span (the switch loss reads it)
@@ -567,7 +568,7 @@ def rollout_one(model, ids, prompt, pixel_values, grid_thw, decode, stop_ids=Non
     rule = exit_rule(model, ids, decode)  # (the budget, the exit tokens, the end vector)
     seq, latents, stop = list(prompt), [], stop_ids or model.default_stop_ids()
     x = model.embed(torch.tensor([seq]), pixel_values, grid_thw)[0]  # (T, C)
-    pos = qwen.get_rope_index(
+    prompt_rope = qwen.get_rope_index(  # (3, 1, T) the prompt's M-RoPE positions
         torch.tensor([seq]), grid_thw, None, image_token_id=model.cfg.image_token_id
     )
     in_span, n_lat, force = seq[-1] == ids.start, 0, None
@@ -577,8 +578,8 @@ def rollout_one(model, ids, prompt, pixel_values, grid_thw, decode, stop_ids=Non
     for _ in range(decode.max_new_tokens):
         # generated tokens have text positions (three equal rows), counting on from the prompt's
         n = len(seq) - len(prompt)
-        at = torch.cat([pos, (pos.max() + 1 + torch.arange(n)).expand(3, 1, -1)], 2)
-        h = model(inputs_embeds=x[None], position_ids=at)[0, -1]  # (C,)
+        later = (prompt_rope.max() + 1 + torch.arange(n)).expand(3, 1, -1)
+        h = model(inputs_embeds=x[None], position_ids=torch.cat([prompt_rope, later], 2))[0, -1]
         tok = int(model.lm_head(h).argmax()) if force is None else force  # (its own, or forced)
         vec, force, latent_step = latent_input(model, h[None]), None, False  # (1, C)
         if in_span:  # the exit rule decides: leave with a token, or take a latent step
@@ -614,8 +615,8 @@ class Exit(NamedTuple):
 
 def span_exit(rule, ids, tok, vec, in_lat, n_lat):
     """The exit rule, one step: which rows in a span leave it now, and with which token -> Exit. tok
-    (B,): the sampled tokens; vec (B, C): the latent inputs; in_lat (B,): in a span; n_lat (B,): its
-    latent steps so far."""
+    (B,): the step's tokens (sampled, or forced by the step before); vec (B, C): the latent inputs;
+    in_lat (B,): in a span; n_lat (B,): its latent steps so far."""
     none = torch.full_like(tok, -1)
 
     # the count: <|lvr_end|>, or (force_end=False) the model's own token

@@ -386,18 +386,18 @@ VSP_TARGETS = (
 )  # LVR's regions + Mirage's helper
 
 
-def vsp_example(seed, level=3, targets=VSP_TARGETS[0], split="train"):
+def vsp_example(seed, level=3, vsp_targets=VSP_TARGETS[0], split="train"):
     """A VSP map of `level` x `level` cells, drawn at 64 px a cell (192 px at level 3), and a
     shortest plan. The answer is the plan ("R D D"), judged by simulation against map_desc, so any
-    plan that reaches the goal is right. `targets` (LVR's regions + Mirage's helper): box, one span
-    over the box around the cells the plan walks through (its start and goal included), or moves,
-    one span per move over the cell it enters; goal, the map with the elf moved to the goal, or
+    plan that reaches the goal is right. `vsp_targets` (LVR's regions + Mirage's helper): box, one
+    span over the box around the cells the plan walks through (its start and goal included), or
+    moves, one span per move over the cell it enters; goal, the map with the elf moved to the goal, or
     path, the map with the plan drawn on it. `split`: the example's, whose maps it draws from
     (map_split)."""
     rng = random.Random(seed)
     desc = vsp_map(rng, level, split)
     plan = shortest_plan(desc)
-    regions, helper = targets.split("+")
+    regions, helper = vsp_targets.split("+")
     cells = [find(desc, START)] + walk(desc, plan)
     answer = " ".join(plan)
     if regions == "box":
@@ -464,15 +464,16 @@ def example_id(split, i, seed):
     return SPLITS[split] + seed * STREAM + i
 
 
-def synthetic(split, i, seed, size=0, task="colour", level="3", targets=VSP_TARGETS[0], hops=1):
+def synthetic(split, i, seed, size=0, task="colour", level="3", vsp_targets=VSP_TARGETS[0],
+              hops=1):  # wide: a task's every setting
     """Example i of a task's split: train (train_sft), eval (its periodic accuracy), grpo
     (train_grpo's prompts), test (evaluate.py). size 0: the task's own image side. VSP: `level`
-    (vsp_levels) and `targets` (vsp_example) instead; hops: its chain's length."""
+    (vsp_levels) and `vsp_targets` (vsp_example) instead; hops: its chain's length."""
     fn, own = TASKS[task]
     k = example_id(split, i, seed)
     if task == "vsp":  # (each example draws its level from the list, by its own id)
         levels = vsp_levels(level)
-        return fn(k, levels[k % len(levels)], targets, split)
+        return fn(k, levels[k % len(levels)], vsp_targets, split)
     if task == "hops":
         return fn(k, size or own, hops)
 

@@ -270,8 +270,8 @@ def rollout_round(learner, exs, gens):
 
 def round_logprobs(m, rnd, rows, frozen, exits):
     """(rows, L) log-probs of the round's decisions at `rows` under model m (run through its Root).
-    frozen: the rollout's image features; else m's own tower encodes the rows' prompts (a tower that
-    trains, or the reference's)."""
+    frozen (bool): the tower is frozen, so the rollout's image features (rnd.feats) serve; else m's
+    own tower encodes the rows' prompts (a tower that trains, or the reference's)."""
     of = (rows // group_size).tolist()  # each row's prompt
     if frozen:
         f = rnd.feats

@@ -248,7 +248,8 @@ def examples(start, n, records, split="train"):
     if records is None:
         return [
             tasks.synthetic(
-                split, i, seed, size=image_size, task=task, level=level, targets=vsp_targets, hops=hops,
+                split, i, seed, size=image_size, task=task, level=level, vsp_targets=vsp_targets,
+                hops=hops,
             )
             for i in range(start, start + n)
         ]
