@@ -14,6 +14,7 @@ from PIL import ImageDraw
 import checkpoint
 import cli
 import data
+import evaluate
 import lvr
 import vision
 from cli import Auto, InputError
@@ -88,33 +89,40 @@ def main(argv):
         return
 
     metric, threshold = lvr.end_rule(model, end_metric, cli.given(end_threshold))
+    with torch.no_grad():
+        feats = model.visual(pixel_values, grid_thw) if images else None
+    crop = None
+    if lvr.method_of(model.cfg) == "crop" and images:  # (its spans read the box it writes)
+        crop = evaluate.region_reader(tok, latent, [{}], [(images, feats)],
+                                      max_latents=model.cfg.extra["latent_targets"]["max_latents"])
     r = lvr.rollout(
         model,
         ids=latent,
-        prompt=lvr.Prompt(
-            input_ids, attention_mask=None, pixel_values=pixel_values, grid_thw=grid_thw
-        ),
+        prompt=lvr.Prompt(input_ids, attention_mask=None, grid_thw=grid_thw, feats=feats),
         decode=lvr.Decode(
             decoding, lvr_steps=lvr_steps, max_latent_steps=lvr_steps, force_end=force_end,
             end_metric=metric, end_threshold=threshold, max_new_tokens=max_new_tokens,
         ),
-        sampling=sampling,
+        sampling=sampling, crop=crop,
     )
     print(tok.decode(r.tokens[0, len(ids):].tolist()))
     print(f"latent steps: {int(r.is_latent[0].sum())}")
-    if not images:
-        return
-    with torch.no_grad():  # the first image's merged tokens, row-major
-        feats = model.visual(pixel_values, grid_thw)[:n_tokens[0]]
-    merge = model.cfg.vision.spatial_merge_size
-    side = model.cfg.vision.patch_size * merge  # one merged cell: 28 x 28 px
+    if images:
+        show_latents(r, feats[:n_tokens[0]], model.cfg, grid_thw)
+
+
+def show_latents(r, feats, cfg, grid_thw):
+    """The merged cell of the first image (feats: its merged tokens, row-major) nearest each latent
+    the rollout r fed, printed, and (--viz) drawn on the image as the model sees it."""
+    merge = cfg.vision.spatial_merge_size
+    side = cfg.vision.patch_size * merge  # one merged cell: 28 x 28 px
     gw = int(grid_thw[0, 2]) // merge
     cells = lvr.nearest_cells(r.latents[0, r.is_latent[0]], feats).tolist()
     for i, c in enumerate(cells):
         print(f"latent {i}: nearest image cell row {c // gw}, col {c % gw}")
     if viz:
         im = vision.load_image(image.split(",")[0])
-        h, w = (int(n) * model.cfg.vision.patch_size for n in grid_thw[0, 1:])
+        h, w = (int(n) * cfg.vision.patch_size for n in grid_thw[0, 1:])
         im = im.resize((w, h))  # the model's view of the image
         d = ImageDraw.Draw(im)
         for i, c in enumerate(cells):
@@ -123,6 +131,7 @@ def main(argv):
             d.text((x + 3, y + 2), str(i), fill=(255, 0, 0))
         im.save(viz)
         print(f"wrote {viz}")
+
 
 if __name__ == "__main__":
     cli.run(main)

@@ -189,6 +189,10 @@ def test_box_and_crop_train_and_evaluate_with_their_rows(tmp_path):
             assert re.search(rf"^{name}\s+[\d.]+\s+[\d.]+", r.stdout, re.M), r.stdout
         assert "target value: oracle - swapped = " in r.stdout and "\nproduced: " in r.stdout
         assert "decoding=" + ("steps" if method == "crop" else "token") in r.stdout  # (crop: by count)
+        tasks.synthetic_example(0, 112)["images"][0].save(tmp_path / "a.png")
+        r = run_here("sample.py", "--init_from", out, "--image", str(tmp_path / "a.png"), "--q",
+                     "What colour is the circle?", "--max_new_tokens", "40")
+        assert r.returncode == 0 and "latent steps: " in r.stdout, r.stderr
 
 
 def test_box_trains_on_an_lvr_json_file(tmp_path):

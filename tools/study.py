@@ -568,9 +568,9 @@ def summary(recs):
     """The tables, markdown: 1) per task and method, test accuracy over the reported seeds and the
     latent diagnostics; 2) the paired comparisons, each with its 95% interval."""
     rows = [
-        "| task | method | accuracy: mean ± std (each seed) | hit rate | latent-target distance | "
-        "oracle | value | produced | compute (x LVR run) | flat groups |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| task | method | accuracy: mean ± std (each seed) | hit rate | box IoU | "
+        "latent-target distance | oracle | value | produced | compute (x LVR run) | flat groups |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     pairs = [
         "| task | comparison | seeds | difference | 95% interval | real? |",
@@ -586,6 +586,7 @@ def summary(recs):
             mean = statistics.mean(acc)
             sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
             hits = [own_row(r["test"]["rows"])["hit_rate"] for r in runs.values()]
+            ious = [own_row(r["test"]["rows"]).get("iou") for r in runs.values()]
             dist = [
                 r["test"]["geometry"]["distance"]
                 for r in runs.values()
@@ -599,7 +600,7 @@ def summary(recs):
             hits = [h for h in hits if h is not None]
             rows.append(
                 f"| {task} | {NAMES[method]} | {mean:.3f} ± {sd:.3f} ({each}) | {avg(hits)} | "
-                f"{avg(dist)} | {avg(oracle)} | "
+                f"{avg([v for v in ious if v is not None])} | {avg(dist)} | {avg(oracle)} | "
                 f"{' | '.join(two_conditions([r['test']['rows'] for r in runs.values()]))} | "
                 f"{avg(ratio)} | {avg(flat)} |"
             )
