@@ -116,6 +116,30 @@ def gaussian_kl(mu, ref_mu, sigma):
     return ((mu.float() - ref_mu.float()) ** 2).sum(-1) / (2 * sigma ** 2)
 
 
+def decision_mask(sampled, is_latent, latent_sigma):
+    """(N, L) bool: every decision the policy drew, what carries a log-prob: its sampled tokens,
+    and with latent_sigma > 0 every latent."""
+    return sampled | is_latent if latent_sigma else sampled
+
+
+def joint_logprob(d, sampled, latent_sigma):
+    """(N, L) the log-prob of the decisions drawn at each step (d: completion_logprobs' for those
+    rows; sampled: their mask): the token's, plus (latent_sigma > 0) the latent's; a latent step's
+    token part only where a "continue" was sampled."""
+    return torch.where(sampled, d.token, 0.0) + d.latent if latent_sigma else d.token
+
+
+def reference_kl(d, ref_d, sampled, is_latent, used, latent_sigma):
+    """(N, L) KL to the reference at each drawn decision (`used`): k3 on the tokens; the closed
+    form for two Gaussians of equal sigma on the latents (at is_latent)."""
+    kl = k3(d.token, ref_d.token, used & sampled if latent_sigma else used)
+    if latent_sigma:
+        at = is_latent.nonzero(as_tuple=True)
+        kl = kl.index_put(at, kl[at] + gaussian_kl(d.mu, ref_d.mu, latent_sigma))
+
+    return kl
+
+
 def grpo_loss(logp, old_logp, adv, weights, kl=None, clip_eps=0.2, beta=0.04):
     """Per-decision PPO-clip objective plus beta * KL to the reference -> the loss.
 

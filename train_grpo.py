@@ -290,30 +290,6 @@ def round_logprobs(m, rnd, rows, frozen, exits):
     return grpo.completion_logprobs(m, scored, temperature, exits=exits, latent_sigma=latent_sigma)
 
 
-def decision_mask(rnd):
-    """(B*G, L) bool: every decision the policy drew in the round, what carries a log-prob: its
-    sampled tokens, and with latent_sigma > 0 every latent."""
-    return rnd.sampled | rnd.is_latent if latent_sigma else rnd.sampled
-
-
-def joint_logprob(d, rnd, c):
-    """(rows, L) the log-prob of the decisions drawn at each step of rows c: the token's, plus
-    (latent_sigma > 0) the latent's; a latent step's token part only where a "continue" was
-    sampled."""
-    return torch.where(rnd.sampled[c], d.token, 0.0) + d.latent if latent_sigma else d.token
-
-
-def reference_kl(d, ref_d, rnd, c, used):
-    """(rows, L) KL to the reference at each drawn decision: k3 on the tokens; the closed form for
-    two Gaussians of equal sigma on the latents."""
-    kl = grpo.k3(d.token, ref_d.token, used & rnd.sampled[c] if latent_sigma else used)
-    if latent_sigma:
-        at = rnd.is_latent[c].nonzero(as_tuple=True)
-        kl = kl.index_put(at, kl[at] + grpo.gaussian_kl(d.mu, ref_d.mu, latent_sigma))
-
-    return kl
-
-
 class Chunk(NamedTuple):
     """One micro-batch of the update: rows `rows` of round `rnd`, with the round's advantages and
     weights."""
@@ -329,14 +305,16 @@ def chunks(learner, rounds, filler):
     rank: the normaliser). `filler`: a round to pad FSDP's micro-batches with."""
     G, dev = group_size, device
     rows_here = sum(len(rnd.seqs) for rnd in rounds)
-    drawn_here = sum(int(decision_mask(rnd).sum()) for rnd in rounds)
+    drawn_here = sum(int(grpo.decision_mask(rnd.sampled, rnd.is_latent, latent_sigma).sum())
+                     for rnd in rounds)
     total = torch.tensor([float(rows_here), float(drawn_here)], device=dev)
     n_rows, n_act = parallel.all_reduce(total).tolist()
     work = []  # Chunks: every round's micro-batches
     for rnd in rounds:
         adv = grpo.group_advantages(rnd.reward, G, scale_rewards).to(dev)
         weights = grpo.loss_weights(
-            decision_mask(rnd), loss_norm, max_new_tokens, total=(n_rows, n_act)
+            grpo.decision_mask(rnd.sampled, rnd.is_latent, latent_sigma), loss_norm,
+            max_new_tokens, total=(n_rows, n_act)
         )
         rows = len(rnd.seqs)  # per micro-batch: all, or a token budget's worth
         if micro_batch_tokens:
@@ -389,12 +367,13 @@ def update(learner, rounds, filler):
         for (rnd, adv, weights, c), ref_d, old_d in zip(work, refs, olds):  # (each Chunk's fields)
             with learner.autocast:
                 d = learner.policy(round_logprobs, rnd, c, freeze_vision, exits)
-                logp = joint_logprob(d, rnd, c)
+                sampled, is_latent = rnd.sampled[c], rnd.is_latent[c]
+                logp = grpo.joint_logprob(d, sampled, latent_sigma)
                 # one update: the ratio is exactly 1 (TRL's convention)
-                old = logp.detach() if old_d is None else joint_logprob(old_d, rnd, c)
-                kl = (
-                    None if ref_d is None else reference_kl(d, ref_d, rnd, c=c, used=weights[c] > 0)
-                )
+                old = logp.detach() if old_d is None else grpo.joint_logprob(
+                    old_d, sampled, latent_sigma)
+                kl = None if ref_d is None else grpo.reference_kl(
+                    d, ref_d, sampled, is_latent, used=weights[c] > 0, latent_sigma=latent_sigma)
                 loss = grpo.grpo_loss(
                     logp, old_logp=old, adv=adv[c], weights=weights[c], kl=kl, clip_eps=clip_eps,
                     beta=beta,

@@ -181,14 +181,12 @@ def test_latent_sigma_samples_latents_with_the_training_forwards_logprob(tmp_pat
     with torch.no_grad():
         rows = grpo.Completions(seqs, attn, input_ids.shape[1], r.latents, r.is_latent)
         d = grpo.completion_logprobs(model, rows, 0.7, exits, latent_sigma=0.5)
-    monkeypatch.setattr(train_grpo, "latent_sigma", 0.5)
-    rows = torch.arange(len(seqs))
-    joint = train_grpo.joint_logprob(d, r, rows)
+    joint = grpo.joint_logprob(d, r.sampled, latent_sigma=0.5)
     drawn = r.sampled | r.is_latent
     assert torch.allclose(joint[drawn], r_logp[drawn], atol=1e-4), (joint[drawn] - r_logp[drawn]).abs().max()
     assert torch.equal(joint[~drawn], torch.zeros_like(joint[~drawn]))
     # the reference equal to the policy: KL 0 at every decision, latents included (the closed form)
-    kl = train_grpo.reference_kl(d, d, r, rows, drawn)
+    kl = grpo.reference_kl(d, d, r.sampled, r.is_latent, drawn, latent_sigma=0.5)
     assert torch.equal(kl, torch.zeros_like(kl))
     # S = 0: no noise drawn, the same rollout as before the option
     monkeypatch.setattr(lvr, "latent_noise", lambda *a:
