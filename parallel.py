@@ -228,3 +228,19 @@ def all_reduce(t, op=dist.ReduceOp.SUM):
     if dist.is_initialized():
         dist.all_reduce(t, op)
     return t
+
+
+def every_ranks(flags, mine, n):
+    """(n_mine,) this rank's flags, at slice `mine` of the n rows every rank holds in turn -> (n,)
+    every rank's, on the CPU (GRPO's cross-rank filter: which groups, in the stream's order, have
+    reward spread)."""
+    whole = torch.zeros(n, device=flags.device)
+    whole[mine] = flags.float()
+    return all_reduce(whole).cpu().bool()
+
+
+def as_many_as_any_rank(items, pad, device):
+    """FSDP: every micro-batch's forward is a collective, so each rank runs as many as the busiest
+    one: `items` padded with `pad` (a micro-batch that weighs nothing) to the ranks' most."""
+    n = int(all_reduce(torch.tensor(len(items), device=device), dist.ReduceOp.MAX))
+    return items + [pad] * (n - len(items))

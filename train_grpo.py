@@ -324,15 +324,10 @@ def chunks(learner, rounds, filler):
             for c in torch.arange(len(rnd.seqs), device=dev).split(rows)
         ]
 
-    # each micro-batch's forward is a collective: every rank runs as many, the extra ones weigh
-    # nothing
-    if fsdp:
-        n = int(parallel.all_reduce(torch.tensor(len(work), device=dev), dist.ReduceOp.MAX))
-        nothing = (
-            torch.zeros(len(filler.seqs), device=dev),
-            torch.zeros(filler.sampled.shape, device=dev),
-        )
-        work += [Chunk(filler, *nothing, torch.arange(1, device=dev))] * (n - len(work))
+    if fsdp:  # (a micro-batch of no weight: one row of the filler round)
+        nothing = (torch.zeros(len(filler.seqs), device=dev), torch.zeros(filler.sampled.shape, device=dev))
+        work = parallel.as_many_as_any_rank(
+            work, pad=Chunk(filler, *nothing, torch.arange(1, device=dev)), device=dev)
     return work, n_act
 
 
@@ -410,11 +405,8 @@ def train_step(learner, drawn, signalled):
             rnd = rollout_round(learner, exs, gens)
         drawn += 1
         seen.append(rnd)
-        # every rank's groups, in the stream's order
-        spread = torch.zeros(batch_size, device=device)
         lo, hi = rnd.reward.view(-1, group_size).aminmax(dim=1)
-        spread[mine] = (lo != hi).float().to(device)
-        has = parallel.all_reduce(spread).cpu().bool()
+        has = parallel.every_ranks((lo != hi).to(device), mine, batch_size)  # (every rank's groups)
         keep = (
             has & (torch.cumsum(has, 0) <= batch_size - kept)
             if filter_groups
