@@ -16,6 +16,7 @@ on, is the run of `--max_iters 4000`.
 """
 
 import contextlib
+import functools
 import math
 import os
 import tempfile
@@ -95,21 +96,23 @@ SFT_OOM = ("lower --batch_size (raise --grad_accum to keep the batch), --max_pix
 EVAL_OOM = "lower --batch_size (the evaluation's rows per rollout) or --max_pixels"
 
 
-def loss_of(model, batch, blinded=False):
-    """One micro-batch's (loss, ce, latent, switch): run through parallel.Root, so DDP and FSDP see
-    it. blinded: under LIVR's bottleneck (lvr.blind_positions)."""
+def loss_terms(method, stage, ce_weight, latent_weight, switch_weight, latent_loss):
+    """The settings -> the step's LossTerms: stage 2 trains the text CE (LVR: + its latent loss on
+    its own latents); pause and crop spans end by count (no mode-switch loss)."""
     if stage == 2:  # the model's own latents, with gradients through the chain (Mirage: text only)
-        terms = lvr.LossTerms(latent=latent_weight if method == "lvr" else 0.0,
-                              switch=switch_weight, latent_loss=latent_loss)
-        return lvr.own_latents_loss(model, batch, terms, freeze_vision=freeze_vision)
+        return lvr.LossTerms(latent=latent_weight if method == "lvr" else 0.0,
+                             switch=switch_weight, latent_loss=latent_loss)
+    return lvr.LossTerms(ce_weight, latent=latent_weight, latent_loss=latent_loss,
+                         switch=0.0 if method in ("pause", "crop") else switch_weight)
 
-    terms = lvr.LossTerms(
-        ce_weight, latent=latent_weight, latent_loss=latent_loss,
-        switch=0.0 if method in ("pause", "crop") else switch_weight,  # (they end by count)
-    )
-    return lvr.sft_loss(
-        model, batch, terms, freeze_vision=freeze_vision, bottleneck=blinded
-    )
+
+def loss_of(model, batch, blinded, terms, stage, freeze_vision):
+    """One micro-batch's (loss, ce, latent, switch): run through parallel.Root, so DDP and FSDP see
+    it. stage 2: the model's own latents (lvr.own_latents_loss); blinded: under LIVR's bottleneck
+    (lvr.blind_positions)."""
+    if stage == 2:
+        return lvr.own_latents_loss(model, batch, terms, freeze_vision=freeze_vision)
+    return lvr.sft_loss(model, batch, terms, freeze_vision=freeze_vision, bottleneck=blinded)
 
 
 def blinded_steps():
@@ -351,10 +354,11 @@ def sft_macs(model, batch):
     return 3 * passes * model.macs(tokens) + 3 * model.macs(0, heads) + model.macs(0, 0, patches)
 
 
-def train_step(root, batches, dev, ddp, autocast, blinded=False):
+def train_step(root, batches, loss_fn, dev, autocast, blinded=False):
     """Forward and backward over the step's grad_accum micro-batches -> the summed (ce, latent,
-    switch) losses on the device (read once per step: no host sync per micro-batch). blinded: LIVR's
-    bottleneck."""
+    switch) losses on the device (read once per step: no host sync per micro-batch). loss_fn:
+    loss_of with its settings; blinded: LIVR's bottleneck."""
+    ddp = dist.is_initialized()
     sums = torch.zeros(3, device=dev)
     for micro, batch in enumerate(batches):
         batch = data.to_device(batch, dev)
@@ -365,7 +369,7 @@ def train_step(root, batches, dev, ddp, autocast, blinded=False):
             else root.no_sync()
         )
         with sync, autocast:
-            loss, ce, lat, sw = root(loss_of, batch, blinded)
+            loss, ce, lat, sw = root(loss_fn, batch, blinded)
             (loss / grad_accum).backward()
         sums += torch.stack([ce, lat, sw]).float() / grad_accum
 
@@ -514,7 +518,9 @@ def main(argv):
         step, history, macs = state["step"], checkpoint.read_log(out_dir), state.get("macs", 0.0)
         torch.set_rng_state(state["rng"])
 
-    # 4) the loop
+    # 4) the loop, its loss resolved once
+    terms = loss_terms(method, stage, ce_weight, latent_weight, switch_weight, latent_loss)
+    loss_fn = functools.partial(loss_of, terms=terms, stage=stage, freeze_vision=freeze_vision)
     autocast = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
     stream = iter(MicroBatches(tok, ids, records, rank=rank, world=world).loader(step))
     signalled = cli.stop_flag()  # Ctrl-C / SIGTERM: finish the step, save it, exit
@@ -527,9 +533,8 @@ def main(argv):
             batches = next_batches(stream)
             t_data = time.time() - t0  # (the time the device idles for data)
             with cli.out_of_memory("an SFT step", SFT_OOM, out_dir):
-                sums = train_step(
-                    root, batches, dev, ddp=ddp, autocast=autocast, blinded=step < blinded_steps()
-                )
+                sums = train_step(root, batches, loss_fn, dev, autocast=autocast,
+                                  blinded=step < blinded_steps())
             loss, stopping, step_macs = step_stats(
                 sums, batches, model, signalled=signalled, dev=dev, step=step
             )

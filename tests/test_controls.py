@@ -205,7 +205,8 @@ def test_the_bottleneck_trains_its_share_of_the_steps_then_normal_attention(monk
         monkeypatch.setattr(train_sft, "lr_decay_iters", iters)  # (what resolve makes of auto)
         seen.clear()
         for step in range(iters):
-            train_sft.loss_of(None, {}, blinded=step < train_sft.blinded_steps())
+            train_sft.loss_of(None, {}, step < train_sft.blinded_steps(), lvr.LossTerms(), stage=1,
+                              freeze_vision=True)
         assert seen == [i < round(share * iters) for i in range(iters)] if on else not any(seen)
 
 
