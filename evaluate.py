@@ -305,7 +305,7 @@ def evaluate(model, tok, ids, exs, decode, pixels=(3136, 28224), batch_size=32, 
 
 
 @torch.no_grad()
-def targets_of(model, tok, ids, exs, min_pixels=3136, max_pixels=28224, device="cpu"):
+def targets_of(model, tok, ids, exs, pixels=(3136, 28224), device="cpu"):
     """Per example, the vectors its latents were trained to reconstruct ((L, C), or None without
     bboxes or a helper image): ROI tokens (LVR) or helper-image chunks (Mirage), made as the
     checkpoint's training made them (config.json's latent_targets; without it, LVR over the whole
@@ -318,7 +318,6 @@ def targets_of(model, tok, ids, exs, min_pixels=3136, max_pixels=28224, device="
         if method in ("none", "pause", "box", "crop") or not has_targets:  # (box, crop: boxes)
             out.append(None)
             continue
-        pixels = (min_pixels, max_pixels)
         spans = data.LatentTargets(method, max_latents=trained["max_latents"], k=trained["k"])
         row = data.encode(e, tok, ids, targets=spans, pixels=pixels)
         batch = data.to_device(data.collate([row], tok.endoftext), device)
@@ -543,9 +542,7 @@ def main(argv):
     rows = {"with latents": run(decode)}  # each row's name -> evaluate's result
 
     # (the geometry needs them)
-    targets = targets_of(
-        model, tok, ids, exs=exs, min_pixels=min_pixels, max_pixels=max_pixels, device=device
-    )
+    targets = targets_of(model, tok, ids, exs=exs, pixels=(min_pixels, max_pixels), device=device)
     if diagnostics:
         rows["latents disabled"] = run(disabled)
         rows.update(replaced_rows(

@@ -44,25 +44,20 @@ def format_reward(text, tokens, answer, ids, stop_ids, map_desc=None):
 REWARDS = {"accuracy": accuracy_reward, "format": format_reward}
 
 
-# --method box and crop: the box is text the policy samples (DeepEyes' RL on it), so the same two
-# rewards read the answer after the box, and the format is the box's (grid_thw: the image's, to
-# clip the box; crop: each box opens one span)
+def box_rewards(grid_thw, crop=False):
+    """--method box and crop's REWARDS for a completion on an image of grid_thw: the box is text
+    the policy samples (DeepEyes' RL on it), so accuracy reads the answer after the last box
+    (data.after_boxes), and format asks that every box parse (clipped to the image), an answer
+    follow and the completion stop (data.is_box_format; crop: one span per box)."""
+    def accuracy(text, tokens, answer, ids, stop_ids, map_desc=None):
+        return float(data.is_correct(data.after_boxes(text), answer, map_desc))
 
-def box_accuracy_reward(text, tokens, answer, ids, stop_ids, map_desc=None, grid_thw=None,
-                        crop=False):  # wide: REWARDS' six, and the image the box is on
-    """1 when the answer after the last box matches (data.after_boxes), else 0."""
-    return float(data.is_correct(data.after_boxes(text), answer, map_desc))
+    def format(text, tokens, answer, ids, stop_ids, map_desc=None):
+        boxes = data.written_boxes(text, grid_thw)
+        spans = not crop or tokens.count(ids.start) == len(boxes)
+        return float(data.is_box_format(tokens, text, stop_ids, grid_thw) and spans)
 
-
-def box_format_reward(text, tokens, answer, ids, stop_ids, map_desc=None, grid_thw=None,
-                      crop=False):  # wide: REWARDS' six, and the image the box is on
-    """1 when every box parses, an answer follows, and it stops (data.is_box_format; crop: one
-    span per box)."""
-    ok = data.is_box_format(tokens, text, stop_ids, grid_thw)
-    return float(ok and (not crop or tokens.count(ids.start) == len(data.written_boxes(text, grid_thw))))
-
-
-BOX_REWARDS = {"accuracy": box_accuracy_reward, "format": box_format_reward}
+    return {"accuracy": accuracy, "format": format}
 
 
 # -----------------------------------------------------------------------------

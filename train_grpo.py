@@ -185,16 +185,15 @@ class Learner:
 
 def rewarded(method, completions, ids, stop):
     """Each completion (text, tokens, its example, its first image's grid) -> {reward name: (N,)
-    rewards}: grpo.REWARDS, or (box, crop: the answer after the box, the box's format)
-    grpo.BOX_REWARDS."""
-    def one(fn, text, tokens, e, grid):
-        if method in ("box", "crop"):
-            return fn(text, tokens, e["answer"], ids, stop, e.get("map_desc"), grid_thw=grid,
-                      crop=method == "crop")
-        return fn(text, tokens, e["answer"], ids, stop, e.get("map_desc"))
+    rewards}: grpo.REWARDS, or (box, crop) grpo.box_rewards on the completion's image."""
+    out = {k: [] for k in grpo.REWARDS}
+    for text, tokens, e, grid in completions:
+        boxed = method in ("box", "crop")
+        rewards = grpo.box_rewards(grid, crop=method == "crop") if boxed else grpo.REWARDS
+        for k, fn in rewards.items():
+            out[k].append(fn(text, tokens, e["answer"], ids, stop, e.get("map_desc")))
 
-    rewards = grpo.BOX_REWARDS if method in ("box", "crop") else grpo.REWARDS
-    return {k: torch.tensor([one(fn, *c) for c in completions]) for k, fn in rewards.items()}
+    return {k: torch.tensor(v) for k, v in out.items()}
 
 
 def rollout_round(learner, exs, gens):

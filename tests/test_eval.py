@@ -157,7 +157,7 @@ def test_diagnostics_replace_the_latent_inputs(tmp_path):
     # from another input
     assert all(torch.allclose(v[0], dummy[0]) and not torch.allclose(v[1], o[1], atol=1e-3)
                for v, o in zip(first, own["latents"]))
-    targets = evaluation.targets_of(model, tok, ids, exs, 3136, 12544)
+    targets = evaluation.targets_of(model, tok, ids, exs, (3136, 12544))
     for e, t in zip(exs, targets):
         pv, grid = vision.preprocess(e["images"][0], max_pixels=12544)
         with torch.no_grad():

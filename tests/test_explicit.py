@@ -219,13 +219,14 @@ def test_grpo_on_box_and_crop_scores_the_answer_after_the_box():
     grid = torch.tensor([[1, 24, 24]])
     ids = lvr.LatentIds(start=1, latent=2, end=3)
     text = '{"bbox_2d": [84, 84, 168, 168]}\nred'
-    acc, fmt = grpo.BOX_REWARDS["accuracy"], grpo.BOX_REWARDS["format"]
-    assert acc(text, [5, 7], "red", ids, [7], grid_thw=grid) == 1.0
-    assert acc('{"bbox_2d": [84, 84, 168, 168]}\nblue', [5, 7], "red", ids, [7], grid_thw=grid) == 0
-    assert fmt(text, [5, 7], "red", ids, [7], grid_thw=grid) == 1.0
-    assert fmt('{"bbox_2d": [84, 84\nred', [5, 7], "red", ids, [7], grid_thw=grid) == 0.0
-    assert fmt(text, [5, 7], "red", ids, [7], grid_thw=grid, crop=True) == 0.0  # no span opened
-    assert fmt(text, [5, 1, 2, 3, 7], "red", ids, [7], grid_thw=grid, crop=True) == 1.0
+    box, crop = grpo.box_rewards(grid), grpo.box_rewards(grid, crop=True)
+    assert box["accuracy"](text, [5, 7], "red", ids, [7]) == 1.0
+    assert box["accuracy"]('{"bbox_2d": [84, 84, 168, 168]}\nblue', [5, 7], "red", ids, [7]) == 0
+    assert box["format"](text, [5, 7], "red", ids, [7]) == 1.0
+    assert box["format"]('{"bbox_2d": [84, 84\nred', [5, 7], "red", ids, [7]) == 0.0
+    assert crop["format"](text, [5, 7], "red", ids, [7]) == 0.0  # no span opened
+    assert crop["format"](text, [5, 1, 2, 3, 7], "red", ids, [7]) == 1.0
+    assert set(box) == set(grpo.REWARDS)
 
 
 def test_grpo_trains_box_and_crop_checkpoints(tmp_path):
