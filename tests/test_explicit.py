@@ -239,3 +239,18 @@ def test_grpo_trains_box_and_crop_checkpoints(tmp_path):
                      "--max_iters", "1", "--max_new_tokens", "40", "--out_dir", out + "_grpo")
         assert r.returncode == 0, r.stderr
         assert "task=relation(checkpoint)" in r.stdout and "step 1:" in r.stdout, r.stdout
+
+
+def test_a_forced_box_is_the_training_rows_box_tokens(tmp_path):
+    """The oracle and swapped rows of --method box open the answer with the boxes' text: exactly
+    the tokens training put before the answer, for one box (search) and four (hops K = 3)."""
+    _, tok, ids = tiny_model(tmp_path)
+    for task, hops, side in [("search", 1, 336), ("hops", 3, 168)]:
+        ex = tasks.synthetic("test", 0, 1337, task=task, hops=hops)
+        pixels = (3136, side * side)
+        row = data.encode(ex, tok, ids, data.LatentTargets("box"), pixels=pixels)
+        grids = [vision.preprocess(ex["images"][0], *pixels)[1]]
+        forced = evaluation.box_prefix(tok, ex, grids, ex["bboxes"])
+        turn = row["input_ids"][row["n_prompt"]:]
+        assert turn[:len(forced)] == forced
+        assert tok.decode(turn[len(forced):]) == ex["answer"]  # (then the answer, and its end)
