@@ -718,7 +718,7 @@ def draw(recs):
     colours = {
         "none": "tab:gray", "lvr": "tab:blue", "mirage": "tab:green", "control": "tab:orange",
         "stage2": "tab:purple", "grpo0": "tab:brown", "grpo": "tab:red", "pause": "tab:olive",
-        "livr": "tab:cyan", "lvrbn": "tab:pink", "box": "gold", "crop": "black",
+        "livr": "tab:cyan", "lvrbn": "tab:pink", "box": "magenta", "crop": "black",
     }
     for ax, task in zip(axes[0], names):
         for method in BASES:
