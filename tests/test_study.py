@@ -324,3 +324,26 @@ def test_study_v5_search_at_4x_controls_answer_as_docs_study_says():
         assert len(colours) == want, key
         if want == 1:  # one colour: right on every question of it, so it answers it to all 256
             assert right == [a in colours for a in answers], key
+
+
+def test_study_v6_search_rows_are_as_docs_study_says(monkeypatch):
+    """assets/study_v6_search.jsonl, seed 1 (what docs/study.md and the README say): box and crop
+    tested every 500 steps on 11-12% more compute than LVR's run; box right on the same questions
+    whatever box it is given (own = oracle = swapped); crop right on every question given the true
+    region; neither's own boxes hit (IoU 0); LVR - box and LVR - crop as the README prints them."""
+    recs = v5_records("study_v6_search.jsonl")
+    lvr = recs["search/lvr/seed1/lr0.001"]
+    box, crop = recs["search/box/seed1/lr0.001"], recs["search/crop/seed1/lr0.001"]
+    for r, ratio in ((box, 1.110), (crop, 1.123)):
+        assert [c["step"] for c in r["checkpoints"]] == list(range(500, 4000, 500))
+        assert abs(r["macs"] / lvr["macs"] - ratio) < 0.001
+        own = r["test"]["rows"]["with own boxes"]
+        assert own["iou"] == 0.0 and own["hit_rate"] == 0.0 and own["format"] == 1.0
+    rows = box["test"]["rows"]
+    assert rows["with own boxes"]["right"] == rows["oracle boxes"]["right"] == rows["swapped boxes"]["right"]
+    assert crop["test"]["rows"]["oracle boxes"]["accuracy"] == 1.0
+    monkeypatch.setattr(study, "tasks", "search")
+    monkeypatch.setattr(study, "resamples", 10000)
+    pairs = study.summary(list(recs.values())).split("\n\n")[1]
+    assert "| search | LVR - box as text | 1 | +0.309 | [+0.227, +0.391] | yes |" in pairs
+    assert "| search | LVR - box, then its region | 1 | +0.312 | [+0.234, +0.387] | yes |" in pairs
