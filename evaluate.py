@@ -431,6 +431,9 @@ def resolve(config):
     snapshot, the task the checkpoint trained on (data.task_settings; a flag given wins, and a task
     other than its own is said), the images as it trained (else the processor's bounds), the
     dtype, a pause or crop checkpoint's decoding by count (lvr.span_count), the completion budget."""
+    cli.require(not unseen_maps or data_path.endswith((".json", ".jsonl")),
+                "--unseen_maps true filters a VSP data file (Mirage's JSONL); the built-in test maps "
+                "are all unseen already")
     path = checkpoint.locate(init_from)
     chosen, note = data.task_settings(path, given={
         "task": None if task == "auto" else task, "hops": cli.given(hops),

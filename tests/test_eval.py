@@ -241,3 +241,5 @@ def test_unseen_maps_needs_a_vsp_file():
     recs = [{"text_input": "q", "image_input": "a.png", "map_desc": [[1, 0], [0, 2]]}, {"x": 1}]
     with pytest.raises(InputError, match="f.jsonl record 1 has none"):
         evaluation.unseen(recs, "f.jsonl")
+    r = run_here("evaluate.py", "--unseen_maps", "true", "--init_from", "nowhere")
+    assert r.returncode == 1 and "--unseen_maps true filters a VSP data file" in r.stderr
