@@ -267,17 +267,27 @@ def rollout_round(learner, exs, gens):
     )
 
 
-def round_logprobs(m, rnd, rows, frozen, exits):
-    """(rows, L) log-probs of the round's decisions at `rows` under model m (run through its Root).
-    frozen (bool): the tower is frozen, so the rollout's image features (rnd.feats) serve; else m's
-    own tower encodes the rows' prompts (a tower that trains, or the reference's)."""
-    of = (rows // group_size).tolist()  # each row's prompt
-    if frozen:
+class Scoring(NamedTuple):
+    """How the training forward scores a round's decisions (update makes it once a step)."""
+    frozen: bool  # the tower is frozen, so the rollout's image features (rnd.feats) serve
+    exits: list  # the `token` exit's tokens, for its "continue" decisions ([] under the others)
+    temperature: float  # the rollout's: the log-probs are those of what it sampled from
+    latent_sigma: float  # > 0: the explored latents' Gaussian log-probs too
+    group_size: int  # row r samples prompt r // group_size
+    device: str
+
+
+def round_logprobs(m, rnd, rows, how):
+    """(rows, L) log-probs of the round's decisions at `rows` under model m (run through its Root),
+    scored as `how` (Scoring) says: with the rollout's image features where the tower is frozen,
+    else m's own tower encodes the rows' prompts (a tower that trains, or the reference's)."""
+    of = (rows // how.group_size).tolist()  # each row's prompt
+    if how.frozen:
         f = rnd.feats
     else:
         u = sorted(set(of))
         f = m.visual(
-            torch.cat([rnd.pixel_values[i] for i in u]).to(device),
+            torch.cat([rnd.pixel_values[i] for i in u]).to(how.device),
             torch.cat([rnd.grids[i] for i in u]),
         )
         f = dict(zip(u, f.split([rnd.n_tok[i] for i in u])))
@@ -286,7 +296,8 @@ def round_logprobs(m, rnd, rows, frozen, exits):
     scored = grpo.Completions(rnd.seqs[rows], rnd.attn[rows], rnd.n_prompt,
                               latents=rnd.latents[rows], is_latent=rnd.is_latent[rows],
                               grid_thw=grids, feats=feats)
-    return grpo.completion_logprobs(m, scored, temperature, exits=exits, latent_sigma=latent_sigma)
+    return grpo.completion_logprobs(m, scored, how.temperature, exits=how.exits,
+                                    latent_sigma=how.latent_sigma)
 
 
 class Chunk(NamedTuple):
@@ -336,14 +347,15 @@ def update(learner, rounds, filler):
     compute in multiply-accumulates). The normaliser is the step's, over every round and rank."""
     work, n_act = chunks(learner, rounds, filler)
 
-    # a sampled "continue" at latent steps
+    # (a sampled "continue" at latent steps under the token exit)
     exits = lvr.exit_tokens(learner.ids, decoding) if decoding == "token" else []
+    how = Scoring(freeze_vision, exits, temperature, latent_sigma, group_size, device)
     refs, olds = [None] * len(work), [None] * len(work)
     with torch.no_grad(), learner.autocast:
         if learner.ref is not None:
-            refs = [learner.ref(round_logprobs, w.rnd, w.rows, freeze_vision, exits) for w in work]
+            refs = [learner.ref(round_logprobs, w.rnd, w.rows, how) for w in work]
         if ppo_epochs > 1:  # the old policy of every epoch: this policy before its first update
-            olds = [learner.policy(round_logprobs, w.rnd, w.rows, freeze_vision, exits) for w in work]
+            olds = [learner.policy(round_logprobs, w.rnd, w.rows, how) for w in work]
 
     # become device tensors, read once at the end: no host sync per micro-batch
     kl_sum, loss_sum = 0.0, 0.0
@@ -360,7 +372,7 @@ def update(learner, rounds, filler):
     for _ in range(ppo_epochs):
         for (rnd, adv, weights, c), ref_d, old_d in zip(work, refs, olds):  # (each Chunk's fields)
             with learner.autocast:
-                d = learner.policy(round_logprobs, rnd, c, freeze_vision, exits)
+                d = learner.policy(round_logprobs, rnd, c, how)
                 sampled, is_latent = rnd.sampled[c], rnd.is_latent[c]
                 logp = grpo.joint_logprob(d, sampled, latent_sigma)
                 # one update: the ratio is exactly 1 (TRL's convention)
