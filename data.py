@@ -223,18 +223,19 @@ def epoch_order(n, seed):
     return order
 
 
-def stream_example(records, i, seed, convert, where, on_bad="fail", skipped=None):
+def stream_example(records, i, seed, convert, where, skipped=None):
     """Example i of an endless stream over `records`, reshuffled each epoch (seed + epoch).
 
-    on_bad "fail": a record that fails `convert(rec, where)` raises its error; "skip": it is
-    reported once (and kept in the `skipped` dict) and the next record in the order stands in."""
+    skipped None (--on_bad_record fail): a record that fails `convert(rec, where)` raises its
+    error; a dict (skip): it is reported once (and kept there) and the next record in the order
+    stands in."""
     epoch, j = divmod(i, len(records))
     order = epoch_order(len(records), seed + epoch)
     for r in order[j:] + order[:j]:
         try:
             return convert(records[r], f"{where} record {r}")
         except InputError as e:
-            if on_bad != "skip":
+            if skipped is None:
                 raise
             if r not in skipped:
                 skipped[r] = str(e)

@@ -127,8 +127,8 @@ def prompts(n, records, mine):
 
     return [
         data.stream_example(
-            records, i, seed, convert=convert, where=data_path, on_bad=on_bad_record,
-            skipped=SKIPPED,
+            records, i, seed, convert=convert, where=data_path,
+            skipped=SKIPPED if on_bad_record == "skip" else None,
         )
         for i in index
     ], gens

@@ -263,7 +263,8 @@ def examples(start, n, records, split="train"):
     path, skipped = (data_path, SKIPPED) if split == "train" else (eval_data_path, {})
     return [
         data.stream_example(
-            records, i, seed, convert=convert, where=path, on_bad=on_bad_record, skipped=skipped
+            records, i, seed, convert=convert, where=path,
+            skipped=skipped if on_bad_record == "skip" else None,
         )
         for i in range(start, start + n)
     ]

@@ -498,8 +498,8 @@ def test_on_bad_record_skip_reports_and_goes_on(tmp_path):
     skipped = {}
     convert = lambda rec, where: data.record_example(rec, str(tmp_path), where)  # noqa: E731
     records = data.load_records(path)
-    a = [data.stream_example(records, i, 5, convert, "d", "skip", skipped)["bboxes"] for i in range(8)]
-    b = [data.stream_example(records, i, 5, convert, "d", "skip", {})["bboxes"] for i in range(8)]
+    a = [data.stream_example(records, i, 5, convert, "d", skipped)["bboxes"] for i in range(8)]
+    b = [data.stream_example(records, i, 5, convert, "d", {})["bboxes"] for i in range(8)]
     assert a == b and sorted(skipped) == [1, 3]
 
 
