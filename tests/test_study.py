@@ -77,6 +77,14 @@ def test_reported_names_every_run_by_its_base_and_continuation():
              if study.reported(recs, t, m)}
     assert found == {"lvr": [1], "none+control": [2], "lvr+grpo0": [1], "lvr+stage2": [3], "lvr+control": [4],
                      "lvr+grpo": [5]}
+    # another base outside VSP is keyed with it (study v6's GRPO on the box), LVR's stays bare
+    key = study.grpo_key("search", "box", 2, lr=2e-5, sigma_name="0")
+    assert key == "search/box+grpo/seed2/lr2e-05/sigma0"
+    assert study.continued_key("search", "box", "control", 2) == "search/box+control/seed2"
+    assert study.continued_key("search", "lvr", "control", 2) == "search/control/seed2"
+    recs = [{"key": k, "test": {}} for k in (key, "search/box+control/seed2")]
+    assert list(study.reported(recs, "search", "box+grpo0")) == [2]
+    assert list(study.reported(recs, "search", "box+control")) == [2]
 
 
 def test_bootstrap_interval_covers_the_paired_difference():

@@ -275,18 +275,21 @@ def sft(done, task, method, seed, trial, need=False):
     return record(done, key, go), out
 
 
+def base_prefix(task, base_method):
+    """A continuation's base in its key: none for LVR's outside VSP (v2's keys:
+    relation/control/seed1), else `base+` (vsp/lvr+control/seed1, search/box+grpo/...)."""
+    return "" if task != "vsp" and base_method == "lvr" else f"{base_method}+"
+
+
 def continued_key(task, base_method, name, seed):
-    """A continuation's key in the results file (v2's LVR continuations: relation/control/seed1)."""
-    return (
-        f"{task}/{name}/seed{seed}" if task != "vsp" else f"{task}/{base_method}+{name}/seed{seed}"
-    )
+    """A continuation's key in the results file (base_prefix)."""
+    return f"{task}/{base_prefix(task, base_method)}{name}/seed{seed}"
 
 
 def grpo_key(task, base_method, seed, lr, sigma_name):
-    """A GRPO run's key in the results file (v2's, of LVR runs:
+    """A GRPO run's key in the results file (base_prefix; v2's, of LVR runs:
     relation/grpo/seed1/lr2e-05/sigma0)."""
-    prefix = "" if task != "vsp" else f"{base_method}+"
-    return f"{task}/{prefix}grpo/seed{seed}/lr{lr}/sigma{sigma_name}"
+    return f"{task}/{base_prefix(task, base_method)}grpo/seed{seed}/lr{lr}/sigma{sigma_name}"
 
 
 def continued(done, task, base_method, name, seed, base, trial, target_macs):
@@ -321,7 +324,7 @@ def continued(done, task, base_method, name, seed, base, trial, target_macs):
 # long: a run's identity (task, base, seed, lr, sigma) and its budget, each named in its key
 def grpo_run(done, task, base_method, seed, base, lr, sigma, macs, sigma_name, k=0):
     """GRPO on the SFT run `base` for `macs` of compute, recorded (tuning runs validated)."""
-    prefix = "" if task != "vsp" else f"{base_method}+"
+    prefix = base_prefix(task, base_method)
     out = os.path.join(work_dir, f"{task}_{prefix}grpo_s{seed}_lr{lr}_sigma{sigma_name}")
 
     def go():
