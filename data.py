@@ -5,7 +5,9 @@ slots) and prompt batches (left-padded, for the rollout). The synthetic tasks an
 live in tasks.py.
 
 An example is a dict (tasks.py's docstring says what each field is). Read encode and collate first:
-the assistant turn and the batch the losses read; the file formats come after.
+the assistant turn and the batch the losses read; the file formats come after, then answer scoring
+and the bbox as text (--method box and crop: Qwen2.5-VL's `{"bbox_2d": [x1, y1, x2, y2]}` in the
+resized image's pixels, parsed back and clipped, a box that does not parse a format failure).
 """
 
 import csv

@@ -19,6 +19,14 @@ on synthetic tasks and LVR JSON files; Mirage on synthetic tasks):
 Under the table, when a latent can pay: its target's value (oracle - dummy: what the target
 carries for the answer) and the share of it the model produces ((own - dummy) / (oracle - dummy);
 not measured where the value is under 0.02: the target carries nothing to produce).
+A box or crop checkpoint (train_sft --method box / crop: the bbox written as text, then for crop
+its region fed) has three rows of its own, the same questions with the boxes replaced:
+  with own boxes    its own;
+  oracle boxes      the true boxes (box: their text opens the answer; crop: their regions fill the
+                    spans, the text being its own);
+  swapped boxes     the next example's boxes;
+with the box IoU and hit rate (a parsed box whose centre lies in the true box), and the two lines
+read as oracle - swapped and (own - swapped) / (oracle - swapped).
 A pause checkpoint (train_sft --method pause, the control) has the first two rows: its slots read
 one learned vector, so dummy and swapped latents would be its own, and it has no targets. With
 --bottleneck true every row runs under LIVR's mask (the answer sees the image only through the

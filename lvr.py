@@ -14,6 +14,10 @@ target 1 only at the last latent (train_sft's --switch_weight 0.1, as in the off
 LVR and Mirage; LossTerms' own default is 0, off). Without it only the state after the last
 latent has a label, and spans longer than one latent end at random under the `token` exit.
 
+The explicit rival --method crop is a span too: its slots read the region a written box names
+(the same pooled tokens as LVR's targets), never a hidden state; the rollout asks its `crop`
+reader for the region when a row opens a span (rollout_one, Regions).
+
 The controls live here too, each in one place: the pause control's slots read their token's
 embedding, not a vector (slot_inputs); LIVR's bottleneck is a mask the callers hand the model
 (bottleneck_attend, blind_positions), so the model file names no control.
