@@ -25,6 +25,7 @@ import os
 import re
 import signal
 import sys
+from typing import NamedTuple
 
 import torch
 
@@ -51,12 +52,11 @@ class Auto:
         return hash(("auto", self.kind))
 
 
-class From:
+class From(NamedTuple):
     """A resolved value and where it came from ("flag", "checkpoint", "default"): resolve returns
     it, the `resolved:` line prints both, the script's setting gets the value."""
-
-    def __init__(self, value, source):
-        self.value, self.source = value, source
+    value: object
+    source: str
 
 
 def given(value):

@@ -433,12 +433,14 @@ def trained_task(path):
     return qwen.read_config(path).extra.get("lvr_task", {})
 
 
-def task_settings(path, given):
-    """--task, --hops, --level, --image_size, each given (a value) or left at auto (None) -> ({name:
-    cli.From}, note): a flag given wins, else the checkpoint's task (trained_task), else the
+def task_settings(path, task, hops, level, image_size, doing="scored"):
+    """--task, --hops, --level, --image_size, each given or left at auto -> ({name: cli.From},
+    note): a flag given wins, else the checkpoint's task (trained_task), else the
     defaults (the checkpoint's hops, level and image size go with its task: another task given
     takes its own); note: the line that says the flags score the checkpoint on a task other than
-    its own, or None."""
+    its own (`doing`: what the script does with it there), or None."""
+    given = {"task": None if task == "auto" else task, "hops": cli.given(hops),
+             "level": None if level == "auto" else level, "image_size": cli.given(image_size)}
     own = trained_task(path)
     same_task = given["task"] in (None, own.get("task"))
 
@@ -457,7 +459,7 @@ def task_settings(path, given):
     if not differ:
         return out, None
     trained = " ".join(f"{k}={v}" for k, v in own.items())
-    return out, (f"note: {path} was trained on {trained}; it is scored here on "
+    return out, (f"note: {path} was trained on {trained}; it is {doing} here on "
                  + " ".join(f"{k}={out[k].value}" for k in differ))
 
 

@@ -234,15 +234,6 @@ def example_roi(e, grids):
             for j in lvr.roi_indices(bb, grids[k][0])]
 
 
-def score_latents(e, row, text, ids, stop, hits):
-    """An LVR, Mirage or pause completion -> Scored: its answer, its format (data.is_lvr_format),
-    and hits: (how many of its fed latents land nearest a merged token inside the example's
-    bboxes, how many were fed) (a pause slot's input is one learned vector: (0, 0))."""
-    right = data.is_correct(text, e["answer"], e.get("map_desc"))
-    fmt = data.is_lvr_format(row, ids, stop_ids=stop, text=text)
-    return Scored(right, fmt, hits=hits[0], looks=hits[1], iou=[])
-
-
 # long: one batched rollout a chunk, then each row scored by its method
 @torch.no_grad()
 def evaluate(model, tok, ids, exs, decode, pixels=(3136, 28224), batch_size=32, feed=None,
@@ -259,11 +250,10 @@ def evaluate(model, tok, ids, exs, decode, pixels=(3136, 28224), batch_size=32, 
     for i in range(0, len(exs), batch_size):
         chunk = exs[i:i + batch_size]
         forced = None if boxes is None else boxes[i:i + batch_size]
-        images = [[vision.preprocess(im, *pixels) for im in e["images"]] for e in chunk]
         prefix = None
-        if method == "box" and forced is not None:
-            prefix = [box_prefix(tok, e, [g for _, g in ims], bb)
-                      for e, ims, bb in zip(chunk, images, forced)]
+        if method == "box" and forced is not None:  # (the boxes in each image's resized pixels)
+            prefix = [box_prefix(tok, e, [vision.grid_of(im, *pixels) for im in e["images"]], bb)
+                      for e, bb in zip(chunk, forced)]
         p = data.prompt_batch(chunk, tok, *pixels, prefix=prefix)
         feats = model.visual(p["pixel_values"].to(device), p["grid_thw"])
         per_row = feats.split(p["n_image_tokens"])
@@ -291,10 +281,15 @@ def evaluate(model, tok, ids, exs, decode, pixels=(3136, 28224), batch_size=32, 
                 text = tok.decode((prefix[b] if prefix else []) + row)
                 scored.append(score_boxes(e, row, text, grids, stop,
                                           crop_ids=ids if method == "crop" else None))
-            else:  # (a pause slot's input is one learned vector: no hit to count)
-                looked = e["bboxes"] and not lvr.is_pause(model.cfg)
-                hits = (latent_hits(lats, f, example_roi(e, grids)), len(lats)) if looked else (0, 0)
-                scored.append(score_latents(e, row, tok.decode(row), ids, stop, hits=hits))
+            else:  # LVR, Mirage, pause (a pause slot's input is one learned vector: no hit counted)
+                text = tok.decode(row)
+                looked = bool(e["bboxes"]) and not lvr.is_pause(model.cfg)
+                scored.append(Scored(
+                    data.is_correct(text, e["answer"], e.get("map_desc")),
+                    data.is_lvr_format(row, ids, stop_ids=stop, text=text),
+                    hits=latent_hits(lats, f, example_roi(e, grids)) if looked else 0,
+                    looks=len(lats) if looked else 0, iou=[],
+                ))
             steps += int(r.is_latent[b].sum())
             spans.update(span_lengths(r.is_latent[b]))
             fed.append(lats)
@@ -443,10 +438,7 @@ def resolve(config):
                 "--unseen_maps true filters a VSP data file (Mirage's JSONL); the built-in test maps "
                 "are all unseen already")
     path = checkpoint.locate(init_from)
-    chosen, note = data.task_settings(path, given={
-        "task": None if task == "auto" else task, "hops": cli.given(hops),
-        "level": None if level == "auto" else level, "image_size": cli.given(image_size),
-    })
+    chosen, note = data.task_settings(path, task, hops, level, image_size)
     if note and data_path == "synthetic":
         print(note)
     bounds = data.trained_pixels(path, data.PROCESSOR_PIXELS)

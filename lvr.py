@@ -527,10 +527,8 @@ def exit_one(rule, ids, tok, vec, n_lat):
     # near the end vector (never before the first latent), or the budget: <|lvr_latent_end|>, then
     # <|lvr_end|>
     if decoding == "latent":
-        near = n_lat > 0 and float(end_distance(
-            vec, rule.end_vec, kind=rule.decode.end_metric, scaled=rule.scaled
-        )) < rule.decode.end_threshold
-        if near or n_lat >= rule.budget:
+        d = float(end_distance(vec, rule.end_vec, kind=rule.decode.end_metric, scaled=rule.scaled))
+        if (n_lat > 0 and d < rule.decode.end_threshold) or n_lat >= rule.budget:
             return ids.latent_end, ids.end if force_end else None, True
     if decoding == "token" and n_lat >= rule.budget:  # the budget
         return ids.end, None, True
@@ -759,18 +757,21 @@ def advance(s, out, tok, latent_step, start, stop):
 
 
 class Regions:
-    """--method crop in the batched rollout: as a row opens a span, crop(row, its tokens so far)
-    reads its box -> the (n, C) region its slots read; the n (at most R) is the span's budget."""
+    """--method crop in the batched rollout: as row b opens a span, crop(its prompt b // G, its
+    tokens so far) reads its box -> the (n, C) region its slots read; the n (at most R) is the
+    span's budget."""
 
-    def __init__(self, crop, h, most):
-        self.crop = crop
+    def __init__(self, crop, h, most, group_size):
+        self.crop, self.group_size = crop, group_size
         self.vectors = h.new_zeros(len(h), most, h.shape[-1])  # (B, R, C)
         self.budget = torch.zeros(len(h), dtype=torch.long, device=h.device)  # (B,)
 
-    def read(self, opened, tokens):
-        """The rows in `opened` (B,) bool read their boxes; tokens(b): row b so far."""
+    def read(self, opened, input_ids, steps):
+        """The rows in `opened` (B,) bool read their boxes, in their tokens so far (input_ids (B,
+        T) the prompts, steps the rollout's Steps)."""
         for b in opened.nonzero().flatten().tolist():
-            v = self.crop(b, tokens(b))[:self.vectors.shape[1]]
+            tokens = input_ids[b].tolist() + [int(step.tok[b]) for step in steps]
+            v = self.crop(b // self.group_size, tokens)[:self.vectors.shape[1]]
             self.vectors[b, :len(v)] = v.to(self.vectors.dtype)
             self.budget[b] = len(v)
 
@@ -803,7 +804,7 @@ def rollout(model, ids, prompt, decode=Decode(), sampling=Sampling(), group_size
     the official code). Stop tokens do not end a row in a span. `feed`: the diagnostics' latents;
     Sampling.latent_sigma > 0: latents explored (fed_latent). Decode.bottleneck: LIVR's mask, as
     train_sft --bottleneck trains it: the prompt and the text steps see no image token. `crop`:
-    rollout_one's (Regions)."""
+    rollout_one's, asked for row r's prompt r // G (Regions)."""
     rule = exit_rule(model, ids, decode)
     dev = prompt.input_ids.device
     stop = torch.tensor(list(sampling.stop_ids) or model.default_stop_ids(), device=dev)
@@ -815,11 +816,11 @@ def rollout(model, ids, prompt, decode=Decode(), sampling=Sampling(), group_size
     )
     zero, no = torch.zeros_like(input_ids[:, 0]), torch.zeros_like(input_ids[:, 0], dtype=torch.bool)
     s = Spans(input_ids[:, -1] == ids.start, zero, zero, force=zero - 1, done=no)
-    steps, regions = [], None if crop is None else Regions(crop, h, most=decode.max_latent_steps)
-    tokens = lambda b: input_ids[b].tolist() + [int(step.tok[b]) for step in steps]  # noqa: E731
-    if regions is not None:  # (a prompt may end in a box and <|lvr_start|>)
+    steps, regions = [], None
+    if crop is not None:  # (a prompt may end in a box and <|lvr_start|>)
+        regions = Regions(crop, h, most=decode.max_latent_steps, group_size=group_size)
         rule = dataclasses.replace(rule, budget=regions.budget)
-        regions.read(s.in_span, tokens)
+        regions.read(s.in_span, input_ids, steps)
     for i in range(decode.max_new_tokens):
         # 3) every row samples; a token forced by the previous step replaces the sample
         tok = qwen.sample(
@@ -848,7 +849,7 @@ def rollout(model, ids, prompt, decode=Decode(), sampling=Sampling(), group_size
         fed = torch.where(latent_step[:, None], x, 0.0)
         steps.append(Step(tok, fed, is_latent=latent_step, sampled=sampled, done=s.done))
         if regions is not None:  # (a sync, under crop alone)
-            regions.read(s.in_span & ~latent_step & (tok == ids.start), tokens)
+            regions.read(s.in_span & ~latent_step & (tok == ids.start), input_ids, steps)
         if i == decode.max_new_tokens - 1 or (i % 16 == 15 and bool(s.done.all())):  # (a sync)
             break
 

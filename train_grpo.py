@@ -219,11 +219,11 @@ def rollout_round(learner, exs, gens):
         )
         sampling = lvr.Sampling(temperature, generator=gens, stop_ids=stop, latent_sigma=latent_sigma)
         crop = None
-        if method == "crop":  # (row b samples prompt b // G: its images, its features)
-            of, per_prompt = range(len(exs) * G), list(zip(p["images"], feats.split(p["n_image_tokens"])))
-            crop = evaluate.region_reader(tok, learner.ids, [exs[b // G] for b in of],
-                                          [per_prompt[b // G] for b in of],
-                                          max_latents=model.cfg.extra["latent_targets"]["max_latents"])
+        if method == "crop":  # (the prompts' reader: the rollout asks it for row b's prompt, b // G)
+            crop = evaluate.region_reader(
+                tok, learner.ids, exs, list(zip(p["images"], feats.split(p["n_image_tokens"]))),
+                max_latents=model.cfg.extra["latent_targets"]["max_latents"],
+            )
         r = lvr.rollout(m, learner.ids, prompt, decode=decode, sampling=sampling, group_size=G,
                         crop=crop)
         return feats, r
@@ -335,7 +335,8 @@ def chunks(learner, rounds, filler):
         ]
 
     if fsdp:  # (a micro-batch of no weight: one row of the filler round)
-        nothing = (torch.zeros(len(filler.seqs), device=dev), torch.zeros(filler.sampled.shape, device=dev))
+        nothing = (torch.zeros(len(filler.seqs), device=dev),
+                   torch.zeros(filler.sampled.shape, device=dev))
         work = parallel.as_many_as_any_rank(
             work, pad=Chunk(filler, *nothing, torch.arange(1, device=dev)), device=dev)
     return work, n_act
@@ -463,12 +464,9 @@ def resolve(config):
     (lvr.span_count)."""
     path = checkpoint.locate(init_from)
     policy = out_dir if resume else path
-    chosen, note = data.task_settings(policy, given={
-        "task": None if task == "auto" else task, "hops": cli.given(hops),
-        "level": None if level == "auto" else level, "image_size": cli.given(image_size),
-    })
+    chosen, note = data.task_settings(policy, task, hops, level, image_size, doing="trained")
     if note and data_path == "synthetic" and os.environ.get("RANK", "0") == "0":
-        print(note.replace("scored", "trained"))
+        print(note)
     bounds = data.trained_pixels(policy, data.LVR_PIXELS)  # as the policy trained
     size, lo, hi = data.image_settings(
         chosen["task"].value, chosen["image_size"].value, min_pixels, max_pixels=max_pixels,

@@ -93,6 +93,13 @@ def token_offsets(grids):
     return [sum(sizes[:k]) for k in range(len(sizes))]
 
 
+def grid_of(image, min_pixels=3136, max_pixels=12845056, patch_size=14, merge_size=2):
+    """A PIL image -> the grid_thw (1, 3) preprocess gives it, without resampling it."""
+    h, w = smart_resize(image.height, width=image.width, factor=patch_size * merge_size,
+                        min_pixels=min_pixels, max_pixels=max_pixels)
+    return torch.tensor([[1, h // patch_size, w // patch_size]], dtype=torch.int64)
+
+
 def preprocess(
     image, min_pixels=3136, max_pixels=12845056, patch_size=14, merge_size=2, temporal_patch_size=2
 ):

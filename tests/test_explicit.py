@@ -254,3 +254,12 @@ def test_a_forced_box_is_the_training_rows_box_tokens(tmp_path):
         turn = row["input_ids"][row["n_prompt"]:]
         assert turn[:len(forced)] == forced
         assert tok.decode(turn[len(forced):]) == ex["answer"]  # (then the answer, and its end)
+
+
+def test_the_forced_boxes_grid_is_the_one_preprocess_makes():
+    """vision.grid_of (evaluate's forced boxes, without resampling the image) gives preprocess's
+    grid, at the bounds of a synthetic task, the processor's and official LVR's."""
+    for ex in (search_example(), tasks.synthetic("test", 0, 1337, task="vsp")):
+        for pixels in ((3136, 336 * 336), (3136, 12845056), (100352, 4014080)):
+            im = ex["images"][0]
+            assert torch.equal(vision.grid_of(im, *pixels), vision.preprocess(im, *pixels)[1])
